@@ -1,0 +1,31 @@
+"""pktransfer: cross-scale parametric knowledge transfer between language models.
+
+Python API (mirrors the ``pkt`` CLI)::
+
+    import pktransfer
+    recipe = pktransfer.load_recipe("recipes/quickstart.yaml", overrides=["training.max_steps=10"])
+    result = pktransfer.run(recipe)            # evaluate, transfer, train, evaluate, report
+    result.metrics["trained"]["test"]["accuracy"]
+    pktransfer.evaluate("builtin:qwen2.5-coder-0.5b-instruct", "arithmetic", limit=20)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pktransfer.errors import DataError, IncompatiblePairError, ModelError, PktError, RecipeError
+from pktransfer.models import load_model, prepare_builtin
+from pktransfer.pipeline import RunResult, evaluate, run, set_threads
+from pktransfer.recipe import Recipe, load_recipe, recipe_from_dict
+
+__version__ = "0.1.0"
+
+
+def train(recipe: Recipe, **kwargs: Any) -> RunResult:
+    """Apply the recipe's method and train the student, without evaluations."""
+    return run(recipe, evaluate=False, **kwargs)
+
+
+__all__ = ["DataError", "IncompatiblePairError", "ModelError", "PktError", "Recipe", "RecipeError", "RunResult",
+           "evaluate", "load_model", "load_recipe", "prepare_builtin", "recipe_from_dict", "run", "set_threads",
+           "train", "__version__"]

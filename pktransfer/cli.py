@@ -1,0 +1,231 @@
+"""The ``pkt`` command line. Each verb parses its options and calls the Python API; no logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pktransfer.errors import PktError
+
+app = typer.Typer(help="pktransfer: cross-scale parametric knowledge transfer between language models.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+models_app = typer.Typer(help="List, prepare and describe models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console()
+err_console = Console(stderr=True)
+T = TypeVar("T")
+
+RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe file.", show_default=False)]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a recipe field: KEY=VALUE "
+                                                  "(dotted key, YAML value), e.g. --set training.lr=1e-4. Repeatable.")]
+OutOpt = Annotated[str | None, typer.Option("--output-dir", "-o", help="Override output_dir.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Override the seed.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log lines.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in output_dir.")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")]
+
+
+def guarded(fn: Callable[[], T]) -> T:
+    """Run ``fn``; user errors print one readable message (no traceback) and exit with status 2."""
+    try:
+        return fn()
+    except PktError as err:
+        err_console.print(f"[bold red]error:[/bold red] {err.message}", highlight=False)
+        if err.hint:
+            err_console.print(f"[yellow]fix:[/yellow] {err.hint}", highlight=False)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/bold red]: partial outputs are kept in OUTPUT.partial; "
+                          "rerun the same command to resume")
+        raise typer.Exit(130) from None
+
+
+def _recipe(path: Path, sets: list[str] | None, output_dir: str | None, seed: int | None) -> Any:
+    from pktransfer.recipe import load_recipe
+
+    overrides = list(sets or [])
+    if output_dir is not None:
+        overrides.append(f"output_dir={output_dir}")
+    if seed is not None:
+        overrides.append(f"seed={seed}")
+    return load_recipe(path, overrides)
+
+
+def _print_metrics(run: dict[str, Any]) -> None:
+    from pktransfer.reports import LABELS, results_rows
+
+    table = Table(title=f"{run['recipe']['method']['name']} on {run['recipe']['task']['name']}")
+    for col in ("model", "split", "n", "accuracy"):
+        table.add_column(col, justify="right" if col in ("n", "accuracy") else "left")
+    for label, _task, split, n, acc in results_rows(run):
+        table.add_row(LABELS.get(label, label), split, str(n), f"{100 * acc:.1f}%")
+    console.print(table)
+
+
+@app.command("run")
+def run_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, seed: SeedOpt = None,
+            overwrite: OverwriteOpt = False, quiet: QuietOpt = False, threads: ThreadsOpt = None) -> None:
+    """Run a recipe end to end: evaluate teacher and student, apply the method, train, evaluate, report."""
+    import pktransfer
+
+    def go() -> None:
+        pktransfer.set_threads(threads)
+        rec = _recipe(recipe, set_, output_dir, seed)
+        res = pktransfer.run(rec, quiet=quiet, overwrite=overwrite)
+        _print_metrics(res.run)
+        console.print(f"outputs: {res.output_dir} (run.json, report.md, adapter/, eval/)")
+
+    guarded(go)
+
+
+@app.command("train")
+def train_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, seed: SeedOpt = None,
+              overwrite: OverwriteOpt = False, quiet: QuietOpt = False, threads: ThreadsOpt = None) -> None:
+    """Apply the recipe's method and train the student (no evaluation); writes a PEFT adapter."""
+    import pktransfer
+
+    def go() -> None:
+        pktransfer.set_threads(threads)
+        rec = _recipe(recipe, set_, output_dir, seed)
+        res = pktransfer.train(rec, quiet=quiet, overwrite=overwrite)
+        console.print(f"adapter: {res.output_dir / 'adapter'} ({res.run['training']['steps']} steps, "
+                      f"final loss {res.run['training']['final_loss']})")
+
+    guarded(go)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Option("--model", "-m", help="builtin:NAME, local folder, or hub id.")],
+    task: Annotated[str, typer.Option("--task", "-t", help="Task name (see `pkt tasks`).")] = "arithmetic",
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+    adapter: Annotated[str | None, typer.Option(help="PEFT adapter folder to apply to the model.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N items.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 16,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Generation budget (default: the task's).")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Benchmark data folder (default $PKT_DATA_DIR).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    output_dir: OutOpt = None, quiet: QuietOpt = False, threads: ThreadsOpt = None,
+) -> None:
+    """Evaluate a model (optionally + adapter) on a task split; per-item JSONL and a summary with --output-dir."""
+    import pktransfer
+    from pktransfer.recipe import ModelSpec, recipe_from_dict
+
+    def go() -> None:
+        pktransfer.set_threads(threads)
+        recipe_from_dict({"student": {"model": model, "device": device, "dtype": dtype}}, "command line")
+        spec = ModelSpec(model=model, device=device, dtype=dtype)  # type: ignore[arg-type]
+        res = pktransfer.evaluate(spec, task, split=split, adapter=adapter, limit=limit, batch_size=batch_size,
+                                  max_new_tokens=max_new_tokens, data_dir=data_dir, output_dir=output_dir, quiet=quiet)
+        s = res.summary
+        table = Table(title=f"{model}{' + ' + adapter if adapter else ''}")
+        for col in ("task", "split", "n", "accuracy", "items/s"):
+            table.add_column(col)
+        table.add_row(s["task"], s["split"], str(s["n"]), f"{100 * s['accuracy']:.1f}%", str(s["items_per_second"]))
+        console.print(table)
+
+    guarded(go)
+
+
+@app.command("tasks")
+def tasks_cmd() -> None:
+    """List the registered tasks."""
+    from pktransfer.data.tasks import task_classes
+
+    table = Table(title="tasks")
+    table.add_column("name")
+    table.add_column("scorer")
+    table.add_column("description")
+    for name, cls in sorted(task_classes().items()):
+        table.add_row(name, cls.scorer, cls.description)
+    console.print(table)
+
+
+@app.command("recipe")
+def recipe_cmd(recipe: Annotated[Path | None, typer.Argument(help="Recipe to validate and print resolved.")] = None,
+               set_: SetOpt = None,
+               schema: Annotated[bool, typer.Option("--schema", help="Print the JSON schema of recipes.")] = False) -> None:
+    """Validate a recipe and print it with every default filled in (or the schema)."""
+    import yaml
+
+    from pktransfer.recipe import Recipe, load_recipe
+
+    def go() -> None:
+        if schema:
+            console.print_json(json.dumps(Recipe.model_json_schema()))
+            return
+        rec = load_recipe(recipe, list(set_ or []))
+        sys.stdout.write(yaml.safe_dump(rec.dump(), sort_keys=False))
+
+    guarded(go)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the builtin models and whether they are prepared in the cache."""
+    from pktransfer.models.builtin import BUILTIN_MODELS, builtin_path, cache_dir, is_prepared
+
+    table = Table(title=f"builtin models (cache: {cache_dir()})")
+    for col in ("name", "role", "prepared", "description"):
+        table.add_column(col)
+    for m in BUILTIN_MODELS.values():
+        ready = is_prepared(m.name)
+        table.add_row(f"builtin:{m.name}", m.role, str(builtin_path(m.name)) if ready else "no", m.description)
+    console.print(table)
+    console.print("Any local folder with a Llama/Qwen2/Mistral checkpoint, or a hub id when online, works too.")
+
+
+@models_app.command("prepare")
+def models_prepare(names: Annotated[list[str] | None, typer.Argument(help="builtin names (default: both)")] = None,
+                   force: Annotated[bool, typer.Option(help="Rebuild even if cached.")] = False,
+                   quiet: QuietOpt = False) -> None:
+    """Assemble, verify and dequantise the builtin models into the cache (once)."""
+    from pktransfer.models.builtin import BUILTIN_MODELS, prepare_builtin
+    from pktransfer.progress import Progress
+
+    def go() -> None:
+        p = Progress(quiet)
+        for name in names or list(BUILTIN_MODELS):
+            path = prepare_builtin(name, log=p.log, force=force)
+            console.print(f"{name}: {path}")
+
+    guarded(go)
+
+
+@models_app.command("describe")
+def models_describe(name: Annotated[str, typer.Argument(help="builtin:NAME, local folder, or hub id")],
+                    as_json: Annotated[bool, typer.Option("--json", help="Print the full description as JSON.")] = False) -> None:
+    """Print a model's architecture description (layers, weight roles, heads, vocabulary)."""
+    from pktransfer.models import describe_config, load_config
+    from pktransfer.models.builtin import BUILTIN_PREFIX, prepare_builtin
+
+    def go() -> None:
+        from transformers import AutoConfig
+
+        if name.startswith(BUILTIN_PREFIX):
+            config = AutoConfig.from_pretrained(str(prepare_builtin(name)))
+        else:
+            config = load_config(name)
+        desc = describe_config(config, name)
+        if as_json:
+            console.print_json(json.dumps(desc.to_dict()))
+        else:
+            console.print(desc.summary())
+
+    guarded(go)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Tasks read from local JSONL files: the layouts under ``shared/data`` and user-supplied files.
+
+Two row layouts are understood: chat rows ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}``
+(the Seeking and LaTen paper data) and flat rows ``{"prompt": ..., "response": ..., "reference": ...}``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pktransfer.data.tasks import Item, Task, read_jsonl, register_task
+from pktransfer.errors import DataError, RecipeError
+
+_GSM_PROMPT = "Answer the following question.\n\nQuestion: {question}"
+_ANSWER_IS = re.compile(r"answer is\s*:?\s*\$?(-?[\d,]*\.?\d+)", re.IGNORECASE)
+
+
+def gsm_reference(text: str) -> str:
+    """Final answer of a GSM8K solution: after '####', else after 'the answer is'."""
+    if "####" in text:
+        return text.rsplit("####", 1)[1].strip().replace(",", "")
+    m = list(_ANSWER_IS.finditer(text))
+    if not m:
+        raise ValueError("no final answer")
+    return m[-1].group(1).replace(",", "")
+
+
+def row_to_item(row: dict[str, Any], idx: int, path: Path, reference_fn: Any = None) -> Item:
+    if "messages" in row:
+        msgs = row["messages"]
+        user = [m["content"] for m in msgs if m.get("role") == "user"]
+        assistant = [m["content"] for m in msgs if m.get("role") == "assistant"]
+        if not user or not assistant:
+            raise DataError(f"'{path}' row {idx + 1}: messages need a user and an assistant turn", hint="fix the row")
+        prompt, response = user[0], assistant[0]
+    elif "prompt" in row:
+        prompt, response = row["prompt"], row.get("response", row.get("reference", ""))
+    else:
+        raise DataError(f"'{path}' row {idx + 1} has neither 'messages' nor 'prompt'",
+                        hint="rows must be chat ({messages: [...]}) or flat ({prompt, response, reference})")
+    reference = row.get("reference")
+    if reference is None:
+        try:
+            reference = reference_fn(response) if reference_fn else response
+        except ValueError:
+            raise DataError(f"'{path}' row {idx + 1}: cannot find the final answer in the response",
+                            hint="add a 'reference' field to the row") from None
+    meta = {k: v for k, v in row.items() if k not in ("messages", "prompt", "response", "reference")}
+    return Item(id=str(row.get("id", f"{path.stem}-{idx}")), prompt=prompt, response=response,
+                reference=str(reference), metadata=meta)
+
+
+@register_task
+class Gsm8kTask(Task):
+    """GSM8K: test = the official 1,319 test questions; train/seed/extract/align = the papers' GSM8K-train subsets."""
+
+    name = "gsm8k"
+    description = "GSM8K (shared/data): paper train/seed/extract/align subsets, official test set"
+    scorer = "exact_match_number"
+    max_new_tokens = 256
+    FILES = {
+        "train": "seeking/gsm/gsm_data_1000.jsonl",
+        "seed": "seeking/gsm/sample_gsm.jsonl",
+        "extract": "laten/gsm/gsm_extract_split.jsonl",
+        "align": "laten/gsm/gsm_align_split.jsonl",
+        "test": "gsm8k/test.jsonl",
+    }
+
+    def _load(self, split: str) -> list[Item]:
+        path = self.data_dir() / self.FILES[split]
+        rows = read_jsonl(path)
+        if split == "test":
+            return [Item(id=f"gsm8k-test-{i}", prompt=_GSM_PROMPT.format(question=r["question"]),
+                         response=r["answer"], reference=gsm_reference(r["answer"]), metadata={"line": i})
+                    for i, r in enumerate(rows)]
+        return [row_to_item(r, i, path, gsm_reference) for i, r in enumerate(rows)]
+
+
+@register_task
+class JsonlTask(Task):
+    """User-supplied JSONL files, one per split: ``params: {train: a.jsonl, test: b.jsonl, ...}``."""
+
+    name = "jsonl"
+    description = "your own JSONL files per split (chat 'messages' rows or flat prompt/response/reference rows)"
+    scorer = "exact_match"
+
+    def __init__(self, params: dict[str, Any] | None = None, data_dir: str | None = None) -> None:
+        super().__init__(params, data_dir)
+        self.scorer = str(self.params.pop("scorer", "exact_match"))
+        self.files = {k: Path(str(v)).expanduser() for k, v in self.params.items()}
+        if not self.files:
+            raise RecipeError("task 'jsonl' needs files: task.params: {train: PATH, test: PATH}",
+                              hint="name a JSONL file for each split you use")
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.files)
+
+    def _load(self, split: str) -> list[Item]:
+        path = self.files[split]
+        return [row_to_item(r, i, path) for i, r in enumerate(read_jsonl(path))]
+
+
+@register_task
+class HubTask(Task):
+    """A dataset on the Hugging Face hub (online only; needs the ``datasets`` package).
+
+    ``params: {dataset: NAME, config: ..., prompt_field: question, response_field: answer,
+    reference_field: ..., splits: {train: train, test: test}}``.
+    """
+
+    name = "hub"
+    description = "a hub dataset by name (online): fields mapped to prompt/response/reference"
+    scorer = "exact_match"
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.params.get("splits", {"train": "train", "test": "test"}))
+
+    def _load(self, split: str) -> list[Item]:
+        try:
+            import datasets
+        except ImportError:
+            raise DataError("task 'hub' needs the 'datasets' package", hint="pip install 'pktransfer[hub]'") from None
+        p = self.params
+        if "dataset" not in p:
+            raise RecipeError("task 'hub' needs task.params.dataset", hint="e.g. dataset: openai/gsm8k")
+        hub_split = p.get("splits", {"train": "train", "test": "test"})[split]
+        try:
+            ds = datasets.load_dataset(p["dataset"], p.get("config"), split=hub_split)
+        except Exception as err:  # network, missing dataset or split
+            raise DataError(f"could not load hub dataset '{p['dataset']}' split '{hub_split}': {err}",
+                            hint="check the name and your connection, or use task 'jsonl' with local files") from None
+        pf, rf = p.get("prompt_field", "prompt"), p.get("response_field", "response")
+        ref_field = p.get("reference_field")
+        return [Item(id=f"{p['dataset']}-{hub_split}-{i}", prompt=str(r[pf]), response=str(r[rf]),
+                     reference=str(r[ref_field]) if ref_field else str(r[rf])) for i, r in enumerate(ds)]

@@ -1,0 +1,139 @@
+"""Task registry and the one item format every task produces.
+
+A task yields :class:`Item` objects (prompt, response to train on, reference to score against,
+metadata) for named splits: ``train`` and ``test`` always, and ``seed`` / ``extract`` / ``align`` for
+methods that locate knowledge in the teacher. Tasks are registered by name (``@register_task``) and
+built from the recipe's ``task`` section.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pktransfer.errors import DataError, RecipeError
+
+SPLITS = ("seed", "extract", "align", "train", "test")
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    prompt: str
+    response: str
+    reference: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "prompt": self.prompt, "response": self.response,
+                "reference": self.reference, "metadata": self.metadata}
+
+
+class Task(ABC):
+    """A named task. Subclasses implement :meth:`_load`; the base class checks and caches splits."""
+
+    name: str = ""
+    description: str = ""
+    scorer: str = "exact_match_number"
+    system_prompt: str | None = None
+    max_new_tokens: int | None = None  # a sensible generation budget, if the task knows one
+
+    def __init__(self, params: dict[str, Any] | None = None, data_dir: str | None = None) -> None:
+        self.params = dict(params or {})
+        self.data_dir_option = data_dir
+        self._cache: dict[str, list[Item]] = {}
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return SPLITS
+
+    def split(self, name: str) -> list[Item]:
+        if name not in self.splits:
+            raise DataError(
+                f"task '{self.name}' has no split '{name}'", hint=f"available splits: {', '.join(self.splits)}"
+            )
+        if name not in self._cache:
+            items = self._load(name)
+            if not items:
+                raise DataError(f"task '{self.name}': split '{name}' is empty",
+                                hint="check the task's data files and size parameters")
+            self._cache[name] = items
+        return self._cache[name]
+
+    @abstractmethod
+    def _load(self, split: str) -> list[Item]: ...
+
+    def data_dir(self) -> Path:
+        return resolve_data_dir(self.data_dir_option)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "scorer": self.scorer, "params": self.params, "splits": list(self.splits)}
+
+
+TaskFactory = Callable[[dict[str, Any], str | None], Task]
+_REGISTRY: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def task_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def task_classes() -> dict[str, type[Task]]:
+    return dict(_REGISTRY)
+
+
+def get_task(name: str, params: dict[str, Any] | None = None, data_dir: str | None = None) -> Task:
+    if name not in _REGISTRY:
+        raise RecipeError(f"unknown task '{name}'", hint=f"available tasks: {', '.join(task_names())}")
+    return _REGISTRY[name](params, data_dir)
+
+
+def resolve_data_dir(explicit: str | None = None) -> Path:
+    """The benchmark data folder: explicit option, ``$PKT_DATA_DIR``, ``./shared/data`` or ``../shared/data``."""
+    tried: list[str] = []
+    env = os.environ.get("PKT_DATA_DIR")
+    for cand, label in ((explicit, "task.data_dir"), (env, "$PKT_DATA_DIR")):
+        if cand:
+            p = Path(cand).expanduser()
+            if p.is_dir():
+                return p
+            raise DataError(f"data folder '{p}' (from {label}) does not exist",
+                            hint=f"point {label} at the folder holding gsm8k/, mmlu/, seeking/, laten/")
+    for cand in (Path("shared/data"), Path("../shared/data")):
+        tried.append(str(cand.resolve()))
+        if cand.is_dir():
+            return cand.resolve()
+    raise DataError(
+        f"no benchmark data folder found (tried {', '.join(tried)})",
+        hint="set PKT_DATA_DIR or the recipe's task.data_dir to the folder holding gsm8k/, mmlu/, seeking/, laten/",
+    )
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise DataError(f"data file '{path}' is missing",
+                        hint=f"expected it under {path.parent}; set PKT_DATA_DIR or task.data_dir to the data folder")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"data file '{path}' line {n} is not valid JSON ({err.msg})",
+                                hint="repair or replace the file") from None
+            if not isinstance(row, dict):
+                raise DataError(f"data file '{path}' line {n} is not a JSON object", hint="one object per line")
+            rows.append(row)
+    return rows

@@ -1,0 +1,7 @@
+"""Evaluation: generation, answer extraction, scoring, per-item outputs."""
+
+from pktransfer.evaluation.evaluate import EvalResult, evaluate_items
+from pktransfer.evaluation.generation import generate
+from pktransfer.evaluation.metrics import SCORERS, exact_match_number, extract_last_number
+
+__all__ = ["SCORERS", "EvalResult", "evaluate_items", "exact_match_number", "extract_last_number", "generate"]

@@ -1,0 +1,130 @@
+"""Loading causal LMs by ``builtin:NAME``, local folder, or hub id, with dtype and device."""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pktransfer.errors import ModelError
+from pktransfer.models.arch import ArchitectureDescription, check_family, describe
+from pktransfer.models.builtin import BUILTIN_PREFIX, part_files, get_builtin, is_prepared, prepare_builtin
+
+if TYPE_CHECKING:
+    from pktransfer.recipe import ModelSpec
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    source: str
+    model: Any
+    tokenizer: Any
+    arch: ArchitectureDescription
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float
+
+    def unload(self) -> None:
+        """Drop the weights so their memory can be returned."""
+        self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device 'cuda' was asked for but no CUDA GPU is available", hint="set device: cpu (or auto)")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # CPU matmuls in half precision are slow on most CPUs
+    return _DTYPES[name]
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
+def resolve_source(name: str, log: Callable[[str], None] | None = None, prepare: bool = True) -> str:
+    """A loadable location for ``name``: a local folder path or a hub id."""
+    if name.startswith(BUILTIN_PREFIX):
+        if prepare:
+            return str(prepare_builtin(name, log=log))
+        get_builtin(name)
+        if not is_prepared(name):
+            part_files(get_builtin(name))  # raises a clear error when the extra is missing
+        return name
+    if _looks_like_path(name):
+        p = Path(name).expanduser()
+        if not p.is_dir():
+            raise ModelError(f"model folder '{p}' does not exist", hint="pass an existing folder, a hub id, or builtin:NAME")
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model folder '{p}' has no config.json", hint="point at a folder written by save_pretrained")
+        return str(p)
+    return name
+
+
+def load_config(name: str, revision: str | None = None) -> Any:
+    """Load and check a model's config without its weights (fails fast on unknown or unsupported models)."""
+    from transformers import AutoConfig
+
+    source = resolve_source(name, prepare=False)
+    if source.startswith(BUILTIN_PREFIX):
+        return None  # prepared lazily; the builtin models are known to be qwen2
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision)
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"model '{name}' could not be found: it is not a local folder and the hub did not provide it ({_first_line(err)})",
+            hint="check the spelling, pass a local folder, use builtin:qwen2.5-coder-0.5b-instruct, or go online",
+        ) from None
+    check_family(config, repr(name))
+    return config
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
+
+
+def load_model(spec: ModelSpec, log: Callable[[str], None] | None = None) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    config = load_config(spec.model, spec.revision)
+    source = resolve_source(spec.model, log=log)
+    if config is None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source)
+        check_family(config, repr(spec.model))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision)
+        model = AutoModelForCausalLM.from_pretrained(source, revision=spec.revision, dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ModelError(f"model '{spec.model}' could not be loaded from '{source}': {_first_line(err)}",
+                         hint="the folder may be incomplete or corrupt; re-save it or re-prepare the builtin model "
+                              "(pkt models prepare NAME --force)") from None
+    model.to(device)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    arch = describe(model)
+    return LoadedModel(spec.model, source, model, tokenizer, arch, device, dtype, time.perf_counter() - t0)

@@ -1,0 +1,216 @@
+"""Recipe -> models + task -> method (prepares the student) -> training -> evaluation -> report.
+
+``run`` executes a whole recipe; ``evaluate`` scores one model (optionally with an adapter) on a task.
+Everything is checked before any model is loaded, so a broken recipe fails in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pktransfer.data import Item, PromptFormatter, Task, encode_items, get_task
+from pktransfer.errors import ModelError, PktError
+from pktransfer.evaluation import EvalResult, evaluate_items
+from pktransfer.methods import MethodContext, get_method
+from pktransfer.models import LoadedModel, load_config, load_model
+from pktransfer.progress import Progress
+from pktransfer.recipe import ModelSpec, Recipe, save_recipe
+from pktransfer.reports import render_markdown
+from pktransfer.runs import MemoryMonitor, RunDir, StageLog, versions
+from pktransfer.training import train
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    run: dict[str, Any]
+
+    @property
+    def metrics(self) -> dict[str, dict[str, dict[str, Any]]]:
+        return self.run["metrics"]
+
+
+def seed_everything(seed: int) -> None:
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
+def _eval_items(task: Task, split: str, recipe: Recipe) -> list[Item]:
+    items = task.split(split)
+    cap = recipe.evaluation.limit or (recipe.task.n_test if split == "test" else None)
+    return items[:cap] if cap else items
+
+
+def _max_new_tokens(task: Task, recipe: Recipe) -> int:
+    default = type(recipe.evaluation).model_fields["max_new_tokens"].default
+    if recipe.evaluation.max_new_tokens == default and task.max_new_tokens:
+        return task.max_new_tokens
+    return recipe.evaluation.max_new_tokens
+
+
+def formatter_for(loaded: LoadedModel, task: Task, recipe: Recipe) -> PromptFormatter:
+    return PromptFormatter(loaded.tokenizer, recipe.task.prompt_format, task.system_prompt)
+
+
+def _evaluate_cached(rd: RunDir, model: Any, formatter: PromptFormatter, task: Task, recipe: Recipe, label: str,
+                     progress: Progress) -> dict[str, dict[str, Any]]:
+    out = {}
+    for split in recipe.evaluation.splits:
+        items = _eval_items(task, split, recipe)
+        stem = f"{label}.{task.name}.{split}"
+        summary_path = rd.work / "eval" / f"{stem}.summary.json"
+        if summary_path.is_file():  # resumed run: this evaluation already finished
+            out[split] = json.loads(summary_path.read_text())
+            progress.log(f"{label} on {split}: reusing finished evaluation ({100 * out[split]['accuracy']:.1f}%)")
+            continue
+        res = evaluate_items(model, formatter, items, label=label, task=task.name, split=split, scorer=task.scorer,
+                             batch_size=recipe.evaluation.batch_size, max_new_tokens=_max_new_tokens(task, recipe),
+                             progress=progress)
+        res.save(rd.work / "eval")
+        progress.log(f"{label} on {task.name}/{split}: {100 * res.accuracy:.1f}% ({res.summary['correct']}/{len(items)})")
+        out[split] = res.summary
+    return out
+
+
+def check_recipe(recipe: Recipe) -> tuple[Task, list[Item]]:
+    """Everything that can be checked without loading weights: task, data files, splits, models' configs."""
+    task = get_task(recipe.task.name, recipe.task.params, recipe.task.data_dir)
+    train_items = task.split("train")
+    if recipe.task.n_train:
+        train_items = train_items[: recipe.task.n_train]
+    for split in recipe.evaluation.splits:
+        _eval_items(task, split, recipe)
+    load_config(recipe.student.model, recipe.student.revision)
+    if recipe.evaluation.teacher or get_method(recipe.method).needs_teacher:
+        load_config(recipe.teacher.model, recipe.teacher.revision)
+    return task, train_items
+
+
+def run(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, evaluate: bool = True,
+        progress: Progress | None = None) -> RunResult:
+    """Run a recipe end to end and return where its outputs are and what it measured."""
+    progress = progress or Progress(quiet=quiet)
+    task, train_items = check_recipe(recipe)
+    method = get_method(recipe.method)
+    rd = RunDir(recipe.output_dir, overwrite=overwrite)
+    if rd.resumed:
+        progress.log(f"resuming the unfinished run in {rd.work}")
+    started = time.time()
+    try:
+        save_recipe(recipe, rd.path("recipe.yaml"))
+        metrics: dict[str, dict[str, Any]] = {}
+        with MemoryMonitor() as monitor:
+            log = StageLog(monitor)
+            teacher_cache: dict[str, LoadedModel] = {}
+
+            def load_teacher() -> LoadedModel:
+                if "t" not in teacher_cache:
+                    with log.stage("load_teacher"):
+                        teacher_cache["t"] = load_model(recipe.teacher, log=progress.log)
+                return teacher_cache["t"]
+
+            if evaluate and recipe.evaluation.teacher:
+                teacher = load_teacher()
+                with log.stage("eval_teacher"):
+                    metrics["teacher"] = _evaluate_cached(rd, teacher.model, formatter_for(teacher, task, recipe),
+                                                          task, recipe, "teacher", progress)
+                if not method.needs_teacher:
+                    teacher.unload()
+                    teacher_cache.clear()
+            with log.stage("load_student"):
+                student = load_model(recipe.student, log=progress.log)
+            formatter = formatter_for(student, task, recipe)
+            if evaluate and recipe.evaluation.student:
+                with log.stage("eval_student"):
+                    metrics["student"] = _evaluate_cached(rd, student.model, formatter, task, recipe, "student", progress)
+            examples = encode_items(formatter, train_items, recipe.training.max_length, f"task '{task.name}' train split")
+            seed_everything(recipe.seed)
+            ctx = MethodContext(recipe, student, task, formatter, rd.work, progress, load_teacher)
+            with log.stage("prepare"):
+                peft_model = method.prepare(ctx)
+            for t in teacher_cache.values():
+                t.unload()
+            teacher_cache.clear()
+            with log.stage("train"):
+                result = train(peft_model, student.tokenizer, examples, recipe.training,
+                               output_dir=rd.path("checkpoints"), seed=recipe.seed, progress=progress,
+                               compute_loss_func=method.compute_loss_func(ctx))
+            method.save_adapter(peft_model, rd.path("adapter"))
+            student.tokenizer.save_pretrained(str(rd.path("adapter")))
+            merged = peft_model.merge_and_unload()
+            if evaluate:
+                with log.stage("eval_trained"):
+                    metrics["trained"] = _evaluate_cached(rd, merged, formatter, task, recipe, "trained", progress)
+            if recipe.training.save_merged:
+                merged.save_pretrained(str(rd.path("merged")), safe_serialization=True)
+                student.tokenizer.save_pretrained(str(rd.path("merged")))
+        run_info = {
+            "status": "finished",
+            "recipe": recipe.dump(),
+            "seed": recipe.seed,
+            "task": task.describe(),
+            "prompt_format": formatter.describe(),
+            "data": {"n_train": len(examples), "n_train_items": len(train_items)},
+            "training": {"steps": result.steps, "seconds": round(result.seconds, 2), "final_loss": result.final_loss,
+                         "resumed_from": result.resumed_from},
+            "metrics": {k: {s: {kk: m[kk] for kk in ("n", "correct", "accuracy", "seconds")} for s, m in v.items()}
+                        for k, v in metrics.items()},
+            "stages": log.stages,
+            "versions": versions(),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            "wall_seconds": round(time.time() - started, 1),
+            "outputs": {"adapter": "adapter", "merged": "merged" if recipe.training.save_merged else None,
+                        "eval": "eval", "checkpoints": "checkpoints"},
+        }
+        rd.write_json("run.json", run_info)
+        rd.path("report.md").write_text(render_markdown(run_info))
+        final = rd.finish()
+        return RunResult(final, run_info)
+    except BaseException as err:
+        rd.fail(err)
+        raise
+
+
+def evaluate(model: str | ModelSpec, task: str = "arithmetic", *, split: str = "test", adapter: str | None = None,
+             limit: int | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
+             data_dir: str | None = None, task_params: dict[str, Any] | None = None,
+             prompt_format: str = "auto", output_dir: str | None = None, quiet: bool = False,
+             progress: Progress | None = None) -> EvalResult:
+    """Evaluate a model (hub id, folder, builtin:NAME; optionally with a PEFT adapter) on a task split."""
+    progress = progress or Progress(quiet=quiet)
+    spec = model if isinstance(model, ModelSpec) else ModelSpec(model=model)
+    t = get_task(task, task_params, data_dir)
+    items = t.split(split)[:limit] if limit else t.split(split)
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise PktError(f"adapter folder '{adapter}' has no adapter_config.json",
+                       hint="pass a folder written by PeftModel.save_pretrained (a run's adapter/ folder)")
+    loaded = load_model(spec, log=progress.log)
+    net = loaded.model
+    if adapter is not None:
+        from peft import PeftModel
+
+        try:
+            net = PeftModel.from_pretrained(net, adapter).merge_and_unload()
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ModelError(f"adapter '{adapter}' does not fit model '{spec.model}': {str(err).splitlines()[0][:200]}",
+                             hint="use the student the adapter was trained on") from None
+    formatter = PromptFormatter(loaded.tokenizer, prompt_format, t.system_prompt)  # type: ignore[arg-type]
+    res = evaluate_items(net, formatter, items, label="model", task=t.name, split=split, scorer=t.scorer,
+                         batch_size=batch_size, max_new_tokens=max_new_tokens or t.max_new_tokens or 16,
+                         progress=progress)
+    res.summary.update({"model": spec.model, "adapter": adapter})
+    if output_dir:
+        res.save(Path(output_dir))
+    return res
+
+
+def set_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)

@@ -1,0 +1,218 @@
+"""The YAML recipe: one pydantic schema, the single source of truth for a run.
+
+A recipe names teacher, student, task, method (with its parameters), LoRA and training arguments,
+evaluation, seed and output folder. Unknown keys are rejected; a validation error names the field, the
+bad value and what is allowed. CLI overrides (``--set training.lr=1e-4``) are applied to the raw
+mapping before validation, so they are checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pktransfer.errors import RecipeError
+from pktransfer.models.builtin import DEFAULT_STUDENT, DEFAULT_TEACHER
+
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Strict):
+    """A causal LM: ``builtin:NAME``, a local folder, or a hub id."""
+
+    model: str = Field(min_length=1)
+    dtype: DTypeName = "auto"
+    device: DeviceName = "auto"
+    revision: str | None = None
+
+
+class TaskSpec(Strict):
+    """A task from the registry (``pkt tasks``) and its split sizes."""
+
+    name: str = "arithmetic"
+    data_dir: str | None = Field(
+        default=None, description="folder with the benchmark data (default: $PKT_DATA_DIR or ../shared/data)"
+    )
+    n_train: int | None = Field(default=None, ge=1, description="cap on training items (None: the whole split)")
+    n_test: int | None = Field(default=None, ge=1, description="cap on test items (None: the whole split)")
+    prompt_format: Literal["auto", "chat", "plain"] = "auto"
+    params: dict[str, Any] = Field(default_factory=dict, description="task-specific options")
+
+
+class LoraSpec(Strict):
+    r: int = Field(default=16, ge=1)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+    )
+    init: Literal["default", "gaussian", "pissa"] = "default"
+
+
+class TrainingSpec(Strict):
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, ge=1, description="overrides epochs when set")
+    lr: float = Field(default=3e-4, gt=0, le=1)
+    batch_size: int = Field(default=8, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    max_length: int = Field(default=512, ge=8, description="cutoff in tokens (prompt + response)")
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    save_steps: int = Field(default=50, ge=1, description="checkpoint interval for resume")
+    logging_steps: int = Field(default=5, ge=1)
+    gradient_checkpointing: bool = False
+    save_merged: bool = Field(default=False, description="also write a merged full model")
+
+
+class EvaluationSpec(Strict):
+    splits: list[str] = Field(default_factory=lambda: ["test"], min_length=1)
+    limit: int | None = Field(default=None, ge=1, description="evaluate only the first N items")
+    batch_size: int = Field(default=16, ge=1)
+    max_new_tokens: int = Field(default=16, ge=1)
+    teacher: bool = Field(default=True, description="also evaluate the teacher")
+    student: bool = Field(default=True, description="also evaluate the untouched student")
+
+
+class LoraMethod(Strict):
+    """Plain LoRA on the student (the reference baseline); LoRA init comes from ``lora.init``."""
+
+    name: Literal["lora"] = "lora"
+
+
+MethodSpec = Annotated[LoraMethod, Field(discriminator="name")]
+
+
+class Recipe(Strict):
+    teacher: ModelSpec = Field(default_factory=lambda: ModelSpec(model=DEFAULT_TEACHER))
+    student: ModelSpec = Field(default_factory=lambda: ModelSpec(model=DEFAULT_STUDENT))
+    task: TaskSpec = Field(default_factory=TaskSpec)
+    method: MethodSpec = Field(default_factory=LoraMethod)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    seed: int = Field(default=0, ge=0)
+    output_dir: str = "runs/run"
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> Recipe:
+        if self.teacher.model == self.student.model and self.teacher.revision == self.student.revision:
+            raise ValueError("teacher and student are the same model; a transfer needs two different models")
+        return self
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------------------------
+# loading, overrides and readable errors
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """Allowed field names of the model found at ``loc`` (for 'did you mean')."""
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            break
+        ann = fields[part].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if model is None:
+            return []
+    fields = getattr(model, "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid recipe ({source}):"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        dotted = ".".join(str(p) for p in loc) or "(recipe)"
+        if e["type"] == "extra_forbidden":
+            parent, key = loc[:-1], str(loc[-1])
+            allowed = _fields_at(parent)
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            lines.append(f"  - unknown field '{dotted}'{hint} allowed here: {', '.join(allowed)}")
+        else:
+            value = e.get("input")
+            shown = repr(value) if not isinstance(value, dict) else "{...}"
+            if len(shown) > 80:
+                shown = shown[:77] + "..."
+            lines.append(f"  - {dotted}: {e['msg']} (got {shown})")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise RecipeError(f"override '{item}' is not KEY=VALUE", hint="write e.g. --set training.lr=1e-4")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise RecipeError(f"override '{item}' has an empty key", hint="write e.g. --set training.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise RecipeError(f"override '{item}': '{part}' is not a section", hint="check the key path")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "recipe", overrides: list[str] | None = None) -> Recipe:
+    data = apply_overrides(dict(data), overrides or [])
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(
+            format_validation_error(err, source), hint="see `pkt recipe --schema` for every field"
+        ) from None
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Load and validate a recipe file (``None``: the defaults), applying ``KEY=VALUE`` overrides."""
+    if path is None:
+        return recipe_from_dict({}, "defaults", overrides)
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe file '{p}' does not exist", hint="pass the path of a YAML recipe, e.g. recipes/quickstart.yaml")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"recipe '{p}' is not valid YAML{where}: {getattr(err, 'problem', err)}",
+                          hint="fix the YAML syntax (indentation, colons, quotes)") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe '{p}' must be a mapping of sections, got {type(data).__name__}",
+                          hint="start the file with keys such as 'student:', 'task:', 'method:'")
+    return recipe_from_dict(data, str(p), overrides)
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(recipe.dump(), sort_keys=False))

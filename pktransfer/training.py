@@ -1,0 +1,171 @@
+"""The one training loop every method uses: transformers Trainer + a peft LoRA student.
+
+Loss is on response tokens only (labels are -100 on the prompt). Checkpoints are written every
+``save_steps`` so an interrupted run resumes from the last one; the same seed gives the same adapter
+on CPU. Methods differ only in how they build the PEFT model (initialisation) and, where needed, in
+the loss (``compute_loss_func``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pktransfer.data import IGNORE_INDEX, Example
+from pktransfer.progress import Progress
+from pktransfer.recipe import LoraSpec, TrainingSpec
+
+
+def lora_config(spec: LoraSpec, init: Any = None) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                      target_modules=list(spec.target_modules), task_type="CAUSAL_LM",
+                      init_lora_weights=init if init is not None else {"default": True, "gaussian": "gaussian",
+                                                                         "pissa": "pissa"}[spec.init])
+
+
+def check_targets(model: Any, spec: LoraSpec) -> None:
+    from pktransfer.errors import RecipeError
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in spec.target_modules if t not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise RecipeError(f"lora.target_modules: {missing} not found in the student",
+                          hint=f"modules that exist: {', '.join(linear)}")
+
+
+class Collator:
+    """Right-pads input_ids/labels; labels padded with -100 and masked out of the loss."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n] = torch.tensor(b["input_ids"])
+            labels[i, :n] = torch.tensor(b["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, examples: list[Example]) -> None:
+        self.rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.rows[i]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    final_loss: float | None
+    log_history: list[dict[str, Any]]
+    resumed_from: str | None
+
+
+def last_checkpoint(folder: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def _progress_callback(progress: Progress) -> Any:
+    from transformers import TrainerCallback
+
+    class RichProgressCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self._ctx: Any = None
+            self._advance: Any = None
+            self._loss: float | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self._ctx = progress.task("train", total=state.max_steps)
+            self._advance = self._ctx.__enter__()
+            if state.global_step:
+                self._advance(state.global_step)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            fields = {"loss": f"{self._loss:.4f}"} if self._loss is not None else {}
+            self._advance(1, **fields)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                self._loss = float(logs["loss"])
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self._ctx is not None:
+                self._ctx.__exit__(None, None, None)
+                self._ctx = None
+
+    return RichProgressCallback()
+
+
+def train(model: Any, tokenizer: Any, examples: list[Example], spec: TrainingSpec, *, output_dir: Path, seed: int,
+          progress: Progress | None = None, callbacks: list[Any] | None = None,
+          compute_loss_func: Any = None, resume: bool = True) -> TrainResult:
+    """Train ``model`` (a PeftModel) on ``examples``; checkpoints go to ``output_dir``."""
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    progress = progress or Progress(quiet=True)
+    device = next(model.parameters()).device
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.grad_accum,
+        num_train_epochs=spec.epochs,
+        max_steps=spec.max_steps or -1,
+        learning_rate=spec.lr,
+        weight_decay=spec.weight_decay,
+        warmup_steps=spec.warmup_ratio,
+        lr_scheduler_type=spec.scheduler,
+        logging_steps=spec.logging_steps,
+        save_strategy="steps",
+        save_steps=spec.save_steps,
+        save_total_limit=2,
+        seed=seed,
+        data_seed=seed,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=device.type == "cpu",
+        bf16=device.type == "cuda" and next(model.parameters()).dtype == torch.bfloat16,
+        gradient_checkpointing=spec.gradient_checkpointing,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        optim="adamw_torch",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=ListDataset(examples),
+                      data_collator=Collator(tokenizer.pad_token_id), callbacks=list(callbacks or []),
+                      compute_loss_func=compute_loss_func)
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_progress_callback(progress))
+    resume_from = last_checkpoint(output_dir) if resume else None
+    if resume_from:
+        progress.log(f"resuming training from {resume_from}")
+    model.train()
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+    model.eval()
+    history = list(trainer.state.log_history)
+    losses = [h["loss"] for h in history if "loss" in h]
+    (output_dir / "log_history.json").write_text(json.dumps(history, indent=1))
+    return TrainResult(trainer.state.global_step, time.perf_counter() - t0, losses[-1] if losses else None,
+                       history, resume_from)
