@@ -117,12 +117,11 @@ def eval_cmd(
 ) -> None:
     """Evaluate a model (optionally + adapter) on a task split; per-item JSONL and a summary with --output-dir."""
     import pktransfer
-    from pktransfer.recipe import ModelSpec, recipe_from_dict
+    from pktransfer.recipe import ModelSpec, validate
 
     def go() -> None:
         pktransfer.set_threads(threads)
-        recipe_from_dict({"student": {"model": model, "device": device, "dtype": dtype}}, "command line")
-        spec = ModelSpec(model=model, device=device, dtype=dtype)  # type: ignore[arg-type]
+        spec = validate(ModelSpec, {"model": model, "device": device, "dtype": dtype}, "command line")
         res = pktransfer.evaluate(spec, task, split=split, adapter=adapter, limit=limit, batch_size=batch_size,
                                   max_new_tokens=max_new_tokens, data_dir=data_dir, output_dir=output_dir, quiet=quiet)
         s = res.summary

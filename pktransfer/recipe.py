@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pktransfer.errors import RecipeError
 from pktransfer.models.builtin import DEFAULT_STUDENT, DEFAULT_TEACHER
 
+M = TypeVar("M", bound=BaseModel)
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 
@@ -184,14 +185,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def recipe_from_dict(data: dict[str, Any], source: str = "recipe", overrides: list[str] | None = None) -> Recipe:
-    data = apply_overrides(dict(data), overrides or [])
+def validate(cls: type[M], data: dict[str, Any], source: str) -> M:
+    """Validate ``data`` as ``cls`` (the recipe or one of its sections), with readable errors."""
     try:
-        return Recipe.model_validate(data)
+        return cls.model_validate(data)
     except ValidationError as err:
         raise RecipeError(
             format_validation_error(err, source), hint="see `pkt recipe --schema` for every field"
         ) from None
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "recipe", overrides: list[str] | None = None) -> Recipe:
+    return validate(Recipe, apply_overrides(dict(data), overrides or []), source)
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:

@@ -117,6 +117,16 @@ def _progress_callback(progress: Progress) -> Any:
     return RichProgressCallback()
 
 
+def _checkpointing_kwargs(enabled: bool) -> dict[str, bool]:
+    """Activation checkpointing under whichever name this transformers version uses."""
+    from transformers import TrainingArguments
+
+    if not enabled:
+        return {}
+    fields = TrainingArguments.__dataclass_fields__
+    return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": True}
+
+
 def train(model: Any, tokenizer: Any, examples: list[Example], spec: TrainingSpec, *, output_dir: Path, seed: int,
           progress: Progress | None = None, callbacks: list[Any] | None = None,
           compute_loss_func: Any = None, resume: bool = True) -> TrainResult:
@@ -146,7 +156,7 @@ def train(model: Any, tokenizer: Any, examples: list[Example], spec: TrainingSpe
         disable_tqdm=True,
         use_cpu=device.type == "cpu",
         bf16=device.type == "cuda" and next(model.parameters()).dtype == torch.bfloat16,
-        gradient_checkpointing=spec.gradient_checkpointing,
+        **_checkpointing_kwargs(spec.gradient_checkpointing),
         dataloader_num_workers=0,
         remove_unused_columns=False,
         optim="adamw_torch",

@@ -51,10 +51,13 @@ class ArithmeticTask(Task):
         if bad_splits:
             raise RecipeError(f"task.params.sizes: unknown split(s) {sorted(bad_splits)}", hint=f"splits: {list(SPLITS)}")
         self.sizes = {**DEFAULT_SIZES, **{k: int(v) for k, v in sizes.items()}}
-        capacity = sum(self._capacity(op) for op in self.ops)
-        if sum(self.sizes.values()) > capacity:
-            raise RecipeError(f"task.params.sizes: {sum(self.sizes.values())} problems requested but only "
-                              f"{capacity} distinct ones exist for these digits", hint="use more digits or smaller sizes")
+        total = sum(self.sizes.values())
+        for i, op in enumerate(self.ops):  # operations alternate, so each needs its share of distinct problems
+            need = -(-(total - i) // len(self.ops))
+            if need > self._capacity(op):
+                raise RecipeError(f"task.params: {need} distinct '{op}' problems are needed for sizes {self.sizes}, "
+                                  f"but only {self._capacity(op)} exist with {self.digits[op]} digit(s)",
+                                  hint="use more digits or smaller sizes")
         self._all: dict[str, list[Item]] | None = None
 
     def _capacity(self, op: str) -> int:

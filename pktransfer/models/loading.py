@@ -104,7 +104,11 @@ def _first_line(err: BaseException) -> str:
 
 def load_model(spec: ModelSpec, log: Callable[[str], None] | None = None) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # pktransfer reports loading itself
+    if log:
+        log(f"loading {spec.model}")
     t0 = time.perf_counter()
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
@@ -127,4 +131,6 @@ def load_model(spec: ModelSpec, log: Callable[[str], None] | None = None) -> Loa
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     arch = describe(model)
+    if log:
+        log(f"loaded {spec.model} in {time.perf_counter() - t0:.1f}s: {arch.summary()}")
     return LoadedModel(spec.model, source, model, tokenizer, arch, device, dtype, time.perf_counter() - t0)

@@ -1,0 +1,89 @@
+"""Fixtures: tiny random teacher/student models (Qwen2 and Llama) built in a temporary folder.
+
+No downloads: a character-level tokenizer with a chat template is built with ``tokenizers`` and the
+models are random-initialised from small configs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SPECIALS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tokenizer(chat: bool = True):
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>",
+                                   eos_token="<|im_end|>" if chat else "<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_model(family: str, *, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int,
+               seed: int = 0, tied: bool = False):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[family]
+    cfg = cls(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+              num_key_value_heads=kv_heads, intermediate_size=ffn, max_position_embeddings=512,
+              tie_word_embeddings=tied)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def save_tiny(root: Path, name: str, family: str, chat: bool = True, **shape) -> Path:
+    folder = root / name
+    tok = make_tokenizer(chat)
+    model = make_model(family, vocab=len(tok), **shape)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+TEACHER_SHAPE = dict(hidden=64, layers=4, heads=4, kv_heads=2, ffn=128)
+STUDENT_SHAPE = dict(hidden=32, layers=2, heads=4, kv_heads=2, ffn=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {
+        "qwen2_teacher": save_tiny(root, "qwen2_teacher", "qwen2", seed=1, **TEACHER_SHAPE),
+        "qwen2_student": save_tiny(root, "qwen2_student", "qwen2", seed=2, **STUDENT_SHAPE),
+        "llama_teacher": save_tiny(root, "llama_teacher", "llama", seed=3, **TEACHER_SHAPE),
+        "llama_student": save_tiny(root, "llama_student", "llama", seed=4, **STUDENT_SHAPE),
+        "llama_plain": save_tiny(root, "llama_plain", "llama", chat=False, seed=5, **STUDENT_SHAPE),
+    }
+
+
+@pytest.fixture
+def tiny_recipe(tiny_models, tmp_path):
+    """A fast recipe on the tiny Qwen2 pair and a small arithmetic task (a dict: tests tweak it)."""
+    return {
+        "teacher": {"model": str(tiny_models["qwen2_teacher"]), "device": "cpu"},
+        "student": {"model": str(tiny_models["qwen2_student"]), "device": "cpu"},
+        "task": {"name": "arithmetic", "n_train": 16, "n_test": 6,
+                 "params": {"sizes": {"test": 6, "train": 16, "seed": 4, "extract": 2, "align": 2}}},
+        "method": {"name": "lora"},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "training": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "max_length": 64, "save_steps": 2,
+                     "logging_steps": 1},
+        "evaluation": {"batch_size": 4, "max_new_tokens": 4},
+        "seed": 0,
+        "output_dir": str(tmp_path / "run"),
+    }
