@@ -37,9 +37,9 @@ def guarded(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except PktError as err:
-        err_console.print(f"[bold red]error:[/bold red] {err.message}", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {err.message}", highlight=False, soft_wrap=True)
         if err.hint:
-            err_console.print(f"[yellow]fix:[/yellow] {err.hint}", highlight=False)
+            err_console.print(f"[yellow]fix:[/yellow] {err.hint}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/bold red]: partial outputs are kept in OUTPUT.partial; "
