@@ -26,6 +26,21 @@ def train(recipe: Recipe, **kwargs: Any) -> RunResult:
     return run(recipe, evaluate=False, **kwargs)
 
 
-__all__ = ["DataError", "IncompatiblePairError", "ModelError", "PktError", "Recipe", "RecipeError", "RunResult",
-           "evaluate", "load_model", "load_recipe", "prepare_builtin", "recipe_from_dict", "run", "set_threads",
-           "train", "__version__"]
+__all__ = [
+    "DataError",
+    "IncompatiblePairError",
+    "ModelError",
+    "PktError",
+    "Recipe",
+    "RecipeError",
+    "RunResult",
+    "__version__",
+    "evaluate",
+    "load_model",
+    "load_recipe",
+    "prepare_builtin",
+    "recipe_from_dict",
+    "run",
+    "set_threads",
+    "train",
+]

@@ -209,10 +209,7 @@ def models_describe(name: Annotated[str, typer.Argument(help="builtin:NAME, loca
     def go() -> None:
         from transformers import AutoConfig
 
-        if name.startswith(BUILTIN_PREFIX):
-            config = AutoConfig.from_pretrained(str(prepare_builtin(name)))
-        else:
-            config = load_config(name)
+        config = AutoConfig.from_pretrained(str(prepare_builtin(name))) if name.startswith(BUILTIN_PREFIX) else load_config(name)
         desc = describe_config(config, name)
         if as_json:
             console.print_json(json.dumps(desc.to_dict()))

@@ -205,7 +205,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         return recipe_from_dict({}, "defaults", overrides)
     p = Path(path)
     if not p.is_file():
-        raise RecipeError(f"recipe file '{p}' does not exist", hint="pass the path of a YAML recipe, e.g. recipes/quickstart.yaml")
+        raise RecipeError(f"recipe file '{p}' does not exist",
+                          hint="pass the path of a YAML recipe, e.g. recipes/quickstart.yaml")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:

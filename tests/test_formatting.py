@@ -8,7 +8,7 @@ from pktransfer.data import IGNORE_INDEX, Item, PromptFormatter, encode_items
 from pktransfer.errors import DataError
 
 sys.path.insert(0, "tests")
-from conftest import make_tokenizer  # noqa: E402
+from conftest import make_tokenizer
 
 ITEM = Item(id="x", prompt="What is 2 + 3?", response="5", reference="5")
 
@@ -44,7 +44,7 @@ def test_truncation_and_all_prompt_sets():
     n_prompt = len(f.encode_prompt(ITEM.prompt))
     ex = f.encode_example(ITEM, max_length=n_prompt + 1)
     assert len(ex.input_ids) == n_prompt + 1 and ex.n_response_tokens == 1
-    with pytest.raises(DataError, match="no response tokens|none of the"):
+    with pytest.raises(DataError, match=r"none of the 1 items has response tokens"):
         encode_items(f, [ITEM], max_length=n_prompt, what="seed set")
 
 

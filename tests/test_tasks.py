@@ -63,7 +63,7 @@ def test_arithmetic_bad_params():
 
 
 def test_unknown_task_lists_tasks():
-    with pytest.raises(RecipeError, match="available tasks: .*arithmetic"):
+    with pytest.raises(RecipeError, match=r"available tasks: .*arithmetic"):
         get_task("nope")
 
 
@@ -94,7 +94,7 @@ def test_missing_data_dir_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("PKT_DATA_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(DataError, match=r"PKT_DATA_DIR"):
         resolve_data_dir()
-    with pytest.raises(DataError, match="task.data_dir"):
+    with pytest.raises(DataError, match=r"task\.data_dir"):
         get_task("gsm8k", data_dir=str(tmp_path / "nope")).split("test")
 
 

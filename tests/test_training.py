@@ -65,7 +65,7 @@ def test_adapter_round_trip_with_peft(tiny_models, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    _, model, student = _train(tiny_models, tmp_path)
+    _, model, _student = _train(tiny_models, tmp_path)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     with torch.no_grad():
         expected = model(input_ids=ids).logits

@@ -42,13 +42,13 @@ class PromptFormatter:
 
     def _messages(self, prompt: str) -> list[dict[str, str]]:
         msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return msgs + [{"role": "user", "content": prompt}]
+        return [*msgs, {"role": "user", "content": prompt}]
 
     def _end_of_response(self) -> str:
         if self.mode == "plain":
             return self.tokenizer.eos_token or ""
         full = self.tokenizer.apply_chat_template(
-            self._messages("x") + [{"role": "assistant", "content": _MARKER}], tokenize=False
+            [*self._messages("x"), {"role": "assistant", "content": _MARKER}], tokenize=False
         )
         tail = full.split(_MARKER, 1)[1] if _MARKER in full else (self.tokenizer.eos_token or "")
         return tail.rstrip("\n") or (self.tokenizer.eos_token or "")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pktransfer.data.tasks import Item, Task, read_jsonl, register_task
 from pktransfer.errors import DataError, RecipeError
@@ -60,7 +60,7 @@ class Gsm8kTask(Task):
     description = "GSM8K (shared/data): paper train/seed/extract/align subsets, official test set"
     scorer = "exact_match_number"
     max_new_tokens = 256
-    FILES = {
+    FILES: ClassVar[dict[str, str]] = {
         "train": "seeking/gsm/gsm_data_1000.jsonl",
         "seed": "seeking/gsm/sample_gsm.jsonl",
         "extract": "laten/gsm/gsm_extract_split.jsonl",

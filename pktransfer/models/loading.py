@@ -13,7 +13,7 @@ import torch
 
 from pktransfer.errors import ModelError
 from pktransfer.models.arch import ArchitectureDescription, check_family, describe
-from pktransfer.models.builtin import BUILTIN_PREFIX, part_files, get_builtin, is_prepared, prepare_builtin
+from pktransfer.models.builtin import BUILTIN_PREFIX, get_builtin, is_prepared, part_files, prepare_builtin
 
 if TYPE_CHECKING:
     from pktransfer.recipe import ModelSpec

