@@ -58,6 +58,7 @@ class LoraSpec(Strict):
         min_length=1,
     )
     init: Literal["default", "gaussian", "pissa"] = "default"
+    rank_pattern: dict[str, int] = Field(default_factory=dict, description="per-module ranks, e.g. {q_proj: 8}")
 
 
 class TrainingSpec(Strict):
@@ -91,7 +92,22 @@ class LoraMethod(Strict):
     name: Literal["lora"] = "lora"
 
 
-MethodSpec = Annotated[LoraMethod, Field(discriminator="name")]
+class SeekingMethod(Strict):
+    """Seeking (methods.md §1): teacher sensitivity -> layer/dimension selection -> SVD-initialised LoRA."""
+
+    name: Literal["seeking"] = "seeking"
+    n_seed: int = Field(default=32, ge=1, description="seed samples for the sensitivity (paper: 32)")
+    layers: Literal["sensitivity", "random", "top", "last"] | list[int] = "sensitivity"
+    structure: Literal["submatrix", "row_column", "neuron", "random", "uniform"] = "submatrix"
+    modules: list[Literal["embed", "attention", "ffn", "all"]] = Field(default_factory=lambda: ["all"], min_length=1)
+    map_dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="dtype of the submatrix map")
+    sensitivity: str | None = Field(default=None, description="reuse a saved sensitivity folder (pkt extract)")
+    gradient_checkpointing: bool = False
+    grow: Literal["error", "pad"] = Field(
+        default="error", description="a student dimension larger than the teacher's: refuse, or zero-pad")
+
+
+MethodSpec = Annotated[LoraMethod | SeekingMethod, Field(discriminator="name")]
 
 
 class Recipe(Strict):

@@ -22,10 +22,12 @@ from pktransfer.recipe import LoraSpec, TrainingSpec
 
 
 def lora_config(spec: LoraSpec, init: Any = None) -> Any:
+    """The peft LoraConfig for ``spec``; ``init`` overrides ``spec.init`` (methods that set weights themselves)."""
     from peft import LoraConfig
 
     return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                       target_modules=list(spec.target_modules), task_type="CAUSAL_LM",
+                      rank_pattern=dict(spec.rank_pattern),
                       init_lora_weights=init if init is not None else {"default": True, "gaussian": "gaussian",
                                                                          "pissa": "pissa"}[spec.init])
 

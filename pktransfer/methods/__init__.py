@@ -6,8 +6,9 @@ from typing import Any
 
 from pktransfer.methods.base import Method, MethodContext
 from pktransfer.methods.lora import LoraMethod
+from pktransfer.methods.seeking import SeekingMethod
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (LoraMethod,)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (LoraMethod, SeekingMethod)}
 
 
 def get_method(spec: Any) -> Method:

@@ -1,0 +1,239 @@
+"""Seeking (Zhong et al., ICLR 2024), "PostPKT": teacher sensitivity -> selection -> SVD-initialised LoRA.
+
+Reads like methods.md §1:
+
+1. Sensitivity: S_i = Σ_j |θ_i · ∂L(x_j, y_j)/∂θ_i| over k seed samples, one backward each, streamed
+   (``pktransfer.ops.sensitivity``): gradients are folded into accumulators and freed at once.
+2. Layer selection: layer score = Σ S_i over a block; keep L_S layers (sensitivity / random / top /
+   last / a list), in their original order; teacher layer #m of that list feeds student layer m.
+3. Dimension reduction to the student's shape per weight (submatrix / row_column / neuron / random /
+   uniform); embedding and lm_head along the hidden axis only. Module groups: embed, attention, ffn.
+4. Factorisation: W_x ≈ B A with B = U_r Σ_r, A = V_rᵀ.
+5. Injection: the student's base becomes W_S − (α/r)·B A and the LoRA starts at (B, A), so the
+   student's outputs at step 0 are unchanged. The saved adapter is rebased onto the *unmodified*
+   student: W_S − s·B0A0 + s·BA = W_S + s·[B | −B0][A ; A0] (rank 2r), a plain PEFT LoRA.
+6. Fine-tuning: the shared LoRA training loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pktransfer.data import encode_items
+from pktransfer.errors import DataError, IncompatiblePairError, RecipeError
+from pktransfer.methods.base import Method, MethodContext
+from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES, ArchitectureDescription
+from pktransfer.models.pair import check_pair
+from pktransfer.ops.lowrank import rebase_as_plain_lora, svd_init
+from pktransfer.ops.selection import reduce_dims, select_layers
+from pktransfer.ops.sensitivity import Sensitivity, sensitivity_over
+from pktransfer.training import check_targets, lora_config
+
+ROLE_OF_LEAF = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
+                "down_proj": "down", "embed_tokens": "embed", "lm_head": "lm_head"}
+GROUPS = {"embed": ("embed", "lm_head"), "attention": ATTENTION_ROLES, "ffn": FFN_ROLES}
+
+
+def group_roles(modules: list[str]) -> set[str]:
+    names = list(GROUPS) if "all" in modules else modules
+    return {r for g in names for r in GROUPS[g]}
+
+
+# ---- 1. sensitivity -------------------------------------------------------------------------------
+
+
+def accumulator_modes(arch: ArchitectureDescription, structure: str, roles: set[str]) -> Any:
+    """What each teacher parameter must keep across seed samples (the streaming memory floor)."""
+    embed_names = {arch.embed_module + ".weight", arch.lm_head_module + ".weight"}
+
+    def mode_for(name: str, shape: tuple[int, ...]) -> str:
+        if len(shape) != 2:
+            return "total"
+        if name in embed_names:
+            return "cols"  # reduced along the hidden axis only (same vocabulary)
+        leaf = name.rsplit(".", 2)[-2]
+        if ROLE_OF_LEAF.get(leaf) not in roles:
+            return "total"  # only counts towards the layer score
+        return "full" if structure == "submatrix" else "reduced"
+
+    return mode_for
+
+
+def compute_sensitivity(ctx: MethodContext, teacher: Any, spec: Any, roles: set[str]) -> Sensitivity:
+    from pktransfer.data import PromptFormatter
+
+    items = ctx.task.split("seed")[: spec.n_seed]
+    fmt = PromptFormatter(teacher.tokenizer, ctx.recipe.task.prompt_format, ctx.task.system_prompt)
+    examples = encode_items(fmt, items, ctx.recipe.training.max_length, f"task '{ctx.task.name}' seed split")
+    device = teacher.device
+    batches = ({"input_ids": torch.tensor([e.input_ids], device=device),
+                "labels": torch.tensor([e.labels], device=device)} for e in examples)
+    if spec.gradient_checkpointing:
+        teacher.model.gradient_checkpointing_enable()
+    map_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec.map_dtype]
+    with ctx.progress.task("seeking: sensitivity per seed sample", total=len(examples)) as advance:
+        sens = sensitivity_over(teacher.model, batches, accumulator_modes(teacher.arch, spec.structure, roles),
+                                map_dtype=map_dtype, on_sample=lambda s: advance(1, s_per_sample=f"{s:.1f}"))
+    sens.meta = {"teacher": ctx.recipe.teacher.model, "task": ctx.task.name, "n_seed": len(examples),
+                 "structure": spec.structure, "map_dtype": spec.map_dtype, "roles": sorted(roles)}
+    return sens
+
+
+# ---- 2-3. selection and extraction ----------------------------------------------------------------
+
+
+def extract_matrices(sens: Sensitivity, teacher: Any, student_arch: ArchitectureDescription, layers: list[int],
+                     roles: set[str], structure: str, seed: int, grow: str) -> dict[str, torch.Tensor]:
+    """Student module name -> student-shaped matrix cut from the teacher (float32)."""
+    t_arch: ArchitectureDescription = teacher.arch
+    t_params = dict(teacher.model.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    jobs: list[tuple[str, str, str]] = []  # (student module, teacher module, role)
+    for role in ("embed", "lm_head"):
+        if role in roles:
+            mod = t_arch.embed_module if role == "embed" else t_arch.lm_head_module
+            smod = student_arch.embed_module if role == "embed" else student_arch.lm_head_module
+            jobs.append((smod, mod, role))
+    for m, t_layer in enumerate(layers):
+        for role in [*ATTENTION_ROLES, *FFN_ROLES]:
+            if role in roles:
+                jobs.append((student_arch.module_name(m, role), t_arch.module_name(t_layer, role), role))
+    s_shapes = {w.module: w.shape for w in student_arch.weights()}
+    for smod, tmod, role in jobs:
+        w_t = t_params[tmod + ".weight"].detach()
+        p = sens.params[tmod + ".weight"]
+        target = s_shapes[smod]
+        src = tuple(w_t.shape)
+        grown = [(ax, t, s) for ax, t, s in zip(("rows", "columns"), src, target, strict=True) if s > t]
+        if grown and grow == "error":
+            ax, t, s = grown[0]
+            raise IncompatiblePairError(
+                f"seeking: student weight {smod} has {s} {ax} but the teacher's {tmod} only {t}",
+                hint="set method.grow: pad (zero-pad the extracted matrix) or leave this module group out")
+        fit = tuple(min(t, s) for t, s in zip(src, target, strict=True))
+        if role in ("embed", "lm_head"):  # [vocab, hidden]: the hidden axis only
+            cols = p.cols if p.cols is not None else torch.zeros(src[1])
+            _, c_idx = reduce_dims(structure, (1, fit[1]), rows=torch.zeros(1), cols=cols, source=(1, src[1]),
+                                   full=cols.reshape(1, -1) if structure == "submatrix" else None, seed=seed)
+            block = w_t[:, c_idx]
+        else:
+            role_seed = seed + 1000 * [*ATTENTION_ROLES, *FFN_ROLES].index(role)  # stable across processes
+            r_idx, c_idx = reduce_dims(structure, fit, full=p.full, rows=p.rows, cols=p.cols, source=src,
+                                       seed=role_seed)
+            block = w_t[r_idx][:, c_idx]
+        mat = torch.zeros(target, dtype=torch.float32)
+        mat[: block.shape[0], : block.shape[1]] = block.float().cpu()
+        out[smod] = mat
+    return out
+
+
+# ---- 4-5. factorisation and injection -------------------------------------------------------------
+
+
+@torch.no_grad()
+def inject(peft_model: Any, matrices: dict[str, torch.Tensor], adapter: str = "default") -> dict[str, int]:
+    """Start each LoRA at (B, A) = SVD_r(W_x) and subtract s·B A from its base weight. Returns ranks used."""
+    modules = dict(peft_model.base_model.model.named_modules())
+    used = {}
+    for name, w_x in matrices.items():
+        layer = modules[name]
+        s = layer.scaling[adapter]
+        if hasattr(layer, "lora_embedding_A") and adapter in layer.lora_embedding_A:
+            a_param, b_param = layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
+            r = a_param.shape[0]
+            b, a = svd_init(w_x.T, r)  # peft's embedding delta is (B A)ᵀ with B [hidden, r], A [r, vocab]
+            a_param.copy_(a)
+            b_param.copy_(b)
+            base = layer.get_base_layer().weight
+            base.sub_((s * (b @ a)).T.to(base.dtype))
+        else:
+            r = layer.lora_A[adapter].weight.shape[0]
+            b, a = svd_init(w_x, r)
+            layer.lora_A[adapter].weight.copy_(a)
+            layer.lora_B[adapter].weight.copy_(b)
+            base = layer.get_base_layer().weight
+            base.sub_((s * (b @ a)).to(base.dtype))
+        used[name] = r
+    return used
+
+
+class SeekingMethod(Method):
+    name = "seeking"
+    needs_teacher = True
+
+    def __init__(self, spec: Any) -> None:
+        super().__init__(spec)
+        self._initial: dict[str, torch.Tensor] | None = None
+
+    def prepare(self, ctx: MethodContext) -> Any:
+        from peft import get_peft_model, get_peft_model_state_dict
+
+        spec, recipe, student = self.spec, ctx.recipe, ctx.student
+        roles = group_roles(spec.modules)
+        check_targets(student.model, recipe.lora)
+        teacher = ctx.load_teacher()
+        check_pair(teacher.arch, student.arch, teacher.tokenizer, student.tokenizer, "seeking")
+        self._check_ranks(student.arch, recipe)
+
+        if spec.sensitivity:
+            sens = Sensitivity.load(Path(spec.sensitivity))
+            ctx.progress.log(f"seeking: reusing sensitivity from {spec.sensitivity} ({sens.n_samples} samples)")
+        else:
+            sens = compute_sensitivity(ctx, teacher, spec, roles)
+        scores = sens.block_scores(teacher.arch.layers_path, teacher.arch.n_layers)
+        layers = select_layers(scores, student.arch.n_layers, spec.layers, seed=recipe.seed)
+        for name, p in sens.params.items():  # maps of layers that can no longer be selected
+            if name.startswith(teacher.arch.layers_path + ".") and int(name.split(".")[2]) not in layers:
+                p.drop_map()
+        sens.save(ctx.workdir / "sensitivity")
+        targets = {ROLE_OF_LEAF.get(t) for t in recipe.lora.target_modules} & roles
+        matrices = extract_matrices(sens, teacher, student.arch, layers, targets, spec.structure, recipe.seed, spec.grow)
+        (ctx.workdir / "seeking.json").write_text(json.dumps({
+            "layer_scores": scores, "selected_layers": layers,
+            "mapping": {f"student.{m}": f"teacher.{t}" for m, t in enumerate(layers)},
+            "structure": spec.structure, "groups": spec.modules, "roles_injected": sorted(t for t in targets if t),
+            "n_seed": sens.n_samples}, indent=1))
+        ctx.progress.log(f"seeking: teacher layers {layers} -> student layers 0..{len(layers) - 1}")
+
+        model = get_peft_model(student.model, lora_config(recipe.lora, init=True))
+        inject(model, matrices)
+        # LoRA factors only: peft would otherwise also save the (now residual) base embedding weights
+        self._initial = {k: v.detach().clone()
+                         for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+        return model
+
+    @staticmethod
+    def _check_ranks(arch: ArchitectureDescription, recipe: Any) -> None:
+        for w in arch.weights():
+            leaf = w.module.rsplit(".", 1)[-1]
+            if leaf in recipe.lora.target_modules and len(w.shape) == 2:
+                r = recipe.lora.rank_pattern.get(leaf, recipe.lora.r)
+                if r > min(w.shape):
+                    raise RecipeError(f"lora rank {r} exceeds the smaller dimension of {w.module} {w.shape}",
+                                      hint=f"use lora.r <= {min(w.shape)} (or a rank_pattern entry for {leaf})")
+
+    def save_adapter(self, model: Any, folder: Path) -> None:
+        """Save the trained adapter rebased onto the unmodified student (rank 2r, a plain LoRA)."""
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        if self._initial is None:
+            raise DataError("seeking: save_adapter called before prepare", hint="this is a bug; please report it")
+        trained = {k: v.detach().cpu()
+                   for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+        tensors = rebase_as_plain_lora(trained, {k: v.cpu() for k, v in self._initial.items()})
+        folder.mkdir(parents=True, exist_ok=True)
+        saved = copy.deepcopy(model.peft_config["default"])
+        # rank 2r with alpha doubled keeps the scaling alpha/r, so [B | -B0][A ; A0] = BA - B0A0 exactly
+        saved.r, saved.lora_alpha = saved.r * 2, saved.lora_alpha * 2
+        saved.rank_pattern = {k: 2 * v for k, v in (saved.rank_pattern or {}).items()}
+        saved.alpha_pattern = {k: 2 * v for k, v in (saved.alpha_pattern or {}).items()}
+        saved.init_lora_weights = True
+        saved.inference_mode = True
+        saved.save_pretrained(str(folder))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))

@@ -1,0 +1,149 @@
+"""Layer selection and dimension reduction: which teacher indices feed which student weight.
+
+Every function is pure: it takes scores or sensitivity reductions and returns sorted index tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+LAYER_STRATEGIES = ("sensitivity", "random", "top", "last")
+STRUCTURES = ("submatrix", "row_column", "neuron", "random", "uniform")
+
+
+def select_layers(scores: Sequence[float], n: int, strategy: str | Sequence[int] = "sensitivity",
+                  seed: int = 0) -> list[int]:
+    """Pick ``n`` of ``len(scores)`` teacher layers, returned in their original order.
+
+    sensitivity: the n highest scores (ties: lower index first); random: seeded; top: the first n;
+    last: the last n; a list: exactly those layers.
+    """
+    total = len(scores)
+    if n > total:
+        raise ValueError(f"cannot select {n} layers from a teacher with {total}")
+    if not isinstance(strategy, str):
+        chosen = sorted(int(i) for i in strategy)
+        if len(chosen) != n or len(set(chosen)) != n or any(not 0 <= i < total for i in chosen):
+            raise ValueError(f"explicit layer list must hold {n} distinct indices in 0..{total - 1}, got {list(strategy)}")
+        return chosen
+    if strategy == "sensitivity":
+        s = torch.as_tensor(list(scores), dtype=torch.float64)
+        order = sorted(range(total), key=lambda i: (-float(s[i]), i))
+        return sorted(order[:n])
+    if strategy == "random":
+        g = torch.Generator().manual_seed(seed)
+        return sorted(torch.randperm(total, generator=g)[:n].tolist())
+    if strategy == "top":
+        return list(range(n))
+    if strategy == "last":
+        return list(range(total - n, total))
+    raise ValueError(f"unknown layer strategy '{strategy}' (allowed: {', '.join(LAYER_STRATEGIES)}, or a list)")
+
+
+def top_k_sorted(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest values (ties: lower index), in increasing index order."""
+    v = values.to(torch.float64)
+    # stable descending sort keeps the lower index first among equal values
+    order = torch.sort(v, descending=True, stable=True).indices[:k]
+    return torch.sort(order).values
+
+
+def uniform_indices(n_from: int, n_to: int) -> torch.Tensor:
+    """Evenly spaced indices (weight selection): n_to of n_from, first and last included when n_to > 1."""
+    if n_to > n_from:
+        raise ValueError(f"cannot pick {n_to} of {n_from} indices")
+    if n_to == 1:
+        return torch.zeros(1, dtype=torch.long)
+    return torch.round(torch.linspace(0, n_from - 1, n_to, dtype=torch.float64)).long()
+
+
+def random_indices(n_from: int, n_to: int, seed: int) -> torch.Tensor:
+    if n_to > n_from:
+        raise ValueError(f"cannot pick {n_to} of {n_from} indices")
+    g = torch.Generator().manual_seed(seed)
+    return torch.sort(torch.randperm(n_from, generator=g)[:n_to]).values
+
+
+def max_sum_window(values: torch.Tensor, width: int) -> int:
+    """Start of the contiguous window of ``width`` with the largest sum (ties: lowest start)."""
+    v = values.to(torch.float64)
+    c = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(v, 0)])
+    sums = c[width:] - c[:-width]
+    return int(torch.argmax(sums))
+
+
+def max_sum_submatrix(scores: torch.Tensor, height: int, width: int) -> tuple[int, int, float]:
+    """Top-left (row, col) of the ``height x width`` block with the largest sum, and that sum.
+
+    Vectorised summed-area search in float64: window sums along rows from a cumulative sum, then along
+    columns, then one argmax. ``torch.argmax`` returns the first maximum in row-major order, so ties go
+    to the lowest (row, column) position, like a loop over positions in that order.
+    """
+    h_all, w_all = scores.shape
+    if height > h_all or width > w_all:
+        raise ValueError(f"block {height}x{width} does not fit in a {h_all}x{w_all} matrix")
+    s = scores.to(torch.float64)
+    c = torch.cumsum(s, dim=0)
+    rows = torch.cat([c[height - 1: height], c[height:] - c[:-height]])  # [H-h+1, W]: sums of `height` rows
+    c2 = torch.cumsum(rows, dim=1)
+    blocks = torch.cat([c2[:, width - 1: width], c2[:, width:] - c2[:, :-width]], dim=1)  # [H-h+1, W-w+1]
+    flat = int(torch.argmax(blocks))
+    r0, c0 = divmod(flat, blocks.shape[1])
+    return r0, c0, float(blocks[r0, c0])
+
+
+def max_sum_submatrix_bruteforce(scores: torch.Tensor, height: int, width: int) -> tuple[int, int, float]:
+    """Reference: the paper's loop over every top-left position (slow; for tests and benchmarks)."""
+    s = scores.to(torch.float64)
+    p = torch.zeros(s.shape[0] + 1, s.shape[1] + 1, dtype=torch.float64)
+    p[1:, 1:] = s.cumsum(0).cumsum(1)
+    best, pos = -float("inf"), (0, 0)
+    for i in range(s.shape[0] - height + 1):
+        for j in range(s.shape[1] - width + 1):
+            v = float(p[i + height, j + width] - p[i, j + width] - p[i + height, j] + p[i, j])
+            if v > best:
+                best, pos = v, (i, j)
+    return pos[0], pos[1], best
+
+
+def reduce_dims(structure: str, target: tuple[int, int], *, full: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
+                source: tuple[int, int] | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices of the teacher matrix that form the student-shaped matrix.
+
+    submatrix: the contiguous block with the largest summed sensitivity (needs ``full``);
+    row_column: top rows by row mass and top columns by column mass (needs ``rows``, ``cols``);
+    neuron: whole top rows by row mass, with the contiguous column window of largest column mass;
+    random: seeded random rows and columns; uniform: evenly spaced rows and columns.
+    """
+    out_s, in_s = target
+    if source is None:
+        ref = full if full is not None else None
+        if ref is None:
+            if rows is None or cols is None:
+                raise ValueError("source shape is needed without sensitivity")
+            source = (rows.numel(), cols.numel())
+        else:
+            source = tuple(ref.shape)  # type: ignore[assignment]
+    out_t, in_t = source  # type: ignore[misc]
+    if out_s > out_t or in_s > in_t:
+        raise ValueError(f"student shape {out_s}x{in_s} does not fit in teacher shape {out_t}x{in_t}")
+    if structure == "submatrix":
+        if full is None:
+            raise ValueError("the submatrix structure needs the full sensitivity map")
+        r0, c0, _ = max_sum_submatrix(full, out_s, in_s)
+        return torch.arange(r0, r0 + out_s), torch.arange(c0, c0 + in_s)
+    if structure == "row_column":
+        assert rows is not None and cols is not None
+        return top_k_sorted(rows, out_s), top_k_sorted(cols, in_s)
+    if structure == "neuron":
+        assert rows is not None and cols is not None
+        c0 = max_sum_window(cols, in_s)
+        return top_k_sorted(rows, out_s), torch.arange(c0, c0 + in_s)
+    if structure == "random":
+        return random_indices(out_t, out_s, seed), random_indices(in_t, in_s, seed + 1)
+    if structure == "uniform":
+        return uniform_indices(out_t, out_s), uniform_indices(in_t, in_s)
+    raise ValueError(f"unknown structure '{structure}' (allowed: {', '.join(STRUCTURES)})")

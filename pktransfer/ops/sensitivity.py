@@ -1,0 +1,182 @@
+"""Streaming first-order sensitivity S_i = Σ_j |θ_i · ∂L_j/∂θ_i| (Seeking, methods.md §1.1).
+
+One backward per seed sample. A post-accumulate-grad hook on every parameter folds |θ·g| into that
+parameter's accumulator the moment its gradient exists, then frees the gradient: the model never holds
+a full set of gradients. Accumulators keep only what the selection needs, in float32:
+
+- ``full``: the per-element map (the exact submatrix search needs it; dtype configurable),
+- ``rows`` / ``cols``: per-row and per-column sums (every other structure, and layer scores),
+- ``total``: the sum (always; layer scores are sums of totals over a block).
+
+Large tensors are processed in row chunks so the temporary |θ·g| never exceeds ``chunk_elems``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODES = ("full", "reduced", "cols", "total")
+
+
+@dataclass
+class ParamSensitivity:
+    mode: str
+    shape: tuple[int, ...]
+    total: torch.Tensor  # float64 scalar
+    rows: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
+    full: torch.Tensor | None = None
+
+    @classmethod
+    def empty(cls, shape: tuple[int, ...], mode: str, map_dtype: torch.dtype = torch.float32) -> ParamSensitivity:
+        if mode not in MODES:
+            raise ValueError(f"unknown accumulator mode {mode}")
+        two_d = len(shape) == 2
+        return cls(
+            mode=mode if two_d else "total",
+            shape=shape,
+            total=torch.zeros((), dtype=torch.float64),
+            rows=torch.zeros(shape[0], dtype=torch.float32) if two_d and mode in ("full", "reduced") else None,
+            cols=torch.zeros(shape[1], dtype=torch.float32) if two_d and mode in ("full", "reduced", "cols") else None,
+            full=torch.zeros(shape, dtype=map_dtype) if two_d and mode == "full" else None,
+        )
+
+    def drop_map(self) -> None:
+        self.full = None
+        if self.mode == "full":
+            self.mode = "reduced"
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        out = {f"{name}::total": self.total.reshape(1)}
+        for k in ("rows", "cols", "full"):
+            v = getattr(self, k)
+            if v is not None:
+                out[f"{name}::{k}"] = v
+        return out
+
+
+def accumulate(acc: ParamSensitivity, weight: torch.Tensor, grad: torch.Tensor, chunk_elems: int = 1 << 24) -> None:
+    """Fold |weight · grad| of one sample into ``acc`` (row chunks bound the temporary memory)."""
+    w, g = weight.detach(), grad.detach()
+    if w.dim() != 2:
+        acc.total += (w.float() * g.float()).abs().sum(dtype=torch.float64).cpu()
+        return
+    step = max(1, chunk_elems // max(1, w.shape[1]))
+    for r in range(0, w.shape[0], step):
+        s = (w[r:r + step].float() * g[r:r + step].float()).abs_()
+        row_sums = s.sum(dim=1)
+        acc.total += row_sums.sum(dtype=torch.float64).cpu()
+        if acc.rows is not None:
+            acc.rows[r:r + step] += row_sums.cpu()
+        if acc.cols is not None:
+            acc.cols += s.sum(dim=0).cpu()
+        if acc.full is not None:
+            acc.full[r:r + step] += s.to(acc.full.dtype).cpu()
+
+
+@dataclass
+class Sensitivity:
+    """Accumulated sensitivity of a model's parameters over ``n_samples`` seed samples."""
+
+    params: dict[str, ParamSensitivity]
+    n_samples: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def block_scores(self, prefix: str, n_layers: int) -> list[float]:
+        """Sum of totals over each transformer block ``{prefix}.{i}.``."""
+        scores = [0.0] * n_layers
+        for name, p in self.params.items():
+            if name.startswith(prefix + "."):
+                i = int(name[len(prefix) + 1:].split(".", 1)[0])
+                scores[i] += float(p.total)
+        return scores
+
+    def module_totals(self) -> dict[str, float]:
+        return {name: float(p.total) for name, p in self.params.items()}
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        for name, p in self.params.items():
+            tensors.update({k: v.contiguous() for k, v in p.tensors(name).items()})
+        save_file(tensors, str(folder / "sensitivity.safetensors"))
+        layout = {name: {"mode": p.mode, "shape": list(p.shape)} for name, p in self.params.items()}
+        (folder / "sensitivity.json").write_text(json.dumps({"n_samples": self.n_samples, "meta": self.meta,
+                                                             "params": layout}, indent=1))
+
+    @classmethod
+    def load(cls, folder: Path) -> Sensitivity:
+        from safetensors.torch import load_file
+
+        info = json.loads((folder / "sensitivity.json").read_text())
+        tensors = load_file(str(folder / "sensitivity.safetensors"))
+        params = {}
+        for name, lay in info["params"].items():
+            params[name] = ParamSensitivity(
+                mode=lay["mode"], shape=tuple(lay["shape"]), total=tensors[f"{name}::total"].reshape(()).double(),
+                rows=tensors.get(f"{name}::rows"), cols=tensors.get(f"{name}::cols"), full=tensors.get(f"{name}::full"))
+        return cls(params, info["n_samples"], info.get("meta", {}))
+
+
+class StreamingSensitivity:
+    """Attach to a model; every backward then folds |θ·g| into accumulators and frees the gradients."""
+
+    def __init__(self, model: torch.nn.Module, mode_for: Callable[[str, tuple[int, ...]], str],
+                 map_dtype: torch.dtype = torch.float32, chunk_elems: int = 1 << 24) -> None:
+        self.model = model
+        self.chunk_elems = chunk_elems
+        self.params: dict[str, ParamSensitivity] = {}
+        self._handles: list[Any] = []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                self.params[name] = ParamSensitivity.empty(tuple(p.shape), mode_for(name, tuple(p.shape)), map_dtype)
+
+    def _hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        acc = self.params[name]
+
+        def hook(param: torch.Tensor) -> None:
+            if param.grad is not None:
+                accumulate(acc, param, param.grad, self.chunk_elems)
+            param.grad = None  # free at once: no full gradient copy of the model
+
+        return hook
+
+    def __enter__(self) -> StreamingSensitivity:
+        for name, p in self.model.named_parameters():
+            if name in self.params:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def sensitivity_over(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]],
+                     mode_for: Callable[[str, tuple[int, ...]], str], *, map_dtype: torch.dtype = torch.float32,
+                     on_sample: Callable[[float], None] | None = None) -> Sensitivity:
+    """Run one forward+backward per batch (one seed sample each) and return the accumulated sensitivity."""
+    import time
+
+    was_training = model.training
+    model.eval()  # no dropout: the gradient of the model as it is
+    n = 0
+    with StreamingSensitivity(model, mode_for, map_dtype) as stream:
+        for batch in batches:
+            t0 = time.perf_counter()
+            out = model(**batch)
+            out.loss.backward()
+            n += 1
+            if on_sample:
+                on_sample(time.perf_counter() - t0)
+    model.train(was_training)
+    return Sensitivity(stream.params, n)
