@@ -20,7 +20,7 @@ from pktransfer.progress import Progress
 from pktransfer.recipe import recipe_from_dict
 
 sys.path.insert(0, "tests")
-from conftest import save_tiny  # noqa: E402
+from conftest import save_tiny
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]
 
@@ -91,7 +91,7 @@ def test_sensitivity_reuse_skips_the_teacher_backward(tiny_recipe, tmp_path, mon
 
     monkeypatch.setattr(seeking, "compute_sensitivity", lambda *a, **k: pytest.fail("recomputed"))
     recipe2 = _seeking(tiny_recipe, sensitivity=str(tmp_path / "a" / "sensitivity"))
-    _, model, _, _ = _prepare(recipe2, tmp_path / "b")
+    _, _model, _, _ = _prepare(recipe2, tmp_path / "b")
     assert json.loads((tmp_path / "b" / "seeking.json").read_text())["selected_layers"] == \
         json.loads((tmp_path / "a" / "seeking.json").read_text())["selected_layers"]
 
