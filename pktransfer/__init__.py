@@ -15,7 +15,7 @@ from typing import Any
 
 from pktransfer.errors import DataError, IncompatiblePairError, ModelError, PktError, RecipeError
 from pktransfer.models import load_model, prepare_builtin
-from pktransfer.pipeline import RunResult, evaluate, run, set_threads
+from pktransfer.pipeline import RunResult, evaluate, extract, inject, run, set_threads
 from pktransfer.recipe import Recipe, load_recipe, recipe_from_dict
 
 __version__ = "0.1.0"
@@ -36,6 +36,8 @@ __all__ = [
     "RunResult",
     "__version__",
     "evaluate",
+    "extract",
+    "inject",
     "load_model",
     "load_recipe",
     "prepare_builtin",

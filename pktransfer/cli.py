@@ -101,6 +101,36 @@ def train_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None,
     guarded(go)
 
 
+@app.command("extract")
+def extract_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, seed: SeedOpt = None,
+                overwrite: OverwriteOpt = False, quiet: QuietOpt = False, threads: ThreadsOpt = None) -> None:
+    """Seeking steps 1-2: teacher sensitivity on the seed split and layer selection (reusable)."""
+    import pktransfer
+
+    def go() -> None:
+        pktransfer.set_threads(threads)
+        res = pktransfer.extract(_recipe(recipe, set_, output_dir, seed), quiet=quiet, overwrite=overwrite)
+        console.print(f"selected teacher layers {res.run['selected_layers']} ({res.run['n_samples']} seed samples)")
+        console.print(f"sensitivity: {res.output_dir / 'sensitivity'} (reuse with method.sensitivity)")
+
+    guarded(go)
+
+
+@app.command("inject")
+def inject_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, seed: SeedOpt = None,
+               overwrite: OverwriteOpt = False, quiet: QuietOpt = False, threads: ThreadsOpt = None) -> None:
+    """Seeking steps 1-5 without training: write the teacher-initialised adapter and residual student."""
+    import pktransfer
+
+    def go() -> None:
+        pktransfer.set_threads(threads)
+        res = pktransfer.inject(_recipe(recipe, set_, output_dir, seed), quiet=quiet, overwrite=overwrite)
+        console.print(f"adapter_init/ + residual/ in {res.output_dir}; step-0 max logit difference to the "
+                      f"original student: {res.run['step0_max_logit_diff']:.2e}")
+
+    guarded(go)
+
+
 @app.command("eval")
 def eval_cmd(
     model: Annotated[str, typer.Option("--model", "-m", help="builtin:NAME, local folder, or hub id.")],

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 
 from pktransfer.data import Item, PromptFormatter, Task, encode_items, get_task
-from pktransfer.errors import ModelError, PktError
+from pktransfer.errors import ModelError, PktError, RecipeError
 from pktransfer.evaluation import EvalResult, evaluate_items
 from pktransfer.methods import MethodContext, get_method
 from pktransfer.models import LoadedModel, load_config, load_model
@@ -79,6 +81,27 @@ def _evaluate_cached(rd: RunDir, model: Any, formatter: PromptFormatter, task: T
     return out
 
 
+@contextmanager
+def run_folder(recipe: Recipe, overwrite: bool, progress: Progress) -> Iterator[tuple[RunDir, StageLog]]:
+    """An output folder that is finished atomically (or marked FAILED), with stage timing and memory."""
+    rd = RunDir(recipe.output_dir, overwrite=overwrite)
+    if rd.resumed:
+        progress.log(f"resuming the unfinished run in {rd.work}")
+    try:
+        save_recipe(recipe, rd.path("recipe.yaml"))
+        with MemoryMonitor() as monitor:
+            yield rd, StageLog(monitor)
+    except BaseException as err:
+        rd.fail(err)
+        raise
+
+
+def run_info(recipe: Recipe, log: StageLog, started: float, **extra: Any) -> dict[str, Any]:
+    return {"status": "finished", "recipe": recipe.dump(), "seed": recipe.seed, **extra, "stages": log.stages,
+            "versions": versions(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            "wall_seconds": round(time.time() - started, 1)}
+
+
 def check_recipe(recipe: Recipe) -> tuple[Task, list[Item]]:
     """Everything that can be checked without loading weights: task, data files, splits, models' configs."""
     task = get_task(recipe.task.name, recipe.task.params, recipe.task.data_dir)
@@ -99,83 +122,146 @@ def run(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, evaluat
     progress = progress or Progress(quiet=quiet)
     task, train_items = check_recipe(recipe)
     method = get_method(recipe.method)
-    rd = RunDir(recipe.output_dir, overwrite=overwrite)
-    if rd.resumed:
-        progress.log(f"resuming the unfinished run in {rd.work}")
     started = time.time()
-    try:
-        save_recipe(recipe, rd.path("recipe.yaml"))
+    with run_folder(recipe, overwrite, progress) as (rd, log):
         metrics: dict[str, dict[str, Any]] = {}
-        with MemoryMonitor() as monitor:
-            log = StageLog(monitor)
-            teacher_cache: dict[str, LoadedModel] = {}
+        teacher_cache: dict[str, LoadedModel] = {}
 
-            def load_teacher() -> LoadedModel:
-                if "t" not in teacher_cache:
-                    with log.stage("load_teacher"):
-                        teacher_cache["t"] = load_model(recipe.teacher, log=progress.log)
-                return teacher_cache["t"]
+        def load_teacher() -> LoadedModel:
+            if "t" not in teacher_cache:
+                with log.stage("load_teacher"):
+                    teacher_cache["t"] = load_model(recipe.teacher, log=progress.log)
+            return teacher_cache["t"]
 
-            if evaluate and recipe.evaluation.teacher:
-                teacher = load_teacher()
-                with log.stage("eval_teacher"):
-                    metrics["teacher"] = _evaluate_cached(rd, teacher.model, formatter_for(teacher, task, recipe),
-                                                          task, recipe, "teacher", progress)
-                if not method.needs_teacher:
-                    teacher.unload()
-                    teacher_cache.clear()
-            with log.stage("load_student"):
-                student = load_model(recipe.student, log=progress.log)
-            formatter = formatter_for(student, task, recipe)
-            if evaluate and recipe.evaluation.student:
-                with log.stage("eval_student"):
-                    metrics["student"] = _evaluate_cached(rd, student.model, formatter, task, recipe, "student", progress)
-            examples = encode_items(formatter, train_items, recipe.training.max_length, f"task '{task.name}' train split")
-            seed_everything(recipe.seed)
-            ctx = MethodContext(recipe, student, task, formatter, rd.work, progress, load_teacher)
-            with log.stage("prepare"):
-                peft_model = method.prepare(ctx)
-            for t in teacher_cache.values():
-                t.unload()
-            teacher_cache.clear()
-            with log.stage("train"):
-                result = train(peft_model, student.tokenizer, examples, recipe.training,
-                               output_dir=rd.path("checkpoints"), seed=recipe.seed, progress=progress,
-                               compute_loss_func=method.compute_loss_func(ctx))
-            method.save_adapter(peft_model, rd.path("adapter"))
-            student.tokenizer.save_pretrained(str(rd.path("adapter")))
-            merged = peft_model.merge_and_unload()
-            if evaluate:
-                with log.stage("eval_trained"):
-                    metrics["trained"] = _evaluate_cached(rd, merged, formatter, task, recipe, "trained", progress)
-            if recipe.training.save_merged:
-                merged.save_pretrained(str(rd.path("merged")), safe_serialization=True)
-                student.tokenizer.save_pretrained(str(rd.path("merged")))
-        run_info = {
-            "status": "finished",
-            "recipe": recipe.dump(),
-            "seed": recipe.seed,
-            "task": task.describe(),
-            "prompt_format": formatter.describe(),
-            "data": {"n_train": len(examples), "n_train_items": len(train_items)},
-            "training": {"steps": result.steps, "seconds": round(result.seconds, 2), "final_loss": result.final_loss,
-                         "resumed_from": result.resumed_from},
-            "metrics": {k: {s: {kk: m[kk] for kk in ("n", "correct", "accuracy", "seconds")} for s, m in v.items()}
-                        for k, v in metrics.items()},
-            "stages": log.stages,
-            "versions": versions(),
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-            "wall_seconds": round(time.time() - started, 1),
-            "outputs": {"adapter": "adapter", "merged": "merged" if recipe.training.save_merged else None,
-                        "eval": "eval", "checkpoints": "checkpoints"},
-        }
-        rd.write_json("run.json", run_info)
-        rd.path("report.md").write_text(render_markdown(run_info))
-        final = rd.finish()
-        return RunResult(final, run_info)
-    except BaseException as err:
-        rd.fail(err)
-        raise
+        if evaluate and recipe.evaluation.teacher:
+            teacher = load_teacher()
+            with log.stage("eval_teacher"):
+                metrics["teacher"] = _evaluate_cached(rd, teacher.model, formatter_for(teacher, task, recipe),
+                                                      task, recipe, "teacher", progress)
+            if not method.needs_teacher:
+                teacher.unload()
+                teacher_cache.clear()
+        with log.stage("load_student"):
+            student = load_model(recipe.student, log=progress.log)
+        formatter = formatter_for(student, task, recipe)
+        if evaluate and recipe.evaluation.student:
+            with log.stage("eval_student"):
+                metrics["student"] = _evaluate_cached(rd, student.model, formatter, task, recipe, "student", progress)
+        examples = encode_items(formatter, train_items, recipe.training.max_length, f"task '{task.name}' train split")
+        seed_everything(recipe.seed)
+        ctx = MethodContext(recipe, student, task, formatter, rd.work, progress, load_teacher)
+        with log.stage("prepare"):
+            peft_model = method.prepare(ctx)
+        for t in teacher_cache.values():
+            t.unload()
+        teacher_cache.clear()
+        with log.stage("train"):
+            result = train(peft_model, student.tokenizer, examples, recipe.training,
+                           output_dir=rd.path("checkpoints"), seed=recipe.seed, progress=progress,
+                           compute_loss_func=method.compute_loss_func(ctx))
+        method.save_adapter(peft_model, rd.path("adapter"))
+        student.tokenizer.save_pretrained(str(rd.path("adapter")))
+        merged = peft_model.merge_and_unload()
+        if evaluate:
+            with log.stage("eval_trained"):
+                metrics["trained"] = _evaluate_cached(rd, merged, formatter, task, recipe, "trained", progress)
+        if recipe.training.save_merged:
+            merged.save_pretrained(str(rd.path("merged")), safe_serialization=True)
+            student.tokenizer.save_pretrained(str(rd.path("merged")))
+        info = run_info(
+            recipe, log, started,
+            task=task.describe(), prompt_format=formatter.describe(),
+            data={"n_train": len(examples), "n_train_items": len(train_items)},
+            training={"steps": result.steps, "seconds": round(result.seconds, 2), "final_loss": result.final_loss,
+                      "resumed_from": result.resumed_from},
+            metrics={k: {s: {kk: m[kk] for kk in ("n", "correct", "accuracy", "seconds")} for s, m in v.items()}
+                     for k, v in metrics.items()},
+            outputs={"adapter": "adapter", "merged": "merged" if recipe.training.save_merged else None,
+                     "eval": "eval", "checkpoints": "checkpoints"},
+        )
+        rd.write_json("run.json", info)
+        rd.path("report.md").write_text(render_markdown(info))
+    return RunResult(rd.finish(), info)
+
+
+def _check_seeking(recipe: Recipe) -> Task:
+    """Fail fast (before any output folder exists) unless this is a valid seeking recipe."""
+    from pktransfer.methods.seeking import SeekingMethod
+
+    if not isinstance(get_method(recipe.method), SeekingMethod):
+        raise RecipeError(f"this verb works on method 'seeking', the recipe's method is '{recipe.method.name}'",
+                          hint="set method.name: seeking (with its options) in the recipe")
+    task, _ = check_recipe(recipe)
+    task.split("seed")
+    load_config(recipe.teacher.model, recipe.teacher.revision)
+    return task
+
+
+def _seeking_context(recipe: Recipe, task: Task, rd: RunDir, log: StageLog,
+                     progress: Progress) -> tuple[Any, MethodContext]:
+    with log.stage("load_teacher"):
+        teacher = load_model(recipe.teacher, log=progress.log)
+    with log.stage("load_student"):
+        student = load_model(recipe.student, log=progress.log)
+    ctx = MethodContext(recipe, student, task, formatter_for(student, task, recipe), rd.work, progress,
+                        lambda: teacher)
+    return teacher, ctx
+
+
+def extract(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False,
+            progress: Progress | None = None) -> RunResult:
+    """Seeking steps 1-2 only: teacher sensitivity over the seed split and the layer selection.
+
+    Writes ``sensitivity/`` (safetensors + summary.json with per-layer and per-module figures); a
+    recipe reuses it with ``method.sensitivity: OUTPUT/sensitivity``.
+    """
+    from pktransfer.methods.seeking import locate
+    from pktransfer.models.pair import check_pair
+
+    progress = progress or Progress(quiet=quiet)
+    task = _check_seeking(recipe)
+    started = time.time()
+    with run_folder(recipe, overwrite, progress) as (rd, log):
+        teacher, ctx = _seeking_context(recipe, task, rd, log, progress)
+        check_pair(teacher.arch, ctx.student.arch, teacher.tokenizer, ctx.student.tokenizer, "seeking")
+        with log.stage("sensitivity"):
+            sens, layers = locate(teacher, ctx.student.arch, ctx, recipe.method, rd.work)
+        info = run_info(recipe, log, started, selected_layers=layers, n_samples=sens.n_samples,
+                        outputs={"sensitivity": "sensitivity"})
+        rd.write_json("run.json", info)
+    return RunResult(rd.finish(), info)
+
+
+def inject(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False,
+           progress: Progress | None = None) -> RunResult:
+    """Seeking steps 1-5 without training: the student with teacher-initialised LoRA.
+
+    Writes ``adapter_init/`` (the PEFT adapter at (B, A)) and ``residual/`` (the student whose weights
+    are W − (α/r)·B A, loadable with ``from_pretrained``): the two together equal the original student.
+    ``run.json`` records the largest step-0 logit difference to the original student on a seed item.
+    """
+    progress = progress or Progress(quiet=quiet)
+    task = _check_seeking(recipe)
+    started = time.time()
+    with run_folder(recipe, overwrite, progress) as (rd, log):
+        _, ctx = _seeking_context(recipe, task, rd, log, progress)
+        probe = torch.tensor([ctx.formatter.encode_prompt(ctx.task.split("seed")[0].prompt)])
+        with torch.no_grad():
+            before = ctx.student.model(input_ids=probe.to(ctx.student.device)).logits.float()
+        seed_everything(recipe.seed)
+        method = get_method(recipe.method)
+        with log.stage("prepare"):
+            peft_model = method.prepare(ctx)
+        with torch.no_grad():
+            after = peft_model(input_ids=probe.to(ctx.student.device)).logits.float()
+        peft_model.save_pretrained(str(rd.path("adapter_init")))
+        residual = peft_model.unload()
+        residual.save_pretrained(str(rd.path("residual")), safe_serialization=True)
+        ctx.student.tokenizer.save_pretrained(str(rd.path("residual")))
+        info = run_info(recipe, log, started, step0_max_logit_diff=float((after - before).abs().max()),
+                        outputs={"adapter_init": "adapter_init", "residual": "residual", "sensitivity": "sensitivity"})
+        rd.write_json("run.json", info)
+    return RunResult(rd.finish(), info)
 
 
 def evaluate(model: str | ModelSpec, task: str = "arithmetic", *, split: str = "test", adapter: str | None = None,

@@ -182,3 +182,35 @@ def test_empty_seed_split_is_a_clear_error(tiny_recipe, tmp_path):
 
 def test_arithmetic_seed_split_feeds_the_sensitivity():
     assert len(get_task("arithmetic").split("seed")) == 32
+
+
+def test_extract_then_inject_reusing_the_sensitivity(tiny_recipe, tiny_models, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from pktransfer.cli import app
+
+    recipe = _seeking(tiny_recipe)
+    recipe.output_dir = str(tmp_path / "ext")
+    res = pktransfer.extract(recipe, quiet=True)
+    summary = json.loads((res.output_dir / "sensitivity" / "summary.json").read_text())
+    assert len(summary["layers"]) == 4 and summary["selected_layers"] == res.run["selected_layers"]
+    assert {"self_attn.q_proj", "mlp.down_proj"} <= set(summary["layers"][0]["modules"])
+    recipe.method.sensitivity = str(res.output_dir / "sensitivity")
+    recipe.output_dir = str(tmp_path / "inj")
+    inj = pktransfer.inject(recipe, quiet=True)
+    assert inj.run["step0_max_logit_diff"] < 1e-4
+    with torch.no_grad():
+        residual = AutoModelForCausalLM.from_pretrained(str(inj.output_dir / "residual"))
+        restored = PeftModel.from_pretrained(residual, str(inj.output_dir / "adapter_init"))(input_ids=IDS).logits
+        original = AutoModelForCausalLM.from_pretrained(str(tiny_models["qwen2_student"]))(input_ids=IDS).logits
+    assert torch.allclose(restored, original, atol=1e-4)
+    # the CLI refuses a non-seeking recipe before creating any folder
+    import yaml
+
+    tiny_recipe["method"] = {"name": "lora"}
+    tiny_recipe["output_dir"] = str(tmp_path / "nope")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe))
+    out = CliRunner().invoke(app, ["extract", str(tmp_path / "r.yaml"), "-q"])
+    assert out.exit_code == 2 and "method 'seeking'" in out.output and not (tmp_path / "nope.partial").exists()

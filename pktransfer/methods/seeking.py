@@ -32,6 +32,7 @@ from pktransfer.models.pair import check_pair
 from pktransfer.ops.lowrank import rebase_as_plain_lora, svd_init
 from pktransfer.ops.selection import reduce_dims, select_layers
 from pktransfer.ops.sensitivity import Sensitivity, sensitivity_over
+from pktransfer.progress import Progress
 from pktransfer.training import check_targets, lora_config
 
 ROLE_OF_LEAF = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
@@ -64,24 +65,66 @@ def accumulator_modes(arch: ArchitectureDescription, structure: str, roles: set[
     return mode_for
 
 
-def compute_sensitivity(ctx: MethodContext, teacher: Any, spec: Any, roles: set[str]) -> Sensitivity:
+def compute_sensitivity(teacher: Any, items: list[Any], spec: Any, roles: set[str], *, prompt_format: str,
+                        system_prompt: str | None, max_length: int, progress: Progress, what: str) -> Sensitivity:
     from pktransfer.data import PromptFormatter
 
-    items = ctx.task.split("seed")[: spec.n_seed]
-    fmt = PromptFormatter(teacher.tokenizer, ctx.recipe.task.prompt_format, ctx.task.system_prompt)
-    examples = encode_items(fmt, items, ctx.recipe.training.max_length, f"task '{ctx.task.name}' seed split")
+    fmt = PromptFormatter(teacher.tokenizer, prompt_format, system_prompt)  # type: ignore[arg-type]
+    examples = encode_items(fmt, items[: spec.n_seed], max_length, what)
     device = teacher.device
     batches = ({"input_ids": torch.tensor([e.input_ids], device=device),
                 "labels": torch.tensor([e.labels], device=device)} for e in examples)
     if spec.gradient_checkpointing:
         teacher.model.gradient_checkpointing_enable()
     map_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec.map_dtype]
-    with ctx.progress.task("seeking: sensitivity per seed sample", total=len(examples)) as advance:
+    with progress.task("seeking: sensitivity per seed sample", total=len(examples)) as advance:
         sens = sensitivity_over(teacher.model, batches, accumulator_modes(teacher.arch, spec.structure, roles),
                                 map_dtype=map_dtype, on_sample=lambda s: advance(1, s_per_sample=f"{s:.1f}"))
-    sens.meta = {"teacher": ctx.recipe.teacher.model, "task": ctx.task.name, "n_seed": len(examples),
-                 "structure": spec.structure, "map_dtype": spec.map_dtype, "roles": sorted(roles)}
+    sens.meta = {"teacher": teacher.name, "n_seed": len(examples), "structure": spec.structure,
+                 "map_dtype": spec.map_dtype, "roles": sorted(roles)}
     return sens
+
+
+def sensitivity_summary(sens: Sensitivity, arch: ArchitectureDescription) -> dict[str, Any]:
+    """Per-layer scores and per-module totals (what `pkt extract` reports as JSON)."""
+    layers = []
+    for i in range(arch.n_layers):
+        prefix = f"{arch.layers_path}.{i}."
+        modules = {n[len(prefix):].removesuffix(".weight"): float(p.total)
+                   for n, p in sens.params.items() if n.startswith(prefix)}
+        layers.append({"layer": i, "score": sum(modules.values()), "modules": modules})
+    other = {n: float(p.total) for n, p in sens.params.items() if not n.startswith(arch.layers_path + ".")}
+    return {"n_samples": sens.n_samples, "meta": sens.meta, "layers": layers, "global": other}
+
+
+def locate(teacher: Any, student_arch: ArchitectureDescription, ctx: MethodContext, spec: Any,
+           workdir: Path) -> tuple[Sensitivity, list[int]]:
+    """Steps 1-2: sensitivity over the seed split (or a saved one) and the teacher layers to transfer."""
+    roles = group_roles(spec.modules)
+    if spec.sensitivity:
+        folder = Path(spec.sensitivity)
+        if not (folder / "sensitivity.safetensors").is_file():
+            raise DataError(f"no saved sensitivity in '{folder}'",
+                            hint="point method.sensitivity at the sensitivity/ folder written by `pkt extract`")
+        sens = Sensitivity.load(folder)
+        ctx.progress.log(f"seeking: reusing sensitivity from {folder} ({sens.n_samples} samples)")
+    else:
+        sens = compute_sensitivity(teacher, ctx.task.split("seed"), spec, roles,
+                                   prompt_format=ctx.recipe.task.prompt_format, system_prompt=ctx.task.system_prompt,
+                                   max_length=ctx.recipe.training.max_length, progress=ctx.progress,
+                                   what=f"task '{ctx.task.name}' seed split")
+    scores = sens.block_scores(teacher.arch.layers_path, teacher.arch.n_layers)
+    layers = select_layers(scores, student_arch.n_layers, spec.layers, seed=ctx.recipe.seed)
+    for name, p in sens.params.items():  # maps of layers that can no longer be selected
+        if name.startswith(teacher.arch.layers_path + ".") and int(name.split(".")[2]) not in layers:
+            p.drop_map()
+    sens.save(workdir / "sensitivity")
+    summary = sensitivity_summary(sens, teacher.arch)
+    summary.update({"selected_layers": layers, "layer_strategy": spec.layers,
+                    "mapping": {f"student.{m}": f"teacher.{t}" for m, t in enumerate(layers)}})
+    (workdir / "sensitivity" / "summary.json").write_text(json.dumps(summary, indent=1))
+    ctx.progress.log(f"seeking: teacher layers {layers} -> student layers 0..{len(layers) - 1}")
+    return sens, layers
 
 
 # ---- 2-3. selection and extraction ----------------------------------------------------------------
@@ -180,21 +223,12 @@ class SeekingMethod(Method):
         check_pair(teacher.arch, student.arch, teacher.tokenizer, student.tokenizer, "seeking")
         self._check_ranks(student.arch, recipe)
 
-        if spec.sensitivity:
-            sens = Sensitivity.load(Path(spec.sensitivity))
-            ctx.progress.log(f"seeking: reusing sensitivity from {spec.sensitivity} ({sens.n_samples} samples)")
-        else:
-            sens = compute_sensitivity(ctx, teacher, spec, roles)
-        scores = sens.block_scores(teacher.arch.layers_path, teacher.arch.n_layers)
-        layers = select_layers(scores, student.arch.n_layers, spec.layers, seed=recipe.seed)
-        for name, p in sens.params.items():  # maps of layers that can no longer be selected
-            if name.startswith(teacher.arch.layers_path + ".") and int(name.split(".")[2]) not in layers:
-                p.drop_map()
-        sens.save(ctx.workdir / "sensitivity")
+        sens, layers = locate(teacher, student.arch, ctx, spec, ctx.workdir)
         targets = {ROLE_OF_LEAF.get(t) for t in recipe.lora.target_modules} & roles
         matrices = extract_matrices(sens, teacher, student.arch, layers, targets, spec.structure, recipe.seed, spec.grow)
         (ctx.workdir / "seeking.json").write_text(json.dumps({
-            "layer_scores": scores, "selected_layers": layers,
+            "layer_scores": sens.block_scores(teacher.arch.layers_path, teacher.arch.n_layers),
+            "selected_layers": layers,
             "mapping": {f"student.{m}": f"teacher.{t}" for m, t in enumerate(layers)},
             "structure": spec.structure, "groups": spec.modules, "roles_injected": sorted(t for t in targets if t),
             "n_seed": sens.n_samples}, indent=1))
