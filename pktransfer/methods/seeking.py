@@ -131,7 +131,8 @@ def locate(teacher: Any, student_arch: ArchitectureDescription, ctx: MethodConte
 
 
 def extract_matrices(sens: Sensitivity, teacher: Any, student_arch: ArchitectureDescription, layers: list[int],
-                     roles: set[str], structure: str, seed: int, grow: str) -> dict[str, torch.Tensor]:
+                     roles: set[str], structure: str, seed: int, grow: str,
+                     progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """Student module name -> student-shaped matrix cut from the teacher (float32)."""
     t_arch: ArchitectureDescription = teacher.arch
     t_params = dict(teacher.model.named_parameters())
@@ -147,39 +148,47 @@ def extract_matrices(sens: Sensitivity, teacher: Any, student_arch: Architecture
             if role in roles:
                 jobs.append((student_arch.module_name(m, role), t_arch.module_name(t_layer, role), role))
     s_shapes = {w.module: w.shape for w in student_arch.weights()}
-    for smod, tmod, role in jobs:
-        w_t = t_params[tmod + ".weight"].detach()
-        p = sens.params[tmod + ".weight"]
-        target = s_shapes[smod]
-        src = tuple(w_t.shape)
-        grown = [(ax, t, s) for ax, t, s in zip(("rows", "columns"), src, target, strict=True) if s > t]
-        if grown and grow == "error":
-            ax, t, s = grown[0]
-            raise IncompatiblePairError(
-                f"seeking: student weight {smod} has {s} {ax} but the teacher's {tmod} only {t}",
-                hint="set method.grow: pad (zero-pad the extracted matrix) or leave this module group out")
-        fit = tuple(min(t, s) for t, s in zip(src, target, strict=True))
-        if role in ("embed", "lm_head"):  # [vocab, hidden]: the hidden axis only
-            cols = p.cols if p.cols is not None else torch.zeros(src[1])
-            _, c_idx = reduce_dims(structure, (1, fit[1]), rows=torch.zeros(1), cols=cols, source=(1, src[1]),
-                                   full=cols.reshape(1, -1) if structure == "submatrix" else None, seed=seed)
-            block = w_t[:, c_idx]
-        else:
-            role_seed = seed + 1000 * [*ATTENTION_ROLES, *FFN_ROLES].index(role)  # stable across processes
-            r_idx, c_idx = reduce_dims(structure, fit, full=p.full, rows=p.rows, cols=p.cols, source=src,
-                                       seed=role_seed)
-            block = w_t[r_idx][:, c_idx]
-        mat = torch.zeros(target, dtype=torch.float32)
-        mat[: block.shape[0], : block.shape[1]] = block.float().cpu()
-        out[smod] = mat
+    with (progress or Progress(quiet=True)).task("seeking: extract per module", total=len(jobs)) as advance:
+        for smod, tmod, role in jobs:
+            out[smod] = _extract_one(sens, t_params, smod, tmod, role, s_shapes[smod], structure, seed, grow)
+            advance(1)
     return out
+
+
+def _extract_one(sens: Sensitivity, t_params: dict[str, Any], smod: str, tmod: str, role: str,
+                 target: tuple[int, ...], structure: str, seed: int, grow: str) -> torch.Tensor:
+    """One student-shaped matrix cut from the teacher weight ``tmod`` (zero-padded where it grows)."""
+    w_t = t_params[tmod + ".weight"].detach()
+    p = sens.params[tmod + ".weight"]
+    src = tuple(w_t.shape)
+    grown = [(ax, t, s) for ax, t, s in zip(("rows", "columns"), src, target, strict=True) if s > t]
+    if grown and grow == "error":
+        ax, t, s = grown[0]
+        raise IncompatiblePairError(
+            f"seeking: student weight {smod} has {s} {ax} but the teacher's {tmod} only {t}",
+            hint="set method.grow: pad (zero-pad the extracted matrix) or leave this module group out")
+    fit = tuple(min(t, s) for t, s in zip(src, target, strict=True))
+    if role in ("embed", "lm_head"):  # [vocab, hidden]: the hidden axis only
+        cols = p.cols if p.cols is not None else torch.zeros(src[1])
+        _, c_idx = reduce_dims(structure, (1, fit[1]), rows=torch.zeros(1), cols=cols, source=(1, src[1]),
+                               full=cols.reshape(1, -1) if structure == "submatrix" else None, seed=seed)
+        block = w_t[:, c_idx]
+    else:
+        role_seed = seed + 1000 * [*ATTENTION_ROLES, *FFN_ROLES].index(role)  # stable across processes
+        r_idx, c_idx = reduce_dims(structure, fit, full=p.full, rows=p.rows, cols=p.cols, source=src,
+                                   seed=role_seed)
+        block = w_t[r_idx][:, c_idx]
+    mat = torch.zeros(target, dtype=torch.float32)
+    mat[: block.shape[0], : block.shape[1]] = block.float().cpu()
+    return mat
 
 
 # ---- 4-5. factorisation and injection -------------------------------------------------------------
 
 
 @torch.no_grad()
-def inject(peft_model: Any, matrices: dict[str, torch.Tensor], adapter: str = "default") -> dict[str, int]:
+def inject(peft_model: Any, matrices: dict[str, torch.Tensor], adapter: str = "default",
+           on_module: Any = None) -> dict[str, int]:
     """Start each LoRA at (B, A) = SVD_r(W_x) and subtract s·B A from its base weight. Returns ranks used."""
     modules = dict(peft_model.base_model.model.named_modules())
     used = {}
@@ -202,6 +211,8 @@ def inject(peft_model: Any, matrices: dict[str, torch.Tensor], adapter: str = "d
             base = layer.get_base_layer().weight
             base.sub_((s * (b @ a)).to(base.dtype))
         used[name] = r
+        if on_module:
+            on_module()
     return used
 
 
@@ -225,7 +236,8 @@ class SeekingMethod(Method):
 
         sens, layers = locate(teacher, student.arch, ctx, spec, ctx.workdir)
         targets = {ROLE_OF_LEAF.get(t) for t in recipe.lora.target_modules} & roles
-        matrices = extract_matrices(sens, teacher, student.arch, layers, targets, spec.structure, recipe.seed, spec.grow)
+        matrices = extract_matrices(sens, teacher, student.arch, layers, targets, spec.structure, recipe.seed, spec.grow,
+                                    ctx.progress)
         (ctx.workdir / "seeking.json").write_text(json.dumps({
             "layer_scores": sens.block_scores(teacher.arch.layers_path, teacher.arch.n_layers),
             "selected_layers": layers,
@@ -235,7 +247,8 @@ class SeekingMethod(Method):
         ctx.progress.log(f"seeking: teacher layers {layers} -> student layers 0..{len(layers) - 1}")
 
         model = get_peft_model(student.model, lora_config(recipe.lora, init=True))
-        inject(model, matrices)
+        with ctx.progress.task("seeking: SVD init per module", total=len(matrices)) as advance:
+            inject(model, matrices, on_module=lambda: advance(1))
         # LoRA factors only: peft would otherwise also save the (now residual) base embedding weights
         self._initial = {k: v.detach().clone()
                          for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
