@@ -74,24 +74,36 @@ def max_sum_window(values: torch.Tensor, width: int) -> int:
     return int(torch.argmax(sums))
 
 
-def max_sum_submatrix(scores: torch.Tensor, height: int, width: int) -> tuple[int, int, float]:
+def max_sum_submatrix(scores: torch.Tensor, height: int, width: int, chunk: int = 512) -> tuple[int, int, float]:
     """Top-left (row, col) of the ``height x width`` block with the largest sum, and that sum.
 
-    Vectorised summed-area search in float64: window sums along rows from a cumulative sum, then along
-    columns, then one argmax. ``torch.argmax`` returns the first maximum in row-major order, so ties go
-    to the lowest (row, column) position, like a loop over positions in that order.
+    Vectorised summed-area search, exact in float64. Stage 1 takes window sums along the contiguous
+    column axis, ``chunk`` rows at a time through one reused cache-resident buffer (cumulative sum in
+    place, then a difference), writing them transposed; stage 2 does the same along rows on that
+    smaller result. Cumulative sums only run along the last axis, where torch is fast, and no buffer
+    the size of the whole matrix is allocated in float64. Ties go to the lowest (row, column)
+    position, like a loop over positions in row-major order.
     """
     h_all, w_all = scores.shape
     if height > h_all or width > w_all:
         raise ValueError(f"block {height}x{width} does not fit in a {h_all}x{w_all} matrix")
-    s = scores.to(torch.float64)
-    c = torch.cumsum(s, dim=0)
-    rows = torch.cat([c[height - 1: height], c[height:] - c[:-height]])  # [H-h+1, W]: sums of `height` rows
-    c2 = torch.cumsum(rows, dim=1)
-    blocks = torch.cat([c2[:, width - 1: width], c2[:, width:] - c2[:, :-width]], dim=1)  # [H-h+1, W-w+1]
-    flat = int(torch.argmax(blocks))
-    r0, c0 = divmod(flat, blocks.shape[1])
-    return r0, c0, float(blocks[r0, c0])
+    n_cols = w_all - width + 1
+    col_sums_t = torch.empty((n_cols, h_all + 1), dtype=torch.float64)  # [col offset, 0 | rows]
+    col_sums_t[:, 0] = 0
+    buf = torch.empty((min(chunk, h_all), w_all + 1), dtype=torch.float64)
+    buf[:, 0] = 0
+    for r0 in range(0, h_all, chunk):
+        r1 = min(r0 + chunk, h_all)
+        b = buf[: r1 - r0]
+        b[:, 1:].copy_(scores[r0:r1])
+        b.cumsum_(dim=1)
+        col_sums_t[:, 1 + r0: 1 + r1].copy_((b[:, width:] - b[:, :-width]).T)  # sums of `width` columns
+    col_sums_t.cumsum_(dim=1)
+    blocks_t = col_sums_t[:, height:] - col_sums_t[:, :-height]  # [W-w+1, H-h+1], indexed (col, row)
+    best = blocks_t.max()
+    cols_at, rows_at = torch.nonzero(blocks_t == best, as_tuple=True)
+    k = int(torch.argmin(rows_at * n_cols + cols_at))  # row-major: the lowest (row, col) among the maxima
+    return int(rows_at[k]), int(cols_at[k]), float(best)
 
 
 def max_sum_submatrix_bruteforce(scores: torch.Tensor, height: int, width: int) -> tuple[int, int, float]:
