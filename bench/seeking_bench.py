@@ -42,7 +42,7 @@ def seed_batches(n: int, max_length: int, tokenizer, task: str) -> list[dict]:
 def run_mode(mode: str, n: int, max_length: int, task: str, map_dtype: str) -> dict:
     import torch
 
-    from pktransfer.methods.seeking import accumulator_modes, group_roles
+    from pktransfer.methods.seeking import accumulator_modes, group_roles, vocab_modules
     from pktransfer.models import load_model
     from pktransfer.ops.sensitivity import sensitivity_over
     from pktransfer.recipe import ModelSpec
@@ -68,7 +68,8 @@ def run_mode(mode: str, n: int, max_length: int, task: str, map_dtype: str) -> d
             modes = accumulator_modes(teacher.arch, "submatrix" if mode == "full" else "row_column",
                                       group_roles(["all"]))
             dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[map_dtype]
-            sensitivity_over(teacher.model, batches, modes, map_dtype=dt, on_sample=times.append)
+            sensitivity_over(teacher.model, batches, modes, map_dtype=dt, vocab_modules=vocab_modules(teacher.arch),
+                             on_sample=times.append)
         peak = mon.peak()["peak_rss_anon_gib"] * 2**30
     map_bytes = 0
     if mode == "full":

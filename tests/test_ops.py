@@ -176,3 +176,27 @@ def test_rebase_as_plain_lora_reproduces_the_difference():
                                {"x.lora_A.weight": a0, "x.lora_B.weight": b0})
     assert out["x.lora_A.weight"].shape == (6, 7)
     assert torch.allclose(out["x.lora_B.weight"] @ out["x.lora_A.weight"], b1 @ a1 - b0 @ a0, atol=1e-5)
+
+
+def test_vocab_hooks_equal_the_dense_gradient_path(tiny_models):
+    """Embedding/lm_head via module hooks (no dense gradient) == parameter hooks on the dense gradient."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models["qwen2_teacher"]))
+    batches = [{"input_ids": torch.tensor([[5, 9, 9, 30, 41, 5, 7]]), "labels": torch.tensor([[-100, -100, 9, 30, 41, 5, 7]])},
+               {"input_ids": torch.tensor([[12, 13, 14, 5]]), "labels": torch.tensor([[-100, 13, 14, 5]])}]
+
+    def mode(name, shape):
+        return "cols" if ("embed_tokens" in name or "lm_head" in name) else "reduced"
+
+    dense = sensitivity_over(model, batches, mode)
+    hooked = sensitivity_over(model, batches, mode,
+                              vocab_modules={"model.embed_tokens": "embedding", "lm_head": "linear"})
+    for name in dense.params:
+        d, h = dense.params[name], hooked.params[name]
+        assert float(h.total) == pytest.approx(float(d.total), rel=1e-5), name
+        for k in ("rows", "cols"):
+            if getattr(d, k) is not None:
+                assert torch.allclose(getattr(h, k), getattr(d, k), rtol=1e-4, atol=1e-9), (name, k)
+    assert all(p.requires_grad for p in model.parameters())  # frozen only while extracting
+    assert all(p.grad is None for p in model.parameters())

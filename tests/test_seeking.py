@@ -214,3 +214,44 @@ def test_extract_then_inject_reusing_the_sensitivity(tiny_recipe, tiny_models, t
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe))
     out = CliRunner().invoke(app, ["extract", str(tmp_path / "r.yaml"), "-q"])
     assert out.exit_code == 2 and "method 'seeking'" in out.output and not (tmp_path / "nope.partial").exists()
+
+
+def test_interrupted_seeking_run_resumes_to_the_same_adapter(tiny_recipe, tmp_path, monkeypatch):
+    import pktransfer.methods.seeking as seeking
+    import pktransfer.pipeline as pipeline
+
+    recipe = _seeking(tiny_recipe)
+    recipe.output_dir = str(tmp_path / "full")
+    pktransfer.run(recipe, quiet=True, evaluate=False)
+
+    real_train = pipeline.train
+
+    def crash_after_training(*a, **kw):
+        real_train(*a, **kw)
+        raise RuntimeError("killed after training")
+
+    recipe.output_dir = str(tmp_path / "cut")
+    monkeypatch.setattr(pipeline, "train", crash_after_training)
+    with pytest.raises(RuntimeError, match="killed"):
+        pktransfer.run(recipe, quiet=True, evaluate=False)
+    monkeypatch.setattr(pipeline, "train", real_train)
+    # the resumed run must rebuild the same residual from its saved sensitivity, not recompute it
+    monkeypatch.setattr(seeking, "compute_sensitivity", lambda *a, **k: pytest.fail("sensitivity recomputed"))
+    res = pktransfer.run(recipe, quiet=True, evaluate=False)
+    assert res.run["training"]["resumed_from"] is not None
+    a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_reused_sensitivity_without_the_needed_map_is_a_clear_error(tiny_recipe, tmp_path):
+    recipe = _seeking(tiny_recipe, layers="last")
+    _prepare(recipe, tmp_path / "a")  # keeps maps of layers 2, 3 only
+    again = _seeking(tiny_recipe, layers="top", sensitivity=str(tmp_path / "a" / "sensitivity"))
+    with pytest.raises(DataError, match="no per-element map"):
+        _prepare(again, tmp_path / "b")
+    ok = _seeking(tiny_recipe, layers="top", structure="row_column", sensitivity=str(tmp_path / "a" / "sensitivity"))
+    _prepare(ok, tmp_path / "c")
+    with pytest.raises(RecipeError, match=r"method\.layers"):
+        _prepare(_seeking(tiny_recipe, layers=[0, 9]), tmp_path / "d")

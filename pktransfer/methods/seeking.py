@@ -65,6 +65,14 @@ def accumulator_modes(arch: ArchitectureDescription, structure: str, roles: set[
     return mode_for
 
 
+def vocab_modules(arch: ArchitectureDescription) -> dict[str, str]:
+    """Embedding and lm_head are streamed through module hooks (no dense gradient), unless tied:
+    a shared weight's gradient is the sum of both uses, which only the parameter hook sees."""
+    if arch.tied_embeddings:
+        return {}
+    return {arch.embed_module: "embedding", arch.lm_head_module: "linear"}
+
+
 def compute_sensitivity(teacher: Any, items: list[Any], spec: Any, roles: set[str], *, prompt_format: str,
                         system_prompt: str | None, max_length: int, progress: Progress, what: str) -> Sensitivity:
     from pktransfer.data import PromptFormatter
@@ -79,7 +87,8 @@ def compute_sensitivity(teacher: Any, items: list[Any], spec: Any, roles: set[st
     map_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec.map_dtype]
     with progress.task("seeking: sensitivity per seed sample", total=len(examples)) as advance:
         sens = sensitivity_over(teacher.model, batches, accumulator_modes(teacher.arch, spec.structure, roles),
-                                map_dtype=map_dtype, on_sample=lambda s: advance(1, s_per_sample=f"{s:.1f}"))
+                                map_dtype=map_dtype, vocab_modules=vocab_modules(teacher.arch),
+                                on_sample=lambda s: advance(1, s_per_sample=f"{s:.1f}"))
     sens.meta = {"teacher": teacher.name, "n_seed": len(examples), "structure": spec.structure,
                  "map_dtype": spec.map_dtype, "roles": sorted(roles)}
     return sens
@@ -101,6 +110,10 @@ def locate(teacher: Any, student_arch: ArchitectureDescription, ctx: MethodConte
            workdir: Path) -> tuple[Sensitivity, list[int]]:
     """Steps 1-2: sensitivity over the seed split (or a saved one) and the teacher layers to transfer."""
     roles = group_roles(spec.modules)
+    own = workdir / "sensitivity"
+    if not spec.sensitivity and (own / "sensitivity.safetensors").is_file():
+        # a resumed run: its own sensitivity is already saved (the residual base is rebuilt from it)
+        spec = spec.model_copy(update={"sensitivity": str(own)})
     if spec.sensitivity:
         folder = Path(spec.sensitivity)
         if not (folder / "sensitivity.safetensors").is_file():
@@ -114,15 +127,20 @@ def locate(teacher: Any, student_arch: ArchitectureDescription, ctx: MethodConte
                                    max_length=ctx.recipe.training.max_length, progress=ctx.progress,
                                    what=f"task '{ctx.task.name}' seed split")
     scores = sens.block_scores(teacher.arch.layers_path, teacher.arch.n_layers)
-    layers = select_layers(scores, student_arch.n_layers, spec.layers, seed=ctx.recipe.seed)
+    try:
+        layers = select_layers(scores, student_arch.n_layers, spec.layers, seed=ctx.recipe.seed)
+    except ValueError as err:
+        raise RecipeError(f"method.layers: {err}", hint=f"the student has {student_arch.n_layers} layers, "
+                          f"the teacher {teacher.arch.n_layers}") from None
     for name, p in sens.params.items():  # maps of layers that can no longer be selected
         if name.startswith(teacher.arch.layers_path + ".") and int(name.split(".")[2]) not in layers:
             p.drop_map()
-    sens.save(workdir / "sensitivity")
+    if not (spec.sensitivity and Path(spec.sensitivity).resolve() == own.resolve()):
+        sens.save(own)
     summary = sensitivity_summary(sens, teacher.arch)
     summary.update({"selected_layers": layers, "layer_strategy": spec.layers,
                     "mapping": {f"student.{m}": f"teacher.{t}" for m, t in enumerate(layers)}})
-    (workdir / "sensitivity" / "summary.json").write_text(json.dumps(summary, indent=1))
+    (own / "summary.json").write_text(json.dumps(summary, indent=1))
     ctx.progress.log(f"seeking: teacher layers {layers} -> student layers 0..{len(layers) - 1}")
     return sens, layers
 
@@ -174,6 +192,11 @@ def _extract_one(sens: Sensitivity, t_params: dict[str, Any], smod: str, tmod: s
                                full=cols.reshape(1, -1) if structure == "submatrix" else None, seed=seed)
         block = w_t[:, c_idx]
     else:
+        if structure == "submatrix" and p.full is None:
+            raise DataError(f"the sensitivity in use has no per-element map for {tmod}, which the submatrix "
+                            "structure needs (maps of layers that were not selected are dropped when saved)",
+                            hint="recompute it (leave method.sensitivity unset), keep the layer choice it was "
+                                 "extracted with, or use a reduced structure such as row_column")
         role_seed = seed + 1000 * [*ATTENTION_ROLES, *FFN_ROLES].index(role)  # stable across processes
         r_idx, c_idx = reduce_dims(structure, fit, full=p.full, rows=p.rows, cols=p.cols, source=src,
                                    seed=role_seed)

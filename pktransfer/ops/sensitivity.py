@@ -8,7 +8,12 @@ a full set of gradients. Accumulators keep only what the selection needs, in flo
 - ``rows`` / ``cols``: per-row and per-column sums (every other structure, and layer scores),
 - ``total``: the sum (always; layer scores are sums of totals over a block).
 
-Large tensors are processed in row chunks so the temporary |θ·g| never exceeds ``chunk_elems``.
+Large tensors are processed in row chunks of about a megabyte, so the temporary |θ·g| stays in cache
+and the extra memory traffic per sample is little more than one read of the weights and gradients.
+
+The vocabulary matrices (embedding and lm_head, reduced along the hidden axis only) never get a dense
+gradient: lm_head's gradient is formed chunk by chunk over the vocabulary from the module's input and
+output gradient, and the embedding's only for the rows of the tokens in the sample.
 """
 
 from __future__ import annotations
@@ -61,8 +66,13 @@ class ParamSensitivity:
         return out
 
 
-def accumulate(acc: ParamSensitivity, weight: torch.Tensor, grad: torch.Tensor, chunk_elems: int = 1 << 24) -> None:
-    """Fold |weight · grad| of one sample into ``acc`` (row chunks bound the temporary memory)."""
+def accumulate(acc: ParamSensitivity, weight: torch.Tensor, grad: torch.Tensor, chunk_elems: int = 1 << 18,
+               row_offset: int = 0) -> None:
+    """Fold |weight · grad| of one sample into ``acc``.
+
+    ``weight``/``grad`` may be a block of rows starting at ``row_offset`` of the accumulated matrix.
+    Row chunks of ``chunk_elems`` keep the temporary small enough to stay in cache.
+    """
     w, g = weight.detach(), grad.detach()
     if w.dim() != 2:
         acc.total += (w.float() * g.float()).abs().sum(dtype=torch.float64).cpu()
@@ -72,12 +82,33 @@ def accumulate(acc: ParamSensitivity, weight: torch.Tensor, grad: torch.Tensor, 
         s = (w[r:r + step].float() * g[r:r + step].float()).abs_()
         row_sums = s.sum(dim=1)
         acc.total += row_sums.sum(dtype=torch.float64).cpu()
+        lo, hi = row_offset + r, row_offset + r + s.shape[0]
         if acc.rows is not None:
-            acc.rows[r:r + step] += row_sums.cpu()
+            acc.rows[lo:hi] += row_sums.cpu()
         if acc.cols is not None:
             acc.cols += s.sum(dim=0).cpu()
         if acc.full is not None:
-            acc.full[r:r + step] += s.to(acc.full.dtype).cpu()
+            acc.full[lo:hi] += s.to(acc.full.dtype).cpu()
+
+
+def accumulate_linear_from_io(acc: ParamSensitivity, weight: torch.Tensor, inputs: torch.Tensor,
+                              grad_out: torch.Tensor, chunk_rows: int = 4096) -> None:
+    """|W ∘ G| for a linear layer, with G = grad_outᵀ · inputs formed a block of output rows at a time."""
+    x = inputs.reshape(-1, inputs.shape[-1]).float()
+    go = grad_out.reshape(-1, grad_out.shape[-1]).float()
+    for r in range(0, weight.shape[0], chunk_rows):
+        accumulate(acc, weight[r:r + chunk_rows], go[:, r:r + chunk_rows].T @ x, row_offset=r)
+
+
+def accumulate_embedding_rows(acc: ParamSensitivity, weight: torch.Tensor, ids: torch.Tensor,
+                              grad_out: torch.Tensor) -> None:
+    """|W ∘ G| for an embedding: G is non-zero only on the rows of the tokens seen (summed per token)."""
+    if acc.rows is not None or acc.full is not None:
+        raise ValueError("embedding accumulators keep column sums and totals only")
+    uniq, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+    g = torch.zeros(uniq.numel(), weight.shape[1], dtype=torch.float32, device=grad_out.device)
+    g.index_add_(0, inverse, grad_out.reshape(-1, weight.shape[1]).float())
+    accumulate(acc, weight[uniq], g)  # rows of zero gradient add nothing
 
 
 @dataclass
@@ -127,17 +158,50 @@ class Sensitivity:
 
 
 class StreamingSensitivity:
-    """Attach to a model; every backward then folds |θ·g| into accumulators and frees the gradients."""
+    """Attach to a model; every backward then folds |θ·g| into accumulators and frees the gradients.
+
+    ``vocab_modules`` (module name -> "embedding" or "linear") are handled with module hooks instead of
+    parameter gradients, so their [vocab x hidden] gradient is never materialised.
+    """
 
     def __init__(self, model: torch.nn.Module, mode_for: Callable[[str, tuple[int, ...]], str],
-                 map_dtype: torch.dtype = torch.float32, chunk_elems: int = 1 << 24) -> None:
+                 map_dtype: torch.dtype = torch.float32, chunk_elems: int = 1 << 18,
+                 vocab_modules: dict[str, str] | None = None) -> None:
         self.model = model
         self.chunk_elems = chunk_elems
         self.params: dict[str, ParamSensitivity] = {}
         self._handles: list[Any] = []
+        self._frozen: list[torch.nn.Parameter] = []
+        self.vocab_modules = dict(vocab_modules or {})
         for name, p in model.named_parameters():
             if p.requires_grad:
                 self.params[name] = ParamSensitivity.empty(tuple(p.shape), mode_for(name, tuple(p.shape)), map_dtype)
+
+    def _attach_vocab(self, name: str, kind: str, module: torch.nn.Module) -> None:
+        weight = module.weight
+        acc = self.params[name + ".weight"]
+        if weight.requires_grad:
+            weight.requires_grad_(False)  # no dense [vocab x hidden] gradient
+            self._frozen.append(weight)
+        if kind == "linear":
+            saved: dict[str, torch.Tensor] = {}
+
+            def fwd(mod: Any, args: tuple[Any, ...], out: torch.Tensor) -> None:
+                saved["x"] = args[0].detach()
+
+            def bwd(mod: Any, grad_in: Any, grad_out: tuple[torch.Tensor, ...]) -> None:
+                accumulate_linear_from_io(acc, weight.detach(), saved.pop("x"), grad_out[0])
+
+            self._handles += [module.register_forward_hook(fwd), module.register_full_backward_hook(bwd)]
+        else:
+
+            def fwd_embed(mod: Any, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+                ids = args[0]
+                leaf = out.detach().requires_grad_(True)  # the backward must reach the embedding output
+                leaf.register_hook(lambda g: accumulate_embedding_rows(acc, weight.detach(), ids, g))
+                return leaf
+
+            self._handles.append(module.register_forward_hook(fwd_embed))
 
     def _hook(self, name: str) -> Callable[[torch.Tensor], None]:
         acc = self.params[name]
@@ -150,8 +214,11 @@ class StreamingSensitivity:
         return hook
 
     def __enter__(self) -> StreamingSensitivity:
+        modules = dict(self.model.named_modules())
+        for name, kind in self.vocab_modules.items():
+            self._attach_vocab(name, kind, modules[name])
         for name, p in self.model.named_parameters():
-            if name in self.params:
+            if name in self.params and p.requires_grad:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook(name)))
         return self
 
@@ -159,10 +226,14 @@ class StreamingSensitivity:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for p in self._frozen:
+            p.requires_grad_(True)
+        self._frozen.clear()
 
 
 def sensitivity_over(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]],
                      mode_for: Callable[[str, tuple[int, ...]], str], *, map_dtype: torch.dtype = torch.float32,
+                     vocab_modules: dict[str, str] | None = None,
                      on_sample: Callable[[float], None] | None = None) -> Sensitivity:
     """Run one forward+backward per batch (one seed sample each) and return the accumulated sensitivity."""
     import time
@@ -170,7 +241,7 @@ def sensitivity_over(model: torch.nn.Module, batches: Iterable[dict[str, torch.T
     was_training = model.training
     model.eval()  # no dropout: the gradient of the model as it is
     n = 0
-    with StreamingSensitivity(model, mode_for, map_dtype) as stream:
+    with StreamingSensitivity(model, mode_for, map_dtype, vocab_modules=vocab_modules) as stream:
         for batch in batches:
             t0 = time.perf_counter()
             out = model(**batch)
