@@ -174,3 +174,14 @@ def test_api_errors_are_typed(tiny_recipe, tmp_path):
     tiny_recipe["task"] = {"name": "gsm8k", "data_dir": str(tmp_path)}
     with pytest.raises(DataError):
         pktransfer.run(recipe_from_dict(tiny_recipe), quiet=True)
+
+
+def test_cli_listing_verbs(tiny_models):
+    res, text = _cli(["tasks"])
+    assert res.exit_code == 0 and "arithmetic" in text and "gsm8k" in text
+    res, text = _cli(["models", "list"])
+    assert res.exit_code == 0 and "builtin:qwen2.5-coder-1.5b-instruct" in text
+    res, text = _cli(["models", "describe", str(tiny_models["llama_student"])])
+    assert res.exit_code == 0 and "llama: 2 layers, hidden 32" in text
+    res, text = _cli(["models", "describe", "builtin:nope"])
+    assert res.exit_code == 2 and "unknown builtin model" in text
