@@ -39,7 +39,7 @@ def seed_batches(n: int, max_length: int, tokenizer, task: str) -> list[dict]:
     return [{"input_ids": torch.tensor([e.input_ids]), "labels": torch.tensor([e.labels])} for e in examples]
 
 
-def run_mode(mode: str, n: int, max_length: int, task: str, map_dtype: str) -> dict:
+def run_mode(mode: str, n: int, max_length: int, task: str, map_dtype: str, checkpointing: bool = False) -> dict:
     """One process per structure mode: a streaming-only pass (peak memory), then per sample a streaming
     and a bare forward+backward, alternating which goes first, for the same-process time ratio."""
     import torch
@@ -64,8 +64,17 @@ def run_mode(mode: str, n: int, max_length: int, task: str, map_dtype: str) -> d
 
     def streamed(b: dict) -> float:
         s = time.perf_counter()
+        if checkpointing:  # as sensitivity_over does it: train mode (checkpointing needs it), no dropout
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()
+            for m in model.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.eval()
         with stream:
             model(**b).loss.backward()
+        if checkpointing:
+            model.gradient_checkpointing_disable()
+            model.eval()
         return time.perf_counter() - s
 
     def bare(b: dict) -> float:
@@ -101,14 +110,17 @@ def run_mode(mode: str, n: int, max_length: int, task: str, map_dtype: str) -> d
 
 def bench_sensitivity(args: argparse.Namespace) -> None:
     results = {}
-    for mode in ("reduced", "full"):
+    for mode in args.modes.split(","):
         cmd = [sys.executable, __file__, "--_mode", mode, "--n", str(args.n), "--max-length", str(args.max_length),
                "--task", args.task, "--map-dtype", args.map_dtype]
+        if args.gradient_checkpointing:
+            cmd.append("--gradient-checkpointing")
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     gib = 2**30
-    r0 = results["reduced"]
+    r0 = next(iter(results.values()))
     w = r0["weight_bytes"]
+    print(f"gradient checkpointing in the streamed passes: {args.gradient_checkpointing}")
     print(f"teacher {TEACHER} fp32: weights {w / gib:.2f} GiB (RssAnon after load {r0['rss_after_load'] / gib:.2f}); "
           f"{args.n} seed samples of {min(r0['tokens'])}-{max(r0['tokens'])} tokens ({args.task})")
     print(f"{'mode':<8} {'stream s':>9} {'bare s':>7} {'ratio':>6} {'peak anon GiB':>14} {'x weights':>10}  target")
@@ -163,10 +175,14 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--task", default="gsm8k", help="seed split to use (gsm8k needs the benchmark data folder)")
     ap.add_argument("--map-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--modes", default="reduced,full", help="accumulator modes to run, comma-separated")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute activations in the streamed passes (the bare reference never does)")
     ap.add_argument("--_mode", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._mode:
-        print(json.dumps(run_mode(args._mode, args.n, args.max_length, args.task, args.map_dtype)))
+        print(json.dumps(run_mode(args._mode, args.n, args.max_length, args.task, args.map_dtype,
+                                  args.gradient_checkpointing)))
         return
     if args.part in ("all", "submatrix"):
         bench_submatrix()

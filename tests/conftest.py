@@ -36,9 +36,9 @@ def make_tokenizer(chat: bool = True):
 
 def make_model(family: str, *, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int,
                seed: int = 0, tied: bool = False):
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[family]
+    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig, "mistral": MistralConfig}[family]
     cfg = cls(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
               num_key_value_heads=kv_heads, intermediate_size=ffn, max_position_embeddings=512,
               tie_word_embeddings=tied)
@@ -68,6 +68,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
         "llama_teacher": save_tiny(root, "llama_teacher", "llama", seed=3, **TEACHER_SHAPE),
         "llama_student": save_tiny(root, "llama_student", "llama", seed=4, **STUDENT_SHAPE),
         "llama_plain": save_tiny(root, "llama_plain", "llama", chat=False, seed=5, **STUDENT_SHAPE),
+        "mistral_student": save_tiny(root, "mistral_student", "mistral", seed=6, **STUDENT_SHAPE),
     }
 
 

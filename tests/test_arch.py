@@ -8,12 +8,12 @@ from pktransfer.models import describe, describe_config, load_model
 from pktransfer.recipe import ModelSpec
 
 
-@pytest.mark.parametrize("name", ["qwen2_teacher", "qwen2_student", "llama_teacher", "llama_student"])
+@pytest.mark.parametrize("name", ["qwen2_teacher", "qwen2_student", "llama_teacher", "llama_student", "mistral_student"])
 def test_description_matches_the_real_weights(tiny_models, name):
     loaded = load_model(ModelSpec(model=str(tiny_models[name]), device="cpu"))
     desc = loaded.arch
     params = dict(loaded.model.named_parameters())
-    assert desc.family in ("qwen2", "llama")
+    assert desc.family in ("qwen2", "llama", "mistral")
     assert len(desc.layer_names) == desc.n_layers == loaded.model.config.num_hidden_layers
     for w in desc.weights():
         assert tuple(params[w.module + ".weight"].shape) == w.shape, w

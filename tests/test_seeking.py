@@ -255,3 +255,32 @@ def test_reused_sensitivity_without_the_needed_map_is_a_clear_error(tiny_recipe,
     _prepare(ok, tmp_path / "c")
     with pytest.raises(RecipeError, match=r"method\.layers"):
         _prepare(_seeking(tiny_recipe, layers=[0, 9]), tmp_path / "d")
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_sensitivity(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    from pktransfer.methods.seeking import accumulator_modes, vocab_modules
+    from pktransfer.models import describe
+    from pktransfer.ops.sensitivity import sensitivity_over
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models["qwen2_teacher"]))
+    arch = describe(model)
+    calls = {"n": 0}
+    mlp = model.model.layers[0].mlp
+    forward = mlp.forward
+
+    def counting_forward(*a, **k):  # counts recomputation too (torch skips module hooks when recomputing)
+        calls["n"] += 1
+        return forward(*a, **k)
+
+    mlp.forward = counting_forward
+    batch = [{"input_ids": torch.tensor([[5, 9, 30, 41]]), "labels": torch.tensor([[-100, 9, 30, 41]])}]
+    modes = accumulator_modes(arch, "submatrix", {"q", "k", "v", "o", "gate", "up", "down"})
+    plain = sensitivity_over(model, batch, modes, vocab_modules=vocab_modules(arch))
+    assert calls["n"] == 1
+    ckpt = sensitivity_over(model, batch, modes, vocab_modules=vocab_modules(arch), checkpointing=True)
+    assert calls["n"] == 3  # the layer ran again in the backward: activations were not kept
+    assert not model.is_gradient_checkpointing and not model.training
+    for name, p in plain.params.items():
+        assert float(ckpt.params[name].total) == pytest.approx(float(p.total), rel=1e-5), name

@@ -82,12 +82,11 @@ def compute_sensitivity(teacher: Any, items: list[Any], spec: Any, roles: set[st
     device = teacher.device
     batches = ({"input_ids": torch.tensor([e.input_ids], device=device),
                 "labels": torch.tensor([e.labels], device=device)} for e in examples)
-    if spec.gradient_checkpointing:
-        teacher.model.gradient_checkpointing_enable()
     map_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec.map_dtype]
     with progress.task("seeking: sensitivity per seed sample", total=len(examples)) as advance:
         sens = sensitivity_over(teacher.model, batches, accumulator_modes(teacher.arch, spec.structure, roles),
                                 map_dtype=map_dtype, vocab_modules=vocab_modules(teacher.arch),
+                                checkpointing=spec.gradient_checkpointing,
                                 on_sample=lambda s: advance(1, s_per_sample=f"{s:.1f}"))
     sens.meta = {"teacher": teacher.name, "n_seed": len(examples), "structure": spec.structure,
                  "map_dtype": spec.map_dtype, "roles": sorted(roles)}

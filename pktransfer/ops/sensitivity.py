@@ -233,21 +233,36 @@ class StreamingSensitivity:
 
 def sensitivity_over(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]],
                      mode_for: Callable[[str, tuple[int, ...]], str], *, map_dtype: torch.dtype = torch.float32,
-                     vocab_modules: dict[str, str] | None = None,
+                     vocab_modules: dict[str, str] | None = None, checkpointing: bool = False,
                      on_sample: Callable[[float], None] | None = None) -> Sensitivity:
-    """Run one forward+backward per batch (one seed sample each) and return the accumulated sensitivity."""
+    """Run one forward+backward per batch (one seed sample each) and return the accumulated sensitivity.
+
+    Dropout is always off (the gradient of the model as it is). ``checkpointing`` recomputes each
+    layer's activations in the backward instead of keeping them (transformers only checkpoints in
+    train mode, so the model runs in train mode with every dropout module switched to eval).
+    """
     import time
 
     was_training = model.training
-    model.eval()  # no dropout: the gradient of the model as it is
+    model.eval()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.eval()
     n = 0
-    with StreamingSensitivity(model, mode_for, map_dtype, vocab_modules=vocab_modules) as stream:
-        for batch in batches:
-            t0 = time.perf_counter()
-            out = model(**batch)
-            out.loss.backward()
-            n += 1
-            if on_sample:
-                on_sample(time.perf_counter() - t0)
-    model.train(was_training)
+    try:
+        with StreamingSensitivity(model, mode_for, map_dtype, vocab_modules=vocab_modules) as stream:
+            for batch in batches:
+                t0 = time.perf_counter()
+                out = model(**batch)
+                out.loss.backward()
+                n += 1
+                if on_sample:
+                    on_sample(time.perf_counter() - t0)
+    finally:
+        if checkpointing:
+            model.gradient_checkpointing_disable()
+        model.train(was_training)
     return Sensitivity(stream.params, n)
