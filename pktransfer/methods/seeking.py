@@ -266,7 +266,6 @@ class SeekingMethod(Method):
             "mapping": {f"student.{m}": f"teacher.{t}" for m, t in enumerate(layers)},
             "structure": spec.structure, "groups": spec.modules, "roles_injected": sorted(t for t in targets if t),
             "n_seed": sens.n_samples}, indent=1))
-        ctx.progress.log(f"seeking: teacher layers {layers} -> student layers 0..{len(layers) - 1}")
 
         model = get_peft_model(student.model, lora_config(recipe.lora, init=True))
         with ctx.progress.task("seeking: SVD init per module", total=len(matrices)) as advance:
