@@ -200,14 +200,15 @@ def recipe_cmd(recipe: Annotated[Path | None, typer.Argument(help="Recipe to val
 @models_app.command("list")
 def models_list() -> None:
     """List the builtin models and whether they are prepared in the cache."""
-    from pktransfer.models.builtin import BUILTIN_MODELS, builtin_path, cache_dir, is_prepared
+    from pktransfer.models.builtin import BUILTIN_MODELS, cache_dir, is_prepared
 
     table = Table(title=f"builtin models (cache: {cache_dir()})")
-    for col in ("name", "role", "prepared", "description"):
+    table.add_column("name", no_wrap=True)  # names are meant to be copied into recipes
+    for col in ("role", "prepared", "description"):
         table.add_column(col)
     for m in BUILTIN_MODELS.values():
         ready = is_prepared(m.name)
-        table.add_row(f"builtin:{m.name}", m.role, str(builtin_path(m.name)) if ready else "no", m.description)
+        table.add_row(f"builtin:{m.name}", m.role, "yes" if ready else "no", m.description)
     console.print(table)
     console.print("Any local folder with a Llama/Qwen2/Mistral checkpoint, or a hub id when online, works too.")
 
