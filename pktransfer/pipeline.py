@@ -50,11 +50,9 @@ def _eval_items(task: Task, split: str, recipe: Recipe) -> list[Item]:
     return items[:cap] if cap else items
 
 
-def _max_new_tokens(task: Task, recipe: Recipe) -> int:
-    default = type(recipe.evaluation).model_fields["max_new_tokens"].default
-    if recipe.evaluation.max_new_tokens == default and task.max_new_tokens:
-        return task.max_new_tokens
-    return recipe.evaluation.max_new_tokens
+def generation_budget(explicit: int | None, task: Task) -> int:
+    """New tokens to generate: the explicit setting, else the task's own budget, else 16."""
+    return explicit or task.max_new_tokens or 16
 
 
 def formatter_for(loaded: LoadedModel, task: Task, recipe: Recipe) -> PromptFormatter:
@@ -73,7 +71,8 @@ def _evaluate_cached(rd: RunDir, model: Any, formatter: PromptFormatter, task: T
             progress.log(f"{label} on {split}: reusing finished evaluation ({100 * out[split]['accuracy']:.1f}%)")
             continue
         res = evaluate_items(model, formatter, items, label=label, task=task.name, split=split, scorer=task.scorer,
-                             batch_size=recipe.evaluation.batch_size, max_new_tokens=_max_new_tokens(task, recipe),
+                             batch_size=recipe.evaluation.batch_size,
+                             max_new_tokens=generation_budget(recipe.evaluation.max_new_tokens, task),
                              progress=progress)
         res.save(rd.work / "eval")
         progress.log(f"{label} on {task.name}/{split}: {100 * res.accuracy:.1f}% ({res.summary['correct']}/{len(items)})")
@@ -289,7 +288,7 @@ def evaluate(model: str | ModelSpec, task: str = "arithmetic", *, split: str = "
                              hint="use the student the adapter was trained on") from None
     formatter = PromptFormatter(loaded.tokenizer, prompt_format, t.system_prompt)  # type: ignore[arg-type]
     res = evaluate_items(net, formatter, items, label="model", task=t.name, split=split, scorer=t.scorer,
-                         batch_size=batch_size, max_new_tokens=max_new_tokens or t.max_new_tokens or 16,
+                         batch_size=batch_size, max_new_tokens=generation_budget(max_new_tokens, t),
                          progress=progress)
     res.summary.update({"model": spec.model, "adapter": adapter})
     if output_dir:

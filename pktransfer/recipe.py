@@ -81,7 +81,8 @@ class EvaluationSpec(Strict):
     splits: list[str] = Field(default_factory=lambda: ["test"], min_length=1)
     limit: int | None = Field(default=None, ge=1, description="evaluate only the first N items")
     batch_size: int = Field(default=16, ge=1)
-    max_new_tokens: int = Field(default=16, ge=1)
+    max_new_tokens: int | None = Field(default=None, ge=1,
+                                       description="generation budget (None: the task's own, e.g. 12 for arithmetic)")
     teacher: bool = Field(default=True, description="also evaluate the teacher")
     student: bool = Field(default=True, description="also evaluate the untouched student")
 
