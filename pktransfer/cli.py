@@ -69,66 +69,65 @@ def _print_metrics(run: dict[str, Any]) -> None:
     console.print(table)
 
 
-@app.command("run")
-def run_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, seed: SeedOpt = None,
-            overwrite: OverwriteOpt = False, quiet: QuietOpt = False, threads: ThreadsOpt = None) -> None:
-    """Run a recipe end to end: evaluate teacher and student, apply the method, train, evaluate, report."""
+def _recipe_verb(api: str, recipe: Path, set_: list[str] | None, output_dir: str | None, seed: int | None,
+                 overwrite: bool, quiet: bool, threads: int | None, report: Callable[[Any], None]) -> None:
+    """The shared body of the recipe verbs: threads, recipe + overrides, the API call, the error guard."""
     import pktransfer
 
     def go() -> None:
         pktransfer.set_threads(threads)
-        rec = _recipe(recipe, set_, output_dir, seed)
-        res = pktransfer.run(rec, quiet=quiet, overwrite=overwrite)
+        res = getattr(pktransfer, api)(_recipe(recipe, set_, output_dir, seed), quiet=quiet, overwrite=overwrite)
+        report(res)
+
+    guarded(go)
+
+
+@app.command("run")
+def run_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, seed: SeedOpt = None,
+            overwrite: OverwriteOpt = False, quiet: QuietOpt = False, threads: ThreadsOpt = None) -> None:
+    """Run a recipe end to end: evaluate teacher and student, apply the method, train, evaluate, report."""
+
+    def report(res: Any) -> None:
         _print_metrics(res.run)
         console.print(f"outputs: {res.output_dir} (run.json, report.md, adapter/, eval/)")
 
-    guarded(go)
+    _recipe_verb("run", recipe, set_, output_dir, seed, overwrite, quiet, threads, report)
 
 
 @app.command("train")
 def train_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, seed: SeedOpt = None,
               overwrite: OverwriteOpt = False, quiet: QuietOpt = False, threads: ThreadsOpt = None) -> None:
     """Apply the recipe's method and train the student (no evaluation); writes a PEFT adapter."""
-    import pktransfer
 
-    def go() -> None:
-        pktransfer.set_threads(threads)
-        rec = _recipe(recipe, set_, output_dir, seed)
-        res = pktransfer.train(rec, quiet=quiet, overwrite=overwrite)
+    def report(res: Any) -> None:
         console.print(f"adapter: {res.output_dir / 'adapter'} ({res.run['training']['steps']} steps, "
                       f"final loss {res.run['training']['final_loss']})")
 
-    guarded(go)
+    _recipe_verb("train", recipe, set_, output_dir, seed, overwrite, quiet, threads, report)
 
 
 @app.command("extract")
 def extract_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, seed: SeedOpt = None,
                 overwrite: OverwriteOpt = False, quiet: QuietOpt = False, threads: ThreadsOpt = None) -> None:
     """Seeking steps 1-2: teacher sensitivity on the seed split and layer selection (reusable)."""
-    import pktransfer
 
-    def go() -> None:
-        pktransfer.set_threads(threads)
-        res = pktransfer.extract(_recipe(recipe, set_, output_dir, seed), quiet=quiet, overwrite=overwrite)
+    def report(res: Any) -> None:
         console.print(f"selected teacher layers {res.run['selected_layers']} ({res.run['n_samples']} seed samples)")
         console.print(f"sensitivity: {res.output_dir / 'sensitivity'} (reuse with method.sensitivity)")
 
-    guarded(go)
+    _recipe_verb("extract", recipe, set_, output_dir, seed, overwrite, quiet, threads, report)
 
 
 @app.command("inject")
 def inject_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, seed: SeedOpt = None,
                overwrite: OverwriteOpt = False, quiet: QuietOpt = False, threads: ThreadsOpt = None) -> None:
     """Seeking steps 1-5 without training: write the teacher-initialised adapter and residual student."""
-    import pktransfer
 
-    def go() -> None:
-        pktransfer.set_threads(threads)
-        res = pktransfer.inject(_recipe(recipe, set_, output_dir, seed), quiet=quiet, overwrite=overwrite)
+    def report(res: Any) -> None:
         console.print(f"adapter_init/ + residual/ in {res.output_dir}; step-0 max logit difference to the "
                       f"original student: {res.run['step0_max_logit_diff']:.2e}")
 
-    guarded(go)
+    _recipe_verb("inject", recipe, set_, output_dir, seed, overwrite, quiet, threads, report)
 
 
 @app.command("eval")
