@@ -29,12 +29,46 @@ class MethodContext:
     load_teacher: Callable[[], LoadedModel]
 
 
+def snapshot_lora(model: Any) -> dict[str, Any]:
+    """The LoRA factors of a PEFT model (copies, on CPU), without peft's extra base embedding weights."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().clone()
+            for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+
+
+def save_rebased_adapter(model: Any, folder: Path, initial: dict[str, Any]) -> None:
+    """Save a LoRA whose start (B0, A0) was subtracted from the base as a plain LoRA on the unmodified base.
+
+    W − s·B0A0 + s·BA = W + s·[B | −B0][A ; A0]: rank 2r with alpha doubled keeps the scaling alpha/r.
+    Unlike peft's own conversion this also covers embedding adapters (``lora_embedding_*``).
+    """
+    import copy
+
+    from safetensors.torch import save_file
+
+    from pktransfer.ops.lowrank import rebase_as_plain_lora
+
+    tensors = rebase_as_plain_lora(snapshot_lora(model), initial)
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = copy.deepcopy(model.peft_config["default"])
+    saved.r, saved.lora_alpha = saved.r * 2, saved.lora_alpha * 2
+    saved.rank_pattern = {k: 2 * v for k, v in (saved.rank_pattern or {}).items()}
+    saved.alpha_pattern = {k: 2 * v for k, v in (saved.alpha_pattern or {}).items()}
+    saved.init_lora_weights = True
+    saved.inference_mode = True
+    saved.save_pretrained(str(folder))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
+
+
 class Method(ABC):
     name: ClassVar[str]
     needs_teacher: ClassVar[bool] = False
 
     def __init__(self, spec: Any) -> None:
         self.spec = spec
+        # set by prepare() when the LoRA's starting point was subtracted from the base weights
+        self.initial_lora: dict[str, Any] | None = None
 
     @abstractmethod
     def prepare(self, ctx: MethodContext) -> Any:
@@ -45,4 +79,7 @@ class Method(ABC):
 
     def save_adapter(self, model: Any, folder: Path) -> None:
         """Write a standard PEFT adapter folder loadable on the *unmodified* student."""
-        model.save_pretrained(str(folder))
+        if self.initial_lora is not None:
+            save_rebased_adapter(model, folder, self.initial_lora)
+        else:
+            model.save_pretrained(str(folder))

@@ -11,13 +11,13 @@ Reads like methods.md §1:
 4. Factorisation: W_x ≈ B A with B = U_r Σ_r, A = V_rᵀ.
 5. Injection: the student's base becomes W_S − (α/r)·B A and the LoRA starts at (B, A), so the
    student's outputs at step 0 are unchanged. The saved adapter is rebased onto the *unmodified*
-   student: W_S − s·B0A0 + s·BA = W_S + s·[B | −B0][A ; A0] (rank 2r), a plain PEFT LoRA.
+   student: W_S − s·B0A0 + s·BA = W_S + s·[B | −B0][A ; A0] (rank 2r), a plain PEFT LoRA
+   (``methods.base.save_rebased_adapter``).
 6. Fine-tuning: the shared LoRA training loop.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -26,10 +26,10 @@ import torch
 
 from pktransfer.data import encode_items
 from pktransfer.errors import DataError, IncompatiblePairError, RecipeError
-from pktransfer.methods.base import Method, MethodContext
+from pktransfer.methods.base import Method, MethodContext, snapshot_lora
 from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES, ArchitectureDescription
 from pktransfer.models.pair import check_pair
-from pktransfer.ops.lowrank import rebase_as_plain_lora, svd_init
+from pktransfer.ops.lowrank import svd_init
 from pktransfer.ops.selection import reduce_dims, select_layers
 from pktransfer.ops.sensitivity import Sensitivity, sensitivity_over
 from pktransfer.progress import Progress
@@ -242,12 +242,8 @@ class SeekingMethod(Method):
     name = "seeking"
     needs_teacher = True
 
-    def __init__(self, spec: Any) -> None:
-        super().__init__(spec)
-        self._initial: dict[str, torch.Tensor] | None = None
-
     def prepare(self, ctx: MethodContext) -> Any:
-        from peft import get_peft_model, get_peft_model_state_dict
+        from peft import get_peft_model
 
         spec, recipe, student = self.spec, ctx.recipe, ctx.student
         roles = group_roles(spec.modules)
@@ -270,9 +266,7 @@ class SeekingMethod(Method):
         model = get_peft_model(student.model, lora_config(recipe.lora, init=True))
         with ctx.progress.task("seeking: SVD init per module", total=len(matrices)) as advance:
             inject(model, matrices, on_module=lambda: advance(1))
-        # LoRA factors only: peft would otherwise also save the (now residual) base embedding weights
-        self._initial = {k: v.detach().clone()
-                         for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+        self.initial_lora = snapshot_lora(model)
         return model
 
     @staticmethod
@@ -284,24 +278,3 @@ class SeekingMethod(Method):
                 if r > min(w.shape):
                     raise RecipeError(f"lora rank {r} exceeds the smaller dimension of {w.module} {w.shape}",
                                       hint=f"use lora.r <= {min(w.shape)} (or a rank_pattern entry for {leaf})")
-
-    def save_adapter(self, model: Any, folder: Path) -> None:
-        """Save the trained adapter rebased onto the unmodified student (rank 2r, a plain LoRA)."""
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
-        if self._initial is None:
-            raise DataError("seeking: save_adapter called before prepare", hint="this is a bug; please report it")
-        trained = {k: v.detach().cpu()
-                   for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
-        tensors = rebase_as_plain_lora(trained, {k: v.cpu() for k, v in self._initial.items()})
-        folder.mkdir(parents=True, exist_ok=True)
-        saved = copy.deepcopy(model.peft_config["default"])
-        # rank 2r with alpha doubled keeps the scaling alpha/r, so [B | -B0][A ; A0] = BA - B0A0 exactly
-        saved.r, saved.lora_alpha = saved.r * 2, saved.lora_alpha * 2
-        saved.rank_pattern = {k: 2 * v for k, v in (saved.rank_pattern or {}).items()}
-        saved.alpha_pattern = {k: 2 * v for k, v in (saved.alpha_pattern or {}).items()}
-        saved.init_lora_weights = True
-        saved.inference_mode = True
-        saved.save_pretrained(str(folder))
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))

@@ -132,14 +132,13 @@ def reduce_dims(structure: str, target: tuple[int, int], *, full: torch.Tensor |
     """
     out_s, in_s = target
     if source is None:
-        ref = full if full is not None else None
-        if ref is None:
-            if rows is None or cols is None:
-                raise ValueError("source shape is needed without sensitivity")
+        if full is not None:
+            source = (full.shape[0], full.shape[1])
+        elif rows is not None and cols is not None:
             source = (rows.numel(), cols.numel())
         else:
-            source = tuple(ref.shape)  # type: ignore[assignment]
-    out_t, in_t = source  # type: ignore[misc]
+            raise ValueError("source shape is needed without sensitivity")
+    out_t, in_t = source
     if out_s > out_t or in_s > in_t:
         raise ValueError(f"student shape {out_s}x{in_s} does not fit in teacher shape {out_t}x{in_t}")
     if structure == "submatrix":
