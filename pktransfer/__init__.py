@@ -6,6 +6,7 @@ Python API (mirrors the ``pkt`` CLI)::
     recipe = pktransfer.load_recipe("recipes/quickstart.yaml", overrides=["training.max_steps=10"])
     result = pktransfer.run(recipe)            # evaluate, transfer, train, evaluate, report
     result.metrics["trained"]["test"]["accuracy"]
+    pktransfer.compare(pktransfer.load_recipe("recipes/quick-compare.yaml"))  # methods x seeds
     pktransfer.evaluate("builtin:qwen2.5-coder-0.5b-instruct", "arithmetic", limit=20)
 """
 
@@ -19,6 +20,13 @@ from pktransfer.pipeline import RunResult, evaluate, extract, inject, run, set_t
 from pktransfer.recipe import Recipe, load_recipe, recipe_from_dict
 
 __version__ = "0.1.0"
+
+
+def compare(recipe: Recipe, **kwargs: Any) -> Any:
+    """Run (or resume) the recipe's methods x seeds grid; writes compare.md/.csv/.json and plots."""
+    from pktransfer.comparison import compare as _compare
+
+    return _compare(recipe, **kwargs)
 
 
 def train(recipe: Recipe, **kwargs: Any) -> RunResult:
@@ -35,6 +43,7 @@ __all__ = [
     "RecipeError",
     "RunResult",
     "__version__",
+    "compare",
     "evaluate",
     "extract",
     "inject",

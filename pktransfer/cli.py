@@ -130,6 +130,40 @@ def inject_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None
     _recipe_verb("inject", recipe, set_, output_dir, seed, overwrite, quiet, threads, report)
 
 
+@app.command("compare")
+def compare_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None,
+                overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the grid's folder and start "
+                                                        "afresh (default: resume, finished cells are kept).")] = False,
+                quiet: QuietOpt = False, threads: ThreadsOpt = None) -> None:
+    """Run the recipe's `compare` grid (methods x seeds at one budget); resumable; writes compare.md/.csv/.json."""
+
+    def report(res: Any) -> None:
+        s = res.result["summary"]
+        table = Table(title=f"comparison: accuracy (%) over seeds, paired Δ vs {s['baseline']}")
+        for col in ("method", "split", "seeds", "mean ± std", "95% CI", "Δ vs baseline", "p"):
+            table.add_column(col, justify="left" if col in ("method", "split") else "right")
+        for label in s["labels"]:
+            e = s["by_label"][label]
+            for metric in s["metrics"]:
+                m, p = e["metrics"][metric], e["paired_vs_baseline"].get(metric)
+                ci = "n/a" if m["n"] < 2 else f"[{100 * m['ci_low']:.1f}, {100 * m['ci_high']:.1f}]"
+                std = "" if m["n"] < 2 else f" ± {100 * m['std']:.1f}"
+                diff = "-" if p is None else f"{100 * p['mean_diff']:+.1f}"
+                pv = "-" if p is None or p["p_value"] != p["p_value"] else f"{p['p_value']:.3f}"
+                table.add_row(label, metric, str(m["n"]), f"{100 * m['mean']:.1f}{std}", ci, diff, pv)
+        console.print(table)
+        console.print(f"outputs: {res.output_dir} (compare.md, compare.csv, compare.json, compare_scores.png, "
+                      "compare_loss.png, cells/)")
+
+    def go() -> None:
+        import pktransfer
+
+        pktransfer.set_threads(threads)
+        report(pktransfer.compare(_recipe(recipe, set_, output_dir, None), quiet=quiet, overwrite=overwrite))
+
+    guarded(go)
+
+
 @app.command("eval")
 def eval_cmd(
     model: Annotated[str, typer.Option("--model", "-m", help="builtin:NAME, local folder, or hub id.")],
@@ -250,6 +284,11 @@ def models_describe(name: Annotated[str, typer.Argument(help="builtin:NAME, loca
 
 
 def main() -> None:
+    import warnings
+
+    # deprecation notices from inside transformers/peft are not actionable for a pkt user
+    for module in ("transformers", "peft"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
     app()
 
 

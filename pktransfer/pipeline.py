@@ -148,16 +148,20 @@ def run(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, evaluat
                 metrics["student"] = _evaluate_cached(rd, student.model, formatter, task, recipe, "student", progress)
         examples = encode_items(formatter, train_items, recipe.training.max_length, f"task '{task.name}' train split")
         seed_everything(recipe.seed)
-        ctx = MethodContext(recipe, student, task, formatter, rd.work, progress, load_teacher)
+        ctx = MethodContext(recipe, student, task, formatter, rd.work, progress, load_teacher, examples)
         with log.stage("prepare"):
             peft_model = method.prepare(ctx)
-        for t in teacher_cache.values():
-            t.unload()
-        teacher_cache.clear()
+        if not method.teacher_during_training:
+            for t in teacher_cache.values():
+                t.unload()
+            teacher_cache.clear()
         with log.stage("train"):
             result = train(peft_model, student.tokenizer, examples, recipe.training,
                            output_dir=rd.path("checkpoints"), seed=recipe.seed, progress=progress,
-                           compute_loss_func=method.compute_loss_func(ctx))
+                           loss=method.training_loss(ctx))
+        for t in teacher_cache.values():
+            t.unload()
+        teacher_cache.clear()
         method.save_adapter(peft_model, rd.path("adapter"))
         student.tokenizer.save_pretrained(str(rd.path("adapter")))
         merged = peft_model.merge_and_unload()
@@ -180,6 +184,37 @@ def run(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, evaluat
         )
         rd.write_json("run.json", info)
         rd.path("report.md").write_text(render_markdown(info))
+    return RunResult(rd.finish(), info)
+
+
+def evaluate_pair(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False,
+                  progress: Progress | None = None) -> RunResult:
+    """Evaluate the untouched teacher and/or student as the recipe's evaluation section says (no training).
+
+    ``pkt compare`` runs this once for a whole grid: greedy decoding does not depend on the seed.
+    """
+    progress = progress or Progress(quiet=quiet)
+    task, _ = check_recipe(recipe)
+    started = time.time()
+    with run_folder(recipe, overwrite, progress) as (rd, log):
+        metrics: dict[str, dict[str, Any]] = {}
+        fmt_info = None
+        for label, spec, wanted in (("teacher", recipe.teacher, recipe.evaluation.teacher),
+                                    ("student", recipe.student, recipe.evaluation.student)):
+            if not wanted:
+                continue
+            with log.stage(f"load_{label}"):
+                loaded = load_model(spec, log=progress.log)
+            formatter = formatter_for(loaded, task, recipe)
+            fmt_info = formatter.describe()
+            with log.stage(f"eval_{label}"):
+                metrics[label] = _evaluate_cached(rd, loaded.model, formatter, task, recipe, label, progress)
+            loaded.unload()
+        info = run_info(recipe, log, started, task=task.describe(), prompt_format=fmt_info,
+                        metrics={k: {s: {kk: m[kk] for kk in ("n", "correct", "accuracy", "seconds")}
+                                     for s, m in v.items()} for k, v in metrics.items()},
+                        outputs={"eval": "eval"})
+        rd.write_json("run.json", info)
     return RunResult(rd.finish(), info)
 
 

@@ -108,7 +108,79 @@ class SeekingMethod(Strict):
         default="error", description="a student dimension larger than the teacher's: refuse, or zero-pad")
 
 
-MethodSpec = Annotated[LoraMethod | SeekingMethod, Field(discriminator="name")]
+class PissaMethod(Strict):
+    """Baseline: LoRA started at the student's own top-r singular vectors (peft's PiSSA init); ``lora.init`` is ignored."""
+
+    name: Literal["pissa"] = "pissa"
+    niter: int | None = Field(default=None, ge=1,
+                              description="fast randomised SVD with this many subspace iterations (None: exact SVD)")
+
+
+class KdMethod(Strict):
+    """Baseline: LoRA student trained with (1 − alpha)·CE + alpha·T²·KL(teacher_T ‖ student_T) on response tokens."""
+
+    name: Literal["kd"] = "kd"
+    temperature: float = Field(default=2.0, gt=0)
+    alpha: float = Field(default=0.5, ge=0, le=1, description="weight of the KL term (1: distillation only)")
+    cache: bool = Field(default=True, description="precompute the teacher's logits once and free the teacher; "
+                                                   "false keeps the teacher in memory and uses its full distribution")
+    top_k: int | None = Field(default=64, ge=1, description="cached logits per position (None: the whole vocabulary)")
+    logits_cache: str | None = Field(default=None, description="folder for cached teacher logits (shared by runs)")
+
+
+class WeightSelectionMethod(Strict):
+    """Baseline (Xu et al., ICLR 2024): LoRA started from uniformly spaced teacher indices, no sensitivity."""
+
+    name: Literal["weight_selection"] = "weight_selection"
+    layers: Literal["first", "uniform", "last"] | list[int] = Field(
+        default="first", description="teacher layers for the student's layers (Xu et al.: the first N)")
+    modules: list[Literal["embed", "attention", "ffn", "all"]] = Field(default_factory=lambda: ["all"], min_length=1)
+
+
+MethodSpec = Annotated[LoraMethod | PissaMethod | KdMethod | WeightSelectionMethod | SeekingMethod,
+                       Field(discriminator="name")]
+
+
+# keys a grid entry may not change: the pair, the task and the evaluation protocol are the comparison
+FIXED_KEYS = ("teacher", "student", "task", "evaluation", "seed", "output_dir", "compare")
+# keys that make up the training budget: changing one needs compare.allow_unequal_budget
+BUDGET_KEYS = ("training.epochs", "training.max_steps", "training.lr", "training.batch_size", "training.grad_accum",
+               "training.max_length", "training.warmup_ratio", "training.weight_decay", "training.scheduler",
+               "lora.r", "lora.alpha", "lora.target_modules", "lora.rank_pattern")
+
+
+class GridEntry(Strict):
+    """One method of a comparison: its spec, an optional label, overrides and a settings sweep.
+
+    In YAML an entry is a method name (``lora``) or a method mapping with optional ``label``,
+    ``overrides`` (dotted keys, e.g. ``{training.lr: 5e-5}``) and ``sweep`` (dotted keys to lists of
+    values; one entry per combination) mixed in: ``{name: kd, alpha: 0.5, label: kd-0.5}``.
+    """
+
+    label: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=,+-]*$")
+    method: MethodSpec
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    sweep: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"method": {"name": data}}
+        if isinstance(data, dict) and "method" not in data and "name" in data:
+            rest = dict(data)
+            outer = {k: rest.pop(k) for k in ("label", "overrides", "sweep") if k in rest}
+            return {**outer, "method": rest}
+        return data
+
+
+class CompareSpec(Strict):
+    """``pkt compare``: every entry x every seed on the recipe's pair, task, budget and evaluation."""
+
+    methods: list[GridEntry] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    baseline: str = Field(default="lora", description="label the paired differences are taken against")
+    allow_unequal_budget: bool = Field(default=False, description="let entries override training budget keys")
 
 
 class Recipe(Strict):
@@ -121,6 +193,7 @@ class Recipe(Strict):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     seed: int = Field(default=0, ge=0)
     output_dir: str = "runs/run"
+    compare: CompareSpec | None = Field(default=None, description="the grid `pkt compare` runs (ignored by `pkt run`)")
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Recipe:

@@ -40,3 +40,136 @@ def render_markdown(run: dict[str, Any]) -> str:
     lines += ["", f"pktransfer {v.get('pktransfer')}, torch {v.get('torch')}, transformers {v.get('transformers')}, "
               f"peft {v.get('peft')}. Per-item outputs: `eval/`. Resolved recipe: `recipe.yaml`.", ""]
     return "\n".join(lines)
+
+
+# ---- comparison (pkt compare) ----------------------------------------------------------------------
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x != x else f"{100 * x:.1f}"
+
+
+def _pm(m: dict[str, Any]) -> str:
+    if m["n"] < 2:
+        return f"{_pct(m['mean'])} (1 seed)"
+    return f"{_pct(m['mean'])} ± {_pct(m['std'])} [{_pct(m['ci_low'])}, {_pct(m['ci_high'])}]"
+
+
+def budget_in_words(result: dict[str, Any]) -> str:
+    r = result["recipe"]
+    t, lo, ev, task = r["training"], r["lora"], r["evaluation"], r["task"]
+    steps = sorted({c["steps"] for c in result["cells"]})
+    length = f"{t['max_steps']} optimiser steps" if t["max_steps"] else f"{t['epochs']:g} epoch(s)"
+    n_eval = sorted({n for c in result["cells"] for n in c["n_eval"].values()})
+    return (
+        f"Every cell trains the student `{r['student']['model']}` on task `{task['name']}` "
+        f"({task['n_train'] or 'all'} training items) for {length} ({', '.join(map(str, steps))} steps run), "
+        f"batch {t['batch_size']} x {t['grad_accum']} accumulation, lr {t['lr']:g} with a {t['scheduler']} "
+        f"schedule and {t['warmup_ratio']:g} warmup, max length {t['max_length']} tokens, weight decay "
+        f"{t['weight_decay']:g}; LoRA r={lo['r']}, alpha={lo['alpha']:g}, dropout {lo['dropout']:g} on "
+        f"{', '.join(lo['target_modules'])}. Only the initialisation or the loss differs between methods. "
+        f"Evaluation: split(s) {', '.join(ev['splits'])}, {', '.join(map(str, n_eval))} items, greedy decoding, "
+        f"the same prompts for every model; seeds {r['compare']['seeds']} (a seed sets the LoRA init, data order "
+        f"and dropout). Teacher: `{r['teacher']['model']}`."
+    )
+
+
+def render_compare_markdown(result: dict[str, Any]) -> str:
+    s = result["summary"]
+    base = s["baseline"]
+    lines = ["# pktransfer comparison", "", "## Budget and protocol", "", budget_in_words(result), ""]
+    if not s["equal_budget"]:
+        lines += ["**The budgets differ between cells** (compare.allow_unequal_budget was set): the table below "
+                  "does not compare methods at equal budget.", ""]
+    if result.get("base"):
+        lines += ["## Untouched models", "", "| model | split | n | accuracy (%) |", "|---|---|---:|---:|"]
+        for label, by_split in result["base"].items():
+            for split, m in by_split.items():
+                lines.append(f"| {label} | {split} | {m['n']} | {_pct(m['accuracy'])} |")
+        lines.append("")
+    lines += ["## Results", "", "Accuracy in %: mean ± sample std [95% t-interval of the mean] over seeds; the "
+              f"difference to `{base}` is paired by seed, with a two-sided paired t-test across seeds.", ""]
+    for metric in s["metrics"]:
+        lines += [f"### {metric}", "",
+                  f"| method | seeds | accuracy | per seed | Δ vs {base} [95% CI] | p |", "|---|---:|---|---|---|---:|"]
+        for label in s["labels"]:
+            e = s["by_label"][label]
+            m = e["metrics"][metric]
+            per_seed = ", ".join(f"{_pct(v)}" for _, v in sorted(m["per_seed"].items()))
+            p = e["paired_vs_baseline"].get(metric)
+            if p is None:
+                diff, pv = "(baseline)", ""
+            else:
+                diff = f"{100 * p['mean_diff']:+.1f} [{_pct(p['ci_low'])}, {_pct(p['ci_high'])}]"
+                pv = "n/a" if p["p_value"] != p["p_value"] else f"{p['p_value']:.3f}"
+            lines.append(f"| {label} | {m['n']} | {_pm(m)} | {per_seed} | {diff} | {pv} |")
+        lines.append("")
+    lines += ["## Cost", "", "Means per cell; peak is the largest anonymous RSS of any stage (shared work excluded, "
+              "except KD's teacher logits, computed by the first KD cell).", "",
+              "| method | prepare (s) | train (s) | cell wall (s) | peak anon RSS (GiB) |", "|---|---:|---:|---:|---:|"]
+    for label in s["labels"]:
+        c = s["by_label"][label]["cost"]
+        lines.append(f"| {label} | {c['prepare_seconds']:.1f} | {c['train_seconds']:.1f} | {c['wall_seconds']:.1f} | "
+                     f"{c['peak_rss_anon_gib']:.2f} |")
+    for folder, sec in result.get("shared_work_seconds", {}).items():
+        lines.append(f"\nShared work `{folder}`: {sec:.1f} s (once for all its cells).")
+    lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in result.get("plots", [])) + ". Cells: `cells/LABEL/seed-N/` "
+              "(each a full run folder). Machine-readable: `compare.json`, `compare.csv`.", ""]
+    return "\n".join(lines)
+
+
+def render_compare_csv(result: dict[str, Any]) -> str:
+    from pktransfer.comparison import csv_rows, to_csv
+
+    return to_csv(csv_rows(result))
+
+
+def plot_compare(result: dict[str, Any], folder: Any) -> list[Any]:
+    """compare_scores.png (mean with 95% interval, seeds as dots, teacher/student lines) and compare_loss.png."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    s = result["summary"]
+    out = []
+    metric = "test" if "test" in s["metrics"] else s["metrics"][0]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(s["labels"]), 4))
+    for i, label in enumerate(s["labels"]):
+        m = s["by_label"][label]["metrics"][metric]
+        err = None if m["n"] < 2 else [[100 * (m["mean"] - m["ci_low"])], [100 * (m["ci_high"] - m["mean"])]]
+        ax.bar(i, 100 * m["mean"], yerr=err, capsize=6, color="#8fb3d9", edgecolor="#2b4c7e")
+        ys = [100 * v for v in m["per_seed"].values()]
+        ax.scatter([i] * len(ys), ys, color="#2b4c7e", zorder=3, s=14)
+    for label, style in (("teacher", "--"), ("student", ":")):
+        if label in result.get("base", {}) and metric in result["base"][label]:
+            ax.axhline(100 * result["base"][label][metric]["accuracy"], color="gray", linestyle=style, label=label)
+    ax.set_xticks(range(len(s["labels"])), s["labels"], rotation=20, ha="right")
+    ax.set_ylabel(f"accuracy on {metric} (%)")
+    ax.set_title("mean over seeds, 95% interval; dots: seeds")
+    if result.get("base"):
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    out.append(folder / "compare_scores.png")
+    fig.savefig(out[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, label in enumerate(s["labels"]):
+        color = f"C{i % 10}"
+        for j, cell in enumerate(c for c in result["cells"] if c["label"] == label):
+            if cell["loss_curve"]:
+                steps, losses = zip(*cell["loss_curve"], strict=True)
+                ax.plot(steps, losses, color=color, alpha=0.8, label=label if j == 0 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (each method's own objective)")
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.append(folder / "compare_loss.png")
+    fig.savefig(out[-1], dpi=120)
+    plt.close(fig)
+    return out

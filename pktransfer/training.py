@@ -3,13 +3,14 @@
 Loss is on response tokens only (labels are -100 on the prompt). Checkpoints are written every
 ``save_steps`` so an interrupted run resumes from the last one; the same seed gives the same adapter
 on CPU. Methods differ only in how they build the PEFT model (initialisation) and, where needed, in
-the loss (``compute_loss_func``).
+the loss (``Method.training_loss``, run by ``MethodTrainer``).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,11 @@ def check_targets(model: Any, spec: LoraSpec) -> None:
 
 
 class Collator:
-    """Right-pads input_ids/labels; labels padded with -100 and masked out of the loss."""
+    """Right-pads input_ids/labels; labels padded with -100 and masked out of the loss.
+
+    ``index`` (each example's position in the training list) lets a method's loss look up per-example
+    data such as cached teacher logits; the trainer removes it before the model's forward.
+    """
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
@@ -59,18 +64,58 @@ class Collator:
             ids[i, :n] = torch.tensor(b["input_ids"])
             labels[i, :n] = torch.tensor(b["labels"])
             mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        index = torch.tensor([b.get("index", -1) for b in batch], dtype=torch.long)
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "index": index}
 
 
 class ListDataset(torch.utils.data.Dataset):
     def __init__(self, examples: list[Example]) -> None:
-        self.rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+        self.rows = [{"input_ids": e.input_ids, "labels": e.labels, "index": i} for i, e in enumerate(examples)]
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> dict[str, list[int]]:
+    def __getitem__(self, i: int) -> dict[str, Any]:
         return self.rows[i]
+
+
+# A method's own loss: (model outputs, batch with input_ids/attention_mask/labels/index, the number of
+# response tokens in the whole accumulated batch or None) -> loss already divided by that number.
+LossFn = Callable[[Any, dict[str, torch.Tensor], Any], torch.Tensor]
+
+
+def response_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Boolean [batch, length-1]: positions whose logits predict a response token (next-token shift)."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross entropy over response tokens (the standard loss before normalisation)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _trainer_class() -> Any:
+    from transformers import Trainer
+
+    class MethodTrainer(Trainer):
+        """Trainer that drops the ``index`` column and, when a method brings its own loss, computes it."""
+
+        method_loss: LossFn | None = None
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            index = inputs.pop("index", None)
+            if self.method_loss is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = self.method_loss(outputs, {**inputs, "labels": labels, "index": index}, num_items_in_batch)
+            # normalised over the accumulated batch when the trainer told us its size
+            self.loss_is_scaled_for_ga = num_items_in_batch is not None
+            return (loss, outputs) if return_outputs else loss
+
+    return MethodTrainer
 
 
 @dataclass
@@ -131,9 +176,9 @@ def _checkpointing_kwargs(enabled: bool) -> dict[str, bool]:
 
 def train(model: Any, tokenizer: Any, examples: list[Example], spec: TrainingSpec, *, output_dir: Path, seed: int,
           progress: Progress | None = None, callbacks: list[Any] | None = None,
-          compute_loss_func: Any = None, resume: bool = True) -> TrainResult:
+          loss: LossFn | None = None, resume: bool = True) -> TrainResult:
     """Train ``model`` (a PeftModel) on ``examples``; checkpoints go to ``output_dir``."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     progress = progress or Progress(quiet=True)
@@ -163,9 +208,9 @@ def train(model: Any, tokenizer: Any, examples: list[Example], spec: TrainingSpe
         remove_unused_columns=False,
         optim="adamw_torch",
     )
-    trainer = Trainer(model=model, args=args, train_dataset=ListDataset(examples),
-                      data_collator=Collator(tokenizer.pad_token_id), callbacks=list(callbacks or []),
-                      compute_loss_func=compute_loss_func)
+    trainer = _trainer_class()(model=model, args=args, train_dataset=ListDataset(examples),
+                               data_collator=Collator(tokenizer.pad_token_id), callbacks=list(callbacks or []))
+    trainer.method_loss = loss
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_progress_callback(progress))

@@ -5,10 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from pktransfer.methods.base import Method, MethodContext
-from pktransfer.methods.lora import LoraMethod
+from pktransfer.methods.kd import KdMethod
+from pktransfer.methods.lora import LoraMethod, PissaMethod
 from pktransfer.methods.seeking import SeekingMethod
+from pktransfer.methods.weight_selection import WeightSelectionMethod
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (LoraMethod, SeekingMethod)}
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (LoraMethod, PissaMethod, KdMethod, WeightSelectionMethod, SeekingMethod)
+}
 
 
 def get_method(spec: Any) -> Method:

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pktransfer.data import PromptFormatter, Task
+from pktransfer.data import Example, PromptFormatter, Task
 from pktransfer.models import LoadedModel
 from pktransfer.progress import Progress
 from pktransfer.recipe import Recipe
+from pktransfer.training import LossFn
 
 
 @dataclass
@@ -27,6 +28,7 @@ class MethodContext:
     workdir: Path
     progress: Progress
     load_teacher: Callable[[], LoadedModel]
+    examples: list[Example] = field(default_factory=list)  # the encoded training split
 
 
 def snapshot_lora(model: Any) -> dict[str, Any]:
@@ -65,6 +67,11 @@ class Method(ABC):
     name: ClassVar[str]
     needs_teacher: ClassVar[bool] = False
 
+    @property
+    def teacher_during_training(self) -> bool:
+        """Whether the teacher must stay loaded while the student trains (its loss calls the teacher)."""
+        return False
+
     def __init__(self, spec: Any) -> None:
         self.spec = spec
         # set by prepare() when the LoRA's starting point was subtracted from the base weights
@@ -74,8 +81,11 @@ class Method(ABC):
     def prepare(self, ctx: MethodContext) -> Any:
         """Return the student wrapped as a ``peft.PeftModel``, initialised the method's way."""
 
-    def compute_loss_func(self, ctx: MethodContext) -> Callable[..., Any] | None:
+    def training_loss(self, ctx: MethodContext) -> LossFn | None:
+        """The method's own loss (``pktransfer.training.LossFn``); None: cross entropy on response tokens."""
         return None
+
+
 
     def save_adapter(self, model: Any, folder: Path) -> None:
         """Write a standard PEFT adapter folder loadable on the *unmodified* student."""

@@ -1,4 +1,5 @@
-"""Baseline: LoRA on the student with the init named in ``lora.init`` (default, gaussian, or PiSSA).
+"""Baselines: LoRA on the student with the init named in ``lora.init`` (default, gaussian, or PiSSA), and
+``pissa`` as a method of its own.
 
 PiSSA (peft's ``init_lora_weights="pissa"``) starts the adapter at the student's own top-r singular
 vectors and moves them out of the base weight. The saved adapter is rebased (``save_rebased_adapter``,
@@ -24,4 +25,21 @@ class LoraMethod(Method):
         model = get_peft_model(ctx.student.model, lora_config(spec))
         if spec.init == "pissa":
             self.initial_lora = snapshot_lora(model)
+        return model
+
+
+class PissaMethod(Method):
+    """PiSSA: the adapter starts at the student's top-r singular triplets, B = U_r√Σ_r, A = √Σ_r V_rᵀ
+    (divided by the LoRA scaling), and the base keeps the residual W − s·B A (peft's implementation)."""
+
+    name = "pissa"
+
+    def prepare(self, ctx: MethodContext) -> Any:
+        from peft import get_peft_model
+
+        spec = ctx.recipe.lora
+        check_targets(ctx.student.model, spec)
+        init = "pissa" if self.spec.niter is None else f"pissa_niter_{self.spec.niter}"
+        model = get_peft_model(ctx.student.model, lora_config(spec, init=init))
+        self.initial_lora = snapshot_lora(model)
         return model

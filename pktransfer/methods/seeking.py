@@ -134,10 +134,12 @@ def locate(teacher: Any, student_arch: ArchitectureDescription, ctx: MethodConte
     for name, p in sens.params.items():  # maps of layers that can no longer be selected
         if name.startswith(teacher.arch.layers_path + ".") and int(name.split(".")[2]) not in layers:
             p.drop_map()
-    if not (spec.sensitivity and Path(spec.sensitivity).resolve() == own.resolve()):
-        sens.save(own)
+    if not spec.sensitivity:
+        sens.save(own)  # a reused sensitivity is not copied (it can be GBs); summary.json names its source
+    own.mkdir(parents=True, exist_ok=True)
     summary = sensitivity_summary(sens, teacher.arch)
-    summary.update({"selected_layers": layers, "layer_strategy": spec.layers,
+    summary.update({"source": str(Path(spec.sensitivity).resolve()) if spec.sensitivity else "computed here",
+                    "selected_layers": layers, "layer_strategy": spec.layers,
                     "mapping": {f"student.{m}": f"teacher.{t}" for m, t in enumerate(layers)}})
     (own / "summary.json").write_text(json.dumps(summary, indent=1))
     ctx.progress.log(f"seeking: teacher layers {layers} -> student layers 0..{len(layers) - 1}")

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-LAYER_STRATEGIES = ("sensitivity", "random", "top", "last")
+LAYER_STRATEGIES = ("sensitivity", "random", "top", "first", "uniform", "last")
 STRUCTURES = ("submatrix", "row_column", "neuron", "random", "uniform")
 
 
@@ -17,8 +17,8 @@ def select_layers(scores: Sequence[float], n: int, strategy: str | Sequence[int]
                   seed: int = 0) -> list[int]:
     """Pick ``n`` of ``len(scores)`` teacher layers, returned in their original order.
 
-    sensitivity: the n highest scores (ties: lower index first); random: seeded; top: the first n;
-    last: the last n; a list: exactly those layers.
+    sensitivity: the n highest scores (ties: lower index first); random: seeded; top or first: the first
+    n; uniform: evenly spaced, first and last included; last: the last n; a list: exactly those layers.
     """
     total = len(scores)
     if n > total:
@@ -35,8 +35,10 @@ def select_layers(scores: Sequence[float], n: int, strategy: str | Sequence[int]
     if strategy == "random":
         g = torch.Generator().manual_seed(seed)
         return sorted(torch.randperm(total, generator=g)[:n].tolist())
-    if strategy == "top":
+    if strategy in ("top", "first"):
         return list(range(n))
+    if strategy == "uniform":
+        return uniform_indices(total, n).tolist()
     if strategy == "last":
         return list(range(total - n, total))
     raise ValueError(f"unknown layer strategy '{strategy}' (allowed: {', '.join(LAYER_STRATEGIES)}, or a list)")
@@ -57,6 +59,21 @@ def uniform_indices(n_from: int, n_to: int) -> torch.Tensor:
     if n_to == 1:
         return torch.zeros(1, dtype=torch.long)
     return torch.round(torch.linspace(0, n_from - 1, n_to, dtype=torch.float64)).long()
+
+
+def space_indices(teacher_sizes: dict[str, int], student_sizes: dict[str, int]) -> dict[str, torch.Tensor]:
+    """One evenly spaced index set per named space (residual, heads, kv_heads, mlp, ...).
+
+    Every weight then cuts its rows with its output space's set and its columns with its input
+    space's set, so tensors that share a dimension keep the same teacher indices (Xu et al. 2024).
+    """
+    out = {}
+    for space, n_s in student_sizes.items():
+        n_t = teacher_sizes[space]
+        if n_s > n_t:
+            raise ValueError(f"the student's {space} dimension ({n_s}) is larger than the teacher's ({n_t})")
+        out[space] = uniform_indices(n_t, n_s)
+    return out
 
 
 def random_indices(n_from: int, n_to: int, seed: int) -> torch.Tensor:

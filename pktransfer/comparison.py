@@ -1,0 +1,344 @@
+"""`pkt compare`: a grid of methods x seeds on one pair and task, at one training budget, with statistics.
+
+1. Plan: every entry of ``recipe.compare.methods`` (expanded over its ``sweep``) x every seed becomes a
+   cell, a full recipe whose only differences are the method, the entry's overrides and the seed. Entries
+   may not touch the pair, task or evaluation, and may change the training budget (steps, batch, lr
+   schedule, LoRA rank, ...) only with ``allow_unequal_budget``. Every cell is validated before any
+   work starts.
+2. Shared work is done once: the untouched teacher and student are evaluated once (greedy decoding does
+   not depend on the seed) in ``base/``; Seeking's teacher sensitivity is extracted once per distinct
+   setting in ``shared/``; KD's teacher logits are cached in ``shared/kd-logits`` by the first KD cell.
+3. Cells run seed by seed, each a normal run folder (``cells/LABEL/seed-N``). A finished cell is never
+   rerun; an interrupted one resumes from its last checkpoint; a finished cell whose recipe differs
+   from the plan is refused (stale results).
+4. Results: per label and metric the mean, std and 95% t-interval over seeds; per label the paired
+   difference to the baseline label with a paired t-test across seeds; costs; loss curves. Written as
+   compare.json / compare.csv / compare.md and two PNG plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import hashlib
+import io
+import itertools
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pktransfer.errors import RecipeError
+from pktransfer.progress import Progress
+from pktransfer.recipe import BUDGET_KEYS, FIXED_KEYS, Recipe, apply_overrides, recipe_from_dict, save_recipe
+
+# ---- 1. plan ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    label: str
+    seed: int
+    recipe: Recipe
+    folder: Path
+
+
+def _fmt(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def expand_entries(recipe: Recipe) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(label, method mapping, overrides) for every entry and sweep combination, labels unique."""
+    assert recipe.compare is not None
+    out = []
+    for entry in recipe.compare.methods:
+        method = entry.method.model_dump(mode="json")
+        base_label = entry.label or entry.method.name
+        keys = list(entry.sweep)
+        for combo in itertools.product(*(entry.sweep[k] for k in keys)) if keys else [()]:
+            overrides = dict(entry.overrides)
+            overrides.update(zip(keys, combo, strict=True))
+            label = base_label
+            if keys:
+                label += "[" + ",".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in zip(keys, combo, strict=True)) + "]"
+            out.append((label, method, overrides))
+    labels = [lbl for lbl, _, _ in out]
+    dupes = sorted({lbl for lbl in labels if labels.count(lbl) > 1})
+    if dupes:
+        raise RecipeError(f"compare.methods: the label(s) {dupes} occur more than once",
+                          hint="give entries of the same method distinct 'label' values")
+    return out
+
+
+def check_overrides(label: str, overrides: dict[str, Any], allow_unequal_budget: bool) -> None:
+    for key in overrides:
+        top = key.split(".", 1)[0]
+        if top in FIXED_KEYS:
+            raise RecipeError(f"compare entry '{label}' overrides '{key}': the pair, task, evaluation, seeds and "
+                              "output folder are the same for every cell of a comparison",
+                              hint="change it in the recipe itself (for all methods), or run a separate comparison")
+        if key == "method" or key == "method.name":
+            raise RecipeError(f"compare entry '{label}' overrides '{key}'",
+                              hint="make it an entry of its own: methods: [lora, {name: kd, alpha: 0.5}]")
+        if any(key == b or key.startswith(b + ".") or b.startswith(key + ".") for b in BUDGET_KEYS) \
+                and not allow_unequal_budget:
+            raise RecipeError(f"compare entry '{label}' changes the training budget ('{key}'); every method "
+                              "must train with the same samples, steps, batch, lr schedule and LoRA size",
+                              hint="remove the override, or set compare.allow_unequal_budget: true (the report "
+                                   "then says the budgets differ)")
+
+
+def plan_grid(recipe: Recipe) -> list[Cell]:
+    """Every cell's full recipe, seed-major (all methods of the first seed first)."""
+    if recipe.compare is None:
+        raise RecipeError("the recipe has no 'compare' section",
+                          hint="add compare: {methods: [lora, pissa, kd], seeds: [0, 1]} (see recipes/quick-compare.yaml)")
+    spec = recipe.compare
+    root = Path(recipe.output_dir)
+    base = recipe.dump()
+    base.pop("compare")
+    base["evaluation"].update(teacher=False, student=False)  # evaluated once in base/
+    entries = expand_entries(recipe)
+    for label, _, overrides in entries:
+        check_overrides(label, overrides, spec.allow_unequal_budget)
+    if spec.baseline not in [lbl for lbl, _, _ in entries]:
+        raise RecipeError(f"compare.baseline '{spec.baseline}' is not one of the labels "
+                          f"{[lbl for lbl, _, _ in entries]}", hint="name an entry's label, e.g. baseline: lora")
+    if len(set(spec.seeds)) != len(spec.seeds):
+        raise RecipeError(f"compare.seeds {spec.seeds} repeats a seed", hint="list each seed once")
+    cells = []
+    for seed in spec.seeds:
+        for label, method, overrides in entries:
+            data = json.loads(json.dumps(base))
+            data["method"] = dict(method)
+            data["seed"] = seed
+            folder = root / "cells" / label / f"seed-{seed}"
+            data["output_dir"] = str(folder)
+            data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+            cells.append(Cell(label, seed, recipe_from_dict(data, f"compare entry '{label}'"), folder))
+    return cells
+
+
+# ---- 2. shared work ---------------------------------------------------------------------------------
+
+
+def _key(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def attach_shared_work(cells: list[Cell], root: Path) -> list[tuple[str, Recipe]]:
+    """Point cells at shared caches; return the Seeking extractions to run first (folder, recipe)."""
+    extractions: dict[str, Recipe] = {}
+    for cell in cells:
+        m = cell.recipe.method
+        if m.name == "kd" and m.logits_cache is None:
+            shared = m.model_copy(update={"logits_cache": str(root / "shared" / "kd-logits")})
+            cell.recipe = cell.recipe.model_copy(update={"method": shared})
+        elif m.name == "seeking" and m.sensitivity is None:
+            # the sensitivity depends on the teacher, seed split, tokenisation and accumulators, not on
+            # the seed, except through a random layer choice (maps of unselected layers are dropped)
+            r = cell.recipe
+            what = {"teacher": r.teacher.model_dump(), "task": r.task.model_dump(), "max_length": r.training.max_length,
+                    "method": m.model_dump(exclude={"sensitivity"}), "seed": r.seed if m.layers == "random" else None}
+            folder = root / "shared" / f"seeking-{_key(what)}"
+            if str(folder) not in extractions:
+                extractions[str(folder)] = r.model_copy(update={"output_dir": str(folder)})
+            shared = m.model_copy(update={"sensitivity": str(folder / "sensitivity")})
+            cell.recipe = r.model_copy(update={"method": shared})
+    return list(extractions.items())
+
+
+# ---- 4. statistics (pure) ---------------------------------------------------------------------------
+
+
+def describe(values: list[float]) -> dict[str, float]:
+    """n, mean, sample std and the 95% t-interval of the mean (nan where n < 2)."""
+    from scipy import stats
+
+    n = len(values)
+    mean = sum(values) / n if n else math.nan
+    if n < 2:
+        return {"n": n, "mean": mean, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def paired_difference(method: dict[int, float], baseline: dict[int, float]) -> dict[str, float]:
+    """Mean paired difference (method − baseline) over the seeds both have, its 95% interval and the
+    two-sided paired t-test p-value. Identical differences (zero spread) give p = 1 if all are zero,
+    else nan (the t statistic is undefined)."""
+    from scipy import stats
+
+    seeds = sorted(set(method) & set(baseline))
+    diffs = [method[s] - baseline[s] for s in seeds]
+    d = describe(diffs)
+    p = math.nan
+    if len(diffs) >= 2:
+        if d["std"] > 0:
+            p = float(stats.ttest_rel([method[s] for s in seeds], [baseline[s] for s in seeds]).pvalue)
+        elif all(x == 0 for x in diffs):
+            p = 1.0
+    return {"n": len(diffs), "mean_diff": d["mean"], "std": d["std"], "ci_low": d["ci_low"], "ci_high": d["ci_high"],
+            "p_value": p, "seeds": seeds}
+
+
+# ---- collecting ---------------------------------------------------------------------------------------
+
+
+def cell_record(cell: Cell) -> dict[str, Any]:
+    run = json.loads((cell.folder / "run.json").read_text())
+    history_path = cell.folder / "checkpoints" / "log_history.json"
+    history = json.loads(history_path.read_text()) if history_path.is_file() else []
+    stages = run.get("stages", {})
+    return {
+        "label": cell.label, "seed": cell.seed, "method": run["recipe"]["method"]["name"],
+        "folder": str(cell.folder),
+        "metrics": {split: m["accuracy"] for split, m in run["metrics"].get("trained", {}).items()},
+        "n_eval": {split: m["n"] for split, m in run["metrics"].get("trained", {}).items()},
+        "steps": run["training"]["steps"], "final_loss": run["training"]["final_loss"],
+        "prepare_seconds": stages.get("prepare", {}).get("seconds", 0.0),
+        "train_seconds": stages.get("train", {}).get("seconds", 0.0),
+        "wall_seconds": run["wall_seconds"],
+        "peak_rss_anon_gib": max((s.get("peak_rss_anon_gib", 0.0) for s in stages.values()), default=0.0),
+        "peak_cuda_gib": max((s.get("peak_cuda_gib", 0.0) for s in stages.values()), default=0.0),
+        "loss_curve": [(h["step"], h["loss"]) for h in history if "loss" in h],
+        "budget": {k: run["recipe"][k.split(".")[0]][k.split(".")[1]] for k in BUDGET_KEYS},
+    }
+
+
+def summarize(records: list[dict[str, Any]], baseline: str) -> dict[str, Any]:
+    labels = list(dict.fromkeys(r["label"] for r in records))
+    metrics = sorted({m for r in records for m in r["metrics"]})
+    by_label: dict[str, Any] = {}
+    for label in labels:
+        rs = [r for r in records if r["label"] == label]
+        entry: dict[str, Any] = {"method": rs[0]["method"], "seeds": [r["seed"] for r in rs], "metrics": {},
+                                 "paired_vs_baseline": {}}
+        for metric in metrics:
+            values = {r["seed"]: r["metrics"][metric] for r in rs if metric in r["metrics"]}
+            entry["metrics"][metric] = {**describe(list(values.values())), "per_seed": values}
+            base = {r["seed"]: r["metrics"][metric] for r in records if r["label"] == baseline and metric in r["metrics"]}
+            if label != baseline:
+                entry["paired_vs_baseline"][metric] = paired_difference(values, base)
+        entry["cost"] = {k: describe([float(r[k]) for r in rs])["mean"]
+                         for k in ("prepare_seconds", "train_seconds", "wall_seconds")}
+        entry["cost"]["peak_rss_anon_gib"] = max(r["peak_rss_anon_gib"] for r in rs)
+        entry["cost"]["peak_cuda_gib"] = max(r["peak_cuda_gib"] for r in rs)
+        entry["steps"] = sorted({r["steps"] for r in rs})
+        by_label[label] = entry
+    budgets = {json.dumps(r["budget"], sort_keys=True) for r in records}
+    return {"labels": labels, "metrics": metrics, "baseline": baseline, "by_label": by_label,
+            "equal_budget": len(budgets) == 1 and len({r["steps"] for r in records}) == 1}
+
+
+# ---- the grid ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompareResult:
+    output_dir: Path
+    result: dict[str, Any]
+
+
+def _same_recipe(folder: Path, recipe: Recipe) -> bool:
+    saved = folder / "recipe.yaml"
+    return saved.is_file() and yaml.safe_load(saved.read_text()) == recipe.dump()
+
+
+def _finished(folder: Path) -> bool:
+    return (folder / "run.json").is_file()
+
+
+def compare(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False,
+            progress: Progress | None = None) -> CompareResult:
+    """Run (or resume) the recipe's comparison grid and write the comparison report."""
+    from pktransfer import pipeline
+    from pktransfer.reports import plot_compare, render_compare_csv, render_compare_markdown
+
+    progress = progress or Progress(quiet=quiet)
+    cells = plan_grid(recipe)
+    root = Path(recipe.output_dir)
+    for cell in cells:  # everything that can be checked before any model is loaded
+        pipeline.check_recipe(cell.recipe)
+    if overwrite and root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    extractions = attach_shared_work(cells, root)
+    stale = [str(c.folder) for c in cells if _finished(c.folder) and not _same_recipe(c.folder, c.recipe)]
+    if stale:
+        raise RecipeError(f"{len(stale)} finished cell(s) were run with a different recipe, e.g. {stale[0]}",
+                          hint="use another output_dir, or --overwrite to start the comparison afresh")
+    save_recipe(recipe, root / "compare.yaml")
+    started = time.time()
+    base_info = None
+    if recipe.evaluation.teacher or recipe.evaluation.student:
+        base_dir = root / "base"
+        base_recipe = recipe.model_copy(update={"output_dir": str(base_dir), "compare": None})
+        if not _finished(base_dir):
+            progress.log("compare: evaluating the untouched teacher and student once")
+            pipeline.evaluate_pair(base_recipe, progress=progress)
+        base_info = json.loads((base_dir / "run.json").read_text())
+    shared_cost = {}
+    for folder, r in extractions:
+        if not _finished(Path(folder)):
+            progress.log(f"compare: extracting the teacher sensitivity once for the seeking cells ({folder})")
+            pipeline.extract(r, progress=progress)
+        shared_cost[folder] = json.loads((Path(folder) / "run.json").read_text())["wall_seconds"]
+    todo = [c for c in cells if not _finished(c.folder)]
+    progress.log(f"compare: {len(cells)} cells ({len(cells) - len(todo)} already finished), "
+                 f"{len(recipe.compare.methods)} entries x seeds {recipe.compare.seeds}")
+    for i, cell in enumerate(todo, 1):
+        progress.log(f"compare: cell {i}/{len(todo)}: {cell.label}, seed {cell.seed}")
+        pipeline.run(cell.recipe, progress=progress)
+        gc.collect()
+    records = [cell_record(c) for c in cells]
+    assert recipe.compare is not None
+    result = {
+        "recipe": recipe.dump(), "cells": records, "summary": summarize(records, recipe.compare.baseline),
+        "base": base_info["metrics"] if base_info else {}, "shared_work_seconds": shared_cost,
+        "task": base_info.get("task") if base_info else None,
+        "wall_seconds_this_invocation": round(time.time() - started, 1),
+    }
+    _write_atomic(root / "compare.json", json.dumps(result, indent=1))
+    _write_atomic(root / "compare.csv", render_compare_csv(result))
+    plots = plot_compare(result, root)
+    result["plots"] = [p.name for p in plots]
+    _write_atomic(root / "compare.md", render_compare_markdown(result))
+    return CompareResult(root, result)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def csv_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    s = result["summary"]
+    rows = []
+    for label in s["labels"]:
+        e = s["by_label"][label]
+        for metric in s["metrics"]:
+            m = e["metrics"][metric]
+            p = e["paired_vs_baseline"].get(metric, {})
+            rows.append({"label": label, "method": e["method"], "metric": metric, "n_seeds": m["n"], "mean": m["mean"],
+                         "std": m["std"], "ci95_low": m["ci_low"], "ci95_high": m["ci_high"],
+                         "diff_vs_baseline": p.get("mean_diff", 0.0 if label == s["baseline"] else math.nan),
+                         "diff_ci95_low": p.get("ci_low", math.nan), "diff_ci95_high": p.get("ci_high", math.nan),
+                         "p_value": p.get("p_value", math.nan), **{f"cost_{k}": v for k, v in e["cost"].items()}})
+    return rows
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()

@@ -1,0 +1,190 @@
+"""Baseline: logit knowledge distillation into a LoRA student (methods.md §4).
+
+Same data, steps and LoRA as every other method; only the loss differs. On the response tokens:
+
+    loss = (1 − α) · CE(student, labels) + α · T² · KL(softmax(z_T / T) ‖ softmax(z_S / T))
+
+summed over response positions and divided by their number (the same normalisation as the plain
+cross entropy, so gradient accumulation behaves identically).
+
+Teacher logits come either from the teacher in memory (``cache: false``: the full distribution at
+every step) or from a cache computed once before training (``cache: true``, the default): for each
+response position the teacher's ``top_k`` largest logits and their token ids. The cached teacher
+distribution is the softmax over those k logits; top-k by logit does not depend on the temperature,
+so one cache serves every T. With ``top_k`` equal to the vocabulary (or None) the two paths give the
+same loss. The cache file is keyed by the teacher, the token ids and k, so runs that share a folder
+(``method.logits_cache``, as ``pkt compare`` does) compute it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pktransfer.data import Example
+from pktransfer.errors import DataError
+from pktransfer.methods.base import Method, MethodContext
+from pktransfer.models.pair import check_pair
+from pktransfer.progress import Progress
+from pktransfer.training import LossFn, causal_lm_loss_sum, check_targets, lora_config, response_positions
+
+# ---- the loss (pure functions) --------------------------------------------------------------------
+
+
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                  teacher_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-position KL(p_T ‖ q_S) at temperature T.
+
+    student_logits [N, V]; teacher_logits [N, K] (K = V when ``teacher_ids`` is None, else the teacher's
+    logits at the token ids ``teacher_ids`` [N, K]). p_T is the softmax over the K teacher logits; q_S is
+    the student's softmax over its whole vocabulary, read at the same ids. Non-negative (Gibbs).
+    """
+    log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    if teacher_ids is not None:
+        log_q = log_q.gather(-1, teacher_ids.long())
+    log_p = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
+            teacher_ids: torch.Tensor | None, *, temperature: float, alpha: float,
+            n_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
+    """(1 − α)·CE + α·T²·KL over response tokens, divided by ``n_tokens`` (default: this batch's count).
+
+    student_logits [B, L, V]; labels [B, L] (−100 outside responses); teacher_logits [P, K] for the P
+    response positions of the batch in row-major order (see ``response_positions``).
+    """
+    mask = response_positions(labels)
+    n = mask.sum() if n_tokens is None else n_tokens
+    ce = causal_lm_loss_sum(student_logits, labels)
+    kl = kl_to_teacher(student_logits[:, :-1][mask], teacher_logits, temperature, teacher_ids).sum()
+    return ((1 - alpha) * ce + alpha * temperature**2 * kl) / n
+
+
+# ---- teacher logits cache -------------------------------------------------------------------------
+
+
+def cache_key(teacher_name: str, teacher_dtype: str, examples: list[Example], top_k: int | None) -> str:
+    h = hashlib.sha256(f"{teacher_name}|{teacher_dtype}|{top_k}".encode())
+    for e in examples:
+        h.update(json.dumps([e.input_ids, e.labels]).encode())
+    return h.hexdigest()[:20]
+
+
+@torch.no_grad()
+def teacher_logits_at_responses(teacher_model: Any, examples: list[Example], top_k: int | None, vocab: int,
+                                batch_size: int, progress: Progress) -> dict[str, torch.Tensor]:
+    """Top-k teacher logits (float32) and ids (int32) at each example's response positions, with offsets."""
+    from pktransfer.training import Collator
+
+    device = next(teacher_model.parameters()).device
+    collate = Collator(0)
+    values, ids, counts = [], [], []
+    with progress.task("kd: teacher logits", total=len(examples)) as advance:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            batch = collate([{"input_ids": e.input_ids, "labels": e.labels} for e in chunk])
+            logits = teacher_model(input_ids=batch["input_ids"].to(device),
+                                   attention_mask=batch["attention_mask"].to(device)).logits[..., :vocab]
+            mask = response_positions(batch["labels"]).to(device)
+            picked = logits[:, :-1][mask].float()
+            k = vocab if top_k is None else min(top_k, vocab)
+            top = picked.topk(k, dim=-1, sorted=True)
+            values.append(top.values.cpu())
+            ids.append(top.indices.to(torch.int32).cpu())
+            counts.extend(int(m.sum()) for m in mask)
+            advance(len(chunk))
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.long), 0)
+    return {"values": torch.cat(values), "ids": torch.cat(ids), "offsets": offsets}
+
+
+def load_or_compute_cache(folder: Path, key: str, compute: Any, progress: Progress) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    path = folder / f"kd-logits-{key}.safetensors"
+    if path.is_file():
+        try:
+            cache = load_file(str(path))
+            progress.log(f"kd: reusing cached teacher logits {path}")
+            return cache
+        except (SafetensorError, OSError, RuntimeError):
+            progress.log(f"kd: cached teacher logits {path} are unreadable; recomputing them")
+    cache = compute()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file(cache, str(tmp))
+    os.replace(tmp, path)  # another run sharing the folder never sees a half-written file
+    return cache
+
+
+# ---- the method -----------------------------------------------------------------------------------
+
+
+class KdMethod(Method):
+    name = "kd"
+    needs_teacher = True
+
+    def __init__(self, spec: Any) -> None:
+        super().__init__(spec)
+        self.cache: dict[str, torch.Tensor] | None = None
+        self.teacher: Any = None
+        self.vocab = 0
+
+    @property
+    def teacher_during_training(self) -> bool:
+        return not self.spec.cache
+
+    def prepare(self, ctx: MethodContext) -> Any:
+        from peft import get_peft_model
+
+        spec, student = self.spec, ctx.student
+        check_targets(student.model, ctx.recipe.lora)
+        teacher = ctx.load_teacher()
+        check_pair(teacher.arch, student.arch, teacher.tokenizer, student.tokenizer, "kd")
+        # the shared tokenizer's size; lm_heads may be padded beyond it differently
+        self.vocab = min(teacher.arch.vocab_size, student.arch.vocab_size, len(student.tokenizer))
+        if spec.cache:
+            examples = ctx.examples
+            key = cache_key(teacher.name, str(teacher.dtype), examples, spec.top_k)
+            folder = Path(spec.logits_cache) if spec.logits_cache else ctx.workdir / "teacher_logits"
+            self.cache = load_or_compute_cache(
+                folder, key, lambda: teacher_logits_at_responses(teacher.model, examples, spec.top_k, self.vocab,
+                                                                 ctx.recipe.training.batch_size, ctx.progress),
+                ctx.progress)
+            if len(self.cache["offsets"]) != len(examples) + 1:
+                raise DataError("kd: the cached teacher logits do not match the training examples",
+                                hint=f"delete {folder} and rerun")
+        else:
+            self.teacher = teacher
+        return get_peft_model(student.model, lora_config(ctx.recipe.lora))
+
+    def training_loss(self, ctx: MethodContext) -> LossFn:
+        spec = self.spec
+
+        def loss(outputs: Any, batch: dict[str, torch.Tensor], n_tokens: Any) -> torch.Tensor:
+            logits = outputs.logits[..., : self.vocab]
+            labels = batch["labels"]
+            if self.cache is not None:
+                off = self.cache["offsets"]
+                rows = [slice(int(off[i]), int(off[i + 1])) for i in batch["index"].tolist()]
+                t_vals = torch.cat([self.cache["values"][r] for r in rows]).to(logits.device)
+                t_ids = torch.cat([self.cache["ids"][r] for r in rows]).to(logits.device)
+            else:
+                t_model = self.teacher.model
+                dev = next(t_model.parameters()).device
+                with torch.no_grad():
+                    t_out = t_model(input_ids=batch["input_ids"].to(dev),
+                                    attention_mask=batch["attention_mask"].to(dev)).logits[..., : self.vocab]
+                t_vals = t_out[:, :-1][response_positions(labels).to(dev)].to(logits.device)
+                t_ids = None
+            return kd_loss(logits, labels, t_vals, t_ids, temperature=spec.temperature, alpha=spec.alpha,
+                           n_tokens=n_tokens)
+
+        return loss

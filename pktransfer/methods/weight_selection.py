@@ -1,0 +1,99 @@
+"""Baseline: weight selection (Xu et al., ICLR 2024) as a LoRA initialisation (methods.md §4).
+
+1. Layers: student layer m takes teacher layer l_m, the first N (Xu et al.'s choice), evenly spaced, the
+   last N, or an explicit list.
+2. Dimensions: one evenly spaced index set per space (residual stream, attention heads, key/value heads,
+   MLP); a weight [out, in] keeps rows from its output space's set and columns from its input space's,
+   so every tensor sharing a dimension uses the same teacher indices. Embeddings and lm_head keep the
+   whole (shared) vocabulary and select along the hidden axis.
+3. Injection exactly as Seeking's steps 4-5: LoRA starts at the top-r SVD of the selected matrix and
+   the base keeps W_S − s·B A, so step-0 outputs equal the student's, and the saved adapter is rebased
+   onto the unmodified student.
+
+It is Seeking without the sensitivity: comparing the two isolates what locating knowledge adds. Xu et
+al. copy the selected weights outright into an untrained student; for a pretrained student that would
+discard its own weights, so the transfer here goes through the same LoRA budget as every other method.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from pktransfer.errors import IncompatiblePairError, RecipeError
+from pktransfer.methods.base import Method, MethodContext, snapshot_lora
+from pktransfer.methods.seeking import ROLE_OF_LEAF, SeekingMethod, group_roles, inject
+from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES, ArchitectureDescription
+from pktransfer.models.pair import check_pair
+from pktransfer.ops.selection import select_layers, space_indices
+from pktransfer.training import check_targets, lora_config
+
+SPACES = ("residual", "heads", "kv_heads", "mlp")
+
+
+def selection_plan(t_arch: ArchitectureDescription, s_arch: ArchitectureDescription,
+                   layers: Any) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """Teacher layers for the student's layers, and the index set of every space."""
+    try:
+        chosen = select_layers([0.0] * t_arch.n_layers, s_arch.n_layers, layers)
+        idx = space_indices({s: t_arch.space_size(s) for s in SPACES}, {s: s_arch.space_size(s) for s in SPACES})
+    except ValueError as err:
+        raise IncompatiblePairError(f"weight_selection: {err}",
+                                    hint="the student must be no larger than the teacher in every dimension") from None
+    return chosen, idx
+
+
+def selected_matrices(teacher: Any, s_arch: ArchitectureDescription, layers: list[int], idx: dict[str, torch.Tensor],
+                      roles: set[str]) -> dict[str, torch.Tensor]:
+    """Student module name -> the student-shaped teacher matrix (float32)."""
+    t_arch: ArchitectureDescription = teacher.arch
+    params = dict(teacher.model.named_parameters())
+    t_weights = {w.module: w for w in t_arch.weights()}
+    out: dict[str, torch.Tensor] = {}
+    for role, t_mod, s_mod in (("embed", t_arch.embed_module, s_arch.embed_module),
+                               ("lm_head", t_arch.lm_head_module, s_arch.lm_head_module)):
+        if role in roles:
+            out[s_mod] = params[t_mod + ".weight"].detach()[:, idx["residual"]].float().cpu()
+    for m, t_layer in enumerate(layers):
+        for role in (*ATTENTION_ROLES, *FFN_ROLES):
+            if role in roles:
+                t_mod = t_arch.module_name(t_layer, role)
+                w = t_weights[t_mod]
+                mat = params[t_mod + ".weight"].detach()
+                out[s_arch.module_name(m, role)] = mat[idx[w.out_space]][:, idx[w.in_space]].float().cpu()
+    return out
+
+
+class WeightSelectionMethod(Method):
+    name = "weight_selection"
+    needs_teacher = True
+
+    def prepare(self, ctx: MethodContext) -> Any:
+        from peft import get_peft_model
+
+        spec, recipe, student = self.spec, ctx.recipe, ctx.student
+        check_targets(student.model, recipe.lora)
+        teacher = ctx.load_teacher()
+        check_pair(teacher.arch, student.arch, teacher.tokenizer, student.tokenizer, "weight_selection")
+        SeekingMethod._check_ranks(student.arch, recipe)
+        try:
+            layers, idx = selection_plan(teacher.arch, student.arch, spec.layers)
+        except IncompatiblePairError as err:
+            if not isinstance(spec.layers, str):
+                raise RecipeError(f"method.layers: {err.message}",
+                                  hint=f"the teacher has {teacher.arch.n_layers} layers") from None
+            raise
+        roles = {ROLE_OF_LEAF.get(t) for t in recipe.lora.target_modules} & group_roles(spec.modules)
+        matrices = selected_matrices(teacher, student.arch, layers, idx, {r for r in roles if r})
+        (ctx.workdir / "weight_selection.json").write_text(json.dumps({
+            "selected_layers": layers, "mapping": {f"student.{m}": f"teacher.{t}" for m, t in enumerate(layers)},
+            "index_sets": {s: {"teacher": teacher.arch.space_size(s), "student": len(v), "first": v[:8].tolist()}
+                           for s, v in idx.items()},
+            "roles_injected": sorted(r for r in roles if r)}, indent=1))
+        ctx.progress.log(f"weight_selection: teacher layers {layers} -> student layers 0..{len(layers) - 1}")
+        model = get_peft_model(student.model, lora_config(recipe.lora, init=True))
+        inject(model, matrices)
+        self.initial_lora = snapshot_lora(model)
+        return model

@@ -1,0 +1,196 @@
+"""`pkt compare`: planning and budget rules, statistics on fixed tables, a grid end to end, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import pktransfer
+from pktransfer.comparison import describe, paired_difference, plan_grid
+from pktransfer.errors import RecipeError
+from pktransfer.recipe import recipe_from_dict
+
+
+def _grid(base: dict, methods: list, seeds=(0, 1), **extra) -> dict:
+    return {**base, "compare": {"methods": methods, "seeds": list(seeds), **extra}}
+
+
+# ---- statistics on a fixed table -------------------------------------------------------------------
+
+
+def test_describe_hand_computed():
+    d = describe([0.5, 0.6, 0.7])
+    assert d["mean"] == pytest.approx(0.6) and d["std"] == pytest.approx(0.1)
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, df=2)
+    assert d["ci_low"] == pytest.approx(0.6 - half) and d["ci_high"] == pytest.approx(0.6 + half)
+    one = describe([0.4])
+    assert one["n"] == 1 and one["mean"] == 0.4 and math.isnan(one["std"]) and math.isnan(one["ci_low"])
+
+
+def test_paired_difference_hand_computed():
+    method = {0: 0.60, 1: 0.70, 2: 0.65}
+    base = {0: 0.50, 1: 0.60, 2: 0.60, 3: 0.99}  # seed 3 has no partner: left out
+    p = paired_difference(method, base)
+    assert p["n"] == 3 and p["seeds"] == [0, 1, 2]
+    assert p["mean_diff"] == pytest.approx(0.25 / 3)
+    # t = 5 on 2 degrees of freedom: p = 1 - t/sqrt(2 + t^2) = 1 - 5/sqrt(27)
+    assert p["p_value"] == pytest.approx(1 - 5 / math.sqrt(27), rel=1e-6)
+    same = paired_difference({0: 0.5, 1: 0.6}, {0: 0.5, 1: 0.6})
+    assert same["mean_diff"] == 0 and same["p_value"] == 1.0
+    shifted = paired_difference({0: 0.6, 1: 0.7}, {0: 0.5, 1: 0.6})  # identical non-zero differences
+    assert shifted["mean_diff"] == pytest.approx(0.1) and math.isnan(shifted["p_value"])
+
+
+# ---- planning --------------------------------------------------------------------------------------
+
+
+def test_plan_expands_sweeps_and_keeps_everything_else_equal(tiny_recipe):
+    recipe = recipe_from_dict(_grid(tiny_recipe, ["lora", {"name": "kd", "sweep": {"method.alpha": [0.2, 0.8]}},
+                                                  {"name": "pissa", "label": "pissa-fast", "niter": 2}]))
+    cells = plan_grid(recipe)
+    assert [(c.label, c.seed) for c in cells[:4]] == [("lora", 0), ("kd[alpha=0.2]", 0), ("kd[alpha=0.8]", 0),
+                                                      ("pissa-fast", 0)]
+    assert len(cells) == 8
+    assert cells[2].recipe.method.alpha == 0.8 and cells[3].recipe.method.niter == 2
+    assert all(c.recipe.training == recipe.training and c.recipe.lora == recipe.lora for c in cells)
+    assert all(not c.recipe.evaluation.teacher and not c.recipe.evaluation.student for c in cells)
+    assert cells[5].folder == Path(recipe.output_dir) / "cells" / "kd[alpha=0.2]" / "seed-1"
+
+
+def test_overrides_reach_method_options_but_not_the_method_name(tiny_recipe):
+    cells = plan_grid(recipe_from_dict(_grid(tiny_recipe, ["lora", {"name": "kd", "overrides": {"method.alpha": 0.3}}])))
+    assert cells[1].recipe.method.alpha == 0.3
+    with pytest.raises(RecipeError, match="make it an entry of its own"):
+        plan_grid(recipe_from_dict(_grid(tiny_recipe, ["lora", {"name": "kd", "overrides": {"method.name": "lora"}}])))
+    with pytest.raises(RecipeError, match="temperature"):  # validated like the recipe itself
+        plan_grid(recipe_from_dict(_grid(tiny_recipe, ["lora", {"name": "kd", "sweep": {"method.temperature": [0]}}])))
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"training.lr": 1e-4}, "changes the training budget"),
+    ({"training.max_steps": 8}, "changes the training budget"),
+    ({"lora.r": 8}, "changes the training budget"),
+    ({"training": {"lr": 1e-4}}, "changes the training budget"),
+    ({"task.n_train": 4}, "the pair, task, evaluation"),
+    ({"evaluation.limit": 2}, "the pair, task, evaluation"),
+])
+def test_unequal_budget_is_refused_unless_allowed(tiny_recipe, override, match):
+    methods = ["lora", {"name": "pissa", "overrides": override}]
+    with pytest.raises(RecipeError, match=match):
+        plan_grid(recipe_from_dict(_grid(tiny_recipe, methods)))
+    if "budget" in match:
+        cells = plan_grid(recipe_from_dict(_grid(tiny_recipe, methods, allow_unequal_budget=True)))
+        assert (cells[0].recipe.training, cells[0].recipe.lora) != (cells[1].recipe.training, cells[1].recipe.lora)
+
+
+def test_bad_grids(tiny_recipe):
+    with pytest.raises(RecipeError, match="more than once"):
+        plan_grid(recipe_from_dict(_grid(tiny_recipe, ["lora", "lora"])))
+    with pytest.raises(RecipeError, match="baseline 'lora' is not one of"):
+        plan_grid(recipe_from_dict(_grid(tiny_recipe, ["pissa", "kd"])))
+    with pytest.raises(RecipeError, match="no 'compare' section"):
+        plan_grid(recipe_from_dict(tiny_recipe))
+    with pytest.raises(RecipeError, match="compare.methods.0"):
+        recipe_from_dict(_grid(tiny_recipe, ["lorra"]))
+
+
+# ---- a grid end to end -----------------------------------------------------------------------------
+
+
+def test_grid_end_to_end_with_shared_work(tiny_recipe, tmp_path, monkeypatch):
+    import pktransfer.pipeline as pipeline
+
+    tiny_recipe["output_dir"] = str(tmp_path / "grid")
+    recipe = recipe_from_dict(_grid(tiny_recipe, ["lora", "pissa", {"name": "kd", "alpha": 0.5},
+                                                  {"name": "seeking", "n_seed": 2, "structure": "row_column"}]))
+    calls = {"eval_pair": 0, "extract": 0}
+    for name in calls:
+        real = getattr(pipeline, {"eval_pair": "evaluate_pair", "extract": "extract"}[name])
+
+        def counted(*a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(pipeline, {"eval_pair": "evaluate_pair", "extract": "extract"}[name], counted)
+    res = pktransfer.compare(recipe, quiet=True)
+    out = res.output_dir
+    assert calls == {"eval_pair": 1, "extract": 1}  # base evaluations and sensitivity once for the grid
+    assert len(list((out / "shared" / "kd-logits").glob("*.safetensors"))) == 1
+    for name in ("compare.md", "compare.csv", "compare.json", "compare_scores.png", "compare_loss.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    s = res.result["summary"]
+    assert s["labels"] == ["lora", "pissa", "kd", "seeking"] and s["equal_budget"]
+    assert s["by_label"]["kd"]["metrics"]["test"]["n"] == 2
+    assert "test" in s["by_label"]["kd"]["paired_vs_baseline"] and not s["by_label"]["lora"]["paired_vs_baseline"]
+    rows = (out / "compare.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and rows[0].startswith("label,method,metric,n_seeds,mean,std,ci95_low")
+    md = (out / "compare.md").read_text()
+    assert "Every cell trains the student" in md and "paired t-test" in md and "| kd | 2 |" in md
+    # every seeking cell used the shared sensitivity without copying it
+    for seed in (0, 1):
+        cell = out / "cells" / "seeking" / f"seed-{seed}"
+        assert not (cell / "sensitivity" / "sensitivity.safetensors").exists()
+        assert "shared" in json.loads((cell / "sensitivity" / "summary.json").read_text())["source"]
+    # a second invocation reruns nothing
+    monkeypatch.setattr(pipeline, "run", lambda *a, **k: pytest.fail("a finished cell was rerun"))
+    again = pktransfer.compare(recipe, quiet=True)
+    assert again.result["summary"] == res.result["summary"]
+
+
+def test_finished_cells_with_another_recipe_are_refused(tiny_recipe, tmp_path):
+    tiny_recipe["output_dir"] = str(tmp_path / "grid")
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    pktransfer.compare(recipe_from_dict(_grid(tiny_recipe, ["lora"], seeds=[0])), quiet=True)
+    tiny_recipe["training"]["lr"] = 5e-4
+    with pytest.raises(RecipeError, match="different recipe"):
+        pktransfer.compare(recipe_from_dict(_grid(tiny_recipe, ["lora"], seeds=[0])), quiet=True)
+
+
+def _cells_done(root: Path) -> int:
+    return len(list(root.glob("cells/*/seed-*/run.json")))
+
+
+def test_killed_grid_resumes_only_missing_cells_and_matches_an_uninterrupted_run(tiny_recipe, tmp_path, monkeypatch):
+    import pktransfer.pipeline as pipeline
+
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    tiny_recipe["training"]["max_steps"] = 6
+    grid = _grid(tiny_recipe, ["lora", "pissa", {"name": "kd", "alpha": 0.5}], seeds=[0, 1])
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    for folder in (killed, clean):
+        grid["output_dir"] = str(folder)
+        (tmp_path / f"{folder.name}.yaml").write_text(yaml.safe_dump(grid))
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pktransfer.cli", "compare", str(tmp_path / "killed.yaml"), "-q"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 240
+    while _cells_done(killed) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = _cells_done(killed)
+    assert 2 <= done_before < 6
+
+    runs = []
+    real_run = pipeline.run
+    monkeypatch.setattr(pipeline, "run", lambda r, **k: runs.append(r.output_dir) or real_run(r, **k))
+    resumed = pktransfer.compare(pktransfer.load_recipe(tmp_path / "killed.yaml"), quiet=True)
+    assert len(runs) == 6 - done_before  # only the missing cells ran
+    full = pktransfer.compare(pktransfer.load_recipe(tmp_path / "clean.yaml"), quiet=True)
+    strip = ("folder", "prepare_seconds", "train_seconds", "wall_seconds", "peak_rss_anon_gib", "peak_cuda_gib")
+    a = [{k: v for k, v in c.items() if k not in strip} for c in resumed.result["cells"]]
+    b = [{k: v for k, v in c.items() if k not in strip} for c in full.result["cells"]]
+    assert a == b
+    sa, sb = resumed.result["summary"]["by_label"], full.result["summary"]["by_label"]
+    assert {k: v["metrics"] for k, v in sa.items()} == {k: v["metrics"] for k, v in sb.items()}
