@@ -166,13 +166,22 @@ def compare_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = Non
 
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[str, typer.Option("--model", "-m", help="builtin:NAME, local folder, or hub id.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="builtin:NAME, local folder (a merged model too), "
+                                       "or hub id.")],
     task: Annotated[str, typer.Option("--task", "-t", help="Task name (see `pkt tasks`).")] = "arithmetic",
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     adapter: Annotated[str | None, typer.Option(help="PEFT adapter folder to apply to the model.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N items.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 16,
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Task parameter KEY=VALUE, e.g. "
+                                                    "shots=8 or style=lm-eval. Repeatable.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only N items (the first N; see --subset-seed).")] = None,
+    subset_seed: Annotated[int | None, typer.Option(help="With --limit: draw the N items with this seed.")] = None,
+    batch_size: Annotated[str, typer.Option(help="Batch size, or 'auto' (largest that fits on the GPU).")] = "16",
     max_new_tokens: Annotated[int | None, typer.Option(help="Generation budget (default: the task's).")] = None,
+    prompt_format: Annotated[str, typer.Option(help="auto (chat template if the model has one), chat or plain.")] = "auto",
+    n_samples: Annotated[int, typer.Option(help="Code tasks: completions per problem (pass@k for k <= n).")] = 1,
+    temperature: Annotated[float, typer.Option(help="Code tasks: sampling temperature when n > 1.")] = 0.8,
+    allow_code_execution: Annotated[bool, typer.Option("--allow-code-execution", help="Run model-generated code "
+                                                       "(sandboxed) for humaneval/mbpp.")] = False,
     data_dir: Annotated[str | None, typer.Option(help="Benchmark data folder (default $PKT_DATA_DIR).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
@@ -180,19 +189,40 @@ def eval_cmd(
 ) -> None:
     """Evaluate a model (optionally + adapter) on a task split; per-item JSONL and a summary with --output-dir."""
     import pktransfer
-    from pktransfer.recipe import ModelSpec, validate
+    from pktransfer.errors import RecipeError
+    from pktransfer.recipe import ModelSpec, parse_override, validate
 
     def go() -> None:
         pktransfer.set_threads(threads)
         spec = validate(ModelSpec, {"model": model, "device": device, "dtype": dtype}, "command line")
-        res = pktransfer.evaluate(spec, task, split=split, adapter=adapter, limit=limit, batch_size=batch_size,
-                                  max_new_tokens=max_new_tokens, data_dir=data_dir, output_dir=output_dir, quiet=quiet)
+        if batch_size != "auto" and not batch_size.isdigit():
+            raise RecipeError(f"--batch-size {batch_size!r}", hint="a positive integer or 'auto'")
+        if prompt_format not in ("auto", "chat", "plain"):
+            raise RecipeError(f"--prompt-format {prompt_format!r}", hint="auto, chat or plain")
+        params = {}
+        for item in param or []:
+            path, value = parse_override(item)
+            params[".".join(path)] = value
+        res = pktransfer.evaluate(spec, task, split=split, adapter=adapter, limit=limit, subset_seed=subset_seed,
+                                  batch_size=batch_size if batch_size == "auto" else int(batch_size),
+                                  max_new_tokens=max_new_tokens, data_dir=data_dir, task_params=params,
+                                  prompt_format=prompt_format, n_samples=n_samples, temperature=temperature,
+                                  allow_code_execution=allow_code_execution, output_dir=output_dir, quiet=quiet)
         s = res.summary
-        table = Table(title=f"{model}{' + ' + adapter if adapter else ''}")
-        for col in ("task", "split", "n", "accuracy", "items/s"):
-            table.add_column(col)
-        table.add_row(s["task"], s["split"], str(s["n"]), f"{100 * s['accuracy']:.1f}%", str(s["items_per_second"]))
+        table = Table(title=f"{model}{' + ' + adapter if adapter else ''} on {s['eval_name']}/{s['split']}")
+        for col in ("metric", "value"):
+            table.add_column(col, justify="left" if col == "metric" else "right")
+        table.add_row("n", str(s["n"]))
+        table.add_row("accuracy (primary)", f"{100 * s['accuracy']:.1f}%")
+        for k, v in s.get("metrics", {}).items():
+            table.add_row(k, f"{100 * v:.1f}%")
+        table.add_row("items/s", str(s["items_per_second"]))
+        if s.get("generated_tokens_per_second"):
+            table.add_row("generated tokens/s", str(s["generated_tokens_per_second"]))
+        table.add_row("prompt format", s["protocol"]["prompt_format"]["mode"])
         console.print(table)
+        if output_dir:
+            console.print(f"per-item results and summary in {output_dir}")
 
     guarded(go)
 

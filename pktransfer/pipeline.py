@@ -18,7 +18,7 @@ import torch
 
 from pktransfer.data import Item, PromptFormatter, Task, encode_items, get_task
 from pktransfer.errors import ModelError, PktError, RecipeError
-from pktransfer.evaluation import EvalResult, evaluate_items
+from pktransfer.evaluation import EvalOptions, EvalResult, evaluate_items, subset
 from pktransfer.methods import MethodContext, get_method
 from pktransfer.models import LoadedModel, load_config, load_model
 from pktransfer.progress import Progress
@@ -45,9 +45,19 @@ def seed_everything(seed: int) -> None:
 
 
 def _eval_items(task: Task, split: str, recipe: Recipe) -> list[Item]:
+    """The items a recipe evaluates: task.n_test caps the test split (its first N); evaluation.limit
+    (with subset_seed, a seeded draw) applies to every split."""
     items = task.split(split)
-    cap = recipe.evaluation.limit or (recipe.task.n_test if split == "test" else None)
-    return items[:cap] if cap else items
+    if split == "test" and recipe.task.n_test:
+        items = items[: recipe.task.n_test]
+    return subset(items, recipe.evaluation.limit, recipe.evaluation.subset_seed)
+
+
+def eval_options(recipe: Recipe, task: Task) -> EvalOptions:
+    ev = recipe.evaluation
+    return EvalOptions(batch_size=ev.batch_size, max_new_tokens=generation_budget(ev.max_new_tokens, task),
+                       n_samples=ev.n_samples, temperature=ev.temperature, seed=recipe.seed,
+                       allow_code_execution=ev.allow_code_execution)
 
 
 def generation_budget(explicit: int | None, task: Task) -> int:
@@ -56,7 +66,7 @@ def generation_budget(explicit: int | None, task: Task) -> int:
 
 
 def formatter_for(loaded: LoadedModel, task: Task, recipe: Recipe) -> PromptFormatter:
-    return PromptFormatter(loaded.tokenizer, recipe.task.prompt_format, task.system_prompt)
+    return PromptFormatter(loaded.tokenizer, recipe.task.prompt_format, task.system_prompt, task.plain_separator)
 
 
 def _evaluate_cached(rd: RunDir, model: Any, formatter: PromptFormatter, task: Task, recipe: Recipe, label: str,
@@ -70,12 +80,11 @@ def _evaluate_cached(rd: RunDir, model: Any, formatter: PromptFormatter, task: T
             out[split] = json.loads(summary_path.read_text())
             progress.log(f"{label} on {split}: reusing finished evaluation ({100 * out[split]['accuracy']:.1f}%)")
             continue
-        res = evaluate_items(model, formatter, items, label=label, task=task.name, split=split, scorer=task.scorer,
-                             batch_size=recipe.evaluation.batch_size,
-                             max_new_tokens=generation_budget(recipe.evaluation.max_new_tokens, task),
-                             progress=progress)
+        res = evaluate_items(model, formatter, items, label=label, task=task, split=split,
+                             options=eval_options(recipe, task), progress=progress)
         res.save(rd.work / "eval")
-        progress.log(f"{label} on {task.name}/{split}: {100 * res.accuracy:.1f}% ({res.summary['correct']}/{len(items)})")
+        progress.log(f"{label} on {task.name}/{split}: {100 * res.accuracy:.1f}% ({res.summary['correct']}/{len(items)})"
+                     + "".join(f", {k} {100 * v:.1f}%" for k, v in res.summary.get("metrics", {}).items()))
         out[split] = res.summary
     return out
 
@@ -109,6 +118,10 @@ def check_recipe(recipe: Recipe) -> tuple[Task, list[Item]]:
         train_items = train_items[: recipe.task.n_train]
     for split in recipe.evaluation.splits:
         _eval_items(task, split, recipe)
+    if task.kind == "code":
+        from pktransfer.evaluation.sandbox import require_opt_in
+
+        require_opt_in(recipe.evaluation.allow_code_execution, f"task '{task.name}'")
     load_config(recipe.student.model, recipe.student.revision)
     if recipe.evaluation.teacher or get_method(recipe.method).needs_teacher:
         load_config(recipe.teacher.model, recipe.teacher.revision)
@@ -299,15 +312,21 @@ def inject(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False,
 
 
 def evaluate(model: str | ModelSpec, task: str = "arithmetic", *, split: str = "test", adapter: str | None = None,
-             limit: int | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
-             data_dir: str | None = None, task_params: dict[str, Any] | None = None,
-             prompt_format: str = "auto", output_dir: str | None = None, quiet: bool = False,
+             limit: int | None = None, subset_seed: int | None = None, batch_size: int | str = 16,
+             max_new_tokens: int | None = None, data_dir: str | None = None, task_params: dict[str, Any] | None = None,
+             prompt_format: str = "auto", n_samples: int = 1, temperature: float = 0.8, seed: int = 0,
+             allow_code_execution: bool = False, output_dir: str | None = None, quiet: bool = False,
              progress: Progress | None = None) -> EvalResult:
-    """Evaluate a model (hub id, folder, builtin:NAME; optionally with a PEFT adapter) on a task split."""
+    """Evaluate a model (hub id, folder, builtin:NAME; a merged model is a folder; optionally with a PEFT
+    adapter on top) on a task split. ``limit`` takes the first N items, or N drawn with ``subset_seed``."""
     progress = progress or Progress(quiet=quiet)
     spec = model if isinstance(model, ModelSpec) else ModelSpec(model=model)
     t = get_task(task, task_params, data_dir)
-    items = t.split(split)[:limit] if limit else t.split(split)
+    items = t.split(split)
+    if t.kind == "code":
+        from pktransfer.evaluation.sandbox import require_opt_in
+
+        require_opt_in(allow_code_execution, f"task '{t.name}'")
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise PktError(f"adapter folder '{adapter}' has no adapter_config.json",
                        hint="pass a folder written by PeftModel.save_pretrained (a run's adapter/ folder)")
@@ -321,10 +340,11 @@ def evaluate(model: str | ModelSpec, task: str = "arithmetic", *, split: str = "
         except (RuntimeError, ValueError, KeyError) as err:
             raise ModelError(f"adapter '{adapter}' does not fit model '{spec.model}': {str(err).splitlines()[0][:200]}",
                              hint="use the student the adapter was trained on") from None
-    formatter = PromptFormatter(loaded.tokenizer, prompt_format, t.system_prompt)  # type: ignore[arg-type]
-    res = evaluate_items(net, formatter, items, label="model", task=t.name, split=split, scorer=t.scorer,
-                         batch_size=batch_size, max_new_tokens=generation_budget(max_new_tokens, t),
-                         progress=progress)
+    formatter = PromptFormatter(loaded.tokenizer, prompt_format, t.system_prompt, t.plain_separator)  # type: ignore[arg-type]
+    opts = EvalOptions(batch_size=batch_size, max_new_tokens=generation_budget(max_new_tokens, t), limit=limit,
+                       subset_seed=subset_seed, n_samples=n_samples, temperature=temperature, seed=seed,
+                       allow_code_execution=allow_code_execution)
+    res = evaluate_items(net, formatter, items, label="model", task=t, split=split, options=opts, progress=progress)
     res.summary.update({"model": spec.model, "adapter": adapter})
     if output_dir:
         res.save(Path(output_dir))

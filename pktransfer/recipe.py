@@ -79,8 +79,12 @@ class TrainingSpec(Strict):
 
 class EvaluationSpec(Strict):
     splits: list[str] = Field(default_factory=lambda: ["test"], min_length=1)
-    limit: int | None = Field(default=None, ge=1, description="evaluate only the first N items")
-    batch_size: int = Field(default=16, ge=1)
+    limit: int | None = Field(default=None, ge=1, description="evaluate only N items (the first N, or a seeded draw)")
+    subset_seed: int | None = Field(default=None, description="with limit: draw the N items with this seed")
+    batch_size: int | Literal["auto"] = Field(default=16, description="or 'auto': the largest that fits (CUDA)")
+    n_samples: int = Field(default=1, ge=1, description="code tasks: completions per problem (pass@k for k <= n)")
+    temperature: float = Field(default=0.8, ge=0, description="code tasks: sampling temperature when n_samples > 1")
+    allow_code_execution: bool = Field(default=False, description="run generated code (sandboxed) for code tasks")
     max_new_tokens: int | None = Field(default=None, ge=1,
                                        description="generation budget (None: the task's own, e.g. 12 for arithmetic)")
     teacher: bool = Field(default=True, description="also evaluate the teacher")

@@ -1,8 +1,9 @@
 """Prompt formatting and tokenisation with response-only loss masks.
 
 ``chat`` renders the prompt with the model's chat template (generation prompt appended) and ends the
-response with the template's own end-of-turn text; ``plain`` writes the prompt, a newline, and the
-response followed by the EOS token. Prompt and response are tokenised separately and concatenated, so
+response with the template's own end-of-turn text; ``plain`` writes the prompt,
+a separator (a newline, or none for benchmark templates ending in "Answer:"), and the response followed
+by the EOS token. Prompt and response are tokenised separately and concatenated, so
 the boundary is exact: labels are -100 on every prompt token and the response tokens elsewhere.
 """
 
@@ -30,8 +31,9 @@ class Example:
 
 class PromptFormatter:
     def __init__(self, tokenizer: Any, mode: Literal["auto", "chat", "plain"] = "auto",
-                 system_prompt: str | None = None) -> None:
+                 system_prompt: str | None = None, plain_separator: str = "\n") -> None:
         self.tokenizer = tokenizer
+        self.plain_separator = plain_separator
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if mode == "chat" and not has_template:
             raise DataError("prompt_format 'chat' was asked for but the tokenizer has no chat template",
@@ -56,7 +58,7 @@ class PromptFormatter:
     def prompt_text(self, prompt: str) -> str:
         if self.mode == "chat":
             return self.tokenizer.apply_chat_template(self._messages(prompt), tokenize=False, add_generation_prompt=True)
-        return prompt + "\n"
+        return prompt + self.plain_separator
 
     def encode_prompt(self, prompt: str) -> list[int]:
         text = self.prompt_text(prompt)

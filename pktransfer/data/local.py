@@ -54,10 +54,17 @@ def row_to_item(row: dict[str, Any], idx: int, path: Path, reference_fn: Any = N
 
 @register_task
 class Gsm8kTask(Task):
-    """GSM8K: test = the official 1,319 test questions; train/seed/extract/align = the papers' GSM8K-train subsets."""
+    """GSM8K: test = the official 1,319 test questions; train/seed/extract/align = the papers' GSM8K-train subsets.
+
+    ``params.shots``: 0 (default) or 8 fixed exemplars, the first 8 solutions of GSM8K train.
+    ``params.style``: ``instruct`` (default; "Answer the following question." for chat models) or
+    ``lm-eval`` (lm-eval's "Question: ...\nAnswer:" template, stop at "Question:"; use with
+    prompt_format: plain to reproduce lm-eval's gsm8k numbers). Scores: ``flexible`` (the last number,
+    primary) and ``strict`` (the number after "#### ").
+    """
 
     name = "gsm8k"
-    description = "GSM8K (shared/data): paper train/seed/extract/align subsets, official test set"
+    description = "GSM8K (shared/data): paper train subsets, official test; 0/8-shot, strict + flexible match"
     scorer = "exact_match_number"
     max_new_tokens = 256
     FILES: ClassVar[dict[str, str]] = {
@@ -67,15 +74,51 @@ class Gsm8kTask(Task):
         "align": "laten/gsm/gsm_align_split.jsonl",
         "test": "gsm8k/test.jsonl",
     }
+    EXEMPLARS = "gsm8k/train.jsonl"
+
+    def __init__(self, params: dict[str, Any] | None = None, data_dir: str | None = None) -> None:
+        super().__init__(params, data_dir)
+        self.shots = self.params.get("shots", 0)
+        self.style = self.params.get("style", "instruct")
+        if self.shots not in (0, 8) and not (isinstance(self.shots, int) and 0 <= self.shots <= 16):
+            raise RecipeError(f"gsm8k: shots={self.shots!r}", hint="use 0 or 8 (any 0-16 works)")
+        if self.style not in ("instruct", "lm-eval"):
+            raise RecipeError(f"gsm8k: style={self.style!r}", hint="use 'instruct' or 'lm-eval'")
+        if self.style == "lm-eval":
+            self.plain_separator = ""
+            self.stop_strings = ("Question:", "</s>", "<|im_end|>")
+
+    def _test_prompt(self, question: str, shots: str) -> str:
+        if self.style == "lm-eval":
+            return f"{shots}Question: {question}\nAnswer:"
+        return _GSM_PROMPT.format(question=question) if not shots else \
+            "Answer the following question.\n\n" + shots + f"Question: {question}"
 
     def _load(self, split: str) -> list[Item]:
         path = self.data_dir() / self.FILES[split]
         rows = read_jsonl(path)
         if split == "test":
-            return [Item(id=f"gsm8k-test-{i}", prompt=_GSM_PROMPT.format(question=r["question"]),
+            exemplars = read_jsonl(self.data_dir() / self.EXEMPLARS)[: self.shots] if self.shots else []
+            shots = "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in exemplars)
+            return [Item(id=f"gsm8k-test-{i}", prompt=self._test_prompt(r["question"], shots),
                          response=r["answer"], reference=gsm_reference(r["answer"]), metadata={"line": i})
                     for i, r in enumerate(rows)]
         return [row_to_item(r, i, path, gsm_reference) for i, r in enumerate(rows)]
+
+    def score(self, output: str, item: Item) -> dict[str, Any]:
+        from pktransfer.evaluation.metrics import exact_match_number, gsm8k_strict
+
+        flex, ok = exact_match_number(output, item.reference)
+        strict, strict_ok = gsm8k_strict(output, item.reference)
+        return {"extracted": flex, "correct": ok,
+                "metrics": {"exact_match,flexible": float(ok), "exact_match,strict": float(strict_ok)},
+                "extracted_strict": strict}
+
+    def protocol(self) -> dict[str, Any]:
+        return {**super().protocol(), "shots": self.shots, "style": self.style,
+                "exemplars": f"first {self.shots} of {self.EXEMPLARS}" if self.shots else None,
+                "filters": {"flexible": "last number in the output (primary)",
+                            "strict": "the number after '#### ' (lm-eval strict-match)"}}
 
 
 @register_task

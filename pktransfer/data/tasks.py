@@ -42,6 +42,22 @@ class Task(ABC):
     scorer: str = "exact_match_number"
     system_prompt: str | None = None
     max_new_tokens: int | None = None  # a sensible generation budget, if the task knows one
+    # how it is evaluated: "generate" (greedy text, scored by ``score``), "choice" (log-likelihood of
+    # each item's metadata["choices"] continuations), "code" (generated program run against tests)
+    kind: str = "generate"
+    stop_strings: tuple[str, ...] = ()  # generation stops at the first of these (cut from the output)
+    plain_separator: str = "\n"  # between prompt and response in the plain format ("" for "...Answer:")
+
+    def score(self, output: str, item: Item) -> dict[str, Any]:
+        """Per-item scores: ``extracted``, ``correct`` (the primary metric) and optional other ``metrics``."""
+        from pktransfer.evaluation.metrics import SCORERS
+
+        pred, ok = SCORERS[self.scorer](output, item.reference)
+        return {"extracted": pred, "correct": ok}
+
+    def protocol(self) -> dict[str, Any]:
+        """What a reader needs to reproduce the numbers (shots, template, filters); saved in summaries."""
+        return {"kind": self.kind, "scorer": self.scorer, "stop_strings": list(self.stop_strings)}
 
     def __init__(self, params: dict[str, Any] | None = None, data_dir: str | None = None) -> None:
         self.params = dict(params or {})

@@ -1,17 +1,33 @@
-"""Evaluate a model on a task split: generate, extract, score, and save per-item results."""
+"""Evaluate a model on a task split: generate / score choices / run code, and save per-item results.
+
+Three kinds of task (``Task.kind``):
+- ``generate``: batched greedy generation (left padding, stop tokens and stop strings), scored per item
+  by ``Task.score`` (a primary ``correct`` and optional extra metrics such as GSM8K's strict filter or
+  Super-NI's ROUGE-L);
+- ``choice``: the log-likelihood of each continuation in ``item.metadata["choices"]`` after the prompt;
+  the prediction is the argmax (MMLU), with per-subject, macro and micro accuracy;
+- ``code``: n completions per problem (greedy for n = 1, sampled otherwise), each program run in the
+  sandbox; pass@k with the unbiased estimator.
+
+Every result keeps per-item records (prompt, raw output, extracted answer, reference, correct) and a
+summary with the protocol (shots, template, filters, limit and subset seed, data sha256).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pktransfer.data import Item, PromptFormatter
-from pktransfer.evaluation.generation import generate
-from pktransfer.evaluation.metrics import SCORERS
+import torch
+
+from pktransfer.data import Item, PromptFormatter, Task
+from pktransfer.evaluation.generation import auto_batch_size, continuation_logliks, encode_pair, generate
 from pktransfer.progress import Progress
 
 
@@ -36,6 +52,19 @@ class EvalResult:
         (folder / f"{stem}.summary.json").write_text(json.dumps(self.summary, indent=2))
 
 
+@dataclass
+class EvalOptions:
+    batch_size: int | str = 16  # or "auto"
+    max_new_tokens: int = 16
+    limit: int | None = None
+    subset_seed: int | None = None
+    n_samples: int = 1  # code tasks: completions per problem
+    temperature: float = 0.0  # code tasks with n_samples > 1 (0.8 is the usual choice)
+    seed: int = 0
+    allow_code_execution: bool = False
+    sandbox_timeout: float = 10.0
+
+
 def items_sha256(items: list[Item]) -> str:
     h = hashlib.sha256()
     for it in items:
@@ -43,29 +72,129 @@ def items_sha256(items: list[Item]) -> str:
     return h.hexdigest()
 
 
-def evaluate_items(model: Any, formatter: PromptFormatter, items: list[Item], *, label: str, task: str, split: str,
-                   scorer: str, batch_size: int, max_new_tokens: int, progress: Progress | None = None) -> EvalResult:
-    score = SCORERS[scorer]
+def subset(items: list[Item], limit: int | None, seed: int | None) -> list[Item]:
+    """The first ``limit`` items, or with a seed ``limit`` items drawn with that seed (kept in order)."""
+    if not limit or limit >= len(items):
+        return items
+    if seed is None:
+        return items[:limit]
+    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in keep]
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def _generate_kind(model: Any, formatter: PromptFormatter, items: list[Item], task: Task, opts: EvalOptions,
+                   advance: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     prompts = [formatter.encode_prompt(it.prompt) for it in items]
-    t0 = time.perf_counter()
-    with (progress or Progress(quiet=True)).task(f"eval {label} on {task}/{split}", total=len(items)) as advance:
-        outputs, n_tokens = generate(model, formatter.tokenizer, prompts, batch_size=batch_size,
-                                     max_new_tokens=max_new_tokens, stop_token_ids=formatter.stop_token_ids(),
-                                     on_batch=lambda n, _t: advance(n))
-    seconds = time.perf_counter() - t0
-    records = []
+    outputs, n_tokens = auto_batch_size(model, opts.batch_size)(lambda bs: generate(
+        model, formatter.tokenizer, prompts, batch_size=bs, max_new_tokens=opts.max_new_tokens,
+        stop_token_ids=formatter.stop_token_ids(), stop_strings=task.stop_strings, on_batch=lambda n, _t: advance(n)))
+    records, extra = [], defaultdict(list)
     for it, out in zip(items, outputs, strict=True):
-        pred, ok = score(out, it.reference)
-        records.append({"id": it.id, "prompt": it.prompt, "output": out, "extracted": pred,
-                        "reference": it.reference, "correct": ok})
-    n_correct = sum(r["correct"] for r in records)
+        s = task.score(out, it)
+        for k, v in s.get("metrics", {}).items():
+            extra[k].append(float(v))
+        records.append({"id": it.id, "prompt": it.prompt, "output": out, "extracted": s["extracted"],
+                        "reference": it.reference, "correct": bool(s["correct"]),
+                        **({"metrics": s["metrics"]} if "metrics" in s else {}),
+                        **{k: v for k, v in s.items() if k not in ("extracted", "correct", "metrics")}})
+    return records, {"metrics": {k: _mean(v) for k, v in extra.items()}, "generated_tokens": n_tokens}
+
+
+def _choice_kind(model: Any, formatter: PromptFormatter, items: list[Item], task: Task, opts: EvalOptions,
+                 advance: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    tok = formatter.tokenizer
+    contexts, conts = [], []
+    for it in items:
+        text = formatter.prompt_text(it.prompt)
+        # after a chat template's assistant header the answer starts the turn: no leading space
+        choices = [c.lstrip() if formatter.mode == "chat" else c for c in it.metadata["choices"]]
+        pairs = [encode_pair(tok, text, c) for c in choices]
+        contexts.append(pairs[0][0])
+        conts.append([p[1] for p in pairs])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ll = auto_batch_size(model, opts.batch_size, start=32)(
+        lambda bs: continuation_logliks(model, contexts, conts, batch_size=bs, pad_id=pad, on_batch=advance))
+    records, by_subject = [], defaultdict(list)
+    for it, scores in zip(items, ll, strict=True):
+        letters = [c.strip() for c in it.metadata["choices"]]
+        pred = letters[max(range(len(scores)), key=lambda j: scores[j])]
+        ok = pred == it.reference
+        subject = it.metadata.get("subject", "all")
+        by_subject[subject].append(float(ok))
+        records.append({"id": it.id, "prompt": it.prompt, "output": None, "loglik": dict(zip(letters, scores, strict=True)),
+                        "extracted": pred, "reference": it.reference, "correct": ok, "subject": subject})
+    per_subject = {s: {"n": len(v), "accuracy": _mean(v)} for s, v in sorted(by_subject.items())}
+    return records, {"metrics": {"acc,micro": _mean([float(r["correct"]) for r in records]),
+                                 "acc,macro": _mean([v["accuracy"] for v in per_subject.values()])},
+                     "per_subject": per_subject}
+
+
+def _code_kind(model: Any, formatter: PromptFormatter, items: list[Item], task: Any, opts: EvalOptions,
+               advance: Any, progress: Progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from pktransfer.evaluation.metrics import pass_at_k
+    from pktransfer.evaluation.sandbox import SandboxLimits, require_opt_in, run_programs
+
+    require_opt_in(opts.allow_code_execution, f"task '{task.name}'")
+    n = opts.n_samples
+    temperature = opts.temperature if n > 1 else 0.0
+    prompts = [formatter.encode_prompt(it.prompt) for it in items for _ in range(n)]
+    torch.manual_seed(opts.seed)
+    outputs, n_tokens = auto_batch_size(model, opts.batch_size)(lambda bs: generate(
+        model, formatter.tokenizer, prompts, batch_size=bs, max_new_tokens=opts.max_new_tokens,
+        stop_token_ids=formatter.stop_token_ids(), stop_strings=task.stop_strings, temperature=temperature,
+        on_batch=lambda k, _t: advance(k / n)))
+    programs = [task.program(items[i // n], out) for i, out in enumerate(outputs)]
+    with progress.task(f"sandbox: {len(programs)} programs", total=len(programs)) as tick:
+        results = run_programs(programs, SandboxLimits(timeout=opts.sandbox_timeout), on_done=lambda: tick(1))
+    ks = [k for k in (1, 10, 100) if k <= n]
+    records, per_k = [], defaultdict(list)
+    for i, it in enumerate(items):
+        res = results[i * n:(i + 1) * n]
+        c = sum(r.passed for r in res)
+        for k in ks:
+            per_k[f"pass@{k}"].append(pass_at_k(n, c, k))
+        records.append({"id": it.id, "prompt": it.prompt, "output": outputs[i * n] if n == 1 else outputs[i * n:(i + 1) * n],
+                        "extracted": programs[i * n] if n == 1 else None, "reference": it.reference,
+                        "correct": pass_at_k(n, c, 1) == 1.0 if n == 1 else c > 0, "n_samples": n, "n_passed": c,
+                        "execution": [{"status": r.status, "stderr": r.stderr[-500:]} for r in res]})
+    isolation = results[0].isolation if results else {}
+    return records, {"metrics": {k: _mean(v) for k, v in per_k.items()}, "generated_tokens": n_tokens,
+                     "sandbox": {"isolation": isolation, "timeout_s": opts.sandbox_timeout},
+                     "sampling": {"n": n, "temperature": temperature, "seed": opts.seed}}
+
+
+def evaluate_items(model: Any, formatter: PromptFormatter, items: list[Item], *, label: str, task: Task, split: str,
+                   options: EvalOptions | None = None, progress: Progress | None = None) -> EvalResult:
+    opts = options or EvalOptions()
+    progress = progress or Progress(quiet=True)
+    items = subset(items, opts.limit, opts.subset_seed)
+    t0 = time.perf_counter()
+    with progress.task(f"eval {label} on {task.name}/{split}", total=len(items)) as advance:
+        if task.kind == "choice":
+            records, extra = _choice_kind(model, formatter, items, task, opts, advance)
+        elif task.kind == "code":
+            records, extra = _code_kind(model, formatter, items, task, opts, advance, progress)
+        else:
+            records, extra = _generate_kind(model, formatter, items, task, opts, advance)
+    seconds = time.perf_counter() - t0
+    n_correct = sum(bool(r["correct"]) for r in records)
+    primary = {"choice": "acc,micro", "code": "pass@1"}.get(task.kind)
+    accuracy = extra["metrics"][primary] if primary in extra.get("metrics", {}) else n_correct / len(items)
+    tokens = extra.pop("generated_tokens", None)
     summary = {
-        "label": label, "task": task, "split": split, "n": len(items), "correct": n_correct,
-        "accuracy": n_correct / len(items), "scorer": scorer,
-        "protocol": {"decoding": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                     "prompt_format": formatter.describe(), "shots": 0},
+        "label": label, "task": task.name, "eval_name": getattr(task, "eval_name", task.name), "split": split,
+        "n": len(items), "correct": n_correct, "accuracy": accuracy, "scorer": task.scorer, **extra,
+        "protocol": {"decoding": "greedy" if task.kind != "code" or opts.n_samples == 1 else "sampled",
+                     "max_new_tokens": opts.max_new_tokens if task.kind != "choice" else None,
+                     "batch_size": opts.batch_size, "prompt_format": formatter.describe(),
+                     "limit": opts.limit, "subset_seed": opts.subset_seed, **task.protocol()},
         "data_sha256": items_sha256(items), "seconds": round(seconds, 2),
         "items_per_second": round(len(items) / seconds, 3) if seconds else None,
-        "generated_tokens": n_tokens,
+        "generated_tokens": tokens,
+        "generated_tokens_per_second": round(tokens / seconds, 2) if tokens and seconds else None,
     }
-    return EvalResult(label, task, split, summary, records)
+    return EvalResult(label, task.name, split, summary, records)

@@ -30,11 +30,13 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 @torch.inference_mode()
 def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, batch_size: int, max_new_tokens: int,
-             stop_token_ids: Sequence[int], stop_strings: Sequence[str] = (),
+             stop_token_ids: Sequence[int], stop_strings: Sequence[str] = (), temperature: float = 0.0,
              on_batch: Callable[[int, int], None] | None = None) -> tuple[list[str], int]:
-    """Greedy-decode every prompt (token ids). Returns the texts (in input order) and generated token count.
+    """Decode every prompt (token ids): greedy, or sampled when ``temperature`` > 0 (seed torch first).
 
-    Prompts are sorted by length so batches waste little padding; results are put back in order.
+    Returns the texts (in input order) and the generated token count. Prompts are sorted by length so
+    batches waste little padding; results are put back in order. Generation stops early at a stop
+    token or once every row contains a stop string; the text is cut at the first stop string.
     ``on_batch(done, generated_tokens)`` is called after each batch (for progress bars).
     """
     device = next(model.parameters()).device
@@ -45,9 +47,11 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, ba
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         ids, mask = left_pad([prompts[i] for i in idx], pad_id)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature > 0 else \
+            {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        extra = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, temperature=None, top_p=None, top_k=None,
-                             eos_token_id=list(stop_token_ids), pad_token_id=pad_id)
+                             eos_token_id=list(stop_token_ids), pad_token_id=pad_id, **sampling, **extra)
         new = gen[:, ids.shape[1]:].cpu()
         for row, i in zip(new, idx, strict=True):
             toks = row.tolist()
@@ -60,3 +64,82 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, ba
         if on_batch:
             on_batch(len(idx), n_tokens)
     return out, n_tokens
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation tokens as lm-eval splits them: trailing context spaces move to the
+    continuation, and the continuation is what encoding the whole text adds after the context."""
+    n_spaces = len(context) - len(context.rstrip(" "))
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    return list(ctx), list(whole[len(ctx):])
+
+
+@torch.inference_mode()
+def continuation_logliks(model: Any, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[Sequence[int]]],
+                         *, batch_size: int, pad_id: int,
+                         on_batch: Callable[[int], None] | None = None) -> list[list[float]]:
+    """Summed log-probability of each continuation after its context: result[i][j] for context i, choice j.
+
+    When every continuation of a context is one token (MMLU's " A".." D"), one forward pass over the
+    context scores all of them at once; otherwise each (context + continuation) is scored separately.
+    Rows are right-padded, so positions are exact without position ids.
+    """
+    device = next(model.parameters()).device
+    out: list[list[float]] = [[] for _ in contexts]
+    single = [i for i, conts in enumerate(continuations) if all(len(c) == 1 for c in conts)]
+    single_set = set(single)
+    multi = [(i, j) for i, conts in enumerate(continuations) if i not in single_set for j in range(len(conts))]
+    for start in range(0, len(single), batch_size):
+        idx = single[start:start + batch_size]
+        rows = [list(contexts[i]) for i in idx]
+        ids, mask = right_pad(rows, pad_id)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        last = torch.tensor([len(r) - 1 for r in rows], device=logits.device)
+        logp = torch.log_softmax(logits[torch.arange(len(rows), device=logits.device), last].float(), dim=-1)
+        for k, i in enumerate(idx):
+            out[i] = [float(logp[k, c[0]]) for c in continuations[i]]
+        if on_batch:
+            on_batch(len(idx))
+    scores: dict[tuple[int, int], float] = {}
+    for start in range(0, len(multi), batch_size):
+        pairs = multi[start:start + batch_size]
+        rows = [list(contexts[i]) + list(continuations[i][j]) for i, j in pairs]
+        ids, mask = right_pad(rows, pad_id)
+        logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+        for k, (i, j) in enumerate(pairs):
+            n_ctx, cont = len(contexts[i]), continuations[i][j]
+            pos = torch.arange(n_ctx - 1, n_ctx - 1 + len(cont), device=logp.device)
+            scores[(i, j)] = float(logp[k, pos, torch.tensor(cont, device=logp.device)].sum())
+        if on_batch:
+            on_batch(len({i for i, _ in pairs}))
+    for (i, _j), v in sorted(scores.items()):
+        out[i].append(v)
+    return out
+
+
+def right_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(x) for x in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, x in enumerate(batch):
+        ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, : len(x)] = 1
+    return ids, mask
+
+
+def auto_batch_size(model: Any, requested: int | str, start: int = 64) -> Callable[[Callable[[int], Any]], Any]:
+    """Run ``fn(batch_size)``: the requested size, or with "auto" the largest that fits (on CUDA, halving
+    from ``start`` after each out-of-memory error, via accelerate); "auto" on CPU means 16."""
+    def runner(fn: Callable[[int], Any]) -> Any:
+        if requested != "auto":
+            return fn(int(requested))
+        if next(model.parameters()).device.type != "cuda":
+            return fn(16)
+        from accelerate.utils import find_executable_batch_size
+
+        return find_executable_batch_size(fn, starting_batch_size=start)()
+
+    return runner

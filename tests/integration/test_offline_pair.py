@@ -39,13 +39,14 @@ def test_architectures_match_the_spec(pair):
 
 def test_teacher_beats_student_on_arithmetic(pair):
     from pktransfer.data import PromptFormatter, get_task
-    from pktransfer.evaluation import evaluate_items
+    from pktransfer.evaluation import EvalOptions, evaluate_items
 
-    items = get_task("arithmetic").split("test")[:20]
+    task = get_task("arithmetic")
+    items = task.split("test")[:20]
     acc = {}
     for name, m in zip(("teacher", "student"), pair, strict=True):
-        r = evaluate_items(m.model, PromptFormatter(m.tokenizer), items, label=name, task="arithmetic", split="test",
-                           scorer="exact_match_number", batch_size=20, max_new_tokens=8)
+        r = evaluate_items(m.model, PromptFormatter(m.tokenizer), items, label=name, task=task, split="test",
+                           options=EvalOptions(batch_size=20, max_new_tokens=8))
         acc[name] = r.accuracy
     assert acc["teacher"] > acc["student"], acc
 

