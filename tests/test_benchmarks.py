@@ -1,0 +1,200 @@
+"""Benchmarks: metrics on hand-made outputs, prompt templates, log-likelihood scoring, code execution, splits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import pktransfer
+from pktransfer.data import Item, PromptFormatter, get_task
+from pktransfer.errors import DataError
+from pktransfer.evaluation import EvalOptions, evaluate_items, subset
+from pktransfer.evaluation.generation import continuation_logliks, encode_pair
+from pktransfer.evaluation.metrics import gsm8k_strict, normalize_answer, pass_at_k, rouge_l, super_ni_scores
+
+# ---- metrics on hand-made outputs ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("output,reference,strict_ok,flex_ok", [
+    ("She pays 3 + 2 = 5 dollars.\n#### 5", "5", True, True),
+    ("#### 1,000 apples", "1000", True, True),
+    ("#### -3", "-3", True, True),
+    ("The answer is $5.00", "5", False, True),  # no '####': strict fails, flexible reads 5.00 = 5
+    ("#### 7.0", "7", True, True),
+    ("#### 12\nbut then 13", "12", True, False),  # strict takes the '####' number, flexible the last one
+    ("no number at all", "4", False, False),
+])
+def test_gsm8k_strict_and_flexible(output, reference, strict_ok, flex_ok):
+    task = get_task("gsm8k")
+    s = task.score(output, Item("x", "q", "r", reference))
+    assert gsm8k_strict(output, reference)[1] is strict_ok
+    assert s["metrics"] == {"exact_match,flexible": float(flex_ok), "exact_match,strict": float(strict_ok)}
+    assert s["correct"] is flex_ok  # flexible is the primary metric
+
+
+def test_super_ni_metrics():
+    assert normalize_answer("  The Cat, sat!  ") == "cat sat"
+    assert super_ni_scores("The cat sat.", ["cat sat"]) == {"exact_match": 1.0, "rougeL": 1.0}
+    # LCS("a b c d", "a c d e") = 3 tokens: P = R = 3/4, F = 0.75
+    assert rouge_l("a b c d", "a c d e") == pytest.approx(0.75)
+    s = super_ni_scores("dog", ["cat", "a dog"])  # best over references
+    assert s == {"exact_match": 1.0, "rougeL": 1.0}
+    assert super_ni_scores("", ["cat"]) == {"exact_match": 0.0, "rougeL": 0.0}
+
+
+def test_pass_at_k_estimator():
+    assert pass_at_k(1, 1, 1) == 1.0 and pass_at_k(1, 0, 1) == 0.0
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert pass_at_k(10, 8, 5) == 1.0  # fewer than k failures: some k-subset always passes
+    with pytest.raises(ValueError):
+        pass_at_k(3, 1, 5)
+
+
+def test_subset_is_first_n_or_a_seeded_draw_in_order():
+    items = [Item(str(i), "p", "r", "r") for i in range(50)]
+    assert [it.id for it in subset(items, 3, None)] == ["0", "1", "2"]
+    a, b = subset(items, 10, 7), subset(items, 10, 7)
+    assert [it.id for it in a] == [it.id for it in b] and [int(it.id) for it in a] == sorted(int(it.id) for it in a)
+    assert [it.id for it in subset(items, 10, 8)] != [it.id for it in a]
+    assert subset(items, None, 3) == items
+
+
+# ---- templates and splits --------------------------------------------------------------------------
+
+
+def test_mmlu_prompt_is_lm_evals_template_with_dev_shots():
+    zero = get_task("mmlu").split("test")[0]
+    assert zero.prompt.startswith("The following are multiple choice questions (with answers) about abstract algebra.\n\n")
+    assert zero.prompt.endswith("\nA. 0\nB. 4\nC. 2\nD. 6\nAnswer:") and zero.metadata["choices"] == [" A", " B", " C", " D"]
+    five = get_task("mmlu", {"shots": 5}).split("test")[0]
+    assert five.prompt.count("\nAnswer: ") == 5 and five.prompt.endswith(zero.prompt.split("\n\n", 1)[1])
+    with pytest.raises(pktransfer.RecipeError, match="shots"):
+        get_task("mmlu", {"shots": 9}).split("test")
+
+
+def test_gsm8k_eight_shot_lm_eval_style():
+    task = get_task("gsm8k", {"style": "lm-eval", "shots": 8})
+    item = task.split("test")[0]
+    assert item.prompt.count("Question: ") == 9 and item.prompt.endswith("\nAnswer:")
+    assert item.prompt.count("#### ") == 8 and task.stop_strings[0] == "Question:" and task.plain_separator == ""
+    first_train = json.loads(open(task.data_dir() / "gsm8k" / "train.jsonl").readline())
+    assert item.prompt.startswith(f"Question: {first_train['question']}\nAnswer: {first_train['answer']}\n\n")
+
+
+def test_super_ni_heldout_is_disjoint_and_named():
+    task = get_task("super_ni")
+    test, train, seed = task.split("test"), task.split("train"), task.split("seed")
+    assert len(test) == 200 and len(train) == 800 and len(seed) == 32
+    ids = {it.id for it in test}
+    assert not ids & {it.id for it in train} and not ids & {it.id for it in seed}
+    assert task.eval_name == "super_ni-heldout" and "not the official" in task.protocol()["note"]
+    assert [it.id for it in get_task("super_ni").split("test")] == [it.id for it in test]  # fixed seed
+
+
+def test_user_supplied_super_ni_test_file(tmp_path):
+    f = tmp_path / "mine.jsonl"
+    f.write_text(json.dumps({"id": "u1", "prompt": "Say hi", "response": "hi"}) + "\n")
+    task = get_task("super_ni", {"test_file": str(f)})
+    assert [it.id for it in task.split("test")] == ["u1"] and task.eval_name == "super_ni-user-test"
+
+
+def test_missing_data_file_names_the_file(tmp_path):
+    (tmp_path / "mmlu").mkdir()
+    with pytest.raises(DataError, match=r"mmlu/test.jsonl' is missing") as err:
+        get_task("mmlu", data_dir=str(tmp_path)).split("test")
+    assert "PKT_DATA_DIR" in err.value.hint
+    with pytest.raises(DataError, match=r"mbpp/mbpp.jsonl' is missing"):
+        get_task("mbpp", data_dir=str(tmp_path)).split("test")
+
+
+def test_mbpp_split_by_task_id_and_three_shot_prompt():
+    task = get_task("mbpp")
+    test = task.split("test")
+    assert len(test) == 500 and test[0].metadata["task_id"] == 11 and test[-1].metadata["task_id"] == 510
+    assert test[0].prompt.count("[BEGIN]") == 4 and test[0].prompt.count("[DONE]") == 3
+    assert test[0].prompt.endswith("[BEGIN]\n")
+
+
+# ---- code execution --------------------------------------------------------------------------------
+
+
+def test_reference_solutions_pass_and_wrong_ones_fail():
+    from pktransfer.evaluation.sandbox import run_programs
+
+    he, mbpp = get_task("humaneval"), get_task("mbpp")
+    he_items, mbpp_items = he.split("test")[:4], mbpp.split("test")[:4]
+    good = [he.program(it, it.response) for it in he_items] + [mbpp.program(it, it.response) for it in mbpp_items]
+    bad = [he.program(it, "    return None\n") for it in he_items] + \
+          [mbpp.program(it, "def nothing():\n    pass\n") for it in mbpp_items]
+    results = run_programs(good + bad)
+    assert [r.passed for r in results] == [True] * 8 + [False] * 8, [r.stderr[-300:] for r in results if not r.passed][:2]
+    # a chat model's fenced answer holding the whole function is used as the program body
+    fenced = "Here you go:\n```python\n" + he_items[0].metadata["code_prompt"] + he_items[0].response + "```\nDone."
+    assert run_programs([he.program(he_items[0], fenced)])[0].passed
+
+
+# ---- model side (tiny model) -----------------------------------------------------------------------
+
+
+def test_continuation_logliks_match_a_direct_computation(tiny_models):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny_models["qwen2_student"]
+    model, tok = AutoModelForCausalLM.from_pretrained(str(path)), AutoTokenizer.from_pretrained(str(path))
+    contexts = [tok("abc d", add_special_tokens=False)["input_ids"], tok("xy", add_special_tokens=False)["input_ids"]]
+    conts = [[[5], [7], [9]], [[3, 4], [6]]]  # first context: single tokens (fast path); second: general path
+    got = continuation_logliks(model, contexts, conts, batch_size=2, pad_id=0)
+    with torch.no_grad():
+        for i, ctx in enumerate(contexts):
+            for j, cont in enumerate(conts[i]):
+                ids = torch.tensor([ctx + cont])
+                logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0]
+                want = sum(float(logp[len(ctx) - 1 + k, t]) for k, t in enumerate(cont))
+                assert got[i][j] == pytest.approx(want, abs=1e-4)
+
+
+def test_encode_pair_moves_trailing_spaces_like_lm_eval(tiny_models):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_models["qwen2_student"]))
+    ctx, cont = encode_pair(tok, "Answer: ", "A")
+    ctx2, cont2 = encode_pair(tok, "Answer:", " A")
+    assert (ctx, cont) == (ctx2, cont2)
+
+
+def test_choice_evaluation_reports_subjects_macro_and_micro(tiny_models):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny_models["qwen2_student"]
+    model, tok = AutoModelForCausalLM.from_pretrained(str(path)), AutoTokenizer.from_pretrained(str(path))
+    task = get_task("mmlu")
+    items = subset(task.split("test"), 12, 3)
+    res = evaluate_items(model, PromptFormatter(tok, "plain", None, ""), items, label="m", task=task, split="test",
+                         options=EvalOptions(batch_size=4))
+    s = res.summary
+    per = s["per_subject"]
+    assert sum(v["n"] for v in per.values()) == 12
+    assert s["metrics"]["acc,macro"] == pytest.approx(sum(v["accuracy"] for v in per.values()) / len(per))
+    assert s["accuracy"] == s["metrics"]["acc,micro"] == pytest.approx(sum(r["correct"] for r in res.records) / 12)
+    r = res.records[0]
+    assert set(r["loglik"]) == {"A", "B", "C", "D"} and r["extracted"] == max(r["loglik"], key=r["loglik"].get)
+    assert s["protocol"]["shots"] == 0 and s["protocol"]["prompt_format"]["mode"] == "plain"
+
+
+def test_pkt_eval_refuses_code_tasks_without_opt_in_and_runs_with_it(tiny_models, tmp_path):
+    from pktransfer.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", "-m", str(tiny_models["qwen2_student"]), "-t", "humaneval", "--limit", "2"])
+    assert res.exit_code == 2 and "--allow-code-execution" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["eval", "-m", str(tiny_models["qwen2_student"]), "-t", "humaneval", "--limit", "2",
+                              "--allow-code-execution", "--max-new-tokens", "4", "-q", "-o", str(tmp_path / "he")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "he" / "model.humaneval.test.summary.json").read_text())
+    assert summary["n"] == 2 and "pass@1" in summary["metrics"] and summary["sandbox"]["isolation"]["audit_guard"]
+    rows = [json.loads(x) for x in (tmp_path / "he" / "model.humaneval.test.items.jsonl").read_text().splitlines()]
+    assert {"prompt", "output", "extracted", "reference", "correct", "execution"} <= set(rows[0])
