@@ -198,3 +198,26 @@ def test_pkt_eval_refuses_code_tasks_without_opt_in_and_runs_with_it(tiny_models
     assert summary["n"] == 2 and "pass@1" in summary["metrics"] and summary["sandbox"]["isolation"]["audit_guard"]
     rows = [json.loads(x) for x in (tmp_path / "he" / "model.humaneval.test.items.jsonl").read_text().splitlines()]
     assert {"prompt", "output", "extracted", "reference", "correct", "execution"} <= set(rows[0])
+
+
+def test_auto_batch_size_shrinks_after_out_of_memory_on_cuda():
+    from pktransfer.evaluation.generation import run_batched
+
+    class FakeCudaModel:
+        def parameters(self):
+            class P:
+                device = torch.device("cuda")
+            yield P()
+
+    tried = []
+
+    def fn(bs):
+        tried.append(bs)
+        if bs > 8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return "done"
+
+    result, used = run_batched(FakeCudaModel(), "auto", fn, start=64)
+    assert result == "done" and used == tried[-1] <= 8 < tried[-2]
+    assert tried[0] == 64 and tried == sorted(tried, reverse=True)  # shrinks until it fits
+    assert run_batched(FakeCudaModel(), 5, fn) == ("done", 5)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from pktransfer.data import Item, PromptFormatter, Task
-from pktransfer.evaluation.generation import auto_batch_size, continuation_logliks, encode_pair, generate
+from pktransfer.evaluation.generation import continuation_logliks, encode_pair, generate, run_batched
 from pktransfer.progress import Progress
 
 
@@ -89,7 +89,7 @@ def _mean(xs: list[float]) -> float:
 def _generate_kind(model: Any, formatter: PromptFormatter, items: list[Item], task: Task, opts: EvalOptions,
                    advance: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     prompts = [formatter.encode_prompt(it.prompt) for it in items]
-    outputs, n_tokens = auto_batch_size(model, opts.batch_size)(lambda bs: generate(
+    (outputs, n_tokens), used = run_batched(model, opts.batch_size, lambda bs: generate(
         model, formatter.tokenizer, prompts, batch_size=bs, max_new_tokens=opts.max_new_tokens,
         stop_token_ids=formatter.stop_token_ids(), stop_strings=task.stop_strings, on_batch=lambda n, _t: advance(n)))
     records, extra = [], defaultdict(list)
@@ -101,7 +101,8 @@ def _generate_kind(model: Any, formatter: PromptFormatter, items: list[Item], ta
                         "reference": it.reference, "correct": bool(s["correct"]),
                         **({"metrics": s["metrics"]} if "metrics" in s else {}),
                         **{k: v for k, v in s.items() if k not in ("extracted", "correct", "metrics")}})
-    return records, {"metrics": {k: _mean(v) for k, v in extra.items()}, "generated_tokens": n_tokens}
+    return records, {"metrics": {k: _mean(v) for k, v in extra.items()}, "generated_tokens": n_tokens,
+                     "batch_size_used": used}
 
 
 def _choice_kind(model: Any, formatter: PromptFormatter, items: list[Item], task: Task, opts: EvalOptions,
@@ -116,8 +117,8 @@ def _choice_kind(model: Any, formatter: PromptFormatter, items: list[Item], task
         contexts.append(pairs[0][0])
         conts.append([p[1] for p in pairs])
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ll = auto_batch_size(model, opts.batch_size, start=32)(
-        lambda bs: continuation_logliks(model, contexts, conts, batch_size=bs, pad_id=pad, on_batch=advance))
+    ll, used = run_batched(model, opts.batch_size, lambda bs: continuation_logliks(
+        model, contexts, conts, batch_size=bs, pad_id=pad, on_batch=advance), start=32)
     records, by_subject = [], defaultdict(list)
     for it, scores in zip(items, ll, strict=True):
         letters = [c.strip() for c in it.metadata["choices"]]
@@ -130,7 +131,7 @@ def _choice_kind(model: Any, formatter: PromptFormatter, items: list[Item], task
     per_subject = {s: {"n": len(v), "accuracy": _mean(v)} for s, v in sorted(by_subject.items())}
     return records, {"metrics": {"acc,micro": _mean([float(r["correct"]) for r in records]),
                                  "acc,macro": _mean([v["accuracy"] for v in per_subject.values()])},
-                     "per_subject": per_subject}
+                     "per_subject": per_subject, "batch_size_used": used}
 
 
 def _code_kind(model: Any, formatter: PromptFormatter, items: list[Item], task: Any, opts: EvalOptions,
@@ -143,7 +144,7 @@ def _code_kind(model: Any, formatter: PromptFormatter, items: list[Item], task: 
     temperature = opts.temperature if n > 1 else 0.0
     prompts = [formatter.encode_prompt(it.prompt) for it in items for _ in range(n)]
     torch.manual_seed(opts.seed)
-    outputs, n_tokens = auto_batch_size(model, opts.batch_size)(lambda bs: generate(
+    (outputs, n_tokens), used = run_batched(model, opts.batch_size, lambda bs: generate(
         model, formatter.tokenizer, prompts, batch_size=bs, max_new_tokens=opts.max_new_tokens,
         stop_token_ids=formatter.stop_token_ids(), stop_strings=task.stop_strings, temperature=temperature,
         on_batch=lambda k, _t: advance(k / n)))
@@ -164,7 +165,7 @@ def _code_kind(model: Any, formatter: PromptFormatter, items: list[Item], task: 
     isolation = results[0].isolation if results else {}
     return records, {"metrics": {k: _mean(v) for k, v in per_k.items()}, "generated_tokens": n_tokens,
                      "sandbox": {"isolation": isolation, "timeout_s": opts.sandbox_timeout},
-                     "sampling": {"n": n, "temperature": temperature, "seed": opts.seed}}
+                     "sampling": {"n": n, "temperature": temperature, "seed": opts.seed}, "batch_size_used": used}
 
 
 def evaluate_items(model: Any, formatter: PromptFormatter, items: list[Item], *, label: str, task: Task, split: str,

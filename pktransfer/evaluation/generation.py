@@ -130,16 +130,20 @@ def right_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor
     return ids, mask
 
 
-def auto_batch_size(model: Any, requested: int | str, start: int = 64) -> Callable[[Callable[[int], Any]], Any]:
-    """Run ``fn(batch_size)``: the requested size, or with "auto" the largest that fits (on CUDA, halving
-    from ``start`` after each out-of-memory error, via accelerate); "auto" on CPU means 16."""
-    def runner(fn: Callable[[int], Any]) -> Any:
-        if requested != "auto":
-            return fn(int(requested))
-        if next(model.parameters()).device.type != "cuda":
-            return fn(16)
-        from accelerate.utils import find_executable_batch_size
+def run_batched(model: Any, requested: int | str, fn: Callable[[int], Any], start: int = 64) -> tuple[Any, int]:
+    """Run ``fn(batch_size)`` and return (its result, the batch size used): the requested size, or with
+    "auto" the largest that fits: on CUDA, starting at ``start`` and shrinking after each out-of-memory
+    error (accelerate's find_executable_batch_size and its reduction rule); on CPU "auto" means 16."""
+    if requested != "auto":
+        return fn(int(requested)), int(requested)
+    if next(model.parameters()).device.type != "cuda":
+        return fn(16), 16
+    from accelerate.utils import find_executable_batch_size
 
-        return find_executable_batch_size(fn, starting_batch_size=start)()
+    used: dict[str, int] = {}
 
-    return runner
+    def attempt(batch_size: int) -> Any:
+        used["bs"] = batch_size
+        return fn(batch_size)
+
+    return find_executable_batch_size(attempt, starting_batch_size=start)(), used["bs"]
