@@ -91,8 +91,8 @@ def test_kd_cached_and_live_teacher_agree_and_the_cache_is_reused(tiny_recipe, t
         fmt = PromptFormatter(student.tokenizer)
         examples = encode_items(fmt, task.split("train")[:8], 64, "train")
         teacher = load_model(recipe.teacher)
-        ctx = MethodContext(recipe, student, task, fmt, tmp_path / name, Progress(quiet=True), lambda: teacher,
-                            examples)
+        ctx = MethodContext(recipe, student, task, fmt, tmp_path / name, Progress(quiet=True),
+                            lambda t=teacher: t, examples)
         (tmp_path / name).mkdir()
         method = get_method(recipe.method)
         model = method.prepare(ctx)

@@ -81,7 +81,7 @@ def test_gsm8k_eight_shot_lm_eval_style():
     item = task.split("test")[0]
     assert item.prompt.count("Question: ") == 9 and item.prompt.endswith("\nAnswer:")
     assert item.prompt.count("#### ") == 8 and task.stop_strings[0] == "Question:" and task.plain_separator == ""
-    first_train = json.loads(open(task.data_dir() / "gsm8k" / "train.jsonl").readline())
+    first_train = json.loads((task.data_dir() / "gsm8k" / "train.jsonl").read_text().split("\n", 1)[0])
     assert item.prompt.startswith(f"Question: {first_train['question']}\nAnswer: {first_train['answer']}\n\n")
 
 

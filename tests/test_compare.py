@@ -99,7 +99,7 @@ def test_bad_grids(tiny_recipe):
         plan_grid(recipe_from_dict(_grid(tiny_recipe, ["pissa", "kd"])))
     with pytest.raises(RecipeError, match="no 'compare' section"):
         plan_grid(recipe_from_dict(tiny_recipe))
-    with pytest.raises(RecipeError, match="compare.methods.0"):
+    with pytest.raises(RecipeError, match=r"compare\.methods\.0"):
         recipe_from_dict(_grid(tiny_recipe, ["lorra"]))
 
 
