@@ -223,16 +223,18 @@ def inject(peft_model: Any, matrices: dict[str, torch.Tensor], adapter: str = "d
             a_param, b_param = layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
             r = a_param.shape[0]
             b, a = svd_init(w_x.T, r)  # peft's embedding delta is (B A)ᵀ with B [hidden, r], A [r, vocab]
+            base = layer.get_base_layer().weight
+            b, a = b.to(base.device), a.to(base.device)  # the SVD runs on the CPU copy in float32
             a_param.copy_(a)
             b_param.copy_(b)
-            base = layer.get_base_layer().weight
             base.sub_((s * (b @ a)).T.to(base.dtype))
         else:
             r = layer.lora_A[adapter].weight.shape[0]
             b, a = svd_init(w_x, r)
+            base = layer.get_base_layer().weight
+            b, a = b.to(base.device), a.to(base.device)
             layer.lora_A[adapter].weight.copy_(a)
             layer.lora_B[adapter].weight.copy_(b)
-            base = layer.get_base_layer().weight
             base.sub_((s * (b @ a)).to(base.dtype))
         used[name] = r
         if on_module:
