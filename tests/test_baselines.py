@@ -110,10 +110,17 @@ def test_kd_cached_and_live_teacher_agree_and_the_cache_is_reused(tiny_recipe, t
     tiny_recipe["task"]["n_train"] = 8
     tiny_recipe["training"]["max_length"] = 64
     tiny_recipe["evaluation"].update(teacher=False, student=False)
-    # a run over the same 8 examples finds the cache (the key is teacher + token ids + top_k)
+    import pktransfer.pipeline as pipeline
+
+    loaded = []
+    real_load = pipeline.load_model
+    monkeypatch.setattr(pipeline, "load_model", lambda spec, **k: loaded.append(spec.model) or real_load(spec, **k))
+    # a run over the same 8 examples finds the cache (the key is teacher + token ids + top_k) and never
+    # loads the teacher
     res = pktransfer.run(_recipe(tiny_recipe, name="kd", alpha=0.7, top_k=None, logits_cache=str(cache_dir)),
                          quiet=True)
     assert res.metrics["trained"]["test"]["n"] == 6
+    assert loaded == [tiny_recipe["student"]["model"]]
 
 
 # ---- PiSSA -----------------------------------------------------------------------------------------

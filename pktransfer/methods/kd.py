@@ -69,8 +69,9 @@ def kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: 
 # ---- teacher logits cache -------------------------------------------------------------------------
 
 
-def cache_key(teacher_name: str, teacher_dtype: str, examples: list[Example], top_k: int | None) -> str:
-    h = hashlib.sha256(f"{teacher_name}|{teacher_dtype}|{top_k}".encode())
+def cache_key(teacher: str, extra: str, examples: list[Example], top_k: int | None) -> str:
+    """Hash of what the cached logits depend on: the teacher, the token ids and labels, and k."""
+    h = hashlib.sha256(f"{teacher}|{extra}|{top_k}".encode())
     for e in examples:
         h.update(json.dumps([e.input_ids, e.labels]).encode())
     return h.hexdigest()[:20]
@@ -146,24 +147,34 @@ class KdMethod(Method):
 
         spec, student = self.spec, ctx.student
         check_targets(student.model, ctx.recipe.lora)
-        teacher = ctx.load_teacher()
-        check_pair(teacher.arch, student.arch, teacher.tokenizer, student.tokenizer, "kd")
         # the shared tokenizer's size; lm_heads may be padded beyond it differently
-        self.vocab = min(teacher.arch.vocab_size, student.arch.vocab_size, len(student.tokenizer))
+        self.vocab = min(student.arch.vocab_size, len(student.tokenizer))
         if spec.cache:
             examples = ctx.examples
-            key = cache_key(teacher.name, str(teacher.dtype), examples, spec.top_k)
+            vocab_digest = hashlib.sha256(json.dumps(sorted(student.tokenizer.get_vocab().items())).encode()).hexdigest()
+            key = cache_key(json.dumps(ctx.recipe.teacher.model_dump(), sort_keys=True) + vocab_digest, "", examples,
+                            spec.top_k)
             folder = Path(spec.logits_cache) if spec.logits_cache else ctx.workdir / "teacher_logits"
-            self.cache = load_or_compute_cache(
-                folder, key, lambda: teacher_logits_at_responses(teacher.model, examples, spec.top_k, self.vocab,
-                                                                 ctx.recipe.training.batch_size, ctx.progress),
-                ctx.progress)
+
+            def compute() -> dict[str, torch.Tensor]:
+                teacher = self._teacher(ctx)
+                return teacher_logits_at_responses(teacher.model, examples, spec.top_k, self.vocab,
+                                                   ctx.recipe.training.batch_size, ctx.progress)
+
+            # a cache hit needs no teacher at all (the key holds the teacher spec and the student's vocabulary)
+            self.cache = load_or_compute_cache(folder, key, compute, ctx.progress)
             if len(self.cache["offsets"]) != len(examples) + 1:
                 raise DataError("kd: the cached teacher logits do not match the training examples",
                                 hint=f"delete {folder} and rerun")
         else:
-            self.teacher = teacher
+            self.teacher = self._teacher(ctx)
         return get_peft_model(student.model, lora_config(ctx.recipe.lora))
+
+    def _teacher(self, ctx: MethodContext) -> Any:
+        teacher = ctx.load_teacher()
+        check_pair(teacher.arch, ctx.student.arch, teacher.tokenizer, ctx.student.tokenizer, "kd")
+        self.vocab = min(self.vocab, teacher.arch.vocab_size)
+        return teacher
 
     def training_loss(self, ctx: MethodContext) -> LossFn:
         spec = self.spec
