@@ -221,3 +221,8 @@ def test_auto_batch_size_shrinks_after_out_of_memory_on_cuda():
     assert result == "done" and used == tried[-1] <= 8 < tried[-2]
     assert tried[0] == 64 and tried == sorted(tried, reverse=True)  # shrinks until it fits
     assert run_batched(FakeCudaModel(), 5, fn) == ("done", 5)
+
+
+def test_jsonl_task_refuses_an_unknown_scorer():
+    with pytest.raises(pktransfer.RecipeError, match="unknown scorer 'bleu'"):
+        get_task("jsonl", {"test": "x.jsonl", "scorer": "bleu"})

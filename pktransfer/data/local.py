@@ -132,6 +132,10 @@ class JsonlTask(Task):
     def __init__(self, params: dict[str, Any] | None = None, data_dir: str | None = None) -> None:
         super().__init__(params, data_dir)
         self.scorer = str(self.params.pop("scorer", "exact_match"))
+        from pktransfer.evaluation.metrics import SCORERS
+
+        if self.scorer not in SCORERS:
+            raise RecipeError(f"task 'jsonl': unknown scorer '{self.scorer}'", hint=f"use one of {', '.join(SCORERS)}")
         self.files = {k: Path(str(v)).expanduser() for k, v in self.params.items()}
         if not self.files:
             raise RecipeError("task 'jsonl' needs files: task.params: {train: PATH, test: PATH}",
