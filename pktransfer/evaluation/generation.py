@@ -80,18 +80,21 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
 @torch.inference_mode()
 def continuation_logliks(model: Any, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[Sequence[int]]],
                          *, batch_size: int, pad_id: int,
-                         on_batch: Callable[[int], None] | None = None) -> list[list[float]]:
+                         on_batch: Callable[[float], None] | None = None) -> list[list[float]]:
     """Summed log-probability of each continuation after its context: result[i][j] for context i, choice j.
 
     When every continuation of a context is one token (MMLU's " A".." D"), one forward pass over the
     context scores all of them at once; otherwise each (context + continuation) is scored separately.
-    Rows are right-padded, so positions are exact without position ids.
+    Rows are sorted by length and right-padded, so positions are exact without position ids.
     """
     device = next(model.parameters()).device
     out: list[list[float]] = [[] for _ in contexts]
-    single = [i for i, conts in enumerate(continuations) if all(len(c) == 1 for c in conts)]
+    # longest first, so each batch holds similar lengths (little padding) and memory errors come early
+    single = sorted((i for i, conts in enumerate(continuations) if all(len(c) == 1 for c in conts)),
+                    key=lambda i: -len(contexts[i]))
     single_set = set(single)
-    multi = [(i, j) for i, conts in enumerate(continuations) if i not in single_set for j in range(len(conts))]
+    multi = sorted(((i, j) for i, conts in enumerate(continuations) if i not in single_set for j in range(len(conts))),
+                   key=lambda p: -(len(contexts[p[0]]) + len(continuations[p[0]][p[1]])))
     for start in range(0, len(single), batch_size):
         idx = single[start:start + batch_size]
         rows = [list(contexts[i]) for i in idx]
@@ -114,7 +117,7 @@ def continuation_logliks(model: Any, contexts: Sequence[Sequence[int]], continua
             pos = torch.arange(n_ctx - 1, n_ctx - 1 + len(cont), device=logp.device)
             scores[(i, j)] = float(logp[k, pos, torch.tensor(cont, device=logp.device)].sum())
         if on_batch:
-            on_batch(len({i for i, _ in pairs}))
+            on_batch(sum(1 / len(continuations[i]) for i, _ in pairs))  # in items
     for (i, _j), v in sorted(scores.items()):
         out[i].append(v)
     return out
