@@ -6,10 +6,34 @@ models are random-initialised from small configs.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+
+def benchmark_data() -> Path | None:
+    """The shared benchmark data: $PKT_DATA_DIR, or shared/data beside or inside the checkout, if present."""
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ.get("PKT_DATA_DIR")
+    for cand in (Path(env) if env else None, root.parent / "shared" / "data", root / "shared" / "data"):
+        if cand is not None and (cand / "mmlu").is_dir():
+            return cand
+    return None
+
+
+DATA = benchmark_data()
+needs_data = pytest.mark.skipif(DATA is None, reason="benchmark data (shared/data) not found; set PKT_DATA_DIR")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _benchmark_data_env():
+    """Let every test find the benchmark data whatever the working directory."""
+    if DATA is not None and not os.environ.get("PKT_DATA_DIR"):
+        os.environ["PKT_DATA_DIR"] = str(DATA)
+    yield
+
 
 SPECIALS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import needs_data
 from typer.testing import CliRunner
 
 import pktransfer
@@ -66,6 +67,7 @@ def test_subset_is_first_n_or_a_seeded_draw_in_order():
 # ---- templates and splits --------------------------------------------------------------------------
 
 
+@needs_data
 def test_mmlu_prompt_is_lm_evals_template_with_dev_shots():
     zero = get_task("mmlu").split("test")[0]
     assert zero.prompt.startswith("The following are multiple choice questions (with answers) about abstract algebra.\n\n")
@@ -76,6 +78,7 @@ def test_mmlu_prompt_is_lm_evals_template_with_dev_shots():
         get_task("mmlu", {"shots": 9}).split("test")
 
 
+@needs_data
 def test_gsm8k_eight_shot_lm_eval_style():
     task = get_task("gsm8k", {"style": "lm-eval", "shots": 8})
     item = task.split("test")[0]
@@ -85,6 +88,7 @@ def test_gsm8k_eight_shot_lm_eval_style():
     assert item.prompt.startswith(f"Question: {first_train['question']}\nAnswer: {first_train['answer']}\n\n")
 
 
+@needs_data
 def test_super_ni_heldout_is_disjoint_and_named():
     task = get_task("super_ni")
     test, train, seed = task.split("test"), task.split("train"), task.split("seed")
@@ -111,6 +115,7 @@ def test_missing_data_file_names_the_file(tmp_path):
         get_task("mbpp", data_dir=str(tmp_path)).split("test")
 
 
+@needs_data
 def test_mbpp_split_by_task_id_and_three_shot_prompt():
     task = get_task("mbpp")
     test = task.split("test")
@@ -122,6 +127,7 @@ def test_mbpp_split_by_task_id_and_three_shot_prompt():
 # ---- code execution --------------------------------------------------------------------------------
 
 
+@needs_data
 def test_reference_solutions_pass_and_wrong_ones_fail():
     from pktransfer.evaluation.sandbox import run_programs
 
@@ -166,6 +172,7 @@ def test_encode_pair_moves_trailing_spaces_like_lm_eval(tiny_models):
     assert (ctx, cont) == (ctx2, cont2)
 
 
+@needs_data
 def test_choice_evaluation_reports_subjects_macro_and_micro(tiny_models):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
