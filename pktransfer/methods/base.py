@@ -85,8 +85,6 @@ class Method(ABC):
         """The method's own loss (``pktransfer.training.LossFn``); None: cross entropy on response tokens."""
         return None
 
-
-
     def save_adapter(self, model: Any, folder: Path) -> None:
         """Write a standard PEFT adapter folder loadable on the *unmodified* student."""
         if self.initial_lora is not None:

@@ -242,43 +242,55 @@ def inject(peft_model: Any, matrices: dict[str, torch.Tensor], adapter: str = "d
     return used
 
 
+def check_ranks(arch: ArchitectureDescription, recipe: Any) -> None:
+    """Every targeted LoRA rank fits the smaller dimension of its student weight."""
+    for w in arch.weights():
+        leaf = w.module.rsplit(".", 1)[-1]
+        if leaf in recipe.lora.target_modules and len(w.shape) == 2:
+            r = recipe.lora.rank_pattern.get(leaf, recipe.lora.r)
+            if r > min(w.shape):
+                raise RecipeError(f"lora rank {r} exceeds the smaller dimension of {w.module} {w.shape}",
+                                  hint=f"use lora.r <= {min(w.shape)} (or a rank_pattern entry for {leaf})")
+
+
+def teacher_for_injection(ctx: MethodContext, method: str) -> Any:
+    """The teacher, once targets, the pair and the ranks are known to fit (methods that inject its weights)."""
+    check_targets(ctx.student.model, ctx.recipe.lora)
+    teacher = ctx.load_teacher()
+    check_pair(teacher.arch, ctx.student.arch, teacher.tokenizer, ctx.student.tokenizer, method)
+    check_ranks(ctx.student.arch, ctx.recipe)
+    return teacher
+
+
+def lora_started_at(ctx: MethodContext, matrices: dict[str, torch.Tensor]) -> tuple[Any, dict[str, Any]]:
+    """Steps 4-5: the student's LoRA at SVD_r of each matrix, the base holding the residual; returns the
+    PEFT model and its starting factors (what ``Method.save_adapter`` rebases against)."""
+    from peft import get_peft_model
+
+    model = get_peft_model(ctx.student.model, lora_config(ctx.recipe.lora, init=True))
+    with ctx.progress.task("SVD init per module", total=len(matrices)) as advance:
+        inject(model, matrices, on_module=lambda: advance(1))
+    return model, snapshot_lora(model)
+
+
 class SeekingMethod(Method):
     name = "seeking"
     needs_teacher = True
 
     def prepare(self, ctx: MethodContext) -> Any:
-        from peft import get_peft_model
-
-        spec, recipe, student = self.spec, ctx.recipe, ctx.student
+        spec, recipe = self.spec, ctx.recipe
         roles = group_roles(spec.modules)
-        check_targets(student.model, recipe.lora)
-        teacher = ctx.load_teacher()
-        check_pair(teacher.arch, student.arch, teacher.tokenizer, student.tokenizer, "seeking")
-        self._check_ranks(student.arch, recipe)
-
-        sens, layers = locate(teacher, student.arch, ctx, spec, ctx.workdir)
+        teacher = teacher_for_injection(ctx, self.name)
+        sens, layers = locate(teacher, ctx.student.arch, ctx, spec, ctx.workdir)
         targets = {ROLE_OF_LEAF.get(t) for t in recipe.lora.target_modules} & roles
-        matrices = extract_matrices(sens, teacher, student.arch, layers, targets, spec.structure, recipe.seed, spec.grow,
-                                    ctx.progress)
+        matrices = extract_matrices(sens, teacher, ctx.student.arch, layers, targets, spec.structure, recipe.seed,
+                                    spec.grow, ctx.progress)
         (ctx.workdir / "seeking.json").write_text(json.dumps({
             "layer_scores": sens.block_scores(teacher.arch.layers_path, teacher.arch.n_layers),
             "selected_layers": layers,
             "mapping": {f"student.{m}": f"teacher.{t}" for m, t in enumerate(layers)},
             "structure": spec.structure, "groups": spec.modules, "roles_injected": sorted(t for t in targets if t),
             "n_seed": sens.n_samples}, indent=1))
-
-        model = get_peft_model(student.model, lora_config(recipe.lora, init=True))
-        with ctx.progress.task("seeking: SVD init per module", total=len(matrices)) as advance:
-            inject(model, matrices, on_module=lambda: advance(1))
-        self.initial_lora = snapshot_lora(model)
+        model, self.initial_lora = lora_started_at(ctx, matrices)
         return model
 
-    @staticmethod
-    def _check_ranks(arch: ArchitectureDescription, recipe: Any) -> None:
-        for w in arch.weights():
-            leaf = w.module.rsplit(".", 1)[-1]
-            if leaf in recipe.lora.target_modules and len(w.shape) == 2:
-                r = recipe.lora.rank_pattern.get(leaf, recipe.lora.r)
-                if r > min(w.shape):
-                    raise RecipeError(f"lora rank {r} exceeds the smaller dimension of {w.module} {w.shape}",
-                                      hint=f"use lora.r <= {min(w.shape)} (or a rank_pattern entry for {leaf})")

@@ -23,12 +23,10 @@ from typing import Any
 import torch
 
 from pktransfer.errors import IncompatiblePairError, RecipeError
-from pktransfer.methods.base import Method, MethodContext, snapshot_lora
-from pktransfer.methods.seeking import ROLE_OF_LEAF, SeekingMethod, group_roles, inject
+from pktransfer.methods.base import Method, MethodContext
+from pktransfer.methods.seeking import ROLE_OF_LEAF, group_roles, lora_started_at, teacher_for_injection
 from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES, ArchitectureDescription
-from pktransfer.models.pair import check_pair
 from pktransfer.ops.selection import select_layers, space_indices
-from pktransfer.training import check_targets, lora_config
 
 SPACES = ("residual", "heads", "kv_heads", "mlp")
 
@@ -71,29 +69,22 @@ class WeightSelectionMethod(Method):
     needs_teacher = True
 
     def prepare(self, ctx: MethodContext) -> Any:
-        from peft import get_peft_model
-
-        spec, recipe, student = self.spec, ctx.recipe, ctx.student
-        check_targets(student.model, recipe.lora)
-        teacher = ctx.load_teacher()
-        check_pair(teacher.arch, student.arch, teacher.tokenizer, student.tokenizer, "weight_selection")
-        SeekingMethod._check_ranks(student.arch, recipe)
+        spec, recipe = self.spec, ctx.recipe
+        teacher = teacher_for_injection(ctx, self.name)
         try:
-            layers, idx = selection_plan(teacher.arch, student.arch, spec.layers)
+            layers, idx = selection_plan(teacher.arch, ctx.student.arch, spec.layers)
         except IncompatiblePairError as err:
             if not isinstance(spec.layers, str):
                 raise RecipeError(f"method.layers: {err.message}",
                                   hint=f"the teacher has {teacher.arch.n_layers} layers") from None
             raise
         roles = {ROLE_OF_LEAF.get(t) for t in recipe.lora.target_modules} & group_roles(spec.modules)
-        matrices = selected_matrices(teacher, student.arch, layers, idx, {r for r in roles if r})
+        matrices = selected_matrices(teacher, ctx.student.arch, layers, idx, {r for r in roles if r})
         (ctx.workdir / "weight_selection.json").write_text(json.dumps({
             "selected_layers": layers, "mapping": {f"student.{m}": f"teacher.{t}" for m, t in enumerate(layers)},
             "index_sets": {s: {"teacher": teacher.arch.space_size(s), "student": len(v), "first": v[:8].tolist()}
                            for s, v in idx.items()},
             "roles_injected": sorted(r for r in roles if r)}, indent=1))
         ctx.progress.log(f"weight_selection: teacher layers {layers} -> student layers 0..{len(layers) - 1}")
-        model = get_peft_model(student.model, lora_config(recipe.lora, init=True))
-        inject(model, matrices)
-        self.initial_lora = snapshot_lora(model)
+        model, self.initial_lora = lora_started_at(ctx, matrices)
         return model
