@@ -65,6 +65,20 @@ def generation_budget(explicit: int | None, task: Task) -> int:
     return explicit or task.max_new_tokens or 16
 
 
+def check_code_opt_in(task: Task, allowed: bool) -> None:
+    """Code tasks run generated programs: refuse them before any model loads unless allowed."""
+    if task.kind == "code":
+        from pktransfer.evaluation.sandbox import require_opt_in
+
+        require_opt_in(allowed, f"task '{task.name}'")
+
+
+def metric_table(metrics: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """label -> split -> the headline figures of each evaluation summary (what run.json keeps)."""
+    return {label: {split: {k: m[k] for k in ("n", "correct", "accuracy", "seconds")} for split, m in by_split.items()}
+            for label, by_split in metrics.items()}
+
+
 def formatter_for(loaded: LoadedModel, task: Task, recipe: Recipe) -> PromptFormatter:
     return PromptFormatter(loaded.tokenizer, recipe.task.prompt_format, task.system_prompt, task.plain_separator)
 
@@ -118,10 +132,7 @@ def check_recipe(recipe: Recipe) -> tuple[Task, list[Item]]:
         train_items = train_items[: recipe.task.n_train]
     for split in recipe.evaluation.splits:
         _eval_items(task, split, recipe)
-    if task.kind == "code":
-        from pktransfer.evaluation.sandbox import require_opt_in
-
-        require_opt_in(recipe.evaluation.allow_code_execution, f"task '{task.name}'")
+    check_code_opt_in(task, recipe.evaluation.allow_code_execution)
     load_config(recipe.student.model, recipe.student.revision)
     if recipe.evaluation.teacher or get_method(recipe.method).needs_teacher:
         load_config(recipe.teacher.model, recipe.teacher.revision)
@@ -190,8 +201,7 @@ def run(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, evaluat
             data={"n_train": len(examples), "n_train_items": len(train_items)},
             training={"steps": result.steps, "seconds": round(result.seconds, 2), "final_loss": result.final_loss,
                       "resumed_from": result.resumed_from},
-            metrics={k: {s: {kk: m[kk] for kk in ("n", "correct", "accuracy", "seconds")} for s, m in v.items()}
-                     for k, v in metrics.items()},
+            metrics=metric_table(metrics),
             outputs={"adapter": "adapter", "merged": "merged" if recipe.training.save_merged else None,
                      "eval": "eval", "checkpoints": "checkpoints"},
         )
@@ -224,8 +234,7 @@ def evaluate_pair(recipe: Recipe, *, quiet: bool = False, overwrite: bool = Fals
                 metrics[label] = _evaluate_cached(rd, loaded.model, formatter, task, recipe, label, progress)
             loaded.unload()
         info = run_info(recipe, log, started, task=task.describe(), prompt_format=fmt_info,
-                        metrics={k: {s: {kk: m[kk] for kk in ("n", "correct", "accuracy", "seconds")}
-                                     for s, m in v.items()} for k, v in metrics.items()},
+                        metrics=metric_table(metrics),
                         outputs={"eval": "eval"})
         rd.write_json("run.json", info)
     return RunResult(rd.finish(), info)
@@ -323,10 +332,7 @@ def evaluate(model: str | ModelSpec, task: str = "arithmetic", *, split: str = "
     spec = model if isinstance(model, ModelSpec) else ModelSpec(model=model)
     t = get_task(task, task_params, data_dir)
     items = t.split(split)
-    if t.kind == "code":
-        from pktransfer.evaluation.sandbox import require_opt_in
-
-        require_opt_in(allow_code_execution, f"task '{t.name}'")
+    check_code_opt_in(t, allow_code_execution)
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise PktError(f"adapter folder '{adapter}' has no adapter_config.json",
                        hint="pass a folder written by PeftModel.save_pretrained (a run's adapter/ folder)")
