@@ -52,7 +52,6 @@ _BLOCK_ALWAYS = {
     "os.startfile", "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo",
     "socket.gethostbyname", "socket.sendto", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata",
     "ctypes.call_function", "resource.setrlimit", "resource.prlimit", "os.setuid", "os.setgid",
-    "sys.setrecursionlimit_unused",
 }
 _PATH_EVENTS = {"os.remove": (0,), "os.rmdir": (0,), "os.rename": (0, 1), "os.replace": (0, 1), "os.mkdir": (0,),
                 "os.chmod": (0,), "os.chown": (0,), "os.link": (0, 1), "os.symlink": (0, 1), "os.truncate": (0,),
