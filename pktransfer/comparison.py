@@ -139,6 +139,10 @@ def attach_shared_work(cells: list[Cell], root: Path) -> list[tuple[str, Recipe]
         if m.name == "kd" and m.logits_cache is None:
             shared = m.model_copy(update={"logits_cache": str(root / "shared" / "kd-logits")})
             cell.recipe = cell.recipe.model_copy(update={"method": shared})
+        elif m.name == "semalign" and m.cache_dir is None:
+            # semantic bases, maps and targets are keyed by what they depend on: one folder serves every cell
+            shared = m.model_copy(update={"cache_dir": str(root / "shared" / "semalign")})
+            cell.recipe = cell.recipe.model_copy(update={"method": shared})
         elif m.name == "seeking" and m.sensitivity is None:
             # the sensitivity depends on the teacher, seed split, tokenisation and accumulators, not on
             # the seed, except through a random layer choice (maps of unselected layers are dropped)

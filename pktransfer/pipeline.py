@@ -180,9 +180,12 @@ def run(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, evaluat
                 t.unload()
             teacher_cache.clear()
         with log.stage("train"):
-            result = train(peft_model, student.tokenizer, examples, recipe.training,
-                           output_dir=rd.path("checkpoints"), seed=recipe.seed, progress=progress,
-                           loss=method.training_loss(ctx))
+            try:
+                result = train(peft_model, student.tokenizer, examples, recipe.training,
+                               output_dir=rd.path("checkpoints"), seed=recipe.seed, progress=progress,
+                               loss=method.training_loss(ctx), callbacks=method.callbacks(ctx))
+            finally:
+                method.finish_training()
         for t in teacher_cache.values():
             t.unload()
         teacher_cache.clear()
@@ -202,6 +205,7 @@ def run(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, evaluat
             training={"steps": result.steps, "seconds": round(result.seconds, 2), "final_loss": result.final_loss,
                       "resumed_from": result.resumed_from},
             metrics=metric_table(metrics),
+            method=method.report(),
             outputs={"adapter": "adapter", "merged": "merged" if recipe.training.save_merged else None,
                      "eval": "eval", "checkpoints": "checkpoints"},
         )

@@ -141,7 +141,42 @@ class WeightSelectionMethod(Strict):
     modules: list[Literal["embed", "attention", "ffn", "all"]] = Field(default_factory=lambda: ["all"], min_length=1)
 
 
-MethodSpec = Annotated[LoraMethod | PissaMethod | KdMethod | WeightSelectionMethod | SeekingMethod,
+class SemAlignMethod(Strict):
+    """SemAlign (methods.md §3): teacher activations mapped through semantic bases supervise paired student layers."""
+
+    name: Literal["semalign"] = "semalign"
+    n_seed: int = Field(default=32, ge=1, description="seed-split samples for the teacher's layer attribution")
+    critical_layers: int | Literal["all"] = Field(
+        default=4, description="how many top-attributed teacher layers to transfer ('all': pair every student layer)")
+    rank_by: Literal["score", "abs"] = Field(
+        default="score", description="rank teacher layers by the signed gradient x activation sum, or its magnitude")
+    point: Literal["mlp", "attention", "layer"] = Field(
+        default="mlp", description="supervised activation: a sublayer's output before the residual add (mlp or "
+                                   "attention), or the whole layer's output")
+    target_modules: list[str] | None = Field(
+        default_factory=lambda: ["up_proj", "down_proj", "v_proj", "o_proj"],
+        description="LoRA targets (the paper's four); None: lora.target_modules")
+    lora_layers: Literal["paired", "all"] = Field(default="paired", description="LoRA on the paired layers only, or all")
+    schedule: Literal["joint", "shallow_to_deep"] = Field(
+        default="joint", description="train every pair at once, or one pair after another from shallow to deep")
+    activation_weight: float = Field(default=1.0, ge=0, description="weight of 1 − mean cos(h_S, h~_S)")
+    logit_weight: float = Field(default=1.0, ge=0, description="weight of 1 − mean cos(z, onehot(y))")
+    cache: bool = Field(default=True, description="precompute the teacher's targets once and free the teacher; "
+                                                   "false keeps the teacher in memory and maps its activations live")
+    cache_dir: str | None = Field(default=None, description="folder for semantic bases and cached targets "
+                                                             "(shared by runs; default: the run's folder)")
+    basis_chunk: int = Field(default=8192, ge=1, description="vocabulary rows per step of the basis computation")
+
+    @model_validator(mode="after")
+    def _check(self) -> SemAlignMethod:
+        if isinstance(self.critical_layers, int) and self.critical_layers < 1:
+            raise ValueError("critical_layers must be at least 1 (or 'all')")
+        if self.activation_weight == 0 and self.logit_weight == 0:
+            raise ValueError("activation_weight and logit_weight are both 0: nothing to train")
+        return self
+
+
+MethodSpec = Annotated[LoraMethod | PissaMethod | KdMethod | WeightSelectionMethod | SeekingMethod | SemAlignMethod,
                        Field(discriminator="name")]
 
 

@@ -6,6 +6,9 @@ so methods compared in one recipe differ only in what they implement here.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +66,49 @@ def save_rebased_adapter(model: Any, folder: Path, initial: dict[str, Any]) -> N
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
 
 
+# ---- caches of teacher outputs (shared by the runs of a comparison) ---------------------------------
+
+
+def vocab_digest(tokenizer: Any) -> str:
+    """Hash of a tokenizer's vocabulary (token -> id): cached teacher outputs are only valid for it."""
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+
+
+def cache_key(teacher: str, extra: str, examples: list[Example]) -> str:
+    """Hash of what a cached teacher output depends on: the teacher, the method's settings, the token ids
+    and labels of every example."""
+    h = hashlib.sha256(f"{teacher}|{extra}".encode())
+    for e in examples:
+        h.update(json.dumps([e.input_ids, e.labels]).encode())
+    return h.hexdigest()[:20]
+
+
+def cached_file(folder: Path, prefix: str, key: str, compute: Callable[[], dict[str, Any]],
+                progress: Progress) -> Path:
+    """``folder/prefix-key.safetensors``, computed by ``compute()`` unless a readable copy exists.
+
+    Written to a temporary name and renamed, so runs sharing the folder never see a half-written file.
+    """
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import save_file
+
+    path = folder / f"{prefix}-{key}.safetensors"
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+            progress.log(f"{prefix}: reusing {path}")
+            return path
+        except (SafetensorError, OSError, RuntimeError):
+            progress.log(f"{prefix}: {path} is unreadable; recomputing it")
+    tensors = compute()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
 class Method(ABC):
     name: ClassVar[str]
     needs_teacher: ClassVar[bool] = False
@@ -84,6 +130,18 @@ class Method(ABC):
     def training_loss(self, ctx: MethodContext) -> LossFn | None:
         """The method's own loss (``pktransfer.training.LossFn``); None: cross entropy on response tokens."""
         return None
+
+    def callbacks(self, ctx: MethodContext) -> list[Any]:
+        """``transformers.TrainerCallback``s the method needs during training (e.g. a layer schedule)."""
+        return []
+
+    def finish_training(self) -> None:
+        """Called once training ended: drop hooks and training-only state before evaluation and saving."""
+        return None
+
+    def report(self) -> dict[str, Any]:
+        """What the method decided (layers, pairs, timings), recorded under ``method`` in run.json."""
+        return {}
 
     def save_adapter(self, model: Any, folder: Path) -> None:
         """Write a standard PEFT adapter folder loadable on the *unmodified* student."""

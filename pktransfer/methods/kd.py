@@ -18,9 +18,7 @@ same loss. The cache file is keyed by the teacher, the token ids and k, so runs 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ import torch
 
 from pktransfer.data import Example
 from pktransfer.errors import DataError
-from pktransfer.methods.base import Method, MethodContext
+from pktransfer.methods.base import Method, MethodContext, cache_key, cached_file, vocab_digest
 from pktransfer.models.pair import check_pair
 from pktransfer.progress import Progress
 from pktransfer.training import LossFn, causal_lm_loss_sum, check_targets, lora_config, response_positions
@@ -69,14 +67,6 @@ def kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: 
 # ---- teacher logits cache -------------------------------------------------------------------------
 
 
-def cache_key(teacher: str, extra: str, examples: list[Example], top_k: int | None) -> str:
-    """Hash of what the cached logits depend on: the teacher, the token ids and labels, and k."""
-    h = hashlib.sha256(f"{teacher}|{extra}|{top_k}".encode())
-    for e in examples:
-        h.update(json.dumps([e.input_ids, e.labels]).encode())
-    return h.hexdigest()[:20]
-
-
 @torch.no_grad()
 def teacher_logits_at_responses(teacher_model: Any, examples: list[Example], top_k: int | None, vocab: int,
                                 batch_size: int, progress: Progress) -> dict[str, torch.Tensor]:
@@ -105,26 +95,6 @@ def teacher_logits_at_responses(teacher_model: Any, examples: list[Example], top
     return {"values": torch.cat(values), "ids": torch.cat(ids), "offsets": offsets}
 
 
-def load_or_compute_cache(folder: Path, key: str, compute: Any, progress: Progress) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
-
-    path = folder / f"kd-logits-{key}.safetensors"
-    if path.is_file():
-        try:
-            cache = load_file(str(path))
-            progress.log(f"kd: reusing cached teacher logits {path}")
-            return cache
-        except (SafetensorError, OSError, RuntimeError):
-            progress.log(f"kd: cached teacher logits {path} are unreadable; recomputing them")
-    cache = compute()
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file(cache, str(tmp))
-    os.replace(tmp, path)  # another run sharing the folder never sees a half-written file
-    return cache
-
-
 # ---- the method -----------------------------------------------------------------------------------
 
 
@@ -144,6 +114,7 @@ class KdMethod(Method):
 
     def prepare(self, ctx: MethodContext) -> Any:
         from peft import get_peft_model
+        from safetensors.torch import load_file
 
         spec, student = self.spec, ctx.student
         check_targets(student.model, ctx.recipe.lora)
@@ -151,9 +122,8 @@ class KdMethod(Method):
         self.vocab = min(student.arch.vocab_size, len(student.tokenizer))
         if spec.cache:
             examples = ctx.examples
-            vocab_digest = hashlib.sha256(json.dumps(sorted(student.tokenizer.get_vocab().items())).encode()).hexdigest()
-            key = cache_key(json.dumps(ctx.recipe.teacher.model_dump(), sort_keys=True) + vocab_digest, "", examples,
-                            spec.top_k)
+            key = cache_key(json.dumps(ctx.recipe.teacher.model_dump(), sort_keys=True) + vocab_digest(student.tokenizer),
+                            f"top_k={spec.top_k}", examples)
             folder = Path(spec.logits_cache) if spec.logits_cache else ctx.workdir / "teacher_logits"
 
             def compute() -> dict[str, torch.Tensor]:
@@ -162,7 +132,7 @@ class KdMethod(Method):
                                                    ctx.recipe.training.batch_size, ctx.progress)
 
             # a cache hit needs no teacher at all (the key holds the teacher spec and the student's vocabulary)
-            self.cache = load_or_compute_cache(folder, key, compute, ctx.progress)
+            self.cache = load_file(str(cached_file(folder, "kd-logits", key, compute, ctx.progress)))
             if len(self.cache["offsets"]) != len(examples) + 1:
                 raise DataError("kd: the cached teacher logits do not match the training examples",
                                 hint=f"delete {folder} and rerun")

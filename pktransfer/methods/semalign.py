@@ -1,0 +1,408 @@
+"""SemAlign (Gu et al., Findings of ACL 2026): teacher *activations*, mapped into the student's space through
+vocabulary-based semantic bases, supervise paired student layers. Reads like methods.md §3:
+
+1. Layer attribution: Layer Gradient × Activation on the teacher, Σ over tokens and channels of
+   h_l ⊙ ∂L/∂h_l at each layer's output, averaged over the seed samples (L: the sample's mean cross
+   entropy on its response). The top ``critical_layers`` teacher layers are the critical ones.
+2. Layer pairing (``ops.semantic``): critical layer l* -> student layer k = min{k' : l_{k'} >= l*}; the
+   target of student layer k interpolates teacher layers a, b (λ) around u = L_T·k/L_S.
+3. Semantic bases: s_i = e_i · pinv(Wᵀ) per model (unit rows), needing a shared vocabulary; only the
+   D×D factor (WᵀW)⁺ per model and the pair's map M = S_Sᵀ S_T are kept (cached on disk).
+4. Decompose / recompose: h~_S = S_Sᵀ (S_T h_T / ||h_T||) = M h_T / ||h_T||. No learned projection.
+5. Training: LoRA (the paper: r 16 on up, down, v, o of the paired layers) with
+   loss = [1 − mean cos(h_S^(k), h~_S^(k))] + [1 − mean cos(z, onehot(y))] over response positions,
+   at the sublayer output before the residual add (``point: mlp`` by default). The teacher's targets
+   are computed once and cached (``cache: true``), so the teacher is freed before training; with
+   ``schedule: shallow_to_deep`` the pairs are trained one after another, each for an equal share of
+   the steps, only that layer's LoRA updated.
+
+Positions are the ones the plain loss uses: those whose next token belongs to the response.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pktransfer.data import Example, encode_items
+from pktransfer.errors import DataError, IncompatiblePairError
+from pktransfer.methods.base import Method, MethodContext, cache_key, cached_file, vocab_digest
+from pktransfer.models.pair import check_pair
+from pktransfer.ops.semantic import (
+    LayerPair,
+    alignment_terms,
+    gram_pinv,
+    interpolate,
+    layer_pairs,
+    map_activations,
+    recompose_map,
+    top_layers,
+)
+from pktransfer.progress import Progress
+from pktransfer.training import Collator, LossFn, check_targets, lora_config, response_positions
+
+# ---- activation capture (forward hooks) -----------------------------------------------------------
+
+
+def sublayer(model: Any, layers_path: str, layer: int, point: str) -> Any:
+    """The module whose output is supervised: layer ``layer`` (0-based)'s MLP, attention, or the layer."""
+    block = model.get_submodule(f"{layers_path}.{layer}")
+    return {"mlp": lambda: block.mlp, "attention": lambda: block.self_attn, "layer": lambda: block}[point]()
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextmanager
+def capture(modules: dict[int, Any], store: dict[int, torch.Tensor], when: Any = None) -> Iterator[None]:
+    """Forward hooks writing each module's output tensor (graph kept) into ``store[key]``."""
+    def hook_for(key: int) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            if when is None or when():
+                store[key] = _first(output)
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(k)) for k, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ---- 1. layer attribution -------------------------------------------------------------------------
+
+
+def layer_attribution(model: Any, layers_path: str, n_layers: int, examples: list[Example], *, batch_size: int,
+                      progress: Progress) -> list[float]:
+    """Mean over samples of Σ_tokens,channels h_l ⊙ ∂L/∂h_l at each layer's output (one score per layer).
+
+    Parameters are frozen for the duration, so the backward pass computes activation gradients only.
+    """
+    device = next(model.parameters()).device
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    acts: dict[int, torch.Tensor] = {}
+    layers = {i: model.get_submodule(f"{layers_path}.{i}") for i in range(n_layers)}
+    embed_hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    totals = torch.zeros(n_layers, dtype=torch.float64)
+    collate = Collator(0)
+    try:
+        with capture(layers, acts), progress.task("semalign: layer attribution", total=len(examples)) as advance:
+            for start in range(0, len(examples), batch_size):
+                chunk = examples[start:start + batch_size]
+                batch = collate([{"input_ids": e.input_ids, "labels": e.labels} for e in chunk])
+                ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+                logits = model(input_ids=ids, attention_mask=mask).logits
+                labels = batch["labels"][:, 1:].to(device)
+                wide = torch.promote_types(logits.dtype, torch.float32)  # at least float32, float64 stays
+                ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).to(wide), labels,
+                                                       ignore_index=-100, reduction="none")
+                per_sample = ce.sum(1) / (labels != -100).sum(1).clamp_min(1)  # each sample's own mean CE
+                grads = torch.autograd.grad(per_sample.sum(), [acts[i] for i in range(n_layers)])
+                keep = mask.unsqueeze(-1).to(wide)
+                for i, g in enumerate(grads):
+                    totals[i] += float((acts[i].detach().to(wide) * g.to(wide) * keep).sum(dtype=torch.float64))
+                acts.clear()
+                advance(len(chunk))
+    finally:
+        embed_hook.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return (totals / max(1, len(examples))).tolist()
+
+
+# ---- 3. semantic bases and the pair's map ---------------------------------------------------------
+
+
+def lm_head(loaded: Any, vocab: int) -> torch.Tensor:
+    """The LM head's rows for the shared vocabulary (padding rows beyond the tokenizer are left out)."""
+    return loaded.model.get_output_embeddings().weight.detach()[:vocab]
+
+
+def head_fingerprint(weight: torch.Tensor) -> str:
+    """Cheap identity of an LM head: shape, dtype, sums and a strided sample of rows."""
+    w = weight.detach()
+    rows = w[:: max(1, w.shape[0] // 64)].float().cpu()
+    h = hashlib.sha256(f"{tuple(w.shape)}|{w.dtype}".encode())
+    h.update(rows.numpy().tobytes())
+    h.update(str(float(w.double().sum())).encode() + str(float(w.double().square().sum())).encode())
+    return h.hexdigest()[:20]
+
+
+def pair_map(teacher_head: torch.Tensor, student_head: torch.Tensor, folder: Path, chunk: int,
+             progress: Progress) -> tuple[torch.Tensor, dict[str, Any]]:
+    """M = S_Sᵀ S_T [D_S, D_T], with each model's (WᵀW)⁺ and the map cached in ``folder``."""
+    from safetensors.torch import load_file
+
+    t0 = time.perf_counter()
+    fp_t, fp_s = head_fingerprint(teacher_head), head_fingerprint(student_head)
+    pinv = {fp: load_file(str(cached_file(folder, "semantic-pinv", fp, lambda w=w: {"pinv": gram_pinv(w, chunk)},
+                                          progress)))["pinv"]
+            for fp, w in ((fp_t, teacher_head), (fp_s, student_head))}
+
+    def compute() -> dict[str, torch.Tensor]:
+        with progress.task("semalign: semantic bases -> recomposition map", total=1) as advance:
+            m = recompose_map(teacher_head, student_head, chunk, pinv[fp_t], pinv[fp_s])
+            advance(1)
+        return {"map": m}
+
+    m = load_file(str(cached_file(folder, "semantic-map", f"{fp_t}-{fp_s}", compute, progress)))["map"]
+    return m, {"seconds": round(time.perf_counter() - t0, 2), "shape": list(m.shape), "teacher_head": fp_t,
+               "student_head": fp_s, "vocab": int(teacher_head.shape[0])}
+
+
+# ---- 4. teacher targets ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def teacher_targets(teacher: Any, layers_path: str, pairs: list[LayerPair], point: str, m: torch.Tensor,
+                    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+    """Per pair, the recomposed targets h~_S [P, D_S] (unit rows, float32) at the batch's response positions."""
+    model = teacher.model
+    device = next(model.parameters()).device
+    needed = sorted({layer - 1 for p in pairs for layer in (p.a, p.b)})
+    acts: dict[int, torch.Tensor] = {}
+    with capture({i: sublayer(model, layers_path, i, point) for i in needed}, acts):
+        model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+    mask = response_positions(labels).to(device)
+    out = []
+    for p in pairs:
+        h = interpolate(acts[p.a - 1].float(), acts[p.b - 1].float(), p.weight_b)[:, :-1][mask]
+        t = map_activations(h, m)
+        out.append((t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)).cpu())
+    return out
+
+
+def precompute_targets(teacher: Any, layers_path: str, pairs: list[LayerPair], point: str, m: torch.Tensor,
+                       examples: list[Example], batch_size: int, progress: Progress) -> dict[str, torch.Tensor]:
+    """Targets for every training example: ``pair.K`` [P_total, D_S] float16 and ``offsets`` [N + 1]."""
+    collate = Collator(0)
+    parts: dict[int, list[torch.Tensor]] = {p.student: [] for p in pairs}
+    counts: list[int] = []
+    with progress.task("semalign: teacher targets", total=len(examples)) as advance:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            batch = collate([{"input_ids": e.input_ids, "labels": e.labels} for e in chunk])
+            for p, t in zip(pairs, teacher_targets(teacher, layers_path, pairs, point, m, batch["input_ids"],
+                                                   batch["attention_mask"], batch["labels"]), strict=True):
+                parts[p.student].append(t.half())
+            counts.extend(int(c) for c in response_positions(batch["labels"]).sum(1))
+            advance(len(chunk))
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.long), 0)
+    return {"offsets": offsets, **{f"pair.{k}": torch.cat(v) for k, v in parts.items()}}
+
+
+class TargetCache:
+    """Reads cached targets lazily (memory-mapped safetensors): only the rows of the current batch."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self._file = safe_open(str(path), framework="pt")
+        self.offsets = self._file.get_tensor("offsets")
+
+    def rows(self, pair: int, index: list[int]) -> torch.Tensor:
+        sl = self._file.get_slice(f"pair.{pair}")
+        return torch.cat([sl[int(self.offsets[i]):int(self.offsets[i + 1])] for i in index]).float()
+
+
+# ---- the method -----------------------------------------------------------------------------------
+
+
+class SemAlignMethod(Method):
+    name = "semalign"
+    needs_teacher = True
+
+    def __init__(self, spec: Any) -> None:
+        super().__init__(spec)
+        self.pairs: list[LayerPair] = []
+        self.map: torch.Tensor | None = None
+        self.targets: TargetCache | None = None
+        self.teacher: Any = None
+        self.vocab = 0
+        self.phase = -1  # shallow_to_deep: index of the pair being trained; -1: all (joint)
+        self._acts: dict[int, torch.Tensor] = {}
+        self._capturing = False
+        self._hooks: Any = None
+        self._lora_params: dict[int, list[torch.nn.Parameter]] = {}
+        self._info: dict[str, Any] = {}
+
+    @property
+    def teacher_during_training(self) -> bool:
+        return not self.spec.cache
+
+    def _folder(self, ctx: MethodContext) -> Path:
+        return Path(self.spec.cache_dir) if self.spec.cache_dir else ctx.workdir / "semalign_cache"
+
+    def prepare(self, ctx: MethodContext) -> Any:
+        from peft import get_peft_model
+
+        spec, student = self.spec, ctx.student
+        lora = ctx.recipe.lora if spec.target_modules is None else ctx.recipe.lora.model_copy(
+            update={"target_modules": list(spec.target_modules)})
+        check_targets(student.model, lora)
+        teacher = ctx.load_teacher()
+        check_pair(teacher.arch, student.arch, teacher.tokenizer, student.tokenizer, self.name)
+        if teacher.arch.n_layers < 2:
+            raise IncompatiblePairError("semalign: the teacher has a single layer; the pairing rule needs two or more",
+                                        hint="use a deeper teacher")
+        self.vocab = min(student.arch.vocab_size, teacher.arch.vocab_size, len(student.tokenizer))
+        out = ctx.workdir / "semalign"
+        out.mkdir(parents=True, exist_ok=True)
+        t_arch, s_arch = teacher.arch, student.arch
+
+        # 1. attribution over the seed split (the teacher sees the same token ids as the student)
+        seed_items = ctx.task.split("seed")[: spec.n_seed]
+        if not seed_items:
+            raise DataError(f"semalign: task '{ctx.task.name}' has an empty seed split",
+                            hint="the attribution needs a few task examples (method.n_seed)")
+        seed_examples = encode_items(ctx.formatter, seed_items, ctx.recipe.training.max_length,
+                                     f"task '{ctx.task.name}' seed split")
+        t0 = time.perf_counter()
+        scores = layer_attribution(teacher.model, t_arch.layers_path, t_arch.n_layers, seed_examples,
+                                   batch_size=ctx.recipe.training.batch_size, progress=ctx.progress)
+        attribution_s = time.perf_counter() - t0
+
+        # 2. critical layers and pairs
+        ranked = [abs(s) for s in scores] if spec.rank_by == "abs" else scores
+        if spec.critical_layers == "all":
+            critical = [max(1, (t_arch.n_layers * k) // s_arch.n_layers) for k in range(1, s_arch.n_layers + 1)]
+        else:
+            critical = top_layers(ranked, min(spec.critical_layers, t_arch.n_layers))
+        self.pairs = layer_pairs(critical, t_arch.n_layers, s_arch.n_layers)
+        (out / "attribution.json").write_text(json.dumps({
+            "method": "layer gradient x activation, sum over tokens and channels, mean over samples",
+            "n_samples": len(seed_examples), "scores": scores, "rank_by": spec.rank_by,
+            "critical_layers": critical, "seconds": round(attribution_s, 2)}, indent=1))
+        from pktransfer.reports import plot_layer_scores
+
+        plot_layer_scores(scores, critical, out / "attribution.png", ylabel="gradient x activation",
+                          title=f"teacher layer attribution ({len(seed_examples)} seed samples)")
+
+        # 3. semantic bases -> the pair's recomposition map
+        folder = self._folder(ctx)
+        self.map, map_info = pair_map(lm_head(teacher, self.vocab), lm_head(student, self.vocab), folder,
+                                      spec.basis_chunk, ctx.progress)
+
+        # 4. teacher targets for every training example (or live during training)
+        t0 = time.perf_counter()
+        if spec.cache:
+            settings = json.dumps({"pairs": [p.to_dict() for p in self.pairs], "point": spec.point,
+                                   "map": [map_info["teacher_head"], map_info["student_head"]]}, sort_keys=True)
+            key = cache_key(json.dumps(ctx.recipe.teacher.model_dump(), sort_keys=True) + vocab_digest(student.tokenizer),
+                            settings, ctx.examples)
+            path = cached_file(folder, "semalign-targets", key, lambda: precompute_targets(
+                teacher, t_arch.layers_path, self.pairs, spec.point, self.map, ctx.examples,
+                ctx.recipe.training.batch_size, ctx.progress), ctx.progress)
+            self.targets = TargetCache(path)
+            if len(self.targets.offsets) != len(ctx.examples) + 1:
+                raise DataError("semalign: the cached teacher targets do not match the training examples",
+                                hint=f"delete {path} and rerun")
+        else:
+            self.teacher = teacher
+        targets_s = time.perf_counter() - t0
+
+        # 5. LoRA on the paired layers, and hooks on the supervised sublayers
+        config = lora_config(lora)
+        if spec.lora_layers == "paired":
+            config.layers_to_transform = [p.student - 1 for p in self.pairs]
+        model = get_peft_model(student.model, config)
+        base = model.base_model.model
+        modules = {p.student: sublayer(base, s_arch.layers_path, p.student - 1, spec.point) for p in self.pairs}
+        self._hooks = capture(modules, self._acts, when=lambda: self._capturing)
+        self._hooks.__enter__()
+        self._capturing = True
+        prefix = f"{s_arch.layers_path}."
+        for name, param in model.named_parameters():
+            if param.requires_grad and prefix in name:
+                layer = int(name.split(prefix, 1)[1].split(".", 1)[0])
+                self._lora_params.setdefault(layer, []).append(param)
+        self._info = {"critical_teacher_layers": critical, "pairs": [p.to_dict() for p in self.pairs],
+                      "point": spec.point, "schedule": spec.schedule, "lora_layers": spec.lora_layers,
+                      "target_modules": list(lora.target_modules), "map": map_info,
+                      "seconds": {"attribution": round(attribution_s, 2), "map": map_info["seconds"],
+                                  "targets": round(targets_s, 2)}}
+        (out / "semalign.json").write_text(json.dumps(self._info, indent=1))
+        ctx.progress.log("semalign: " + ", ".join(
+            f"student {p.student} <- teacher {p.a}" + (f"/{p.b} (λ={p.weight_b:.2f})" if p.weight_b else "")
+            for p in self.pairs) + f" (critical teacher layers {critical})")
+        return model
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def active_pairs(self) -> list[LayerPair]:
+        return self.pairs if self.phase < 0 else [self.pairs[self.phase]]
+
+    def set_phase(self, phase: int) -> None:
+        """shallow_to_deep: supervise pair ``phase`` only and update only its layer's LoRA."""
+        self.phase = phase
+        layer = self.pairs[phase].student - 1
+        for i, params in self._lora_params.items():
+            for p in params:
+                p.requires_grad_(i == layer)
+
+    def training_loss(self, ctx: MethodContext) -> LossFn:
+        spec = self.spec
+
+        def loss(outputs: Any, batch: dict[str, torch.Tensor], n_tokens: Any) -> torch.Tensor:
+            labels = batch["labels"]
+            mask = response_positions(labels).to(outputs.logits.device)
+            n = mask.sum() if n_tokens is None else n_tokens
+            pairs = self.active_pairs()
+            acts = [self._acts[p.student][:, :-1][mask] for p in pairs]
+            if self.targets is not None:
+                index = batch["index"].tolist()
+                targets = [self.targets.rows(p.student, index) for p in pairs]
+            else:
+                targets = teacher_targets(self.teacher, self.teacher.arch.layers_path, pairs, spec.point, self.map,
+                                          batch["input_ids"], batch["attention_mask"], labels)
+            logits = outputs.logits[:, :-1][mask][..., : self.vocab]
+            act, logit = alignment_terms(acts, targets, logits, batch["input_ids"][:, 1:].to(mask.device)[mask])
+            self._acts.clear()
+            return (spec.activation_weight * act + spec.logit_weight * logit) / n
+
+        return loss
+
+    def callbacks(self, ctx: MethodContext) -> list[Any]:
+        if self.spec.schedule != "shallow_to_deep" or len(self.pairs) < 2:
+            return []
+        from transformers import TrainerCallback
+
+        method = self
+
+        class ShallowToDeep(TrainerCallback):
+            """Equal shares of the steps per pair, shallow first (resumes into the right phase)."""
+
+            def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                phase = min(len(method.pairs) - 1, state.global_step * len(method.pairs) // max(1, state.max_steps))
+                if phase != method.phase:
+                    method.set_phase(phase)
+
+        return [ShallowToDeep()]
+
+    def finish_training(self) -> None:
+        self._capturing = False
+        if self._hooks is not None:
+            self._hooks.__exit__(None, None, None)
+            self._hooks = None
+        self._acts.clear()
+        for params in self._lora_params.values():
+            for p in params:
+                p.requires_grad_(True)
+        self.phase = -1
+        self.teacher = None
+        self.targets = None
+
+    def report(self) -> dict[str, Any]:
+        return self._info

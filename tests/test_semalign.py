@@ -1,0 +1,358 @@
+"""SemAlign: pairing rule, semantic bases, decompose/recompose, loss, attribution, and the method end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import pktransfer
+from pktransfer.errors import RecipeError
+from pktransfer.ops.semantic import (
+    alignment_terms,
+    basis_rows,
+    cosine_to_onehot,
+    decompose,
+    gram_pinv,
+    grid_layer,
+    interpolate,
+    interpolation,
+    layer_pairs,
+    map_activations,
+    recompose,
+    recompose_map,
+    semantic_bases,
+    student_layer_for,
+    top_layers,
+)
+from pktransfer.recipe import recipe_from_dict
+
+# ---- pairing rule ----------------------------------------------------------------------------------
+
+# (L_T, L_S, l*, expected student layer k): worked by hand from l_k = max(1, floor(L_T/L_S·k))
+PAIRING = [
+    (28, 24, 1, 1),    # l_1 = floor(7/6) = 1
+    (28, 24, 6, 6),    # l_5 = 5 < 6 <= l_6 = floor(42/6) = 7
+    (28, 24, 7, 6),
+    (28, 24, 8, 7),    # l_7 = floor(49/6) = 8
+    (28, 24, 28, 24),
+    (40, 32, 4, 4),    # Llama-2 13B -> 7B: l_3 = 3, l_4 = 5
+    (40, 32, 5, 4),
+    (40, 32, 40, 32),
+    (4, 2, 1, 1),      # l_1 = 2, l_2 = 4
+    (4, 2, 3, 2),
+    (5, 2, 3, 2),      # l_1 = floor(2.5) = 2, l_2 = 5
+    (3, 3, 2, 2),      # equal depth: the identity
+]
+
+
+@pytest.mark.parametrize(("n_t", "n_s", "critical", "k"), PAIRING)
+def test_pairing_rule_against_hand_worked_cases(n_t, n_s, critical, k):
+    assert student_layer_for(critical, n_t, n_s) == k
+
+
+def test_grid_layers_and_bounds():
+    assert [grid_layer(28, 24, k) for k in (1, 5, 6, 12, 24)] == [1, 5, 7, 14, 28]
+    assert [grid_layer(2, 3, k) for k in (1, 2, 3)] == [1, 1, 2]  # max(1, ·) keeps layer 0 out
+    with pytest.raises(ValueError):
+        grid_layer(28, 24, 0)
+    with pytest.raises(ValueError):
+        student_layer_for(29, 28, 24)
+
+
+# (L_T, L_S, k) -> (a, b, λ): u = L_T·k/L_S, a = clamp(floor(u), 1, L_T − 1), λ = clip(u − a, 0, 1)
+INTERPOLATION = [
+    (28, 24, 1, (1, 2, 1 / 6)),   # u = 7/6
+    (28, 24, 6, (7, 8, 0.0)),     # u = 7, on the grid
+    (28, 24, 24, (27, 28, 1.0)),  # u = 28: a clamps to 27, λ = 1 -> the last layer exactly
+    (40, 32, 3, (3, 4, 0.75)),    # u = 15/4
+    (4, 2, 1, (2, 3, 0.0)),       # integer ratio: every target is on the grid
+    (5, 2, 1, (2, 3, 0.5)),       # u = 5/2
+    (3, 4, 1, (1, 2, 0.0)),       # u = 3/4: a clamps up to 1, λ clips to 0
+]
+
+
+@pytest.mark.parametrize(("n_t", "n_s", "k", "expected"), INTERPOLATION)
+def test_interpolation_weights(n_t, n_s, k, expected):
+    a, b, lam = interpolation(n_t, n_s, k)
+    assert (a, b) == expected[:2]
+    assert lam == pytest.approx(expected[2], abs=1e-12)
+
+
+def test_interpolate_mixes_with_lambda():
+    ha, hb = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 4.0])
+    assert torch.equal(interpolate(ha, hb, 0.0), ha)
+    assert torch.equal(interpolate(ha, hb, 1.0), hb)
+    assert torch.allclose(interpolate(ha, hb, 0.25), torch.tensor([0.75, 1.0]))
+
+
+def test_layer_pairs_merge_critical_layers_that_choose_the_same_student_layer():
+    pairs = layer_pairs([7, 6, 28], 28, 24)
+    assert [(p.student, p.grid, p.a, p.b, p.critical) for p in pairs] == [(6, 7, 7, 8, (6, 7)), (24, 28, 27, 28, (28,))]
+    assert pairs[1].weight_b == 1.0
+
+
+def test_top_layers_are_one_based_in_depth_order():
+    assert top_layers([0.1, 3.0, -1.0, 2.0, 3.0], 3) == [2, 4, 5]
+    assert top_layers([1.0, 1.0, 1.0], 2) == [1, 2]  # ties: shallower first
+
+
+# ---- semantic bases --------------------------------------------------------------------------------
+
+
+def _orthogonal(n: int, seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q.float()
+
+
+def test_square_orthogonal_head_round_trip_returns_the_input_direction():
+    q = _orthogonal(6, 0)
+    s = semantic_bases(q)
+    assert torch.allclose(s, q, atol=1e-5)  # pinv(Qᵀ) = Q, rows already unit
+    h = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    back = recompose(decompose(h, s), s)
+    assert torch.allclose(back, h / h.norm(dim=-1, keepdim=True), atol=1e-5)
+
+
+def test_square_invertible_head_with_scaled_rows_round_trip_returns_the_input_direction():
+    # W = D Q is invertible but not orthogonal: pinv(Wᵀ) = D⁻¹ Q, whose unit rows are Q again
+    q = _orthogonal(5, 2)
+    w = torch.diag(torch.tensor([0.5, 2.0, 3.0, 0.1, 7.0])) @ q
+    s = semantic_bases(w, chunk=2)
+    assert torch.allclose(s, q, atol=1e-4)
+    h = torch.randn(3, 5, generator=torch.Generator().manual_seed(3))
+    back = recompose(decompose(h, s), s)
+    assert torch.allclose(back, h / h.norm(dim=-1, keepdim=True), atol=1e-4)
+
+
+def test_bases_are_unit_rows_of_the_pseudo_inverse_for_a_tall_head_in_any_chunking():
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(37, 8, generator=g)
+    ref = torch.linalg.pinv(w.T.double()).float()  # [V, D]: row i is e_i · pinv(Wᵀ)
+    ref = ref / ref.norm(dim=1, keepdim=True)
+    for chunk in (1, 5, 37, 100):
+        assert torch.allclose(semantic_bases(w, chunk=chunk), ref, atol=1e-5), chunk
+
+
+def test_rank_deficient_head_and_zero_rows_stay_finite():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(20, 4, generator=g)
+    w = torch.cat([w, w[:, :1]], dim=1)  # a repeated column: WᵀW is singular
+    w[3] = 0.0  # a padding row
+    s = semantic_bases(w)
+    assert torch.isfinite(s).all()
+    assert s[3].abs().max() == 0
+    ref = torch.linalg.pinv(w.T.double()).float()
+    ref = ref / ref.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    assert torch.allclose(s, ref, atol=1e-4)
+
+
+def test_chunked_recompose_map_equals_the_dense_product_and_the_explicit_round_trip():
+    g = torch.Generator().manual_seed(6)
+    w_t, w_s = torch.randn(50, 12, generator=g), torch.randn(50, 7, generator=g)
+    s_t, s_s = semantic_bases(w_t), semantic_bases(w_s)
+    dense = s_s.T @ s_t
+    for chunk in (3, 50, 64):
+        assert torch.allclose(recompose_map(w_t, w_s, chunk=chunk), dense, atol=1e-5)
+    h = torch.randn(4, 12, generator=g)
+    explicit = recompose(decompose(h, s_t), s_s)  # a = S_T h / ||h||, h~ = S_Sᵀ a
+    assert torch.allclose(map_activations(h, dense), explicit, atol=1e-5)
+    with pytest.raises(ValueError, match="shared vocabulary"):
+        recompose_map(w_t, w_s[:40])
+
+
+def test_basis_rows_use_the_models_own_gram():
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(30, 6, generator=g)
+    rows = basis_rows(w[10:15], gram_pinv(w))
+    assert torch.allclose(rows, semantic_bases(w)[10:15], atol=1e-6)
+
+
+# ---- the loss --------------------------------------------------------------------------------------
+
+
+def test_cosine_to_onehot_by_hand():
+    z = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    assert torch.allclose(cosine_to_onehot(z, torch.tensor([1, 1])), torch.tensor([0.8, 0.0]))
+
+
+def test_loss_is_zero_at_a_perfect_match_and_sums_over_positions():
+    g = torch.Generator().manual_seed(8)
+    targets = [torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)]
+    acts = [3.0 * targets[0], 0.5 * targets[1]]  # cosine ignores positive scale
+    y = torch.tensor([0, 2, 1, 2])
+    logits = 5.0 * torch.nn.functional.one_hot(y, 3).float()
+    act, logit = alignment_terms(acts, targets, logits, y)
+    assert act.item() == pytest.approx(0.0, abs=1e-6)
+    assert logit.item() == pytest.approx(0.0, abs=1e-6)
+    # opposite directions: 1 − cos = 2 at every position, averaged over layers, summed over 4 positions
+    act, _ = alignment_terms([-targets[0], -targets[1]], targets, logits, y)
+    assert act.item() == pytest.approx(8.0, rel=1e-5)
+    # uniform logits: cos(z, e_y) = 1/√3 at every position
+    _, logit = alignment_terms(acts, targets, torch.ones(4, 3), y)
+    assert logit.item() == pytest.approx(4 * (1 - 1 / math.sqrt(3)), rel=1e-5)
+
+
+# ---- attribution ------------------------------------------------------------------------------------
+
+
+def test_layer_attribution_equals_the_derivative_of_the_loss_under_scaling_each_layer_output(tiny_models):
+    """Σ h·∂L/∂h = d/dε L(h·(1 + ε)) at ε = 0: checked by central differences, independently of autograd."""
+    from pktransfer.data import PromptFormatter, encode_items, get_task
+    from pktransfer.methods.semalign import layer_attribution
+    from pktransfer.models import load_model
+    from pktransfer.progress import Progress
+    from pktransfer.recipe import ModelSpec
+
+    teacher = load_model(ModelSpec(model=str(tiny_models["qwen2_teacher"]), dtype="float32"))
+    model = teacher.model.double()
+    task = get_task("arithmetic", {"sizes": {"seed": 3, "train": 1, "test": 1}})
+    examples = encode_items(PromptFormatter(teacher.tokenizer), task.split("seed"), 64, "seed")
+    batched = layer_attribution(model, "model.layers", 4, examples, batch_size=3, progress=Progress(quiet=True))
+    single = layer_attribution(model, "model.layers", 4, examples, batch_size=1, progress=Progress(quiet=True))
+    assert batched == pytest.approx(single, rel=1e-6, abs=1e-9)
+
+    def mean_loss(layer: int, eps: float) -> float:
+        def scale(mod, args, out):
+            return (out[0] * (1 + eps), *out[1:]) if isinstance(out, tuple) else out * (1 + eps)
+        handle = model.model.layers[layer].register_forward_hook(scale)
+        total = 0.0
+        with torch.no_grad():
+            for e in examples:
+                ids, labels = torch.tensor([e.input_ids]), torch.tensor([e.labels])
+                logits = model(input_ids=ids).logits
+                total += torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100).item()
+        handle.remove()
+        return total / len(examples)
+
+    # rotary tables stay float32 in a float64 model, so the loss is exact to ~1e-8 only: a larger step
+    # keeps that noise below 1e-5 while its O(eps²) truncation error stays smaller still
+    eps = 1e-3
+    for layer in range(4):
+        fd = (mean_loss(layer, eps) - mean_loss(layer, -eps)) / (2 * eps)
+        assert batched[layer] == pytest.approx(fd, rel=1e-3, abs=1e-5), layer
+    assert all(p.requires_grad for p in model.parameters())  # restored
+
+
+# ---- the method -------------------------------------------------------------------------------------
+
+
+def _recipe(base: dict, **method):
+    return recipe_from_dict({**base, "method": {"name": "semalign", **method}})
+
+
+def test_recipe_validation():
+    with pytest.raises(RecipeError, match="critical_layers"):
+        recipe_from_dict({"method": {"name": "semalign", "critical_layers": 0}})
+    with pytest.raises(RecipeError, match="nothing to train"):
+        recipe_from_dict({"method": {"name": "semalign", "activation_weight": 0, "logit_weight": 0}})
+    with pytest.raises(RecipeError, match="point"):
+        recipe_from_dict({"method": {"name": "semalign", "point": "residual"}})
+
+
+def test_semalign_runs_end_to_end_and_saves_a_lora_on_the_paired_layers(tiny_recipe, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    res = pktransfer.run(_recipe(tiny_recipe, critical_layers=1), quiet=True)
+    out = res.output_dir
+    info = res.run["method"]
+    assert len(info["pairs"]) == 1
+    pair = info["pairs"][0]
+    # the tiny pair: L_T 4, L_S 2; the critical layer l* maps to k = 1 (l* <= 2) or 2
+    assert pair["student"] == (1 if info["critical_teacher_layers"][0] <= 2 else 2)
+    assert (pair["a"], pair["weight_b"]) == (2 * pair["student"] if pair["student"] == 1 else 3,
+                                             0.0 if pair["student"] == 1 else 1.0)
+    attribution = json.loads((out / "semalign" / "attribution.json").read_text())
+    assert len(attribution["scores"]) == 4 and attribution["n_samples"] == 4
+    assert (out / "semalign" / "attribution.png").stat().st_size > 0
+    assert res.metrics["trained"]["test"]["n"] == 6
+    tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    layers = {int(k.split("layers.")[1].split(".")[0]) for k in tensors}
+    leaves = {k.split(".lora_")[0].rsplit(".", 1)[1] for k in tensors}
+    assert layers == {pair["student"] - 1}
+    assert leaves == {"up_proj", "down_proj", "v_proj", "o_proj"}
+    base = AutoModelForCausalLM.from_pretrained(tiny_recipe["student"]["model"])
+    PeftModel.from_pretrained(base, str(out / "adapter"))
+    # no hook is left on the student once training ended
+    losses = [h["loss"] for h in json.loads((out / "checkpoints" / "log_history.json").read_text()) if "loss" in h]
+    assert losses and all(math.isfinite(v) for v in losses)
+
+
+def test_cached_and_live_targets_give_the_same_loss_and_the_cache_is_reused(tiny_recipe, tmp_path):
+    from pktransfer.data import PromptFormatter, encode_items, get_task
+    from pktransfer.methods import MethodContext, get_method
+    from pktransfer.models import load_model
+    from pktransfer.progress import Progress
+    from pktransfer.training import Collator
+
+    cache_dir = tmp_path / "cache"
+    losses = {}
+    for name, extra in (("live", {"cache": False}), ("cached", {"cache": True}), ("again", {"cache": True})):
+        recipe = _recipe(tiny_recipe, critical_layers="all", cache_dir=str(cache_dir), **extra)
+        student = load_model(recipe.student)
+        task = get_task("arithmetic", recipe.task.params)
+        fmt = PromptFormatter(student.tokenizer)
+        examples = encode_items(fmt, task.split("train")[:8], 64, "train")
+        teacher = load_model(recipe.teacher)
+        ctx = MethodContext(recipe, student, task, fmt, tmp_path / name, Progress(quiet=True),
+                            lambda t=teacher: t, examples)
+        method = get_method(recipe.method)
+        model = method.prepare(ctx)
+        assert [p.student for p in method.pairs] == [1, 2]
+        model.train()
+        batch = Collator(student.tokenizer.pad_token_id)([{"input_ids": e.input_ids, "labels": e.labels, "index": i}
+                                                          for i, e in enumerate(examples[2:6], start=2)])
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss = method.training_loss(ctx)(out, batch, None)
+        loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+        losses[name] = loss.item()
+        method.finish_training()
+        # hooks are gone: a forward in training mode captures nothing
+        model(input_ids=batch["input_ids"])
+        assert not method._acts
+    assert losses["live"] == pytest.approx(losses["cached"], rel=1e-3)  # targets are stored in float16
+    assert losses["cached"] == losses["again"]
+    assert len(list(cache_dir.glob("semalign-targets-*.safetensors"))) == 1
+    assert len(list(cache_dir.glob("semantic-pinv-*.safetensors"))) == 2
+    assert len(list(cache_dir.glob("semantic-map-*.safetensors"))) == 1
+    assert 0 < losses["live"] < 4
+
+
+def test_shallow_to_deep_trains_one_pair_after_the_other(tiny_recipe):
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    res = pktransfer.run(_recipe(tiny_recipe, critical_layers="all", schedule="shallow_to_deep"), quiet=True,
+                         evaluate=False)
+    ckpt = load_file(str(res.output_dir / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors"))
+    final = load_file(str(res.output_dir / "adapter" / "adapter_model.safetensors"))
+
+    def b_norm(tensors, layer):
+        return sum(float(v.abs().sum()) for k, v in tensors.items() if f"layers.{layer}." in k and "lora_B" in k)
+
+    # steps 0-1 train pair 1 (student layer 0) only; LoRA B starts at zero
+    assert b_norm(ckpt, 0) > 0 and b_norm(ckpt, 1) == 0
+    assert b_norm(final, 0) > 0 and b_norm(final, 1) > 0
+
+
+def test_semalign_refuses_a_pair_with_different_vocabularies(tiny_recipe, tmp_path):
+    from conftest import save_tiny
+
+    from pktransfer.errors import IncompatiblePairError
+
+    odd = save_tiny(tmp_path, "odd", "qwen2", seed=9, hidden=64, layers=4, heads=4, kv_heads=2, ffn=128)
+    cfg = json.loads((odd / "config.json").read_text())
+    cfg["vocab_size"] += 3
+    (odd / "config.json").write_text(json.dumps(cfg))
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(
+        __import__("transformers").AutoConfig.from_pretrained(odd)).save_pretrained(odd)
+    tiny_recipe["teacher"]["model"] = str(odd)
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    with pytest.raises(IncompatiblePairError, match="vocabularies"):
+        pktransfer.run(_recipe(tiny_recipe), quiet=True)
+    assert not (tmp_path / "run").exists()
