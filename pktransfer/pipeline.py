@@ -179,34 +179,45 @@ def run(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, evaluat
             for t in teacher_cache.values():
                 t.unload()
             teacher_cache.clear()
-        with log.stage("train"):
-            try:
-                result = train(peft_model, student.tokenizer, examples, recipe.training,
-                               output_dir=rd.path("checkpoints"), seed=recipe.seed, progress=progress,
-                               loss=method.training_loss(ctx), callbacks=method.callbacks(ctx))
-            finally:
-                method.finish_training()
+        if method.post_training:
+            with log.stage("train"):
+                try:
+                    result = train(peft_model, student.tokenizer, examples, recipe.training,
+                                   output_dir=rd.path("checkpoints"), seed=recipe.seed, progress=progress,
+                                   loss=method.training_loss(ctx), callbacks=method.callbacks(ctx))
+                finally:
+                    method.finish_training()
+            training = {"steps": result.steps, "seconds": round(result.seconds, 2), "final_loss": result.final_loss,
+                        "resumed_from": result.resumed_from}
+        else:  # the method trained what it trains inside prepare (e.g. LaTen's hypernetworks)
+            training = {k: v for k, v in method.training.items() if k != "log_history"}
+            rd.path("checkpoints").mkdir(parents=True, exist_ok=True)
+            (rd.path("checkpoints") / "log_history.json").write_text(
+                json.dumps(method.training.get("log_history", []), indent=1))
         for t in teacher_cache.values():
             t.unload()
         teacher_cache.clear()
-        method.save_adapter(peft_model, rd.path("adapter"))
-        student.tokenizer.save_pretrained(str(rd.path("adapter")))
-        merged = peft_model.merge_and_unload()
+        if method.post_training:
+            method.save_adapter(peft_model, rd.path("adapter"))
+            student.tokenizer.save_pretrained(str(rd.path("adapter")))
+            merged = peft_model.merge_and_unload()
+        else:
+            merged = peft_model
+        save_merged = recipe.training.save_merged or not method.post_training
         if evaluate:
             with log.stage("eval_trained"):
                 metrics["trained"] = _evaluate_cached(rd, merged, formatter, task, recipe, "trained", progress)
-        if recipe.training.save_merged:
+        if save_merged:
             merged.save_pretrained(str(rd.path("merged")), safe_serialization=True)
             student.tokenizer.save_pretrained(str(rd.path("merged")))
         info = run_info(
             recipe, log, started,
             task=task.describe(), prompt_format=formatter.describe(),
             data={"n_train": len(examples), "n_train_items": len(train_items)},
-            training={"steps": result.steps, "seconds": round(result.seconds, 2), "final_loss": result.final_loss,
-                      "resumed_from": result.resumed_from},
+            training=training,
             metrics=metric_table(metrics),
             method=method.report(),
-            outputs={"adapter": "adapter", "merged": "merged" if recipe.training.save_merged else None,
+            outputs={"adapter": "adapter" if method.post_training else None, "merged": "merged" if save_merged else None,
                      "eval": "eval", "checkpoints": "checkpoints"},
         )
         rd.write_json("run.json", info)

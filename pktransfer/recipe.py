@@ -176,7 +176,30 @@ class SemAlignMethod(Strict):
         return self
 
 
-MethodSpec = Annotated[LoraMethod | PissaMethod | KdMethod | WeightSelectionMethod | SeekingMethod | SemAlignMethod,
+class LatenMethod(Strict):
+    """LaTen (methods.md §2): locate neurons, map them with hypernetworks, inject; no post-training.
+
+    The ``training`` section does not apply: LaTen trains only its hypernetworks, for ``steps`` steps.
+    """
+
+    name: Literal["laten"] = "laten"
+    n_extract: int = Field(default=20, ge=1, description="extract-split samples used to locate (paper: 20)")
+    transfer_rate: float = Field(default=0.1, gt=0, le=1, description="fraction of the student's neurons per layer")
+    locate_vocab: int | None = Field(
+        default=None, ge=1, description="softmax over the top-k logit-lens tokens (and y) when scoring neurons; "
+                                        "None: the whole vocabulary (exact, slow on CPU)")
+    steps: int = Field(default=4, ge=1, description="hypernetwork steps (paper: GSM8K 4, MMLU 2, HumanEval 3, MBPP 8)")
+    lr: float = Field(default=3e-5, gt=0, le=1)
+    weight_decay: float = Field(default=0.05, ge=0)
+    warmup_ratio: float = Field(default=0.1, gt=0, lt=1, description="one-cycle schedule: share of steps warming up")
+    penalty: float = Field(default=1000.0, ge=0, description="weight of Σ MSE(Δ, 0)")
+    partners: int = Field(default=15, ge=0, description="align examples joining each extract example in a batch")
+    n_val: int = Field(default=16, ge=1, description="align items held out to choose the step (never trained on)")
+    init_std: float = Field(default=1e-5, gt=0, description="std of the hypernetworks' initial weights")
+
+
+MethodSpec = Annotated[LoraMethod | PissaMethod | KdMethod | WeightSelectionMethod | SeekingMethod | SemAlignMethod
+                       | LatenMethod,
                        Field(discriminator="name")]
 
 

@@ -6,13 +6,15 @@ from typing import Any
 
 from pktransfer.methods.base import Method, MethodContext
 from pktransfer.methods.kd import KdMethod
+from pktransfer.methods.laten import LatenMethod
 from pktransfer.methods.lora import LoraMethod, PissaMethod
 from pktransfer.methods.seeking import SeekingMethod
 from pktransfer.methods.semalign import SemAlignMethod
 from pktransfer.methods.weight_selection import WeightSelectionMethod
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (LoraMethod, PissaMethod, KdMethod, WeightSelectionMethod, SeekingMethod, SemAlignMethod)
+    m.name: m for m in (LoraMethod, PissaMethod, KdMethod, WeightSelectionMethod, SeekingMethod, SemAlignMethod,
+                 LatenMethod)
 }
 
 

@@ -112,6 +112,10 @@ def cached_file(folder: Path, prefix: str, key: str, compute: Callable[[], dict[
 class Method(ABC):
     name: ClassVar[str]
     needs_teacher: ClassVar[bool] = False
+    # False: prepare() returns the finished student (no LoRA training); ``training`` then describes what
+    # the method trained itself (steps, seconds, final_loss, resumed_from, log_history)
+    post_training: ClassVar[bool] = True
+    training: dict[str, Any]
 
     @property
     def teacher_during_training(self) -> bool:

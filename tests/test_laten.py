@@ -1,0 +1,263 @@
+"""LaTen: neuron scores on hand-built cases, hypernetwork shapes, injection = merge, the merged student, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import pktransfer
+from pktransfer.errors import DataError
+from pktransfer.methods.laten import (
+    HyperNet,
+    Injection,
+    choose_step,
+    delta_penalty,
+    locate_scores,
+    mapped_deltas,
+    plan_transfer,
+    step_batch,
+)
+from pktransfer.ops.neurons import candidate_vocab, kv_rows, neuron_scores, restrict, sublayer_score, top_indices
+from pktransfer.recipe import recipe_from_dict
+
+# ---- scores by hand ----------------------------------------------------------------------------------
+
+
+def test_neuron_scores_by_hand_with_an_identity_lens():
+    head = torch.eye(3)  # logits = h (identity norm and head)
+    base = torch.zeros(3)
+    directions = torch.tensor([[5.0, 0, 0], [-1.0, 0, 0], [0, 2.0, 0]])
+    coeffs = torch.tensor([1.0, 1.0, 0.5])
+    got = neuron_scores(base, coeffs, directions, lambda x: x, head, 0, chunk=2)
+    log3 = math.log(3)
+    expected = [5 - math.log(math.exp(5) + 2) + log3, -1 - math.log(math.exp(-1) + 2) + log3,
+                0 - math.log(2 + math.e) + log3]
+    assert got.tolist() == pytest.approx(expected, abs=1e-6)
+    assert top_indices(got, 2).tolist() == [0, 2]
+    assert sublayer_score(base, directions[0], lambda x: x, head, 0) == pytest.approx(expected[0], abs=1e-6)
+
+
+def test_restricted_vocabulary_is_exact_when_it_covers_the_vocabulary():
+    g = torch.Generator().manual_seed(0)
+    head, base = torch.randn(50, 8, generator=g), torch.randn(8, generator=g)
+    coeffs, dirs = torch.randn(20, generator=g), torch.randn(20, 8, generator=g)
+    norm = torch.nn.RMSNorm(8)
+    exact = neuron_scores(base, coeffs, dirs, norm, head, 7)
+    assert candidate_vocab([base], norm, head, 7, 50) is None
+    vocab = candidate_vocab([base], norm, head, 7, 10)
+    assert 7 in vocab.tolist() and len(vocab) <= 11
+    sub, yi = restrict(head, 7, vocab)
+    approx = neuron_scores(base, coeffs, dirs, norm, sub, yi)
+    assert torch.corrcoef(torch.stack([exact, approx]))[0, 1] > 0.9  # a close, cheaper ranking
+
+
+def test_kv_rows_follow_grouped_query_attention():
+    # 4 heads sharing 2 kv heads, head_dim 3: positions -> (head, dim) -> kv row
+    assert kv_rows(torch.tensor([0, 2, 3, 7, 11]), 4, 2, 3).tolist() == [0, 2, 0, 4, 5]
+    assert kv_rows(torch.tensor([5]), 2, 2, 3).tolist() == [5]  # no grouping: the identity
+
+
+def _plant(model, layer: int, y: int, role: str, j: int, sign: float) -> None:
+    """Make neuron j of ``layer`` write along a direction that raises y through the final norm (``sign``:
+    that of the neuron's activation, so activation times column points the right way)."""
+    lm = model.lm_head.weight.detach()
+    g = model.model.norm.weight.detach()
+    direction = lm[y] / g
+    direction = sign * 50 * direction / direction.norm()
+    blk = model.model.layers[layer]
+    w = blk.mlp.down_proj.weight if role == "ffn" else blk.self_attn.o_proj.weight
+    with torch.no_grad():
+        w[:, j] = direction
+
+
+def test_locate_finds_a_planted_neuron_in_a_tiny_model(tiny_models):
+    from pktransfer.data import PromptFormatter, encode_items, get_task
+    from pktransfer.methods.laten import answer_position
+    from pktransfer.models import load_model
+    from pktransfer.progress import Progress
+    from pktransfer.recipe import ModelSpec
+
+    loaded = load_model(ModelSpec(model=str(tiny_models["qwen2_teacher"])))
+    task = get_task("arithmetic", {"sizes": {"extract": 1, "train": 1, "test": 1}})
+    ex = encode_items(PromptFormatter(loaded.tokenizer), task.split("extract"), 64, "extract")
+    eos = {loaded.tokenizer.eos_token_id, loaded.tokenizer.pad_token_id}
+    pos, y = answer_position(ex[0], eos)
+    # the sign of a planted neuron's activation decides its direction: read the activations first
+    acts = {}
+    last = loaded.model.model.layers[3]
+    h1 = last.mlp.down_proj.register_forward_pre_hook(lambda m, a: acts.__setitem__("ffn", a[0][0, pos]))
+    h2 = last.self_attn.o_proj.register_forward_pre_hook(lambda m, a: acts.__setitem__("attn", a[0][0, pos]))
+    with torch.no_grad():
+        loaded.model(input_ids=torch.tensor([ex[0].input_ids[: pos + 1]]))
+    h1.remove()
+    h2.remove()
+    for role, j in (("ffn", 77), ("attn", 5)):
+        _plant(loaded.model, 3, y, role, j, 1.0 if acts[role][j] >= 0 else -1.0)
+    scores = locate_scores(loaded, ex, vocab_k=None, progress=Progress(quiet=True), what="teacher")
+    assert top_indices(scores["ffn"][3], 1).item() == 77
+    assert top_indices(scores["attn"][3], 1).item() == 5
+    assert scores["ffn"][3, 77] > 0 and scores["attn"][3, 5] > 0  # log-probability gained
+    assert scores["ffn_layer"][3] > 0
+    assert scores["ffn"].shape == (4, 128) and scores["attn"].shape == (4, 64)
+
+
+# ---- align / inject ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("d_t", "d_s"), [(64, 32), (1536, 896), (5, 7), (16, 16)])
+def test_hypernetwork_shapes_and_init(d_t, d_s):
+    torch.manual_seed(0)
+    h = HyperNet(d_t, d_s, init_std=1e-5)
+    w1, w2 = h.net[0].weight, h.net[2].weight
+    assert w1.shape == (d_t, d_t) and w2.shape == (d_s, d_t)
+    assert h.net[0].bias is None and h.net[2].bias is None
+    assert h(torch.randn(3, d_t)).shape == (3, d_s)
+    if d_t >= 64:
+        assert w1.std().item() == pytest.approx(1e-5, rel=0.2)
+
+
+def _plan(t_arch, s_arch, rate=0.25, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def scores(arch):
+        return {"ffn_layer": torch.randn(arch.n_layers, generator=g), "attn_layer": torch.randn(arch.n_layers, generator=g),
+                "ffn": torch.randn(arch.n_layers, arch.intermediate_size, generator=g),
+                "attn": torch.randn(arch.n_layers, arch.n_heads * arch.head_dim, generator=g)}
+
+    return plan_transfer(scores(t_arch), scores(s_arch), t_arch, s_arch, rate)
+
+
+def test_plan_pairs_top_teacher_layers_in_order_and_ranks_neurons(tiny_models):
+    from pktransfer.models import load_model
+    from pktransfer.recipe import ModelSpec
+
+    t = load_model(ModelSpec(model=str(tiny_models["qwen2_teacher"])))
+    s = load_model(ModelSpec(model=str(tiny_models["qwen2_student"])))
+    plan = _plan(t.arch, s.arch)
+    for fam in ("ffn", "attn"):
+        layers = plan[fam]["teacher_layers"]
+        assert len(layers) == s.arch.n_layers and layers == sorted(layers)
+    assert plan["ffn"]["n"] == 16  # 0.25 of the student's 64 FFN neurons
+    assert all(len(ix) == 16 for ix in plan["ffn"]["teacher"] + plan["ffn"]["student"])
+
+
+def test_hooked_injection_equals_the_merged_weights_and_merge_adds_exactly_the_delta(tiny_models):
+    from pktransfer.methods.laten import extract
+    from pktransfer.models import load_model
+    from pktransfer.recipe import ModelSpec
+
+    t = load_model(ModelSpec(model=str(tiny_models["qwen2_teacher"])))
+    s = load_model(ModelSpec(model=str(tiny_models["qwen2_student"])))
+    plan = _plan(t.arch, s.arch)
+    vectors = extract(t, plan)
+    assert vectors["up"][0].shape == (16, 64) and vectors["o"][0].shape == (8, 64)
+    torch.manual_seed(1)
+    hyper = {r: HyperNet(64, 32, init_std=0.05) for r in ("up", "down", "v", "o")}
+    injection = Injection(s, plan)
+    with torch.no_grad():
+        deltas = mapped_deltas(hyper, vectors, injection, torch.device("cpu"))
+    ids = torch.tensor([[5, 17, 30, 44, 60, 71, 2, 9]])
+    original = {k: v.clone() for k, v in s.model.state_dict().items()}
+    with torch.no_grad():
+        plain = s.model(input_ids=ids).logits
+        handles = injection.hooks(s.model, deltas)
+        hooked = s.model(input_ids=ids).logits
+        for h in handles:
+            h.remove()
+        saved = injection.merge(s.model, deltas)
+        merged = s.model(input_ids=ids).logits
+    assert not torch.allclose(plain, hooked, atol=1e-4)  # the injection changes the student
+    assert torch.allclose(hooked, merged, atol=1e-5)
+    after = s.model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], original[k])}
+    assert changed == {m + ".weight" for mods in injection.modules.values() for m in mods}
+    for name in {m for mods in injection.modules.values() for m in mods}:
+        w0 = original[name + ".weight"].clone()
+        if f"{name}::rows" in saved:
+            w0[saved[f"{name}::rows"]] += saved[f"{name}::values"]
+        else:
+            w0[:, saved[f"{name}::cols"]] += saved[f"{name}::values"].T
+        assert torch.equal(w0, after[name + ".weight"]), name
+    assert delta_penalty(deltas) > 0
+
+
+def test_step_rule_and_batches():
+    assert choose_step({0: 1.0, 1: 0.9, 2: 0.8, 3: 0.8}) == 2  # lowest, ties -> earlier; step 0 never
+    assert choose_step({0: 0.1, 1: 0.9, 2: 1.0}) == 1
+    ext, align = list(range(3)), list(range(100, 140))
+    b = step_batch(4, ext, align, 15, seed=0)
+    assert b[0] == 1 and len(b) == 16 and len(set(b[1:])) == 15 and set(b[1:]) <= set(align)
+    assert step_batch(4, ext, align, 15, seed=0) == b and step_batch(4, ext, align, 15, seed=1) != b
+
+
+# ---- end to end ----------------------------------------------------------------------------------------
+
+
+def _recipe(base: dict, **method):
+    base = {**base, "task": {**base["task"], "params": {"sizes": {"test": 6, "train": 16, "seed": 4, "extract": 3,
+                                                                  "align": 24}}}}
+    return recipe_from_dict({**base, "method": {"name": "laten", "n_val": 6, "steps": 3, **method}})
+
+
+def test_laten_saves_a_merged_student_equal_to_the_original_plus_the_delta(tiny_recipe, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    res = pktransfer.run(_recipe(tiny_recipe, init_std=0.02, lr=1e-3, transfer_rate=0.2), quiet=True)
+    out = res.output_dir
+    info = res.run["method"]
+    assert info["chosen_step"] in (1, 2, 3) and set(info["val_loss"]) == {0, 1, 2, 3}
+    assert res.run["outputs"]["adapter"] is None and not (out / "adapter").exists()
+    assert res.run["training"]["steps"] == info["chosen_step"]
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").state_dict()
+    original = AutoModelForCausalLM.from_pretrained(tiny_recipe["student"]["model"]).state_dict()
+    delta = load_file(str(out / "laten" / "delta.safetensors"))
+    modules = {k.split("::")[0] for k in delta}
+    assert len(modules) == 4 * 2  # up, down, v, o in each of the student's 2 layers
+    for key in original:
+        expected = original[key].clone()
+        name = key.removesuffix(".weight")
+        if name in modules:
+            if f"{name}::rows" in delta:
+                expected[delta[f"{name}::rows"]] += delta[f"{name}::values"]
+            else:
+                expected[:, delta[f"{name}::cols"]] += delta[f"{name}::values"].T
+            assert not torch.equal(expected, original[key]), key  # the transfer is in the saved weights
+        assert torch.equal(merged[key], expected), key
+    assert res.metrics["trained"]["test"]["n"] == 6
+    history = json.loads((out / "checkpoints" / "log_history.json").read_text())
+    assert [h["step"] for h in history] == [0, 1, 2, 3]
+
+
+def test_laten_resumes_from_its_last_step_and_reproduces_the_run(tiny_recipe, tmp_path):
+    from pktransfer.data import PromptFormatter, get_task
+    from pktransfer.methods import MethodContext, get_method
+    from pktransfer.models import load_model
+    from pktransfer.progress import Progress
+
+    recipe = _recipe(tiny_recipe, init_std=0.02, lr=1e-3)
+    runs = []
+    for attempt in range(2):
+        student, teacher = load_model(recipe.student), load_model(recipe.teacher)
+        task = get_task("arithmetic", recipe.task.params)
+        ctx = MethodContext(recipe, student, task, PromptFormatter(student.tokenizer), tmp_path, Progress(quiet=True),
+                            lambda t=teacher: t)
+        if attempt == 1:  # as if killed during step 3: its checkpoint is incomplete
+            (tmp_path / "laten" / "steps" / "step-3" / "done").unlink()
+        method = get_method(recipe.method)
+        model = method.prepare(ctx)
+        runs.append((method, {k: v.clone() for k, v in model.state_dict().items()}))
+    (m1, w1), (m2, w2) = runs
+    assert m2.training["resumed_from"].endswith("step-2") and m2.report()["located_from"] == "reused"
+    assert [h["val_loss"] for h in m1.training["log_history"]] == \
+        pytest.approx([h["val_loss"] for h in m2.training["log_history"]], rel=1e-6)
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-7), k
+
+
+def test_laten_refuses_a_too_small_align_split(tiny_recipe):
+    with pytest.raises(DataError, match="n_val"):
+        pktransfer.run(_recipe(tiny_recipe, n_val=30), quiet=True)
