@@ -72,3 +72,57 @@ def test_short_lora_training_on_the_real_student(pair, tmp_path):
         base = model.unload()
         got = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))(input_ids=ids).logits[0, -1]
     assert torch.allclose(expected, got, atol=1e-4)
+
+
+def _context(pair, tmp_path, method: dict, n_train: int = 8):
+    import dataclasses
+
+    from pktransfer.data import PromptFormatter, encode_items, get_task
+    from pktransfer.methods import MethodContext, get_method
+    from pktransfer.progress import Progress
+    from pktransfer.recipe import recipe_from_dict
+
+    t, s = pair
+    recipe = recipe_from_dict({"teacher": {"model": TEACHER, "device": "cpu"}, "student": {"model": STUDENT, "device": "cpu"},
+                               "method": method, "training": {"max_steps": 2, "batch_size": 4, "max_length": 64}})
+    task = get_task("arithmetic")
+    fmt = PromptFormatter(s.tokenizer)
+    examples = encode_items(fmt, task.split("train")[:n_train], 64, "train")
+    teacher = dataclasses.replace(t)  # a method may unload its teacher: keep the fixture's
+    ctx = MethodContext(recipe, s, task, fmt, tmp_path, Progress(quiet=True), lambda: teacher, examples)
+    return get_method(recipe.method), ctx
+
+
+def test_semalign_on_the_real_pair(pair, tmp_path):
+    from pktransfer.training import train
+
+    method, ctx = _context(pair, tmp_path, {"name": "semalign", "n_seed": 2, "critical_layers": 2})
+    model = method.prepare(ctx)
+    try:
+        assert tuple(method.map.shape) == (896, 1536)
+        assert all(1 <= p.student <= 24 and p.b == p.a + 1 for p in method.pairs)
+        res = train(model, ctx.student.tokenizer, ctx.examples, ctx.recipe.training, output_dir=tmp_path / "ckpt",
+                    seed=0, loss=method.training_loss(ctx))
+        assert res.steps == 2 and 0 < res.final_loss < 4  # two cosine terms, each in [0, 2]
+    finally:
+        method.finish_training()
+        model.unload()
+
+
+def test_laten_on_the_real_pair_merges_its_delta(pair, tmp_path):
+    """Last in this module: LaTen merges its delta into the fixture's student."""
+    from safetensors.torch import load_file
+
+    _, s = pair
+    name = "model.layers.0.mlp.up_proj"
+    before = s.model.get_submodule(name).weight.detach().clone()
+    method, ctx = _context(pair, tmp_path, {"name": "laten", "n_extract": 1, "locate_vocab": 128, "steps": 1,
+                                            "partners": 3, "n_val": 4, "init_std": 1e-3})
+    method.prepare(ctx)
+    info = method.report()
+    assert len(info["teacher_layers"]["ffn"]) == 24 and info["neurons_per_layer"] == {"ffn": 486, "attn": 90}
+    delta = load_file(str(tmp_path / "laten" / "delta.safetensors"))
+    expected = before.clone()
+    expected[delta[f"{name}::rows"]] += delta[f"{name}::values"]
+    assert torch.equal(s.model.get_submodule(name).weight.detach(), expected)
+    assert delta[f"{name}::values"].abs().max() > 0
