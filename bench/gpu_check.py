@@ -5,7 +5,9 @@
 1. ``evaluation.batch_size: auto`` on CUDA: a real out-of-memory error (a batch-proportional allocation)
    shrinks the batch until it fits; then an evaluation with batch size auto on CUDA.
 2. Every method end to end on CUDA (teacher and student on the GPU): lora, pissa, kd (live teacher),
-   weight_selection, seeking; prints accuracy, steps, stage times and peak CUDA memory.
+   weight_selection, seeking, semalign (cached and live targets), laten; then semalign and laten with
+   the teacher on the CPU and the student on the GPU. Prints accuracy, steps, stage times and peak
+   CUDA memory.
 """
 
 from __future__ import annotations
@@ -76,20 +78,28 @@ def main() -> None:
     base = {
         "teacher": {"model": str(teacher), "device": "cuda"}, "student": {"model": str(student), "device": "cuda"},
         "task": {"name": "arithmetic", "n_train": 32, "n_test": 20,
-                 "params": {"sizes": {"test": 20, "train": 32, "seed": 4, "extract": 2, "align": 2}}},
+                 "params": {"sizes": {"test": 20, "train": 32, "seed": 4, "extract": 2, "align": 24}}},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "training": {"max_steps": 6, "batch_size": 8, "lr": 1e-3, "max_length": 64, "save_steps": 3},
         "evaluation": {"batch_size": "auto", "max_new_tokens": 6},
     }
     methods = [{"name": "lora"}, {"name": "pissa"}, {"name": "kd", "cache": False}, {"name": "kd", "cache": True},
-               {"name": "weight_selection"}, {"name": "seeking", "n_seed": 4}]
+               {"name": "weight_selection"}, {"name": "seeking", "n_seed": 4},
+               {"name": "semalign", "n_seed": 4, "cache": True}, {"name": "semalign", "n_seed": 4, "cache": False},
+               {"name": "laten", "n_val": 8, "steps": 3},
+               {"name": "semalign", "n_seed": 4, "cache": False, "teacher_device": "cpu"},
+               {"name": "laten", "n_val": 8, "steps": 3, "teacher_device": "cpu"}]
     report["methods"] = {}
     for i, m in enumerate(methods):
-        recipe = pktransfer.recipe_from_dict({**base, "method": m, "output_dir": str(root / f"run{i}")})
+        m = dict(m)
+        teacher_device = m.pop("teacher_device", "cuda")
+        spec = {**base, "teacher": {**base["teacher"], "device": teacher_device}}
+        recipe = pktransfer.recipe_from_dict({**spec, "method": m, "output_dir": str(root / f"run{i}")})
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         res = pktransfer.run(recipe, quiet=True)
-        key = m["name"] + ("" if "cache" not in m else f"(cache={m['cache']})")
+        key = m["name"] + ("" if "cache" not in m else f"(cache={m['cache']})") + \
+            ("" if teacher_device == "cuda" else "(teacher on cpu)")
         report["methods"][key] = {
             "trained_acc": res.metrics["trained"]["test"]["accuracy"], "steps": res.run["training"]["steps"],
             "seconds": round(time.perf_counter() - t0, 2),
