@@ -67,7 +67,7 @@ def budget_in_words(result: dict[str, Any]) -> str:
         f"batch {t['batch_size']} x {t['grad_accum']} accumulation, lr {t['lr']:g} with a {t['scheduler']} "
         f"schedule and {t['warmup_ratio']:g} warmup, max length {t['max_length']} tokens, weight decay "
         f"{t['weight_decay']:g}; LoRA r={lo['r']}, alpha={lo['alpha']:g}, dropout {lo['dropout']:g} on "
-        f"{', '.join(lo['target_modules'])}. Only the initialisation or the loss differs between methods. "
+        f"{', '.join(lo['target_modules'])}. Only the initialisation or the loss differs between methods that train a LoRA. "
         f"Evaluation: split(s) {', '.join(ev['splits'])}, {', '.join(map(str, n_eval))} items, greedy decoding, "
         f"the same prompts for every model; seeds {r['compare']['seeds']} (a seed sets the LoRA init, data order "
         f"and dropout). Teacher: `{r['teacher']['model']}`."
@@ -78,6 +78,11 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
     s = result["summary"]
     base = s["baseline"]
     lines = ["# pktransfer comparison", "", "## Budget and protocol", "", budget_in_words(result), ""]
+    own = sorted({c["label"] for c in result["cells"] if c["method"] == "laten"})
+    if own:
+        lines += [f"`{'`, `'.join(own)}`: LaTen has no post-training. It trains only its hypernetworks, for "
+                  "the method's own `steps` (the paper's protocol), so the training budget above does not apply "
+                  "to it; its steps column is the hypernetwork step it kept.", ""]
     if not s["equal_budget"]:
         lines += ["**The budgets differ between cells** (compare.allow_unequal_budget was set): the table below "
                   "does not compare methods at equal budget.", ""]
