@@ -80,3 +80,12 @@ def test_yaml_errors_and_missing_file(tmp_path):
 def test_dump_round_trips():
     r = recipe_from_dict({"seed": 3, "lora": {"r": 8}})
     assert Recipe.model_validate(r.dump()) == r
+
+
+def test_every_shipped_recipe_validates():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    assert len(files) >= 5
+    for f in files:
+        load_recipe(str(f))
