@@ -164,6 +164,14 @@ def pair_map(teacher_head: torch.Tensor, student_head: torch.Tensor, folder: Pat
 # ---- 4. teacher targets ---------------------------------------------------------------------------
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass early (every activation needed has been captured)."""
+
+
+def _stop_forward(module: Any, args: Any, output: Any) -> None:
+    raise _StopForward
+
+
 @torch.no_grad()
 def teacher_targets(teacher: Any, layers_path: str, pairs: list[LayerPair], point: str, m: torch.Tensor,
                     input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
@@ -172,8 +180,15 @@ def teacher_targets(teacher: Any, layers_path: str, pairs: list[LayerPair], poin
     device = next(model.parameters()).device
     needed = sorted({layer - 1 for p in pairs for layer in (p.a, p.b)})
     acts: dict[int, torch.Tensor] = {}
-    with capture({i: sublayer(model, layers_path, i, point) for i in needed}, acts):
-        model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+    # the forward stops once the deepest needed layer has run: later layers and the LM head are skipped
+    stop = model.get_submodule(f"{layers_path}.{needed[-1]}").register_forward_hook(_stop_forward)
+    try:
+        with capture({i: sublayer(model, layers_path, i, point) for i in needed}, acts):
+            model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+    except _StopForward:
+        pass
+    finally:
+        stop.remove()
     mask = response_positions(labels).to(device)
     out = []
     for p in pairs:
