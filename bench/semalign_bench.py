@@ -9,6 +9,9 @@ Prints and writes bench/results/semalign.json with:
   have taken; the reference is one plain teacher forward over a training batch in the same process.
 - capture: a teacher forward with the sublayer hooks plus mapping the targets into the student's space,
   against a plain teacher forward on the same batch (alternating order; median ratio).
+- premise: mean cosine between the recomposed teacher targets and the student's own activations on the
+  response positions, at the paired MLP outputs (1 − the activation loss at step 0) and at the last layers'
+  outputs, next to the same figure through a random map of the same shape (no alignment: about 0).
 - student step: forward + backward of the LoRA student with the SemAlign loss (hooks on the paired
   sublayers), against the same student's plain cross-entropy step (median ratio).
 """
@@ -111,6 +114,29 @@ def main() -> None:
                     "median_seconds_plain": round(statistics.median(ref), 3),
                     "ratio": round(statistics.median(c / r for c, r in zip(cap, ref, strict=True)), 3)}
 
+    # ---- premise: do the recomposed targets point where the student's own activations point? ------------
+    pos = response_positions(labels)
+
+    def cos_with_student(point: str, prs: list) -> list[float]:
+        targets_ = teacher_targets(teacher, teacher.arch.layers_path, prs, point, m, ids, mask, labels)
+        acts_: dict[int, torch.Tensor] = {}
+        mods = {p.student: sublayer(s_model, student.arch.layers_path, p.student - 1, point) for p in prs}
+        with torch.no_grad(), capture(mods, acts_):
+            s_model(input_ids=ids, attention_mask=mask)
+        return [round(float(torch.nn.functional.cosine_similarity(acts_[p.student][:, :-1][pos].float(), t, dim=-1)
+                            .mean()), 4) for p, t in zip(prs, targets_, strict=True)]
+
+    last = layer_pairs([teacher.arch.n_layers], teacher.arch.n_layers, student.arch.n_layers)
+    g = torch.Generator().manual_seed(0)
+    m_real = m
+    m = torch.randn(m_real.shape, generator=g)  # a random map of the same shape: the no-alignment reference
+    random_last = cos_with_student("layer", last)
+    m = m_real
+    premise = {"mean_cos_at_paired_mlp_outputs": dict(zip([p.student for p in pairs], cos_with_student("mlp", pairs),
+                                                           strict=True)),
+               "mean_cos_last_layer_output": cos_with_student("layer", last)[0],
+               "mean_cos_last_layer_output_random_map": random_last[0]}
+
     # ---- student step ---------------------------------------------------------------------------------
     from peft import get_peft_model
 
@@ -122,8 +148,6 @@ def main() -> None:
     acts: dict[int, torch.Tensor] = {}
     base = peft_model.base_model.model
     modules = {p.student: sublayer(base, student.arch.layers_path, p.student - 1, "mlp") for p in pairs}
-    pos = response_positions(labels)
-
     def plain_step() -> None:
         out = peft_model(input_ids=ids, attention_mask=mask)
         (causal_lm_loss_sum(out.logits, labels) / pos.sum()).backward()
@@ -152,7 +176,7 @@ def main() -> None:
     result = {"teacher": args.teacher, "student": args.student, "batch": args.batch,
               "tokens_per_row": int(ids.shape[1]), "threads": torch.get_num_threads(),
               "plain_teacher_forward_seconds": round(ref_forward, 3),
-              "bases": bases, "capture": capture_info, "student_step": step_info}
+              "bases": bases, "capture": capture_info, "premise": premise, "student_step": step_info}
     print(json.dumps(result, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -323,6 +323,34 @@ def test_cached_and_live_targets_give_the_same_loss_and_the_cache_is_reused(tiny
     assert 0 < losses["live"] < 4
 
 
+@pytest.mark.parametrize("point", ["mlp", "attention", "layer"])
+def test_targets_at_every_point_match_a_full_forward(tiny_models, point):
+    """Targets from the early-stopped teacher forward equal those computed from a whole forward pass."""
+    from pktransfer.data import PromptFormatter, encode_items, get_task
+    from pktransfer.methods.semalign import capture, lm_head, sublayer, teacher_targets
+    from pktransfer.models import load_model
+    from pktransfer.ops.semantic import layer_pairs
+    from pktransfer.recipe import ModelSpec
+    from pktransfer.training import Collator, response_positions
+
+    t = load_model(ModelSpec(model=str(tiny_models["qwen2_teacher"])))
+    s = load_model(ModelSpec(model=str(tiny_models["qwen2_student"])))
+    m = recompose_map(lm_head(t, 100), lm_head(s, 100))
+    task = get_task("arithmetic", {"sizes": {"train": 3, "test": 1}})
+    ex = encode_items(PromptFormatter(t.tokenizer), task.split("train"), 64, "train")
+    b = Collator(0)([{"input_ids": e.input_ids, "labels": e.labels} for e in ex])
+    pairs = layer_pairs([1, 4], 4, 2)  # student 1 <- teacher 2 (3 with λ 0), student 2 <- teacher 4 (λ 1)
+    got = teacher_targets(t, "model.layers", pairs, point, m, b["input_ids"], b["attention_mask"], b["labels"])
+    acts = {}
+    with torch.no_grad(), capture({i: sublayer(t.model, "model.layers", i, point) for i in range(4)}, acts):
+        t.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    mask = response_positions(b["labels"])
+    for p, g in zip(pairs, got, strict=True):
+        h = interpolate(acts[p.a - 1], acts[p.b - 1], p.weight_b)[:, :-1][mask]
+        want = map_activations(h, m)
+        assert torch.allclose(g, want / want.norm(dim=-1, keepdim=True), atol=1e-5)
+
+
 def test_shallow_to_deep_trains_one_pair_after_the_other(tiny_recipe):
     tiny_recipe["evaluation"].update(teacher=False, student=False)
     res = pktransfer.run(_recipe(tiny_recipe, critical_layers="all", schedule="shallow_to_deep"), quiet=True,

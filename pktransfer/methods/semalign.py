@@ -180,15 +180,16 @@ def teacher_targets(teacher: Any, layers_path: str, pairs: list[LayerPair], poin
     device = next(model.parameters()).device
     needed = sorted({layer - 1 for p in pairs for layer in (p.a, p.b)})
     acts: dict[int, torch.Tensor] = {}
-    # the forward stops once the deepest needed layer has run: later layers and the LM head are skipped
-    stop = model.get_submodule(f"{layers_path}.{needed[-1]}").register_forward_hook(_stop_forward)
-    try:
-        with capture({i: sublayer(model, layers_path, i, point) for i in needed}, acts):
+    with capture({i: sublayer(model, layers_path, i, point) for i in needed}, acts):
+        # the forward stops once the deepest needed layer has run: later layers and the LM head are skipped.
+        # Registered after the capture hooks, so with point 'layer' (the same module) the capture runs first.
+        stop = model.get_submodule(f"{layers_path}.{needed[-1]}").register_forward_hook(_stop_forward)
+        try:
             model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
-    except _StopForward:
-        pass
-    finally:
-        stop.remove()
+        except _StopForward:
+            pass
+        finally:
+            stop.remove()
     mask = response_positions(labels).to(device)
     out = []
     for p in pairs:
