@@ -84,7 +84,8 @@ def _context(pair, tmp_path, method: dict, n_train: int = 8):
 
     t, s = pair
     recipe = recipe_from_dict({"teacher": {"model": TEACHER, "device": "cpu"}, "student": {"model": STUDENT, "device": "cpu"},
-                               "method": method, "training": {"max_steps": 2, "batch_size": 4, "max_length": 64}})
+                               "method": method,
+                               "training": {"max_steps": 2, "batch_size": 4, "max_length": 64, "logging_steps": 1}})
     task = get_task("arithmetic")
     fmt = PromptFormatter(s.tokenizer)
     examples = encode_items(fmt, task.split("train")[:n_train], 64, "train")
