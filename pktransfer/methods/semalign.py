@@ -105,9 +105,10 @@ def layer_attribution(model: Any, layers_path: str, n_layers: int, examples: lis
                 logits = model(input_ids=ids, attention_mask=mask).logits
                 labels = batch["labels"][:, 1:].to(device)
                 wide = torch.promote_types(logits.dtype, torch.float32)  # at least float32, float64 stays
-                ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).to(wide), labels,
-                                                       ignore_index=-100, reduction="none")
-                per_sample = ce.sum(1) / (labels != -100).sum(1).clamp_min(1)  # each sample's own mean CE
+                resp = labels != -100  # the CE only at response positions: no [B, L, V] float copy
+                ce = torch.nn.functional.cross_entropy(logits[:, :-1][resp].to(wide), labels[resp], reduction="none")
+                sums = torch.zeros(len(chunk), dtype=wide, device=device).index_add(0, resp.nonzero()[:, 0], ce)
+                per_sample = sums / resp.sum(1).clamp_min(1)  # each sample's own mean CE
                 grads = torch.autograd.grad(per_sample.sum(), [acts[i] for i in range(n_layers)])
                 keep = mask.unsqueeze(-1).to(wide)
                 for i, g in enumerate(grads):
