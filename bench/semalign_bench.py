@@ -34,6 +34,18 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def alternating(measured, reference, repeats: int) -> tuple[float, float, float]:
+    """Median seconds of ``measured`` and ``reference`` run back to back, alternating which goes first, and
+    the median of their per-round ratio."""
+    got, ref = [], []
+    for i in range(repeats):
+        order = [(measured, got), (reference, ref)] if i % 2 == 0 else [(reference, ref), (measured, got)]
+        for fn, out in order:
+            out.append(timed(fn))
+    return (statistics.median(got), statistics.median(ref),
+            statistics.median(g / r for g, r in zip(got, ref, strict=True)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default=TEACHER)
@@ -54,7 +66,7 @@ def main() -> None:
     from pktransfer.ops.semantic import alignment_terms, gram_pinv, layer_pairs, recompose_map
     from pktransfer.recipe import LoraSpec, ModelSpec
     from pktransfer.runs import MemoryMonitor, rss_anon_bytes
-    from pktransfer.training import Collator, causal_lm_loss_sum, lora_config, response_positions
+    from pktransfer.training import causal_lm_loss_sum, collate_examples, lora_config, response_positions
 
     torch.manual_seed(0)
     teacher = load_model(ModelSpec(model=args.teacher, device="cpu", dtype="float32"))
@@ -62,8 +74,7 @@ def main() -> None:
     vocab = min(teacher.arch.vocab_size, student.arch.vocab_size, len(student.tokenizer))
     fmt = PromptFormatter(student.tokenizer)
     examples = encode_items(fmt, get_task(args.task).split("train")[: args.batch], 256, "train")
-    batch = Collator(student.tokenizer.pad_token_id)(
-        [{"input_ids": e.input_ids, "labels": e.labels, "index": i} for i, e in enumerate(examples)])
+    batch = collate_examples(examples, student.tokenizer.pad_token_id)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     t_model, s_model = teacher.model.eval(), student.model
 
@@ -105,14 +116,9 @@ def main() -> None:
         teacher_targets(teacher, teacher.arch.layers_path, pairs, "mlp", m, ids, mask, labels)
 
     captured()
-    cap, ref = [], []
-    for i in range(args.repeats):
-        order = [(captured, cap), (plain_teacher, ref)] if i % 2 == 0 else [(plain_teacher, ref), (captured, cap)]
-        for fn, out in order:
-            out.append(timed(fn))
-    capture_info = {"pairs": [p.student for p in pairs], "median_seconds_capture": round(statistics.median(cap), 3),
-                    "median_seconds_plain": round(statistics.median(ref), 3),
-                    "ratio": round(statistics.median(c / r for c, r in zip(cap, ref, strict=True)), 3)}
+    cap, ref, ratio = alternating(captured, plain_teacher, args.repeats)
+    capture_info = {"pairs": [p.student for p in pairs], "median_seconds_capture": round(cap, 3),
+                    "median_seconds_plain": round(ref, 3), "ratio": round(ratio, 3)}
 
     # ---- premise: do the recomposed targets point where the student's own activations point? ------------
     pos = response_positions(labels)
@@ -164,14 +170,9 @@ def main() -> None:
 
     plain_step()
     semalign_step()
-    sem, ref = [], []
-    for i in range(args.repeats):
-        order = [(semalign_step, sem), (plain_step, ref)] if i % 2 == 0 else [(plain_step, ref), (semalign_step, sem)]
-        for fn, out in order:
-            out.append(timed(fn))
-    step_info = {"median_seconds_semalign": round(statistics.median(sem), 3),
-                 "median_seconds_plain_ce": round(statistics.median(ref), 3),
-                 "ratio": round(statistics.median(s / r for s, r in zip(sem, ref, strict=True)), 3)}
+    sem, ref, ratio = alternating(semalign_step, plain_step, args.repeats)
+    step_info = {"median_seconds_semalign": round(sem, 3), "median_seconds_plain_ce": round(ref, 3),
+                 "ratio": round(ratio, 3)}
 
     result = {"teacher": args.teacher, "student": args.student, "batch": args.batch,
               "tokens_per_row": int(ids.shape[1]), "threads": torch.get_num_threads(),

@@ -68,6 +68,12 @@ class Collator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask, "index": index}
 
 
+def collate_examples(examples: list[Example], pad_id: int = 0, first_index: int = 0) -> dict[str, torch.Tensor]:
+    """One padded batch of encoded examples; ``index`` counts from ``first_index`` (their place in a list)."""
+    return Collator(pad_id)([{"input_ids": e.input_ids, "labels": e.labels, "index": first_index + i}
+                             for i, e in enumerate(examples)])
+
+
 class ListDataset(torch.utils.data.Dataset):
     def __init__(self, examples: list[Example]) -> None:
         self.rows = [{"input_ids": e.input_ids, "labels": e.labels, "index": i} for i, e in enumerate(examples)]

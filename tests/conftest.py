@@ -112,3 +112,20 @@ def tiny_recipe(tiny_models, tmp_path):
         "seed": 0,
         "output_dir": str(tmp_path / "run"),
     }
+
+
+def tiny_method_context(recipe, workdir: Path, n_examples: int = 8):
+    """A method and its context on a recipe's (tiny) pair: student, task, formatter, the first
+    ``n_examples`` training examples, and the teacher loaded up front. Returns (method, ctx)."""
+    from pktransfer.data import PromptFormatter, encode_items, get_task
+    from pktransfer.methods import MethodContext, get_method
+    from pktransfer.models import load_model
+    from pktransfer.progress import Progress
+
+    student = load_model(recipe.student)
+    task = get_task(recipe.task.name, recipe.task.params)
+    fmt = PromptFormatter(student.tokenizer)
+    examples = encode_items(fmt, task.split("train")[:n_examples], 64, "train")
+    teacher = load_model(recipe.teacher)
+    ctx = MethodContext(recipe, student, task, fmt, workdir, Progress(quiet=True), lambda: teacher, examples)
+    return get_method(recipe.method), ctx

@@ -75,29 +75,19 @@ def test_kd_with_alpha_zero_trains_exactly_like_lora(tiny_recipe, tmp_path):
 
 
 def test_kd_cached_and_live_teacher_agree_and_the_cache_is_reused(tiny_recipe, tmp_path, monkeypatch):
-    from pktransfer.data import PromptFormatter, encode_items, get_task
-    from pktransfer.methods import MethodContext, get_method
-    from pktransfer.models import load_model
-    from pktransfer.progress import Progress
-    from pktransfer.training import Collator
+    from conftest import tiny_method_context
+
+    from pktransfer.training import collate_examples
 
     cache_dir = tmp_path / "cache"
     losses = {}
     for name, extra in (("live", {"cache": False}), ("cached", {"cache": True, "top_k": None,
                                                                  "logits_cache": str(cache_dir)})):
         recipe = _recipe(tiny_recipe, name="kd", alpha=0.7, **extra)
-        student = load_model(recipe.student)
-        task = get_task("arithmetic", recipe.task.params)
-        fmt = PromptFormatter(student.tokenizer)
-        examples = encode_items(fmt, task.split("train")[:8], 64, "train")
-        teacher = load_model(recipe.teacher)
-        ctx = MethodContext(recipe, student, task, fmt, tmp_path / name, Progress(quiet=True),
-                            lambda t=teacher: t, examples)
+        method, ctx = tiny_method_context(recipe, tmp_path / name)
         (tmp_path / name).mkdir()
-        method = get_method(recipe.method)
         model = method.prepare(ctx)
-        batch = Collator(student.tokenizer.pad_token_id)([{"input_ids": e.input_ids, "labels": e.labels, "index": i}
-                                                          for i, e in enumerate(examples[2:6], start=2)])
+        batch = collate_examples(ctx.examples[2:6], ctx.student.tokenizer.pad_token_id, first_index=2)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         losses[name] = method.training_loss(ctx)(out, batch, None).item()
     assert losses["live"] == pytest.approx(losses["cached"], rel=1e-5)

@@ -283,29 +283,19 @@ def test_semalign_runs_end_to_end_and_saves_a_lora_on_the_paired_layers(tiny_rec
 
 
 def test_cached_and_live_targets_give_the_same_loss_and_the_cache_is_reused(tiny_recipe, tmp_path):
-    from pktransfer.data import PromptFormatter, encode_items, get_task
-    from pktransfer.methods import MethodContext, get_method
-    from pktransfer.models import load_model
-    from pktransfer.progress import Progress
-    from pktransfer.training import Collator
+    from conftest import tiny_method_context
+
+    from pktransfer.training import collate_examples
 
     cache_dir = tmp_path / "cache"
     losses = {}
     for name, extra in (("live", {"cache": False}), ("cached", {"cache": True}), ("again", {"cache": True})):
         recipe = _recipe(tiny_recipe, critical_layers="all", cache_dir=str(cache_dir), **extra)
-        student = load_model(recipe.student)
-        task = get_task("arithmetic", recipe.task.params)
-        fmt = PromptFormatter(student.tokenizer)
-        examples = encode_items(fmt, task.split("train")[:8], 64, "train")
-        teacher = load_model(recipe.teacher)
-        ctx = MethodContext(recipe, student, task, fmt, tmp_path / name, Progress(quiet=True),
-                            lambda t=teacher: t, examples)
-        method = get_method(recipe.method)
+        method, ctx = tiny_method_context(recipe, tmp_path / name)
         model = method.prepare(ctx)
         assert [p.student for p in method.pairs] == [1, 2]
         model.train()
-        batch = Collator(student.tokenizer.pad_token_id)([{"input_ids": e.input_ids, "labels": e.labels, "index": i}
-                                                          for i, e in enumerate(examples[2:6], start=2)])
+        batch = collate_examples(ctx.examples[2:6], ctx.student.tokenizer.pad_token_id, first_index=2)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         loss = method.training_loss(ctx)(out, batch, None)
         loss.backward()
@@ -331,14 +321,14 @@ def test_targets_at_every_point_match_a_full_forward(tiny_models, point):
     from pktransfer.models import load_model
     from pktransfer.ops.semantic import layer_pairs
     from pktransfer.recipe import ModelSpec
-    from pktransfer.training import Collator, response_positions
+    from pktransfer.training import collate_examples, response_positions
 
     t = load_model(ModelSpec(model=str(tiny_models["qwen2_teacher"])))
     s = load_model(ModelSpec(model=str(tiny_models["qwen2_student"])))
     m = recompose_map(lm_head(t, 100), lm_head(s, 100))
     task = get_task("arithmetic", {"sizes": {"train": 3, "test": 1}})
     ex = encode_items(PromptFormatter(t.tokenizer), task.split("train"), 64, "train")
-    b = Collator(0)([{"input_ids": e.input_ids, "labels": e.labels} for e in ex])
+    b = collate_examples(ex)
     pairs = layer_pairs([1, 4], 4, 2)  # student 1 <- teacher 2 (3 with λ 0), student 2 <- teacher 4 (λ 1)
     got = teacher_targets(t, "model.layers", pairs, point, m, b["input_ids"], b["attention_mask"], b["labels"])
     acts = {}

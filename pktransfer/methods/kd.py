@@ -29,7 +29,14 @@ from pktransfer.errors import DataError
 from pktransfer.methods.base import Method, MethodContext, cache_key, cached_file, vocab_digest
 from pktransfer.models.pair import check_pair
 from pktransfer.progress import Progress
-from pktransfer.training import LossFn, causal_lm_loss_sum, check_targets, lora_config, response_positions
+from pktransfer.training import (
+    LossFn,
+    causal_lm_loss_sum,
+    check_targets,
+    collate_examples,
+    lora_config,
+    response_positions,
+)
 
 # ---- the loss (pure functions) --------------------------------------------------------------------
 
@@ -71,15 +78,12 @@ def kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: 
 def teacher_logits_at_responses(teacher_model: Any, examples: list[Example], top_k: int | None, vocab: int,
                                 batch_size: int, progress: Progress) -> dict[str, torch.Tensor]:
     """Top-k teacher logits (float32) and ids (int32) at each example's response positions, with offsets."""
-    from pktransfer.training import Collator
-
     device = next(teacher_model.parameters()).device
-    collate = Collator(0)
     values, ids, counts = [], [], []
     with progress.task("kd: teacher logits", total=len(examples)) as advance:
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
-            batch = collate([{"input_ids": e.input_ids, "labels": e.labels} for e in chunk])
+            batch = collate_examples(chunk)
             logits = teacher_model(input_ids=batch["input_ids"].to(device),
                                    attention_mask=batch["attention_mask"].to(device)).logits[..., :vocab]
             mask = response_positions(batch["labels"]).to(device)

@@ -45,7 +45,7 @@ from pktransfer.models.pair import check_pair
 from pktransfer.ops.neurons import candidate_vocab, kv_rows, neuron_scores, restrict, sublayer_score, top_indices
 from pktransfer.ops.semantic import top_layers
 from pktransfer.progress import Progress
-from pktransfer.training import Collator, causal_lm_loss_sum
+from pktransfer.training import causal_lm_loss_sum, collate_examples
 
 ROLES = ("up", "down", "v", "o")
 
@@ -204,7 +204,13 @@ class Injection:
                 self.keep[role].append(torch.arange(len(idx)))
             pos = plan["attn"]["student"][k]
             rows = kv_rows(pos, arch.n_heads, arch.n_kv_heads, arch.head_dim)
-            first = torch.tensor([i for i, r in enumerate(rows.tolist()) if r not in rows.tolist()[:i]], dtype=torch.long)
+            keep: list[int] = []  # the first (best-ranked) located position of each distinct kv row
+            seen: set[int] = set()
+            for i, r in enumerate(rows.tolist()):
+                if r not in seen:
+                    seen.add(r)
+                    keep.append(i)
+            first = torch.tensor(keep, dtype=torch.long)
             self.modules["v"].append(arch.module_name(k, "v"))
             self.index["v"].append(rows[first])
             self.keep["v"].append(first)
@@ -268,10 +274,6 @@ def delta_penalty(deltas: dict[str, list[torch.Tensor]]) -> torch.Tensor:
 # ---- 5. train -------------------------------------------------------------------------------------------
 
 
-def batch_of(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    return Collator(pad_id)([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
-
-
 def mean_ce(model: Any, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
     labels = batch["labels"].to(device)
@@ -282,6 +284,22 @@ def step_batch(step: int, extract: list[Example], align: list[Example], partners
     """Step s: extract example s mod n, plus ``partners`` align examples drawn with (seed, s): resumable."""
     rng = random.Random(seed * 100_003 + step)
     return [extract[step % len(extract)], *rng.sample(align, min(partners, len(align)))]
+
+
+def save_hypernets(hyper: dict[str, HyperNet], folder: Path) -> None:
+    """``folder/hyper.safetensors``: every role's weights under ``ROLE.``."""
+    from safetensors.torch import save_file
+
+    save_file({f"{r}.{k}": v.detach().cpu().contiguous() for r, h in hyper.items() for k, v in h.state_dict().items()},
+              str(folder / "hyper.safetensors"))
+
+
+def load_hypernets(hyper: dict[str, HyperNet], folder: Path, device: torch.device) -> None:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(folder / "hyper.safetensors"))
+    for r, h in hyper.items():
+        h.load_state_dict({k[len(r) + 1:]: v.to(device) for k, v in weights.items() if k.startswith(r + ".")})
 
 
 def choose_step(val_losses: dict[int, float]) -> int:
@@ -391,7 +409,6 @@ class LatenMethod(Method):
     def _train(self, ctx: MethodContext, hyper: dict[str, HyperNet], vectors: dict[str, list[torch.Tensor]],
                injection: Injection, extract_ex: list[Example], align_ex: list[Example], val_ex: list[Example],
                out: Path) -> tuple[int, list[dict[str, Any]], str | None]:
-        from safetensors.torch import load_file, save_file
 
         spec, recipe, student = self.spec, ctx.recipe, ctx.student
         device, pad = student.device, student.tokenizer.pad_token_id
@@ -409,7 +426,7 @@ class LatenMethod(Method):
                 live.update(mapped_deltas(hyper, vectors, injection, device))
                 total, n = 0.0, 0
                 for r in range(0, len(val_ex), 8):
-                    b = batch_of(val_ex[r:r + 8], pad)
+                    b = collate_examples(val_ex[r:r + 8], pad)
                     out_ = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
                     labels = b["labels"].to(device)
                     total += float(causal_lm_loss_sum(out_.logits, labels))
@@ -427,9 +444,7 @@ class LatenMethod(Method):
             model.eval()  # no dropout in the frozen student; only the hypernetworks learn
             if done:
                 last = done[-1]
-                weights = load_file(str(state(last) / "hyper.safetensors"))
-                for r, h in hyper.items():
-                    h.load_state_dict({k[len(r) + 1:]: v for k, v in weights.items() if k.startswith(r + ".")})
+                load_hypernets(hyper, state(last), device)
                 saved = torch.load(state(last) / "optim.pt", weights_only=False)
                 opt.load_state_dict(saved["optimizer"])
                 sched.load_state_dict(saved["scheduler"])
@@ -441,7 +456,7 @@ class LatenMethod(Method):
             with ctx.progress.task("laten: train the hypernetworks", total=spec.steps) as advance:
                 advance(start)
                 for step in range(start, spec.steps):
-                    batch = batch_of(step_batch(step, extract_ex, align_ex, spec.partners, recipe.seed), pad)
+                    batch = collate_examples(step_batch(step, extract_ex, align_ex, spec.partners, recipe.seed), pad)
                     live.update(mapped_deltas(hyper, vectors, injection, device))
                     ce = mean_ce(model, batch, device)
                     penalty = delta_penalty(live)
@@ -455,8 +470,7 @@ class LatenMethod(Method):
                                     "val_loss": val, "lr": sched.get_last_lr()[0]})
                     folder = state(step + 1)
                     folder.mkdir(parents=True, exist_ok=True)
-                    save_file({f"{r}.{k}": v.detach().cpu().contiguous() for r, h in hyper.items()
-                               for k, v in h.state_dict().items()}, str(folder / "hyper.safetensors"))
+                    save_hypernets(hyper, folder)
                     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history},
                                folder / "optim.pt")
                     (folder / "done").write_text(json.dumps(history[-1]))
@@ -465,9 +479,7 @@ class LatenMethod(Method):
             for h in handles:
                 h.remove()
         best = choose_step({h["step"]: h["val_loss"] for h in history})
-        weights = load_file(str(state(best) / "hyper.safetensors"))
-        for r, h in hyper.items():
-            h.load_state_dict({k[len(r) + 1:]: v.to(device) for k, v in weights.items() if k.startswith(r + ".")})
+        load_hypernets(hyper, state(best), device)
         return best, history, resumed
 
     def save_adapter(self, model: Any, folder: Path) -> None:

@@ -46,7 +46,7 @@ from pktransfer.ops.semantic import (
     top_layers,
 )
 from pktransfer.progress import Progress
-from pktransfer.training import Collator, LossFn, check_targets, lora_config, response_positions
+from pktransfer.training import LossFn, check_targets, collate_examples, lora_config, response_positions
 
 # ---- activation capture (forward hooks) -----------------------------------------------------------
 
@@ -95,12 +95,11 @@ def layer_attribution(model: Any, layers_path: str, n_layers: int, examples: lis
     layers = {i: model.get_submodule(f"{layers_path}.{i}") for i in range(n_layers)}
     embed_hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
     totals = torch.zeros(n_layers, dtype=torch.float64)
-    collate = Collator(0)
     try:
         with capture(layers, acts), progress.task("semalign: layer attribution", total=len(examples)) as advance:
             for start in range(0, len(examples), batch_size):
                 chunk = examples[start:start + batch_size]
-                batch = collate([{"input_ids": e.input_ids, "labels": e.labels} for e in chunk])
+                batch = collate_examples(chunk)
                 ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
                 logits = model(input_ids=ids, attention_mask=mask).logits
                 labels = batch["labels"][:, 1:].to(device)
@@ -203,13 +202,12 @@ def teacher_targets(teacher: Any, layers_path: str, pairs: list[LayerPair], poin
 def precompute_targets(teacher: Any, layers_path: str, pairs: list[LayerPair], point: str, m: torch.Tensor,
                        examples: list[Example], batch_size: int, progress: Progress) -> dict[str, torch.Tensor]:
     """Targets for every training example: ``pair.K`` [P_total, D_S] float16 and ``offsets`` [N + 1]."""
-    collate = Collator(0)
     parts: dict[int, list[torch.Tensor]] = {p.student: [] for p in pairs}
     counts: list[int] = []
     with progress.task("semalign: teacher targets", total=len(examples)) as advance:
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
-            batch = collate([{"input_ids": e.input_ids, "labels": e.labels} for e in chunk])
+            batch = collate_examples(chunk)
             for p, t in zip(pairs, teacher_targets(teacher, layers_path, pairs, point, m, batch["input_ids"],
                                                    batch["attention_mask"], batch["labels"]), strict=True):
                 parts[p.student].append(t.half())
