@@ -19,6 +19,10 @@ class Progress:
         if not self.quiet:
             self.console.print(f"[dim]pkt[/dim] {message}", highlight=False)
 
+    def warn(self, message: str) -> None:
+        """A warning that must be seen: printed even when quiet."""
+        self.console.print(f"[bold yellow]pkt warning[/bold yellow] {message}", highlight=False)
+
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Callable[..., None]]:
         """Yield ``advance(n=1, **fields)``; shows a bar unless quiet."""
