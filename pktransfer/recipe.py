@@ -81,7 +81,8 @@ class EvaluationSpec(Strict):
     splits: list[str] = Field(default_factory=lambda: ["test"], min_length=1)
     limit: int | None = Field(default=None, ge=1, description="evaluate only N items (the first N, or a seeded draw)")
     subset_seed: int | None = Field(default=None, description="with limit: draw the N items with this seed")
-    batch_size: int | Literal["auto"] = Field(default=16, description="or 'auto': the largest that fits (CUDA)")
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default=16, description="or 'auto': the largest that fits (CUDA)")
     n_samples: int = Field(default=1, ge=1, description="code tasks: completions per problem (pass@k for k <= n)")
     temperature: float = Field(default=0.8, ge=0, description="code tasks: sampling temperature when n_samples > 1")
     allow_code_execution: bool = Field(default=False, description="run generated code (sandboxed) for code tasks")
@@ -360,7 +361,18 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         raise RecipeError(f"recipe file '{p}' does not exist",
                           hint="pass the path of a YAML recipe, e.g. recipes/quickstart.yaml")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"recipe '{p}' is not UTF-8 text (byte {err.start})",
+                          hint="save the recipe as UTF-8 YAML") from None
+    except OSError as err:
+        raise RecipeError(f"recipe '{p}' cannot be read: {err.strerror or err}", hint="check the file's permissions") from None
+    if not text.strip():
+        raise RecipeError(f"recipe '{p}' is empty",
+                          hint="write at least the sections you want (see recipes/quickstart.yaml); "
+                               "`pkt recipe` prints every default")
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -373,4 +385,6 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_recipe(recipe: Recipe, path: Path) -> None:
-    path.write_text(yaml.safe_dump(recipe.dump(), sort_keys=False))
+    from pktransfer.fileio import write_text
+
+    write_text(path, yaml.safe_dump(recipe.dump(), sort_keys=False))

@@ -8,7 +8,6 @@ the loss (``Method.training_loss``, run by ``MethodTrainer``).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from pktransfer.data import IGNORE_INDEX, Example
+from pktransfer.fileio import write_json
 from pktransfer.progress import Progress
 from pktransfer.recipe import LoraSpec, TrainingSpec
 
@@ -229,6 +229,6 @@ def train(model: Any, tokenizer: Any, examples: list[Example], spec: TrainingSpe
     model.eval()
     history = list(trainer.state.log_history)
     losses = [h["loss"] for h in history if "loss" in h]
-    (output_dir / "log_history.json").write_text(json.dumps(history, indent=1))
+    write_json(output_dir / "log_history.json", history)
     return TrainResult(trainer.state.global_step, time.perf_counter() - t0, losses[-1] if losses else None,
                        history, resume_from)

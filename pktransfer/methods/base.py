@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,8 +49,7 @@ def save_rebased_adapter(model: Any, folder: Path, initial: dict[str, Any]) -> N
     """
     import copy
 
-    from safetensors.torch import save_file
-
+    from pktransfer.fileio import save_safetensors
     from pktransfer.ops.lowrank import rebase_as_plain_lora
 
     tensors = rebase_as_plain_lora(snapshot_lora(model), initial)
@@ -63,7 +61,7 @@ def save_rebased_adapter(model: Any, folder: Path, initial: dict[str, Any]) -> N
     saved.init_lora_weights = True
     saved.inference_mode = True
     saved.save_pretrained(str(folder))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
+    save_safetensors(tensors, folder / "adapter_model.safetensors")
 
 
 # ---- caches of teacher outputs (shared by the runs of a comparison) ---------------------------------
@@ -90,7 +88,8 @@ def cached_file(folder: Path, prefix: str, key: str, compute: Callable[[], dict[
     Written to a temporary name and renamed, so runs sharing the folder never see a half-written file.
     """
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import save_file
+
+    from pktransfer.fileio import save_safetensors
 
     path = folder / f"{prefix}-{key}.safetensors"
     if path.is_file():
@@ -102,11 +101,7 @@ def cached_file(folder: Path, prefix: str, key: str, compute: Callable[[], dict[
         except (SafetensorError, OSError, RuntimeError):
             progress.log(f"{prefix}: {path} is unreadable; recomputing it")
     tensors = compute()
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-    return path
+    return save_safetensors(tensors, path)
 
 
 class Method(ABC):

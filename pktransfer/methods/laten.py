@@ -39,6 +39,7 @@ import torch
 
 from pktransfer.data import Example, encode_items
 from pktransfer.errors import DataError, IncompatiblePairError, RecipeError
+from pktransfer.fileio import save_safetensors, torch_save, write_json
 from pktransfer.methods.base import Method, MethodContext
 from pktransfer.models.arch import ArchitectureDescription
 from pktransfer.models.pair import check_pair
@@ -288,10 +289,8 @@ def step_batch(step: int, extract: list[Example], align: list[Example], partners
 
 def save_hypernets(hyper: dict[str, HyperNet], folder: Path) -> None:
     """``folder/hyper.safetensors``: every role's weights under ``ROLE.``."""
-    from safetensors.torch import save_file
-
-    save_file({f"{r}.{k}": v.detach().cpu().contiguous() for r, h in hyper.items() for k, v in h.state_dict().items()},
-              str(folder / "hyper.safetensors"))
+    save_safetensors({f"{r}.{k}": v.detach().cpu() for r, h in hyper.items() for k, v in h.state_dict().items()},
+                     folder / "hyper.safetensors")
 
 
 def load_hypernets(hyper: dict[str, HyperNet], folder: Path, device: torch.device) -> None:
@@ -343,10 +342,8 @@ class LatenMethod(Method):
         train_s = time.perf_counter() - t0
         with torch.no_grad():
             deltas = mapped_deltas(hyper, vectors, injection, device)
-        from safetensors.torch import save_file
-
         saved = injection.merge(student.model, deltas)
-        save_file(saved, str(out / "delta.safetensors"))
+        save_safetensors(saved, out / "delta.safetensors")
         norms = {r: float(torch.cat([d.flatten() for d in deltas[r]]).norm()) for r in ROLES}
         self.training = {"steps": best, "seconds": round(train_s, 2), "resumed_from": resumed,
                          "final_loss": next((h["loss"] for h in history if h["step"] == best), None),
@@ -358,7 +355,7 @@ class LatenMethod(Method):
                       "choice_rule": "lowest cross entropy on the held-out align items (ties: earlier step)",
                       "val_loss": {h["step"]: h["val_loss"] for h in history},
                       "delta_norm": norms, "n_extract": len(extract_ex), "n_align": len(align_ex), "n_val": len(val_ex)}
-        (out / "laten.json").write_text(json.dumps(self._info, indent=1))
+        write_json(out / "laten.json", self._info)
         ctx.progress.log(f"laten: kept step {best} of {spec.steps} (val CE "
                          f"{self._info['val_loss'][best]:.4f}, untrained {self._info['val_loss'][0]:.4f}); "
                          f"|Δ| {', '.join(f'{r} {v:.3g}' for r, v in norms.items())}")
@@ -383,7 +380,7 @@ class LatenMethod(Method):
 
     def _locate(self, ctx: MethodContext, teacher: Any, examples: list[Example],
                 out: Path) -> tuple[dict[str, Any], str]:
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
 
         spec, student = self.spec, ctx.student
         path, meta = out / "located.safetensors", out / "located.json"
@@ -400,9 +397,9 @@ class LatenMethod(Method):
                                      what="teacher")
             s_scores = locate_scores(student, examples, vocab_k=spec.locate_vocab, progress=ctx.progress,
                                      what="student")
-            save_file({**{f"t.{k}": v for k, v in t_scores.items()}, **{f"s.{k}": v for k, v in s_scores.items()}},
-                      str(path))
-            meta.write_text(json.dumps(key))
+            save_safetensors({**{f"t.{k}": v for k, v in t_scores.items()}, **{f"s.{k}": v for k, v in s_scores.items()}},
+                             path)
+            write_json(meta, key, indent=None)  # after the scores: the key vouches for a whole file
             source = "computed"
         return plan_transfer(t_scores, s_scores, teacher.arch, student.arch, spec.transfer_rate), source
 
@@ -471,9 +468,9 @@ class LatenMethod(Method):
                     folder = state(step + 1)
                     folder.mkdir(parents=True, exist_ok=True)
                     save_hypernets(hyper, folder)
-                    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history},
+                    torch_save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history},
                                folder / "optim.pt")
-                    (folder / "done").write_text(json.dumps(history[-1]))
+                    write_json(folder / "done", history[-1], indent=None)  # last: the step is complete
                     advance(1, loss=f"{history[-1]['loss']:.4f}", val=f"{val:.4f}")
         finally:
             for h in handles:

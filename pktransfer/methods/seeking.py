@@ -18,7 +18,6 @@ Reads like methods.md §1:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch
 
 from pktransfer.data import encode_items
 from pktransfer.errors import DataError, IncompatiblePairError, RecipeError
+from pktransfer.fileio import write_json
 from pktransfer.methods.base import Method, MethodContext, snapshot_lora
 from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES, ArchitectureDescription
 from pktransfer.models.pair import check_pair
@@ -141,7 +141,7 @@ def locate(teacher: Any, student_arch: ArchitectureDescription, ctx: MethodConte
     summary.update({"source": str(Path(spec.sensitivity).resolve()) if spec.sensitivity else "computed here",
                     "selected_layers": layers, "layer_strategy": spec.layers,
                     "mapping": {f"student.{m}": f"teacher.{t}" for m, t in enumerate(layers)}})
-    (own / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(own / "summary.json", summary)
     ctx.progress.log(f"seeking: teacher layers {layers} -> student layers 0..{len(layers) - 1}")
     return sens, layers
 
@@ -285,12 +285,12 @@ class SeekingMethod(Method):
         targets = {ROLE_OF_LEAF.get(t) for t in recipe.lora.target_modules} & roles
         matrices = extract_matrices(sens, teacher, ctx.student.arch, layers, targets, spec.structure, recipe.seed,
                                     spec.grow, ctx.progress)
-        (ctx.workdir / "seeking.json").write_text(json.dumps({
+        write_json(ctx.workdir / "seeking.json", {
             "layer_scores": sens.block_scores(teacher.arch.layers_path, teacher.arch.n_layers),
             "selected_layers": layers,
             "mapping": {f"student.{m}": f"teacher.{t}" for m, t in enumerate(layers)},
             "structure": spec.structure, "groups": spec.modules, "roles_injected": sorted(t for t in targets if t),
-            "n_seed": sens.n_samples}, indent=1))
+            "n_seed": sens.n_samples})
         model, self.initial_lora = lora_started_at(ctx, matrices)
         return model
 

@@ -33,6 +33,7 @@ import torch
 
 from pktransfer.data import Example, encode_items
 from pktransfer.errors import DataError, IncompatiblePairError
+from pktransfer.fileio import write_json
 from pktransfer.methods.base import Method, MethodContext, cache_key, cached_file, vocab_digest
 from pktransfer.models.pair import check_pair
 from pktransfer.ops.semantic import (
@@ -296,10 +297,10 @@ class SemAlignMethod(Method):
         else:
             critical = top_layers(ranked, min(spec.critical_layers, t_arch.n_layers))
         self.pairs = layer_pairs(critical, t_arch.n_layers, s_arch.n_layers)
-        (out / "attribution.json").write_text(json.dumps({
+        write_json(out / "attribution.json", {
             "method": "layer gradient x activation, sum over tokens and channels, mean over samples",
             "n_samples": len(seed_examples), "scores": scores, "rank_by": spec.rank_by,
-            "critical_layers": critical, "seconds": round(attribution_s, 2)}, indent=1))
+            "critical_layers": critical, "seconds": round(attribution_s, 2)})
         from pktransfer.reports import plot_layer_scores
 
         plot_layer_scores(scores, critical, out / "attribution.png", ylabel="gradient x activation",
@@ -348,7 +349,7 @@ class SemAlignMethod(Method):
                       "target_modules": list(lora.target_modules), "map": map_info,
                       "seconds": {"attribution": round(attribution_s, 2), "map": map_info["seconds"],
                                   "targets": round(targets_s, 2)}}
-        (out / "semalign.json").write_text(json.dumps(self._info, indent=1))
+        write_json(out / "semalign.json", self._info)
         ctx.progress.log("semalign: " + ", ".join(
             f"student {p.student} <- teacher {p.a}" + (f"/{p.b} (λ={p.weight_b:.2f})" if p.weight_b else "")
             for p in self.pairs) + f" (critical teacher layers {critical})")

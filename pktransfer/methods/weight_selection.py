@@ -17,12 +17,12 @@ discard its own weights, so the transfer here goes through the same LoRA budget 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
 
 from pktransfer.errors import IncompatiblePairError, RecipeError
+from pktransfer.fileio import write_json
 from pktransfer.methods.base import Method, MethodContext
 from pktransfer.methods.seeking import ROLE_OF_LEAF, group_roles, lora_started_at, teacher_for_injection
 from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES, ArchitectureDescription
@@ -80,11 +80,11 @@ class WeightSelectionMethod(Method):
             raise
         roles = {ROLE_OF_LEAF.get(t) for t in recipe.lora.target_modules} & group_roles(spec.modules)
         matrices = selected_matrices(teacher, ctx.student.arch, layers, idx, {r for r in roles if r})
-        (ctx.workdir / "weight_selection.json").write_text(json.dumps({
+        write_json(ctx.workdir / "weight_selection.json", {
             "selected_layers": layers, "mapping": {f"student.{m}": f"teacher.{t}" for m, t in enumerate(layers)},
             "index_sets": {s: {"teacher": teacher.arch.space_size(s), "student": len(v), "first": v[:8].tolist()}
                            for s, v in idx.items()},
-            "roles_injected": sorted(r for r in roles if r)}, indent=1))
+            "roles_injected": sorted(r for r in roles if r)})
         ctx.progress.log(f"weight_selection: teacher layers {layers} -> student layers 0..{len(layers) - 1}")
         model, self.initial_lora = lora_started_at(ctx, matrices)
         return model

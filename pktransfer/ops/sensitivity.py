@@ -132,16 +132,15 @@ class Sensitivity:
         return {name: float(p.total) for name, p in self.params.items()}
 
     def save(self, folder: Path) -> None:
-        from safetensors.torch import save_file
+        from pktransfer.fileio import save_safetensors, write_json
 
-        folder.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         for name, p in self.params.items():
-            tensors.update({k: v.contiguous() for k, v in p.tensors(name).items()})
-        save_file(tensors, str(folder / "sensitivity.safetensors"))
+            tensors.update(p.tensors(name))
+        save_safetensors(tensors, folder / "sensitivity.safetensors")
         layout = {name: {"mode": p.mode, "shape": list(p.shape)} for name, p in self.params.items()}
-        (folder / "sensitivity.json").write_text(json.dumps({"n_samples": self.n_samples, "meta": self.meta,
-                                                             "params": layout}, indent=1))
+        # the layout is written last: a folder with sensitivity.json holds a whole sensitivity.safetensors
+        write_json(folder / "sensitivity.json", {"n_samples": self.n_samples, "meta": self.meta, "params": layout})
 
     @classmethod
     def load(cls, folder: Path) -> Sensitivity:
