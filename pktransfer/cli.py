@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from collections.abc import Callable
@@ -21,6 +22,8 @@ app.add_typer(models_app, name="models")
 console = Console()
 err_console = Console(stderr=True)
 T = TypeVar("T")
+# errors of the machine rather than of pktransfer (disk full, permissions, read-only): one message, exit 2
+USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe file.", show_default=False)]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a recipe field: KEY=VALUE "
@@ -28,7 +31,8 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override 
 OutOpt = Annotated[str | None, typer.Option("--output-dir", "-o", help="Override output_dir.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Override the seed.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log lines.")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in output_dir.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a run pktransfer wrote in output_dir (or an "
+                                             "unfinished one made with another recipe); any other folder is refused.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")]
 
 
@@ -40,6 +44,14 @@ def guarded(fn: Callable[[], T]) -> T:
         err_console.print(f"[bold red]error:[/bold red] {err.message}", highlight=False, soft_wrap=True)
         if err.hint:
             err_console.print(f"[yellow]fix:[/yellow] {err.hint}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except OSError as err:
+        if err.errno not in USER_OS_ERRORS:
+            raise  # anything else escaping is a bug in pktransfer: keep its traceback
+        where = f" while writing '{err.filename}'" if err.filename else ""
+        err_console.print(f"[bold red]error:[/bold red] {err.strerror}{where}", highlight=False, soft_wrap=True)
+        err_console.print("[yellow]fix:[/yellow] free disk space or fix the folder's permissions, then rerun the same "
+                          "command (a run resumes from OUTPUT.partial)", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/bold red]: partial outputs are kept in OUTPUT.partial; "
@@ -132,8 +144,9 @@ def inject_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None
 
 @app.command("compare")
 def compare_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None,
-                overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the grid's folder and start "
-                                                        "afresh (default: resume, finished cells are kept).")] = False,
+                overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the grid's folder (only one "
+                                                        "pktransfer wrote) and start afresh (default: resume, finished "
+                                                        "cells made with the same recipe are kept).")] = False,
                 quiet: QuietOpt = False, threads: ThreadsOpt = None) -> None:
     """Run the recipe's `compare` grid (methods x seeds at one budget); resumable; writes compare.md/.csv/.json."""
 

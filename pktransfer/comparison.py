@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pktransfer.errors import RecipeError
+from pktransfer.fileio import write_text
 from pktransfer.progress import Progress
 from pktransfer.recipe import BUDGET_KEYS, FIXED_KEYS, Recipe, apply_overrides, recipe_from_dict, save_recipe
+from pktransfer.runs import check_matches, check_output_location, check_replaceable, read_marker, result_fields, write_marker
 
 # ---- 1. plan ----------------------------------------------------------------------------------------
 
@@ -250,13 +250,16 @@ class CompareResult:
     result: dict[str, Any]
 
 
-def _same_recipe(folder: Path, recipe: Recipe) -> bool:
-    saved = folder / "recipe.yaml"
-    return saved.is_file() and yaml.safe_load(saved.read_text()) == recipe.dump()
-
-
 def _finished(folder: Path) -> bool:
     return (folder / "run.json").is_file()
+
+
+def _reusable(folder: Path, recipe: Recipe, what: str) -> bool:
+    """A finished folder of the grid: reusable only when made with the same recipe (else a clear error)."""
+    if not _finished(folder):
+        return False
+    check_matches(folder, result_fields(recipe.dump()), what)
+    return True
 
 
 def compare(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False,
@@ -267,30 +270,32 @@ def compare(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False,
 
     progress = progress or Progress(quiet=quiet)
     cells = plan_grid(recipe)
-    root = Path(recipe.output_dir)
+    root = Path(recipe.output_dir).expanduser().resolve()
+    check_output_location(root)
+    check_replaceable(root, "comparison folder")  # refuse a folder pktransfer did not write, before any work
     for cell in cells:  # everything that can be checked before any model is loaded
         pipeline.check_recipe(cell.recipe)
     if overwrite and root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root)  # checked above: empty, or a comparison pktransfer wrote
+    if not root.exists() or read_marker(root) is None:
+        root.mkdir(parents=True, exist_ok=True)
+        write_marker(root, "compare", result_fields(recipe.dump(), ("output_dir",)))
     extractions = attach_shared_work(cells, root)
-    stale = [str(c.folder) for c in cells if _finished(c.folder) and not _same_recipe(c.folder, c.recipe)]
-    if stale:
-        raise RecipeError(f"{len(stale)} finished cell(s) were run with a different recipe, e.g. {stale[0]}",
-                          hint="use another output_dir, or --overwrite to start the comparison afresh")
+    for c in cells:  # a finished cell made with another recipe is refused, never silently reused
+        _reusable(c.folder, c.recipe, f"finished cell {c.label} (seed {c.seed})")
     save_recipe(recipe, root / "compare.yaml")
     started = time.time()
     base_info = None
     if recipe.evaluation.teacher or recipe.evaluation.student:
         base_dir = root / "base"
         base_recipe = recipe.model_copy(update={"output_dir": str(base_dir), "compare": None})
-        if not _finished(base_dir):
+        if not _reusable(base_dir, base_recipe, "the untouched models' evaluation (base/)"):
             progress.log("compare: evaluating the untouched teacher and student once")
             pipeline.evaluate_pair(base_recipe, progress=progress)
         base_info = json.loads((base_dir / "run.json").read_text())
     shared_cost = {}
     for folder, r in extractions:
-        if not _finished(Path(folder)):
+        if not _reusable(Path(folder), r, "the shared sensitivity extraction"):
             progress.log(f"compare: extracting the teacher sensitivity once for the seeking cells ({folder})")
             pipeline.extract(r, progress=progress)
         shared_cost[folder] = json.loads((Path(folder) / "run.json").read_text())["wall_seconds"]
@@ -309,18 +314,12 @@ def compare(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False,
         "task": base_info.get("task") if base_info else None,
         "wall_seconds_this_invocation": round(time.time() - started, 1),
     }
-    _write_atomic(root / "compare.json", json.dumps(result, indent=1))
-    _write_atomic(root / "compare.csv", render_compare_csv(result))
+    write_text(root / "compare.json", json.dumps(result, indent=1))
+    write_text(root / "compare.csv", render_compare_csv(result))
     plots = plot_compare(result, root)
     result["plots"] = [p.name for p in plots]
-    _write_atomic(root / "compare.md", render_compare_markdown(result))
+    write_text(root / "compare.md", render_compare_markdown(result))
     return CompareResult(root, result)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def csv_rows(result: dict[str, Any]) -> list[dict[str, Any]]:

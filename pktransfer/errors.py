@@ -34,3 +34,7 @@ class DataError(PktError):
 
 class IncompatiblePairError(PktError):
     """Teacher and student cannot be used together for the chosen method."""
+
+
+class OutputError(PktError):
+    """An output folder cannot be created, is not pktransfer's to replace, or a write failed."""

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from pktransfer.data import Item, PromptFormatter, Task, encode_items, get_task
-from pktransfer.errors import ModelError, PktError, RecipeError
+from pktransfer.errors import DataError, ModelError, PktError, RecipeError
 from pktransfer.evaluation import EvalOptions, EvalResult, evaluate_items, subset
+from pktransfer.fileio import write_json, write_text
 from pktransfer.methods import MethodContext, get_method
 from pktransfer.models import LoadedModel, load_config, load_model
 from pktransfer.progress import Progress
@@ -106,7 +107,7 @@ def _evaluate_cached(rd: RunDir, model: Any, formatter: PromptFormatter, task: T
 @contextmanager
 def run_folder(recipe: Recipe, overwrite: bool, progress: Progress) -> Iterator[tuple[RunDir, StageLog]]:
     """An output folder that is finished atomically (or marked FAILED), with stage timing and memory."""
-    rd = RunDir(recipe.output_dir, overwrite=overwrite)
+    rd = RunDir(recipe.output_dir, overwrite=overwrite, recipe=recipe.dump())
     if rd.resumed:
         progress.log(f"resuming the unfinished run in {rd.work}")
     try:
@@ -130,6 +131,11 @@ def check_recipe(recipe: Recipe) -> tuple[Task, list[Item]]:
     train_items = task.split("train")
     if recipe.task.n_train:
         train_items = train_items[: recipe.task.n_train]
+    empty = [it.id for it in train_items if not it.response.strip()]
+    if empty:
+        raise DataError(f"task '{task.name}': {len(empty)} of {len(train_items)} training items have a prompt and no "
+                        f"response (e.g. '{empty[0]}'); training would learn nothing from them",
+                        hint="give every training row a non-empty 'response' (or an assistant turn in 'messages')")
     for split in recipe.evaluation.splits:
         _eval_items(task, split, recipe)
     check_code_opt_in(task, recipe.evaluation.allow_code_execution)
@@ -192,8 +198,7 @@ def run(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, evaluat
         else:  # the method trained what it trains inside prepare (e.g. LaTen's hypernetworks)
             training = {k: v for k, v in method.training.items() if k != "log_history"}
             rd.path("checkpoints").mkdir(parents=True, exist_ok=True)
-            (rd.path("checkpoints") / "log_history.json").write_text(
-                json.dumps(method.training.get("log_history", []), indent=1))
+            write_json(rd.path("checkpoints") / "log_history.json", method.training.get("log_history", []))
         for t in teacher_cache.values():
             t.unload()
         teacher_cache.clear()
@@ -221,7 +226,7 @@ def run(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, evaluat
                      "eval": "eval", "checkpoints": "checkpoints"},
         )
         rd.write_json("run.json", info)
-        rd.path("report.md").write_text(render_markdown(info))
+        write_text(rd.path("report.md"), render_markdown(info))
     return RunResult(rd.finish(), info)
 
 
@@ -344,6 +349,15 @@ def evaluate(model: str | ModelSpec, task: str = "arithmetic", *, split: str = "
     """Evaluate a model (hub id, folder, builtin:NAME; a merged model is a folder; optionally with a PEFT
     adapter on top) on a task split. ``limit`` takes the first N items, or N drawn with ``subset_seed``."""
     progress = progress or Progress(quiet=quiet)
+    for name, value in (("limit", limit), ("n_samples", n_samples)) + ((("batch_size", batch_size),)
+                                                                      if batch_size != "auto" else ()):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise RecipeError(f"{name}={value!r} is not valid",
+                              hint=f"{name} must be a positive integer (leave --limit out to evaluate every item)")
+    if output_dir:
+        from pktransfer.runs import check_output_location
+
+        check_output_location(Path(output_dir).expanduser().resolve())
     spec = model if isinstance(model, ModelSpec) else ModelSpec(model=model)
     t = get_task(task, task_params, data_dir)
     items = t.split(split)

@@ -7,6 +7,8 @@ from its last checkpoint). An existing finished ``OUT`` is never overwritten unl
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -22,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pktransfer.errors import PktError
+from pktransfer.errors import OutputError, PktError
 
 FAILED = "FAILED.json"
 RUN_JSON = "run.json"
@@ -117,41 +119,164 @@ class StageLog:
             self.stages[name] = {"seconds": round(time.perf_counter() - t0, 2), **self.monitor.peak()}
 
 
-class RunDir:
-    """``OUT.partial`` while running; renamed to ``OUT`` by :meth:`finish`."""
+MARKER = ".pktransfer.json"  # in every folder pktransfer creates: only such folders may be replaced or resumed
+# recipe fields that do not change a run's results (a resumed run may differ in these)
+NOT_RESULT_FIELDS = ("output_dir", "compare")
 
-    def __init__(self, output_dir: str | Path, overwrite: bool = False) -> None:
+
+def result_fields(recipe: dict[str, Any], ignore: tuple[str, ...] = NOT_RESULT_FIELDS) -> dict[str, Any]:
+    return {k: v for k, v in recipe.items() if k not in ignore}
+
+
+def recipe_sha256(fields: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def recipe_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 6) -> str:
+    """'training.lr: 0.0002 -> 0.0001; ...' for the fields that differ."""
+    a, b = _flat(old), _flat(new)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, "(unset)") != b.get(k, "(unset)"))
+    parts = [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in keys[:limit]]
+    return "; ".join(parts) + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_marker(folder: Path, kind: str, fields: dict[str, Any] | None) -> None:
+    from pktransfer.fileio import write_json
+
+    write_json(folder / MARKER, {"written_by": "pktransfer", "kind": kind,
+                                 "recipe_sha256": recipe_sha256(fields) if fields is not None else None,
+                                 "recipe": fields, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def check_replaceable(folder: Path, what: str = "output folder") -> None:
+    """Refuse (before any work) to replace a folder pktransfer did not write. An empty folder is fine."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if folder.is_symlink() or not folder.is_dir():
+        raise OutputError(f"{what} '{folder}' exists and is not a folder pktransfer wrote (it is a file or a link)",
+                          hint="choose another output_dir; pktransfer only replaces folders it created")
+    if read_marker(folder) is None and any(folder.iterdir()):
+        raise OutputError(f"{what} '{folder}' was not written by pktransfer (it has no {MARKER}); refusing to replace "
+                          "or delete it", hint="choose another output_dir, or move that folder away yourself")
+
+
+def check_matches(folder: Path, fields: dict[str, Any], what: str) -> None:
+    """A folder pktransfer started (or finished) for a recipe may be reused only for the same recipe."""
+    marker = read_marker(folder)
+    if marker is None:
+        raise OutputError(f"{what} '{folder}' has no {MARKER}: it was not written by this version of pktransfer, "
+                          "so it cannot be checked against the recipe",
+                          hint="choose another output_dir, or move that folder away yourself")
+    if marker.get("recipe_sha256") != recipe_sha256(fields):
+        diff = recipe_differences(marker.get("recipe") or {}, fields)
+        raise OutputError(f"{what} '{folder}' was made with a different recipe ({diff})",
+                          hint="rerun with the original recipe to reuse it, choose another output_dir, or pass "
+                               "--overwrite to start afresh")
+
+
+def _mkdir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create the output folder '{folder}': {err.strerror or err}",
+                          hint="choose an output_dir in a writable location (its parent must be a folder)") from None
+
+
+def check_output_location(folder: Path) -> None:
+    """Fail before any work when ``folder`` cannot be created: a parent is a file, or not writable."""
+    parent = folder
+    while not parent.exists():
+        if parent.is_symlink():
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot create the output folder '{folder}': '{parent}' is a file, not a folder",
+                          hint="choose an output_dir whose parent is a folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or str(parent.resolve()).startswith(("/proc", "/sys")):
+        raise OutputError(f"cannot create the output folder '{folder}': '{parent}' is not writable",
+                          hint="choose an output_dir in a writable location")
+
+
+class RunDir:
+    """``OUT.partial`` while running; renamed to ``OUT`` by :meth:`finish`.
+
+    Both carry :data:`MARKER` with the hash of the recipe's result fields: an unfinished folder is resumed
+    only for the same recipe, and ``overwrite`` replaces only a folder pktransfer wrote.
+    """
+
+    def __init__(self, output_dir: str | Path, overwrite: bool = False, recipe: dict[str, Any] | None = None,
+                 kind: str = "run") -> None:
         self.final = Path(output_dir).expanduser().resolve()
         self.work = self.final.with_name(self.final.name + ".partial")
-        if self.final.exists() and not overwrite:
-            raise PktError(f"output folder '{self.final}' already holds a finished run",
-                           hint="choose another output_dir (--output-dir) or pass --overwrite")
+        self.fields = result_fields(recipe) if recipe is not None else None
+        check_output_location(self.final)
+        if self.final.exists() or self.final.is_symlink():
+            if not overwrite:
+                raise OutputError(f"output folder '{self.final}' already exists",
+                                  hint="choose another output_dir (--output-dir) or pass --overwrite to replace a "
+                                       "run pktransfer wrote there")
+            check_replaceable(self.final)
         self.overwrite = overwrite
-        self.resumed = self.work.is_dir()
-        self.work.mkdir(parents=True, exist_ok=True)
+        self.resumed = False
+        if self.work.exists() or self.work.is_symlink():
+            check_replaceable(self.work, "unfinished run folder")
+            if read_marker(self.work) is None:  # empty: nothing to resume
+                pass
+            elif self.fields is not None and overwrite:
+                try:
+                    check_matches(self.work, self.fields, "the unfinished run")
+                    self.resumed = True
+                except OutputError:
+                    shutil.rmtree(self.work)  # ours (marked), stale, and the user asked to start afresh
+            elif self.fields is not None:
+                check_matches(self.work, self.fields, "the unfinished run")
+                self.resumed = True
+            else:
+                self.resumed = True
+        _mkdir(self.work)
+        if read_marker(self.work) is None:
+            write_marker(self.work, kind, self.fields)
         (self.work / FAILED).unlink(missing_ok=True)
 
     def path(self, *parts: str) -> Path:
         p = self.work.joinpath(*parts)
-        p.parent.mkdir(parents=True, exist_ok=True)
+        _mkdir(p.parent)
         return p
 
     def write_json(self, name: str, data: Any) -> Path:
-        p = self.path(name)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        os.replace(tmp, p)
-        return p
+        from pktransfer.fileio import write_json
+
+        return write_json(self.path(name), data, indent=2)
 
     def finish(self) -> Path:
-        if self.final.exists():
-            shutil.rmtree(self.final)
+        if self.final.exists() or self.final.is_symlink():
+            check_replaceable(self.final)  # checked at the start too; the folder may have changed since
+            if self.final.is_dir() and not self.final.is_symlink():
+                shutil.rmtree(self.final)
         os.replace(self.work, self.final)
         return self.final
 
     def fail(self, err: BaseException) -> None:
-        self.write_json(FAILED, {
-            "error": str(err), "type": type(err).__name__,
-            "traceback": None if isinstance(err, PktError) else traceback.format_exc(),
-            "note": "this run did not finish; rerun the same recipe to resume from here",
-        })
+        with contextlib.suppress(OSError, PktError):  # a full disk must not hide the original error
+            self.write_json(FAILED, {
+                "error": str(err), "type": type(err).__name__,
+                "traceback": None if isinstance(err, PktError) else traceback.format_exc(),
+                "note": "this run did not finish; rerun the same recipe to resume from here",
+            })

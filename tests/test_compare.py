@@ -16,7 +16,7 @@ import yaml
 
 import pktransfer
 from pktransfer.comparison import describe, paired_difference, plan_grid
-from pktransfer.errors import RecipeError
+from pktransfer.errors import OutputError, RecipeError
 from pktransfer.recipe import recipe_from_dict
 
 
@@ -151,7 +151,7 @@ def test_finished_cells_with_another_recipe_are_refused(tiny_recipe, tmp_path):
     tiny_recipe["evaluation"].update(teacher=False, student=False)
     pktransfer.compare(recipe_from_dict(_grid(tiny_recipe, ["lora"], seeds=[0])), quiet=True)
     tiny_recipe["training"]["lr"] = 5e-4
-    with pytest.raises(RecipeError, match="different recipe"):
+    with pytest.raises(OutputError, match=r"different recipe \(training\.lr"):
         pktransfer.compare(recipe_from_dict(_grid(tiny_recipe, ["lora"], seeds=[0])), quiet=True)
 
 

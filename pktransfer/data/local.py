@@ -30,6 +30,11 @@ def gsm_reference(text: str) -> str:
 def row_to_item(row: dict[str, Any], idx: int, path: Path, reference_fn: Any = None) -> Item:
     if "messages" in row:
         msgs = row["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                 for m in msgs):
+            raise DataError(f"'{path}' row {idx + 1}: 'messages' must be a list of {{role, content}} objects",
+                            hint='write e.g. "messages": [{"role": "user", "content": "..."}, '
+                                 '{"role": "assistant", "content": "..."}]')
         user = [m["content"] for m in msgs if m.get("role") == "user"]
         assistant = [m["content"] for m in msgs if m.get("role") == "assistant"]
         if not user or not assistant:
@@ -37,6 +42,8 @@ def row_to_item(row: dict[str, Any], idx: int, path: Path, reference_fn: Any = N
         prompt, response = user[0], assistant[0]
     elif "prompt" in row:
         prompt, response = row["prompt"], row.get("response", row.get("reference", ""))
+        if not isinstance(prompt, str) or not isinstance(response, str):
+            raise DataError(f"'{path}' row {idx + 1}: 'prompt' and 'response' must be strings", hint="fix the row")
     else:
         raise DataError(f"'{path}' row {idx + 1} has neither 'messages' nor 'prompt'",
                         hint="rows must be chat ({messages: [...]}) or flat ({prompt, response, reference})")

@@ -59,6 +59,18 @@ class Task(ABC):
         """What a reader needs to reproduce the numbers (shots, template, filters); saved in summaries."""
         return {"kind": self.kind, "scorer": self.scorer, "stop_strings": list(self.stop_strings)}
 
+    # Evaluation may depend on the prompt format ("chat" or "plain"): a completion-style benchmark asks an
+    # instruct model differently. The defaults use the item's prompt and the task's stop strings as they are.
+    def eval_prompt(self, item: Item, mode: str) -> str:
+        return item.prompt
+
+    def stop_strings_for(self, mode: str) -> tuple[str, ...]:
+        return self.stop_strings
+
+    def format_protocol(self, mode: str) -> dict[str, Any]:
+        """The format-dependent part of :meth:`protocol` (stop strings, template)."""
+        return {"stop_strings": list(self.stop_strings_for(mode))}
+
     def __init__(self, params: dict[str, Any] | None = None, data_dir: str | None = None) -> None:
         self.params = dict(params or {})
         self.data_dir_option = data_dir
@@ -140,16 +152,23 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         raise DataError(f"data file '{path}' is missing",
                         hint=f"expected it under {path.parent}; set PKT_DATA_DIR or task.data_dir to the data folder")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"data file '{path}' line {n} is not valid JSON ({err.msg})",
-                                hint="repair or replace the file") from None
-            if not isinstance(row, dict):
-                raise DataError(f"data file '{path}' line {n} is not a JSON object", hint="one object per line")
-            rows.append(row)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"data file '{path}' is not UTF-8 text (byte {err.start})",
+                        hint="convert the file to UTF-8 JSON lines") from None
+    except OSError as err:
+        raise DataError(f"data file '{path}' cannot be read: {err.strerror or err}",
+                        hint="check the file's permissions") from None
+    for n, line in enumerate(text.split("\n"), 1):  # JSON strings may hold U+2028: split on newlines only
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"data file '{path}' line {n} is not valid JSON ({err.msg})",
+                            hint="repair or replace the file") from None
+        if not isinstance(row, dict):
+            raise DataError(f"data file '{path}' line {n} is not a JSON object", hint="one object per line")
+        rows.append(row)
     return rows

@@ -44,12 +44,11 @@ class EvalResult:
         return float(self.summary["accuracy"])
 
     def save(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
+        from pktransfer.fileio import write_json, write_jsonl
+
         stem = f"{self.label}.{self.task}.{self.split}"
-        with open(folder / f"{stem}.items.jsonl", "w") as f:
-            for r in self.records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        (folder / f"{stem}.summary.json").write_text(json.dumps(self.summary, indent=2))
+        write_jsonl(folder / f"{stem}.items.jsonl", self.records)
+        write_json(folder / f"{stem}.summary.json", self.summary, indent=2)  # last: it marks the evaluation done
 
 
 @dataclass
@@ -88,16 +87,18 @@ def _mean(xs: list[float]) -> float:
 
 def _generate_kind(model: Any, formatter: PromptFormatter, items: list[Item], task: Task, opts: EvalOptions,
                    advance: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    prompts = [formatter.encode_prompt(it.prompt) for it in items]
+    prompts = [formatter.encode_prompt(task.eval_prompt(it, formatter.mode)) for it in items]
     (outputs, n_tokens), used = run_batched(model, opts.batch_size, lambda bs: generate(
         model, formatter.tokenizer, prompts, batch_size=bs, max_new_tokens=opts.max_new_tokens,
-        stop_token_ids=formatter.stop_token_ids(), stop_strings=task.stop_strings, on_batch=lambda n, _t: advance(n)))
+        stop_token_ids=formatter.stop_token_ids(), stop_strings=task.stop_strings_for(formatter.mode),
+        on_batch=lambda n, _t: advance(n)))
     records, extra = [], defaultdict(list)
     for it, out in zip(items, outputs, strict=True):
         s = task.score(out, it)
         for k, v in s.get("metrics", {}).items():
             extra[k].append(float(v))
-        records.append({"id": it.id, "prompt": it.prompt, "output": out, "extracted": s["extracted"],
+        records.append({"id": it.id, "prompt": task.eval_prompt(it, formatter.mode), "output": out,
+                        "extracted": s["extracted"],
                         "reference": it.reference, "correct": bool(s["correct"]),
                         **({"metrics": s["metrics"]} if "metrics" in s else {}),
                         **{k: v for k, v in s.items() if k not in ("extracted", "correct", "metrics")}})
@@ -137,18 +138,31 @@ def _choice_kind(model: Any, formatter: PromptFormatter, items: list[Item], task
 def _code_kind(model: Any, formatter: PromptFormatter, items: list[Item], task: Any, opts: EvalOptions,
                advance: Any, progress: Progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from pktransfer.evaluation.metrics import pass_at_k
-    from pktransfer.evaluation.sandbox import SandboxLimits, require_opt_in, run_programs
+    from pktransfer.evaluation.sandbox import (
+        SandboxLimits,
+        describe_isolation,
+        isolation_of,
+        isolation_warning,
+        require_opt_in,
+        run_programs,
+        sandbox_plan,
+    )
 
     require_opt_in(opts.allow_code_execution, f"task '{task.name}'")
+    isolation = isolation_of(sandbox_plan())
+    progress.log(describe_isolation(isolation))
+    if warning := isolation_warning(isolation):
+        progress.warn(warning)
     n = opts.n_samples
     temperature = opts.temperature if n > 1 else 0.0
-    prompts = [formatter.encode_prompt(it.prompt) for it in items for _ in range(n)]
+    prompts = [formatter.encode_prompt(task.eval_prompt(it, formatter.mode)) for it in items for _ in range(n)]
     torch.manual_seed(opts.seed)
     (outputs, n_tokens), used = run_batched(model, opts.batch_size, lambda bs: generate(
         model, formatter.tokenizer, prompts, batch_size=bs, max_new_tokens=opts.max_new_tokens,
-        stop_token_ids=formatter.stop_token_ids(), stop_strings=task.stop_strings, temperature=temperature,
+        stop_token_ids=formatter.stop_token_ids(), stop_strings=task.stop_strings_for(formatter.mode),
+        temperature=temperature,
         on_batch=lambda k, _t: advance(k / n)))
-    programs = [task.program(items[i // n], out) for i, out in enumerate(outputs)]
+    programs = [task.program(items[i // n], out, formatter.mode) for i, out in enumerate(outputs)]
     with progress.task(f"sandbox: {len(programs)} programs", total=len(programs)) as tick:
         results = run_programs(programs, SandboxLimits(timeout=opts.sandbox_timeout), on_done=lambda: tick(1))
     ks = [k for k in (1, 10, 100) if k <= n]
@@ -158,13 +172,14 @@ def _code_kind(model: Any, formatter: PromptFormatter, items: list[Item], task: 
         c = sum(r.passed for r in res)
         for k in ks:
             per_k[f"pass@{k}"].append(pass_at_k(n, c, k))
-        records.append({"id": it.id, "prompt": it.prompt, "output": outputs[i * n] if n == 1 else outputs[i * n:(i + 1) * n],
+        records.append({"id": it.id, "prompt": task.eval_prompt(it, formatter.mode),
+                        "output": outputs[i * n] if n == 1 else outputs[i * n:(i + 1) * n],
                         "extracted": programs[i * n] if n == 1 else None, "reference": it.reference,
                         "correct": pass_at_k(n, c, 1) == 1.0 if n == 1 else c > 0, "n_samples": n, "n_passed": c,
-                        "execution": [{"status": r.status, "stderr": r.stderr[-500:]} for r in res]})
-    isolation = results[0].isolation if results else {}
+                        "execution": [{"status": r.status, "reason": r.reason, "stderr": r.stderr[-500:]} for r in res]})
     return records, {"metrics": {k: _mean(v) for k, v in per_k.items()}, "generated_tokens": n_tokens,
-                     "sandbox": {"isolation": isolation, "timeout_s": opts.sandbox_timeout},
+                     "sandbox": {"isolation": isolation, "timeout_s": opts.sandbox_timeout,
+                                 "pass_means": "the runner's completion token arrived: the tests returned normally"},
                      "sampling": {"n": n, "temperature": temperature, "seed": opts.seed}, "batch_size_used": used}
 
 
@@ -192,7 +207,8 @@ def evaluate_items(model: Any, formatter: PromptFormatter, items: list[Item], *,
         "protocol": {"decoding": "greedy" if task.kind != "code" or opts.n_samples == 1 else "sampled",
                      "max_new_tokens": opts.max_new_tokens if task.kind != "choice" else None,
                      "batch_size": opts.batch_size, "prompt_format": formatter.describe(),
-                     "limit": opts.limit, "subset_seed": opts.subset_seed, **task.protocol()},
+                     "limit": opts.limit, "subset_seed": opts.subset_seed, **task.protocol(),
+                     **task.format_protocol(formatter.mode)},
         "data_sha256": items_sha256(items), "seconds": round(seconds, 2),
         "items_per_second": round(len(items) / seconds, 3) if seconds else None,
         "generated_tokens": tokens,

@@ -85,10 +85,15 @@ Log = Callable[[str], None]
 def cache_dir() -> Path:
     """Root of pktransfer's cache: ``$PKT_CACHE`` or ``$XDG_CACHE_HOME/pktransfer``."""
     env = os.environ.get("PKT_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
-    return Path(xdg).expanduser() / "pktransfer"
+    root = Path(env).expanduser() if env else Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "pktransfer"
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        source = "PKT_CACHE" if env else "the cache location ($XDG_CACHE_HOME/pktransfer)"
+        raise ModelError(f"{source} points at '{root}', but '{probe}' is a file, not a folder",
+                         hint="set PKT_CACHE to a folder (it is created if missing), or unset it")
+    return root
 
 
 def get_builtin(name: str) -> BuiltinModel:

@@ -86,6 +86,8 @@ def load_config(name: str, revision: str | None = None) -> Any:
     source = resolve_source(name, prepare=False)
     if source.startswith(BUILTIN_PREFIX):
         return None  # prepared lazily; the builtin models are known to be qwen2
+    if Path(source).is_dir():
+        check_weight_files(Path(source), name)
     try:
         config = AutoConfig.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as err:
@@ -97,12 +99,29 @@ def load_config(name: str, revision: str | None = None) -> Any:
     return config
 
 
+def check_weight_files(folder: Path, name: str) -> None:
+    """Read the header of every safetensors file in a local model folder (cheap): a truncated or corrupt
+    file fails here, before any work starts, instead of deep inside from_pretrained."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                keys = list(sf.keys())
+                if keys:
+                    sf.get_slice(keys[-1])
+        except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+            raise ModelError(f"model '{name}': weight file '{f}' is truncated or corrupt ({_first_line(err)})",
+                             hint="re-save or re-download the model folder") from None
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0][:200] if text else type(err).__name__
 
 
 def load_model(spec: ModelSpec, log: Callable[[str], None] | None = None) -> LoadedModel:
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -122,7 +141,7 @@ def load_model(spec: ModelSpec, log: Callable[[str], None] | None = None) -> Loa
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision)
         model = AutoModelForCausalLM.from_pretrained(source, revision=spec.revision, dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise ModelError(f"model '{spec.model}' could not be loaded from '{source}': {_first_line(err)}",
                          hint="the folder may be incomplete or corrupt; re-save it or re-prepare the builtin model "
                               "(pkt models prepare NAME --force)") from None
