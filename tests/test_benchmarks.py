@@ -233,3 +233,90 @@ def test_auto_batch_size_shrinks_after_out_of_memory_on_cuda():
 def test_jsonl_task_refuses_an_unknown_scorer():
     with pytest.raises(pktransfer.RecipeError, match="unknown scorer 'bleu'"):
         get_task("jsonl", {"test": "x.jsonl", "scorer": "bleu"})
+
+
+# ---- realistic chat answers through each protocol's extraction and scoring -------------------------------
+
+CHAT_HUMANEVAL_ANSWER = (
+    "Certainly! Here's a Python script that checks whether any two numbers are closer than the threshold:\n\n"
+    "```python\nfrom typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n"
+    "    for i, a in enumerate(numbers):\n        for b in numbers[i + 1:]:\n"
+    "            if abs(a - b) < threshold:\n                return True\n    return False\n```\n\n"
+    "### Explanation\n- We compare every pair.\n\n```python\nprint(has_close_elements([1.0, 2.0], 0.5))\n```\n"
+)
+
+
+def test_humaneval_chat_protocol_asks_for_a_code_block_and_keeps_the_answer_whole():
+    from pktransfer.evaluation.sandbox import run_program
+
+    he = get_task("humaneval")
+    item = he.split("test")[0]
+    prompt = he.eval_prompt(item, "chat")
+    assert prompt.startswith("Please provide a self-contained Python script") and item.prompt.strip() in prompt
+    assert he.eval_prompt(item, "plain") == item.prompt
+    # the completion-style stop strings would cut "```python\nfrom typing import List\n" right where code starts
+    assert he.stop_strings_for("chat") == () and "\ndef" in he.stop_strings_for("plain")
+    program = he.program(item, CHAT_HUMANEVAL_ANSWER, "chat")
+    assert program.count("def has_close_elements") == 1 and "print(" not in program.split("def check")[0]
+    assert run_program(program).passed
+    # an answer holding only the body after the signature is completed with the prompt, as in plain format
+    body_only = "```python\n" + item.response + "```"
+    assert run_program(he.program(item, body_only, "chat")).passed
+    # a wrong function fails
+    assert not run_program(he.program(item, CHAT_HUMANEVAL_ANSWER.replace("return True", "return False"), "chat")).passed
+
+
+def test_humaneval_chat_answer_without_imports_gets_the_prompts_imports():
+    from pktransfer.evaluation.sandbox import run_program
+
+    he = get_task("humaneval")
+    item = he.split("test")[0]
+    answer = "```python\n" + CHAT_HUMANEVAL_ANSWER.split("```python\n")[1].split("```")[0].replace(
+        "from typing import List\n", "") + "```"
+    assert "from typing import List" not in answer
+    assert run_program(he.program(item, answer, "chat")).passed
+
+
+def test_an_unclosed_code_block_cut_by_the_token_budget_is_still_extracted():
+    from pktransfer.data.benchmarks import code_from_output
+
+    assert code_from_output("Sure:\n```python\ndef f():\n    return 1\n", "f") == "def f():\n    return 1\n"
+    assert code_from_output("def f():\n    return 1\n", "f") == "def f():\n    return 1\n"  # no fence: as is
+
+
+def test_mbpp_chat_answer_with_prose_and_fence():
+    from pktransfer.data.tasks import Item
+    from pktransfer.evaluation.sandbox import run_program
+
+    mbpp = get_task("mbpp")
+    item = Item(id="mbpp-x", prompt="", response="", reference="pass",
+                metadata={"test": "\nassert add(1, 2) == 3", "task_id": 0})
+    answer = "Here is the function:\n\n```python\ndef add(a, b):\n    return a + b\n```\n\nIt adds two numbers."
+    assert run_program(mbpp.program(item, answer, "chat")).passed
+    assert "[DONE]" in mbpp.stop_strings_for("chat")  # the few-shot template's end marker, in both formats
+
+
+@needs_data
+def test_gsm8k_chat_answer_is_scored_on_its_final_number():
+    task = get_task("gsm8k")
+    item = task.split("test")[0]
+    answer = (f"Janet's ducks lay 16 eggs per day. She eats 3 and bakes with 4, so 16 - 3 - 4 = 9 eggs are left.\n"
+              f"She sells them for $2 each: 9 * 2 = ${item.reference}.\n\nSo the answer is {item.reference}.")
+    s = task.score(answer, item)
+    assert s["correct"] and s["extracted"] == item.reference
+    assert task.score(answer.replace(f"So the answer is {item.reference}.", "So the answer is 17."), item)["correct"] is False
+
+
+def test_arithmetic_chat_answer_with_prose():
+    task = get_task("arithmetic")
+    item = task.split("test")[0]
+    assert task.score(f"The answer is {item.reference}.", item)["correct"]
+    assert task.score(f"{item.prompt.split('?')[0]} = {item.reference}", item)["correct"]
+
+
+def test_super_ni_answer_is_normalised_before_exact_match():
+    from pktransfer.data.tasks import Item
+
+    task = get_task("super_ni")
+    item = Item(id="x", prompt="Classify", response="Positive", reference="Positive")
+    assert task.score("positive.", item)["correct"] and not task.score("The answer is negative", item)["correct"]
