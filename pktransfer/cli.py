@@ -162,7 +162,7 @@ def compare_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = Non
                 ci = "n/a" if m["n"] < 2 else f"[{100 * m['ci_low']:.1f}, {100 * m['ci_high']:.1f}]"
                 std = "" if m["n"] < 2 else f" ± {100 * m['std']:.1f}"
                 diff = "-" if p is None else f"{100 * p['mean_diff']:+.1f}"
-                pv = "-" if p is None or p["p_value"] != p["p_value"] else f"{p['p_value']:.3f}"
+                pv = "" if p is None else "n/a" if p["p_value"] != p["p_value"] else f"{p['p_value']:.3f}"
                 table.add_row(label, metric, str(m["n"]), f"{100 * m['mean']:.1f}{std}", ci, diff, pv)
         console.print(table)
         console.print(f"outputs: {res.output_dir} (compare.md, compare.csv, compare.json, compare_scores.png, "

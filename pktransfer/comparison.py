@@ -175,19 +175,16 @@ def describe(values: list[float]) -> dict[str, float]:
 
 def paired_difference(method: dict[int, float], baseline: dict[int, float]) -> dict[str, float]:
     """Mean paired difference (method − baseline) over the seeds both have, its 95% interval and the
-    two-sided paired t-test p-value. Identical differences (zero spread) give p = 1 if all are zero,
-    else nan (the t statistic is undefined)."""
+    two-sided paired t-test p-value. Identical differences (zero spread) leave the t statistic undefined:
+    p is nan (reported "n/a"), whether the differences are all zero or not."""
     from scipy import stats
 
     seeds = sorted(set(method) & set(baseline))
     diffs = [method[s] - baseline[s] for s in seeds]
     d = describe(diffs)
     p = math.nan
-    if len(diffs) >= 2:
-        if d["std"] > 0:
-            p = float(stats.ttest_rel([method[s] for s in seeds], [baseline[s] for s in seeds]).pvalue)
-        elif all(x == 0 for x in diffs):
-            p = 1.0
+    if len(diffs) >= 2 and d["std"] > 0:
+        p = float(stats.ttest_rel([method[s] for s in seeds], [baseline[s] for s in seeds]).pvalue)
     return {"n": len(diffs), "mean_diff": d["mean"], "std": d["std"], "ci_low": d["ci_low"], "ci_high": d["ci_high"],
             "p_value": p, "seeds": seeds}
 
@@ -211,7 +208,9 @@ def cell_record(cell: Cell) -> dict[str, Any]:
         "wall_seconds": run["wall_seconds"],
         "peak_rss_anon_gib": max((s.get("peak_rss_anon_gib", 0.0) for s in stages.values()), default=0.0),
         "peak_cuda_gib": max((s.get("peak_cuda_gib", 0.0) for s in stages.values()), default=0.0),
-        "loss_curve": [(h["step"], h["loss"]) for h in history if "loss" in h],
+        "loss_curve": [(h["step"], h["loss"]) for h in history if "loss" in h]
+        # fewer steps than training.logging_steps: only the trainer's closing mean loss exists
+        or [(h["step"], h["train_loss"]) for h in history if "train_loss" in h],
         "budget": {k: run["recipe"][k.split(".")[0]][k.split(".")[1]] for k in BUDGET_KEYS},
     }
 

@@ -168,7 +168,11 @@ def plot_compare(result: dict[str, Any], folder: Any) -> list[Any]:
         for j, cell in enumerate(c for c in result["cells"] if c["label"] == label):
             if cell["loss_curve"]:
                 steps, losses = zip(*cell["loss_curve"], strict=True)
-                ax.plot(steps, losses, color=color, alpha=0.8, label=label if j == 0 else None)
+                ax.plot(steps, losses, color=color, alpha=0.8, label=label if j == 0 else None,
+                        marker="o" if len(steps) == 1 else None)
+    if not ax.get_legend_handles_labels()[1]:
+        ax.text(0.5, 0.5, "no training loss was logged\n(no cell trained, or none logged a step)",
+                ha="center", va="center", transform=ax.transAxes, color="gray")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (each method's own objective)")
     if ax.get_legend_handles_labels()[1]:

@@ -228,7 +228,8 @@ def train(model: Any, tokenizer: Any, examples: list[Example], spec: TrainingSpe
     trainer.train(resume_from_checkpoint=resume_from)
     model.eval()
     history = list(trainer.state.log_history)
-    losses = [h["loss"] for h in history if "loss" in h]
+    # fewer steps than logging_steps log no "loss": the trainer's closing mean (train_loss) stands in
+    losses = [h["loss"] for h in history if "loss" in h] or [h["train_loss"] for h in history if "train_loss" in h]
     write_json(output_dir / "log_history.json", history)
     return TrainResult(trainer.state.global_step, time.perf_counter() - t0, losses[-1] if losses else None,
                        history, resume_from)

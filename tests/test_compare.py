@@ -45,7 +45,7 @@ def test_paired_difference_hand_computed():
     # t = 5 on 2 degrees of freedom: p = 1 - t/sqrt(2 + t^2) = 1 - 5/sqrt(27)
     assert p["p_value"] == pytest.approx(1 - 5 / math.sqrt(27), rel=1e-6)
     same = paired_difference({0: 0.5, 1: 0.6}, {0: 0.5, 1: 0.6})
-    assert same["mean_diff"] == 0 and same["p_value"] == 1.0
+    assert same["mean_diff"] == 0 and math.isnan(same["p_value"])  # zero spread: t undefined, reported "n/a"
     shifted = paired_difference({0: 0.6, 1: 0.7}, {0: 0.5, 1: 0.6})  # identical non-zero differences
     assert shifted["mean_diff"] == pytest.approx(0.1) and math.isnan(shifted["p_value"])
 
@@ -194,3 +194,17 @@ def test_killed_grid_resumes_only_missing_cells_and_matches_an_uninterrupted_run
     assert a == b
     sa, sb = resumed.result["summary"]["by_label"], full.result["summary"]["by_label"]
     assert {k: v["metrics"] for k, v in sa.items()} == {k: v["metrics"] for k, v in sb.items()}
+
+
+def test_zero_variance_p_value_prints_na_and_a_short_grid_still_plots_its_loss(tmp_path):
+    from pktransfer.reports import plot_compare
+
+    result = {"summary": {"labels": ["lora"], "metrics": ["test"], "baseline": "lora",
+                          "by_label": {"lora": {"metrics": {"test": {"n": 1, "mean": 0.5, "ci_low": 0.5, "ci_high": 0.5,
+                                                                     "per_seed": {0: 0.5}}}}}},
+              "base": {}, "cells": [{"label": "lora", "loss_curve": [(2, 1.25)]}]}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    paths = plot_compare(result, tmp_path)
+    assert any(p.name == "compare_loss.png" for p in paths)
