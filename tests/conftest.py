@@ -24,6 +24,8 @@ def benchmark_data() -> Path | None:
 
 
 DATA = benchmark_data()
+if DATA is None and os.environ.get("PKT_REQUIRE_DATA") == "1":  # CI: data it is meant to have must not be skipped
+    raise pytest.UsageError(f"PKT_REQUIRE_DATA=1 but no benchmark data at PKT_DATA_DIR={os.environ.get('PKT_DATA_DIR')}")
 needs_data = pytest.mark.skipif(DATA is None, reason="benchmark data (shared/data) not found; set PKT_DATA_DIR")
 
 

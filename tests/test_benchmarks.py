@@ -282,6 +282,8 @@ def test_an_unclosed_code_block_cut_by_the_token_budget_is_still_extracted():
 
     assert code_from_output("Sure:\n```python\ndef f():\n    return 1\n", "f") == "def f():\n    return 1\n"
     assert code_from_output("def f():\n    return 1\n", "f") == "def f():\n    return 1\n"  # no fence: as is
+    # seen from the offline student: a bare fence, then the language tag on its own line
+    assert code_from_output("```\npython\ndef f():\n    return 1\n```", "f") == "def f():\n    return 1\n"
 
 
 def test_mbpp_chat_answer_with_prose_and_fence():

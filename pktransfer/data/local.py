@@ -82,6 +82,7 @@ class Gsm8kTask(Task):
         "test": "gsm8k/test.jsonl",
     }
     EXEMPLARS = "gsm8k/train.jsonl"
+    EXTRA_FILES = (EXEMPLARS,)  # the 8-shot exemplars
 
     def __init__(self, params: dict[str, Any] | None = None, data_dir: str | None = None) -> None:
         super().__init__(params, data_dir)
@@ -102,15 +103,18 @@ class Gsm8kTask(Task):
             "Answer the following question.\n\n" + shots + f"Question: {question}"
 
     def _load(self, split: str) -> list[Item]:
-        path = self.data_dir() / self.FILES[split]
+        path = self.data_path(self.FILES[split])
         rows = read_jsonl(path)
         if split == "test":
-            exemplars = read_jsonl(self.data_dir() / self.EXEMPLARS)[: self.shots] if self.shots else []
+            exemplars = read_jsonl(self.data_path(self.EXEMPLARS))[: self.shots] if self.shots else []
             shots = "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in exemplars)
             return [Item(id=f"gsm8k-test-{i}", prompt=self._test_prompt(r["question"], shots),
                          response=r["answer"], reference=gsm_reference(r["answer"]), metadata={"line": i})
                     for i, r in enumerate(rows)]
         return [row_to_item(r, i, path, gsm_reference) for i, r in enumerate(rows)]
+
+    def data_files(self, split: str) -> list[str]:
+        return [self.FILES[split]] + ([self.EXEMPLARS] if split == "test" and self.shots else [])
 
     def score(self, output: str, item: Item) -> dict[str, Any]:
         from pktransfer.evaluation.metrics import exact_match_number, gsm8k_strict

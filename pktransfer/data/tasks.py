@@ -99,6 +99,29 @@ class Task(ABC):
     def data_dir(self) -> Path:
         return resolve_data_dir(self.data_dir_option)
 
+    def data_files(self, split: str) -> list[str]:
+        """The data files (relative to the data folder) a split reads; [] for tasks that need none."""
+        return []
+
+    def data_path(self, rel: str) -> Path:
+        """``rel`` in the data folder; in pktransfer's cache a missing file is prepared from its public source."""
+        from pktransfer.data.sources import data_cache, prepare_file
+
+        root = self.data_dir()
+        if root == data_cache() and not (root / rel).is_file():
+            return prepare_file(root, rel)
+        return root / rel
+
+    def data_source(self, split: str) -> dict[str, Any] | None:
+        """Where the split's files came from (a local folder, or the cache with the hub id / paper commit)."""
+        files = self.data_files(split)
+        if not files:
+            return None
+        from pktransfer.data.sources import data_cache, describe_file
+
+        root = self.data_dir()
+        return {rel: describe_file(root, rel, root == data_cache()) for rel in files}
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "scorer": self.scorer, "params": self.params, "splits": list(self.splits)}
 
@@ -127,8 +150,8 @@ def get_task(name: str, params: dict[str, Any] | None = None, data_dir: str | No
 
 
 def resolve_data_dir(explicit: str | None = None) -> Path:
-    """The benchmark data folder: explicit option, ``$PKT_DATA_DIR``, ``./shared/data`` or ``../shared/data``."""
-    tried: list[str] = []
+    """The benchmark data folder: explicit option, ``$PKT_DATA_DIR``, ``./shared/data`` or ``../shared/data``,
+    else pktransfer's data cache (filled from public sources, see :mod:`pktransfer.data.sources`)."""
     env = os.environ.get("PKT_DATA_DIR")
     for cand, label in ((explicit, "task.data_dir"), (env, "$PKT_DATA_DIR")):
         if cand:
@@ -138,19 +161,18 @@ def resolve_data_dir(explicit: str | None = None) -> Path:
             raise DataError(f"data folder '{p}' (from {label}) does not exist",
                             hint=f"point {label} at the folder holding gsm8k/, mmlu/, seeking/, laten/")
     for cand in (Path("shared/data"), Path("../shared/data")):
-        tried.append(str(cand.resolve()))
         if cand.is_dir():
             return cand.resolve()
-    raise DataError(
-        f"no benchmark data folder found (tried {', '.join(tried)})",
-        hint="set PKT_DATA_DIR or the recipe's task.data_dir to the folder holding gsm8k/, mmlu/, seeking/, laten/",
-    )
+    from pktransfer.data.sources import data_cache
+
+    return data_cache()
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"data file '{path}' is missing",
-                        hint=f"expected it under {path.parent}; set PKT_DATA_DIR or task.data_dir to the data folder")
+                        hint=f"expected it under {path.parent}; set PKT_DATA_DIR or task.data_dir to a folder that holds "
+                             "it, or leave both unset so that `pkt data fetch TASK` prepares it in pktransfer's cache")
     rows = []
     try:
         text = path.read_text(encoding="utf-8")
