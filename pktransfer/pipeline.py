@@ -22,6 +22,7 @@ from pktransfer.evaluation import EvalOptions, EvalResult, evaluate_items, subse
 from pktransfer.fileio import write_json, write_text
 from pktransfer.methods import MethodContext, get_method
 from pktransfer.models import LoadedModel, load_config, load_model
+from pktransfer.models.tying import untie_if_targeted
 from pktransfer.progress import Progress
 from pktransfer.recipe import ModelSpec, Recipe, save_recipe
 from pktransfer.reports import render_markdown
@@ -172,6 +173,7 @@ def run(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, evaluat
                 teacher_cache.clear()
         with log.stage("load_student"):
             student = load_model(recipe.student, log=progress.log)
+            untie_if_targeted(student, recipe.lora.target_modules, progress.log)  # merging must not move lm_head
         formatter = formatter_for(student, task, recipe)
         if evaluate and recipe.evaluation.student:
             with log.stage("eval_student"):
@@ -279,6 +281,7 @@ def _seeking_context(recipe: Recipe, task: Task, rd: RunDir, log: StageLog,
         teacher = load_model(recipe.teacher, log=progress.log)
     with log.stage("load_student"):
         student = load_model(recipe.student, log=progress.log)
+        untie_if_targeted(student, recipe.lora.target_modules, progress.log)
     ctx = MethodContext(recipe, student, task, formatter_for(student, task, recipe), rd.work, progress,
                         lambda: teacher)
     return teacher, ctx

@@ -29,6 +29,7 @@ from pktransfer.fileio import write_json
 from pktransfer.methods.base import Method, MethodContext, snapshot_lora
 from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES, ArchitectureDescription
 from pktransfer.models.pair import check_pair
+from pktransfer.models.tying import parameter_key, untie_if_targeted
 from pktransfer.ops.lowrank import svd_init
 from pktransfer.ops.selection import reduce_dims, select_layers
 from pktransfer.ops.sensitivity import Sensitivity, sensitivity_over
@@ -154,7 +155,6 @@ def extract_matrices(sens: Sensitivity, teacher: Any, student_arch: Architecture
                      progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """Student module name -> student-shaped matrix cut from the teacher (float32)."""
     t_arch: ArchitectureDescription = teacher.arch
-    t_params = dict(teacher.model.named_parameters())
     out: dict[str, torch.Tensor] = {}
     jobs: list[tuple[str, str, str]] = []  # (student module, teacher module, role)
     for role in ("embed", "lm_head"):
@@ -169,16 +169,19 @@ def extract_matrices(sens: Sensitivity, teacher: Any, student_arch: Architecture
     s_shapes = {w.module: w.shape for w in student_arch.weights()}
     with (progress or Progress(quiet=True)).task("seeking: extract per module", total=len(jobs)) as advance:
         for smod, tmod, role in jobs:
-            out[smod] = _extract_one(sens, t_params, smod, tmod, role, s_shapes[smod], structure, seed, grow)
+            out[smod] = _extract_one(sens, teacher.model, smod, tmod, role, s_shapes[smod], structure, seed, grow)
             advance(1)
     return out
 
 
-def _extract_one(sens: Sensitivity, t_params: dict[str, Any], smod: str, tmod: str, role: str,
+def _extract_one(sens: Sensitivity, t_model: Any, smod: str, tmod: str, role: str,
                  target: tuple[int, ...], structure: str, seed: int, grow: str) -> torch.Tensor:
-    """One student-shaped matrix cut from the teacher weight ``tmod`` (zero-padded where it grows)."""
-    w_t = t_params[tmod + ".weight"].detach()
-    p = sens.params[tmod + ".weight"]
+    """One student-shaped matrix cut from the teacher weight ``tmod`` (zero-padded where it grows).
+
+    A tied teacher's ``lm_head`` is its embedding matrix: weight and sensitivity come from that one
+    parameter (its gradient sums both uses)."""
+    w_t = t_model.get_submodule(tmod).weight.detach()
+    p = sens.params[parameter_key(t_model, tmod)]
     src = tuple(w_t.shape)
     grown = [(ax, t, s) for ax, t, s in zip(("rows", "columns"), src, target, strict=True) if s > t]
     if grown and grow == "error":
@@ -267,6 +270,7 @@ def lora_started_at(ctx: MethodContext, matrices: dict[str, torch.Tensor]) -> tu
     PEFT model and its starting factors (what ``Method.save_adapter`` rebases against)."""
     from peft import get_peft_model
 
+    untie_if_targeted(ctx.student, ctx.recipe.lora.target_modules, ctx.progress.log)  # W − s·BA must not move lm_head
     model = get_peft_model(ctx.student.model, lora_config(ctx.recipe.lora, init=True))
     with ctx.progress.task("SVD init per module", total=len(matrices)) as advance:
         inject(model, matrices, on_module=lambda: advance(1))

@@ -47,19 +47,19 @@ def selected_matrices(teacher: Any, s_arch: ArchitectureDescription, layers: lis
                       roles: set[str]) -> dict[str, torch.Tensor]:
     """Student module name -> the student-shaped teacher matrix (float32)."""
     t_arch: ArchitectureDescription = teacher.arch
-    params = dict(teacher.model.named_parameters())
+    get = teacher.model.get_submodule  # through the module: a tied lm_head is not in named_parameters()
     t_weights = {w.module: w for w in t_arch.weights()}
     out: dict[str, torch.Tensor] = {}
     for role, t_mod, s_mod in (("embed", t_arch.embed_module, s_arch.embed_module),
                                ("lm_head", t_arch.lm_head_module, s_arch.lm_head_module)):
         if role in roles:
-            out[s_mod] = params[t_mod + ".weight"].detach()[:, idx["residual"]].float().cpu()
+            out[s_mod] = get(t_mod).weight.detach()[:, idx["residual"]].float().cpu()
     for m, t_layer in enumerate(layers):
         for role in (*ATTENTION_ROLES, *FFN_ROLES):
             if role in roles:
                 t_mod = t_arch.module_name(t_layer, role)
                 w = t_weights[t_mod]
-                mat = params[t_mod + ".weight"].detach()
+                mat = get(t_mod).weight.detach()
                 out[s_arch.module_name(m, role)] = mat[idx[w.out_space]][:, idx[w.in_space]].float().cpu()
     return out
 
