@@ -86,9 +86,9 @@ def main() -> None:
     methods = [{"name": "lora"}, {"name": "pissa"}, {"name": "kd", "cache": False}, {"name": "kd", "cache": True},
                {"name": "weight_selection"}, {"name": "seeking", "n_seed": 4},
                {"name": "semalign", "n_seed": 4, "cache": True}, {"name": "semalign", "n_seed": 4, "cache": False},
-               {"name": "laten", "n_val": 8, "steps": 3},
+               {"name": "laten", "n_val": 8, "checkpoint": 2},
                {"name": "semalign", "n_seed": 4, "cache": False, "teacher_device": "cpu"},
-               {"name": "laten", "n_val": 8, "steps": 3, "teacher_device": "cpu"}]
+               {"name": "laten", "n_val": 8, "checkpoint": 2, "teacher_device": "cpu"}]
     report["methods"] = {}
     for i, m in enumerate(methods):
         m = dict(m)

@@ -189,13 +189,29 @@ class LatenMethod(Strict):
     locate_vocab: int | None = Field(
         default=None, ge=1, description="softmax over the top-k logit-lens tokens (and y) when scoring neurons; "
                                         "None: the whole vocabulary (exact, slow on CPU)")
-    steps: int = Field(default=4, ge=1, description="hypernetwork steps (paper: GSM8K 4, MMLU 2, HumanEval 3, MBPP 8)")
-    lr: float = Field(default=3e-5, gt=0, le=1)
+    checkpoint: int = Field(
+        default=4, ge=0, description="the official checkpoint_{k} kept: the paper's per-task 'steps' (GSM8K 4, MMLU 2, "
+                                     "HumanEval 3, MBPP 8); it holds the hypernetworks after k+1 updates")
+    total_steps: int | None = Field(default=None, ge=1,
+                                    description="length of the one-cycle schedule (None: one update per extract item, "
+                                                "as the official loop)")
+    choose: Literal["checkpoint", "validation"] = Field(
+        default="checkpoint", description="keep method.checkpoint (official), or train total_steps updates and keep "
+                                          "the lowest cross entropy on the held-out align items (ours)")
+    locate: Literal["per_example", "averaged"] = Field(
+        default="per_example", description="re-locate layers and neurons on each update's extract item (official), or "
+                                           "once on scores averaged over the extract items (ours)")
+    inject_on: Literal["train_sample", "extract_mean"] = Field(
+        default="train_sample", description="where the saved model's injection is located: one training item drawn "
+                                            "with the seed (official inference), or the extract items' mean scores")
+    lr: float = Field(default=3e-4, gt=0, le=1, description="max lr of the one-cycle schedule (the shipped script's "
+                                                            "3e-4; the function's default is 3e-5)")
     weight_decay: float = Field(default=0.05, ge=0)
-    warmup_ratio: float = Field(default=0.1, gt=0, lt=1, description="one-cycle schedule: share of steps warming up")
-    penalty: float = Field(default=1000.0, ge=0, description="weight of Σ MSE(Δ, 0)")
+    warmup_ratio: float = Field(default=0.1, gt=0, lt=1, description="one-cycle pct_start")
+    penalty: float = Field(default=1000.0, ge=0, description="weight of the MSE(Δ, 0) per module type")
     partners: int = Field(default=15, ge=0, description="align examples joining each extract example in a batch")
-    n_val: int = Field(default=16, ge=1, description="align items held out to choose the step (never trained on)")
+    n_val: int = Field(default=16, ge=1, description="align items held out: validation CE per update (recorded; "
+                                                     "the choice with choose: validation); never trained on")
     init_std: float = Field(default=1e-5, gt=0, description="std of the hypernetworks' initial weights")
 
 

@@ -75,29 +75,28 @@ def _plant(model, layer: int, y: int, role: str, j: int, sign: float) -> None:
 
 
 def test_locate_finds_a_planted_neuron_in_a_tiny_model(tiny_models):
-    from pktransfer.data import PromptFormatter, encode_items, get_task
-    from pktransfer.methods.laten import answer_position
+    from pktransfer.data import PromptFormatter, get_task
+    from pktransfer.methods.laten import answer_input
     from pktransfer.models import load_model
     from pktransfer.progress import Progress
     from pktransfer.recipe import ModelSpec
 
     loaded = load_model(ModelSpec(model=str(tiny_models["qwen2_teacher"])))
     task = get_task("arithmetic", {"sizes": {"extract": 1, "train": 1, "test": 1}})
-    ex = encode_items(PromptFormatter(loaded.tokenizer), task.split("extract"), 64, "extract")
-    eos = {loaded.tokenizer.eos_token_id, loaded.tokenizer.pad_token_id}
-    pos, y = answer_position(ex[0], eos)
+    inp = answer_input(PromptFormatter(loaded.tokenizer), task.split("extract")[0])
+    pos, y = len(inp.ids) - 1, inp.y
     # the sign of a planted neuron's activation decides its direction: read the activations first
     acts = {}
     last = loaded.model.model.layers[3]
     h1 = last.mlp.down_proj.register_forward_pre_hook(lambda m, a: acts.__setitem__("ffn", a[0][0, pos]))
     h2 = last.self_attn.o_proj.register_forward_pre_hook(lambda m, a: acts.__setitem__("attn", a[0][0, pos]))
     with torch.no_grad():
-        loaded.model(input_ids=torch.tensor([ex[0].input_ids[: pos + 1]]))
+        loaded.model(input_ids=torch.tensor([list(inp.ids)]))
     h1.remove()
     h2.remove()
     for role, j in (("ffn", 77), ("attn", 5)):
         _plant(loaded.model, 3, y, role, j, 1.0 if acts[role][j] >= 0 else -1.0)
-    scores = locate_scores(loaded, ex, vocab_k=None, progress=Progress(quiet=True), what="teacher")
+    scores = locate_scores(loaded, [inp], vocab_k=None, progress=Progress(quiet=True), what="teacher")[0]
     assert top_indices(scores["ffn"][3], 1).item() == 77
     assert top_indices(scores["attn"][3], 1).item() == 5
     assert scores["ffn"][3, 77] > 0 and scores["attn"][3, 5] > 0  # log-probability gained
@@ -200,7 +199,7 @@ def test_step_rule_and_batches():
 def _recipe(base: dict, **method):
     base = {**base, "task": {**base["task"], "params": {"sizes": {"test": 6, "train": 16, "seed": 4, "extract": 3,
                                                                   "align": 24}}}}
-    return recipe_from_dict({**base, "method": {"name": "laten", "n_val": 6, "steps": 3, **method}})
+    return recipe_from_dict({**base, "method": {"name": "laten", "n_val": 6, "checkpoint": 2, **method}})
 
 
 def test_laten_saves_a_merged_student_equal_to_the_original_plus_the_delta(tiny_recipe, tmp_path):
@@ -209,7 +208,7 @@ def test_laten_saves_a_merged_student_equal_to_the_original_plus_the_delta(tiny_
     res = pktransfer.run(_recipe(tiny_recipe, init_std=0.02, lr=1e-3, transfer_rate=0.2), quiet=True)
     out = res.output_dir
     info = res.run["method"]
-    assert info["chosen_step"] in (1, 2, 3) and set(info["val_loss"]) == {0, 1, 2, 3}
+    assert info["chosen_step"] == 3 and info["checkpoint_kept"] == 2 and set(info["val_loss"]) == {0, 1, 2, 3}
     assert res.run["outputs"]["adapter"] is None and not (out / "adapter").exists()
     assert res.run["training"]["steps"] == info["chosen_step"]
     merged = AutoModelForCausalLM.from_pretrained(out / "merged").state_dict()
@@ -261,3 +260,122 @@ def test_laten_resumes_from_its_last_step_and_reproduces_the_run(tiny_recipe, tm
 def test_laten_refuses_a_too_small_align_split(tiny_recipe):
     with pytest.raises(DataError, match="n_val"):
         pktransfer.run(_recipe(tiny_recipe, n_val=30), quiet=True)
+
+
+# ---- as the official code does it ----------------------------------------------------------------------
+
+
+def test_the_answer_token_skips_trailing_punctuation_and_spaces(tiny_models):
+    from pktransfer.data import Item, PromptFormatter
+    from pktransfer.methods.laten import answer_input, strip_answer
+    from pktransfer.models import load_model
+    from pktransfer.recipe import ModelSpec
+
+    assert strip_answer('So the answer is 12.') == "So the answer is 12"
+    assert strip_answer('return f(x)]\n, ."') == "return f(x"
+    assert strip_answer("...") == ""
+    tok = load_model(ModelSpec(model=str(tiny_models["qwen2_student"]))).tokenizer
+    fmt = PromptFormatter(tok)
+    inp = answer_input(fmt, Item(id="g", prompt="Q?", response="She makes 18 dollars. So the answer is 18.\n",
+                                 reference="18"))
+    assert tok.decode([inp.y]) == "8"  # the character tokenizer: the last digit, not "." or "\n"
+    assert tok.decode(list(inp.ids)).replace(" ", "").endswith("answeris1")  # the prefix stops before y
+    with pytest.raises(DataError, match="no answer token"):
+        answer_input(fmt, Item(id="e", prompt="Q?", response=" .", reference=""))
+
+
+def test_penalty_is_one_mse_per_module_type_over_all_its_layers():
+    deltas = {"up": [torch.ones(2, 3), torch.zeros(1, 3)], "down": [torch.full((1, 3), 2.0)]}
+    # up: 6 ones and 3 zeros -> 6/9; down: 4.0; a per-layer sum would give 1 + 0 + 4
+    assert delta_penalty(deltas).item() == pytest.approx(6 / 9 + 4.0)
+
+
+def test_learning_rates_follow_the_official_one_cycle(tiny_recipe):
+    recipe = _recipe(tiny_recipe, init_std=0.02, lr=3e-4, choose="validation")
+    res = pktransfer.run(recipe, quiet=True, evaluate=False)
+    history = res.run["method"]["val_loss"], json.loads((res.output_dir / "checkpoints" / "log_history.json").read_text())
+    lrs = [h["lr"] for h in history[1] if h["step"] > 0]
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=3e-4)
+    ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-4, total_steps=3, pct_start=0.1, final_div_factor=1,
+                                              anneal_strategy="cos")
+    expected = []
+    for _ in range(3):  # one update per extract item (3 here), the official total_steps
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    assert lrs == pytest.approx(expected, rel=1e-9)
+    assert res.run["method"]["schedule"]["total_steps"] == 3 and res.run["training"]["steps"] == 3
+    # the choice among the trained updates follows the held-out CE
+    assert res.run["method"]["chosen_step"] == choose_step({int(k): v for k, v in history[0].items()})
+
+
+def test_each_update_relocates_on_its_own_extract_item(tiny_recipe, tmp_path):
+    from safetensors.torch import load_file
+
+    from pktransfer.methods.laten import mean_scores
+    from pktransfer.models import load_model
+
+    recipe = _recipe(tiny_recipe, init_std=0.02, transfer_rate=0.2)
+    res = pktransfer.run(recipe, quiet=True, evaluate=False)
+    info = res.run["method"]
+    flat = load_file(str(res.output_dir / "laten" / "located.safetensors"))
+    n = len({k.split(".")[1] for k in flat})  # 3 extract items + the final training item
+    assert n == 4 and info["locate"] == "per_example" and info["inject_on"] == "train_sample"
+    t_arch, s_arch = load_model(recipe.teacher).arch, load_model(recipe.student).arch
+
+    def scores(side, i):
+        return {k: flat[f"{side}.{i}.{k}"] for k in ("attn_layer", "ffn_layer", "attn", "ffn")}
+
+    for step in range(3):
+        plan = plan_transfer(scores("t", step), scores("s", step), t_arch, s_arch, 0.2)
+        assert info["teacher_layers_per_step"][step] == {f: plan[f]["teacher_layers"] for f in ("ffn", "attn")}
+    final = plan_transfer(scores("t", 3), scores("s", 3), t_arch, s_arch, 0.2)
+    assert info["teacher_layers"] == {f: final[f]["teacher_layers"] for f in ("ffn", "attn")}
+    # averaged: one plan from the mean over the extract items, for every update and the saved model
+    recipe = _recipe(tiny_recipe, init_std=0.02, transfer_rate=0.2, locate="averaged", inject_on="extract_mean")
+    recipe.output_dir = str(tmp_path / "averaged")
+    info = pktransfer.run(recipe, quiet=True, evaluate=False).run["method"]
+    mean = plan_transfer(mean_scores([scores("t", i) for i in range(3)]), mean_scores([scores("s", i) for i in range(3)]),
+                         t_arch, s_arch, 0.2)
+    assert info["teacher_layers_per_step"] == [{f: mean[f]["teacher_layers"] for f in ("ffn", "attn")}] * 3
+
+
+def test_a_bfloat16_student_keeps_the_delta_in_its_saved_model(tiny_recipe):
+    from transformers import AutoModelForCausalLM
+
+    tiny_recipe["student"]["dtype"] = "bfloat16"
+    res = pktransfer.run(_recipe(tiny_recipe, init_std=1e-3, lr=1e-4), quiet=True, evaluate=False)
+    merged = AutoModelForCausalLM.from_pretrained(res.output_dir / "merged")
+    assert merged.dtype == torch.float32
+    original = AutoModelForCausalLM.from_pretrained(tiny_recipe["student"]["model"], dtype=torch.bfloat16).float()
+    delta = load_file(str(res.output_dir / "laten" / "delta.safetensors"))
+    assert max(v.abs().max().item() for k, v in delta.items() if k.endswith("::values")) < 1e-2  # a small delta
+    # the hooked injection: the original weights (bfloat16 values, computed in float32) + x·Δᵀ at the indices
+    handles = []
+    for key, values in delta.items():
+        if not key.endswith("::values"):
+            continue
+        name = key.split("::")[0]
+        rows = delta.get(f"{name}::rows")
+
+        def hook(mod, args, out, values=values, rows=rows, cols=delta.get(f"{name}::cols")):
+            x = args[0]
+            if rows is not None:
+                return out.index_add(-1, rows, x @ values.T)
+            return out + x[..., cols] @ values
+
+        handles.append(original.get_submodule(name).register_forward_hook(hook))
+    ids = torch.tensor([[5, 17, 30, 44, 60, 71, 2, 9]])
+    with torch.no_grad():
+        hooked = original(input_ids=ids).logits
+        for h in handles:
+            h.remove()
+        saved = merged(input_ids=ids).logits
+        plain = original(input_ids=ids).logits
+    assert torch.allclose(saved, hooked, atol=1e-5), (saved - hooked).abs().max()
+    assert not torch.allclose(saved, plain, atol=1e-6)  # the transfer is in the saved model
+    changed = sum(int((merged.get_submodule(k.split("::")[0]).weight !=
+                       original.get_submodule(k.split("::")[0]).weight).sum()) for k in delta if k.endswith("::values"))
+    injected = sum(v.numel() for k, v in delta.items() if k.endswith("::values"))
+    assert changed >= 0.99 * injected  # every injected entry carries its delta (not rounding noise)

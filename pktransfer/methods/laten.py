@@ -1,30 +1,36 @@
 """LaTen (Tan et al., "Neural Incompatibility", ACL 2025), "PrePKT": locate, align, inject, no post-training.
 
-Reads like methods.md §2:
+Reads like methods.md §2 and, where the paper is silent, like the official code (``train_LaTen.py``,
+``inference_LaTen.py``); every remaining difference is listed in docs/methods/laten.md.
 
-1. Locate (``ops.neurons``), in teacher and student alike, on the last answer token y of each extract
-   sample, through the logit lens log p(y | h) = log_softmax(lm_head(final_norm(h)))[y]:
+1. Locate (``ops.neurons``), in teacher and student alike, on the answer token y: the last token of the
+   response after trailing ``. " ) , ] \n`` and spaces are stripped (official), through the logit lens
+   log p(y | h) = log_softmax(lm_head(final_norm(h)))[y]:
    - layer scores for attention and FFN: log p(y | h + out_l) − log p(y | h), h the residual before
      the sublayer;
    - neuron scores: FFN neuron i adds m_i·W_down[:, i], attention neuron (head, head-dim) j adds
      a_j·W_o[:, j] (a: attention output before o_proj).
    The top L_S teacher layers (attention and FFN separately) are paired in order with the student's
    layers; in each pair the top ``transfer_rate`` of the student's neuron count is kept in both
-   models, the i-th best teacher neuron feeding the i-th best student neuron.
+   models, the i-th best teacher neuron feeding the i-th best student neuron. ``locate: per_example``
+   (official) does this anew on each update's extract item; ``averaged`` once on the mean scores.
 2. Extract the teacher's up_proj rows and down_proj columns of the located FFN neurons, v_proj rows and
    o_proj columns of the located attention neurons (v rows through the grouped kv head).
 3. Align: one hypernetwork per module type, shared across layers, on the hidden axis D_T -> D_S:
-   Linear(D_T, D_T) -> ReLU -> Linear(D_T, D_S), no bias, weights N(0, init_std).
+   Linear(D_T, D_T) -> ReLU -> Linear(D_T, D_S), no bias, weights N(0, init_std), float32.
 4. Inject: add the mapped vectors at the student's own located rows/columns (forward hooks while
    training, so no dense delta is ever formed; merged into the weights at the end).
-5. Train only the hypernetworks: CE of the injected student on (one extract example + 15 align
-   examples) + penalty · Σ mean(Δ²), AdamW (wd 0.05, betas 0.9/0.95), one-cycle cosine schedule with
-   10% warmup, a few steps; a checkpoint per step. The step kept is the one with the lowest cross
-   entropy on the held-out end of the align split (``n_val`` items, never in a training batch); the
-   test split is never looked at.
-
-The saved student is the original plus the injected delta, merged (the official code saves the
-unmodified student); ``laten/delta.safetensors`` holds the delta's indices and values.
+5. Train only the hypernetworks, one update per extract item (official loop): the item + 15 align
+   items, each its own micro-batch (CE gradients summed) + n · penalty · MSE(Δ, 0) per module type over
+   all its layers; AdamW (wd 0.05, betas 0.9/0.95, lr 3e-4 as the shipped script); OneCycleLR(total =
+   number of extract items, pct_start 0.1, final_div_factor 1, cosine). A checkpoint per update; the
+   one kept is ``checkpoint`` (the paper's per-task "steps" = the official checkpoint index), or with
+   ``choose: validation`` the lowest cross entropy on held-out align items. The test split is never read.
+6. The saved model: the injection located on one training item drawn with the seed (official
+   inference; ``inject_on: extract_mean`` uses the extract items' mean scores) is merged into the
+   weights in float32 (a bfloat16 student is upcast: a delta of norm ~1e-3 would vanish in bfloat16
+   weights). The official code saves the unmodified student; ``laten/delta.safetensors`` holds the
+   delta's indices and values, and a test proves merged = original + delta.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -53,24 +60,45 @@ ROLES = ("up", "down", "v", "o")
 # ---- 1. locate --------------------------------------------------------------------------------------
 
 
-def answer_position(example: Example, eos_ids: set[int]) -> tuple[int, int]:
-    """(position whose logits predict y, y): y is the last response token that is not an end token."""
-    resp = [i for i, lab in enumerate(example.labels) if lab != -100 and example.input_ids[i] not in eos_ids]
+# the official code strips these from the end of the response before taking its last token as y (so a GSM8K
+# answer "... So the answer is 12." is located on "12", not on ".")
+ANSWER_STRIP = (".", '"', " ", ")", "\n", ",", "]")
+
+
+def strip_answer(text: str) -> str:
+    while text and text[-1] in ANSWER_STRIP:
+        text = text[:-1]
+    return text
+
+
+@dataclass(frozen=True)
+class AnswerInput:
+    """What the logit lens looks at: the tokens before the answer token y, and y."""
+
+    ids: tuple[int, ...]
+    y: int
+
+
+def answer_input(formatter: Any, item: Any) -> AnswerInput:
+    """Prompt (as the model sees it) + the response stripped of trailing punctuation and spaces; y = its last
+    token (official ``get_top_attribute_layers``). Prompt and response are tokenised separately, as in training."""
+    prompt = formatter.encode_prompt(item.prompt)
+    resp = list(formatter.tokenizer(strip_answer(item.response), add_special_tokens=False)["input_ids"])
     if not resp:
-        resp = [i for i, lab in enumerate(example.labels) if lab != -100]
-    t = resp[-1]
-    return t - 1, example.input_ids[t]
+        raise DataError(f"laten: item '{item.id}' has no answer token left after stripping trailing punctuation",
+                        hint="LaTen locates neurons on the last answer token; give the item a non-empty response")
+    ids = prompt + resp
+    return AnswerInput(tuple(ids[:-1]), int(ids[-1]))
 
 
 @torch.no_grad()
-def locate_scores(loaded: Any, examples: list[Example], *, vocab_k: int | None, progress: Progress,
-                  what: str) -> dict[str, torch.Tensor]:
-    """Scores summed over samples: ``attn_layer`` [L], ``ffn_layer`` [L], ``attn`` [L, H·hd], ``ffn`` [L, F]."""
+def locate_scores(loaded: Any, inputs: list[AnswerInput], *, vocab_k: int | None, progress: Progress,
+                  what: str) -> list[dict[str, torch.Tensor]]:
+    """Per input: ``attn_layer`` [L], ``ffn_layer`` [L], ``attn`` [L, H·hd], ``ffn`` [L, F] (float64, CPU)."""
     model, arch = loaded.model, loaded.arch
     device = next(model.parameters()).device
     norm = model.get_submodule(arch.final_norm_module)
     head_w = model.get_output_embeddings().weight.detach()
-    eos = {i for i in (loaded.tokenizer.eos_token_id, loaded.tokenizer.pad_token_id) if i is not None}
     n_layers = arch.n_layers
     seen: dict[str, Any] = {}
     handles = []
@@ -93,14 +121,16 @@ def locate_scores(loaded: Any, examples: list[Example], *, vocab_k: int | None, 
                     block.mlp.down_proj.register_forward_pre_hook(pre(f"down{i}"), with_kwargs=True),
                     block.mlp.register_forward_hook(post(f"mlp{i}"))]
     f_size, a_size = arch.intermediate_size, arch.n_heads * arch.head_dim
-    out = {"attn_layer": torch.zeros(n_layers, dtype=torch.float64), "ffn_layer": torch.zeros(n_layers, dtype=torch.float64),
-           "attn": torch.zeros(n_layers, a_size, dtype=torch.float64),
-           "ffn": torch.zeros(n_layers, f_size, dtype=torch.float64)}
+    results = []
     try:
-        with progress.task(f"laten: locate in the {what}", total=len(examples)) as advance:
-            for e in examples:
-                pos, y = answer_position(e, eos)
-                model(input_ids=torch.tensor([e.input_ids[: pos + 1]], device=device))
+        with progress.task(f"laten: locate in the {what}", total=len(inputs)) as advance:
+            for inp in inputs:
+                out = {"attn_layer": torch.zeros(n_layers, dtype=torch.float64),
+                       "ffn_layer": torch.zeros(n_layers, dtype=torch.float64),
+                       "attn": torch.zeros(n_layers, a_size, dtype=torch.float64),
+                       "ffn": torch.zeros(n_layers, f_size, dtype=torch.float64)}
+                y, pos = inp.y, len(inp.ids) - 1
+                model(input_ids=torch.tensor([list(inp.ids)], device=device))
                 for i in range(n_layers):
                     h_in = seen[f"in{i}"][0, pos].float()
                     attn = seen[f"attn{i}"][0, pos].float()
@@ -108,18 +138,23 @@ def locate_scores(loaded: Any, examples: list[Example], *, vocab_k: int | None, 
                     vocab = candidate_vocab([h_in, h_mid], norm, head_w, y, vocab_k)
                     head, yi = restrict(head_w, y, vocab)
                     layer = model.get_submodule(f"{arch.layers_path}.{i}")
-                    out["attn_layer"][i] += sublayer_score(h_in, attn, norm, head, yi)
-                    out["ffn_layer"][i] += sublayer_score(h_mid, seen[f"mlp{i}"][0, pos].float(), norm, head, yi)
-                    out["ffn"][i] += neuron_scores(h_mid, seen[f"down{i}"][0, pos], layer.mlp.down_proj.weight.T,
+                    out["attn_layer"][i] = sublayer_score(h_in, attn, norm, head, yi)
+                    out["ffn_layer"][i] = sublayer_score(h_mid, seen[f"mlp{i}"][0, pos].float(), norm, head, yi)
+                    out["ffn"][i] = neuron_scores(h_mid, seen[f"down{i}"][0, pos], layer.mlp.down_proj.weight.T,
+                                                  norm, head, yi).double().cpu()
+                    out["attn"][i] = neuron_scores(h_in, seen[f"o{i}"][0, pos], layer.self_attn.o_proj.weight.T,
                                                    norm, head, yi).double().cpu()
-                    out["attn"][i] += neuron_scores(h_in, seen[f"o{i}"][0, pos], layer.self_attn.o_proj.weight.T,
-                                                    norm, head, yi).double().cpu()
                 seen.clear()
+                results.append(out)
                 advance(1)
     finally:
         for h in handles:
             h.remove()
-    return {k: v / max(1, len(examples)) for k, v in out.items()}
+    return results
+
+
+def mean_scores(scores: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([s[k] for s in scores]).mean(0) for k in scores[0]}
 
 
 def plan_transfer(t_scores: dict[str, torch.Tensor], s_scores: dict[str, torch.Tensor], t_arch: ArchitectureDescription,
@@ -268,11 +303,18 @@ def mapped_deltas(hyper: dict[str, HyperNet], vectors: dict[str, list[torch.Tens
 
 
 def delta_penalty(deltas: dict[str, list[torch.Tensor]]) -> torch.Tensor:
-    """Σ over modules of MSE(Δ, 0) on the injected block."""
-    return torch.stack([d.pow(2).mean() for ds in deltas.values() for d in ds]).sum()
+    """Σ over module types of MSE(Δ, 0), each over that type's deltas of every layer together (the official
+    code stacks the layers of a module type and takes one mean)."""
+    return torch.stack([torch.cat([d.flatten() for d in ds]).pow(2).mean() for ds in deltas.values()]).sum()
 
 
 # ---- 5. train -------------------------------------------------------------------------------------------
+
+
+def one_cycle(opt: torch.optim.Optimizer, max_lr: float, total_steps: int, pct_start: float) -> Any:
+    """The official schedule: OneCycleLR(max_lr, total_steps, pct_start, final_div_factor=1, cosine)."""
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start,
+                                               final_div_factor=1, anneal_strategy="cos")
 
 
 def mean_ce(model: Any, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -322,46 +364,94 @@ class LatenMethod(Method):
         spec, recipe, student = self.spec, ctx.recipe, ctx.student
         out = ctx.workdir / "laten"
         out.mkdir(parents=True, exist_ok=True)
-        extract_ex, align_ex, val_ex = self._splits(ctx)
+        extract_items, extract_ex, align_ex, val_ex = self._splits(ctx)
+        total = spec.total_steps or len(extract_ex)
+        n_updates = total if spec.choose == "validation" else spec.checkpoint + 1
+        if n_updates > total:
+            raise RecipeError(f"laten: checkpoint {spec.checkpoint} needs {n_updates} updates, the schedule has "
+                              f"{total} (method.total_steps, default: the {len(extract_ex)} extract items)",
+                              hint="lower method.checkpoint or raise method.total_steps / method.n_extract")
         teacher = ctx.load_teacher()
         check_pair(teacher.arch, student.arch, teacher.tokenizer, student.tokenizer, self.name)
+        if student.dtype != torch.float32:  # a delta of norm ~1e-3 vanishes in bfloat16 weights: work in float32
+            ctx.progress.log(f"laten: the student runs in float32 (was {student.dtype}); merged/ is saved in float32")
+            student.model.float()
+            student.dtype = torch.float32
+        # 1. locate: each step's extract item (official) or the mean over the extract items, and the final plan
+        final_item = self._final_item(ctx)
+        inputs = [answer_input(ctx.formatter, it) for it in extract_items] + [answer_input(ctx.formatter, final_item)]
         t0 = time.perf_counter()
-        plan, located_from = self._locate(ctx, teacher, extract_ex, out)
+        t_scores, s_scores, located_from = self._locate(ctx, teacher, inputs, out)
         locate_s = time.perf_counter() - t0
-        vectors = extract(teacher, plan)
-        teacher.unload()  # the teacher is not needed past this point: only the extracted vectors are
+        rate, n_ext = spec.transfer_rate, len(extract_items)
+        averaged = plan_transfer(mean_scores(t_scores[:n_ext]), mean_scores(s_scores[:n_ext]), teacher.arch,
+                                 student.arch, rate)
+        if spec.locate == "per_example":
+            step_plans = [plan_transfer(t_scores[s % n_ext], s_scores[s % n_ext], teacher.arch, student.arch, rate)
+                          for s in range(n_updates)]
+        else:
+            step_plans = [averaged] * n_updates
+        final_plan = averaged if spec.inject_on == "extract_mean" else \
+            plan_transfer(t_scores[-1], s_scores[-1], teacher.arch, student.arch, rate)
+        # 2. extract the teacher's vectors for every plan, then free the teacher
+        cache: dict[int, dict[str, list[torch.Tensor]]] = {}
+        step_vectors = [cache.setdefault(id(p), extract(teacher, p)) for p in step_plans]
+        final_vectors = cache.setdefault(id(final_plan), extract(teacher, final_plan))
+        teacher.unload()
         device = student.device
         torch.manual_seed(recipe.seed)
         d_t, d_s = teacher.arch.hidden_size, student.arch.hidden_size
-        hyper = {r: HyperNet(d_t, d_s, spec.init_std).to(device) for r in ROLES}
-        injection = Injection(student, plan)
+        hyper = {r: HyperNet(d_t, d_s, spec.init_std).to(device) for r in ROLES}  # float32
+        step_inj = [Injection(student, p) for p in step_plans]
+        final_inj = Injection(student, final_plan)
         for p in student.model.parameters():
             p.requires_grad_(False)
         t0 = time.perf_counter()
-        best, history, resumed = self._train(ctx, hyper, vectors, injection, extract_ex, align_ex, val_ex, out)
+        best, history, resumed = self._train(ctx, hyper, list(zip(step_vectors, step_inj, strict=True)),
+                                             (final_vectors, final_inj), extract_ex, align_ex, val_ex, total,
+                                             n_updates, out)
         train_s = time.perf_counter() - t0
         with torch.no_grad():
-            deltas = mapped_deltas(hyper, vectors, injection, device)
-        saved = injection.merge(student.model, deltas)
+            deltas = mapped_deltas(hyper, final_vectors, final_inj, device)
+        saved = final_inj.merge(student.model, deltas)
         save_safetensors(saved, out / "delta.safetensors")
         norms = {r: float(torch.cat([d.flatten() for d in deltas[r]]).norm()) for r in ROLES}
-        self.training = {"steps": best, "seconds": round(train_s, 2), "resumed_from": resumed,
+        self.training = {"steps": n_updates, "seconds": round(train_s, 2), "resumed_from": resumed,
                          "final_loss": next((h["loss"] for h in history if h["step"] == best), None),
                          "log_history": history}
         self._info = {"located_from": located_from, "locate_seconds": round(locate_s, 2),
-                      "teacher_layers": {f: plan[f]["teacher_layers"] for f in ("ffn", "attn")},
-                      "neurons_per_layer": {f: plan[f]["n"] for f in ("ffn", "attn")},
-                      "steps_trained": spec.steps, "chosen_step": best,
-                      "choice_rule": "lowest cross entropy on the held-out align items (ties: earlier step)",
+                      "locate": spec.locate, "inject_on": spec.inject_on,
+                      "final_item": final_item.id,
+                      "teacher_layers": {f: final_plan[f]["teacher_layers"] for f in ("ffn", "attn")},
+                      "teacher_layers_per_step": [{f: p[f]["teacher_layers"] for f in ("ffn", "attn")}
+                                                  for p in step_plans],
+                      "neurons_per_layer": {f: final_plan[f]["n"] for f in ("ffn", "attn")},
+                      "schedule": {"total_steps": total, "updates_trained": n_updates, "max_lr": spec.lr,
+                                   "pct_start": spec.warmup_ratio, "final_div_factor": 1, "anneal": "cos"},
+                      "chosen_step": best, "checkpoint_kept": best - 1,
+                      "choice_rule": ("official checkpoint index (method.checkpoint = the paper's per-task steps)"
+                                      if spec.choose == "checkpoint" else
+                                      "lowest cross entropy on the held-out align items (ties: earlier step)"),
                       "val_loss": {h["step"]: h["val_loss"] for h in history},
-                      "delta_norm": norms, "n_extract": len(extract_ex), "n_align": len(align_ex), "n_val": len(val_ex)}
+                      "delta_norm": norms, "n_extract": len(extract_ex), "n_align": len(align_ex), "n_val": len(val_ex),
+                      "cost": {"teacher_locate_passes": len(inputs), "student_locate_passes": len(inputs),
+                               "hypernetwork_updates": n_updates,
+                               "student_forward_backward": n_updates * (1 + min(spec.partners, len(align_ex))),
+                               "hypernetwork_parameters": sum(p.numel() for h in hyper.values() for p in h.parameters())}}
         write_json(out / "laten.json", self._info)
-        ctx.progress.log(f"laten: kept step {best} of {spec.steps} (val CE "
-                         f"{self._info['val_loss'][best]:.4f}, untrained {self._info['val_loss'][0]:.4f}); "
+        ctx.progress.log(f"laten: kept update {best} of {n_updates} (val CE {self._info['val_loss'][best]:.4f}, "
+                         f"untrained {self._info['val_loss'][0]:.4f}); "
                          f"|Δ| {', '.join(f'{r} {v:.3g}' for r, v in norms.items())}")
         return student.model
 
-    def _splits(self, ctx: MethodContext) -> tuple[list[Example], list[Example], list[Example]]:
+    def _final_item(self, ctx: MethodContext) -> Any:
+        """The item the saved model's injection is located on: official inference draws one training item."""
+        if self.spec.inject_on == "extract_mean":
+            return ctx.task.split("extract")[0]  # unused for the plan (the mean over the extract items is)
+        train = ctx.task.split("train")
+        return train[random.Random(ctx.recipe.seed).randrange(len(train))]
+
+    def _splits(self, ctx: MethodContext) -> tuple[list[Any], list[Example], list[Example], list[Example]]:
         spec, task = self.spec, ctx.task
         max_len = ctx.recipe.training.max_length
         ext = task.split("extract")[: spec.n_extract]
@@ -374,61 +464,64 @@ class LatenMethod(Method):
                             f"method.n_val={spec.n_val} are held out for choosing the step",
                             hint="lower method.n_val or use a larger align split")
         enc = ctx.formatter
-        return (encode_items(enc, ext, max_len, f"task '{task.name}' extract split"),
+        return (ext, encode_items(enc, ext, max_len, f"task '{task.name}' extract split"),
                 encode_items(enc, align[: len(align) - spec.n_val], max_len, f"task '{task.name}' align split"),
                 encode_items(enc, align[len(align) - spec.n_val:], max_len, f"task '{task.name}' align split (val)"))
 
-    def _locate(self, ctx: MethodContext, teacher: Any, examples: list[Example],
-                out: Path) -> tuple[dict[str, Any], str]:
+    def _locate(self, ctx: MethodContext, teacher: Any, inputs: list[AnswerInput],
+                out: Path) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]], str]:
         from safetensors.torch import load_file
 
         spec, student = self.spec, ctx.student
         path, meta = out / "located.safetensors", out / "located.json"
         key = {"teacher": ctx.recipe.teacher.model_dump(), "student": ctx.recipe.student.model_dump(),
-               "n_extract": len(examples), "locate_vocab": spec.locate_vocab,
-               "ids": [e.input_ids for e in examples]}
+               "locate_vocab": spec.locate_vocab, "inputs": [[list(i.ids), i.y] for i in inputs]}
         if path.is_file() and meta.is_file() and json.loads(meta.read_text()) == key:  # a resumed run
-            scores = load_file(str(path))
-            t_scores = {k[2:]: v for k, v in scores.items() if k.startswith("t.")}
-            s_scores = {k[2:]: v for k, v in scores.items() if k.startswith("s.")}
-            source = "reused"
-        else:
-            t_scores = locate_scores(teacher, examples, vocab_k=spec.locate_vocab, progress=ctx.progress,
-                                     what="teacher")
-            s_scores = locate_scores(student, examples, vocab_k=spec.locate_vocab, progress=ctx.progress,
-                                     what="student")
-            save_safetensors({**{f"t.{k}": v for k, v in t_scores.items()}, **{f"s.{k}": v for k, v in s_scores.items()}},
-                             path)
-            write_json(meta, key, indent=None)  # after the scores: the key vouches for a whole file
-            source = "computed"
-        return plan_transfer(t_scores, s_scores, teacher.arch, student.arch, spec.transfer_rate), source
+            flat = load_file(str(path))
+            scores = {side: [{k: flat[f"{side}.{n}.{k}"] for k in ("attn_layer", "ffn_layer", "attn", "ffn")}
+                             for n in range(len(inputs))] for side in ("t", "s")}
+            return scores["t"], scores["s"], "reused"
+        t_scores = locate_scores(teacher, inputs, vocab_k=spec.locate_vocab, progress=ctx.progress, what="teacher")
+        s_scores = locate_scores(student, inputs, vocab_k=spec.locate_vocab, progress=ctx.progress, what="student")
+        save_safetensors({f"{side}.{n}.{k}": v for side, all_ in (("t", t_scores), ("s", s_scores))
+                          for n, sc in enumerate(all_) for k, v in sc.items()}, path)
+        write_json(meta, key, indent=None)  # after the scores: the key vouches for a whole file
+        return t_scores, s_scores, "computed"
 
-    def _train(self, ctx: MethodContext, hyper: dict[str, HyperNet], vectors: dict[str, list[torch.Tensor]],
-               injection: Injection, extract_ex: list[Example], align_ex: list[Example], val_ex: list[Example],
+    def _train(self, ctx: MethodContext, hyper: dict[str, HyperNet],
+               steps: list[tuple[dict[str, list[torch.Tensor]], Injection]],
+               final: tuple[dict[str, list[torch.Tensor]], Injection], extract_ex: list[Example],
+               align_ex: list[Example], val_ex: list[Example], total: int, n_updates: int,
                out: Path) -> tuple[int, list[dict[str, Any]], str | None]:
-
+        """One update per extract item, as the official loop: the step's item + ``partners`` align items, each
+        item its own micro-batch (their CE gradients summed, plus n · penalty · MSE), AdamW, OneCycleLR."""
         spec, recipe, student = self.spec, ctx.recipe, ctx.student
         device, pad = student.device, student.tokenizer.pad_token_id
         params = [p for h in hyper.values() for p in h.parameters()]
         opt = torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.95), weight_decay=spec.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.steps,
-                                                    pct_start=spec.warmup_ratio, anneal_strategy="cos")
+        sched = one_cycle(opt, spec.lr, total, spec.warmup_ratio)
         steps_dir = out / "steps"
-        live: dict[str, list[torch.Tensor]] = {}
-        handles = injection.hooks(student.model, live)
         model = student.model
 
         def validate() -> float:
-            with torch.no_grad():
-                live.update(mapped_deltas(hyper, vectors, injection, device))
-                total, n = 0.0, 0
-                for r in range(0, len(val_ex), 8):
-                    b = collate_examples(val_ex[r:r + 8], pad)
-                    out_ = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
-                    labels = b["labels"].to(device)
-                    total += float(causal_lm_loss_sum(out_.logits, labels))
-                    n += int((labels[:, 1:] != -100).sum())
-                return total / max(1, n)
+            """CE on the held-out align items of the model as it would be saved (the final injection)."""
+            vectors, inj = final
+            live: dict[str, list[torch.Tensor]] = {}
+            handles = inj.hooks(model, live)
+            try:
+                with torch.no_grad():
+                    live.update(mapped_deltas(hyper, vectors, inj, device))
+                    total_ce, n = 0.0, 0
+                    for r in range(0, len(val_ex), 8):
+                        b = collate_examples(val_ex[r:r + 8], pad)
+                        out_ = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
+                        labels = b["labels"].to(device)
+                        total_ce += float(causal_lm_loss_sum(out_.logits, labels))
+                        n += int((labels[:, 1:] != -100).sum())
+            finally:
+                for h in handles:
+                    h.remove()
+            return total_ce / max(1, n)
 
         def state(step: int) -> Path:
             return steps_dir / f"step-{step}"
@@ -437,45 +530,56 @@ class LatenMethod(Method):
         start, resumed = 0, None
         done = sorted(int(p.name.split("-")[1]) for p in steps_dir.glob("step-*") if (p / "done").is_file()) \
             if steps_dir.is_dir() else []
-        try:
-            model.eval()  # no dropout in the frozen student; only the hypernetworks learn
-            if done:
-                last = done[-1]
-                load_hypernets(hyper, state(last), device)
-                saved = torch.load(state(last) / "optim.pt", weights_only=False)
-                opt.load_state_dict(saved["optimizer"])
-                sched.load_state_dict(saved["scheduler"])
-                history = saved["history"]
-                start, resumed = last, str(state(last))
-                ctx.progress.log(f"laten: resuming after step {last}")
-            else:
-                history.append({"step": 0, "loss": None, "val_loss": validate()})
-            with ctx.progress.task("laten: train the hypernetworks", total=spec.steps) as advance:
-                advance(start)
-                for step in range(start, spec.steps):
-                    batch = collate_examples(step_batch(step, extract_ex, align_ex, spec.partners, recipe.seed), pad)
-                    live.update(mapped_deltas(hyper, vectors, injection, device))
-                    ce = mean_ce(model, batch, device)
-                    penalty = delta_penalty(live)
-                    loss = ce + spec.penalty * penalty
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    val = validate()
-                    history.append({"step": step + 1, "loss": loss.item(), "ce": ce.item(), "penalty": penalty.item(),
-                                    "val_loss": val, "lr": sched.get_last_lr()[0]})
-                    folder = state(step + 1)
-                    folder.mkdir(parents=True, exist_ok=True)
-                    save_hypernets(hyper, folder)
-                    torch_save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history},
-                               folder / "optim.pt")
-                    write_json(folder / "done", history[-1], indent=None)  # last: the step is complete
-                    advance(1, loss=f"{history[-1]['loss']:.4f}", val=f"{val:.4f}")
-        finally:
-            for h in handles:
-                h.remove()
-        best = choose_step({h["step"]: h["val_loss"] for h in history})
+        model.eval()  # no dropout in the frozen student; only the hypernetworks learn
+        if done:
+            last = done[-1]
+            load_hypernets(hyper, state(last), device)
+            saved = torch.load(state(last) / "optim.pt", weights_only=False)
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+            history = saved["history"]
+            start, resumed = last, str(state(last))
+            ctx.progress.log(f"laten: resuming after update {last}")
+        else:
+            history.append({"step": 0, "loss": None, "val_loss": validate()})
+        with ctx.progress.task("laten: train the hypernetworks", total=n_updates) as advance:
+            advance(start)
+            for step in range(start, n_updates):
+                vectors, inj = steps[step]
+                items = step_batch(step, extract_ex, align_ex, spec.partners, recipe.seed)
+                deltas = mapped_deltas(hyper, vectors, inj, device)  # through the hypernetworks (graph)
+                leaf = {r: [d.detach().requires_grad_(True) for d in ds] for r, ds in deltas.items()}
+                handles = inj.hooks(model, leaf)
+                try:
+                    ces = []
+                    for ex in items:  # each item its own micro-batch: its token-mean CE, gradients summed
+                        ce = mean_ce(model, collate_examples([ex], pad), device)
+                        ce.backward()
+                        ces.append(ce.item())
+                finally:
+                    for h in handles:
+                        h.remove()
+                penalty = delta_penalty(deltas)
+                flat = [d for r in ROLES for d in deltas[r]]
+                grads = [d.grad if d.grad is not None else torch.zeros_like(d) for r in ROLES for d in leaf[r]]
+                opt.zero_grad(set_to_none=True)
+                torch.autograd.backward([*flat, len(items) * spec.penalty * penalty],
+                                        [*grads, torch.ones_like(penalty)])
+                lr = opt.param_groups[0]["lr"]
+                opt.step()
+                sched.step()
+                val = validate()
+                mean_ce_ = sum(ces) / len(ces)
+                history.append({"step": step + 1, "loss": mean_ce_ + spec.penalty * penalty.item(), "ce": mean_ce_,
+                                "penalty": penalty.item(), "val_loss": val, "lr": lr})
+                folder = state(step + 1)
+                folder.mkdir(parents=True, exist_ok=True)
+                save_hypernets(hyper, folder)
+                torch_save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history},
+                           folder / "optim.pt")
+                write_json(folder / "done", history[-1], indent=None)  # last: the update is complete
+                advance(1, loss=f"{history[-1]['loss']:.4f}", val=f"{val:.4f}")
+        best = n_updates if spec.choose == "checkpoint" else choose_step({h["step"]: h["val_loss"] for h in history})
         load_hypernets(hyper, state(best), device)
         return best, history, resumed
 
