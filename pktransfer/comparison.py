@@ -212,7 +212,26 @@ def cell_record(cell: Cell) -> dict[str, Any]:
         # fewer steps than training.logging_steps: only the trainer's closing mean loss exists
         or [(h["step"], h["train_loss"]) for h in history if "train_loss" in h],
         "budget": {k: run["recipe"][k.split(".")[0]][k.split(".")[1]] for k in BUDGET_KEYS},
+        "spent": {k: run.get("budget", {}).get(k) for k in SPENT_KEYS},
+        "teacher": run.get("budget", {}).get("teacher", {}),
     }
+
+
+SPENT_KEYS = ("trainable_parameters", "optimizer_steps", "training_tokens")
+
+
+def budget_differences(records: list[dict[str, Any]]) -> list[str]:
+    """What differs between the cells of one seed (same data order): trainable parameters, optimizer steps,
+    training tokens. Empty = the budget is equal, as counted."""
+    diffs = []
+    for key in SPENT_KEYS:
+        for seed in sorted({r["seed"] for r in records}):
+            values = {r["label"]: r["spent"].get(key) for r in records if r["seed"] == seed}
+            if len(set(values.values())) > 1:
+                shown = ", ".join(f"{label} {v:,}" if isinstance(v, int) else f"{label} {v}" for label, v in values.items())
+                diffs.append(f"{key.replace('_', ' ')} (seed {seed}): {shown}")
+                break
+    return diffs
 
 
 def summarize(records: list[dict[str, Any]], baseline: str) -> dict[str, Any]:
@@ -234,10 +253,14 @@ def summarize(records: list[dict[str, Any]], baseline: str) -> dict[str, Any]:
         entry["cost"]["peak_rss_anon_gib"] = max(r["peak_rss_anon_gib"] for r in rs)
         entry["cost"]["peak_cuda_gib"] = max(r["peak_cuda_gib"] for r in rs)
         entry["steps"] = sorted({r["steps"] for r in rs})
+        entry["spent"] = {k: describe([float(r["spent"][k]) for r in rs if r["spent"].get(k) is not None])["mean"]
+                          for k in SPENT_KEYS}
+        entry["teacher"] = {k: describe([float(r["teacher"].get(k, 0.0)) for r in rs])["mean"]
+                            for k in ("forward_tokens", "backward_tokens", "seconds", "flops")}
         by_label[label] = entry
-    budgets = {json.dumps(r["budget"], sort_keys=True) for r in records}
+    differences = budget_differences(records)
     return {"labels": labels, "metrics": metrics, "baseline": baseline, "by_label": by_label,
-            "equal_budget": len(budgets) == 1 and len({r["steps"] for r in records}) == 1}
+            "equal_budget": not differences, "budget_differences": differences}
 
 
 # ---- the grid ---------------------------------------------------------------------------------------

@@ -197,8 +197,12 @@ def run(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, evaluat
                     method.finish_training()
             training = {"steps": result.steps, "seconds": round(result.seconds, 2), "final_loss": result.final_loss,
                         "resumed_from": result.resumed_from}
+            spent = {"trainable_parameters": result.trainable_parameters, "optimizer_steps": result.steps,
+                     "training_tokens": result.tokens_seen}
         else:  # the method trained what it trains inside prepare (e.g. LaTen's hypernetworks)
             training = {k: v for k, v in method.training.items() if k != "log_history"}
+            spent = {"trainable_parameters": method.training.get("trainable_parameters"),
+                     "optimizer_steps": method.training.get("steps"), "training_tokens": method.training.get("tokens_seen")}
             rd.path("checkpoints").mkdir(parents=True, exist_ok=True)
             write_json(rd.path("checkpoints") / "log_history.json", method.training.get("log_history", []))
         for t in teacher_cache.values():
@@ -222,6 +226,8 @@ def run(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, evaluat
             task=task.describe(), prompt_format=formatter.describe(),
             data={"n_train": len(examples), "n_train_items": len(train_items)},
             training=training,
+            budget={**spent, "training_tokens_counted": "non-padding input tokens of every batch the optimizer saw",
+                    "teacher": ctx.teacher_work.to_dict()},
             metrics=metric_table(metrics),
             method=method.report(),
             outputs={"adapter": "adapter" if method.post_training else None, "merged": "merged" if save_merged else None,

@@ -67,11 +67,48 @@ def budget_in_words(result: dict[str, Any]) -> str:
         f"batch {t['batch_size']} x {t['grad_accum']} accumulation, lr {t['lr']:g} with a {t['scheduler']} "
         f"schedule and {t['warmup_ratio']:g} warmup, max length {t['max_length']} tokens, weight decay "
         f"{t['weight_decay']:g}; LoRA r={lo['r']}, alpha={lo['alpha']:g}, dropout {lo['dropout']:g} on "
-        f"{', '.join(lo['target_modules'])}. Only the initialisation or the loss differs between methods that train a LoRA. "
+        f"{', '.join(lo['target_modules'])} (a method may train fewer of them: see the counted budget below). "
         f"Evaluation: split(s) {', '.join(ev['splits'])}, {', '.join(map(str, n_eval))} items, greedy decoding, "
         f"the same prompts for every model; seeds {r['compare']['seeds']} (a seed sets the LoRA init, data order "
         f"and dropout). Teacher: `{r['teacher']['model']}`."
     )
+
+
+def _count(v: float | None) -> str:
+    if v is None or v != v:
+        return "n/a"
+    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= size:
+            return f"{v / size:.3g}{unit}"
+    return f"{v:.0f}"
+
+
+def budget_table(result: dict[str, Any]) -> list[str]:
+    """What each method actually trained and spent, counted in its runs (means over seeds)."""
+    s = result["summary"]
+    lines = ["### Budget as counted", "",
+             "Per cell, mean over seeds. Trainable: parameters with gradients when training starts. Steps: optimizer "
+             "updates. Tokens: non-padding input tokens of the batches the optimizer saw. Teacher: tokens through "
+             "the teacher's forward and backward passes in this cell (a cache made by an earlier cell costs "
+             "nothing here), their seconds, and FLOPs estimated as 2N per forward and 4N per backward token.", "",
+             "| method | trainable | steps | tokens | teacher fwd tokens | teacher bwd tokens | teacher s | teacher FLOPs |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label in s["labels"]:
+        e = s["by_label"][label]
+        sp, te = e.get("spent", {}), e.get("teacher", {})
+        lines.append(f"| {label} | {_count(sp.get('trainable_parameters'))} | {_count(sp.get('optimizer_steps'))} | "
+                     f"{_count(sp.get('training_tokens'))} | {_count(te.get('forward_tokens'))} | "
+                     f"{_count(te.get('backward_tokens'))} | {te.get('seconds', 0.0):.1f} | {_count(te.get('flops'))} |")
+    for folder, sec in result.get("shared_work_seconds", {}).items():
+        lines.append(f"\nShared teacher work `{folder}` (once for all its cells): {sec:.1f} s.")
+    lines.append("")
+    if s.get("equal_budget"):
+        lines += ["**Equal budget**: every cell of a seed trained the same number of parameters for the same steps "
+                  "on the same tokens (as counted).", ""]
+    else:
+        lines += ["**The budgets are not equal** (as counted); what differs:", "",
+                  *[f"- {d}" for d in s.get("budget_differences", [])], ""]
+    return lines
 
 
 def render_compare_markdown(result: dict[str, Any]) -> str:
@@ -80,12 +117,10 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
     lines = ["# pktransfer comparison", "", "## Budget and protocol", "", budget_in_words(result), ""]
     own = sorted({c["label"] for c in result["cells"] if c["method"] == "laten"})
     if own:
-        lines += [f"`{'`, `'.join(own)}`: LaTen has no post-training. It trains only its hypernetworks, for "
-                  "the method's own `steps` (the paper's protocol), so the training budget above does not apply "
-                  "to it; its steps column is the hypernetwork step it kept.", ""]
-    if not s["equal_budget"]:
-        lines += ["**The budgets differ between cells** (compare.allow_unequal_budget was set): the table below "
-                  "does not compare methods at equal budget.", ""]
+        lines += [f"`{'`, `'.join(own)}`: LaTen has no post-training. It trains only its hypernetworks (the "
+                  "official schedule, one update per extract item), so the training settings above do not apply "
+                  "to it; its counted budget below is its hypernetworks' parameters, updates and tokens.", ""]
+    lines += budget_table(result)
     if result.get("base"):
         lines += ["## Untouched models", "", "| model | split | n | accuracy (%) |", "|---|---|---:|---:|"]
         for label, by_split in result["base"].items():

@@ -131,6 +131,8 @@ class TrainResult:
     final_loss: float | None
     log_history: list[dict[str, Any]]
     resumed_from: str | None
+    trainable_parameters: int = 0
+    tokens_seen: int | None = None  # non-padding input tokens the optimizer's batches held (trainer state)
 
 
 def last_checkpoint(folder: Path) -> str | None:
@@ -170,6 +172,23 @@ def _progress_callback(progress: Progress) -> Any:
     return RichProgressCallback()
 
 
+def warmup_kwargs(ratio: float) -> dict[str, float]:
+    """A warmup given as a share of the steps, under this transformers version's name: 4.x has
+    ``warmup_ratio`` (its ``warmup_steps`` is a step count: a float there would silently mean ~0 steps);
+    5.x dropped ``warmup_ratio`` and reads a float ``warmup_steps`` < 1 as a ratio."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    return {"warmup_ratio": ratio} if "warmup_ratio" in fields else {"warmup_steps": ratio}
+
+
+def _tokens_kwargs() -> dict[str, Any]:
+    from transformers import TrainingArguments
+
+    return {"include_num_input_tokens_seen": "non_padding"} \
+        if "include_num_input_tokens_seen" in TrainingArguments.__dataclass_fields__ else {}
+
+
 def _checkpointing_kwargs(enabled: bool) -> dict[str, bool]:
     """Activation checkpointing under whichever name this transformers version uses."""
     from transformers import TrainingArguments
@@ -197,7 +216,8 @@ def train(model: Any, tokenizer: Any, examples: list[Example], spec: TrainingSpe
         max_steps=spec.max_steps or -1,
         learning_rate=spec.lr,
         weight_decay=spec.weight_decay,
-        warmup_steps=spec.warmup_ratio,
+        **warmup_kwargs(spec.warmup_ratio),
+        **_tokens_kwargs(),
         lr_scheduler_type=spec.scheduler,
         logging_steps=spec.logging_steps,
         save_strategy="steps",
@@ -223,6 +243,7 @@ def train(model: Any, tokenizer: Any, examples: list[Example], spec: TrainingSpe
     resume_from = last_checkpoint(output_dir) if resume else None
     if resume_from:
         progress.log(f"resuming training from {resume_from}")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.train()
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from)
@@ -231,5 +252,6 @@ def train(model: Any, tokenizer: Any, examples: list[Example], spec: TrainingSpe
     # fewer steps than logging_steps log no "loss": the trainer's closing mean (train_loss) stands in
     losses = [h["loss"] for h in history if "loss" in h] or [h["train_loss"] for h in history if "train_loss" in h]
     write_json(output_dir / "log_history.json", history)
+    seen = getattr(trainer.state, "num_input_tokens_seen", None)
     return TrainResult(trainer.state.global_step, time.perf_counter() - t0, losses[-1] if losses else None,
-                       history, resume_from)
+                       history, resume_from, trainable, int(seen) if seen else None)

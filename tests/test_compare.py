@@ -135,6 +135,14 @@ def test_grid_end_to_end_with_shared_work(tiny_recipe, tmp_path, monkeypatch):
     assert len(rows) == 1 + 4 and rows[0].startswith("label,method,metric,n_seeds,mean,std,ci95_low")
     md = (out / "compare.md").read_text()
     assert "Every cell trains the student" in md and "paired t-test" in md and "| kd | 2 |" in md
+    # the budget is counted, not assumed: same parameters, steps and tokens per seed; the teacher's work is named
+    assert "Budget as counted" in md and "**Equal budget**" in md
+    spent = {c["label"]: c["spent"] for c in res.result["cells"] if c["seed"] == 0}
+    assert len({json.dumps(v, sort_keys=True) for v in spent.values()}) == 1 and spent["lora"]["training_tokens"] > 0
+    kd_cells = [c for c in res.result["cells"] if c["label"] == "kd"]
+    first = kd_cells[0]["teacher"]  # the first KD cell computed the cached logits, the second reused them
+    assert first["forward_tokens"] > 0 and kd_cells[1]["teacher"]["forward_tokens"] == 0
+    assert first["flops"] == 2 * first["parameters"] * first["forward_tokens"]
     # every seeking cell used the shared sensitivity without copying it
     for seed in (0, 1):
         cell = out / "cells" / "seeking" / f"seed-{seed}"
@@ -188,7 +196,8 @@ def test_killed_grid_resumes_only_missing_cells_and_matches_an_uninterrupted_run
     resumed = pktransfer.compare(pktransfer.load_recipe(tmp_path / "killed.yaml"), quiet=True)
     assert len(runs) == 6 - done_before  # only the missing cells ran
     full = pktransfer.compare(pktransfer.load_recipe(tmp_path / "clean.yaml"), quiet=True)
-    strip = ("folder", "prepare_seconds", "train_seconds", "wall_seconds", "peak_rss_anon_gib", "peak_cuda_gib")
+    strip = ("folder", "prepare_seconds", "train_seconds", "wall_seconds", "peak_rss_anon_gib", "peak_cuda_gib",
+             "teacher")  # timings, and which cell happened to fill the shared KD cache
     a = [{k: v for k, v in c.items() if k not in strip} for c in resumed.result["cells"]]
     b = [{k: v for k, v in c.items() if k not in strip} for c in full.result["cells"]]
     assert a == b
@@ -208,3 +217,18 @@ def test_zero_variance_p_value_prints_na_and_a_short_grid_still_plots_its_loss(t
     matplotlib.use("Agg")
     paths = plot_compare(result, tmp_path)
     assert any(p.name == "compare_loss.png" for p in paths)
+
+
+def test_a_grid_whose_methods_train_different_parameters_is_not_called_equal(tiny_recipe, tmp_path):
+    tiny_recipe["output_dir"] = str(tmp_path / "grid")
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    recipe = recipe_from_dict(_grid(tiny_recipe, ["lora", {"name": "semalign", "n_seed": 2, "critical_layers": 1}],
+                                    seeds=[0]))
+    res = pktransfer.compare(recipe, quiet=True)
+    s = res.result["summary"]
+    assert not s["equal_budget"] and any(d.startswith("trainable parameters") for d in s["budget_differences"])
+    md = (res.output_dir / "compare.md").read_text()
+    assert "The budgets are not equal" in md and "trainable parameters (seed 0): lora" in md
+    sem = s["by_label"]["semalign"]
+    assert sem["spent"]["trainable_parameters"] < s["by_label"]["lora"]["spent"]["trainable_parameters"]
+    assert sem["teacher"]["backward_tokens"] > 0  # the attribution's backward passes through the teacher

@@ -98,3 +98,29 @@ def test_resume_after_interruption_equals_uninterrupted(tiny_models, tmp_path):
     full, resumed = _adapter(tmp_path / "full"), _adapter(tmp_path / "cut")
     for k in full:
         assert torch.allclose(full[k], resumed[k], atol=1e-6), k
+
+
+def test_warmup_is_passed_as_a_ratio_on_every_transformers_version(monkeypatch):
+    """4.x reads a float warmup_steps as a step count (warmup would silently vanish): it gets warmup_ratio."""
+    from dataclasses import field, make_dataclass
+
+    import transformers
+
+    from pktransfer.training import warmup_kwargs
+
+    v4 = make_dataclass("TrainingArguments", [("warmup_ratio", float, field(default=0.0)),
+                                              ("warmup_steps", int, field(default=0))])
+    monkeypatch.setattr(transformers, "TrainingArguments", v4)
+    assert warmup_kwargs(0.05) == {"warmup_ratio": 0.05}
+    v5 = make_dataclass("TrainingArguments", [("warmup_steps", float, field(default=0.0))])
+    monkeypatch.setattr(transformers, "TrainingArguments", v5)
+    assert warmup_kwargs(0.05) == {"warmup_steps": 0.05}
+
+
+def test_the_installed_trainer_warms_up_over_the_given_share_of_steps():
+    from transformers import TrainingArguments
+
+    from pktransfer.training import warmup_kwargs
+
+    args = TrainingArguments(output_dir="/tmp/pkt-warmup-check", max_steps=100, report_to=[], **warmup_kwargs(0.1))
+    assert args.get_warmup_steps(100) == 10

@@ -22,6 +22,39 @@ from pktransfer.training import LossFn
 
 
 @dataclass
+class TeacherWork:
+    """The teacher compute a method spent in one run, counted where it happens (a cache hit spends none).
+
+    FLOPs follow the usual dense-transformer estimate: 2·N per token for a forward pass, 4·N more per
+    token for a backward pass (N = the teacher's parameters)."""
+
+    forward_tokens: int = 0
+    backward_tokens: int = 0
+    seconds: float = 0.0
+    parameters: int = 0
+    what: list[str] = field(default_factory=list)
+
+    def add(self, what: str, *, forward_tokens: int, backward_tokens: int = 0, seconds: float = 0.0,
+            parameters: int = 0) -> None:
+        if what not in self.what:
+            self.what.append(what)
+        self.forward_tokens += int(forward_tokens)
+        self.backward_tokens += int(backward_tokens)
+        self.seconds += float(seconds)
+        self.parameters = max(self.parameters, int(parameters))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"forward_tokens": self.forward_tokens, "backward_tokens": self.backward_tokens,
+                "seconds": round(self.seconds, 2), "parameters": self.parameters,
+                "flops": 2.0 * self.parameters * self.forward_tokens + 4.0 * self.parameters * self.backward_tokens,
+                "what": self.what}
+
+
+def n_tokens(examples: list[Example]) -> int:
+    return sum(len(e.input_ids) for e in examples)
+
+
+@dataclass
 class MethodContext:
     recipe: Recipe
     student: LoadedModel
@@ -31,6 +64,7 @@ class MethodContext:
     progress: Progress
     load_teacher: Callable[[], LoadedModel]
     examples: list[Example] = field(default_factory=list)  # the encoded training split
+    teacher_work: TeacherWork = field(default_factory=TeacherWork)  # what the method spends on the teacher
 
 
 def snapshot_lora(model: Any) -> dict[str, Any]:

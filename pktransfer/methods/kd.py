@@ -19,6 +19,7 @@ same loss. The cache file is keyed by the teacher, the token ids and k, so runs 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 
 from pktransfer.data import Example
 from pktransfer.errors import DataError
-from pktransfer.methods.base import Method, MethodContext, cache_key, cached_file, vocab_digest
+from pktransfer.methods.base import Method, MethodContext, cache_key, cached_file, n_tokens, vocab_digest
 from pktransfer.models.pair import check_pair
 from pktransfer.progress import Progress
 from pktransfer.training import (
@@ -132,8 +133,13 @@ class KdMethod(Method):
 
             def compute() -> dict[str, torch.Tensor]:
                 teacher = self._teacher(ctx)
-                return teacher_logits_at_responses(teacher.model, examples, spec.top_k, self.vocab,
-                                                   ctx.recipe.training.batch_size, ctx.progress)
+                t0 = time.perf_counter()
+                out = teacher_logits_at_responses(teacher.model, examples, spec.top_k, self.vocab,
+                                                  ctx.recipe.training.batch_size, ctx.progress)
+                ctx.teacher_work.add(f"teacher logits for {len(examples)} training examples (cached for the grid)",
+                                     forward_tokens=n_tokens(examples), seconds=time.perf_counter() - t0,
+                                     parameters=teacher.arch.n_parameters)
+                return out
 
             # a cache hit needs no teacher at all (the key holds the teacher spec and the student's vocabulary)
             self.cache = load_file(str(cached_file(folder, "kd-logits", key, compute, ctx.progress)))
@@ -164,9 +170,13 @@ class KdMethod(Method):
             else:
                 t_model = self.teacher.model
                 dev = next(t_model.parameters()).device
+                t0 = time.perf_counter()
                 with torch.no_grad():
                     t_out = t_model(input_ids=batch["input_ids"].to(dev),
                                     attention_mask=batch["attention_mask"].to(dev)).logits[..., : self.vocab]
+                ctx.teacher_work.add("live teacher logits at every training batch",
+                                     forward_tokens=int(batch["attention_mask"].sum()),
+                                     seconds=time.perf_counter() - t0, parameters=self.teacher.arch.n_parameters)
                 t_vals = t_out[:, :-1][response_positions(labels).to(dev)].to(logits.device)
                 t_ids = None
             return kd_loss(logits, labels, t_vals, t_ids, temperature=spec.temperature, alpha=spec.alpha,

@@ -47,7 +47,7 @@ import torch
 from pktransfer.data import Example, encode_items
 from pktransfer.errors import DataError, IncompatiblePairError, RecipeError
 from pktransfer.fileio import save_safetensors, torch_save, write_json
-from pktransfer.methods.base import Method, MethodContext
+from pktransfer.methods.base import Method, MethodContext, n_tokens
 from pktransfer.models.arch import ArchitectureDescription
 from pktransfer.models.pair import check_pair
 from pktransfer.ops.neurons import candidate_vocab, kv_rows, neuron_scores, restrict, sublayer_score, top_indices
@@ -417,6 +417,9 @@ class LatenMethod(Method):
         save_safetensors(saved, out / "delta.safetensors")
         norms = {r: float(torch.cat([d.flatten() for d in deltas[r]]).norm()) for r in ROLES}
         self.training = {"steps": n_updates, "seconds": round(train_s, 2), "resumed_from": resumed,
+                         "trainable_parameters": sum(p.numel() for h in hyper.values() for p in h.parameters()),
+                         "tokens_seen": sum(n_tokens(step_batch(s, extract_ex, align_ex, spec.partners, recipe.seed))
+                                            for s in range(n_updates)),
                          "final_loss": next((h["loss"] for h in history if h["step"] == best), None),
                          "log_history": history}
         self._info = {"located_from": located_from, "locate_seconds": round(locate_s, 2),
@@ -481,7 +484,11 @@ class LatenMethod(Method):
             scores = {side: [{k: flat[f"{side}.{n}.{k}"] for k in ("attn_layer", "ffn_layer", "attn", "ffn")}
                              for n in range(len(inputs))] for side in ("t", "s")}
             return scores["t"], scores["s"], "reused"
+        t0 = time.perf_counter()
         t_scores = locate_scores(teacher, inputs, vocab_k=spec.locate_vocab, progress=ctx.progress, what="teacher")
+        ctx.teacher_work.add(f"neuron location on {len(inputs)} items (forward; the logit-lens scoring of every "
+                             "neuron comes on top and is not in the FLOPs)", forward_tokens=sum(len(i.ids) for i in inputs),
+                             seconds=time.perf_counter() - t0, parameters=teacher.arch.n_parameters)
         s_scores = locate_scores(student, inputs, vocab_k=spec.locate_vocab, progress=ctx.progress, what="student")
         save_safetensors({f"{side}.{n}.{k}": v for side, all_ in (("t", t_scores), ("s", s_scores))
                           for n, sc in enumerate(all_) for k, v in sc.items()}, path)

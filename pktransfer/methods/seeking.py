@@ -18,6 +18,7 @@ Reads like methods.md §1:
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 from pktransfer.data import encode_items
 from pktransfer.errors import DataError, IncompatiblePairError, RecipeError
 from pktransfer.fileio import write_json
-from pktransfer.methods.base import Method, MethodContext, snapshot_lora
+from pktransfer.methods.base import Method, MethodContext, n_tokens, snapshot_lora
 from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES, ArchitectureDescription
 from pktransfer.models.pair import check_pair
 from pktransfer.models.tying import parameter_key, untie_if_targeted
@@ -90,7 +91,7 @@ def compute_sensitivity(teacher: Any, items: list[Any], spec: Any, roles: set[st
                                 checkpointing=spec.gradient_checkpointing,
                                 on_sample=lambda s: advance(1, s_per_sample=f"{s:.1f}"))
     sens.meta = {"teacher": teacher.name, "n_seed": len(examples), "structure": spec.structure,
-                 "map_dtype": spec.map_dtype, "roles": sorted(roles)}
+                 "map_dtype": spec.map_dtype, "roles": sorted(roles), "tokens": n_tokens(examples)}
     return sens
 
 
@@ -122,10 +123,15 @@ def locate(teacher: Any, student_arch: ArchitectureDescription, ctx: MethodConte
         sens = Sensitivity.load(folder)
         ctx.progress.log(f"seeking: reusing sensitivity from {folder} ({sens.n_samples} samples)")
     else:
+        t0 = time.perf_counter()
         sens = compute_sensitivity(teacher, ctx.task.split("seed"), spec, roles,
                                    prompt_format=ctx.recipe.task.prompt_format, system_prompt=ctx.task.system_prompt,
                                    max_length=ctx.recipe.training.max_length, progress=ctx.progress,
                                    what=f"task '{ctx.task.name}' seed split")
+        tokens = sens.meta["tokens"]
+        ctx.teacher_work.add(f"sensitivity: {sens.n_samples} seed samples, forward + backward",
+                             forward_tokens=tokens, backward_tokens=tokens, seconds=time.perf_counter() - t0,
+                             parameters=teacher.arch.n_parameters)
     scores = sens.block_scores(teacher.arch.layers_path, teacher.arch.n_layers)
     try:
         layers = select_layers(scores, student_arch.n_layers, spec.layers, seed=ctx.recipe.seed)

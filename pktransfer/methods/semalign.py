@@ -34,7 +34,7 @@ import torch
 from pktransfer.data import Example, encode_items
 from pktransfer.errors import DataError, IncompatiblePairError
 from pktransfer.fileio import write_json
-from pktransfer.methods.base import Method, MethodContext, cache_key, cached_file, vocab_digest
+from pktransfer.methods.base import Method, MethodContext, cache_key, cached_file, n_tokens, vocab_digest
 from pktransfer.models.pair import check_pair
 from pktransfer.ops.semantic import (
     LayerPair,
@@ -289,6 +289,9 @@ class SemAlignMethod(Method):
         scores = layer_attribution(teacher.model, t_arch.layers_path, t_arch.n_layers, seed_examples,
                                    batch_size=ctx.recipe.training.batch_size, progress=ctx.progress)
         attribution_s = time.perf_counter() - t0
+        ctx.teacher_work.add(f"layer attribution: {len(seed_examples)} seed samples, forward + backward",
+                             forward_tokens=n_tokens(seed_examples), backward_tokens=n_tokens(seed_examples),
+                             seconds=attribution_s, parameters=t_arch.n_parameters)
 
         # 2. critical layers and pairs
         ranked = [abs(s) for s in scores] if spec.rank_by == "abs" else scores
@@ -318,9 +321,17 @@ class SemAlignMethod(Method):
                                    "map": [map_info["teacher_head"], map_info["student_head"]]}, sort_keys=True)
             key = cache_key(json.dumps(ctx.recipe.teacher.model_dump(), sort_keys=True) + vocab_digest(student.tokenizer),
                             settings, ctx.examples)
-            path = cached_file(folder, "semalign-targets", key, lambda: precompute_targets(
-                teacher, t_arch.layers_path, self.pairs, spec.point, self.map, ctx.examples,
-                ctx.recipe.training.batch_size, ctx.progress), ctx.progress)
+            def compute() -> dict[str, torch.Tensor]:
+                t1 = time.perf_counter()
+                out = precompute_targets(teacher, t_arch.layers_path, self.pairs, spec.point, self.map, ctx.examples,
+                                         ctx.recipe.training.batch_size, ctx.progress)
+                ctx.teacher_work.add(f"targets for {len(ctx.examples)} training examples (forward up to the deepest "
+                                     "paired layer; FLOPs counted as a full forward, an upper bound)",
+                                     forward_tokens=n_tokens(ctx.examples), seconds=time.perf_counter() - t1,
+                                     parameters=t_arch.n_parameters)
+                return out
+
+            path = cached_file(folder, "semalign-targets", key, compute, ctx.progress)
             self.targets = TargetCache(path)
             if len(self.targets.offsets) != len(ctx.examples) + 1:
                 raise DataError("semalign: the cached teacher targets do not match the training examples",
@@ -381,8 +392,12 @@ class SemAlignMethod(Method):
                 index = batch["index"].tolist()
                 targets = [self.targets.rows(p.student, index) for p in pairs]
             else:
+                t0 = time.perf_counter()
                 targets = teacher_targets(self.teacher, self.teacher.arch.layers_path, pairs, spec.point, self.map,
                                           batch["input_ids"], batch["attention_mask"], labels)
+                ctx.teacher_work.add("live targets at every training batch (forward up to the deepest paired layer)",
+                                     forward_tokens=int(batch["attention_mask"].sum()),
+                                     seconds=time.perf_counter() - t0, parameters=self.teacher.arch.n_parameters)
             logits = outputs.logits[:, :-1][mask][..., : self.vocab]
             act, logit = alignment_terms(acts, targets, logits, batch["input_ids"][:, 1:].to(mask.device)[mask])
             self._acts.clear()
