@@ -18,10 +18,7 @@
 
 from __future__ import annotations
 
-import csv
 import gc
-import hashlib
-import io
 import itertools
 import json
 import math
@@ -33,6 +30,7 @@ from typing import Any
 
 from pktransfer.errors import RecipeError
 from pktransfer.fileio import write_text
+from pktransfer.methods import registry
 from pktransfer.progress import Progress
 from pktransfer.recipe import BUDGET_KEYS, FIXED_KEYS, Recipe, apply_overrides, recipe_from_dict, save_recipe
 from pktransfer.runs import check_matches, check_output_location, check_replaceable, read_marker, result_fields, write_marker
@@ -127,34 +125,16 @@ def plan_grid(recipe: Recipe) -> list[Cell]:
 # ---- 2. shared work ---------------------------------------------------------------------------------
 
 
-def _key(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def attach_shared_work(cells: list[Cell], root: Path) -> list[tuple[str, Recipe]]:
-    """Point cells at shared caches; return the Seeking extractions to run first (folder, recipe)."""
-    extractions: dict[str, Recipe] = {}
+def attach_shared_work(cells: list[Cell], root: Path) -> list[tuple[str, Recipe, str]]:
+    """Let each cell's method point it at caches shared across the grid; return the jobs to run once first
+    (folder, recipe, verb), each folder once."""
+    jobs: dict[str, tuple[Recipe, str]] = {}
     for cell in cells:
-        m = cell.recipe.method
-        if m.name == "kd" and m.logits_cache is None:
-            shared = m.model_copy(update={"logits_cache": str(root / "shared" / "kd-logits")})
-            cell.recipe = cell.recipe.model_copy(update={"method": shared})
-        elif m.name == "semalign" and m.cache_dir is None:
-            # semantic bases, maps and targets are keyed by what they depend on: one folder serves every cell
-            shared = m.model_copy(update={"cache_dir": str(root / "shared" / "semalign")})
-            cell.recipe = cell.recipe.model_copy(update={"method": shared})
-        elif m.name == "seeking" and m.sensitivity is None:
-            # the sensitivity depends on the teacher, seed split, tokenisation and accumulators, not on
-            # the seed, except through a random layer choice (maps of unselected layers are dropped)
-            r = cell.recipe
-            what = {"teacher": r.teacher.model_dump(), "task": r.task.model_dump(), "max_length": r.training.max_length,
-                    "method": m.model_dump(exclude={"sensitivity"}), "seed": r.seed if m.layers == "random" else None}
-            folder = root / "shared" / f"seeking-{_key(what)}"
-            if str(folder) not in extractions:
-                extractions[str(folder)] = r.model_copy(update={"output_dir": str(folder)})
-            shared = m.model_copy(update={"sensitivity": str(folder / "sensitivity")})
-            cell.recipe = r.model_copy(update={"method": shared})
-    return list(extractions.items())
+        shared = registry.method_class(cell.recipe.method.name).shared_work(cell.recipe, root / "shared")
+        cell.recipe = shared.recipe
+        for folder, recipe, verb in shared.jobs:
+            jobs.setdefault(folder, (recipe, verb))
+    return [(folder, recipe, verb) for folder, (recipe, verb) in jobs.items()]
 
 
 # ---- 4. statistics (pure) ---------------------------------------------------------------------------
@@ -316,10 +296,10 @@ def compare(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False,
             pipeline.evaluate_pair(base_recipe, progress=progress)
         base_info = json.loads((base_dir / "run.json").read_text())
     shared_cost = {}
-    for folder, r in extractions:
-        if not _reusable(Path(folder), r, "the shared sensitivity extraction"):
-            progress.log(f"compare: extracting the teacher sensitivity once for the seeking cells ({folder})")
-            pipeline.extract(r, progress=progress)
+    for folder, r, verb in extractions:
+        if not _reusable(Path(folder), r, f"the shared work {folder}"):
+            progress.log(f"compare: running `{verb}` once for the cells of '{r.method.name}' ({folder})")
+            pipeline.run_verb(r, verb, progress=progress)
         shared_cost[folder] = json.loads((Path(folder) / "run.json").read_text())["wall_seconds"]
     todo = [c for c in cells if not _finished(c.folder)]
     progress.log(f"compare: {len(cells)} cells ({len(cells) - len(todo)} already finished), "
@@ -342,28 +322,3 @@ def compare(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False,
     result["plots"] = [p.name for p in plots]
     write_text(root / "compare.md", render_compare_markdown(result))
     return CompareResult(root, result)
-
-
-def csv_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    s = result["summary"]
-    rows = []
-    for label in s["labels"]:
-        e = s["by_label"][label]
-        for metric in s["metrics"]:
-            m = e["metrics"][metric]
-            p = e["paired_vs_baseline"].get(metric, {})
-            rows.append({"label": label, "method": e["method"], "metric": metric, "n_seeds": m["n"], "mean": m["mean"],
-                         "std": m["std"], "ci95_low": m["ci_low"], "ci95_high": m["ci_high"],
-                         "diff_vs_baseline": p.get("mean_diff", 0.0 if label == s["baseline"] else math.nan),
-                         "diff_ci95_low": p.get("ci_low", math.nan), "diff_ci95_high": p.get("ci_high", math.nan),
-                         "p_value": p.get("p_value", math.nan), **{f"cost_{k}": v for k, v in e["cost"].items()}})
-    return rows
-
-
-def to_csv(rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    if rows:
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return buf.getvalue()

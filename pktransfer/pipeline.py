@@ -20,7 +20,7 @@ from pktransfer.data import Item, PromptFormatter, Task, encode_items, get_task
 from pktransfer.errors import DataError, ModelError, PktError, RecipeError
 from pktransfer.evaluation import EvalOptions, EvalResult, evaluate_items, subset
 from pktransfer.fileio import write_json, write_text
-from pktransfer.methods import MethodContext, get_method
+from pktransfer.methods import MethodContext, get_method, registry
 from pktransfer.models import LoadedModel, load_config, load_model
 from pktransfer.models.tying import untie_if_targeted
 from pktransfer.progress import Progress
@@ -146,6 +146,38 @@ def check_recipe(recipe: Recipe) -> tuple[Task, list[Item]]:
     return task, train_items
 
 
+class TeacherHandle:
+    """The teacher for one run: loaded on first use, released once, whatever happens (a context manager)."""
+
+    def __init__(self, spec: ModelSpec, log: StageLog, progress: Progress) -> None:
+        self.spec, self.log, self.progress = spec, log, progress
+        self._loaded: LoadedModel | None = None
+
+    def __call__(self) -> LoadedModel:
+        if self._loaded is None:
+            with self.log.stage("load_teacher"):
+                self._loaded = load_model(self.spec, log=self.progress.log)
+        return self._loaded
+
+    def release(self) -> None:
+        if self._loaded is not None:
+            self._loaded.unload()
+            self._loaded = None
+
+    def __enter__(self) -> TeacherHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@dataclass
+class Trained:
+    model: Any  # the student to evaluate and save (a PeftModel, or the method's finished model)
+    training: dict[str, Any]
+    spent: dict[str, Any]
+
+
 def run(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, evaluate: bool = True,
         progress: Progress | None = None) -> RunResult:
     """Run a recipe end to end and return where its outputs are and what it measured."""
@@ -153,89 +185,90 @@ def run(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, evaluat
     task, train_items = check_recipe(recipe)
     method = get_method(recipe.method)
     started = time.time()
-    with run_folder(recipe, overwrite, progress) as (rd, log):
+    with run_folder(recipe, overwrite, progress) as (rd, log), TeacherHandle(recipe.teacher, log, progress) as teacher:
         metrics: dict[str, dict[str, Any]] = {}
-        teacher_cache: dict[str, LoadedModel] = {}
-
-        def load_teacher() -> LoadedModel:
-            if "t" not in teacher_cache:
-                with log.stage("load_teacher"):
-                    teacher_cache["t"] = load_model(recipe.teacher, log=progress.log)
-            return teacher_cache["t"]
-
         if evaluate and recipe.evaluation.teacher:
-            teacher = load_teacher()
-            with log.stage("eval_teacher"):
-                metrics["teacher"] = _evaluate_cached(rd, teacher.model, formatter_for(teacher, task, recipe),
-                                                      task, recipe, "teacher", progress)
+            metrics["teacher"] = _evaluate_teacher(rd, log, teacher, task, recipe, progress)
             if not method.needs_teacher:
-                teacher.unload()
-                teacher_cache.clear()
-        with log.stage("load_student"):
-            student = load_model(recipe.student, log=progress.log)
-            untie_if_targeted(student, recipe.lora.target_modules, progress.log)  # merging must not move lm_head
-        formatter = formatter_for(student, task, recipe)
+                teacher.release()
+        student, formatter = _load_student(recipe, task, log, progress)
         if evaluate and recipe.evaluation.student:
             with log.stage("eval_student"):
                 metrics["student"] = _evaluate_cached(rd, student.model, formatter, task, recipe, "student", progress)
         examples = encode_items(formatter, train_items, recipe.training.max_length, f"task '{task.name}' train split")
-        seed_everything(recipe.seed)
-        ctx = MethodContext(recipe, student, task, formatter, rd.work, progress, load_teacher, examples)
-        with log.stage("prepare"):
-            peft_model = method.prepare(ctx)
-        if not method.teacher_during_training:
-            for t in teacher_cache.values():
-                t.unload()
-            teacher_cache.clear()
-        if method.post_training:
-            with log.stage("train"):
-                try:
-                    result = train(peft_model, student.tokenizer, examples, recipe.training,
-                                   output_dir=rd.path("checkpoints"), seed=recipe.seed, progress=progress,
-                                   loss=method.training_loss(ctx), callbacks=method.callbacks(ctx))
-                finally:
-                    method.finish_training()
-            training = {"steps": result.steps, "seconds": round(result.seconds, 2), "final_loss": result.final_loss,
-                        "resumed_from": result.resumed_from}
-            spent = {"trainable_parameters": result.trainable_parameters, "optimizer_steps": result.steps,
-                     "training_tokens": result.tokens_seen}
-        else:  # the method trained what it trains inside prepare (e.g. LaTen's hypernetworks)
-            training = {k: v for k, v in method.training.items() if k != "log_history"}
-            spent = {"trainable_parameters": method.training.get("trainable_parameters"),
-                     "optimizer_steps": method.training.get("steps"), "training_tokens": method.training.get("tokens_seen")}
-            rd.path("checkpoints").mkdir(parents=True, exist_ok=True)
-            write_json(rd.path("checkpoints") / "log_history.json", method.training.get("log_history", []))
-        for t in teacher_cache.values():
-            t.unload()
-        teacher_cache.clear()
-        if method.post_training:
-            method.save_adapter(peft_model, rd.path("adapter"))
-            student.tokenizer.save_pretrained(str(rd.path("adapter")))
-            merged = peft_model.merge_and_unload()
-        else:
-            merged = peft_model
-        save_merged = recipe.training.save_merged or not method.post_training
+        ctx = MethodContext(recipe, student, task, formatter, rd.work, progress, teacher, examples)
+        trained = _prepare_and_train(method, ctx, rd, log, teacher)
+        teacher.release()
+        merged, outputs = _save(method, trained, student, recipe, rd)
         if evaluate:
             with log.stage("eval_trained"):
                 metrics["trained"] = _evaluate_cached(rd, merged, formatter, task, recipe, "trained", progress)
-        if save_merged:
+        if outputs["merged"]:
             merged.save_pretrained(str(rd.path("merged")), safe_serialization=True)
             student.tokenizer.save_pretrained(str(rd.path("merged")))
         info = run_info(
-            recipe, log, started,
-            task=task.describe(), prompt_format=formatter.describe(),
-            data={"n_train": len(examples), "n_train_items": len(train_items)},
-            training=training,
-            budget={**spent, "training_tokens_counted": "non-padding input tokens of every batch the optimizer saw",
+            recipe, log, started, task=task.describe(), prompt_format=formatter.describe(),
+            data={"n_train": len(examples), "n_train_items": len(train_items)}, training=trained.training,
+            budget={**trained.spent, "training_tokens_counted": "non-padding input tokens of every batch the optimizer saw",
                     "teacher": ctx.teacher_work.to_dict()},
-            metrics=metric_table(metrics),
-            method=method.report(),
-            outputs={"adapter": "adapter" if method.post_training else None, "merged": "merged" if save_merged else None,
-                     "eval": "eval", "checkpoints": "checkpoints"},
-        )
+            metrics=metric_table(metrics), method=method.report(), outputs=outputs)
         rd.write_json("run.json", info)
         write_text(rd.path("report.md"), render_markdown(info))
     return RunResult(rd.finish(), info)
+
+
+def _evaluate_teacher(rd: RunDir, log: StageLog, teacher: TeacherHandle, task: Task, recipe: Recipe,
+                      progress: Progress) -> dict[str, Any]:
+    loaded = teacher()
+    with log.stage("eval_teacher"):
+        return _evaluate_cached(rd, loaded.model, formatter_for(loaded, task, recipe), task, recipe, "teacher", progress)
+
+
+def _load_student(recipe: Recipe, task: Task, log: StageLog, progress: Progress) -> tuple[LoadedModel, PromptFormatter]:
+    with log.stage("load_student"):
+        student = load_model(recipe.student, log=progress.log)
+        untie_if_targeted(student, recipe.lora.target_modules, progress.log)  # merging must not move lm_head
+    return student, formatter_for(student, task, recipe)
+
+
+def _prepare_and_train(method: Any, ctx: MethodContext, rd: RunDir, log: StageLog, teacher: TeacherHandle) -> Trained:
+    """The method's preparation, then the shared LoRA training (unless the method trained what it trains)."""
+    recipe = ctx.recipe
+    seed_everything(recipe.seed)
+    with log.stage("prepare"):
+        model = method.prepare(ctx)
+    if not method.teacher_during_training:
+        teacher.release()
+    if not method.post_training:  # e.g. LaTen's hypernetworks, trained inside prepare
+        write_json(rd.path("checkpoints") / "log_history.json", method.training.get("log_history", []))
+        t = method.training
+        return Trained(model, {k: v for k, v in t.items() if k != "log_history"},
+                       {"trainable_parameters": t.get("trainable_parameters"), "optimizer_steps": t.get("steps"),
+                        "training_tokens": t.get("tokens_seen")})
+    with log.stage("train"):
+        try:
+            result = train(model, ctx.student.tokenizer, ctx.examples, recipe.training, output_dir=rd.path("checkpoints"),
+                           seed=recipe.seed, progress=ctx.progress, loss=method.training_loss(ctx),
+                           callbacks=method.callbacks(ctx))
+        finally:
+            method.finish_training()
+    return Trained(model, {"steps": result.steps, "seconds": round(result.seconds, 2), "final_loss": result.final_loss,
+                           "resumed_from": result.resumed_from},
+                   {"trainable_parameters": result.trainable_parameters, "optimizer_steps": result.steps,
+                    "training_tokens": result.tokens_seen})
+
+
+def _save(method: Any, trained: Trained, student: LoadedModel, recipe: Recipe, rd: RunDir) -> tuple[Any, dict[str, Any]]:
+    """Write the adapter (methods that post-train a LoRA) and return the merged student to evaluate."""
+    if method.post_training:
+        method.save_adapter(trained.model, rd.path("adapter"))
+        student.tokenizer.save_pretrained(str(rd.path("adapter")))
+        merged = trained.model.merge_and_unload()
+    else:
+        merged = trained.model
+    save_merged = recipe.training.save_merged or not method.post_training
+    return merged, {"adapter": "adapter" if method.post_training else None, "merged": "merged" if save_merged else None,
+                    "eval": "eval", "checkpoints": "checkpoints"}
 
 
 def evaluate_pair(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False,
@@ -268,85 +301,45 @@ def evaluate_pair(recipe: Recipe, *, quiet: bool = False, overwrite: bool = Fals
     return RunResult(rd.finish(), info)
 
 
-def _check_seeking(recipe: Recipe) -> Task:
-    """Fail fast (before any output folder exists) unless this is a valid seeking recipe."""
-    from pktransfer.methods.seeking import SeekingMethod
+def method_verb(recipe: Recipe, verb: str) -> Any:
+    """The ``Verb`` the recipe's method offers under ``verb`` (a clear error if it offers none)."""
+    cls = registry.method_class(recipe.method.name)
+    offered = cls.verbs()
+    if verb not in offered:
+        having = sorted(n for n in registry.names() if verb in registry.method_class(n).verbs())
+        raise RecipeError(f"`pkt {verb}` works on method(s) {having}, the recipe's method is '{recipe.method.name}'",
+                          hint=f"set method.name to one of {having} (with its options) in the recipe")
+    return offered[verb]
 
-    if not isinstance(get_method(recipe.method), SeekingMethod):
-        raise RecipeError(f"this verb works on method 'seeking', the recipe's method is '{recipe.method.name}'",
-                          hint="set method.name: seeking (with its options) in the recipe")
+
+def run_verb(recipe: Recipe, verb: str, *, quiet: bool = False, overwrite: bool = False,
+             progress: Progress | None = None) -> RunResult:
+    """Run a method's extra verb (e.g. Seeking's ``extract`` / ``inject``) in its own run folder."""
+    progress = progress or Progress(quiet=quiet)
+    v = method_verb(recipe, verb)  # fail fast, before any output folder exists
     task, _ = check_recipe(recipe)
-    task.split("seed")
+    v.check(recipe, task)
     load_config(recipe.teacher.model, recipe.teacher.revision)
-    return task
-
-
-def _seeking_context(recipe: Recipe, task: Task, rd: RunDir, log: StageLog,
-                     progress: Progress) -> tuple[Any, MethodContext]:
-    with log.stage("load_teacher"):
-        teacher = load_model(recipe.teacher, log=progress.log)
-    with log.stage("load_student"):
-        student = load_model(recipe.student, log=progress.log)
-        untie_if_targeted(student, recipe.lora.target_modules, progress.log)
-    ctx = MethodContext(recipe, student, task, formatter_for(student, task, recipe), rd.work, progress,
-                        lambda: teacher)
-    return teacher, ctx
+    started = time.time()
+    with run_folder(recipe, overwrite, progress) as (rd, log), TeacherHandle(recipe.teacher, log, progress) as teacher:
+        teacher()
+        student, formatter = _load_student(recipe, task, log, progress)
+        ctx = MethodContext(recipe, student, task, formatter, rd.work, progress, teacher)
+        info = run_info(recipe, log, started, verb=verb, **v.run(get_method(recipe.method), ctx, log))
+        rd.write_json("run.json", info)
+    return RunResult(rd.finish(), info)
 
 
 def extract(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False,
             progress: Progress | None = None) -> RunResult:
-    """Seeking steps 1-2 only: teacher sensitivity over the seed split and the layer selection.
-
-    Writes ``sensitivity/`` (safetensors + summary.json with per-layer and per-module figures); a
-    recipe reuses it with ``method.sensitivity: OUTPUT/sensitivity``.
-    """
-    from pktransfer.methods.seeking import locate
-    from pktransfer.models.pair import check_pair
-
-    progress = progress or Progress(quiet=quiet)
-    task = _check_seeking(recipe)
-    started = time.time()
-    with run_folder(recipe, overwrite, progress) as (rd, log):
-        teacher, ctx = _seeking_context(recipe, task, rd, log, progress)
-        check_pair(teacher.arch, ctx.student.arch, teacher.tokenizer, ctx.student.tokenizer, "seeking")
-        with log.stage("sensitivity"):
-            sens, layers = locate(teacher, ctx.student.arch, ctx, recipe.method, rd.work)
-        info = run_info(recipe, log, started, selected_layers=layers, n_samples=sens.n_samples,
-                        outputs={"sensitivity": "sensitivity"})
-        rd.write_json("run.json", info)
-    return RunResult(rd.finish(), info)
+    """``pkt extract``: the recipe's method's ``extract`` verb (Seeking: sensitivity and layer selection)."""
+    return run_verb(recipe, "extract", quiet=quiet, overwrite=overwrite, progress=progress)
 
 
 def inject(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False,
            progress: Progress | None = None) -> RunResult:
-    """Seeking steps 1-5 without training: the student with teacher-initialised LoRA.
-
-    Writes ``adapter_init/`` (the PEFT adapter at (B, A)) and ``residual/`` (the student whose weights
-    are W − (α/r)·B A, loadable with ``from_pretrained``): the two together equal the original student.
-    ``run.json`` records the largest step-0 logit difference to the original student on a seed item.
-    """
-    progress = progress or Progress(quiet=quiet)
-    task = _check_seeking(recipe)
-    started = time.time()
-    with run_folder(recipe, overwrite, progress) as (rd, log):
-        _, ctx = _seeking_context(recipe, task, rd, log, progress)
-        probe = torch.tensor([ctx.formatter.encode_prompt(ctx.task.split("seed")[0].prompt)])
-        with torch.no_grad():
-            before = ctx.student.model(input_ids=probe.to(ctx.student.device)).logits.float()
-        seed_everything(recipe.seed)
-        method = get_method(recipe.method)
-        with log.stage("prepare"):
-            peft_model = method.prepare(ctx)
-        with torch.no_grad():
-            after = peft_model(input_ids=probe.to(ctx.student.device)).logits.float()
-        peft_model.save_pretrained(str(rd.path("adapter_init")))
-        residual = peft_model.unload()
-        residual.save_pretrained(str(rd.path("residual")), safe_serialization=True)
-        ctx.student.tokenizer.save_pretrained(str(rd.path("residual")))
-        info = run_info(recipe, log, started, step0_max_logit_diff=float((after - before).abs().max()),
-                        outputs={"adapter_init": "adapter_init", "residual": "residual", "sensitivity": "sensitivity"})
-        rd.write_json("run.json", info)
-    return RunResult(rd.finish(), info)
+    """``pkt inject``: the recipe's method's ``inject`` verb (Seeking: the teacher-initialised LoRA, untrained)."""
+    return run_verb(recipe, "inject", quiet=quiet, overwrite=overwrite, progress=progress)
 
 
 def evaluate(model: str | ModelSpec, task: str = "arithmetic", *, split: str = "test", adapter: str | None = None,

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import math
 from typing import Any
+
+from pktransfer.methods import registry
 
 LABELS = {"teacher": "teacher", "student": "student (untouched)", "trained": "student + method"}
 
@@ -115,11 +120,10 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
     s = result["summary"]
     base = s["baseline"]
     lines = ["# pktransfer comparison", "", "## Budget and protocol", "", budget_in_words(result), ""]
-    own = sorted({c["label"] for c in result["cells"] if c["method"] == "laten"})
-    if own:
-        lines += [f"`{'`, `'.join(own)}`: LaTen has no post-training. It trains only its hypernetworks (the "
-                  "official schedule, one update per extract item), so the training settings above do not apply "
-                  "to it; its counted budget below is its hypernetworks' parameters, updates and tokens.", ""]
+    for cls in registry.classes():  # what each method wants a reader of the comparison to know
+        own = sorted({c["label"] for c in result["cells"] if c["method"] == cls.name})
+        if own:
+            lines += cls.report_notes(own)
     lines += budget_table(result)
     if result.get("base"):
         lines += ["## Untouched models", "", "| model | split | n | accuracy (%) |", "|---|---|---:|---:|"]
@@ -159,9 +163,32 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
 
 
 def render_compare_csv(result: dict[str, Any]) -> str:
-    from pktransfer.comparison import csv_rows, to_csv
-
     return to_csv(csv_rows(result))
+
+
+def csv_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    s = result["summary"]
+    rows = []
+    for label in s["labels"]:
+        e = s["by_label"][label]
+        for metric in s["metrics"]:
+            m = e["metrics"][metric]
+            p = e["paired_vs_baseline"].get(metric, {})
+            rows.append({"label": label, "method": e["method"], "metric": metric, "n_seeds": m["n"], "mean": m["mean"],
+                         "std": m["std"], "ci95_low": m["ci_low"], "ci95_high": m["ci_high"],
+                         "diff_vs_baseline": p.get("mean_diff", 0.0 if label == s["baseline"] else math.nan),
+                         "diff_ci95_low": p.get("ci_low", math.nan), "diff_ci95_high": p.get("ci_high", math.nan),
+                         "p_value": p.get("p_value", math.nan), **{f"cost_{k}": v for k, v in e["cost"].items()}})
+    return rows
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()
 
 
 def plot_compare(result: dict[str, Any], folder: Any) -> list[Any]:
@@ -217,22 +244,3 @@ def plot_compare(result: dict[str, Any], folder: Any) -> list[Any]:
     fig.savefig(out[-1], dpi=120)
     plt.close(fig)
     return out
-
-
-def plot_layer_scores(scores: list[float], chosen: list[int], path: Any, *, title: str, ylabel: str) -> Any:
-    """Bar chart of one score per layer (numbered from 1), the chosen layers highlighted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.25 * len(scores) + 2), 3.5))
-    xs = list(range(1, len(scores) + 1))
-    ax.bar(xs, scores, color=["#d9822b" if x in chosen else "#8fb3d9" for x in xs], edgecolor="#2b4c7e")
-    ax.set_xlabel("layer (1-based; highlighted: chosen)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
+from pktransfer.config import LoraSpec, TrainingSpec
 from pktransfer.data import IGNORE_INDEX, Example
 from pktransfer.fileio import write_json
 from pktransfer.progress import Progress
-from pktransfer.recipe import LoraSpec, TrainingSpec
 
 
 def lora_config(spec: LoraSpec, init: Any = None) -> Any:

@@ -114,13 +114,13 @@ def test_grid_end_to_end_with_shared_work(tiny_recipe, tmp_path, monkeypatch):
                                                   {"name": "seeking", "n_seed": 2, "structure": "row_column"}]))
     calls = {"eval_pair": 0, "extract": 0}
     for name in calls:
-        real = getattr(pipeline, {"eval_pair": "evaluate_pair", "extract": "extract"}[name])
+        real = getattr(pipeline, {"eval_pair": "evaluate_pair", "extract": "run_verb"}[name])
 
         def counted(*a, _real=real, _name=name, **k):
             calls[_name] += 1
             return _real(*a, **k)
 
-        monkeypatch.setattr(pipeline, {"eval_pair": "evaluate_pair", "extract": "extract"}[name], counted)
+        monkeypatch.setattr(pipeline, {"eval_pair": "evaluate_pair", "extract": "run_verb"}[name], counted)
     res = pktransfer.compare(recipe, quiet=True)
     out = res.output_dir
     assert calls == {"eval_pair": 1, "extract": 1}  # base evaluations and sensitivity once for the grid

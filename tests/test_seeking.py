@@ -213,7 +213,7 @@ def test_extract_then_inject_reusing_the_sensitivity(tiny_recipe, tiny_models, t
     tiny_recipe["output_dir"] = str(tmp_path / "nope")
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe))
     out = CliRunner().invoke(app, ["extract", str(tmp_path / "r.yaml"), "-q"])
-    assert out.exit_code == 2 and "method 'seeking'" in out.output and not (tmp_path / "nope.partial").exists()
+    assert out.exit_code == 2 and "['seeking']" in out.output and not (tmp_path / "nope.partial").exists()
 
 
 def test_interrupted_seeking_run_resumes_to_the_same_adapter(tiny_recipe, tmp_path, monkeypatch):

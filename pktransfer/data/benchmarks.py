@@ -309,7 +309,7 @@ class SuperNiTask(Task):
         return ["seeking/super_ni/super_ni_data_1000.jsonl", "seeking/super_ni/sample_super_ni.jsonl"]
 
     def score(self, output: str, item: Item) -> dict[str, Any]:
-        from pktransfer.evaluation.metrics import normalize_answer, super_ni_scores
+        from pktransfer.data.scoring import normalize_answer, super_ni_scores
 
         refs = item.metadata.get("references") or [item.reference]
         m = super_ni_scores(output, refs)

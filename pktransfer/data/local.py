@@ -117,7 +117,7 @@ class Gsm8kTask(Task):
         return [self.FILES[split]] + ([self.EXEMPLARS] if split == "test" and self.shots else [])
 
     def score(self, output: str, item: Item) -> dict[str, Any]:
-        from pktransfer.evaluation.metrics import exact_match_number, gsm8k_strict
+        from pktransfer.data.scoring import exact_match_number, gsm8k_strict
 
         flex, ok = exact_match_number(output, item.reference)
         strict, strict_ok = gsm8k_strict(output, item.reference)
@@ -143,7 +143,7 @@ class JsonlTask(Task):
     def __init__(self, params: dict[str, Any] | None = None, data_dir: str | None = None) -> None:
         super().__init__(params, data_dir)
         self.scorer = str(self.params.pop("scorer", "exact_match"))
-        from pktransfer.evaluation.metrics import SCORERS
+        from pktransfer.data.scoring import SCORERS
 
         if self.scorer not in SCORERS:
             raise RecipeError(f"task 'jsonl': unknown scorer '{self.scorer}'", hint=f"use one of {', '.join(SCORERS)}")

@@ -50,7 +50,7 @@ class Task(ABC):
 
     def score(self, output: str, item: Item) -> dict[str, Any]:
         """Per-item scores: ``extracted``, ``correct`` (the primary metric) and optional other ``metrics``."""
-        from pktransfer.evaluation.metrics import SCORERS
+        from pktransfer.data.scoring import SCORERS
 
         pred, ok = SCORERS[self.scorer](output, item.reference)
         return {"extracted": pred, "correct": ok}

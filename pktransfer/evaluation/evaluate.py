@@ -137,7 +137,7 @@ def _choice_kind(model: Any, formatter: PromptFormatter, items: list[Item], task
 
 def _code_kind(model: Any, formatter: PromptFormatter, items: list[Item], task: Any, opts: EvalOptions,
                advance: Any, progress: Progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from pktransfer.evaluation.metrics import pass_at_k
+    from pktransfer.data.scoring import pass_at_k
     from pktransfer.evaluation.sandbox import (
         SandboxLimits,
         describe_isolation,

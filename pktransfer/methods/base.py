@@ -12,13 +12,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pktransfer.data import Example, PromptFormatter, Task
 from pktransfer.models import LoadedModel
 from pktransfer.progress import Progress
-from pktransfer.recipe import Recipe
 from pktransfer.training import LossFn
+
+if TYPE_CHECKING:
+    from pktransfer.config import MethodConfig
+    from pktransfer.recipe import Recipe
 
 
 @dataclass
@@ -138,8 +141,38 @@ def cached_file(folder: Path, prefix: str, key: str, compute: Callable[[], dict[
     return save_safetensors(tensors, path)
 
 
-class Method(ABC):
-    name: ClassVar[str]
+@dataclass
+class SharedWork:
+    """What a comparison grid can do once for many cells: the cell's recipe pointed at shared caches, and
+    jobs to run before the cells (``(folder, recipe, verb)``: ``pipeline.run_verb(recipe, verb)`` into folder)."""
+
+    recipe: Recipe
+    jobs: list[tuple[str, Recipe, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Verb:
+    """An extra CLI verb a method offers (``pkt VERB RECIPE``), e.g. Seeking's ``extract`` and ``inject``.
+
+    ``check(recipe, task)`` runs before any folder or model exists; ``run(method, ctx, log)`` does the work
+    in the run folder (``ctx.workdir``) and returns what goes into run.json (with ``outputs``)."""
+
+    help: str
+    run: Callable[[Any, MethodContext, Any], dict[str, Any]]
+    check: Callable[[Recipe, Task], None] = lambda recipe, task: None
+
+
+C = TypeVar("C", bound="MethodConfig")
+
+
+class Method(ABC, Generic[C]):
+    """A transfer method or baseline. The generic layers (pipeline, comparison, reports) call only these hooks.
+
+    A method module holds its config class (``config_class``, a :class:`~pktransfer.config.MethodConfig`
+    whose ``name`` is the method's registered name) and this behaviour, typed on that config."""
+
+    name: ClassVar[str]  # set by the registry from config_class
+    config_class: ClassVar[type[MethodConfig]]
     needs_teacher: ClassVar[bool] = False
     # False: prepare() returns the finished student (no LoRA training); ``training`` then describes what
     # the method trained itself (steps, seconds, final_loss, resumed_from, log_history)
@@ -151,8 +184,8 @@ class Method(ABC):
         """Whether the teacher must stay loaded while the student trains (its loss calls the teacher)."""
         return False
 
-    def __init__(self, spec: Any) -> None:
-        self.spec = spec
+    def __init__(self, spec: C) -> None:
+        self.spec: C = spec
         # set by prepare() when the LoRA's starting point was subtracted from the base weights
         self.initial_lora: dict[str, Any] | None = None
 
@@ -175,6 +208,23 @@ class Method(ABC):
     def report(self) -> dict[str, Any]:
         """What the method decided (layers, pairs, timings), recorded under ``method`` in run.json."""
         return {}
+
+    # ---- hooks for comparisons, extra verbs and reports (class-level: no instance needed) ----
+
+    @classmethod
+    def shared_work(cls, recipe: Recipe, shared_root: Path) -> SharedWork:
+        """In a comparison grid: point this cell's recipe at caches shared across cells, and name work to do once."""
+        return SharedWork(recipe)
+
+    @classmethod
+    def verbs(cls) -> dict[str, Verb]:
+        """Extra CLI verbs this method offers (``pkt extract`` and ``pkt inject`` for Seeking)."""
+        return {}
+
+    @classmethod
+    def report_notes(cls, labels: list[str]) -> list[str]:
+        """Lines the comparison report adds for this method's entries (``labels``)."""
+        return []
 
     def save_adapter(self, model: Any, folder: Path) -> None:
         """Write a standard PEFT adapter folder loadable on the *unmodified* student."""

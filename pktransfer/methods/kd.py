@@ -21,13 +21,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
+from pktransfer.config import MethodConfig
 from pktransfer.data import Example
 from pktransfer.errors import DataError
-from pktransfer.methods.base import Method, MethodContext, cache_key, cached_file, n_tokens, vocab_digest
+from pktransfer.methods.base import Method, MethodContext, SharedWork, cache_key, cached_file, n_tokens, vocab_digest
 from pktransfer.models.pair import check_pair
 from pktransfer.progress import Progress
 from pktransfer.training import (
@@ -103,8 +105,20 @@ def teacher_logits_at_responses(teacher_model: Any, examples: list[Example], top
 # ---- the method -----------------------------------------------------------------------------------
 
 
+class KdConfig(MethodConfig):
+    """Baseline: LoRA student trained with (1 − alpha)·CE + alpha·T²·KL(teacher_T ‖ student_T) on response tokens."""
+
+    name: Literal["kd"] = "kd"
+    temperature: float = Field(default=2.0, gt=0)
+    alpha: float = Field(default=0.5, ge=0, le=1, description="weight of the KL term (1: distillation only)")
+    cache: bool = Field(default=True, description="precompute the teacher's logits once and free the teacher; "
+                                                   "false keeps the teacher in memory and uses its full distribution")
+    top_k: int | None = Field(default=64, ge=1, description="cached logits per position (None: the whole vocabulary)")
+    logits_cache: str | None = Field(default=None, description="folder for cached teacher logits (shared by runs)")
+
+
 class KdMethod(Method):
-    name = "kd"
+    config_class = KdConfig
     needs_teacher = True
 
     def __init__(self, spec: Any) -> None:
@@ -149,6 +163,14 @@ class KdMethod(Method):
         else:
             self.teacher = self._teacher(ctx)
         return get_peft_model(student.model, lora_config(ctx.recipe.lora))
+
+    @classmethod
+    def shared_work(cls, recipe: Any, shared_root: Path) -> SharedWork:
+        """Every KD cell of a grid reads one logits cache (keyed by teacher, token ids and k)."""
+        if recipe.method.logits_cache is not None:
+            return SharedWork(recipe)
+        method = recipe.method.model_copy(update={"logits_cache": str(shared_root / "kd-logits")})
+        return SharedWork(recipe.model_copy(update={"method": method}))
 
     def _teacher(self, ctx: MethodContext) -> Any:
         teacher = ctx.load_teacher()

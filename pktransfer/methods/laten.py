@@ -40,10 +40,12 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 
+from pktransfer.config import MethodConfig
 from pktransfer.data import Example, encode_items
 from pktransfer.errors import DataError, IncompatiblePairError, RecipeError
 from pktransfer.fileio import save_safetensors, torch_save, write_json
@@ -350,8 +352,46 @@ def choose_step(val_losses: dict[int, float]) -> int:
     return min(candidates, key=lambda s: (candidates[s], s))
 
 
+class LatenConfig(MethodConfig):
+    """LaTen (methods.md §2): locate neurons, map them with hypernetworks, inject; no post-training.
+
+    The ``training`` section does not apply: LaTen trains only its hypernetworks, for ``steps`` steps.
+    """
+
+    name: Literal["laten"] = "laten"
+    n_extract: int = Field(default=20, ge=1, description="extract-split samples used to locate (paper: 20)")
+    transfer_rate: float = Field(default=0.1, gt=0, le=1, description="fraction of the student's neurons per layer")
+    locate_vocab: int | None = Field(
+        default=None, ge=1, description="softmax over the top-k logit-lens tokens (and y) when scoring neurons; "
+                                        "None: the whole vocabulary (exact, slow on CPU)")
+    checkpoint: int = Field(
+        default=4, ge=0, description="the official checkpoint_{k} kept: the paper's per-task 'steps' (GSM8K 4, MMLU 2, "
+                                     "HumanEval 3, MBPP 8); it holds the hypernetworks after k+1 updates")
+    total_steps: int | None = Field(default=None, ge=1,
+                                    description="length of the one-cycle schedule (None: one update per extract item, "
+                                                "as the official loop)")
+    choose: Literal["checkpoint", "validation"] = Field(
+        default="checkpoint", description="keep method.checkpoint (official), or train total_steps updates and keep "
+                                          "the lowest cross entropy on the held-out align items (ours)")
+    locate: Literal["per_example", "averaged"] = Field(
+        default="per_example", description="re-locate layers and neurons on each update's extract item (official), or "
+                                           "once on scores averaged over the extract items (ours)")
+    inject_on: Literal["train_sample", "extract_mean"] = Field(
+        default="train_sample", description="where the saved model's injection is located: one training item drawn "
+                                            "with the seed (official inference), or the extract items' mean scores")
+    lr: float = Field(default=3e-4, gt=0, le=1, description="max lr of the one-cycle schedule (the shipped script's "
+                                                            "3e-4; the function's default is 3e-5)")
+    weight_decay: float = Field(default=0.05, ge=0)
+    warmup_ratio: float = Field(default=0.1, gt=0, lt=1, description="one-cycle pct_start")
+    penalty: float = Field(default=1000.0, ge=0, description="weight of the MSE(Δ, 0) per module type")
+    partners: int = Field(default=15, ge=0, description="align examples joining each extract example in a batch")
+    n_val: int = Field(default=16, ge=1, description="align items held out: validation CE per update (recorded; "
+                                                     "the choice with choose: validation); never trained on")
+    init_std: float = Field(default=1e-5, gt=0, description="std of the hypernetworks' initial weights")
+
+
 class LatenMethod(Method):
-    name = "laten"
+    config_class = LatenConfig
     needs_teacher = True
     post_training = False
 
@@ -592,6 +632,12 @@ class LatenMethod(Method):
 
     def save_adapter(self, model: Any, folder: Path) -> None:
         raise RecipeError("laten saves a merged student, not an adapter", hint="read the run's merged/ folder")
+
+    @classmethod
+    def report_notes(cls, labels: list[str]) -> list[str]:
+        return [f"`{'`, `'.join(labels)}`: LaTen has no post-training. It trains only its hypernetworks (the official "
+                "schedule, one update per extract item), so the training settings above do not apply to it; its "
+                "counted budget below is its hypernetworks' parameters, updates and tokens.", ""]
 
     def report(self) -> dict[str, Any]:
         return self._info

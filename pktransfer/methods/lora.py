@@ -8,14 +8,23 @@ the same mechanism Seeking uses) so it applies to the unmodified student like an
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field
+
+from pktransfer.config import MethodConfig
 from pktransfer.methods.base import Method, MethodContext, snapshot_lora
 from pktransfer.training import check_targets, lora_config
 
 
+class LoraConfig(MethodConfig):
+    """Plain LoRA on the student (the reference baseline); LoRA init comes from ``lora.init``."""
+
+    name: Literal["lora"] = "lora"
+
+
 class LoraMethod(Method):
-    name = "lora"
+    config_class = LoraConfig
 
     def prepare(self, ctx: MethodContext) -> Any:
         from peft import get_peft_model
@@ -28,11 +37,19 @@ class LoraMethod(Method):
         return model
 
 
+class PissaConfig(MethodConfig):
+    """Baseline: LoRA started at the student's own top-r singular vectors (peft's PiSSA init); ``lora.init`` is ignored."""
+
+    name: Literal["pissa"] = "pissa"
+    niter: int | None = Field(default=None, ge=1,
+                              description="fast randomised SVD with this many subspace iterations (None: exact SVD)")
+
+
 class PissaMethod(Method):
+    config_class = PissaConfig
     """PiSSA: the adapter starts at the student's top-r singular triplets, B = U_r√Σ_r, A = √Σ_r V_rᵀ
     (divided by the LoRA scaling), and the base keeps the residual W − s·B A (peft's implementation)."""
 
-    name = "pissa"
 
     def prepare(self, ctx: MethodContext) -> Any:
         from peft import get_peft_model

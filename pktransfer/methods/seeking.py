@@ -18,16 +18,20 @@ Reads like methods.md §1:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
+from pktransfer.config import MethodConfig
 from pktransfer.data import encode_items
 from pktransfer.errors import DataError, IncompatiblePairError, RecipeError
 from pktransfer.fileio import write_json
-from pktransfer.methods.base import Method, MethodContext, n_tokens, snapshot_lora
+from pktransfer.methods.base import Method, MethodContext, SharedWork, Verb, n_tokens, snapshot_lora
 from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES, ArchitectureDescription
 from pktransfer.models.pair import check_pair
 from pktransfer.models.tying import parameter_key, untie_if_targeted
@@ -283,8 +287,23 @@ def lora_started_at(ctx: MethodContext, matrices: dict[str, torch.Tensor]) -> tu
     return model, snapshot_lora(model)
 
 
+class SeekingConfig(MethodConfig):
+    """Seeking (methods.md §1): teacher sensitivity -> layer/dimension selection -> SVD-initialised LoRA."""
+
+    name: Literal["seeking"] = "seeking"
+    n_seed: int = Field(default=32, ge=1, description="seed samples for the sensitivity (paper: 32)")
+    layers: Literal["sensitivity", "random", "top", "last"] | list[int] = "sensitivity"
+    structure: Literal["submatrix", "row_column", "neuron", "random", "uniform"] = "submatrix"
+    modules: list[Literal["embed", "attention", "ffn", "all"]] = Field(default_factory=lambda: ["all"], min_length=1)
+    map_dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="dtype of the submatrix map")
+    sensitivity: str | None = Field(default=None, description="reuse a saved sensitivity folder (pkt extract)")
+    gradient_checkpointing: bool = False
+    grow: Literal["error", "pad"] = Field(
+        default="error", description="a student dimension larger than the teacher's: refuse, or zero-pad")
+
+
 class SeekingMethod(Method):
-    name = "seeking"
+    config_class = SeekingConfig
     needs_teacher = True
 
     def prepare(self, ctx: MethodContext) -> Any:
@@ -304,3 +323,65 @@ class SeekingMethod(Method):
         model, self.initial_lora = lora_started_at(ctx, matrices)
         return model
 
+
+    # ---- what a comparison shares, and the extra verbs ----------------------------------------------
+
+    @classmethod
+    def shared_work(cls, recipe: Any, shared_root: Path) -> SharedWork:
+        """The sensitivity depends on the teacher, seed split, tokenisation and accumulators, not on the seed
+        (except through a random layer choice): one ``pkt extract`` serves every cell that needs the same."""
+        m = recipe.method
+        if m.sensitivity is not None:
+            return SharedWork(recipe)
+        what = {"teacher": recipe.teacher.model_dump(), "task": recipe.task.model_dump(),
+                "max_length": recipe.training.max_length, "method": m.model_dump(exclude={"sensitivity"}),
+                "seed": recipe.seed if m.layers == "random" else None}
+        key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+        folder = shared_root / f"seeking-{key}"
+        job = (str(folder), recipe.model_copy(update={"output_dir": str(folder)}), "extract")
+        method = m.model_copy(update={"sensitivity": str(folder / "sensitivity")})
+        return SharedWork(recipe.model_copy(update={"method": method}), [job])
+
+    @classmethod
+    def verbs(cls) -> dict[str, Verb]:
+        return {"extract": Verb("Seeking steps 1-2: teacher sensitivity over the seed split and the layer selection. "
+                                "Writes sensitivity/; reuse it with method.sensitivity.", _extract, _needs_seed_split),
+                "inject": Verb("Seeking steps 1-5 without training: adapter_init/ (the teacher-initialised LoRA) and "
+                               "residual/ (W − (α/r)BA); together they equal the original student.", _inject,
+                               _needs_seed_split)}
+
+
+def _needs_seed_split(recipe: Any, task: Any) -> None:
+    task.split("seed")
+
+
+def _extract(method: SeekingMethod, ctx: MethodContext, log: Any) -> dict[str, Any]:
+    """Steps 1-2 only. Writes ``sensitivity/`` (safetensors + summary.json with per-layer and per-module
+    figures); a recipe reuses it with ``method.sensitivity: OUTPUT/sensitivity``."""
+    teacher = ctx.load_teacher()
+    check_pair(teacher.arch, ctx.student.arch, teacher.tokenizer, ctx.student.tokenizer, method.name)
+    with log.stage("sensitivity"):
+        sens, layers = locate(teacher, ctx.student.arch, ctx, method.spec, ctx.workdir)
+    return {"selected_layers": layers, "n_samples": sens.n_samples, "outputs": {"sensitivity": "sensitivity"}}
+
+
+def _inject(method: SeekingMethod, ctx: MethodContext, log: Any) -> dict[str, Any]:
+    """Steps 1-5 without training. Writes ``adapter_init/`` (the PEFT adapter at (B, A)) and ``residual/`` (the
+    student whose weights are W − (α/r)·B A, loadable with ``from_pretrained``): together they equal the
+    original student. Records the largest step-0 logit difference to the original student on a seed item."""
+    from transformers import set_seed
+
+    probe = torch.tensor([ctx.formatter.encode_prompt(ctx.task.split("seed")[0].prompt)])
+    with torch.no_grad():
+        before = ctx.student.model(input_ids=probe.to(ctx.student.device)).logits.float()
+    set_seed(ctx.recipe.seed)
+    with log.stage("prepare"):
+        peft_model = method.prepare(ctx)
+    with torch.no_grad():
+        after = peft_model(input_ids=probe.to(ctx.student.device)).logits.float()
+    peft_model.save_pretrained(str(ctx.workdir / "adapter_init"))
+    residual = peft_model.unload()
+    residual.save_pretrained(str(ctx.workdir / "residual"), safe_serialization=True)
+    ctx.student.tokenizer.save_pretrained(str(ctx.workdir / "residual"))
+    return {"step0_max_logit_diff": float((after - before).abs().max()),
+            "outputs": {"adapter_init": "adapter_init", "residual": "residual", "sensitivity": "sensitivity"}}

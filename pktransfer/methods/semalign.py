@@ -27,14 +27,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, model_validator
 
+from pktransfer.config import MethodConfig
 from pktransfer.data import Example, encode_items
 from pktransfer.errors import DataError, IncompatiblePairError
 from pktransfer.fileio import write_json
-from pktransfer.methods.base import Method, MethodContext, cache_key, cached_file, n_tokens, vocab_digest
+from pktransfer.methods.base import Method, MethodContext, SharedWork, cache_key, cached_file, n_tokens, vocab_digest
 from pktransfer.models.pair import check_pair
 from pktransfer.ops.semantic import (
     LayerPair,
@@ -236,8 +238,43 @@ class TargetCache:
 # ---- the method -----------------------------------------------------------------------------------
 
 
+class SemAlignConfig(MethodConfig):
+    """SemAlign (methods.md §3): teacher activations mapped through semantic bases supervise paired student layers."""
+
+    name: Literal["semalign"] = "semalign"
+    n_seed: int = Field(default=32, ge=1, description="seed-split samples for the teacher's layer attribution")
+    critical_layers: int | Literal["all"] = Field(
+        default=4, description="how many top-attributed teacher layers to transfer ('all': pair every student layer)")
+    rank_by: Literal["score", "abs"] = Field(
+        default="score", description="rank teacher layers by the signed gradient x activation sum, or its magnitude")
+    point: Literal["mlp", "attention", "layer"] = Field(
+        default="mlp", description="supervised activation: a sublayer's output before the residual add (mlp or "
+                                   "attention), or the whole layer's output")
+    target_modules: list[str] | None = Field(
+        default_factory=lambda: ["up_proj", "down_proj", "v_proj", "o_proj"],
+        description="LoRA targets (the paper's four); None: lora.target_modules")
+    lora_layers: Literal["paired", "all"] = Field(default="paired", description="LoRA on the paired layers only, or all")
+    schedule: Literal["joint", "shallow_to_deep"] = Field(
+        default="joint", description="train every pair at once, or one pair after another from shallow to deep")
+    activation_weight: float = Field(default=1.0, ge=0, description="weight of 1 − mean cos(h_S, h~_S)")
+    logit_weight: float = Field(default=1.0, ge=0, description="weight of 1 − mean cos(z, onehot(y))")
+    cache: bool = Field(default=True, description="precompute the teacher's targets once and free the teacher; "
+                                                   "false keeps the teacher in memory and maps its activations live")
+    cache_dir: str | None = Field(default=None, description="folder for semantic bases and cached targets "
+                                                             "(shared by runs; default: the run's folder)")
+    basis_chunk: int = Field(default=8192, ge=1, description="vocabulary rows per step of the basis computation")
+
+    @model_validator(mode="after")
+    def _check(self) -> SemAlignConfig:
+        if isinstance(self.critical_layers, int) and self.critical_layers < 1:
+            raise ValueError("critical_layers must be at least 1 (or 'all')")
+        if self.activation_weight == 0 and self.logit_weight == 0:
+            raise ValueError("activation_weight and logit_weight are both 0: nothing to train")
+        return self
+
+
 class SemAlignMethod(Method):
-    name = "semalign"
+    config_class = SemAlignConfig
     needs_teacher = True
 
     def __init__(self, spec: Any) -> None:
@@ -260,6 +297,14 @@ class SemAlignMethod(Method):
 
     def _folder(self, ctx: MethodContext) -> Path:
         return Path(self.spec.cache_dir) if self.spec.cache_dir else ctx.workdir / "semalign_cache"
+
+    @classmethod
+    def shared_work(cls, recipe: Any, shared_root: Path) -> SharedWork:
+        """Semantic bases, maps and targets are keyed by what they depend on: one folder serves every cell."""
+        if recipe.method.cache_dir is not None:
+            return SharedWork(recipe)
+        method = recipe.method.model_copy(update={"cache_dir": str(shared_root / "semalign")})
+        return SharedWork(recipe.model_copy(update={"method": method}))
 
     def prepare(self, ctx: MethodContext) -> Any:
         from peft import get_peft_model
@@ -304,7 +349,7 @@ class SemAlignMethod(Method):
             "method": "layer gradient x activation, sum over tokens and channels, mean over samples",
             "n_samples": len(seed_examples), "scores": scores, "rank_by": spec.rank_by,
             "critical_layers": critical, "seconds": round(attribution_s, 2)})
-        from pktransfer.reports import plot_layer_scores
+        from pktransfer.plots import plot_layer_scores
 
         plot_layer_scores(scores, critical, out / "attribution.png", ylabel="gradient x activation",
                           title=f"teacher layer attribution ({len(seed_examples)} seed samples)")

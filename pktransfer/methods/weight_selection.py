@@ -17,10 +17,12 @@ discard its own weights, so the transfer here goes through the same LoRA budget 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
+from pktransfer.config import MethodConfig
 from pktransfer.errors import IncompatiblePairError, RecipeError
 from pktransfer.fileio import write_json
 from pktransfer.methods.base import Method, MethodContext
@@ -64,8 +66,17 @@ def selected_matrices(teacher: Any, s_arch: ArchitectureDescription, layers: lis
     return out
 
 
+class WeightSelectionConfig(MethodConfig):
+    """Baseline (Xu et al., ICLR 2024): LoRA started from uniformly spaced teacher indices, no sensitivity."""
+
+    name: Literal["weight_selection"] = "weight_selection"
+    layers: Literal["first", "uniform", "last"] | list[int] = Field(
+        default="first", description="teacher layers for the student's layers (Xu et al.: the first N)")
+    modules: list[Literal["embed", "attention", "ffn", "all"]] = Field(default_factory=lambda: ["all"], min_length=1)
+
+
 class WeightSelectionMethod(Method):
-    name = "weight_selection"
+    config_class = WeightSelectionConfig
     needs_teacher = True
 
     def prepare(self, ctx: MethodContext) -> Any:

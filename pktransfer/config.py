@@ -1,0 +1,92 @@
+"""The sections of a recipe (models, task, LoRA, training, evaluation) and the base of every method's config.
+
+Each method's own config class lives in its module under ``pktransfer/methods/`` (e.g. ``SeekingConfig``
+in ``methods/seeking.py``); the registry (``pktransfer.methods.registry``) assembles the recipe's
+``method`` union from them. Every model forbids unknown keys.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pktransfer.models.builtin import DEFAULT_STUDENT, DEFAULT_TEACHER  # noqa: F401  (re-exported defaults)
+
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Strict):
+    """A causal LM: ``builtin:NAME``, a local folder, or a hub id."""
+
+    model: str = Field(min_length=1)
+    dtype: DTypeName = "auto"
+    device: DeviceName = "auto"
+    revision: str | None = None
+
+
+class TaskSpec(Strict):
+    """A task from the registry (``pkt tasks``) and its split sizes."""
+
+    name: str = "arithmetic"
+    data_dir: str | None = Field(
+        default=None, description="folder with the benchmark data (default: $PKT_DATA_DIR or ../shared/data)"
+    )
+    n_train: int | None = Field(default=None, ge=1, description="cap on training items (None: the whole split)")
+    n_test: int | None = Field(default=None, ge=1, description="cap on test items (None: the whole split)")
+    prompt_format: Literal["auto", "chat", "plain"] = "auto"
+    params: dict[str, Any] = Field(default_factory=dict, description="task-specific options")
+
+
+class LoraSpec(Strict):
+    r: int = Field(default=16, ge=1)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+    )
+    init: Literal["default", "gaussian", "pissa"] = "default"
+    rank_pattern: dict[str, int] = Field(default_factory=dict, description="per-module ranks, e.g. {q_proj: 8}")
+
+
+class TrainingSpec(Strict):
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, ge=1, description="overrides epochs when set")
+    lr: float = Field(default=3e-4, gt=0, le=1)
+    batch_size: int = Field(default=8, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    max_length: int = Field(default=512, ge=8, description="cutoff in tokens (prompt + response)")
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    save_steps: int = Field(default=50, ge=1, description="checkpoint interval for resume")
+    logging_steps: int = Field(default=5, ge=1)
+    gradient_checkpointing: bool = False
+    save_merged: bool = Field(default=False, description="also write a merged full model")
+
+
+class EvaluationSpec(Strict):
+    splits: list[str] = Field(default_factory=lambda: ["test"], min_length=1)
+    limit: int | None = Field(default=None, ge=1, description="evaluate only N items (the first N, or a seeded draw)")
+    subset_seed: int | None = Field(default=None, description="with limit: draw the N items with this seed")
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default=16, description="or 'auto': the largest that fits (CUDA)")
+    n_samples: int = Field(default=1, ge=1, description="code tasks: completions per problem (pass@k for k <= n)")
+    temperature: float = Field(default=0.8, ge=0, description="code tasks: sampling temperature when n_samples > 1")
+    allow_code_execution: bool = Field(default=False, description="run generated code (sandboxed) for code tasks")
+    max_new_tokens: int | None = Field(default=None, ge=1,
+                                       description="generation budget (None: the task's own, e.g. 12 for arithmetic)")
+    teacher: bool = Field(default=True, description="also evaluate the teacher")
+    student: bool = Field(default=True, description="also evaluate the untouched student")
+
+
+class MethodConfig(Strict):
+    """Base of every method's config: ``name`` is the method's registered name (a Literal in each subclass)."""
+
+    name: str
