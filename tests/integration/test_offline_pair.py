@@ -117,7 +117,7 @@ def test_laten_on_the_real_pair_merges_its_delta(pair, tmp_path):
     _, s = pair
     name = "model.layers.0.mlp.up_proj"
     before = s.model.get_submodule(name).weight.detach().clone()
-    method, ctx = _context(pair, tmp_path, {"name": "laten", "n_extract": 1, "locate_vocab": 128, "steps": 1,
+    method, ctx = _context(pair, tmp_path, {"name": "laten", "n_extract": 1, "locate_vocab": 128, "checkpoint": 0,
                                             "partners": 3, "n_val": 4, "init_std": 1e-3})
     method.prepare(ctx)
     info = method.report()
