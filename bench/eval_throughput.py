@@ -31,22 +31,41 @@ def main() -> None:
     pktransfer.set_threads(args.threads)
     loaded = pktransfer.load_model(pktransfer.recipe.ModelSpec(model=DEFAULT_STUDENT, device="cpu"))
     model, tok = loaded.model, loaded.tokenizer
-    report: dict = {"model": DEFAULT_STUDENT, "dtype": str(loaded.dtype), "threads": torch.get_num_threads(),
-                    "batch_size": args.batch_size, "runs": {}}
-    cases = [("arithmetic", {}, 48, "auto", 12), ("gsm8k", {"style": "lm-eval"}, 16, "plain", 128),
-             ("mmlu", {}, 48, "plain", None)]
+    report: dict = {
+        "model": DEFAULT_STUDENT,
+        "dtype": str(loaded.dtype),
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "runs": {},
+    }
+    cases = [
+        ("arithmetic", {}, 48, "auto", 12),
+        ("gsm8k", {"style": "lm-eval"}, 16, "plain", 128),
+        ("mmlu", {}, 48, "plain", None),
+    ]
     for name, params, n, fmt, budget in cases:
         task = get_task(name, params)
         items = task.split("test")[:n]
         formatter = PromptFormatter(tok, fmt, task.system_prompt, task.plain_separator)  # type: ignore[arg-type]
-        res = evaluate_items(model, formatter, items, label="student", task=task, split="test",
-                             options=EvalOptions(batch_size=args.batch_size, max_new_tokens=budget or 16))
+        res = evaluate_items(
+            model,
+            formatter,
+            items,
+            label="student",
+            task=task,
+            split="test",
+            options=EvalOptions(batch_size=args.batch_size, max_new_tokens=budget or 16),
+        )
         s = res.summary
-        report["runs"][name] = {"kind": task.kind, "n": s["n"], "seconds": s["seconds"],
-                                "items_per_second": s["items_per_second"],
-                                "generated_tokens": s["generated_tokens"],
-                                "generated_tokens_per_second": s["generated_tokens_per_second"],
-                                "accuracy": s["accuracy"]}
+        report["runs"][name] = {
+            "kind": task.kind,
+            "n": s["n"],
+            "seconds": s["seconds"],
+            "items_per_second": s["items_per_second"],
+            "generated_tokens": s["generated_tokens"],
+            "generated_tokens_per_second": s["generated_tokens_per_second"],
+            "accuracy": s["accuracy"],
+        }
         print(name, report["runs"][name], flush=True)
 
     # plain reference: batch 1, one generate call per item, on the first 16 arithmetic prompts
@@ -59,15 +78,26 @@ def main() -> None:
     with torch.inference_mode():
         for it in items:
             ids = torch.tensor([formatter.encode_prompt(it.prompt)])
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                                 do_sample=False, eos_token_id=stop, pad_token_id=tok.pad_token_id)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=12,
+                do_sample=False,
+                eos_token_id=stop,
+                pad_token_id=tok.pad_token_id,
+            )
             n_tokens += int(out.shape[1] - ids.shape[1])
     ref_s = time.perf_counter() - t0
-    ref = {"n": len(items), "seconds": round(ref_s, 2), "items_per_second": round(len(items) / ref_s, 3),
-           "generated_tokens_per_second": round(n_tokens / ref_s, 2)}
+    ref = {
+        "n": len(items),
+        "seconds": round(ref_s, 2),
+        "items_per_second": round(len(items) / ref_s, 3),
+        "generated_tokens_per_second": round(n_tokens / ref_s, 2),
+    }
     report["plain_reference_arithmetic_batch1"] = ref
     report["speedup_items_per_second_vs_reference"] = round(
-        report["runs"]["arithmetic"]["items_per_second"] / ref["items_per_second"], 2)
+        report["runs"]["arithmetic"]["items_per_second"] / ref["items_per_second"], 2
+    )
     print("reference (batch 1):", ref, "speed-up:", report["speedup_items_per_second_vs_reference"], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))

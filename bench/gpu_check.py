@@ -58,37 +58,63 @@ def main() -> None:
 
     t0 = time.perf_counter()
     _, used = run_batched(OnCuda(), "auto", fn, start=512)
-    report["auto_batch_oom"] = {"free_gib": round(free / 2**30, 1), "total_gib": round(total / 2**30, 1),
-                                "gib_per_item": 2, "tried": tried, "used": used,
-                                "seconds": round(time.perf_counter() - t0, 2)}
+    report["auto_batch_oom"] = {
+        "free_gib": round(free / 2**30, 1),
+        "total_gib": round(total / 2**30, 1),
+        "gib_per_item": 2,
+        "tried": tried,
+        "used": used,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     print("auto batch after real OOMs:", report["auto_batch_oom"])
 
     # 1b. evaluation with batch_size auto on CUDA
     for bs in ("auto", 4):
         t0 = time.perf_counter()
-        res = pktransfer.evaluate(pktransfer.recipe.ModelSpec(model=str(student), device="cuda"), "arithmetic",
-                                  limit=100, batch_size=bs, max_new_tokens=8, quiet=True)
+        res = pktransfer.evaluate(
+            pktransfer.recipe.ModelSpec(model=str(student), device="cuda"),
+            "arithmetic",
+            limit=100,
+            batch_size=bs,
+            max_new_tokens=8,
+            quiet=True,
+        )
         s = res.summary
-        report[f"eval_arithmetic_bs_{bs}"] = {"batch_size_used": s["batch_size_used"], "n": s["n"],
-                                              "seconds": round(time.perf_counter() - t0, 2),
-                                              "items_per_second": s["items_per_second"]}
+        report[f"eval_arithmetic_bs_{bs}"] = {
+            "batch_size_used": s["batch_size_used"],
+            "n": s["n"],
+            "seconds": round(time.perf_counter() - t0, 2),
+            "items_per_second": s["items_per_second"],
+        }
         print(f"eval (batch_size={bs}):", report[f"eval_arithmetic_bs_{bs}"])
 
     # 2. every method end to end on CUDA
     base = {
-        "teacher": {"model": str(teacher), "device": "cuda"}, "student": {"model": str(student), "device": "cuda"},
-        "task": {"name": "arithmetic", "n_train": 32, "n_test": 20,
-                 "params": {"sizes": {"test": 20, "train": 32, "seed": 4, "extract": 2, "align": 24}}},
+        "teacher": {"model": str(teacher), "device": "cuda"},
+        "student": {"model": str(student), "device": "cuda"},
+        "task": {
+            "name": "arithmetic",
+            "n_train": 32,
+            "n_test": 20,
+            "params": {"sizes": {"test": 20, "train": 32, "seed": 4, "extract": 2, "align": 24}},
+        },
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "training": {"max_steps": 6, "batch_size": 8, "lr": 1e-3, "max_length": 64, "save_steps": 3},
         "evaluation": {"batch_size": "auto", "max_new_tokens": 6},
     }
-    methods = [{"name": "lora"}, {"name": "pissa"}, {"name": "kd", "cache": False}, {"name": "kd", "cache": True},
-               {"name": "weight_selection"}, {"name": "seeking", "n_seed": 4},
-               {"name": "semalign", "n_seed": 4, "cache": True}, {"name": "semalign", "n_seed": 4, "cache": False},
-               {"name": "laten", "n_val": 8, "checkpoint": 2},
-               {"name": "semalign", "n_seed": 4, "cache": False, "teacher_device": "cpu"},
-               {"name": "laten", "n_val": 8, "checkpoint": 2, "teacher_device": "cpu"}]
+    methods = [
+        {"name": "lora"},
+        {"name": "pissa"},
+        {"name": "kd", "cache": False},
+        {"name": "kd", "cache": True},
+        {"name": "weight_selection"},
+        {"name": "seeking", "n_seed": 4},
+        {"name": "semalign", "n_seed": 4, "cache": True},
+        {"name": "semalign", "n_seed": 4, "cache": False},
+        {"name": "laten", "n_val": 8, "checkpoint": 2},
+        {"name": "semalign", "n_seed": 4, "cache": False, "teacher_device": "cpu"},
+        {"name": "laten", "n_val": 8, "checkpoint": 2, "teacher_device": "cpu"},
+    ]
     report["methods"] = {}
     for i, m in enumerate(methods):
         m = dict(m)
@@ -98,10 +124,14 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         res = pktransfer.run(recipe, quiet=True)
-        key = m["name"] + ("" if "cache" not in m else f"(cache={m['cache']})") + \
-            ("" if teacher_device == "cuda" else "(teacher on cpu)")
+        key = (
+            m["name"]
+            + ("" if "cache" not in m else f"(cache={m['cache']})")
+            + ("" if teacher_device == "cuda" else "(teacher on cpu)")
+        )
         report["methods"][key] = {
-            "trained_acc": res.metrics["trained"]["test"]["accuracy"], "steps": res.run["training"]["steps"],
+            "trained_acc": res.metrics["trained"]["test"]["accuracy"],
+            "steps": res.run["training"]["steps"],
             "seconds": round(time.perf_counter() - t0, 2),
             "peak_cuda_gib": max(s.get("peak_cuda_gib", 0) for s in res.run["stages"].values()),
         }

@@ -101,9 +101,28 @@ def _prompt(sample: dict) -> str:
 
 
 def run_lm_eval(python: str, model: str, tasks: list[str], include: Path, out: Path, shots: int, batch: int) -> list[dict]:
-    cmd = [python, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={model},dtype=float32",
-           "--tasks", ",".join(tasks), "--include_path", str(include), "--num_fewshot", str(shots),
-           "--batch_size", str(batch), "--device", "cpu", "--log_samples", "--output_path", str(out)]
+    cmd = [
+        python,
+        "-m",
+        "lm_eval",
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={model},dtype=float32",
+        "--tasks",
+        ",".join(tasks),
+        "--include_path",
+        str(include),
+        "--num_fewshot",
+        str(shots),
+        "--batch_size",
+        str(batch),
+        "--device",
+        "cpu",
+        "--log_samples",
+        "--output_path",
+        str(out),
+    ]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     samples = []
@@ -144,23 +163,37 @@ def main() -> None:
             for subj, rs in by_subject.items():
                 (tmp / f"mmlu_{subj}.test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
                 (tmp / f"mmlu_{subj}.dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev if r["subject"] == subj))
-                (tmp / f"pkt_mmlu_{subj}.yaml").write_text(MMLU_YAML.format(
-                    subject=subj, subject_words=subj.replace("_", " "), test=tmp / f"mmlu_{subj}.test.jsonl",
-                    dev=tmp / f"mmlu_{subj}.dev.jsonl"))
+                (tmp / f"pkt_mmlu_{subj}.yaml").write_text(
+                    MMLU_YAML.format(
+                        subject=subj,
+                        subject_words=subj.replace("_", " "),
+                        test=tmp / f"mmlu_{subj}.test.jsonl",
+                        dev=tmp / f"mmlu_{subj}.dev.jsonl",
+                    )
+                )
                 names.append(f"pkt_mmlu_{subj}")
             samples = run_lm_eval(args.lm_eval_python, model, names, tmp, tmp / "out-mmlu", args.mmlu_shots, args.batch_size)
             lm_correct = {(s["doc"]["subject"], s["doc"]["question"]): s["acc"] for s in samples}
             theirs = sum(lm_correct.values()) / len(lm_correct)
             prompt_lm = {(s["doc"]["subject"], s["doc"]["question"]): _prompt(s) for s in samples}
             ll_lm = {(s["doc"]["subject"], s["doc"]["question"]): [float(r[0][0]) for r in s["resps"]] for s in samples}
-            ours_res = pktransfer.evaluate(spec, "mmlu", limit=args.n, subset_seed=args.seed, prompt_format="plain",
-                                           task_params={"shots": args.mmlu_shots}, batch_size=args.batch_size)
+            ours_res = pktransfer.evaluate(
+                spec,
+                "mmlu",
+                limit=args.n,
+                subset_seed=args.seed,
+                prompt_format="plain",
+                task_params={"shots": args.mmlu_shots},
+                batch_size=args.batch_size,
+            )
             keys = [(r["subject"], rows[int(r["id"].rsplit("-", 1)[1])]["question"]) for r in ours_res.records]
             agree = sum(float(r["correct"]) == lm_correct[k] for r, k in zip(ours_res.records, keys, strict=True))
             same_prompt = prompt_lm[keys[0]] == items[0].prompt
             report["mmlu_max_loglik_difference"] = max(
-                abs(r["loglik"][L] - ll_lm[k][j]) for r, k in zip(ours_res.records, keys, strict=True)
-                for j, L in enumerate("ABCD"))
+                abs(r["loglik"][L] - ll_lm[k][j])
+                for r, k in zip(ours_res.records, keys, strict=True)
+                for j, L in enumerate("ABCD")
+            )
             metric = "acc (micro)"
         else:
             task = get_task("gsm8k", {"style": "lm-eval", "shots": args.gsm8k_shots})
@@ -168,15 +201,25 @@ def main() -> None:
             rows = _rows(task.data_dir() / "gsm8k" / "test.jsonl")
             chosen = [rows[it.metadata["line"]] for it in items]
             (tmp / "gsm8k.test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chosen))
-            (tmp / "pkt_gsm8k.yaml").write_text(GSM_YAML.format(test=tmp / "gsm8k.test.jsonl",
-                                                                train=task.data_dir() / "gsm8k" / "train.jsonl",
-                                                                max_tokens=args.max_tokens))
-            samples = run_lm_eval(args.lm_eval_python, model, ["pkt_gsm8k"], tmp, tmp / "out-gsm8k", args.gsm8k_shots,
-                                  args.batch_size)
+            (tmp / "pkt_gsm8k.yaml").write_text(
+                GSM_YAML.format(
+                    test=tmp / "gsm8k.test.jsonl", train=task.data_dir() / "gsm8k" / "train.jsonl", max_tokens=args.max_tokens
+                )
+            )
+            samples = run_lm_eval(
+                args.lm_eval_python, model, ["pkt_gsm8k"], tmp, tmp / "out-gsm8k", args.gsm8k_shots, args.batch_size
+            )
             by_q = {s["doc"]["question"]: s for s in samples}
-            ours_res = pktransfer.evaluate(spec, "gsm8k", limit=args.n, subset_seed=args.seed, prompt_format="plain",
-                                           task_params={"style": "lm-eval", "shots": args.gsm8k_shots},
-                                           batch_size=args.batch_size, max_new_tokens=args.max_tokens)
+            ours_res = pktransfer.evaluate(
+                spec,
+                "gsm8k",
+                limit=args.n,
+                subset_seed=args.seed,
+                prompt_format="plain",
+                task_params={"style": "lm-eval", "shots": args.gsm8k_shots},
+                batch_size=args.batch_size,
+                max_new_tokens=args.max_tokens,
+            )
             qs = [rows[int(r["id"].rsplit("-", 1)[1])]["question"] for r in ours_res.records]
             # lm-eval logs one sample per filter: read both filters' results per document
             lm = {f: {} for f in ("strict-match", "flexible-extract")}
@@ -186,16 +229,29 @@ def main() -> None:
             theirs_strict = sum(lm["strict-match"].values()) / len(qs)
             agree = sum(float(r["correct"]) == lm["flexible-extract"][q] for r, q in zip(ours_res.records, qs, strict=True))
             same_prompt = _prompt(by_q[qs[0]]) == items[0].prompt
-            same_output = sum(by_q[q]["resps"][0][0].split("Question:")[0].strip() == r["output"].strip()
-                              for r, q in zip(ours_res.records, qs, strict=True))
-            report.setdefault("gsm8k_extra", {}).update({
-                "lm_eval_strict": theirs_strict, "ours_strict": ours_res.summary["metrics"]["exact_match,strict"],
-                "identical_generations": same_output})
+            same_output = sum(
+                by_q[q]["resps"][0][0].split("Question:")[0].strip() == r["output"].strip()
+                for r, q in zip(ours_res.records, qs, strict=True)
+            )
+            report.setdefault("gsm8k_extra", {}).update(
+                {
+                    "lm_eval_strict": theirs_strict,
+                    "ours_strict": ours_res.summary["metrics"]["exact_match,strict"],
+                    "identical_generations": same_output,
+                }
+            )
             metric = "exact_match, flexible-extract"
         ours = ours_res.accuracy
-        entry = {"metric": metric, "ours": ours, "lm_eval": theirs, "difference_points": round(100 * (ours - theirs), 2),
-                 "items": len(ours_res.records), "per_item_agreement": agree / len(ours_res.records),
-                 "first_prompt_identical": same_prompt, "seconds_both": round(time.time() - t0, 1)}
+        entry = {
+            "metric": metric,
+            "ours": ours,
+            "lm_eval": theirs,
+            "difference_points": round(100 * (ours - theirs), 2),
+            "items": len(ours_res.records),
+            "per_item_agreement": agree / len(ours_res.records),
+            "first_prompt_identical": same_prompt,
+            "seconds_both": round(time.time() - t0, 1),
+        }
         report["tasks"][name] = entry
         print(name, json.dumps(entry), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -45,8 +45,11 @@ def main() -> None:
 
     for role in ("teacher", "student"):
         name = run["recipe"][role]["model"]
-        cfg = AutoConfig.from_pretrained(str(prepare_builtin(name))) if name.startswith("builtin:") else \
-            AutoConfig.from_pretrained(name)
+        cfg = (
+            AutoConfig.from_pretrained(str(prepare_builtin(name)))
+            if name.startswith("builtin:")
+            else AutoConfig.from_pretrained(name)
+        )
         d = describe_config(cfg, name)
         n = sum(int(__import__("math").prod(w.shape)) for w in d.weights())
         weights[role] = n * 4 / 2**30
@@ -54,15 +57,25 @@ def main() -> None:
     print(f"{'stage':<14} {'seconds':>9} {'peak anon GiB':>14} {'weights GiB':>12} {'ratio':>6}")
     for stage, s in run["stages"].items():
         w = weights[holder.get(stage, "student")]
-        print(f"{stage:<14} {s['seconds']:>9.1f} {s['peak_rss_anon_gib']:>14.2f} {w:>12.2f} "
-              f"{s['peak_rss_anon_gib'] / w:>6.2f}")
-    print(f"total wall {run['wall_seconds']:.0f}s; accuracy: " + ", ".join(
-        f"{k} {100 * v['test']['accuracy']:.1f}%" for k, v in run["metrics"].items()))
+        print(f"{stage:<14} {s['seconds']:>9.1f} {s['peak_rss_anon_gib']:>14.2f} {w:>12.2f} {s['peak_rss_anon_gib'] / w:>6.2f}")
+    print(
+        f"total wall {run['wall_seconds']:.0f}s; accuracy: "
+        + ", ".join(f"{k} {100 * v['test']['accuracy']:.1f}%" for k, v in run["metrics"].items())
+    )
     out = Path("bench/results")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quickstart_stages.json").write_text(json.dumps({"stages": run["stages"], "weights_fp32_gib": weights,
-                                                            "metrics": run["metrics"], "wall": run["wall_seconds"],
-                                                            "versions": run["versions"]}, indent=2))
+    (out / "quickstart_stages.json").write_text(
+        json.dumps(
+            {
+                "stages": run["stages"],
+                "weights_fp32_gib": weights,
+                "metrics": run["metrics"],
+                "wall": run["wall_seconds"],
+                "versions": run["versions"],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

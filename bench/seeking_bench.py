@@ -103,16 +103,36 @@ def run_mode(mode: str, n: int, max_length: int, task: str, map_dtype: str, chec
         for w in teacher.arch.weights():
             if len(w.shape) == 2 and w.role not in ("embed", "lm_head"):
                 map_bytes += w.shape[0] * w.shape[1] * el
-    return {"mode": mode, "load_s": load_s, "first_pass": first_pass, "pairs": pairs,
-            "tokens": [int(b["input_ids"].shape[1]) for b in batches], "weight_bytes": weight_bytes,
-            "map_bytes": map_bytes, "rss_after_load": after_load, "peak": peak}
+    return {
+        "mode": mode,
+        "load_s": load_s,
+        "first_pass": first_pass,
+        "pairs": pairs,
+        "tokens": [int(b["input_ids"].shape[1]) for b in batches],
+        "weight_bytes": weight_bytes,
+        "map_bytes": map_bytes,
+        "rss_after_load": after_load,
+        "peak": peak,
+    }
 
 
 def bench_sensitivity(args: argparse.Namespace) -> None:
     results = {}
     for mode in args.modes.split(","):
-        cmd = [sys.executable, __file__, "--_mode", mode, "--n", str(args.n), "--max-length", str(args.max_length),
-               "--task", args.task, "--map-dtype", args.map_dtype]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--_mode",
+            mode,
+            "--n",
+            str(args.n),
+            "--max-length",
+            str(args.max_length),
+            "--task",
+            args.task,
+            "--map-dtype",
+            args.map_dtype,
+        ]
         if args.gradient_checkpointing:
             cmd.append("--gradient-checkpointing")
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -121,8 +141,10 @@ def bench_sensitivity(args: argparse.Namespace) -> None:
     r0 = next(iter(results.values()))
     w = r0["weight_bytes"]
     print(f"gradient checkpointing in the streamed passes: {args.gradient_checkpointing}")
-    print(f"teacher {TEACHER} fp32: weights {w / gib:.2f} GiB (RssAnon after load {r0['rss_after_load'] / gib:.2f}); "
-          f"{args.n} seed samples of {min(r0['tokens'])}-{max(r0['tokens'])} tokens ({args.task})")
+    print(
+        f"teacher {TEACHER} fp32: weights {w / gib:.2f} GiB (RssAnon after load {r0['rss_after_load'] / gib:.2f}); "
+        f"{args.n} seed samples of {min(r0['tokens'])}-{max(r0['tokens'])} tokens ({args.task})"
+    )
     print(f"{'mode':<8} {'stream s':>9} {'bare s':>7} {'ratio':>6} {'peak anon GiB':>14} {'x weights':>10}  target")
     for mode, r in results.items():
         ratios = [ts / tb for ts, tb in r["pairs"]]
@@ -133,10 +155,14 @@ def bench_sensitivity(args: argparse.Namespace) -> None:
             target = f"time <= 1.10x; peak <= {(w + r['map_bytes']) * 1.1 / gib:.2f} GiB (weights + map + 10%)"
         else:
             target = f"time <= 1.10x; peak <= {1.25 * w / gib:.2f} GiB (1.25x weights)"
-        print(f"{mode:<8} {ts_med:>9.2f} {tb_med:>7.2f} {statistics.median(ratios):>6.3f} {peak / gib:>14.2f} "
-              f"{peak / w:>10.2f}  {target}")
-    print("ratio: median over samples of streamed/bare time, the two run back to back on the same sample in one "
-          "process (order alternating); bare keeps full gradients (about 2x weights), streaming never does")
+        print(
+            f"{mode:<8} {ts_med:>9.2f} {tb_med:>7.2f} {statistics.median(ratios):>6.3f} {peak / gib:>14.2f} "
+            f"{peak / w:>10.2f}  {target}"
+        )
+    print(
+        "ratio: median over samples of streamed/bare time, the two run back to back on the same sample in one "
+        "process (order alternating); bare keeps full gradients (about 2x weights), streaming never does"
+    )
     Path("bench/results").mkdir(parents=True, exist_ok=True)
     Path("bench/results/seeking_sensitivity.json").write_text(json.dumps(results, indent=1))
 
@@ -163,9 +189,11 @@ def bench_submatrix() -> None:
     same = max_sum_submatrix(small, 380, 175)[:2] == slow_pos[:2]
     extrap = per_pos * positions_big
     print(f"submatrix 8960x1536 -> 4864x896: vectorised median {statistics.median(fast):.3f}s (block at {pos[:2]})")
-    print(f"python loop: {per_pos * 1e6:.1f} us/position on 700x300 -> 380x175 ({positions_small} positions, "
-          f"same block: {same}); extrapolated to {positions_big} positions: {extrap:.1f}s; "
-          f"speed-up {extrap / statistics.median(fast):.0f}x (target >= 500x)")
+    print(
+        f"python loop: {per_pos * 1e6:.1f} us/position on 700x300 -> 380x175 ({positions_small} positions, "
+        f"same block: {same}); extrapolated to {positions_big} positions: {extrap:.1f}s; "
+        f"speed-up {extrap / statistics.median(fast):.0f}x (target >= 500x)"
+    )
 
 
 def main() -> None:
@@ -176,13 +204,15 @@ def main() -> None:
     ap.add_argument("--task", default="gsm8k", help="seed split to use (gsm8k needs the benchmark data folder)")
     ap.add_argument("--map-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--modes", default="reduced,full", help="accumulator modes to run, comma-separated")
-    ap.add_argument("--gradient-checkpointing", action="store_true",
-                    help="recompute activations in the streamed passes (the bare reference never does)")
+    ap.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in the streamed passes (the bare reference never does)",
+    )
     ap.add_argument("--_mode", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._mode:
-        print(json.dumps(run_mode(args._mode, args.n, args.max_length, args.task, args.map_dtype,
-                                  args.gradient_checkpointing)))
+        print(json.dumps(run_mode(args._mode, args.n, args.max_length, args.task, args.map_dtype, args.gradient_checkpointing)))
         return
     if args.part in ("all", "submatrix"):
         bench_submatrix()

@@ -42,8 +42,7 @@ def alternating(measured, reference, repeats: int) -> tuple[float, float, float]
         order = [(measured, got), (reference, ref)] if i % 2 == 0 else [(reference, ref), (measured, got)]
         for fn, out in order:
             out.append(timed(fn))
-    return (statistics.median(got), statistics.median(ref),
-            statistics.median(g / r for g, r in zip(got, ref, strict=True)))
+    return (statistics.median(got), statistics.median(ref), statistics.median(g / r for g, r in zip(got, ref, strict=True)))
 
 
 def main() -> None:
@@ -100,11 +99,19 @@ def main() -> None:
         t_map = time.perf_counter() - t0
     added = max(0, int(mon.peak()["peak_rss_anon_gib"] * 2**30) - before)
     dense_bytes = vocab * (w_t.shape[1] + w_s.shape[1]) * 4
-    bases = {"vocab": vocab, "d_teacher": int(w_t.shape[1]), "d_student": int(w_s.shape[1]), "chunk": args.chunk,
-             "seconds_pinv_teacher": round(t_pinv_t, 2), "seconds_pinv_student": round(t_pinv_s, 2),
-             "seconds_map": round(t_map, 2), "seconds_total": round(t_pinv_t + t_pinv_s + t_map, 2),
-             "ratio_to_plain_teacher_forward": round((t_pinv_t + t_pinv_s + t_map) / ref_forward, 1),
-             "peak_added_mib": round(added / 2**20, 1), "dense_bases_mib": round(dense_bytes / 2**20, 1)}
+    bases = {
+        "vocab": vocab,
+        "d_teacher": int(w_t.shape[1]),
+        "d_student": int(w_s.shape[1]),
+        "chunk": args.chunk,
+        "seconds_pinv_teacher": round(t_pinv_t, 2),
+        "seconds_pinv_student": round(t_pinv_s, 2),
+        "seconds_map": round(t_map, 2),
+        "seconds_total": round(t_pinv_t + t_pinv_s + t_map, 2),
+        "ratio_to_plain_teacher_forward": round((t_pinv_t + t_pinv_s + t_map) / ref_forward, 1),
+        "peak_added_mib": round(added / 2**20, 1),
+        "dense_bases_mib": round(dense_bytes / 2**20, 1),
+    }
 
     # ---- capture --------------------------------------------------------------------------------------
     from pktransfer.ops.semantic import top_layers
@@ -117,8 +124,12 @@ def main() -> None:
 
     captured()
     cap, ref, ratio = alternating(captured, plain_teacher, args.repeats)
-    capture_info = {"pairs": [p.student for p in pairs], "median_seconds_capture": round(cap, 3),
-                    "median_seconds_plain": round(ref, 3), "ratio": round(ratio, 3)}
+    capture_info = {
+        "pairs": [p.student for p in pairs],
+        "median_seconds_capture": round(cap, 3),
+        "median_seconds_plain": round(ref, 3),
+        "ratio": round(ratio, 3),
+    }
 
     # ---- premise: do the recomposed targets point where the student's own activations point? ------------
     pos = response_positions(labels)
@@ -129,8 +140,10 @@ def main() -> None:
         mods = {p.student: sublayer(s_model, student.arch.layers_path, p.student - 1, point) for p in prs}
         with torch.no_grad(), capture(mods, acts_):
             s_model(input_ids=ids, attention_mask=mask)
-        return [round(float(torch.nn.functional.cosine_similarity(acts_[p.student][:, :-1][pos].float(), t, dim=-1)
-                            .mean()), 4) for p, t in zip(prs, targets_, strict=True)]
+        return [
+            round(float(torch.nn.functional.cosine_similarity(acts_[p.student][:, :-1][pos].float(), t, dim=-1).mean()), 4)
+            for p, t in zip(prs, targets_, strict=True)
+        ]
 
     last = layer_pairs([teacher.arch.n_layers], teacher.arch.n_layers, student.arch.n_layers)
     g = torch.Generator().manual_seed(0)
@@ -138,10 +151,11 @@ def main() -> None:
     m = torch.randn(m_real.shape, generator=g)  # a random map of the same shape: the no-alignment reference
     random_last = cos_with_student("layer", last)
     m = m_real
-    premise = {"mean_cos_at_paired_mlp_outputs": dict(zip([p.student for p in pairs], cos_with_student("mlp", pairs),
-                                                           strict=True)),
-               "mean_cos_last_layer_output": cos_with_student("layer", last)[0],
-               "mean_cos_last_layer_output_random_map": random_last[0]}
+    premise = {
+        "mean_cos_at_paired_mlp_outputs": dict(zip([p.student for p in pairs], cos_with_student("mlp", pairs), strict=True)),
+        "mean_cos_last_layer_output": cos_with_student("layer", last)[0],
+        "mean_cos_last_layer_output_random_map": random_last[0],
+    }
 
     # ---- student step ---------------------------------------------------------------------------------
     from peft import get_peft_model
@@ -154,6 +168,7 @@ def main() -> None:
     acts: dict[int, torch.Tensor] = {}
     base = peft_model.base_model.model
     modules = {p.student: sublayer(base, student.arch.layers_path, p.student - 1, "mlp") for p in pairs}
+
     def plain_step() -> None:
         out = peft_model(input_ids=ids, attention_mask=mask)
         (causal_lm_loss_sum(out.logits, labels) / pos.sum()).backward()
@@ -162,8 +177,9 @@ def main() -> None:
     def semalign_step() -> None:
         with capture(modules, acts):
             out = peft_model(input_ids=ids, attention_mask=mask)
-        act, logit = alignment_terms([acts[p.student][:, :-1][pos] for p in pairs], targets,
-                                     out.logits[:, :-1][pos][..., :vocab], ids[:, 1:][pos])
+        act, logit = alignment_terms(
+            [acts[p.student][:, :-1][pos] for p in pairs], targets, out.logits[:, :-1][pos][..., :vocab], ids[:, 1:][pos]
+        )
         ((act + logit) / pos.sum()).backward()
         acts.clear()
         peft_model.zero_grad()
@@ -171,13 +187,20 @@ def main() -> None:
     plain_step()
     semalign_step()
     sem, ref, ratio = alternating(semalign_step, plain_step, args.repeats)
-    step_info = {"median_seconds_semalign": round(sem, 3), "median_seconds_plain_ce": round(ref, 3),
-                 "ratio": round(ratio, 3)}
+    step_info = {"median_seconds_semalign": round(sem, 3), "median_seconds_plain_ce": round(ref, 3), "ratio": round(ratio, 3)}
 
-    result = {"teacher": args.teacher, "student": args.student, "batch": args.batch,
-              "tokens_per_row": int(ids.shape[1]), "threads": torch.get_num_threads(),
-              "plain_teacher_forward_seconds": round(ref_forward, 3),
-              "bases": bases, "capture": capture_info, "premise": premise, "student_step": step_info}
+    result = {
+        "teacher": args.teacher,
+        "student": args.student,
+        "batch": args.batch,
+        "tokens_per_row": int(ids.shape[1]),
+        "threads": torch.get_num_threads(),
+        "plain_teacher_forward_seconds": round(ref_forward, 3),
+        "bases": bases,
+        "capture": capture_info,
+        "premise": premise,
+        "student_step": step_info,
+    }
     print(json.dumps(result, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -15,12 +15,15 @@ from rich.table import Table
 
 from pktransfer.errors import PktError
 
-app = typer.Typer(help="pktransfer: cross-scale parametric knowledge transfer between language models.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="pktransfer: cross-scale parametric knowledge transfer between language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 models_app = typer.Typer(help="List, prepare and describe models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-data_app = typer.Typer(help="Benchmark data: where each task's files come from, and fetching them.",
-                       no_args_is_help=True)
+data_app = typer.Typer(help="Benchmark data: where each task's files come from, and fetching them.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 BENCHMARKS = ("gsm8k", "mmlu", "mbpp", "humaneval", "super_ni")
 console = Console()
@@ -30,13 +33,25 @@ T = TypeVar("T")
 USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe file.", show_default=False)]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a recipe field: KEY=VALUE "
-                                                  "(dotted key, YAML value), e.g. --set training.lr=1e-4. Repeatable.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override a recipe field: KEY=VALUE (dotted key, YAML value), e.g. --set training.lr=1e-4. Repeatable.",
+    ),
+]
 OutOpt = Annotated[str | None, typer.Option("--output-dir", "-o", help="Override output_dir.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Override the seed.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log lines.")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a run pktransfer wrote in output_dir (or an "
-                                             "unfinished one made with another recipe); any other folder is refused.")]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace a run pktransfer wrote in output_dir (or an "
+        "unfinished one made with another recipe); any other folder is refused.",
+    ),
+]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")]
 
 
@@ -54,12 +69,17 @@ def guarded(fn: Callable[[], T]) -> T:
             raise  # anything else escaping is a bug in pktransfer: keep its traceback
         where = f" while writing '{err.filename}'" if err.filename else ""
         err_console.print(f"[bold red]error:[/bold red] {err.strerror}{where}", highlight=False, soft_wrap=True)
-        err_console.print("[yellow]fix:[/yellow] free disk space or fix the folder's permissions, then rerun the same "
-                          "command (a run resumes from OUTPUT.partial)", highlight=False, soft_wrap=True)
+        err_console.print(
+            "[yellow]fix:[/yellow] free disk space or fix the folder's permissions, then rerun the same "
+            "command (a run resumes from OUTPUT.partial)",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/bold red]: partial outputs are kept in OUTPUT.partial; "
-                          "rerun the same command to resume")
+        err_console.print(
+            "[bold red]interrupted[/bold red]: partial outputs are kept in OUTPUT.partial; rerun the same command to resume"
+        )
         raise typer.Exit(130) from None
 
 
@@ -85,8 +105,17 @@ def _print_metrics(run: dict[str, Any]) -> None:
     console.print(table)
 
 
-def _recipe_verb(api: str, recipe: Path, set_: list[str] | None, output_dir: str | None, seed: int | None,
-                 overwrite: bool, quiet: bool, threads: int | None, report: Callable[[Any], None]) -> None:
+def _recipe_verb(
+    api: str,
+    recipe: Path,
+    set_: list[str] | None,
+    output_dir: str | None,
+    seed: int | None,
+    overwrite: bool,
+    quiet: bool,
+    threads: int | None,
+    report: Callable[[Any], None],
+) -> None:
     """The shared body of the recipe verbs: threads, recipe + overrides, the API call, the error guard."""
     import pktransfer
 
@@ -99,8 +128,15 @@ def _recipe_verb(api: str, recipe: Path, set_: list[str] | None, output_dir: str
 
 
 @app.command("run")
-def run_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, seed: SeedOpt = None,
-            overwrite: OverwriteOpt = False, quiet: QuietOpt = False, threads: ThreadsOpt = None) -> None:
+def run_cmd(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    output_dir: OutOpt = None,
+    seed: SeedOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    threads: ThreadsOpt = None,
+) -> None:
     """Run a recipe end to end: evaluate teacher and student, apply the method, train, evaluate, report."""
 
     def report(res: Any) -> None:
@@ -111,20 +147,36 @@ def run_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, s
 
 
 @app.command("train")
-def train_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, seed: SeedOpt = None,
-              overwrite: OverwriteOpt = False, quiet: QuietOpt = False, threads: ThreadsOpt = None) -> None:
+def train_cmd(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    output_dir: OutOpt = None,
+    seed: SeedOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    threads: ThreadsOpt = None,
+) -> None:
     """Apply the recipe's method and train the student (no evaluation); writes a PEFT adapter."""
 
     def report(res: Any) -> None:
-        console.print(f"adapter: {res.output_dir / 'adapter'} ({res.run['training']['steps']} steps, "
-                      f"final loss {res.run['training']['final_loss']})")
+        console.print(
+            f"adapter: {res.output_dir / 'adapter'} ({res.run['training']['steps']} steps, "
+            f"final loss {res.run['training']['final_loss']})"
+        )
 
     _recipe_verb("train", recipe, set_, output_dir, seed, overwrite, quiet, threads, report)
 
 
 @app.command("extract")
-def extract_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, seed: SeedOpt = None,
-                overwrite: OverwriteOpt = False, quiet: QuietOpt = False, threads: ThreadsOpt = None) -> None:
+def extract_cmd(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    output_dir: OutOpt = None,
+    seed: SeedOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    threads: ThreadsOpt = None,
+) -> None:
     """Seeking steps 1-2: teacher sensitivity on the seed split and layer selection (reusable)."""
 
     def report(res: Any) -> None:
@@ -135,23 +187,43 @@ def extract_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = Non
 
 
 @app.command("inject")
-def inject_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None, seed: SeedOpt = None,
-               overwrite: OverwriteOpt = False, quiet: QuietOpt = False, threads: ThreadsOpt = None) -> None:
+def inject_cmd(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    output_dir: OutOpt = None,
+    seed: SeedOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    threads: ThreadsOpt = None,
+) -> None:
     """Seeking steps 1-5 without training: write the teacher-initialised adapter and residual student."""
 
     def report(res: Any) -> None:
-        console.print(f"adapter_init/ + residual/ in {res.output_dir}; step-0 max logit difference to the "
-                      f"original student: {res.run['step0_max_logit_diff']:.2e}")
+        console.print(
+            f"adapter_init/ + residual/ in {res.output_dir}; step-0 max logit difference to the "
+            f"original student: {res.run['step0_max_logit_diff']:.2e}"
+        )
 
     _recipe_verb("inject", recipe, set_, output_dir, seed, overwrite, quiet, threads, report)
 
 
 @app.command("compare")
-def compare_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = None,
-                overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the grid's folder (only one "
-                                                        "pktransfer wrote) and start afresh (default: resume, finished "
-                                                        "cells made with the same recipe are kept).")] = False,
-                quiet: QuietOpt = False, threads: ThreadsOpt = None) -> None:
+def compare_cmd(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    output_dir: OutOpt = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Delete the grid's folder (only one "
+            "pktransfer wrote) and start afresh (default: resume, finished "
+            "cells made with the same recipe are kept).",
+        ),
+    ] = False,
+    quiet: QuietOpt = False,
+    threads: ThreadsOpt = None,
+) -> None:
     """Run the recipe's `compare` grid (methods x seeds at one budget); resumable; writes compare.md/.csv/.json."""
 
     def report(res: Any) -> None:
@@ -169,8 +241,9 @@ def compare_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = Non
                 pv = "" if p is None else "n/a" if p["p_value"] != p["p_value"] else f"{p['p_value']:.3f}"
                 table.add_row(label, metric, str(m["n"]), f"{100 * m['mean']:.1f}{std}", ci, diff, pv)
         console.print(table)
-        console.print(f"outputs: {res.output_dir} (compare.md, compare.csv, compare.json, compare_scores.png, "
-                      "compare_loss.png, cells/)")
+        console.print(
+            f"outputs: {res.output_dir} (compare.md, compare.csv, compare.json, compare_scores.png, compare_loss.png, cells/)"
+        )
 
     def go() -> None:
         import pktransfer
@@ -183,13 +256,14 @@ def compare_cmd(recipe: RecipeArg, set_: SetOpt = None, output_dir: OutOpt = Non
 
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[str, typer.Option("--model", "-m", help="builtin:NAME, local folder (a merged model too), "
-                                       "or hub id.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="builtin:NAME, local folder (a merged model too), or hub id.")],
     task: Annotated[str, typer.Option("--task", "-t", help="Task name (see `pkt tasks`).")] = "arithmetic",
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     adapter: Annotated[str | None, typer.Option(help="PEFT adapter folder to apply to the model.")] = None,
-    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Task parameter KEY=VALUE, e.g. "
-                                                    "shots=8 or style=lm-eval. Repeatable.")] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option("--param", "-p", help="Task parameter KEY=VALUE, e.g. shots=8 or style=lm-eval. Repeatable."),
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate only N items (the first N; see --subset-seed).")] = None,
     subset_seed: Annotated[int | None, typer.Option(help="With --limit: draw the N items with this seed.")] = None,
     batch_size: Annotated[str, typer.Option(help="Batch size, or 'auto' (largest that fits on the GPU).")] = "16",
@@ -197,12 +271,15 @@ def eval_cmd(
     prompt_format: Annotated[str, typer.Option(help="auto (chat template if the model has one), chat or plain.")] = "auto",
     n_samples: Annotated[int, typer.Option(help="Code tasks: completions per problem (pass@k for k <= n).")] = 1,
     temperature: Annotated[float, typer.Option(help="Code tasks: sampling temperature when n > 1.")] = 0.8,
-    allow_code_execution: Annotated[bool, typer.Option("--allow-code-execution", help="Run model-generated code "
-                                                       "(sandboxed) for humaneval/mbpp.")] = False,
+    allow_code_execution: Annotated[
+        bool, typer.Option("--allow-code-execution", help="Run model-generated code (sandboxed) for humaneval/mbpp.")
+    ] = False,
     data_dir: Annotated[str | None, typer.Option(help="Benchmark data folder (default $PKT_DATA_DIR).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
-    output_dir: OutOpt = None, quiet: QuietOpt = False, threads: ThreadsOpt = None,
+    output_dir: OutOpt = None,
+    quiet: QuietOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Evaluate a model (optionally + adapter) on a task split; per-item JSONL and a summary with --output-dir."""
     import pktransfer
@@ -220,11 +297,24 @@ def eval_cmd(
         for item in param or []:
             path, value = parse_override(item)
             params[".".join(path)] = value
-        res = pktransfer.evaluate(spec, task, split=split, adapter=adapter, limit=limit, subset_seed=subset_seed,
-                                  batch_size=batch_size if batch_size == "auto" else int(batch_size),
-                                  max_new_tokens=max_new_tokens, data_dir=data_dir, task_params=params,
-                                  prompt_format=prompt_format, n_samples=n_samples, temperature=temperature,
-                                  allow_code_execution=allow_code_execution, output_dir=output_dir, quiet=quiet)
+        res = pktransfer.evaluate(
+            spec,
+            task,
+            split=split,
+            adapter=adapter,
+            limit=limit,
+            subset_seed=subset_seed,
+            batch_size=batch_size if batch_size == "auto" else int(batch_size),
+            max_new_tokens=max_new_tokens,
+            data_dir=data_dir,
+            task_params=params,
+            prompt_format=prompt_format,
+            n_samples=n_samples,
+            temperature=temperature,
+            allow_code_execution=allow_code_execution,
+            output_dir=output_dir,
+            quiet=quiet,
+        )
         s = res.summary
         table = Table(title=f"{model}{' + ' + adapter if adapter else ''} on {s['eval_name']}/{s['split']}")
         for col in ("metric", "value"):
@@ -260,8 +350,9 @@ def tasks_cmd() -> None:
 
 @data_app.command("list")
 def data_list_cmd(
-    data_dir: Annotated[str | None, typer.Option(help="Data folder (default: $PKT_DATA_DIR, shared/data, "
-                                                 "else pktransfer's cache).")] = None,
+    data_dir: Annotated[
+        str | None, typer.Option(help="Data folder (default: $PKT_DATA_DIR, shared/data, else pktransfer's cache).")
+    ] = None,
 ) -> None:
     """Each benchmark's splits and files: where each comes from and whether it is present here."""
     from pktransfer.data import get_task
@@ -312,9 +403,11 @@ def data_fetch_cmd(
 
 
 @app.command("recipe")
-def recipe_cmd(recipe: Annotated[Path | None, typer.Argument(help="Recipe to validate and print resolved.")] = None,
-               set_: SetOpt = None,
-               schema: Annotated[bool, typer.Option("--schema", help="Print the JSON schema of recipes.")] = False) -> None:
+def recipe_cmd(
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe to validate and print resolved.")] = None,
+    set_: SetOpt = None,
+    schema: Annotated[bool, typer.Option("--schema", help="Print the JSON schema of recipes.")] = False,
+) -> None:
     """Validate a recipe and print it with every default filled in (or the schema)."""
     import yaml
 
@@ -347,9 +440,11 @@ def models_list() -> None:
 
 
 @models_app.command("prepare")
-def models_prepare(names: Annotated[list[str] | None, typer.Argument(help="builtin names (default: both)")] = None,
-                   force: Annotated[bool, typer.Option(help="Rebuild even if cached.")] = False,
-                   quiet: QuietOpt = False) -> None:
+def models_prepare(
+    names: Annotated[list[str] | None, typer.Argument(help="builtin names (default: both)")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if cached.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
     """Assemble, verify and dequantise the builtin models into the cache (once)."""
     from pktransfer.models.builtin import BUILTIN_MODELS, prepare_builtin
     from pktransfer.progress import Progress
@@ -364,8 +459,10 @@ def models_prepare(names: Annotated[list[str] | None, typer.Argument(help="built
 
 
 @models_app.command("describe")
-def models_describe(name: Annotated[str, typer.Argument(help="builtin:NAME, local folder, or hub id")],
-                    as_json: Annotated[bool, typer.Option("--json", help="Print the full description as JSON.")] = False) -> None:
+def models_describe(
+    name: Annotated[str, typer.Argument(help="builtin:NAME, local folder, or hub id")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full description as JSON.")] = False,
+) -> None:
     """Print a model's architecture description (layers, weight roles, heads, vocabulary)."""
     from pktransfer.models import describe_config, load_config
     from pktransfer.models.builtin import BUILTIN_PREFIX, prepare_builtin

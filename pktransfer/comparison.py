@@ -68,8 +68,10 @@ def expand_entries(recipe: Recipe) -> list[tuple[str, dict[str, Any], dict[str, 
     labels = [lbl for lbl, _, _ in out]
     dupes = sorted({lbl for lbl in labels if labels.count(lbl) > 1})
     if dupes:
-        raise RecipeError(f"compare.methods: the label(s) {dupes} occur more than once",
-                          hint="give entries of the same method distinct 'label' values")
+        raise RecipeError(
+            f"compare.methods: the label(s) {dupes} occur more than once",
+            hint="give entries of the same method distinct 'label' values",
+        )
     return out
 
 
@@ -77,25 +79,31 @@ def check_overrides(label: str, overrides: dict[str, Any], allow_unequal_budget:
     for key in overrides:
         top = key.split(".", 1)[0]
         if top in FIXED_KEYS:
-            raise RecipeError(f"compare entry '{label}' overrides '{key}': the pair, task, evaluation, seeds and "
-                              "output folder are the same for every cell of a comparison",
-                              hint="change it in the recipe itself (for all methods), or run a separate comparison")
+            raise RecipeError(
+                f"compare entry '{label}' overrides '{key}': the pair, task, evaluation, seeds and "
+                "output folder are the same for every cell of a comparison",
+                hint="change it in the recipe itself (for all methods), or run a separate comparison",
+            )
         if key == "method" or key == "method.name":
-            raise RecipeError(f"compare entry '{label}' overrides '{key}'",
-                              hint="make it an entry of its own: methods: [lora, {name: kd, alpha: 0.5}]")
-        if any(key == b or key.startswith(b + ".") or b.startswith(key + ".") for b in BUDGET_KEYS) \
-                and not allow_unequal_budget:
-            raise RecipeError(f"compare entry '{label}' changes the training budget ('{key}'); every method "
-                              "must train with the same samples, steps, batch, lr schedule and LoRA size",
-                              hint="remove the override, or set compare.allow_unequal_budget: true (the report "
-                                   "then says the budgets differ)")
+            raise RecipeError(
+                f"compare entry '{label}' overrides '{key}'",
+                hint="make it an entry of its own: methods: [lora, {name: kd, alpha: 0.5}]",
+            )
+        if any(key == b or key.startswith(b + ".") or b.startswith(key + ".") for b in BUDGET_KEYS) and not allow_unequal_budget:
+            raise RecipeError(
+                f"compare entry '{label}' changes the training budget ('{key}'); every method "
+                "must train with the same samples, steps, batch, lr schedule and LoRA size",
+                hint="remove the override, or set compare.allow_unequal_budget: true (the report then says the budgets differ)",
+            )
 
 
 def plan_grid(recipe: Recipe) -> list[Cell]:
     """Every cell's full recipe, seed-major (all methods of the first seed first)."""
     if recipe.compare is None:
-        raise RecipeError("the recipe has no 'compare' section",
-                          hint="add compare: {methods: [lora, pissa, kd], seeds: [0, 1]} (see recipes/quick-compare.yaml)")
+        raise RecipeError(
+            "the recipe has no 'compare' section",
+            hint="add compare: {methods: [lora, pissa, kd], seeds: [0, 1]} (see recipes/quick-compare.yaml)",
+        )
     spec = recipe.compare
     root = Path(recipe.output_dir)
     base = recipe.dump()
@@ -105,8 +113,10 @@ def plan_grid(recipe: Recipe) -> list[Cell]:
     for label, _, overrides in entries:
         check_overrides(label, overrides, spec.allow_unequal_budget)
     if spec.baseline not in [lbl for lbl, _, _ in entries]:
-        raise RecipeError(f"compare.baseline '{spec.baseline}' is not one of the labels "
-                          f"{[lbl for lbl, _, _ in entries]}", hint="name an entry's label, e.g. baseline: lora")
+        raise RecipeError(
+            f"compare.baseline '{spec.baseline}' is not one of the labels {[lbl for lbl, _, _ in entries]}",
+            hint="name an entry's label, e.g. baseline: lora",
+        )
     if len(set(spec.seeds)) != len(spec.seeds):
         raise RecipeError(f"compare.seeds {spec.seeds} repeats a seed", hint="list each seed once")
     cells = []
@@ -165,8 +175,15 @@ def paired_difference(method: dict[int, float], baseline: dict[int, float]) -> d
     p = math.nan
     if len(diffs) >= 2 and d["std"] > 0:
         p = float(stats.ttest_rel([method[s] for s in seeds], [baseline[s] for s in seeds]).pvalue)
-    return {"n": len(diffs), "mean_diff": d["mean"], "std": d["std"], "ci_low": d["ci_low"], "ci_high": d["ci_high"],
-            "p_value": p, "seeds": seeds}
+    return {
+        "n": len(diffs),
+        "mean_diff": d["mean"],
+        "std": d["std"],
+        "ci_low": d["ci_low"],
+        "ci_high": d["ci_high"],
+        "p_value": p,
+        "seeds": seeds,
+    }
 
 
 # ---- collecting ---------------------------------------------------------------------------------------
@@ -178,11 +195,14 @@ def cell_record(cell: Cell) -> dict[str, Any]:
     history = json.loads(history_path.read_text()) if history_path.is_file() else []
     stages = run.get("stages", {})
     return {
-        "label": cell.label, "seed": cell.seed, "method": run["recipe"]["method"]["name"],
+        "label": cell.label,
+        "seed": cell.seed,
+        "method": run["recipe"]["method"]["name"],
         "folder": str(cell.folder),
         "metrics": {split: m["accuracy"] for split, m in run["metrics"].get("trained", {}).items()},
         "n_eval": {split: m["n"] for split, m in run["metrics"].get("trained", {}).items()},
-        "steps": run["training"]["steps"], "final_loss": run["training"]["final_loss"],
+        "steps": run["training"]["steps"],
+        "final_loss": run["training"]["final_loss"],
         "prepare_seconds": stages.get("prepare", {}).get("seconds", 0.0),
         "train_seconds": stages.get("train", {}).get("seconds", 0.0),
         "wall_seconds": run["wall_seconds"],
@@ -220,27 +240,41 @@ def summarize(records: list[dict[str, Any]], baseline: str) -> dict[str, Any]:
     by_label: dict[str, Any] = {}
     for label in labels:
         rs = [r for r in records if r["label"] == label]
-        entry: dict[str, Any] = {"method": rs[0]["method"], "seeds": [r["seed"] for r in rs], "metrics": {},
-                                 "paired_vs_baseline": {}}
+        entry: dict[str, Any] = {
+            "method": rs[0]["method"],
+            "seeds": [r["seed"] for r in rs],
+            "metrics": {},
+            "paired_vs_baseline": {},
+        }
         for metric in metrics:
             values = {r["seed"]: r["metrics"][metric] for r in rs if metric in r["metrics"]}
             entry["metrics"][metric] = {**describe(list(values.values())), "per_seed": values}
             base = {r["seed"]: r["metrics"][metric] for r in records if r["label"] == baseline and metric in r["metrics"]}
             if label != baseline:
                 entry["paired_vs_baseline"][metric] = paired_difference(values, base)
-        entry["cost"] = {k: describe([float(r[k]) for r in rs])["mean"]
-                         for k in ("prepare_seconds", "train_seconds", "wall_seconds")}
+        entry["cost"] = {
+            k: describe([float(r[k]) for r in rs])["mean"] for k in ("prepare_seconds", "train_seconds", "wall_seconds")
+        }
         entry["cost"]["peak_rss_anon_gib"] = max(r["peak_rss_anon_gib"] for r in rs)
         entry["cost"]["peak_cuda_gib"] = max(r["peak_cuda_gib"] for r in rs)
         entry["steps"] = sorted({r["steps"] for r in rs})
-        entry["spent"] = {k: describe([float(r["spent"][k]) for r in rs if r["spent"].get(k) is not None])["mean"]
-                          for k in SPENT_KEYS}
-        entry["teacher"] = {k: describe([float(r["teacher"].get(k, 0.0)) for r in rs])["mean"]
-                            for k in ("forward_tokens", "backward_tokens", "seconds", "flops")}
+        entry["spent"] = {
+            k: describe([float(r["spent"][k]) for r in rs if r["spent"].get(k) is not None])["mean"] for k in SPENT_KEYS
+        }
+        entry["teacher"] = {
+            k: describe([float(r["teacher"].get(k, 0.0)) for r in rs])["mean"]
+            for k in ("forward_tokens", "backward_tokens", "seconds", "flops")
+        }
         by_label[label] = entry
     differences = budget_differences(records)
-    return {"labels": labels, "metrics": metrics, "baseline": baseline, "by_label": by_label,
-            "equal_budget": not differences, "budget_differences": differences}
+    return {
+        "labels": labels,
+        "metrics": metrics,
+        "baseline": baseline,
+        "by_label": by_label,
+        "equal_budget": not differences,
+        "budget_differences": differences,
+    }
 
 
 # ---- the grid ---------------------------------------------------------------------------------------
@@ -264,8 +298,7 @@ def _reusable(folder: Path, recipe: Recipe, what: str) -> bool:
     return True
 
 
-def compare(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False,
-            progress: Progress | None = None) -> CompareResult:
+def compare(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, progress: Progress | None = None) -> CompareResult:
     """Run (or resume) the recipe's comparison grid and write the comparison report."""
     from pktransfer import pipeline
     from pktransfer.reports import plot_compare, render_compare_csv, render_compare_markdown
@@ -302,8 +335,10 @@ def compare(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False,
             pipeline.run_verb(r, verb, progress=progress)
         shared_cost[folder] = json.loads((Path(folder) / "run.json").read_text())["wall_seconds"]
     todo = [c for c in cells if not _finished(c.folder)]
-    progress.log(f"compare: {len(cells)} cells ({len(cells) - len(todo)} already finished), "
-                 f"{len(recipe.compare.methods)} entries x seeds {recipe.compare.seeds}")
+    progress.log(
+        f"compare: {len(cells)} cells ({len(cells) - len(todo)} already finished), "
+        f"{len(recipe.compare.methods)} entries x seeds {recipe.compare.seeds}"
+    )
     for i, cell in enumerate(todo, 1):
         progress.log(f"compare: cell {i}/{len(todo)}: {cell.label}, seed {cell.seed}")
         pipeline.run(cell.recipe, progress=progress)
@@ -311,8 +346,11 @@ def compare(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False,
     records = [cell_record(c) for c in cells]
     assert recipe.compare is not None
     result = {
-        "recipe": recipe.dump(), "cells": records, "summary": summarize(records, recipe.compare.baseline),
-        "base": base_info["metrics"] if base_info else {}, "shared_work_seconds": shared_cost,
+        "recipe": recipe.dump(),
+        "cells": records,
+        "summary": summarize(records, recipe.compare.baseline),
+        "base": base_info["metrics"] if base_info else {},
+        "shared_work_seconds": shared_cost,
         "task": base_info.get("task") if base_info else None,
         "wall_seconds_this_invocation": round(time.time() - started, 1),
     }

@@ -76,12 +76,14 @@ class EvaluationSpec(Strict):
     limit: int | None = Field(default=None, ge=1, description="evaluate only N items (the first N, or a seeded draw)")
     subset_seed: int | None = Field(default=None, description="with limit: draw the N items with this seed")
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        default=16, description="or 'auto': the largest that fits (CUDA)")
+        default=16, description="or 'auto': the largest that fits (CUDA)"
+    )
     n_samples: int = Field(default=1, ge=1, description="code tasks: completions per problem (pass@k for k <= n)")
     temperature: float = Field(default=0.8, ge=0, description="code tasks: sampling temperature when n_samples > 1")
     allow_code_execution: bool = Field(default=False, description="run generated code (sandboxed) for code tasks")
-    max_new_tokens: int | None = Field(default=None, ge=1,
-                                       description="generation budget (None: the task's own, e.g. 12 for arithmetic)")
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, description="generation budget (None: the task's own, e.g. 12 for arithmetic)"
+    )
     teacher: bool = Field(default=True, description="also evaluate the teacher")
     student: bool = Field(default=True, description="also evaluate the untouched student")
 

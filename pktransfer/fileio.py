@@ -21,8 +21,10 @@ from pktransfer.errors import OutputError
 
 
 def _io_error(path: Path, err: OSError) -> OutputError:
-    return OutputError(f"could not write '{path}': {err.strerror or err}",
-                       hint="free disk space or fix the folder's permissions, then rerun the same command to resume")
+    return OutputError(
+        f"could not write '{path}': {err.strerror or err}",
+        hint="free disk space or fix the folder's permissions, then rerun the same command to resume",
+    )
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -64,8 +66,7 @@ def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> Path:
 def save_safetensors(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     from safetensors.torch import save_file
 
-    return atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                                                    metadata=metadata))
+    return atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata))
 
 
 def torch_save(obj: Any, path: str | Path) -> Path:

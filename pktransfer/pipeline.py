@@ -57,9 +57,14 @@ def _eval_items(task: Task, split: str, recipe: Recipe) -> list[Item]:
 
 def eval_options(recipe: Recipe, task: Task) -> EvalOptions:
     ev = recipe.evaluation
-    return EvalOptions(batch_size=ev.batch_size, max_new_tokens=generation_budget(ev.max_new_tokens, task),
-                       n_samples=ev.n_samples, temperature=ev.temperature, seed=recipe.seed,
-                       allow_code_execution=ev.allow_code_execution)
+    return EvalOptions(
+        batch_size=ev.batch_size,
+        max_new_tokens=generation_budget(ev.max_new_tokens, task),
+        n_samples=ev.n_samples,
+        temperature=ev.temperature,
+        seed=recipe.seed,
+        allow_code_execution=ev.allow_code_execution,
+    )
 
 
 def generation_budget(explicit: int | None, task: Task) -> int:
@@ -77,16 +82,19 @@ def check_code_opt_in(task: Task, allowed: bool) -> None:
 
 def metric_table(metrics: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
     """label -> split -> the headline figures of each evaluation summary (what run.json keeps)."""
-    return {label: {split: {k: m[k] for k in ("n", "correct", "accuracy", "seconds")} for split, m in by_split.items()}
-            for label, by_split in metrics.items()}
+    return {
+        label: {split: {k: m[k] for k in ("n", "correct", "accuracy", "seconds")} for split, m in by_split.items()}
+        for label, by_split in metrics.items()
+    }
 
 
 def formatter_for(loaded: LoadedModel, task: Task, recipe: Recipe) -> PromptFormatter:
     return PromptFormatter(loaded.tokenizer, recipe.task.prompt_format, task.system_prompt, task.plain_separator)
 
 
-def _evaluate_cached(rd: RunDir, model: Any, formatter: PromptFormatter, task: Task, recipe: Recipe, label: str,
-                     progress: Progress) -> dict[str, dict[str, Any]]:
+def _evaluate_cached(
+    rd: RunDir, model: Any, formatter: PromptFormatter, task: Task, recipe: Recipe, label: str, progress: Progress
+) -> dict[str, dict[str, Any]]:
     out = {}
     for split in recipe.evaluation.splits:
         items = _eval_items(task, split, recipe)
@@ -96,11 +104,14 @@ def _evaluate_cached(rd: RunDir, model: Any, formatter: PromptFormatter, task: T
             out[split] = json.loads(summary_path.read_text())
             progress.log(f"{label} on {split}: reusing finished evaluation ({100 * out[split]['accuracy']:.1f}%)")
             continue
-        res = evaluate_items(model, formatter, items, label=label, task=task, split=split,
-                             options=eval_options(recipe, task), progress=progress)
+        res = evaluate_items(
+            model, formatter, items, label=label, task=task, split=split, options=eval_options(recipe, task), progress=progress
+        )
         res.save(rd.work / "eval")
-        progress.log(f"{label} on {task.name}/{split}: {100 * res.accuracy:.1f}% ({res.summary['correct']}/{len(items)})"
-                     + "".join(f", {k} {100 * v:.1f}%" for k, v in res.summary.get("metrics", {}).items()))
+        progress.log(
+            f"{label} on {task.name}/{split}: {100 * res.accuracy:.1f}% ({res.summary['correct']}/{len(items)})"
+            + "".join(f", {k} {100 * v:.1f}%" for k, v in res.summary.get("metrics", {}).items())
+        )
         out[split] = res.summary
     return out
 
@@ -121,9 +132,16 @@ def run_folder(recipe: Recipe, overwrite: bool, progress: Progress) -> Iterator[
 
 
 def run_info(recipe: Recipe, log: StageLog, started: float, **extra: Any) -> dict[str, Any]:
-    return {"status": "finished", "recipe": recipe.dump(), "seed": recipe.seed, **extra, "stages": log.stages,
-            "versions": versions(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-            "wall_seconds": round(time.time() - started, 1)}
+    return {
+        "status": "finished",
+        "recipe": recipe.dump(),
+        "seed": recipe.seed,
+        **extra,
+        "stages": log.stages,
+        "versions": versions(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "wall_seconds": round(time.time() - started, 1),
+    }
 
 
 def check_recipe(recipe: Recipe) -> tuple[Task, list[Item]]:
@@ -134,9 +152,11 @@ def check_recipe(recipe: Recipe) -> tuple[Task, list[Item]]:
         train_items = train_items[: recipe.task.n_train]
     empty = [it.id for it in train_items if not it.response.strip()]
     if empty:
-        raise DataError(f"task '{task.name}': {len(empty)} of {len(train_items)} training items have a prompt and no "
-                        f"response (e.g. '{empty[0]}'); training would learn nothing from them",
-                        hint="give every training row a non-empty 'response' (or an assistant turn in 'messages')")
+        raise DataError(
+            f"task '{task.name}': {len(empty)} of {len(train_items)} training items have a prompt and no "
+            f"response (e.g. '{empty[0]}'); training would learn nothing from them",
+            hint="give every training row a non-empty 'response' (or an assistant turn in 'messages')",
+        )
     for split in recipe.evaluation.splits:
         _eval_items(task, split, recipe)
     check_code_opt_in(task, recipe.evaluation.allow_code_execution)
@@ -178,8 +198,9 @@ class Trained:
     spent: dict[str, Any]
 
 
-def run(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, evaluate: bool = True,
-        progress: Progress | None = None) -> RunResult:
+def run(
+    recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, evaluate: bool = True, progress: Progress | None = None
+) -> RunResult:
     """Run a recipe end to end and return where its outputs are and what it measured."""
     progress = progress or Progress(quiet=quiet)
     task, train_items = check_recipe(recipe)
@@ -207,18 +228,30 @@ def run(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, evaluat
             merged.save_pretrained(str(rd.path("merged")), safe_serialization=True)
             student.tokenizer.save_pretrained(str(rd.path("merged")))
         info = run_info(
-            recipe, log, started, task=task.describe(), prompt_format=formatter.describe(),
-            data={"n_train": len(examples), "n_train_items": len(train_items)}, training=trained.training,
-            budget={**trained.spent, "training_tokens_counted": "non-padding input tokens of every batch the optimizer saw",
-                    "teacher": ctx.teacher_work.to_dict()},
-            metrics=metric_table(metrics), method=method.report(), outputs=outputs)
+            recipe,
+            log,
+            started,
+            task=task.describe(),
+            prompt_format=formatter.describe(),
+            data={"n_train": len(examples), "n_train_items": len(train_items)},
+            training=trained.training,
+            budget={
+                **trained.spent,
+                "training_tokens_counted": "non-padding input tokens of every batch the optimizer saw",
+                "teacher": ctx.teacher_work.to_dict(),
+            },
+            metrics=metric_table(metrics),
+            method=method.report(),
+            outputs=outputs,
+        )
         rd.write_json("run.json", info)
         write_text(rd.path("report.md"), render_markdown(info))
     return RunResult(rd.finish(), info)
 
 
-def _evaluate_teacher(rd: RunDir, log: StageLog, teacher: TeacherHandle, task: Task, recipe: Recipe,
-                      progress: Progress) -> dict[str, Any]:
+def _evaluate_teacher(
+    rd: RunDir, log: StageLog, teacher: TeacherHandle, task: Task, recipe: Recipe, progress: Progress
+) -> dict[str, Any]:
     loaded = teacher()
     with log.stage("eval_teacher"):
         return _evaluate_cached(rd, loaded.model, formatter_for(loaded, task, recipe), task, recipe, "teacher", progress)
@@ -242,20 +275,44 @@ def _prepare_and_train(method: Any, ctx: MethodContext, rd: RunDir, log: StageLo
     if not method.post_training:  # e.g. LaTen's hypernetworks, trained inside prepare
         write_json(rd.path("checkpoints") / "log_history.json", method.training.get("log_history", []))
         t = method.training
-        return Trained(model, {k: v for k, v in t.items() if k != "log_history"},
-                       {"trainable_parameters": t.get("trainable_parameters"), "optimizer_steps": t.get("steps"),
-                        "training_tokens": t.get("tokens_seen")})
+        return Trained(
+            model,
+            {k: v for k, v in t.items() if k != "log_history"},
+            {
+                "trainable_parameters": t.get("trainable_parameters"),
+                "optimizer_steps": t.get("steps"),
+                "training_tokens": t.get("tokens_seen"),
+            },
+        )
     with log.stage("train"):
         try:
-            result = train(model, ctx.student.tokenizer, ctx.examples, recipe.training, output_dir=rd.path("checkpoints"),
-                           seed=recipe.seed, progress=ctx.progress, loss=method.training_loss(ctx),
-                           callbacks=method.callbacks(ctx))
+            result = train(
+                model,
+                ctx.student.tokenizer,
+                ctx.examples,
+                recipe.training,
+                output_dir=rd.path("checkpoints"),
+                seed=recipe.seed,
+                progress=ctx.progress,
+                loss=method.training_loss(ctx),
+                callbacks=method.callbacks(ctx),
+            )
         finally:
             method.finish_training()
-    return Trained(model, {"steps": result.steps, "seconds": round(result.seconds, 2), "final_loss": result.final_loss,
-                           "resumed_from": result.resumed_from},
-                   {"trainable_parameters": result.trainable_parameters, "optimizer_steps": result.steps,
-                    "training_tokens": result.tokens_seen})
+    return Trained(
+        model,
+        {
+            "steps": result.steps,
+            "seconds": round(result.seconds, 2),
+            "final_loss": result.final_loss,
+            "resumed_from": result.resumed_from,
+        },
+        {
+            "trainable_parameters": result.trainable_parameters,
+            "optimizer_steps": result.steps,
+            "training_tokens": result.tokens_seen,
+        },
+    )
 
 
 def _save(method: Any, trained: Trained, student: LoadedModel, recipe: Recipe, rd: RunDir) -> tuple[Any, dict[str, Any]]:
@@ -267,12 +324,15 @@ def _save(method: Any, trained: Trained, student: LoadedModel, recipe: Recipe, r
     else:
         merged = trained.model
     save_merged = recipe.training.save_merged or not method.post_training
-    return merged, {"adapter": "adapter" if method.post_training else None, "merged": "merged" if save_merged else None,
-                    "eval": "eval", "checkpoints": "checkpoints"}
+    return merged, {
+        "adapter": "adapter" if method.post_training else None,
+        "merged": "merged" if save_merged else None,
+        "eval": "eval",
+        "checkpoints": "checkpoints",
+    }
 
 
-def evaluate_pair(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False,
-                  progress: Progress | None = None) -> RunResult:
+def evaluate_pair(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, progress: Progress | None = None) -> RunResult:
     """Evaluate the untouched teacher and/or student as the recipe's evaluation section says (no training).
 
     ``pkt compare`` runs this once for a whole grid: greedy decoding does not depend on the seed.
@@ -283,8 +343,10 @@ def evaluate_pair(recipe: Recipe, *, quiet: bool = False, overwrite: bool = Fals
     with run_folder(recipe, overwrite, progress) as (rd, log):
         metrics: dict[str, dict[str, Any]] = {}
         fmt_info = None
-        for label, spec, wanted in (("teacher", recipe.teacher, recipe.evaluation.teacher),
-                                    ("student", recipe.student, recipe.evaluation.student)):
+        for label, spec, wanted in (
+            ("teacher", recipe.teacher, recipe.evaluation.teacher),
+            ("student", recipe.student, recipe.evaluation.student),
+        ):
             if not wanted:
                 continue
             with log.stage(f"load_{label}"):
@@ -294,9 +356,15 @@ def evaluate_pair(recipe: Recipe, *, quiet: bool = False, overwrite: bool = Fals
             with log.stage(f"eval_{label}"):
                 metrics[label] = _evaluate_cached(rd, loaded.model, formatter, task, recipe, label, progress)
             loaded.unload()
-        info = run_info(recipe, log, started, task=task.describe(), prompt_format=fmt_info,
-                        metrics=metric_table(metrics),
-                        outputs={"eval": "eval"})
+        info = run_info(
+            recipe,
+            log,
+            started,
+            task=task.describe(),
+            prompt_format=fmt_info,
+            metrics=metric_table(metrics),
+            outputs={"eval": "eval"},
+        )
         rd.write_json("run.json", info)
     return RunResult(rd.finish(), info)
 
@@ -307,13 +375,16 @@ def method_verb(recipe: Recipe, verb: str) -> Any:
     offered = cls.verbs()
     if verb not in offered:
         having = sorted(n for n in registry.names() if verb in registry.method_class(n).verbs())
-        raise RecipeError(f"`pkt {verb}` works on method(s) {having}, the recipe's method is '{recipe.method.name}'",
-                          hint=f"set method.name to one of {having} (with its options) in the recipe")
+        raise RecipeError(
+            f"`pkt {verb}` works on method(s) {having}, the recipe's method is '{recipe.method.name}'",
+            hint=f"set method.name to one of {having} (with its options) in the recipe",
+        )
     return offered[verb]
 
 
-def run_verb(recipe: Recipe, verb: str, *, quiet: bool = False, overwrite: bool = False,
-             progress: Progress | None = None) -> RunResult:
+def run_verb(
+    recipe: Recipe, verb: str, *, quiet: bool = False, overwrite: bool = False, progress: Progress | None = None
+) -> RunResult:
     """Run a method's extra verb (e.g. Seeking's ``extract`` / ``inject``) in its own run folder."""
     progress = progress or Progress(quiet=quiet)
     v = method_verb(recipe, verb)  # fail fast, before any output folder exists
@@ -330,32 +401,48 @@ def run_verb(recipe: Recipe, verb: str, *, quiet: bool = False, overwrite: bool 
     return RunResult(rd.finish(), info)
 
 
-def extract(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False,
-            progress: Progress | None = None) -> RunResult:
+def extract(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, progress: Progress | None = None) -> RunResult:
     """``pkt extract``: the recipe's method's ``extract`` verb (Seeking: sensitivity and layer selection)."""
     return run_verb(recipe, "extract", quiet=quiet, overwrite=overwrite, progress=progress)
 
 
-def inject(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False,
-           progress: Progress | None = None) -> RunResult:
+def inject(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, progress: Progress | None = None) -> RunResult:
     """``pkt inject``: the recipe's method's ``inject`` verb (Seeking: the teacher-initialised LoRA, untrained)."""
     return run_verb(recipe, "inject", quiet=quiet, overwrite=overwrite, progress=progress)
 
 
-def evaluate(model: str | ModelSpec, task: str = "arithmetic", *, split: str = "test", adapter: str | None = None,
-             limit: int | None = None, subset_seed: int | None = None, batch_size: int | str = 16,
-             max_new_tokens: int | None = None, data_dir: str | None = None, task_params: dict[str, Any] | None = None,
-             prompt_format: str = "auto", n_samples: int = 1, temperature: float = 0.8, seed: int = 0,
-             allow_code_execution: bool = False, output_dir: str | None = None, quiet: bool = False,
-             progress: Progress | None = None) -> EvalResult:
+def evaluate(
+    model: str | ModelSpec,
+    task: str = "arithmetic",
+    *,
+    split: str = "test",
+    adapter: str | None = None,
+    limit: int | None = None,
+    subset_seed: int | None = None,
+    batch_size: int | str = 16,
+    max_new_tokens: int | None = None,
+    data_dir: str | None = None,
+    task_params: dict[str, Any] | None = None,
+    prompt_format: str = "auto",
+    n_samples: int = 1,
+    temperature: float = 0.8,
+    seed: int = 0,
+    allow_code_execution: bool = False,
+    output_dir: str | None = None,
+    quiet: bool = False,
+    progress: Progress | None = None,
+) -> EvalResult:
     """Evaluate a model (hub id, folder, builtin:NAME; a merged model is a folder; optionally with a PEFT
     adapter on top) on a task split. ``limit`` takes the first N items, or N drawn with ``subset_seed``."""
     progress = progress or Progress(quiet=quiet)
-    for name, value in (("limit", limit), ("n_samples", n_samples)) + ((("batch_size", batch_size),)
-                                                                      if batch_size != "auto" else ()):
+    for name, value in (("limit", limit), ("n_samples", n_samples)) + (
+        (("batch_size", batch_size),) if batch_size != "auto" else ()
+    ):
         if value is not None and (not isinstance(value, int) or value < 1):
-            raise RecipeError(f"{name}={value!r} is not valid",
-                              hint=f"{name} must be a positive integer (leave --limit out to evaluate every item)")
+            raise RecipeError(
+                f"{name}={value!r} is not valid",
+                hint=f"{name} must be a positive integer (leave --limit out to evaluate every item)",
+            )
     if output_dir:
         from pktransfer.runs import check_output_location
 
@@ -365,8 +452,10 @@ def evaluate(model: str | ModelSpec, task: str = "arithmetic", *, split: str = "
     items = t.split(split)
     check_code_opt_in(t, allow_code_execution)
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise PktError(f"adapter folder '{adapter}' has no adapter_config.json",
-                       hint="pass a folder written by PeftModel.save_pretrained (a run's adapter/ folder)")
+        raise PktError(
+            f"adapter folder '{adapter}' has no adapter_config.json",
+            hint="pass a folder written by PeftModel.save_pretrained (a run's adapter/ folder)",
+        )
     loaded = load_model(spec, log=progress.log)
     net = loaded.model
     if adapter is not None:
@@ -375,12 +464,21 @@ def evaluate(model: str | ModelSpec, task: str = "arithmetic", *, split: str = "
         try:
             net = PeftModel.from_pretrained(net, adapter).merge_and_unload()
         except (RuntimeError, ValueError, KeyError) as err:
-            raise ModelError(f"adapter '{adapter}' does not fit model '{spec.model}': {str(err).splitlines()[0][:200]}",
-                             hint="use the student the adapter was trained on") from None
+            raise ModelError(
+                f"adapter '{adapter}' does not fit model '{spec.model}': {str(err).splitlines()[0][:200]}",
+                hint="use the student the adapter was trained on",
+            ) from None
     formatter = PromptFormatter(loaded.tokenizer, prompt_format, t.system_prompt, t.plain_separator)  # type: ignore[arg-type]
-    opts = EvalOptions(batch_size=batch_size, max_new_tokens=generation_budget(max_new_tokens, t), limit=limit,
-                       subset_seed=subset_seed, n_samples=n_samples, temperature=temperature, seed=seed,
-                       allow_code_execution=allow_code_execution)
+    opts = EvalOptions(
+        batch_size=batch_size,
+        max_new_tokens=generation_budget(max_new_tokens, t),
+        limit=limit,
+        subset_seed=subset_seed,
+        n_samples=n_samples,
+        temperature=temperature,
+        seed=seed,
+        allow_code_execution=allow_code_execution,
+    )
     res = evaluate_items(net, formatter, items, label="model", task=t, split=split, options=opts, progress=progress)
     res.summary.update({"model": spec.model, "adapter": adapter})
     if output_dir:

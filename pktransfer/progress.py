@@ -29,8 +29,15 @@ class Progress:
         if self.quiet:
             yield lambda n=1, **kw: None
             return
-        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+        columns = [
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+        ]
         with RichProgress(*columns, console=self.console, transient=False) as bar:
             tid = bar.add_task(description, total=total, info="")
 

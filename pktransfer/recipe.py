@@ -37,9 +37,21 @@ MethodSpec = registry.config_union()
 # keys a grid entry may not change: the pair, the task and the evaluation protocol are the comparison
 FIXED_KEYS = ("teacher", "student", "task", "evaluation", "seed", "output_dir", "compare")
 # keys that make up the training budget: changing one needs compare.allow_unequal_budget
-BUDGET_KEYS = ("training.epochs", "training.max_steps", "training.lr", "training.batch_size", "training.grad_accum",
-               "training.max_length", "training.warmup_ratio", "training.weight_decay", "training.scheduler",
-               "lora.r", "lora.alpha", "lora.target_modules", "lora.rank_pattern")
+BUDGET_KEYS = (
+    "training.epochs",
+    "training.max_steps",
+    "training.lr",
+    "training.batch_size",
+    "training.grad_accum",
+    "training.max_length",
+    "training.warmup_ratio",
+    "training.weight_decay",
+    "training.scheduler",
+    "lora.r",
+    "lora.alpha",
+    "lora.target_modules",
+    "lora.rank_pattern",
+)
 
 
 class GridEntry(Strict):
@@ -186,9 +198,7 @@ def validate(cls: type[M], data: dict[str, Any], source: str) -> M:
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(
-            format_validation_error(err, source), hint="see `pkt recipe --schema` for every field"
-        ) from None
+        raise RecipeError(format_validation_error(err, source), hint="see `pkt recipe --schema` for every field") from None
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe", overrides: list[str] | None = None) -> Recipe:
@@ -201,29 +211,34 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         return recipe_from_dict({}, "defaults", overrides)
     p = Path(path)
     if not p.is_file():
-        raise RecipeError(f"recipe file '{p}' does not exist",
-                          hint="pass the path of a YAML recipe, e.g. recipes/quickstart.yaml")
+        raise RecipeError(
+            f"recipe file '{p}' does not exist", hint="pass the path of a YAML recipe, e.g. recipes/quickstart.yaml"
+        )
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise RecipeError(f"recipe '{p}' is not UTF-8 text (byte {err.start})",
-                          hint="save the recipe as UTF-8 YAML") from None
+        raise RecipeError(f"recipe '{p}' is not UTF-8 text (byte {err.start})", hint="save the recipe as UTF-8 YAML") from None
     except OSError as err:
         raise RecipeError(f"recipe '{p}' cannot be read: {err.strerror or err}", hint="check the file's permissions") from None
     if not text.strip():
-        raise RecipeError(f"recipe '{p}' is empty",
-                          hint="write at least the sections you want (see recipes/quickstart.yaml); "
-                               "`pkt recipe` prints every default")
+        raise RecipeError(
+            f"recipe '{p}' is empty",
+            hint="write at least the sections you want (see recipes/quickstart.yaml); `pkt recipe` prints every default",
+        )
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"recipe '{p}' is not valid YAML{where}: {getattr(err, 'problem', err)}",
-                          hint="fix the YAML syntax (indentation, colons, quotes)") from None
+        raise RecipeError(
+            f"recipe '{p}' is not valid YAML{where}: {getattr(err, 'problem', err)}",
+            hint="fix the YAML syntax (indentation, colons, quotes)",
+        ) from None
     if not isinstance(data, dict):
-        raise RecipeError(f"recipe '{p}' must be a mapping of sections, got {type(data).__name__}",
-                          hint="start the file with keys such as 'student:', 'task:', 'method:'")
+        raise RecipeError(
+            f"recipe '{p}' must be a mapping of sections, got {type(data).__name__}",
+            hint="start the file with keys such as 'student:', 'task:', 'method:'",
+        )
     return recipe_from_dict(data, str(p), overrides)
 
 

@@ -42,8 +42,12 @@ def render_markdown(run: dict[str, Any]) -> str:
     for name, s in run.get("stages", {}).items():
         lines.append(f"| {name} | {s['seconds']:.1f} | {s.get('peak_rss_anon_gib', float('nan')):.2f} |")
     v = run.get("versions", {})
-    lines += ["", f"pktransfer {v.get('pktransfer')}, torch {v.get('torch')}, transformers {v.get('transformers')}, "
-              f"peft {v.get('peft')}. Per-item outputs: `eval/`. Resolved recipe: `recipe.yaml`.", ""]
+    lines += [
+        "",
+        f"pktransfer {v.get('pktransfer')}, torch {v.get('torch')}, transformers {v.get('transformers')}, "
+        f"peft {v.get('peft')}. Per-item outputs: `eval/`. Resolved recipe: `recipe.yaml`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -91,28 +95,41 @@ def _count(v: float | None) -> str:
 def budget_table(result: dict[str, Any]) -> list[str]:
     """What each method actually trained and spent, counted in its runs (means over seeds)."""
     s = result["summary"]
-    lines = ["### Budget as counted", "",
-             "Per cell, mean over seeds. Trainable: parameters with gradients when training starts. Steps: optimizer "
-             "updates. Tokens: non-padding input tokens of the batches the optimizer saw. Teacher: tokens through "
-             "the teacher's forward and backward passes in this cell (a cache made by an earlier cell costs "
-             "nothing here), their seconds, and FLOPs estimated as 2N per forward and 4N per backward token.", "",
-             "| method | trainable | steps | tokens | teacher fwd tokens | teacher bwd tokens | teacher s | teacher FLOPs |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "### Budget as counted",
+        "",
+        "Per cell, mean over seeds. Trainable: parameters with gradients when training starts. Steps: optimizer "
+        "updates. Tokens: non-padding input tokens of the batches the optimizer saw. Teacher: tokens through "
+        "the teacher's forward and backward passes in this cell (a cache made by an earlier cell costs "
+        "nothing here), their seconds, and FLOPs estimated as 2N per forward and 4N per backward token.",
+        "",
+        "| method | trainable | steps | tokens | teacher fwd tokens | teacher bwd tokens | teacher s | teacher FLOPs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for label in s["labels"]:
         e = s["by_label"][label]
         sp, te = e.get("spent", {}), e.get("teacher", {})
-        lines.append(f"| {label} | {_count(sp.get('trainable_parameters'))} | {_count(sp.get('optimizer_steps'))} | "
-                     f"{_count(sp.get('training_tokens'))} | {_count(te.get('forward_tokens'))} | "
-                     f"{_count(te.get('backward_tokens'))} | {te.get('seconds', 0.0):.1f} | {_count(te.get('flops'))} |")
+        lines.append(
+            f"| {label} | {_count(sp.get('trainable_parameters'))} | {_count(sp.get('optimizer_steps'))} | "
+            f"{_count(sp.get('training_tokens'))} | {_count(te.get('forward_tokens'))} | "
+            f"{_count(te.get('backward_tokens'))} | {te.get('seconds', 0.0):.1f} | {_count(te.get('flops'))} |"
+        )
     for folder, sec in result.get("shared_work_seconds", {}).items():
         lines.append(f"\nShared teacher work `{folder}` (once for all its cells): {sec:.1f} s.")
     lines.append("")
     if s.get("equal_budget"):
-        lines += ["**Equal budget**: every cell of a seed trained the same number of parameters for the same steps "
-                  "on the same tokens (as counted).", ""]
+        lines += [
+            "**Equal budget**: every cell of a seed trained the same number of parameters for the same steps "
+            "on the same tokens (as counted).",
+            "",
+        ]
     else:
-        lines += ["**The budgets are not equal** (as counted); what differs:", "",
-                  *[f"- {d}" for d in s.get("budget_differences", [])], ""]
+        lines += [
+            "**The budgets are not equal** (as counted); what differs:",
+            "",
+            *[f"- {d}" for d in s.get("budget_differences", [])],
+            "",
+        ]
     return lines
 
 
@@ -131,11 +148,20 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
             for split, m in by_split.items():
                 lines.append(f"| {label} | {split} | {m['n']} | {_pct(m['accuracy'])} |")
         lines.append("")
-    lines += ["## Results", "", "Accuracy in %: mean ± sample std [95% t-interval of the mean] over seeds; the "
-              f"difference to `{base}` is paired by seed, with a two-sided paired t-test across seeds.", ""]
+    lines += [
+        "## Results",
+        "",
+        "Accuracy in %: mean ± sample std [95% t-interval of the mean] over seeds; the "
+        f"difference to `{base}` is paired by seed, with a two-sided paired t-test across seeds.",
+        "",
+    ]
     for metric in s["metrics"]:
-        lines += [f"### {metric}", "",
-                  f"| method | seeds | accuracy | per seed | Δ vs {base} [95% CI] | p |", "|---|---:|---|---|---|---:|"]
+        lines += [
+            f"### {metric}",
+            "",
+            f"| method | seeds | accuracy | per seed | Δ vs {base} [95% CI] | p |",
+            "|---|---:|---|---|---|---:|",
+        ]
         for label in s["labels"]:
             e = s["by_label"][label]
             m = e["metrics"][metric]
@@ -148,17 +174,29 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
                 pv = "n/a" if p["p_value"] != p["p_value"] else f"{p['p_value']:.3f}"
             lines.append(f"| {label} | {m['n']} | {_pm(m)} | {per_seed} | {diff} | {pv} |")
         lines.append("")
-    lines += ["## Cost", "", "Means per cell; peak is the largest anonymous RSS of any stage (shared work excluded, "
-              "except KD's teacher logits, computed by the first KD cell).", "",
-              "| method | prepare (s) | train (s) | cell wall (s) | peak anon RSS (GiB) |", "|---|---:|---:|---:|---:|"]
+    lines += [
+        "## Cost",
+        "",
+        "Means per cell; peak is the largest anonymous RSS of any stage (shared work excluded, "
+        "except KD's teacher logits, computed by the first KD cell).",
+        "",
+        "| method | prepare (s) | train (s) | cell wall (s) | peak anon RSS (GiB) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for label in s["labels"]:
         c = s["by_label"][label]["cost"]
-        lines.append(f"| {label} | {c['prepare_seconds']:.1f} | {c['train_seconds']:.1f} | {c['wall_seconds']:.1f} | "
-                     f"{c['peak_rss_anon_gib']:.2f} |")
+        lines.append(
+            f"| {label} | {c['prepare_seconds']:.1f} | {c['train_seconds']:.1f} | {c['wall_seconds']:.1f} | "
+            f"{c['peak_rss_anon_gib']:.2f} |"
+        )
     for folder, sec in result.get("shared_work_seconds", {}).items():
         lines.append(f"\nShared work `{folder}`: {sec:.1f} s (once for all its cells).")
-    lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in result.get("plots", [])) + ". Cells: `cells/LABEL/seed-N/` "
-              "(each a full run folder). Machine-readable: `compare.json`, `compare.csv`.", ""]
+    lines += [
+        "",
+        "Plots: " + ", ".join(f"`{p}`" for p in result.get("plots", [])) + ". Cells: `cells/LABEL/seed-N/` "
+        "(each a full run folder). Machine-readable: `compare.json`, `compare.csv`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -174,11 +212,23 @@ def csv_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
         for metric in s["metrics"]:
             m = e["metrics"][metric]
             p = e["paired_vs_baseline"].get(metric, {})
-            rows.append({"label": label, "method": e["method"], "metric": metric, "n_seeds": m["n"], "mean": m["mean"],
-                         "std": m["std"], "ci95_low": m["ci_low"], "ci95_high": m["ci_high"],
-                         "diff_vs_baseline": p.get("mean_diff", 0.0 if label == s["baseline"] else math.nan),
-                         "diff_ci95_low": p.get("ci_low", math.nan), "diff_ci95_high": p.get("ci_high", math.nan),
-                         "p_value": p.get("p_value", math.nan), **{f"cost_{k}": v for k, v in e["cost"].items()}})
+            rows.append(
+                {
+                    "label": label,
+                    "method": e["method"],
+                    "metric": metric,
+                    "n_seeds": m["n"],
+                    "mean": m["mean"],
+                    "std": m["std"],
+                    "ci95_low": m["ci_low"],
+                    "ci95_high": m["ci_high"],
+                    "diff_vs_baseline": p.get("mean_diff", 0.0 if label == s["baseline"] else math.nan),
+                    "diff_ci95_low": p.get("ci_low", math.nan),
+                    "diff_ci95_high": p.get("ci_high", math.nan),
+                    "p_value": p.get("p_value", math.nan),
+                    **{f"cost_{k}": v for k, v in e["cost"].items()},
+                }
+            )
     return rows
 
 
@@ -230,11 +280,24 @@ def plot_compare(result: dict[str, Any], folder: Any) -> list[Any]:
         for j, cell in enumerate(c for c in result["cells"] if c["label"] == label):
             if cell["loss_curve"]:
                 steps, losses = zip(*cell["loss_curve"], strict=True)
-                ax.plot(steps, losses, color=color, alpha=0.8, label=label if j == 0 else None,
-                        marker="o" if len(steps) == 1 else None)
+                ax.plot(
+                    steps,
+                    losses,
+                    color=color,
+                    alpha=0.8,
+                    label=label if j == 0 else None,
+                    marker="o" if len(steps) == 1 else None,
+                )
     if not ax.get_legend_handles_labels()[1]:
-        ax.text(0.5, 0.5, "no training loss was logged\n(no cell trained, or none logged a step)",
-                ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.text(
+            0.5,
+            0.5,
+            "no training loss was logged\n(no cell trained, or none logged a step)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="gray",
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (each method's own objective)")
     if ax.get_legend_handles_labels()[1]:

@@ -160,9 +160,16 @@ def read_marker(folder: Path) -> dict[str, Any] | None:
 def write_marker(folder: Path, kind: str, fields: dict[str, Any] | None) -> None:
     from pktransfer.fileio import write_json
 
-    write_json(folder / MARKER, {"written_by": "pktransfer", "kind": kind,
-                                 "recipe_sha256": recipe_sha256(fields) if fields is not None else None,
-                                 "recipe": fields, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    write_json(
+        folder / MARKER,
+        {
+            "written_by": "pktransfer",
+            "kind": kind,
+            "recipe_sha256": recipe_sha256(fields) if fields is not None else None,
+            "recipe": fields,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+    )
 
 
 def check_replaceable(folder: Path, what: str = "output folder") -> None:
@@ -170,33 +177,42 @@ def check_replaceable(folder: Path, what: str = "output folder") -> None:
     if not folder.exists() and not folder.is_symlink():
         return
     if folder.is_symlink() or not folder.is_dir():
-        raise OutputError(f"{what} '{folder}' exists and is not a folder pktransfer wrote (it is a file or a link)",
-                          hint="choose another output_dir; pktransfer only replaces folders it created")
+        raise OutputError(
+            f"{what} '{folder}' exists and is not a folder pktransfer wrote (it is a file or a link)",
+            hint="choose another output_dir; pktransfer only replaces folders it created",
+        )
     if read_marker(folder) is None and any(folder.iterdir()):
-        raise OutputError(f"{what} '{folder}' was not written by pktransfer (it has no {MARKER}); refusing to replace "
-                          "or delete it", hint="choose another output_dir, or move that folder away yourself")
+        raise OutputError(
+            f"{what} '{folder}' was not written by pktransfer (it has no {MARKER}); refusing to replace or delete it",
+            hint="choose another output_dir, or move that folder away yourself",
+        )
 
 
 def check_matches(folder: Path, fields: dict[str, Any], what: str) -> None:
     """A folder pktransfer started (or finished) for a recipe may be reused only for the same recipe."""
     marker = read_marker(folder)
     if marker is None:
-        raise OutputError(f"{what} '{folder}' has no {MARKER}: it was not written by this version of pktransfer, "
-                          "so it cannot be checked against the recipe",
-                          hint="choose another output_dir, or move that folder away yourself")
+        raise OutputError(
+            f"{what} '{folder}' has no {MARKER}: it was not written by this version of pktransfer, "
+            "so it cannot be checked against the recipe",
+            hint="choose another output_dir, or move that folder away yourself",
+        )
     if marker.get("recipe_sha256") != recipe_sha256(fields):
         diff = recipe_differences(marker.get("recipe") or {}, fields)
-        raise OutputError(f"{what} '{folder}' was made with a different recipe ({diff})",
-                          hint="rerun with the original recipe to reuse it, choose another output_dir, or pass "
-                               "--overwrite to start afresh")
+        raise OutputError(
+            f"{what} '{folder}' was made with a different recipe ({diff})",
+            hint="rerun with the original recipe to reuse it, choose another output_dir, or pass --overwrite to start afresh",
+        )
 
 
 def _mkdir(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OutputError(f"cannot create the output folder '{folder}': {err.strerror or err}",
-                          hint="choose an output_dir in a writable location (its parent must be a folder)") from None
+        raise OutputError(
+            f"cannot create the output folder '{folder}': {err.strerror or err}",
+            hint="choose an output_dir in a writable location (its parent must be a folder)",
+        ) from None
 
 
 def check_output_location(folder: Path) -> None:
@@ -207,11 +223,15 @@ def check_output_location(folder: Path) -> None:
             break
         parent = parent.parent
     if not parent.is_dir():
-        raise OutputError(f"cannot create the output folder '{folder}': '{parent}' is a file, not a folder",
-                          hint="choose an output_dir whose parent is a folder")
+        raise OutputError(
+            f"cannot create the output folder '{folder}': '{parent}' is a file, not a folder",
+            hint="choose an output_dir whose parent is a folder",
+        )
     if not os.access(parent, os.W_OK | os.X_OK) or str(parent.resolve()).startswith(("/proc", "/sys")):
-        raise OutputError(f"cannot create the output folder '{folder}': '{parent}' is not writable",
-                          hint="choose an output_dir in a writable location")
+        raise OutputError(
+            f"cannot create the output folder '{folder}': '{parent}' is not writable",
+            hint="choose an output_dir in a writable location",
+        )
 
 
 class RunDir:
@@ -221,17 +241,19 @@ class RunDir:
     only for the same recipe, and ``overwrite`` replaces only a folder pktransfer wrote.
     """
 
-    def __init__(self, output_dir: str | Path, overwrite: bool = False, recipe: dict[str, Any] | None = None,
-                 kind: str = "run") -> None:
+    def __init__(
+        self, output_dir: str | Path, overwrite: bool = False, recipe: dict[str, Any] | None = None, kind: str = "run"
+    ) -> None:
         self.final = Path(output_dir).expanduser().resolve()
         self.work = self.final.with_name(self.final.name + ".partial")
         self.fields = result_fields(recipe) if recipe is not None else None
         check_output_location(self.final)
         if self.final.exists() or self.final.is_symlink():
             if not overwrite:
-                raise OutputError(f"output folder '{self.final}' already exists",
-                                  hint="choose another output_dir (--output-dir) or pass --overwrite to replace a "
-                                       "run pktransfer wrote there")
+                raise OutputError(
+                    f"output folder '{self.final}' already exists",
+                    hint="choose another output_dir (--output-dir) or pass --overwrite to replace a run pktransfer wrote there",
+                )
             check_replaceable(self.final)
         self.overwrite = overwrite
         self.resumed = False
@@ -275,8 +297,12 @@ class RunDir:
 
     def fail(self, err: BaseException) -> None:
         with contextlib.suppress(OSError, PktError):  # a full disk must not hide the original error
-            self.write_json(FAILED, {
-                "error": str(err), "type": type(err).__name__,
-                "traceback": None if isinstance(err, PktError) else traceback.format_exc(),
-                "note": "this run did not finish; rerun the same recipe to resume from here",
-            })
+            self.write_json(
+                FAILED,
+                {
+                    "error": str(err),
+                    "type": type(err).__name__,
+                    "traceback": None if isinstance(err, PktError) else traceback.format_exc(),
+                    "note": "this run did not finish; rerun the same recipe to resume from here",
+                },
+            )

@@ -26,11 +26,15 @@ def lora_config(spec: LoraSpec, init: Any = None) -> Any:
     """The peft LoraConfig for ``spec``; ``init`` overrides ``spec.init`` (methods that set weights themselves)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                      target_modules=list(spec.target_modules), task_type="CAUSAL_LM",
-                      rank_pattern=dict(spec.rank_pattern),
-                      init_lora_weights=init if init is not None else {"default": True, "gaussian": "gaussian",
-                                                                         "pissa": "pissa"}[spec.init])
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=list(spec.target_modules),
+        task_type="CAUSAL_LM",
+        rank_pattern=dict(spec.rank_pattern),
+        init_lora_weights=init if init is not None else {"default": True, "gaussian": "gaussian", "pissa": "pissa"}[spec.init],
+    )
 
 
 def check_targets(model: Any, spec: LoraSpec) -> None:
@@ -40,8 +44,9 @@ def check_targets(model: Any, spec: LoraSpec) -> None:
     missing = [t for t in spec.target_modules if t not in names]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise RecipeError(f"lora.target_modules: {missing} not found in the student",
-                          hint=f"modules that exist: {', '.join(linear)}")
+        raise RecipeError(
+            f"lora.target_modules: {missing} not found in the student", hint=f"modules that exist: {', '.join(linear)}"
+        )
 
 
 class Collator:
@@ -70,8 +75,9 @@ class Collator:
 
 def collate_examples(examples: list[Example], pad_id: int = 0, first_index: int = 0) -> dict[str, torch.Tensor]:
     """One padded batch of encoded examples; ``index`` counts from ``first_index`` (their place in a list)."""
-    return Collator(pad_id)([{"input_ids": e.input_ids, "labels": e.labels, "index": first_index + i}
-                             for i, e in enumerate(examples)])
+    return Collator(pad_id)(
+        [{"input_ids": e.input_ids, "labels": e.labels, "index": first_index + i} for i, e in enumerate(examples)]
+    )
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -97,8 +103,9 @@ def response_positions(labels: torch.Tensor) -> torch.Tensor:
 
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross entropy over response tokens (the standard loss before normalisation)."""
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 def _trainer_class() -> Any:
@@ -109,8 +116,9 @@ def _trainer_class() -> Any:
 
         method_loss: LossFn | None = None
 
-        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
+        def compute_loss(
+            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
             index = inputs.pop("index", None)
             if self.method_loss is None:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -185,8 +193,11 @@ def warmup_kwargs(ratio: float) -> dict[str, float]:
 def _tokens_kwargs() -> dict[str, Any]:
     from transformers import TrainingArguments
 
-    return {"include_num_input_tokens_seen": "non_padding"} \
-        if "include_num_input_tokens_seen" in TrainingArguments.__dataclass_fields__ else {}
+    return (
+        {"include_num_input_tokens_seen": "non_padding"}
+        if "include_num_input_tokens_seen" in TrainingArguments.__dataclass_fields__
+        else {}
+    )
 
 
 def _checkpointing_kwargs(enabled: bool) -> dict[str, bool]:
@@ -199,9 +210,19 @@ def _checkpointing_kwargs(enabled: bool) -> dict[str, bool]:
     return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": True}
 
 
-def train(model: Any, tokenizer: Any, examples: list[Example], spec: TrainingSpec, *, output_dir: Path, seed: int,
-          progress: Progress | None = None, callbacks: list[Any] | None = None,
-          loss: LossFn | None = None, resume: bool = True) -> TrainResult:
+def train(
+    model: Any,
+    tokenizer: Any,
+    examples: list[Example],
+    spec: TrainingSpec,
+    *,
+    output_dir: Path,
+    seed: int,
+    progress: Progress | None = None,
+    callbacks: list[Any] | None = None,
+    loss: LossFn | None = None,
+    resume: bool = True,
+) -> TrainResult:
     """Train ``model`` (a PeftModel) on ``examples``; checkpoints go to ``output_dir``."""
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -234,8 +255,13 @@ def train(model: Any, tokenizer: Any, examples: list[Example], spec: TrainingSpe
         remove_unused_columns=False,
         optim="adamw_torch",
     )
-    trainer = _trainer_class()(model=model, args=args, train_dataset=ListDataset(examples),
-                               data_collator=Collator(tokenizer.pad_token_id), callbacks=list(callbacks or []))
+    trainer = _trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=ListDataset(examples),
+        data_collator=Collator(tokenizer.pad_token_id),
+        callbacks=list(callbacks or []),
+    )
     trainer.method_loss = loss
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -253,5 +279,12 @@ def train(model: Any, tokenizer: Any, examples: list[Example], spec: TrainingSpe
     losses = [h["loss"] for h in history if "loss" in h] or [h["train_loss"] for h in history if "train_loss" in h]
     write_json(output_dir / "log_history.json", history)
     seen = getattr(trainer.state, "num_input_tokens_seen", None)
-    return TrainResult(trainer.state.global_step, time.perf_counter() - t0, losses[-1] if losses else None,
-                       history, resume_from, trainable, int(seen) if seen else None)
+    return TrainResult(
+        trainer.state.global_step,
+        time.perf_counter() - t0,
+        losses[-1] if losses else None,
+        history,
+        resume_from,
+        trainable,
+        int(seen) if seen else None,
+    )

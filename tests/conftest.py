@@ -52,22 +52,34 @@ def make_tokenizer(chat: bool = True):
     vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>",
-                                   eos_token="<|im_end|>" if chat else "<|endoftext|>",
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>" if chat else "<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
     if chat:
         fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
-def make_model(family: str, *, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int,
-               seed: int = 0, tied: bool = False):
+def make_model(
+    family: str, *, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int, seed: int = 0, tied: bool = False
+):
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
     cls = {"qwen2": Qwen2Config, "llama": LlamaConfig, "mistral": MistralConfig}[family]
-    cfg = cls(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-              num_key_value_heads=kv_heads, intermediate_size=ffn, max_position_embeddings=512,
-              tie_word_embeddings=tied)
+    cfg = cls(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=ffn,
+        max_position_embeddings=512,
+        tie_word_embeddings=tied,
+    )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg)
 
@@ -104,12 +116,15 @@ def tiny_recipe(tiny_models, tmp_path):
     return {
         "teacher": {"model": str(tiny_models["qwen2_teacher"]), "device": "cpu"},
         "student": {"model": str(tiny_models["qwen2_student"]), "device": "cpu"},
-        "task": {"name": "arithmetic", "n_train": 16, "n_test": 6,
-                 "params": {"sizes": {"test": 6, "train": 16, "seed": 4, "extract": 2, "align": 2}}},
+        "task": {
+            "name": "arithmetic",
+            "n_train": 16,
+            "n_test": 6,
+            "params": {"sizes": {"test": 6, "train": 16, "seed": 4, "extract": 2, "align": 2}},
+        },
         "method": {"name": "lora"},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "training": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "max_length": 64, "save_steps": 2,
-                     "logging_steps": 1},
+        "training": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "max_length": 64, "save_steps": 2, "logging_steps": 1},
         "evaluation": {"batch_size": 4, "max_new_tokens": 4},
         "seed": 0,
         "output_dir": str(tmp_path / "run"),

@@ -65,8 +65,7 @@ def test_a_registered_method_runs_through_pkt_run_and_pkt_compare(toy, tiny_reci
     assert res.exit_code == 0, res.output
     run = json.loads((Path(tiny_recipe["output_dir"]) / "run.json").read_text())
     assert run["method"] == {"note": "from the recipe"} and run["recipe"]["method"]["name"] == "toy"
-    grid = {**tiny_recipe, "output_dir": str(tmp_path / "grid"), "compare": {"methods": ["lora", {"name": "toy"}],
-                                                                             "seeds": [0]}}
+    grid = {**tiny_recipe, "output_dir": str(tmp_path / "grid"), "compare": {"methods": ["lora", {"name": "toy"}], "seeds": [0]}}
     (tmp_path / "g.yaml").write_text(yaml.safe_dump(grid))
     res = CliRunner().invoke(app, ["compare", str(tmp_path / "g.yaml"), "-q"])
     assert res.exit_code == 0, res.output
@@ -89,24 +88,31 @@ def test_generic_layers_name_no_method():
     names = set(registry.names())
     for module in ("pipeline", "comparison", "reports", "training", "cli"):
         tree = ast.parse((PKG / f"{module}.py").read_text())
-        code_strings = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
-                        and not n.value.startswith(("add compare", "\n"))]
-        docstrings = {ast.get_docstring(n) for n in ast.walk(tree)
-                      if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef))}
+        code_strings = [
+            n.value
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and not n.value.startswith(("add compare", "\n"))
+        ]
+        docstrings = {ast.get_docstring(n) for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef))}
         for s in code_strings:
             if s in docstrings or " " in s:  # prose (help texts, hints) may mention methods by name
                 continue
             assert s not in names - {"lora", "pissa"} or module == "training", (module, s)
-        idents = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | \
-                 {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        idents = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {
+            n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+        }
         assert not {i for i in idents if i.endswith("Method") and i != "Method"}, module
 
 
 def _imports(path: Path, module: str) -> set[str]:
     """pktransfer modules imported by ``path`` (function-level imports too; TYPE_CHECKING blocks not)."""
     tree = ast.parse(path.read_text())
-    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-            for n in ast.walk(node)}
+    skip = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for n in ast.walk(node)
+    }
     out = set()
     for node in ast.walk(tree):
         if id(node) in skip:
@@ -137,7 +143,7 @@ def test_no_import_cycles_between_modules():
             if n == "pktransfer" or (m.startswith(n + ".")):
                 continue
             if state.get(n) == 1:
-                raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(n):], n]))
+                raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(n) :], n]))
             if not state.get(n):
                 visit(n, [*stack, n])
         state[m] = 2

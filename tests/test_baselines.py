@@ -58,8 +58,9 @@ def test_kd_loss_mixes_ce_and_kl_over_response_tokens_only():
     assert got == pytest.approx((0.75 * ce + 0.25 * 4 * kl) / 2, rel=1e-6)
     assert kd_loss(logits, labels, teacher, None, temperature=2.0, alpha=0.0).item() == pytest.approx(ce / 2, rel=1e-6)
     # an explicit normaliser (the accumulated batch's token count) replaces the batch's own
-    assert kd_loss(logits, labels, teacher, None, temperature=2.0, alpha=0.0, n_tokens=4).item() == \
-        pytest.approx(ce / 4, rel=1e-6)
+    assert kd_loss(logits, labels, teacher, None, temperature=2.0, alpha=0.0, n_tokens=4).item() == pytest.approx(
+        ce / 4, rel=1e-6
+    )
 
 
 def test_kd_with_alpha_zero_trains_exactly_like_lora(tiny_recipe, tmp_path):
@@ -81,8 +82,7 @@ def test_kd_cached_and_live_teacher_agree_and_the_cache_is_reused(tiny_recipe, t
 
     cache_dir = tmp_path / "cache"
     losses = {}
-    for name, extra in (("live", {"cache": False}), ("cached", {"cache": True, "top_k": None,
-                                                                 "logits_cache": str(cache_dir)})):
+    for name, extra in (("live", {"cache": False}), ("cached", {"cache": True, "top_k": None, "logits_cache": str(cache_dir)})):
         recipe = _recipe(tiny_recipe, name="kd", alpha=0.7, **extra)
         method, ctx = tiny_method_context(recipe, tmp_path / name)
         (tmp_path / name).mkdir()
@@ -107,8 +107,7 @@ def test_kd_cached_and_live_teacher_agree_and_the_cache_is_reused(tiny_recipe, t
     monkeypatch.setattr(pipeline, "load_model", lambda spec, **k: loaded.append(spec.model) or real_load(spec, **k))
     # a run over the same 8 examples finds the cache (the key is teacher + token ids + top_k) and never
     # loads the teacher
-    res = pktransfer.run(_recipe(tiny_recipe, name="kd", alpha=0.7, top_k=None, logits_cache=str(cache_dir)),
-                         quiet=True)
+    res = pktransfer.run(_recipe(tiny_recipe, name="kd", alpha=0.7, top_k=None, logits_cache=str(cache_dir)), quiet=True)
     assert res.metrics["trained"]["test"]["n"] == 6
     assert loaded == [tiny_recipe["student"]["model"]]
 
@@ -197,8 +196,10 @@ def test_weight_selection_cuts_consistent_index_sets_and_keeps_step0(tiny_recipe
 
 
 def test_weight_selection_refuses_a_wider_student(tiny_recipe, tiny_models, tmp_path):
-    tiny_recipe["teacher"]["model"], tiny_recipe["student"]["model"] = (str(tiny_models["qwen2_student"]),
-                                                                        str(tiny_models["qwen2_teacher"]))
+    tiny_recipe["teacher"]["model"], tiny_recipe["student"]["model"] = (
+        str(tiny_models["qwen2_student"]),
+        str(tiny_models["qwen2_teacher"]),
+    )
     with pytest.raises(pktransfer.PktError, match="larger than the teacher"):
         pktransfer.run(_recipe(tiny_recipe, name="weight_selection"), quiet=True)
     assert not (tmp_path / "run").exists()

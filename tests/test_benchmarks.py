@@ -19,15 +19,18 @@ from pktransfer.evaluation.metrics import gsm8k_strict, normalize_answer, pass_a
 # ---- metrics on hand-made outputs ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("output,reference,strict_ok,flex_ok", [
-    ("She pays 3 + 2 = 5 dollars.\n#### 5", "5", True, True),
-    ("#### 1,000 apples", "1000", True, True),
-    ("#### -3", "-3", True, True),
-    ("The answer is $5.00", "5", False, True),  # no '####': strict fails, flexible reads 5.00 = 5
-    ("#### 7.0", "7", True, True),
-    ("#### 12\nbut then 13", "12", True, False),  # strict takes the '####' number, flexible the last one
-    ("no number at all", "4", False, False),
-])
+@pytest.mark.parametrize(
+    "output,reference,strict_ok,flex_ok",
+    [
+        ("She pays 3 + 2 = 5 dollars.\n#### 5", "5", True, True),
+        ("#### 1,000 apples", "1000", True, True),
+        ("#### -3", "-3", True, True),
+        ("The answer is $5.00", "5", False, True),  # no '####': strict fails, flexible reads 5.00 = 5
+        ("#### 7.0", "7", True, True),
+        ("#### 12\nbut then 13", "12", True, False),  # strict takes the '####' number, flexible the last one
+        ("no number at all", "4", False, False),
+    ],
+)
 def test_gsm8k_strict_and_flexible(output, reference, strict_ok, flex_ok):
     task = get_task("gsm8k")
     s = task.score(output, Item("x", "q", "r", reference))
@@ -134,8 +137,9 @@ def test_reference_solutions_pass_and_wrong_ones_fail():
     he, mbpp = get_task("humaneval"), get_task("mbpp")
     he_items, mbpp_items = he.split("test")[:4], mbpp.split("test")[:4]
     good = [he.program(it, it.response) for it in he_items] + [mbpp.program(it, it.response) for it in mbpp_items]
-    bad = [he.program(it, "    return None\n") for it in he_items] + \
-          [mbpp.program(it, "def nothing():\n    pass\n") for it in mbpp_items]
+    bad = [he.program(it, "    return None\n") for it in he_items] + [
+        mbpp.program(it, "def nothing():\n    pass\n") for it in mbpp_items
+    ]
     results = run_programs(good + bad)
     assert [r.passed for r in results] == [True] * 8 + [False] * 8, [r.stderr[-300:] for r in results if not r.passed][:2]
     # a chat model's fenced answer holding the whole function is used as the program body
@@ -180,8 +184,15 @@ def test_choice_evaluation_reports_subjects_macro_and_micro(tiny_models):
     model, tok = AutoModelForCausalLM.from_pretrained(str(path)), AutoTokenizer.from_pretrained(str(path))
     task = get_task("mmlu")
     items = subset(task.split("test"), 12, 3)
-    res = evaluate_items(model, PromptFormatter(tok, "plain", None, ""), items, label="m", task=task, split="test",
-                         options=EvalOptions(batch_size=4))
+    res = evaluate_items(
+        model,
+        PromptFormatter(tok, "plain", None, ""),
+        items,
+        label="m",
+        task=task,
+        split="test",
+        options=EvalOptions(batch_size=4),
+    )
     s = res.summary
     per = s["per_subject"]
     assert sum(v["n"] for v in per.values()) == 12
@@ -198,8 +209,24 @@ def test_pkt_eval_refuses_code_tasks_without_opt_in_and_runs_with_it(tiny_models
     runner = CliRunner()
     res = runner.invoke(app, ["eval", "-m", str(tiny_models["qwen2_student"]), "-t", "humaneval", "--limit", "2"])
     assert res.exit_code == 2 and "--allow-code-execution" in res.output and "Traceback" not in res.output
-    res = runner.invoke(app, ["eval", "-m", str(tiny_models["qwen2_student"]), "-t", "humaneval", "--limit", "2",
-                              "--allow-code-execution", "--max-new-tokens", "4", "-q", "-o", str(tmp_path / "he")])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "-m",
+            str(tiny_models["qwen2_student"]),
+            "-t",
+            "humaneval",
+            "--limit",
+            "2",
+            "--allow-code-execution",
+            "--max-new-tokens",
+            "4",
+            "-q",
+            "-o",
+            str(tmp_path / "he"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "he" / "model.humaneval.test.summary.json").read_text())
     assert summary["n"] == 2 and "pass@1" in summary["metrics"] and summary["sandbox"]["isolation"]["audit_guard"]
@@ -214,6 +241,7 @@ def test_auto_batch_size_shrinks_after_out_of_memory_on_cuda():
         def parameters(self):
             class P:
                 device = torch.device("cuda")
+
             yield P()
 
     tried = []
@@ -271,8 +299,11 @@ def test_humaneval_chat_answer_without_imports_gets_the_prompts_imports():
 
     he = get_task("humaneval")
     item = he.split("test")[0]
-    answer = "```python\n" + CHAT_HUMANEVAL_ANSWER.split("```python\n")[1].split("```")[0].replace(
-        "from typing import List\n", "") + "```"
+    answer = (
+        "```python\n"
+        + CHAT_HUMANEVAL_ANSWER.split("```python\n")[1].split("```")[0].replace("from typing import List\n", "")
+        + "```"
+    )
     assert "from typing import List" not in answer
     assert run_program(he.program(item, answer, "chat")).passed
 
@@ -291,8 +322,7 @@ def test_mbpp_chat_answer_with_prose_and_fence():
     from pktransfer.evaluation.sandbox import run_program
 
     mbpp = get_task("mbpp")
-    item = Item(id="mbpp-x", prompt="", response="", reference="pass",
-                metadata={"test": "\nassert add(1, 2) == 3", "task_id": 0})
+    item = Item(id="mbpp-x", prompt="", response="", reference="pass", metadata={"test": "\nassert add(1, 2) == 3", "task_id": 0})
     answer = "Here is the function:\n\n```python\ndef add(a, b):\n    return a + b\n```\n\nIt adds two numbers."
     assert run_program(mbpp.program(item, answer, "chat")).passed
     assert "[DONE]" in mbpp.stop_strings_for("chat")  # the few-shot template's end marker, in both formats
@@ -302,8 +332,10 @@ def test_mbpp_chat_answer_with_prose_and_fence():
 def test_gsm8k_chat_answer_is_scored_on_its_final_number():
     task = get_task("gsm8k")
     item = task.split("test")[0]
-    answer = (f"Janet's ducks lay 16 eggs per day. She eats 3 and bakes with 4, so 16 - 3 - 4 = 9 eggs are left.\n"
-              f"She sells them for $2 each: 9 * 2 = ${item.reference}.\n\nSo the answer is {item.reference}.")
+    answer = (
+        f"Janet's ducks lay 16 eggs per day. She eats 3 and bakes with 4, so 16 - 3 - 4 = 9 eggs are left.\n"
+        f"She sells them for $2 each: 9 * 2 = ${item.reference}.\n\nSo the answer is {item.reference}."
+    )
     s = task.score(answer, item)
     assert s["correct"] and s["extracted"] == item.reference
     assert task.score(answer.replace(f"So the answer is {item.reference}.", "So the answer is 17."), item)["correct"] is False

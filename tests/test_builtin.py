@@ -20,8 +20,12 @@ def fake_model(tmp_path, monkeypatch):
     parts[0].write_bytes(b"GGUF" + b"a" * 1000)
     parts[1].write_bytes(b"b" * 500)
     data = b"".join(p.read_bytes() for p in parts)
-    model = replace(builtin.BUILTIN_MODELS["qwen2.5-coder-0.5b-instruct"], name="fake-model",
-                    sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    model = replace(
+        builtin.BUILTIN_MODELS["qwen2.5-coder-0.5b-instruct"],
+        name="fake-model",
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+    )
     monkeypatch.setitem(builtin.BUILTIN_MODELS, "fake-model", model)
     monkeypatch.setattr(builtin, "part_files", lambda m: parts)
     return model, parts

@@ -54,11 +54,14 @@ def test_paired_difference_hand_computed():
 
 
 def test_plan_expands_sweeps_and_keeps_everything_else_equal(tiny_recipe):
-    recipe = recipe_from_dict(_grid(tiny_recipe, ["lora", {"name": "kd", "sweep": {"method.alpha": [0.2, 0.8]}},
-                                                  {"name": "pissa", "label": "pissa-fast", "niter": 2}]))
+    recipe = recipe_from_dict(
+        _grid(
+            tiny_recipe,
+            ["lora", {"name": "kd", "sweep": {"method.alpha": [0.2, 0.8]}}, {"name": "pissa", "label": "pissa-fast", "niter": 2}],
+        )
+    )
     cells = plan_grid(recipe)
-    assert [(c.label, c.seed) for c in cells[:4]] == [("lora", 0), ("kd[alpha=0.2]", 0), ("kd[alpha=0.8]", 0),
-                                                      ("pissa-fast", 0)]
+    assert [(c.label, c.seed) for c in cells[:4]] == [("lora", 0), ("kd[alpha=0.2]", 0), ("kd[alpha=0.8]", 0), ("pissa-fast", 0)]
     assert len(cells) == 8
     assert cells[2].recipe.method.alpha == 0.8 and cells[3].recipe.method.niter == 2
     assert all(c.recipe.training == recipe.training and c.recipe.lora == recipe.lora for c in cells)
@@ -75,14 +78,17 @@ def test_overrides_reach_method_options_but_not_the_method_name(tiny_recipe):
         plan_grid(recipe_from_dict(_grid(tiny_recipe, ["lora", {"name": "kd", "sweep": {"method.temperature": [0]}}])))
 
 
-@pytest.mark.parametrize("override,match", [
-    ({"training.lr": 1e-4}, "changes the training budget"),
-    ({"training.max_steps": 8}, "changes the training budget"),
-    ({"lora.r": 8}, "changes the training budget"),
-    ({"training": {"lr": 1e-4}}, "changes the training budget"),
-    ({"task.n_train": 4}, "the pair, task, evaluation"),
-    ({"evaluation.limit": 2}, "the pair, task, evaluation"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ({"training.lr": 1e-4}, "changes the training budget"),
+        ({"training.max_steps": 8}, "changes the training budget"),
+        ({"lora.r": 8}, "changes the training budget"),
+        ({"training": {"lr": 1e-4}}, "changes the training budget"),
+        ({"task.n_train": 4}, "the pair, task, evaluation"),
+        ({"evaluation.limit": 2}, "the pair, task, evaluation"),
+    ],
+)
 def test_unequal_budget_is_refused_unless_allowed(tiny_recipe, override, match):
     methods = ["lora", {"name": "pissa", "overrides": override}]
     with pytest.raises(RecipeError, match=match):
@@ -110,8 +116,12 @@ def test_grid_end_to_end_with_shared_work(tiny_recipe, tmp_path, monkeypatch):
     import pktransfer.pipeline as pipeline
 
     tiny_recipe["output_dir"] = str(tmp_path / "grid")
-    recipe = recipe_from_dict(_grid(tiny_recipe, ["lora", "pissa", {"name": "kd", "alpha": 0.5},
-                                                  {"name": "seeking", "n_seed": 2, "structure": "row_column"}]))
+    recipe = recipe_from_dict(
+        _grid(
+            tiny_recipe,
+            ["lora", "pissa", {"name": "kd", "alpha": 0.5}, {"name": "seeking", "n_seed": 2, "structure": "row_column"}],
+        )
+    )
     calls = {"eval_pair": 0, "extract": 0}
     for name in calls:
         real = getattr(pipeline, {"eval_pair": "evaluate_pair", "extract": "run_verb"}[name])
@@ -179,8 +189,13 @@ def test_killed_grid_resumes_only_missing_cells_and_matches_an_uninterrupted_run
         (tmp_path / f"{folder.name}.yaml").write_text(yaml.safe_dump(grid))
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pktransfer.cli", "compare", str(tmp_path / "killed.yaml"), "-q"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pktransfer.cli", "compare", str(tmp_path / "killed.yaml"), "-q"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while _cells_done(killed) < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -196,8 +211,15 @@ def test_killed_grid_resumes_only_missing_cells_and_matches_an_uninterrupted_run
     resumed = pktransfer.compare(pktransfer.load_recipe(tmp_path / "killed.yaml"), quiet=True)
     assert len(runs) == 6 - done_before  # only the missing cells ran
     full = pktransfer.compare(pktransfer.load_recipe(tmp_path / "clean.yaml"), quiet=True)
-    strip = ("folder", "prepare_seconds", "train_seconds", "wall_seconds", "peak_rss_anon_gib", "peak_cuda_gib",
-             "teacher")  # timings, and which cell happened to fill the shared KD cache
+    strip = (
+        "folder",
+        "prepare_seconds",
+        "train_seconds",
+        "wall_seconds",
+        "peak_rss_anon_gib",
+        "peak_cuda_gib",
+        "teacher",
+    )  # timings, and which cell happened to fill the shared KD cache
     a = [{k: v for k, v in c.items() if k not in strip} for c in resumed.result["cells"]]
     b = [{k: v for k, v in c.items() if k not in strip} for c in full.result["cells"]]
     assert a == b
@@ -208,10 +230,18 @@ def test_killed_grid_resumes_only_missing_cells_and_matches_an_uninterrupted_run
 def test_zero_variance_p_value_prints_na_and_a_short_grid_still_plots_its_loss(tmp_path):
     from pktransfer.reports import plot_compare
 
-    result = {"summary": {"labels": ["lora"], "metrics": ["test"], "baseline": "lora",
-                          "by_label": {"lora": {"metrics": {"test": {"n": 1, "mean": 0.5, "ci_low": 0.5, "ci_high": 0.5,
-                                                                     "per_seed": {0: 0.5}}}}}},
-              "base": {}, "cells": [{"label": "lora", "loss_curve": [(2, 1.25)]}]}
+    result = {
+        "summary": {
+            "labels": ["lora"],
+            "metrics": ["test"],
+            "baseline": "lora",
+            "by_label": {
+                "lora": {"metrics": {"test": {"n": 1, "mean": 0.5, "ci_low": 0.5, "ci_high": 0.5, "per_seed": {0: 0.5}}}}
+            },
+        },
+        "base": {},
+        "cells": [{"label": "lora", "loss_curve": [(2, 1.25)]}],
+    }
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,8 +252,7 @@ def test_zero_variance_p_value_prints_na_and_a_short_grid_still_plots_its_loss(t
 def test_a_grid_whose_methods_train_different_parameters_is_not_called_equal(tiny_recipe, tmp_path):
     tiny_recipe["output_dir"] = str(tmp_path / "grid")
     tiny_recipe["evaluation"].update(teacher=False, student=False)
-    recipe = recipe_from_dict(_grid(tiny_recipe, ["lora", {"name": "semalign", "n_seed": 2, "critical_layers": 1}],
-                                    seeds=[0]))
+    recipe = recipe_from_dict(_grid(tiny_recipe, ["lora", {"name": "semalign", "n_seed": 2, "critical_layers": 1}], seeds=[0]))
     res = pktransfer.compare(recipe, quiet=True)
     s = res.result["summary"]
     assert not s["equal_budget"] and any(d.startswith("trainable parameters") for d in s["budget_differences"])

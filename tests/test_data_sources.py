@@ -45,18 +45,25 @@ def _hub_folder(root: Path, config: str, splits: dict[str, list[dict]]) -> Path:
 @pytest.fixture
 def hub_mirror(tmp_path, monkeypatch):
     """Local folders in the hub's own format for gsm8k, mmlu and mbpp, read with no network."""
-    gsm = _hub_folder(tmp_path / "hub" / "gsm8k", "main", {"train": _rows("gsm8k/train.jsonl"),
-                                                           "test": _rows("gsm8k/test.jsonl")})
-    mmlu_splits = {s: [{**r, "answer": "ABCD".index(r["answer"])} for r in _rows(f"mmlu/{s}.jsonl")]
-                   for s in ("test", "validation", "dev")}
+    gsm = _hub_folder(
+        tmp_path / "hub" / "gsm8k", "main", {"train": _rows("gsm8k/train.jsonl"), "test": _rows("gsm8k/test.jsonl")}
+    )
+    mmlu_splits = {
+        s: [{**r, "answer": "ABCD".index(r["answer"])} for r in _rows(f"mmlu/{s}.jsonl")] for s in ("test", "validation", "dev")
+    }
     mmlu = _hub_folder(tmp_path / "hub" / "mmlu", "all", mmlu_splits)
     mbpp_rows = _rows("mbpp/mbpp.jsonl")
     ranges = {"train": (601, 974), "test": (11, 510), "validation": (511, 600), "prompt": (1, 10)}
-    mbpp = _hub_folder(tmp_path / "hub" / "mbpp", "full",
-                       {s: [r for r in mbpp_rows if lo <= r["task_id"] <= hi] for s, (lo, hi) in ranges.items()})
+    mbpp = _hub_folder(
+        tmp_path / "hub" / "mbpp",
+        "full",
+        {s: [r for r in mbpp_rows if lo <= r["task_id"] <= hi] for s, (lo, hi) in ranges.items()},
+    )
     repos = {"openai/gsm8k": gsm, "cais/mmlu": mmlu, "google-research-datasets/mbpp": mbpp}
-    patched = {rel: dataclasses.replace(s, repo=str(repos[s.repo])) if isinstance(s, src.HubSource) else s
-               for rel, s in src.CATALOG.items()}
+    patched = {
+        rel: dataclasses.replace(s, repo=str(repos[s.repo])) if isinstance(s, src.HubSource) else s
+        for rel, s in src.CATALOG.items()
+    }
     monkeypatch.setattr(src, "CATALOG", patched)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -67,10 +74,17 @@ def hub_mirror(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize(("task", "params", "split"), [
-    ("gsm8k", {}, "test"), ("gsm8k", {"shots": 8}, "test"), ("mmlu", {"shots": 5}, "test"),
-    ("mmlu", {}, "validation"), ("mbpp", {}, "test"), ("mbpp", {}, "train"),
-])
+@pytest.mark.parametrize(
+    ("task", "params", "split"),
+    [
+        ("gsm8k", {}, "test"),
+        ("gsm8k", {"shots": 8}, "test"),
+        ("mmlu", {"shots": 5}, "test"),
+        ("mmlu", {}, "validation"),
+        ("mbpp", {}, "test"),
+        ("mbpp", {}, "train"),
+    ],
+)
 def test_hub_items_equal_the_local_copy(hub_mirror, task, params, split):
     local = get_task(task, params, data_dir=str(DATA)).split(split)
     cached_task = get_task(task, params)
@@ -109,8 +123,12 @@ def _fake_urlopen(payloads: dict[str, bytes]):
 
 
 def test_paper_files_are_fetched_at_their_commit_and_checked(hub_mirror, monkeypatch):
-    rels = ["seeking/gsm/sample_gsm.jsonl", "laten/gsm/gsm_extract_split.jsonl", "laten/gsm/gsm_align_split.jsonl",
-            "seeking/gsm/gsm_data_1000.jsonl"]
+    rels = [
+        "seeking/gsm/sample_gsm.jsonl",
+        "laten/gsm/gsm_extract_split.jsonl",
+        "laten/gsm/gsm_align_split.jsonl",
+        "seeking/gsm/gsm_data_1000.jsonl",
+    ]
     payloads = {src.CATALOG[r].url: (DATA / r).read_bytes() for r in rels}
     for r in rels:
         assert hashlib.sha256(payloads[src.CATALOG[r].url]).hexdigest() == src.CATALOG[r].sha256
@@ -131,8 +149,10 @@ def test_a_changed_published_file_is_refused(hub_mirror, monkeypatch):
 
 
 def test_offline_without_a_cached_copy_says_how_to_get_it(hub_mirror, monkeypatch):
-    missing = {rel: dataclasses.replace(s, repo=str(hub_mirror / "nowhere")) if isinstance(s, src.HubSource) else s
-               for rel, s in src.CATALOG.items()}
+    missing = {
+        rel: dataclasses.replace(s, repo=str(hub_mirror / "nowhere")) if isinstance(s, src.HubSource) else s
+        for rel, s in src.CATALOG.items()
+    }
     monkeypatch.setattr(src, "CATALOG", missing)
     with pytest.raises(DataError, match="could not load") as err:
         get_task("gsm8k").split("test")

@@ -24,8 +24,9 @@ def test_chat_mode_masks_the_prompt_exactly():
     assert tok.decode(response) == "5<|im_end|>"
     assert ex.input_ids[n_prompt:] == response
     # the full sequence is exactly what the chat template renders for the whole conversation
-    full = tok.apply_chat_template([{"role": "user", "content": ITEM.prompt}, {"role": "assistant", "content": "5"}],
-                                   tokenize=False)
+    full = tok.apply_chat_template(
+        [{"role": "user", "content": ITEM.prompt}, {"role": "assistant", "content": "5"}], tokenize=False
+    )
     assert tok.decode(ex.input_ids) == full.rstrip("\n")
 
 

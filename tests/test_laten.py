@@ -34,8 +34,7 @@ def test_neuron_scores_by_hand_with_an_identity_lens():
     coeffs = torch.tensor([1.0, 1.0, 0.5])
     got = neuron_scores(base, coeffs, directions, lambda x: x, head, 0, chunk=2)
     log3 = math.log(3)
-    expected = [5 - math.log(math.exp(5) + 2) + log3, -1 - math.log(math.exp(-1) + 2) + log3,
-                0 - math.log(2 + math.e) + log3]
+    expected = [5 - math.log(math.exp(5) + 2) + log3, -1 - math.log(math.exp(-1) + 2) + log3, 0 - math.log(2 + math.e) + log3]
     assert got.tolist() == pytest.approx(expected, abs=1e-6)
     assert top_indices(got, 2).tolist() == [0, 2]
     assert sublayer_score(base, directions[0], lambda x: x, head, 0) == pytest.approx(expected[0], abs=1e-6)
@@ -123,9 +122,12 @@ def _plan(t_arch, s_arch, rate=0.25, seed=0):
     g = torch.Generator().manual_seed(seed)
 
     def scores(arch):
-        return {"ffn_layer": torch.randn(arch.n_layers, generator=g), "attn_layer": torch.randn(arch.n_layers, generator=g),
-                "ffn": torch.randn(arch.n_layers, arch.intermediate_size, generator=g),
-                "attn": torch.randn(arch.n_layers, arch.n_heads * arch.head_dim, generator=g)}
+        return {
+            "ffn_layer": torch.randn(arch.n_layers, generator=g),
+            "attn_layer": torch.randn(arch.n_layers, generator=g),
+            "ffn": torch.randn(arch.n_layers, arch.intermediate_size, generator=g),
+            "attn": torch.randn(arch.n_layers, arch.n_heads * arch.head_dim, generator=g),
+        }
 
     return plan_transfer(scores(t_arch), scores(s_arch), t_arch, s_arch, rate)
 
@@ -197,8 +199,7 @@ def test_step_rule_and_batches():
 
 
 def _recipe(base: dict, **method):
-    base = {**base, "task": {**base["task"], "params": {"sizes": {"test": 6, "train": 16, "seed": 4, "extract": 3,
-                                                                  "align": 24}}}}
+    base = {**base, "task": {**base["task"], "params": {"sizes": {"test": 6, "train": 16, "seed": 4, "extract": 3, "align": 24}}}}
     return recipe_from_dict({**base, "method": {"name": "laten", "n_val": 6, "checkpoint": 2, **method}})
 
 
@@ -242,8 +243,9 @@ def test_laten_resumes_from_its_last_step_and_reproduces_the_run(tiny_recipe, tm
     for attempt in range(2):
         student, teacher = load_model(recipe.student), load_model(recipe.teacher)
         task = get_task("arithmetic", recipe.task.params)
-        ctx = MethodContext(recipe, student, task, PromptFormatter(student.tokenizer), tmp_path, Progress(quiet=True),
-                            lambda t=teacher: t)
+        ctx = MethodContext(
+            recipe, student, task, PromptFormatter(student.tokenizer), tmp_path, Progress(quiet=True), lambda t=teacher: t
+        )
         if attempt == 1:  # as if killed during step 3: its checkpoint is incomplete
             (tmp_path / "laten" / "steps" / "step-3" / "done").unlink()
         method = get_method(recipe.method)
@@ -251,8 +253,9 @@ def test_laten_resumes_from_its_last_step_and_reproduces_the_run(tiny_recipe, tm
         runs.append((method, {k: v.clone() for k, v in model.state_dict().items()}))
     (m1, w1), (m2, w2) = runs
     assert m2.training["resumed_from"].endswith("step-2") and m2.report()["located_from"] == "reused"
-    assert [h["val_loss"] for h in m1.training["log_history"]] == \
-        pytest.approx([h["val_loss"] for h in m2.training["log_history"]], rel=1e-6)
+    assert [h["val_loss"] for h in m1.training["log_history"]] == pytest.approx(
+        [h["val_loss"] for h in m2.training["log_history"]], rel=1e-6
+    )
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-7), k
 
@@ -271,13 +274,12 @@ def test_the_answer_token_skips_trailing_punctuation_and_spaces(tiny_models):
     from pktransfer.models import load_model
     from pktransfer.recipe import ModelSpec
 
-    assert strip_answer('So the answer is 12.') == "So the answer is 12"
+    assert strip_answer("So the answer is 12.") == "So the answer is 12"
     assert strip_answer('return f(x)]\n, ."') == "return f(x"
     assert strip_answer("...") == ""
     tok = load_model(ModelSpec(model=str(tiny_models["qwen2_student"]))).tokenizer
     fmt = PromptFormatter(tok)
-    inp = answer_input(fmt, Item(id="g", prompt="Q?", response="She makes 18 dollars. So the answer is 18.\n",
-                                 reference="18"))
+    inp = answer_input(fmt, Item(id="g", prompt="Q?", response="She makes 18 dollars. So the answer is 18.\n", reference="18"))
     assert tok.decode([inp.y]) == "8"  # the character tokenizer: the last digit, not "." or "\n"
     assert tok.decode(list(inp.ids)).replace(" ", "").endswith("answeris1")  # the prefix stops before y
     with pytest.raises(DataError, match="no answer token"):
@@ -297,8 +299,9 @@ def test_learning_rates_follow_the_official_one_cycle(tiny_recipe):
     lrs = [h["lr"] for h in history[1] if h["step"] > 0]
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([p], lr=3e-4)
-    ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-4, total_steps=3, pct_start=0.1, final_div_factor=1,
-                                              anneal_strategy="cos")
+    ref = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=3e-4, total_steps=3, pct_start=0.1, final_div_factor=1, anneal_strategy="cos"
+    )
     expected = []
     for _ in range(3):  # one update per extract item (3 here), the official total_steps
         expected.append(opt.param_groups[0]["lr"])
@@ -336,8 +339,9 @@ def test_each_update_relocates_on_its_own_extract_item(tiny_recipe, tmp_path):
     recipe = _recipe(tiny_recipe, init_std=0.02, transfer_rate=0.2, locate="averaged", inject_on="extract_mean")
     recipe.output_dir = str(tmp_path / "averaged")
     info = pktransfer.run(recipe, quiet=True, evaluate=False).run["method"]
-    mean = plan_transfer(mean_scores([scores("t", i) for i in range(3)]), mean_scores([scores("s", i) for i in range(3)]),
-                         t_arch, s_arch, 0.2)
+    mean = plan_transfer(
+        mean_scores([scores("t", i) for i in range(3)]), mean_scores([scores("s", i) for i in range(3)]), t_arch, s_arch, 0.2
+    )
     assert info["teacher_layers_per_step"] == [{f: mean[f]["teacher_layers"] for f in ("ffn", "attn")}] * 3
 
 
@@ -375,7 +379,10 @@ def test_a_bfloat16_student_keeps_the_delta_in_its_saved_model(tiny_recipe):
         plain = original(input_ids=ids).logits
     assert torch.allclose(saved, hooked, atol=1e-5), (saved - hooked).abs().max()
     assert not torch.allclose(saved, plain, atol=1e-6)  # the transfer is in the saved model
-    changed = sum(int((merged.get_submodule(k.split("::")[0]).weight !=
-                       original.get_submodule(k.split("::")[0]).weight).sum()) for k in delta if k.endswith("::values"))
+    changed = sum(
+        int((merged.get_submodule(k.split("::")[0]).weight != original.get_submodule(k.split("::")[0]).weight).sum())
+        for k in delta
+        if k.endswith("::values")
+    )
     injected = sum(v.numel() for k, v in delta.items() if k.endswith("::values"))
     assert changed >= 0.99 * injected  # every injected entry carries its delta (not rounding noise)

@@ -5,20 +5,41 @@ import pytest
 from pktransfer.evaluation.metrics import exact_match, exact_match_number, extract_last_number
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("1447", "1447"), ("The answer is 1,000.", "1000"), ("$5.00", "5"), ("it costs -3 dollars", "-3"),
-    ("7.0", "7"), ("3.50", "3.5"), ("12 + 3 = 15", "15"), ("no number", None), ("1,234,567", "1234567"),
-    ("-$4", "-4"), ("0.25", "0.25"),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("1447", "1447"),
+        ("The answer is 1,000.", "1000"),
+        ("$5.00", "5"),
+        ("it costs -3 dollars", "-3"),
+        ("7.0", "7"),
+        ("3.50", "3.5"),
+        ("12 + 3 = 15", "15"),
+        ("no number", None),
+        ("1,234,567", "1234567"),
+        ("-$4", "-4"),
+        ("0.25", "0.25"),
+    ],
+)
 def test_extract_last_number(text, expected):
     assert extract_last_number(text) == expected
 
 
-@pytest.mark.parametrize("output,reference,ok", [
-    ("1000", "1,000", True), ("1,000", "1000", True), ("$5.00", "5", True), ("7.0", "7", True),
-    ("-3", "-3", True), ("3", "-3", False), ("so 18 eggs", "18", True), ("18.5", "18", False),
-    ("", "3", False), ("24 * 10 = 2400", "240", False),
-])
+@pytest.mark.parametrize(
+    "output,reference,ok",
+    [
+        ("1000", "1,000", True),
+        ("1,000", "1000", True),
+        ("$5.00", "5", True),
+        ("7.0", "7", True),
+        ("-3", "-3", True),
+        ("3", "-3", False),
+        ("so 18 eggs", "18", True),
+        ("18.5", "18", False),
+        ("", "3", False),
+        ("24 * 10 = 2400", "240", False),
+    ],
+)
 def test_exact_match_number(output, reference, ok):
     assert exact_match_number(output, reference)[1] is ok
 

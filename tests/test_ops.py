@@ -172,8 +172,7 @@ def test_svd_init_factorises_to_the_best_rank_r():
 def test_rebase_as_plain_lora_reproduces_the_difference():
     torch.manual_seed(0)
     a0, b0, a1, b1 = torch.randn(3, 7), torch.randn(5, 3), torch.randn(3, 7), torch.randn(5, 3)
-    out = rebase_as_plain_lora({"x.lora_A.weight": a1, "x.lora_B.weight": b1},
-                               {"x.lora_A.weight": a0, "x.lora_B.weight": b0})
+    out = rebase_as_plain_lora({"x.lora_A.weight": a1, "x.lora_B.weight": b1}, {"x.lora_A.weight": a0, "x.lora_B.weight": b0})
     assert out["x.lora_A.weight"].shape == (6, 7)
     assert torch.allclose(out["x.lora_B.weight"] @ out["x.lora_A.weight"], b1 @ a1 - b0 @ a0, atol=1e-5)
 
@@ -183,15 +182,16 @@ def test_vocab_hooks_equal_the_dense_gradient_path(tiny_models):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_models["qwen2_teacher"]))
-    batches = [{"input_ids": torch.tensor([[5, 9, 9, 30, 41, 5, 7]]), "labels": torch.tensor([[-100, -100, 9, 30, 41, 5, 7]])},
-               {"input_ids": torch.tensor([[12, 13, 14, 5]]), "labels": torch.tensor([[-100, 13, 14, 5]])}]
+    batches = [
+        {"input_ids": torch.tensor([[5, 9, 9, 30, 41, 5, 7]]), "labels": torch.tensor([[-100, -100, 9, 30, 41, 5, 7]])},
+        {"input_ids": torch.tensor([[12, 13, 14, 5]]), "labels": torch.tensor([[-100, 13, 14, 5]])},
+    ]
 
     def mode(name, shape):
         return "cols" if ("embed_tokens" in name or "lm_head" in name) else "reduced"
 
     dense = sensitivity_over(model, batches, mode)
-    hooked = sensitivity_over(model, batches, mode,
-                              vocab_modules={"model.embed_tokens": "embedding", "lm_head": "linear"})
+    hooked = sensitivity_over(model, batches, mode, vocab_modules={"model.embed_tokens": "embedding", "lm_head": "linear"})
     for name in dense.params:
         d, h = dense.params[name], hooked.params[name]
         assert float(h.total) == pytest.approx(float(d.total), rel=1e-5), name

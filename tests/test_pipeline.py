@@ -152,8 +152,22 @@ def test_cli_run_and_eval(tiny_recipe, tiny_models, tmp_path):
     res, text = _cli(["run", _write(tmp_path, tiny_recipe), "-q", "-o", str(tmp_path / "cli_run")])
     assert res.exit_code == 0, text
     assert "student + method" in text
-    res, text = _cli(["eval", "-m", str(tiny_models["qwen2_student"]), "--adapter", str(tmp_path / "cli_run" / "adapter"),
-                      "--limit", "3", "--max-new-tokens", "2", "-q", "--output-dir", str(tmp_path / "ev")])
+    res, text = _cli(
+        [
+            "eval",
+            "-m",
+            str(tiny_models["qwen2_student"]),
+            "--adapter",
+            str(tmp_path / "cli_run" / "adapter"),
+            "--limit",
+            "3",
+            "--max-new-tokens",
+            "2",
+            "-q",
+            "--output-dir",
+            str(tmp_path / "ev"),
+        ]
+    )
     assert res.exit_code == 0, text
     assert (tmp_path / "ev" / "model.arithmetic.test.items.jsonl").is_file()
     res, text = _cli(["eval", "-m", str(tiny_models["qwen2_student"]), "--adapter", str(tmp_path), "-q"])
@@ -161,8 +175,16 @@ def test_cli_run_and_eval(tiny_recipe, tiny_models, tmp_path):
 
 
 def test_cli_help_for_every_verb():
-    for verb in (["run"], ["train"], ["eval"], ["tasks"], ["recipe"], ["models", "list"], ["models", "prepare"],
-                 ["models", "describe"]):
+    for verb in (
+        ["run"],
+        ["train"],
+        ["eval"],
+        ["tasks"],
+        ["recipe"],
+        ["models", "list"],
+        ["models", "prepare"],
+        ["models", "describe"],
+    ):
         res = runner.invoke(app, [*verb, "--help"])
         assert res.exit_code == 0 and "Usage" in res.output
 

@@ -326,7 +326,8 @@ def test_every_cli_error_path_is_a_pkt_error():
     for node in ast.walk(tree):
         if isinstance(node, ast.ExceptHandler):
             assert node.type is not None, f"bare except at line {node.lineno}"
-            names = {n.id for n in ast.walk(node.type) if isinstance(n, ast.Name)} | \
-                    {n.attr for n in ast.walk(node.type) if isinstance(n, ast.Attribute)}
+            names = {n.id for n in ast.walk(node.type) if isinstance(n, ast.Name)} | {
+                n.attr for n in ast.walk(node.type) if isinstance(n, ast.Attribute)
+            }
             assert names and "Exception" not in names and "BaseException" not in names, node.lineno
     assert issubclass(OutputError, PktError)

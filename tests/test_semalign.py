@@ -34,18 +34,18 @@ from pktransfer.recipe import recipe_from_dict
 
 # (L_T, L_S, l*, expected student layer k): worked by hand from l_k = max(1, floor(L_T/L_S·k))
 PAIRING = [
-    (28, 24, 1, 1),    # l_1 = floor(7/6) = 1
-    (28, 24, 6, 6),    # l_5 = 5 < 6 <= l_6 = floor(42/6) = 7
+    (28, 24, 1, 1),  # l_1 = floor(7/6) = 1
+    (28, 24, 6, 6),  # l_5 = 5 < 6 <= l_6 = floor(42/6) = 7
     (28, 24, 7, 6),
-    (28, 24, 8, 7),    # l_7 = floor(49/6) = 8
+    (28, 24, 8, 7),  # l_7 = floor(49/6) = 8
     (28, 24, 28, 24),
-    (40, 32, 4, 4),    # Llama-2 13B -> 7B: l_3 = 3, l_4 = 5
+    (40, 32, 4, 4),  # Llama-2 13B -> 7B: l_3 = 3, l_4 = 5
     (40, 32, 5, 4),
     (40, 32, 40, 32),
-    (4, 2, 1, 1),      # l_1 = 2, l_2 = 4
+    (4, 2, 1, 1),  # l_1 = 2, l_2 = 4
     (4, 2, 3, 2),
-    (5, 2, 3, 2),      # l_1 = floor(2.5) = 2, l_2 = 5
-    (3, 3, 2, 2),      # equal depth: the identity
+    (5, 2, 3, 2),  # l_1 = floor(2.5) = 2, l_2 = 5
+    (3, 3, 2, 2),  # equal depth: the identity
 ]
 
 
@@ -65,13 +65,13 @@ def test_grid_layers_and_bounds():
 
 # (L_T, L_S, k) -> (a, b, λ): u = L_T·k/L_S, a = clamp(floor(u), 1, L_T − 1), λ = clip(u − a, 0, 1)
 INTERPOLATION = [
-    (28, 24, 1, (1, 2, 1 / 6)),   # u = 7/6
-    (28, 24, 6, (7, 8, 0.0)),     # u = 7, on the grid
+    (28, 24, 1, (1, 2, 1 / 6)),  # u = 7/6
+    (28, 24, 6, (7, 8, 0.0)),  # u = 7, on the grid
     (28, 24, 24, (27, 28, 1.0)),  # u = 28: a clamps to 27, λ = 1 -> the last layer exactly
-    (40, 32, 3, (3, 4, 0.75)),    # u = 15/4
-    (4, 2, 1, (2, 3, 0.0)),       # integer ratio: every target is on the grid
-    (5, 2, 1, (2, 3, 0.5)),       # u = 5/2
-    (3, 4, 1, (1, 2, 0.0)),       # u = 3/4: a clamps up to 1, λ clips to 0
+    (40, 32, 3, (3, 4, 0.75)),  # u = 15/4
+    (4, 2, 1, (2, 3, 0.0)),  # integer ratio: every target is on the grid
+    (5, 2, 1, (2, 3, 0.5)),  # u = 5/2
+    (3, 4, 1, (1, 2, 0.0)),  # u = 3/4: a clamps up to 1, λ clips to 0
 ]
 
 
@@ -218,6 +218,7 @@ def test_layer_attribution_equals_the_derivative_of_the_loss_under_scaling_each_
     def mean_loss(layer: int, eps: float) -> float:
         def scale(mod, args, out):
             return (out[0] * (1 + eps), *out[1:]) if isinstance(out, tuple) else out * (1 + eps)
+
         handle = model.model.layers[layer].register_forward_hook(scale)
         total = 0.0
         with torch.no_grad():
@@ -264,8 +265,10 @@ def test_semalign_runs_end_to_end_and_saves_a_lora_on_the_paired_layers(tiny_rec
     pair = info["pairs"][0]
     # the tiny pair: L_T 4, L_S 2; the critical layer l* maps to k = 1 (l* <= 2) or 2
     assert pair["student"] == (1 if info["critical_teacher_layers"][0] <= 2 else 2)
-    assert (pair["a"], pair["weight_b"]) == (2 * pair["student"] if pair["student"] == 1 else 3,
-                                             0.0 if pair["student"] == 1 else 1.0)
+    assert (pair["a"], pair["weight_b"]) == (
+        2 * pair["student"] if pair["student"] == 1 else 3,
+        0.0 if pair["student"] == 1 else 1.0,
+    )
     attribution = json.loads((out / "semalign" / "attribution.json").read_text())
     assert len(attribution["scores"]) == 4 and attribution["n_samples"] == 4
     assert (out / "semalign" / "attribution.png").stat().st_size > 0
@@ -343,8 +346,7 @@ def test_targets_at_every_point_match_a_full_forward(tiny_models, point):
 
 def test_shallow_to_deep_trains_one_pair_after_the_other(tiny_recipe):
     tiny_recipe["evaluation"].update(teacher=False, student=False)
-    res = pktransfer.run(_recipe(tiny_recipe, critical_layers="all", schedule="shallow_to_deep"), quiet=True,
-                         evaluate=False)
+    res = pktransfer.run(_recipe(tiny_recipe, critical_layers="all", schedule="shallow_to_deep"), quiet=True, evaluate=False)
     ckpt = load_file(str(res.output_dir / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors"))
     final = load_file(str(res.output_dir / "adapter" / "adapter_model.safetensors"))
 
@@ -367,8 +369,7 @@ def test_semalign_refuses_a_pair_with_different_vocabularies(tiny_recipe, tmp_pa
     (odd / "config.json").write_text(json.dumps(cfg))
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_config(
-        __import__("transformers").AutoConfig.from_pretrained(odd)).save_pretrained(odd)
+    AutoModelForCausalLM.from_config(__import__("transformers").AutoConfig.from_pretrained(odd)).save_pretrained(odd)
     tiny_recipe["teacher"]["model"] = str(odd)
     tiny_recipe["evaluation"].update(teacher=False, student=False)
     with pytest.raises(IncompatiblePairError, match="vocabularies"):

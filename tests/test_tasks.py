@@ -69,8 +69,9 @@ def test_unknown_task_lists_tasks():
 
 def test_jsonl_task_reads_chat_and_flat_rows(tmp_path):
     chat = tmp_path / "train.jsonl"
-    chat.write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "Q"},
-                                                        {"role": "assistant", "content": "A"}]}) + "\n")
+    chat.write_text(
+        json.dumps({"id": "a", "messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}) + "\n"
+    )
     flat = tmp_path / "test.jsonl"
     flat.write_text(json.dumps({"prompt": "2+2?", "response": "4", "reference": "4"}) + "\n")
     t = get_task("jsonl", {"train": str(chat), "test": str(flat)})

@@ -24,8 +24,10 @@ def pairs(tmp_path_factory):
     for family in ("qwen2", "llama", "mistral"):
         for tied in (True, False):
             key = f"{family}-{'tied' if tied else 'untied'}"
-            out[key] = (save_tiny(root, f"{key}-t", family, seed=11, tied=tied, **TEACHER_SHAPE),
-                        save_tiny(root, f"{key}-s", family, seed=12, tied=tied, **STUDENT_SHAPE))
+            out[key] = (
+                save_tiny(root, f"{key}-t", family, seed=11, tied=tied, **TEACHER_SHAPE),
+                save_tiny(root, f"{key}-s", family, seed=12, tied=tied, **STUDENT_SHAPE),
+            )
     return out
 
 
@@ -53,8 +55,7 @@ def _inject(recipe, tmp_path):
     task = get_task(recipe.task.name, recipe.task.params)
     out = tmp_path / recipe.method.name
     out.mkdir(exist_ok=True)
-    ctx = MethodContext(recipe, student, task, PromptFormatter(student.tokenizer), out, Progress(quiet=True),
-                        lambda: teacher)
+    ctx = MethodContext(recipe, student, task, PromptFormatter(student.tokenizer), out, Progress(quiet=True), lambda: teacher)
     model = get_method(recipe.method).prepare(ctx)
     model.save_pretrained(str(out / "adapter_init"))
     model.unload().save_pretrained(str(out / "residual"))
@@ -78,8 +79,9 @@ def _original_logits(folder):
 
 
 @pytest.mark.parametrize("method", ["seeking", "weight_selection"])
-@pytest.mark.parametrize("pair_key", ["qwen2-tied", "qwen2-untied", "llama-tied", "llama-untied", "mistral-tied",
-                                      "mistral-untied"])
+@pytest.mark.parametrize(
+    "pair_key", ["qwen2-tied", "qwen2-untied", "llama-tied", "llama-untied", "mistral-tied", "mistral-untied"]
+)
 def test_step0_identity_tied_and_untied_every_family(tiny_recipe, pairs, tmp_path, pair_key, method):
     spec = {"name": "seeking", "n_seed": 3} if method == "seeking" else {"name": "weight_selection"}
     recipe = _recipe(tiny_recipe, pairs[pair_key], tmp_path, spec)
@@ -103,8 +105,16 @@ def test_step0_identity_every_structure_on_a_tied_pair(tiny_recipe, pairs, tmp_p
     assert torch.allclose(restored, _original_logits(pairs["qwen2-tied"][1]), atol=1e-4)
 
 
-@pytest.mark.parametrize("targets", [["embed_tokens"], ["lm_head"], ["embed_tokens", "lm_head"],
-                                     ["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"]])
+@pytest.mark.parametrize(
+    "targets",
+    [
+        ["embed_tokens"],
+        ["lm_head"],
+        ["embed_tokens", "lm_head"],
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        ["gate_proj", "up_proj", "down_proj"],
+    ],
+)
 @pytest.mark.parametrize("method", ["seeking", "weight_selection"])
 def test_step0_identity_every_target_set_on_a_tied_pair(tiny_recipe, pairs, tmp_path, targets, method):
     spec = {"name": "seeking", "n_seed": 3} if method == "seeking" else {"name": "weight_selection"}

@@ -42,8 +42,11 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_training_lowers_the_loss_and_logs(tiny_models, tmp_path):
-    res, _, _ = _train(tiny_models, tmp_path, TrainingSpec(max_steps=12, batch_size=4, lr=1e-2, max_length=64,
-                                                           save_steps=50, logging_steps=1, warmup_ratio=0))
+    res, _, _ = _train(
+        tiny_models,
+        tmp_path,
+        TrainingSpec(max_steps=12, batch_size=4, lr=1e-2, max_length=64, save_steps=50, logging_steps=1, warmup_ratio=0),
+    )
     losses = [h["loss"] for h in res.log_history if "loss" in h]
     assert res.steps == 12 and len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
@@ -108,8 +111,9 @@ def test_warmup_is_passed_as_a_ratio_on_every_transformers_version(monkeypatch):
 
     from pktransfer.training import warmup_kwargs
 
-    v4 = make_dataclass("TrainingArguments", [("warmup_ratio", float, field(default=0.0)),
-                                              ("warmup_steps", int, field(default=0))])
+    v4 = make_dataclass(
+        "TrainingArguments", [("warmup_ratio", float, field(default=0.0)), ("warmup_steps", int, field(default=0))]
+    )
     monkeypatch.setattr(transformers, "TrainingArguments", v4)
     assert warmup_kwargs(0.05) == {"warmup_ratio": 0.05}
     v5 = make_dataclass("TrainingArguments", [("warmup_steps", float, field(default=0.0))])

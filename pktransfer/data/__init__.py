@@ -4,5 +4,16 @@ from pktransfer.data import arithmetic, benchmarks, local  # noqa: F401  (regist
 from pktransfer.data.formatting import IGNORE_INDEX, Example, PromptFormatter, encode_items
 from pktransfer.data.tasks import SPLITS, Item, Task, get_task, register_task, resolve_data_dir, task_names
 
-__all__ = ["IGNORE_INDEX", "SPLITS", "Example", "Item", "PromptFormatter", "Task", "encode_items", "get_task",
-           "register_task", "resolve_data_dir", "task_names"]
+__all__ = [
+    "IGNORE_INDEX",
+    "SPLITS",
+    "Example",
+    "Item",
+    "PromptFormatter",
+    "Task",
+    "encode_items",
+    "get_task",
+    "register_task",
+    "resolve_data_dir",
+    "task_names",
+]

@@ -35,8 +35,9 @@ class ArithmeticTask(Task):
         allowed = {"data_seed", "ops", "digits", "sizes"}
         unknown = set(p) - allowed
         if unknown:
-            raise RecipeError(f"task.params: unknown option(s) {sorted(unknown)} for task 'arithmetic'",
-                              hint=f"allowed: {sorted(allowed)}")
+            raise RecipeError(
+                f"task.params: unknown option(s) {sorted(unknown)} for task 'arithmetic'", hint=f"allowed: {sorted(allowed)}"
+            )
         self.data_seed = int(p.get("data_seed", 1234))
         self.ops: list[str] = list(p.get("ops", ["add", "mul"]))
         bad = [o for o in self.ops if o not in _OPS]
@@ -55,9 +56,11 @@ class ArithmeticTask(Task):
         for i, op in enumerate(self.ops):  # operations alternate, so each needs its share of distinct problems
             need = -(-(total - i) // len(self.ops))
             if need > self._capacity(op):
-                raise RecipeError(f"task.params: {need} distinct '{op}' problems are needed for sizes {self.sizes}, "
-                                  f"but only {self._capacity(op)} exist with {self.digits[op]} digit(s)",
-                                  hint="use more digits or smaller sizes")
+                raise RecipeError(
+                    f"task.params: {need} distinct '{op}' problems are needed for sizes {self.sizes}, "
+                    f"but only {self._capacity(op)} exist with {self.digits[op]} digit(s)",
+                    hint="use more digits or smaller sizes",
+                )
         self._all: dict[str, list[Item]] | None = None
 
     def _capacity(self, op: str) -> int:
@@ -86,8 +89,15 @@ class ArithmeticTask(Task):
                 seen.add(key)
                 k += 1
                 result = str(_OPS[op][1](a, b))
-                items.append(Item(id=f"arith-{split}-{len(items)}", prompt=self.prompt_for(a, op, b),
-                                  response=result, reference=result, metadata={"op": op, "a": a, "b": b}))
+                items.append(
+                    Item(
+                        id=f"arith-{split}-{len(items)}",
+                        prompt=self.prompt_for(a, op, b),
+                        response=result,
+                        reference=result,
+                        metadata={"op": op, "a": a, "b": b},
+                    )
+                )
             out[split] = items
         return out
 
@@ -97,5 +107,10 @@ class ArithmeticTask(Task):
         return self._all[split]
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "data_seed": self.data_seed, "ops": self.ops,
-                "digits": {o: self.digits[o] for o in self.ops}, "sizes": self.sizes}
+        return {
+            **super().describe(),
+            "data_seed": self.data_seed,
+            "ops": self.ops,
+            "digits": {o: self.digits[o] for o in self.ops},
+            "sizes": self.sizes,
+        }

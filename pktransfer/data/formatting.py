@@ -30,14 +30,21 @@ class Example:
 
 
 class PromptFormatter:
-    def __init__(self, tokenizer: Any, mode: Literal["auto", "chat", "plain"] = "auto",
-                 system_prompt: str | None = None, plain_separator: str = "\n") -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        mode: Literal["auto", "chat", "plain"] = "auto",
+        system_prompt: str | None = None,
+        plain_separator: str = "\n",
+    ) -> None:
         self.tokenizer = tokenizer
         self.plain_separator = plain_separator
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if mode == "chat" and not has_template:
-            raise DataError("prompt_format 'chat' was asked for but the tokenizer has no chat template",
-                            hint="set task.prompt_format: plain (or auto)")
+            raise DataError(
+                "prompt_format 'chat' was asked for but the tokenizer has no chat template",
+                hint="set task.prompt_format: plain (or auto)",
+            )
         self.mode: Literal["chat", "plain"] = "chat" if (mode == "chat" or (mode == "auto" and has_template)) else "plain"
         self.system_prompt = system_prompt
         self.end_of_response = self._end_of_response()
@@ -90,6 +97,8 @@ def encode_items(formatter: PromptFormatter, items: list[Item], max_length: int,
     examples = [formatter.encode_example(it, max_length) for it in items]
     kept = [e for e in examples if e.n_response_tokens > 0]
     if not kept:
-        raise DataError(f"{what}: none of the {len(items)} items has response tokens within max_length={max_length}",
-                        hint="raise training.max_length or check that the items have non-empty responses")
+        raise DataError(
+            f"{what}: none of the {len(items)} items has response tokens within max_length={max_length}",
+            hint="raise training.max_length or check that the items have non-empty responses",
+        )
     return kept

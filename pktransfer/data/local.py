@@ -30,11 +30,11 @@ def gsm_reference(text: str) -> str:
 def row_to_item(row: dict[str, Any], idx: int, path: Path, reference_fn: Any = None) -> Item:
     if "messages" in row:
         msgs = row["messages"]
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                 for m in msgs):
-            raise DataError(f"'{path}' row {idx + 1}: 'messages' must be a list of {{role, content}} objects",
-                            hint='write e.g. "messages": [{"role": "user", "content": "..."}, '
-                                 '{"role": "assistant", "content": "..."}]')
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs):
+            raise DataError(
+                f"'{path}' row {idx + 1}: 'messages' must be a list of {{role, content}} objects",
+                hint='write e.g. "messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]',
+            )
         user = [m["content"] for m in msgs if m.get("role") == "user"]
         assistant = [m["content"] for m in msgs if m.get("role") == "assistant"]
         if not user or not assistant:
@@ -45,18 +45,22 @@ def row_to_item(row: dict[str, Any], idx: int, path: Path, reference_fn: Any = N
         if not isinstance(prompt, str) or not isinstance(response, str):
             raise DataError(f"'{path}' row {idx + 1}: 'prompt' and 'response' must be strings", hint="fix the row")
     else:
-        raise DataError(f"'{path}' row {idx + 1} has neither 'messages' nor 'prompt'",
-                        hint="rows must be chat ({messages: [...]}) or flat ({prompt, response, reference})")
+        raise DataError(
+            f"'{path}' row {idx + 1} has neither 'messages' nor 'prompt'",
+            hint="rows must be chat ({messages: [...]}) or flat ({prompt, response, reference})",
+        )
     reference = row.get("reference")
     if reference is None:
         try:
             reference = reference_fn(response) if reference_fn else response
         except ValueError:
-            raise DataError(f"'{path}' row {idx + 1}: cannot find the final answer in the response",
-                            hint="add a 'reference' field to the row") from None
+            raise DataError(
+                f"'{path}' row {idx + 1}: cannot find the final answer in the response", hint="add a 'reference' field to the row"
+            ) from None
     meta = {k: v for k, v in row.items() if k not in ("messages", "prompt", "response", "reference")}
-    return Item(id=str(row.get("id", f"{path.stem}-{idx}")), prompt=prompt, response=response,
-                reference=str(reference), metadata=meta)
+    return Item(
+        id=str(row.get("id", f"{path.stem}-{idx}")), prompt=prompt, response=response, reference=str(reference), metadata=meta
+    )
 
 
 @register_task
@@ -99,8 +103,11 @@ class Gsm8kTask(Task):
     def _test_prompt(self, question: str, shots: str) -> str:
         if self.style == "lm-eval":
             return f"{shots}Question: {question}\nAnswer:"
-        return _GSM_PROMPT.format(question=question) if not shots else \
-            "Answer the following question.\n\n" + shots + f"Question: {question}"
+        return (
+            _GSM_PROMPT.format(question=question)
+            if not shots
+            else "Answer the following question.\n\n" + shots + f"Question: {question}"
+        )
 
     def _load(self, split: str) -> list[Item]:
         path = self.data_path(self.FILES[split])
@@ -108,9 +115,16 @@ class Gsm8kTask(Task):
         if split == "test":
             exemplars = read_jsonl(self.data_path(self.EXEMPLARS))[: self.shots] if self.shots else []
             shots = "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in exemplars)
-            return [Item(id=f"gsm8k-test-{i}", prompt=self._test_prompt(r["question"], shots),
-                         response=r["answer"], reference=gsm_reference(r["answer"]), metadata={"line": i})
-                    for i, r in enumerate(rows)]
+            return [
+                Item(
+                    id=f"gsm8k-test-{i}",
+                    prompt=self._test_prompt(r["question"], shots),
+                    response=r["answer"],
+                    reference=gsm_reference(r["answer"]),
+                    metadata={"line": i},
+                )
+                for i, r in enumerate(rows)
+            ]
         return [row_to_item(r, i, path, gsm_reference) for i, r in enumerate(rows)]
 
     def data_files(self, split: str) -> list[str]:
@@ -121,15 +135,24 @@ class Gsm8kTask(Task):
 
         flex, ok = exact_match_number(output, item.reference)
         strict, strict_ok = gsm8k_strict(output, item.reference)
-        return {"extracted": flex, "correct": ok,
-                "metrics": {"exact_match,flexible": float(ok), "exact_match,strict": float(strict_ok)},
-                "extracted_strict": strict}
+        return {
+            "extracted": flex,
+            "correct": ok,
+            "metrics": {"exact_match,flexible": float(ok), "exact_match,strict": float(strict_ok)},
+            "extracted_strict": strict,
+        }
 
     def protocol(self) -> dict[str, Any]:
-        return {**super().protocol(), "shots": self.shots, "style": self.style,
-                "exemplars": f"first {self.shots} of {self.EXEMPLARS}" if self.shots else None,
-                "filters": {"flexible": "last number in the output (primary)",
-                            "strict": "the number after '#### ' (lm-eval strict-match)"}}
+        return {
+            **super().protocol(),
+            "shots": self.shots,
+            "style": self.style,
+            "exemplars": f"first {self.shots} of {self.EXEMPLARS}" if self.shots else None,
+            "filters": {
+                "flexible": "last number in the output (primary)",
+                "strict": "the number after '#### ' (lm-eval strict-match)",
+            },
+        }
 
 
 @register_task
@@ -149,8 +172,10 @@ class JsonlTask(Task):
             raise RecipeError(f"task 'jsonl': unknown scorer '{self.scorer}'", hint=f"use one of {', '.join(SCORERS)}")
         self.files = {k: Path(str(v)).expanduser() for k, v in self.params.items()}
         if not self.files:
-            raise RecipeError("task 'jsonl' needs files: task.params: {train: PATH, test: PATH}",
-                              hint="name a JSONL file for each split you use")
+            raise RecipeError(
+                "task 'jsonl' needs files: task.params: {train: PATH, test: PATH}",
+                hint="name a JSONL file for each split you use",
+            )
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -189,9 +214,18 @@ class HubTask(Task):
         try:
             ds = datasets.load_dataset(p["dataset"], p.get("config"), split=hub_split)
         except Exception as err:  # network, missing dataset or split
-            raise DataError(f"could not load hub dataset '{p['dataset']}' split '{hub_split}': {err}",
-                            hint="check the name and your connection, or use task 'jsonl' with local files") from None
+            raise DataError(
+                f"could not load hub dataset '{p['dataset']}' split '{hub_split}': {err}",
+                hint="check the name and your connection, or use task 'jsonl' with local files",
+            ) from None
         pf, rf = p.get("prompt_field", "prompt"), p.get("response_field", "response")
         ref_field = p.get("reference_field")
-        return [Item(id=f"{p['dataset']}-{hub_split}-{i}", prompt=str(r[pf]), response=str(r[rf]),
-                     reference=str(r[ref_field]) if ref_field else str(r[rf])) for i, r in enumerate(ds)]
+        return [
+            Item(
+                id=f"{p['dataset']}-{hub_split}-{i}",
+                prompt=str(r[pf]),
+                response=str(r[rf]),
+                reference=str(r[ref_field]) if ref_field else str(r[rf]),
+            )
+            for i, r in enumerate(ds)
+        ]

@@ -73,8 +73,15 @@ def _gsm8k(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _mmlu(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = [{"subject": r["subject"], "question": r["question"], "choices": list(r["choices"]),
-            "answer": LETTERS[int(r["answer"])] if not isinstance(r["answer"], str) else r["answer"]} for r in rows]
+    out = [
+        {
+            "subject": r["subject"],
+            "question": r["question"],
+            "choices": list(r["choices"]),
+            "answer": LETTERS[int(r["answer"])] if not isinstance(r["answer"], str) else r["answer"],
+        }
+        for r in rows
+    ]
     return sorted(out, key=lambda r: r["subject"])  # stable: the source's order within a subject
 
 
@@ -83,8 +90,7 @@ def _mbpp(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(({k: r[k] for k in keys} for r in rows), key=lambda r: r["task_id"])
 
 
-CONVERTERS: dict[str, Callable[[list[dict[str, Any]]], list[dict[str, Any]]]] = {
-    "gsm8k": _gsm8k, "mmlu": _mmlu, "mbpp": _mbpp}
+CONVERTERS: dict[str, Callable[[list[dict[str, Any]]], list[dict[str, Any]]]] = {"gsm8k": _gsm8k, "mmlu": _mmlu, "mbpp": _mbpp}
 
 
 def _paper(repo: str, commit: str, folder: str, name: str, sha256: str) -> UrlSource:
@@ -97,22 +103,27 @@ CATALOG: dict[str, Source] = {
     "mmlu/test.jsonl": HubSource("cais/mmlu", "all", ("test",), "mmlu"),
     "mmlu/validation.jsonl": HubSource("cais/mmlu", "all", ("validation",), "mmlu"),
     "mmlu/dev.jsonl": HubSource("cais/mmlu", "all", ("dev",), "mmlu"),
-    "mbpp/mbpp.jsonl": HubSource("google-research-datasets/mbpp", "full", ("train", "test", "validation", "prompt"),
-                                 "mbpp"),
-    **{f"seeking/{folder}/{name}": _paper(SEEKING_REPO, SEEKING_COMMIT, folder, name, sha) for folder, name, sha in (
-        ("gsm", "gsm_data_1000.jsonl", "60f942f8782a8c6b25b93ae5cbf584d0f7ea27105d58f7a9abe4416eb81432e9"),
-        ("gsm", "sample_gsm.jsonl", "376c0d1d63814232c9d9e79399f2dc0667ccf608407d232846df9b8ecbbae5f7"),
-        ("mmlu", "mmlu_data_1000.jsonl", "667e9d45b80483bf5ddd3aaeeb6a8e04946d673c61598539d26821115d3c1689"),
-        ("mmlu", "sample_mmlu.jsonl", "f9840d9ba13b2fd32a6542d23a49b8df6da1cec381ed9da6ffe22b77421b56e1"),
-        ("super_ni", "super_ni_data_1000.jsonl", "68d09cd5764643ffd69f49b9d1778523a49f360c6801dca5aa88737bbca68586"),
-        ("super_ni", "sample_super_ni.jsonl", "9c28eef5bbe58e14aa1efd3c3607182dd29e1f801c1fbfe088acce6b8a9fd524"),
-    )},
-    **{f"laten/{folder}/{name}": _paper(LATEN_REPO, LATEN_COMMIT, folder, name, sha) for folder, name, sha in (
-        ("gsm", "gsm_extract_split.jsonl", "d70e084b0fbdeb1eb029742ab686967bfc6f47e86082344dd89134fd8c9ff047"),
-        ("gsm", "gsm_align_split.jsonl", "bfd9184c4830035e8b4f0e6f255794be1d62dd08193f42360332f17ca421786c"),
-        ("mmlu", "mmlu_extract_split.jsonl", "a1eda542fca105e6f64d0d143d89ebec31178f787e837c30f3044c462d3df1bb"),
-        ("mmlu", "mmlu_align_split.jsonl", "8eaa715a27052ed983a7d4746daeed1fe9851b89aca86a09935eae8f03286102"),
-    )},
+    "mbpp/mbpp.jsonl": HubSource("google-research-datasets/mbpp", "full", ("train", "test", "validation", "prompt"), "mbpp"),
+    **{
+        f"seeking/{folder}/{name}": _paper(SEEKING_REPO, SEEKING_COMMIT, folder, name, sha)
+        for folder, name, sha in (
+            ("gsm", "gsm_data_1000.jsonl", "60f942f8782a8c6b25b93ae5cbf584d0f7ea27105d58f7a9abe4416eb81432e9"),
+            ("gsm", "sample_gsm.jsonl", "376c0d1d63814232c9d9e79399f2dc0667ccf608407d232846df9b8ecbbae5f7"),
+            ("mmlu", "mmlu_data_1000.jsonl", "667e9d45b80483bf5ddd3aaeeb6a8e04946d673c61598539d26821115d3c1689"),
+            ("mmlu", "sample_mmlu.jsonl", "f9840d9ba13b2fd32a6542d23a49b8df6da1cec381ed9da6ffe22b77421b56e1"),
+            ("super_ni", "super_ni_data_1000.jsonl", "68d09cd5764643ffd69f49b9d1778523a49f360c6801dca5aa88737bbca68586"),
+            ("super_ni", "sample_super_ni.jsonl", "9c28eef5bbe58e14aa1efd3c3607182dd29e1f801c1fbfe088acce6b8a9fd524"),
+        )
+    },
+    **{
+        f"laten/{folder}/{name}": _paper(LATEN_REPO, LATEN_COMMIT, folder, name, sha)
+        for folder, name, sha in (
+            ("gsm", "gsm_extract_split.jsonl", "d70e084b0fbdeb1eb029742ab686967bfc6f47e86082344dd89134fd8c9ff047"),
+            ("gsm", "gsm_align_split.jsonl", "bfd9184c4830035e8b4f0e6f255794be1d62dd08193f42360332f17ca421786c"),
+            ("mmlu", "mmlu_extract_split.jsonl", "a1eda542fca105e6f64d0d143d89ebec31178f787e837c30f3044c462d3df1bb"),
+            ("mmlu", "mmlu_align_split.jsonl", "8eaa715a27052ed983a7d4746daeed1fe9851b89aca86a09935eae8f03286102"),
+        )
+    },
 }
 
 
@@ -147,8 +158,10 @@ def _fetch_hub(src: HubSource) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     try:
         import datasets
     except ImportError:
-        raise DataError(f"preparing this file from the hub needs the 'datasets' package ({src.describe()})",
-                        hint="pip install 'pktransfer[hub]', or set PKT_DATA_DIR to a local copy of the data") from None
+        raise DataError(
+            f"preparing this file from the hub needs the 'datasets' package ({src.describe()})",
+            hint="pip install 'pktransfer[hub]', or set PKT_DATA_DIR to a local copy of the data",
+        ) from None
     rows: list[dict[str, Any]] = []
     fingerprints = []
     for split in src.splits:
@@ -156,14 +169,22 @@ def _fetch_hub(src: HubSource) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             ds = datasets.load_dataset(src.repo, src.config, split=split, revision=src.revision)
         except Exception as err:  # datasets raises many types (connection, offline mode, not found)
             offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
-            raise DataError(f"could not load {src.describe()}: {str(err).splitlines()[0][:200]}",
-                            hint=("offline mode: run `pkt data fetch` once while online, " if offline else
-                                  "check the network, ") + "or set PKT_DATA_DIR to a local copy of the data") from None
+            raise DataError(
+                f"could not load {src.describe()}: {str(err).splitlines()[0][:200]}",
+                hint=("offline mode: run `pkt data fetch` once while online, " if offline else "check the network, ")
+                + "or set PKT_DATA_DIR to a local copy of the data",
+            ) from None
         rows.extend(dict(r) for r in ds)
         fingerprints.append(getattr(ds, "_fingerprint", None))
-    return CONVERTERS[src.convert](rows), {"kind": "hub", "repo": src.repo, "config": src.config,
-                                          "splits": list(src.splits), "revision": src.revision,
-                                          "datasets_version": datasets.__version__, "fingerprints": fingerprints}
+    return CONVERTERS[src.convert](rows), {
+        "kind": "hub",
+        "repo": src.repo,
+        "config": src.config,
+        "splits": list(src.splits),
+        "revision": src.revision,
+        "datasets_version": datasets.__version__,
+        "fingerprints": fingerprints,
+    }
 
 
 def _fetch_url(src: UrlSource) -> tuple[bytes, dict[str, Any]]:
@@ -171,12 +192,16 @@ def _fetch_url(src: UrlSource) -> tuple[bytes, dict[str, Any]]:
         with urllib.request.urlopen(src.url, timeout=60) as resp:
             data = resp.read()
     except OSError as err:
-        raise DataError(f"could not download {src.describe()}: {err}",
-                        hint="check the network, or set PKT_DATA_DIR to a local copy of the data") from None
+        raise DataError(
+            f"could not download {src.describe()}: {err}",
+            hint="check the network, or set PKT_DATA_DIR to a local copy of the data",
+        ) from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != src.sha256:
-        raise DataError(f"{src.describe()} has sha256 {digest}, expected {src.sha256}",
-                        hint="the published file changed or the download was corrupted; use a local copy (PKT_DATA_DIR)")
+        raise DataError(
+            f"{src.describe()} has sha256 {digest}, expected {src.sha256}",
+            hint="the published file changed or the download was corrupted; use a local copy (PKT_DATA_DIR)",
+        )
     return data, {"kind": "paper", "repo": src.repo, "commit": src.commit, "path": src.path, "sha256": src.sha256}
 
 
@@ -189,8 +214,10 @@ def prepare_file(root: Path, rel: str) -> Path:
         return path
     src = CATALOG.get(rel)
     if src is None:
-        raise DataError(f"data file '{rel}' is local only: pktransfer knows no public source for it",
-                        hint="set PKT_DATA_DIR (or task.data_dir) to a folder that holds it")
+        raise DataError(
+            f"data file '{rel}' is local only: pktransfer knows no public source for it",
+            hint="set PKT_DATA_DIR (or task.data_dir) to a folder that holds it",
+        )
     if isinstance(src, HubSource):
         rows, record = _fetch_hub(src)
         _write_jsonl(path, rows)
@@ -234,8 +261,10 @@ def status(task: Any) -> list[FileStatus]:
     """Each file of ``task``: its public source and whether it is present in the data folder in use."""
     root = task.data_dir()
     where = "cache" if root == data_cache() else "local"
-    return [FileStatus(split, rel, source_of(rel), (root / rel).is_file(), f"{where}: {root / rel}")
-            for split, rel in task_files(task)]
+    return [
+        FileStatus(split, rel, source_of(rel), (root / rel).is_file(), f"{where}: {root / rel}")
+        for split, rel in task_files(task)
+    ]
 
 
 def fetch(task: Any) -> list[Path]:
@@ -246,9 +275,10 @@ def fetch(task: Any) -> list[Path]:
         if (root / rel).is_file():
             paths.append(root / rel)
         elif root != data_cache():
-            raise DataError(f"'{root / rel}' is missing in the configured data folder {root}",
-                            hint="complete that folder, or unset PKT_DATA_DIR / task.data_dir so that pktransfer "
-                                 "fetches into its cache")
+            raise DataError(
+                f"'{root / rel}' is missing in the configured data folder {root}",
+                hint="complete that folder, or unset PKT_DATA_DIR / task.data_dir so that pktransfer fetches into its cache",
+            )
         else:
             paths.append(prepare_file(root, rel))
     return paths

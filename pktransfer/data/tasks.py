@@ -30,8 +30,13 @@ class Item:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "prompt": self.prompt, "response": self.response,
-                "reference": self.reference, "metadata": self.metadata}
+        return {
+            "id": self.id,
+            "prompt": self.prompt,
+            "response": self.response,
+            "reference": self.reference,
+            "metadata": self.metadata,
+        }
 
 
 class Task(ABC):
@@ -82,14 +87,13 @@ class Task(ABC):
 
     def split(self, name: str) -> list[Item]:
         if name not in self.splits:
-            raise DataError(
-                f"task '{self.name}' has no split '{name}'", hint=f"available splits: {', '.join(self.splits)}"
-            )
+            raise DataError(f"task '{self.name}' has no split '{name}'", hint=f"available splits: {', '.join(self.splits)}")
         if name not in self._cache:
             items = self._load(name)
             if not items:
-                raise DataError(f"task '{self.name}': split '{name}' is empty",
-                                hint="check the task's data files and size parameters")
+                raise DataError(
+                    f"task '{self.name}': split '{name}' is empty", hint="check the task's data files and size parameters"
+                )
             self._cache[name] = items
         return self._cache[name]
 
@@ -158,8 +162,10 @@ def resolve_data_dir(explicit: str | None = None) -> Path:
             p = Path(cand).expanduser()
             if p.is_dir():
                 return p
-            raise DataError(f"data folder '{p}' (from {label}) does not exist",
-                            hint=f"point {label} at the folder holding gsm8k/, mmlu/, seeking/, laten/")
+            raise DataError(
+                f"data folder '{p}' (from {label}) does not exist",
+                hint=f"point {label} at the folder holding gsm8k/, mmlu/, seeking/, laten/",
+            )
     for cand in (Path("shared/data"), Path("../shared/data")):
         if cand.is_dir():
             return cand.resolve()
@@ -170,26 +176,31 @@ def resolve_data_dir(explicit: str | None = None) -> Path:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
-        raise DataError(f"data file '{path}' is missing",
-                        hint=f"expected it under {path.parent}; set PKT_DATA_DIR or task.data_dir to a folder that holds "
-                             "it, or leave both unset so that `pkt data fetch TASK` prepares it in pktransfer's cache")
+        raise DataError(
+            f"data file '{path}' is missing",
+            hint=f"expected it under {path.parent}; set PKT_DATA_DIR or task.data_dir to a folder that holds "
+            "it, or leave both unset so that `pkt data fetch TASK` prepares it in pktransfer's cache",
+        )
     rows = []
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"data file '{path}' is not UTF-8 text (byte {err.start})",
-                        hint="convert the file to UTF-8 JSON lines") from None
+        raise DataError(
+            f"data file '{path}' is not UTF-8 text (byte {err.start})", hint="convert the file to UTF-8 JSON lines"
+        ) from None
     except OSError as err:
-        raise DataError(f"data file '{path}' cannot be read: {err.strerror or err}",
-                        hint="check the file's permissions") from None
+        raise DataError(
+            f"data file '{path}' cannot be read: {err.strerror or err}", hint="check the file's permissions"
+        ) from None
     for n, line in enumerate(text.split("\n"), 1):  # JSON strings may hold U+2028: split on newlines only
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"data file '{path}' line {n} is not valid JSON ({err.msg})",
-                            hint="repair or replace the file") from None
+            raise DataError(
+                f"data file '{path}' line {n} is not valid JSON ({err.msg})", hint="repair or replace the file"
+            ) from None
         if not isinstance(row, dict):
             raise DataError(f"data file '{path}' line {n} is not a JSON object", hint="one object per line")
         rows.append(row)

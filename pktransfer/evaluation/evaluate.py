@@ -85,29 +85,47 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
-def _generate_kind(model: Any, formatter: PromptFormatter, items: list[Item], task: Task, opts: EvalOptions,
-                   advance: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _generate_kind(
+    model: Any, formatter: PromptFormatter, items: list[Item], task: Task, opts: EvalOptions, advance: Any
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     prompts = [formatter.encode_prompt(task.eval_prompt(it, formatter.mode)) for it in items]
-    (outputs, n_tokens), used = run_batched(model, opts.batch_size, lambda bs: generate(
-        model, formatter.tokenizer, prompts, batch_size=bs, max_new_tokens=opts.max_new_tokens,
-        stop_token_ids=formatter.stop_token_ids(), stop_strings=task.stop_strings_for(formatter.mode),
-        on_batch=lambda n, _t: advance(n)))
+    (outputs, n_tokens), used = run_batched(
+        model,
+        opts.batch_size,
+        lambda bs: generate(
+            model,
+            formatter.tokenizer,
+            prompts,
+            batch_size=bs,
+            max_new_tokens=opts.max_new_tokens,
+            stop_token_ids=formatter.stop_token_ids(),
+            stop_strings=task.stop_strings_for(formatter.mode),
+            on_batch=lambda n, _t: advance(n),
+        ),
+    )
     records, extra = [], defaultdict(list)
     for it, out in zip(items, outputs, strict=True):
         s = task.score(out, it)
         for k, v in s.get("metrics", {}).items():
             extra[k].append(float(v))
-        records.append({"id": it.id, "prompt": task.eval_prompt(it, formatter.mode), "output": out,
-                        "extracted": s["extracted"],
-                        "reference": it.reference, "correct": bool(s["correct"]),
-                        **({"metrics": s["metrics"]} if "metrics" in s else {}),
-                        **{k: v for k, v in s.items() if k not in ("extracted", "correct", "metrics")}})
-    return records, {"metrics": {k: _mean(v) for k, v in extra.items()}, "generated_tokens": n_tokens,
-                     "batch_size_used": used}
+        records.append(
+            {
+                "id": it.id,
+                "prompt": task.eval_prompt(it, formatter.mode),
+                "output": out,
+                "extracted": s["extracted"],
+                "reference": it.reference,
+                "correct": bool(s["correct"]),
+                **({"metrics": s["metrics"]} if "metrics" in s else {}),
+                **{k: v for k, v in s.items() if k not in ("extracted", "correct", "metrics")},
+            }
+        )
+    return records, {"metrics": {k: _mean(v) for k, v in extra.items()}, "generated_tokens": n_tokens, "batch_size_used": used}
 
 
-def _choice_kind(model: Any, formatter: PromptFormatter, items: list[Item], task: Task, opts: EvalOptions,
-                 advance: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _choice_kind(
+    model: Any, formatter: PromptFormatter, items: list[Item], task: Task, opts: EvalOptions, advance: Any
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     tok = formatter.tokenizer
     contexts, conts = [], []
     for it in items:
@@ -118,8 +136,12 @@ def _choice_kind(model: Any, formatter: PromptFormatter, items: list[Item], task
         contexts.append(pairs[0][0])
         conts.append([p[1] for p in pairs])
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ll, used = run_batched(model, opts.batch_size, lambda bs: continuation_logliks(
-        model, contexts, conts, batch_size=bs, pad_id=pad, on_batch=advance), start=32)
+    ll, used = run_batched(
+        model,
+        opts.batch_size,
+        lambda bs: continuation_logliks(model, contexts, conts, batch_size=bs, pad_id=pad, on_batch=advance),
+        start=32,
+    )
     records, by_subject = [], defaultdict(list)
     for it, scores in zip(items, ll, strict=True):
         letters = [c.strip() for c in it.metadata["choices"]]
@@ -127,16 +149,32 @@ def _choice_kind(model: Any, formatter: PromptFormatter, items: list[Item], task
         ok = pred == it.reference
         subject = it.metadata.get("subject", "all")
         by_subject[subject].append(float(ok))
-        records.append({"id": it.id, "prompt": it.prompt, "output": None, "loglik": dict(zip(letters, scores, strict=True)),
-                        "extracted": pred, "reference": it.reference, "correct": ok, "subject": subject})
+        records.append(
+            {
+                "id": it.id,
+                "prompt": it.prompt,
+                "output": None,
+                "loglik": dict(zip(letters, scores, strict=True)),
+                "extracted": pred,
+                "reference": it.reference,
+                "correct": ok,
+                "subject": subject,
+            }
+        )
     per_subject = {s: {"n": len(v), "accuracy": _mean(v)} for s, v in sorted(by_subject.items())}
-    return records, {"metrics": {"acc,micro": _mean([float(r["correct"]) for r in records]),
-                                 "acc,macro": _mean([v["accuracy"] for v in per_subject.values()])},
-                     "per_subject": per_subject, "batch_size_used": used}
+    return records, {
+        "metrics": {
+            "acc,micro": _mean([float(r["correct"]) for r in records]),
+            "acc,macro": _mean([v["accuracy"] for v in per_subject.values()]),
+        },
+        "per_subject": per_subject,
+        "batch_size_used": used,
+    }
 
 
-def _code_kind(model: Any, formatter: PromptFormatter, items: list[Item], task: Any, opts: EvalOptions,
-               advance: Any, progress: Progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _code_kind(
+    model: Any, formatter: PromptFormatter, items: list[Item], task: Any, opts: EvalOptions, advance: Any, progress: Progress
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from pktransfer.data.scoring import pass_at_k
     from pktransfer.evaluation.sandbox import (
         SandboxLimits,
@@ -157,34 +195,68 @@ def _code_kind(model: Any, formatter: PromptFormatter, items: list[Item], task: 
     temperature = opts.temperature if n > 1 else 0.0
     prompts = [formatter.encode_prompt(task.eval_prompt(it, formatter.mode)) for it in items for _ in range(n)]
     torch.manual_seed(opts.seed)
-    (outputs, n_tokens), used = run_batched(model, opts.batch_size, lambda bs: generate(
-        model, formatter.tokenizer, prompts, batch_size=bs, max_new_tokens=opts.max_new_tokens,
-        stop_token_ids=formatter.stop_token_ids(), stop_strings=task.stop_strings_for(formatter.mode),
-        temperature=temperature,
-        on_batch=lambda k, _t: advance(k / n)))
+    (outputs, n_tokens), used = run_batched(
+        model,
+        opts.batch_size,
+        lambda bs: generate(
+            model,
+            formatter.tokenizer,
+            prompts,
+            batch_size=bs,
+            max_new_tokens=opts.max_new_tokens,
+            stop_token_ids=formatter.stop_token_ids(),
+            stop_strings=task.stop_strings_for(formatter.mode),
+            temperature=temperature,
+            on_batch=lambda k, _t: advance(k / n),
+        ),
+    )
     programs = [task.program(items[i // n], out, formatter.mode) for i, out in enumerate(outputs)]
     with progress.task(f"sandbox: {len(programs)} programs", total=len(programs)) as tick:
         results = run_programs(programs, SandboxLimits(timeout=opts.sandbox_timeout), on_done=lambda: tick(1))
     ks = [k for k in (1, 10, 100) if k <= n]
     records, per_k = [], defaultdict(list)
     for i, it in enumerate(items):
-        res = results[i * n:(i + 1) * n]
+        res = results[i * n : (i + 1) * n]
         c = sum(r.passed for r in res)
         for k in ks:
             per_k[f"pass@{k}"].append(pass_at_k(n, c, k))
-        records.append({"id": it.id, "prompt": task.eval_prompt(it, formatter.mode),
-                        "output": outputs[i * n] if n == 1 else outputs[i * n:(i + 1) * n],
-                        "extracted": programs[i * n] if n == 1 else None, "reference": it.reference,
-                        "correct": pass_at_k(n, c, 1) == 1.0 if n == 1 else c > 0, "n_samples": n, "n_passed": c,
-                        "execution": [{"status": r.status, "reason": r.reason, "stderr": r.stderr[-500:]} for r in res]})
-    return records, {"metrics": {k: _mean(v) for k, v in per_k.items()}, "generated_tokens": n_tokens,
-                     "sandbox": {"isolation": isolation, "timeout_s": opts.sandbox_timeout,
-                                 "pass_means": "the runner's completion token arrived: the tests returned normally"},
-                     "sampling": {"n": n, "temperature": temperature, "seed": opts.seed}, "batch_size_used": used}
+        records.append(
+            {
+                "id": it.id,
+                "prompt": task.eval_prompt(it, formatter.mode),
+                "output": outputs[i * n] if n == 1 else outputs[i * n : (i + 1) * n],
+                "extracted": programs[i * n] if n == 1 else None,
+                "reference": it.reference,
+                "correct": pass_at_k(n, c, 1) == 1.0 if n == 1 else c > 0,
+                "n_samples": n,
+                "n_passed": c,
+                "execution": [{"status": r.status, "reason": r.reason, "stderr": r.stderr[-500:]} for r in res],
+            }
+        )
+    return records, {
+        "metrics": {k: _mean(v) for k, v in per_k.items()},
+        "generated_tokens": n_tokens,
+        "sandbox": {
+            "isolation": isolation,
+            "timeout_s": opts.sandbox_timeout,
+            "pass_means": "the runner's completion token arrived: the tests returned normally",
+        },
+        "sampling": {"n": n, "temperature": temperature, "seed": opts.seed},
+        "batch_size_used": used,
+    }
 
 
-def evaluate_items(model: Any, formatter: PromptFormatter, items: list[Item], *, label: str, task: Task, split: str,
-                   options: EvalOptions | None = None, progress: Progress | None = None) -> EvalResult:
+def evaluate_items(
+    model: Any,
+    formatter: PromptFormatter,
+    items: list[Item],
+    *,
+    label: str,
+    task: Task,
+    split: str,
+    options: EvalOptions | None = None,
+    progress: Progress | None = None,
+) -> EvalResult:
     opts = options or EvalOptions()
     progress = progress or Progress(quiet=True)
     items = subset(items, opts.limit, opts.subset_seed)
@@ -202,14 +274,28 @@ def evaluate_items(model: Any, formatter: PromptFormatter, items: list[Item], *,
     accuracy = extra["metrics"][primary] if primary in extra.get("metrics", {}) else n_correct / len(items)
     tokens = extra.pop("generated_tokens", None)
     summary = {
-        "label": label, "task": task.name, "eval_name": getattr(task, "eval_name", task.name), "split": split,
-        "n": len(items), "correct": n_correct, "accuracy": accuracy, "scorer": task.scorer, **extra,
-        "protocol": {"decoding": "greedy" if task.kind != "code" or opts.n_samples == 1 else "sampled",
-                     "max_new_tokens": opts.max_new_tokens if task.kind != "choice" else None,
-                     "batch_size": opts.batch_size, "prompt_format": formatter.describe(),
-                     "limit": opts.limit, "subset_seed": opts.subset_seed, **task.protocol(),
-                     **task.format_protocol(formatter.mode)},
-        "data_sha256": items_sha256(items), "data_source": task.data_source(split), "seconds": round(seconds, 2),
+        "label": label,
+        "task": task.name,
+        "eval_name": getattr(task, "eval_name", task.name),
+        "split": split,
+        "n": len(items),
+        "correct": n_correct,
+        "accuracy": accuracy,
+        "scorer": task.scorer,
+        **extra,
+        "protocol": {
+            "decoding": "greedy" if task.kind != "code" or opts.n_samples == 1 else "sampled",
+            "max_new_tokens": opts.max_new_tokens if task.kind != "choice" else None,
+            "batch_size": opts.batch_size,
+            "prompt_format": formatter.describe(),
+            "limit": opts.limit,
+            "subset_seed": opts.subset_seed,
+            **task.protocol(),
+            **task.format_protocol(formatter.mode),
+        },
+        "data_sha256": items_sha256(items),
+        "data_source": task.data_source(split),
+        "seconds": round(seconds, 2),
         "items_per_second": round(len(items) / seconds, 3) if seconds else None,
         "generated_tokens": tokens,
         "generated_tokens_per_second": round(tokens / seconds, 2) if tokens and seconds else None,

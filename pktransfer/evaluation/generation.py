@@ -14,8 +14,8 @@ def left_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, x in enumerate(batch):
         if x:
-            ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
-            mask[i, width - len(x):] = 1
+            ids[i, width - len(x) :] = torch.tensor(x, dtype=torch.long)
+            mask[i, width - len(x) :] = 1
     return ids, mask
 
 
@@ -29,9 +29,18 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 @torch.inference_mode()
-def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, batch_size: int, max_new_tokens: int,
-             stop_token_ids: Sequence[int], stop_strings: Sequence[str] = (), temperature: float = 0.0,
-             on_batch: Callable[[int, int], None] | None = None) -> tuple[list[str], int]:
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    stop_token_ids: Sequence[int],
+    stop_strings: Sequence[str] = (),
+    temperature: float = 0.0,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> tuple[list[str], int]:
     """Decode every prompt (token ids): greedy, or sampled when ``temperature`` > 0 (seed torch first).
 
     Returns the texts (in input order) and the generated token count. Prompts are sorted by length so
@@ -45,14 +54,24 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, ba
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_ids[0]
     n_tokens = 0
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         ids, mask = left_pad([prompts[i] for i in idx], pad_id)
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature > 0 else \
-            {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+            if temperature > 0
+            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        )
         extra = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             eos_token_id=list(stop_token_ids), pad_token_id=pad_id, **sampling, **extra)
-        new = gen[:, ids.shape[1]:].cpu()
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=list(stop_token_ids),
+            pad_token_id=pad_id,
+            **sampling,
+            **extra,
+        )
+        new = gen[:, ids.shape[1] :].cpu()
         for row, i in zip(new, idx, strict=True):
             toks = row.tolist()
             for j, t in enumerate(toks):
@@ -74,13 +93,19 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    return list(ctx), list(whole[len(ctx):])
+    return list(ctx), list(whole[len(ctx) :])
 
 
 @torch.inference_mode()
-def continuation_logliks(model: Any, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[Sequence[int]]],
-                         *, batch_size: int, pad_id: int,
-                         on_batch: Callable[[float], None] | None = None) -> list[list[float]]:
+def continuation_logliks(
+    model: Any,
+    contexts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[Sequence[int]]],
+    *,
+    batch_size: int,
+    pad_id: int,
+    on_batch: Callable[[float], None] | None = None,
+) -> list[list[float]]:
     """Summed log-probability of each continuation after its context: result[i][j] for context i, choice j.
 
     When every continuation of a context is one token (MMLU's " A".." D"), one forward pass over the
@@ -90,13 +115,16 @@ def continuation_logliks(model: Any, contexts: Sequence[Sequence[int]], continua
     device = next(model.parameters()).device
     out: list[list[float]] = [[] for _ in contexts]
     # longest first, so each batch holds similar lengths (little padding) and memory errors come early
-    single = sorted((i for i, conts in enumerate(continuations) if all(len(c) == 1 for c in conts)),
-                    key=lambda i: -len(contexts[i]))
+    single = sorted(
+        (i for i, conts in enumerate(continuations) if all(len(c) == 1 for c in conts)), key=lambda i: -len(contexts[i])
+    )
     single_set = set(single)
-    multi = sorted(((i, j) for i, conts in enumerate(continuations) if i not in single_set for j in range(len(conts))),
-                   key=lambda p: -(len(contexts[p[0]]) + len(continuations[p[0]][p[1]])))
+    multi = sorted(
+        ((i, j) for i, conts in enumerate(continuations) if i not in single_set for j in range(len(conts))),
+        key=lambda p: -(len(contexts[p[0]]) + len(continuations[p[0]][p[1]])),
+    )
     for start in range(0, len(single), batch_size):
-        idx = single[start:start + batch_size]
+        idx = single[start : start + batch_size]
         rows = [list(contexts[i]) for i in idx]
         ids, mask = right_pad(rows, pad_id)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
@@ -108,7 +136,7 @@ def continuation_logliks(model: Any, contexts: Sequence[Sequence[int]], continua
             on_batch(len(idx))
     scores: dict[tuple[int, int], float] = {}
     for start in range(0, len(multi), batch_size):
-        pairs = multi[start:start + batch_size]
+        pairs = multi[start : start + batch_size]
         rows = [list(contexts[i]) + list(continuations[i][j]) for i, j in pairs]
         ids, mask = right_pad(rows, pad_id)
         logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)

@@ -37,8 +37,7 @@ class TeacherWork:
     parameters: int = 0
     what: list[str] = field(default_factory=list)
 
-    def add(self, what: str, *, forward_tokens: int, backward_tokens: int = 0, seconds: float = 0.0,
-            parameters: int = 0) -> None:
+    def add(self, what: str, *, forward_tokens: int, backward_tokens: int = 0, seconds: float = 0.0, parameters: int = 0) -> None:
         if what not in self.what:
             self.what.append(what)
         self.forward_tokens += int(forward_tokens)
@@ -47,10 +46,14 @@ class TeacherWork:
         self.parameters = max(self.parameters, int(parameters))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"forward_tokens": self.forward_tokens, "backward_tokens": self.backward_tokens,
-                "seconds": round(self.seconds, 2), "parameters": self.parameters,
-                "flops": 2.0 * self.parameters * self.forward_tokens + 4.0 * self.parameters * self.backward_tokens,
-                "what": self.what}
+        return {
+            "forward_tokens": self.forward_tokens,
+            "backward_tokens": self.backward_tokens,
+            "seconds": round(self.seconds, 2),
+            "parameters": self.parameters,
+            "flops": 2.0 * self.parameters * self.forward_tokens + 4.0 * self.parameters * self.backward_tokens,
+            "what": self.what,
+        }
 
 
 def n_tokens(examples: list[Example]) -> int:
@@ -74,8 +77,7 @@ def snapshot_lora(model: Any) -> dict[str, Any]:
     """The LoRA factors of a PEFT model (copies, on CPU), without peft's extra base embedding weights."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().cpu().clone()
-            for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
 
 
 def save_rebased_adapter(model: Any, folder: Path, initial: dict[str, Any]) -> None:
@@ -118,8 +120,7 @@ def cache_key(teacher: str, extra: str, examples: list[Example]) -> str:
     return h.hexdigest()[:20]
 
 
-def cached_file(folder: Path, prefix: str, key: str, compute: Callable[[], dict[str, Any]],
-                progress: Progress) -> Path:
+def cached_file(folder: Path, prefix: str, key: str, compute: Callable[[], dict[str, Any]], progress: Progress) -> Path:
     """``folder/prefix-key.safetensors``, computed by ``compute()`` unless a readable copy exists.
 
     Written to a temporary name and renamed, so runs sharing the folder never see a half-written file.

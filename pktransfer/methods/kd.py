@@ -44,8 +44,9 @@ from pktransfer.training import (
 # ---- the loss (pure functions) --------------------------------------------------------------------
 
 
-def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-                  teacher_ids: torch.Tensor | None = None) -> torch.Tensor:
+def kl_to_teacher(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, teacher_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-position KL(p_T ‖ q_S) at temperature T.
 
     student_logits [N, V]; teacher_logits [N, K] (K = V when ``teacher_ids`` is None, else the teacher's
@@ -59,9 +60,16 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-def kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
-            teacher_ids: torch.Tensor | None, *, temperature: float, alpha: float,
-            n_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_ids: torch.Tensor | None,
+    *,
+    temperature: float,
+    alpha: float,
+    n_tokens: int | torch.Tensor | None = None,
+) -> torch.Tensor:
     """(1 − α)·CE + α·T²·KL over response tokens, divided by ``n_tokens`` (default: this batch's count).
 
     student_logits [B, L, V]; labels [B, L] (−100 outside responses); teacher_logits [P, K] for the P
@@ -78,17 +86,19 @@ def kd_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: 
 
 
 @torch.no_grad()
-def teacher_logits_at_responses(teacher_model: Any, examples: list[Example], top_k: int | None, vocab: int,
-                                batch_size: int, progress: Progress) -> dict[str, torch.Tensor]:
+def teacher_logits_at_responses(
+    teacher_model: Any, examples: list[Example], top_k: int | None, vocab: int, batch_size: int, progress: Progress
+) -> dict[str, torch.Tensor]:
     """Top-k teacher logits (float32) and ids (int32) at each example's response positions, with offsets."""
     device = next(teacher_model.parameters()).device
     values, ids, counts = [], [], []
     with progress.task("kd: teacher logits", total=len(examples)) as advance:
         for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
+            chunk = examples[start : start + batch_size]
             batch = collate_examples(chunk)
-            logits = teacher_model(input_ids=batch["input_ids"].to(device),
-                                   attention_mask=batch["attention_mask"].to(device)).logits[..., :vocab]
+            logits = teacher_model(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            ).logits[..., :vocab]
             mask = response_positions(batch["labels"]).to(device)
             picked = logits[:, :-1][mask].float()
             k = vocab if top_k is None else min(top_k, vocab)
@@ -111,8 +121,11 @@ class KdConfig(MethodConfig):
     name: Literal["kd"] = "kd"
     temperature: float = Field(default=2.0, gt=0)
     alpha: float = Field(default=0.5, ge=0, le=1, description="weight of the KL term (1: distillation only)")
-    cache: bool = Field(default=True, description="precompute the teacher's logits once and free the teacher; "
-                                                   "false keeps the teacher in memory and uses its full distribution")
+    cache: bool = Field(
+        default=True,
+        description="precompute the teacher's logits once and free the teacher; "
+        "false keeps the teacher in memory and uses its full distribution",
+    )
     top_k: int | None = Field(default=64, ge=1, description="cached logits per position (None: the whole vocabulary)")
     logits_cache: str | None = Field(default=None, description="folder for cached teacher logits (shared by runs)")
 
@@ -141,25 +154,33 @@ class KdMethod(Method):
         self.vocab = min(student.arch.vocab_size, len(student.tokenizer))
         if spec.cache:
             examples = ctx.examples
-            key = cache_key(json.dumps(ctx.recipe.teacher.model_dump(), sort_keys=True) + vocab_digest(student.tokenizer),
-                            f"top_k={spec.top_k}", examples)
+            key = cache_key(
+                json.dumps(ctx.recipe.teacher.model_dump(), sort_keys=True) + vocab_digest(student.tokenizer),
+                f"top_k={spec.top_k}",
+                examples,
+            )
             folder = Path(spec.logits_cache) if spec.logits_cache else ctx.workdir / "teacher_logits"
 
             def compute() -> dict[str, torch.Tensor]:
                 teacher = self._teacher(ctx)
                 t0 = time.perf_counter()
-                out = teacher_logits_at_responses(teacher.model, examples, spec.top_k, self.vocab,
-                                                  ctx.recipe.training.batch_size, ctx.progress)
-                ctx.teacher_work.add(f"teacher logits for {len(examples)} training examples (cached for the grid)",
-                                     forward_tokens=n_tokens(examples), seconds=time.perf_counter() - t0,
-                                     parameters=teacher.arch.n_parameters)
+                out = teacher_logits_at_responses(
+                    teacher.model, examples, spec.top_k, self.vocab, ctx.recipe.training.batch_size, ctx.progress
+                )
+                ctx.teacher_work.add(
+                    f"teacher logits for {len(examples)} training examples (cached for the grid)",
+                    forward_tokens=n_tokens(examples),
+                    seconds=time.perf_counter() - t0,
+                    parameters=teacher.arch.n_parameters,
+                )
                 return out
 
             # a cache hit needs no teacher at all (the key holds the teacher spec and the student's vocabulary)
             self.cache = load_file(str(cached_file(folder, "kd-logits", key, compute, ctx.progress)))
             if len(self.cache["offsets"]) != len(examples) + 1:
-                raise DataError("kd: the cached teacher logits do not match the training examples",
-                                hint=f"delete {folder} and rerun")
+                raise DataError(
+                    "kd: the cached teacher logits do not match the training examples", hint=f"delete {folder} and rerun"
+                )
         else:
             self.teacher = self._teacher(ctx)
         return get_peft_model(student.model, lora_config(ctx.recipe.lora))
@@ -194,14 +215,17 @@ class KdMethod(Method):
                 dev = next(t_model.parameters()).device
                 t0 = time.perf_counter()
                 with torch.no_grad():
-                    t_out = t_model(input_ids=batch["input_ids"].to(dev),
-                                    attention_mask=batch["attention_mask"].to(dev)).logits[..., : self.vocab]
-                ctx.teacher_work.add("live teacher logits at every training batch",
-                                     forward_tokens=int(batch["attention_mask"].sum()),
-                                     seconds=time.perf_counter() - t0, parameters=self.teacher.arch.n_parameters)
+                    t_out = t_model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits[
+                        ..., : self.vocab
+                    ]
+                ctx.teacher_work.add(
+                    "live teacher logits at every training batch",
+                    forward_tokens=int(batch["attention_mask"].sum()),
+                    seconds=time.perf_counter() - t0,
+                    parameters=self.teacher.arch.n_parameters,
+                )
                 t_vals = t_out[:, :-1][response_positions(labels).to(dev)].to(logits.device)
                 t_ids = None
-            return kd_loss(logits, labels, t_vals, t_ids, temperature=spec.temperature, alpha=spec.alpha,
-                           n_tokens=n_tokens)
+            return kd_loss(logits, labels, t_vals, t_ids, temperature=spec.temperature, alpha=spec.alpha, n_tokens=n_tokens)
 
         return loss

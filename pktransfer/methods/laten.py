@@ -87,15 +87,18 @@ def answer_input(formatter: Any, item: Any) -> AnswerInput:
     prompt = formatter.encode_prompt(item.prompt)
     resp = list(formatter.tokenizer(strip_answer(item.response), add_special_tokens=False)["input_ids"])
     if not resp:
-        raise DataError(f"laten: item '{item.id}' has no answer token left after stripping trailing punctuation",
-                        hint="LaTen locates neurons on the last answer token; give the item a non-empty response")
+        raise DataError(
+            f"laten: item '{item.id}' has no answer token left after stripping trailing punctuation",
+            hint="LaTen locates neurons on the last answer token; give the item a non-empty response",
+        )
     ids = prompt + resp
     return AnswerInput(tuple(ids[:-1]), int(ids[-1]))
 
 
 @torch.no_grad()
-def locate_scores(loaded: Any, inputs: list[AnswerInput], *, vocab_k: int | None, progress: Progress,
-                  what: str) -> list[dict[str, torch.Tensor]]:
+def locate_scores(
+    loaded: Any, inputs: list[AnswerInput], *, vocab_k: int | None, progress: Progress, what: str
+) -> list[dict[str, torch.Tensor]]:
     """Per input: ``attn_layer`` [L], ``ffn_layer`` [L], ``attn`` [L, H·hd], ``ffn`` [L, F] (float64, CPU)."""
     model, arch = loaded.model, loaded.arch
     device = next(model.parameters()).device
@@ -110,27 +113,33 @@ def locate_scores(loaded: Any, inputs: list[AnswerInput], *, vocab_k: int | None
         def pre(key: str) -> Any:
             def hook(mod: Any, args: Any, kwargs: Any) -> None:
                 seen[key] = args[0] if args else kwargs["hidden_states"]
+
             return hook
 
         def post(key: str) -> Any:
             def hook(mod: Any, args: Any, out: Any) -> None:
                 seen[key] = out[0] if isinstance(out, tuple) else out
+
             return hook
 
-        handles += [block.register_forward_pre_hook(pre(f"in{i}"), with_kwargs=True),
-                    block.self_attn.register_forward_hook(post(f"attn{i}")),
-                    block.self_attn.o_proj.register_forward_pre_hook(pre(f"o{i}"), with_kwargs=True),
-                    block.mlp.down_proj.register_forward_pre_hook(pre(f"down{i}"), with_kwargs=True),
-                    block.mlp.register_forward_hook(post(f"mlp{i}"))]
+        handles += [
+            block.register_forward_pre_hook(pre(f"in{i}"), with_kwargs=True),
+            block.self_attn.register_forward_hook(post(f"attn{i}")),
+            block.self_attn.o_proj.register_forward_pre_hook(pre(f"o{i}"), with_kwargs=True),
+            block.mlp.down_proj.register_forward_pre_hook(pre(f"down{i}"), with_kwargs=True),
+            block.mlp.register_forward_hook(post(f"mlp{i}")),
+        ]
     f_size, a_size = arch.intermediate_size, arch.n_heads * arch.head_dim
     results = []
     try:
         with progress.task(f"laten: locate in the {what}", total=len(inputs)) as advance:
             for inp in inputs:
-                out = {"attn_layer": torch.zeros(n_layers, dtype=torch.float64),
-                       "ffn_layer": torch.zeros(n_layers, dtype=torch.float64),
-                       "attn": torch.zeros(n_layers, a_size, dtype=torch.float64),
-                       "ffn": torch.zeros(n_layers, f_size, dtype=torch.float64)}
+                out = {
+                    "attn_layer": torch.zeros(n_layers, dtype=torch.float64),
+                    "ffn_layer": torch.zeros(n_layers, dtype=torch.float64),
+                    "attn": torch.zeros(n_layers, a_size, dtype=torch.float64),
+                    "ffn": torch.zeros(n_layers, f_size, dtype=torch.float64),
+                }
                 y, pos = inp.y, len(inp.ids) - 1
                 model(input_ids=torch.tensor([list(inp.ids)], device=device))
                 for i in range(n_layers):
@@ -142,10 +151,14 @@ def locate_scores(loaded: Any, inputs: list[AnswerInput], *, vocab_k: int | None
                     layer = model.get_submodule(f"{arch.layers_path}.{i}")
                     out["attn_layer"][i] = sublayer_score(h_in, attn, norm, head, yi)
                     out["ffn_layer"][i] = sublayer_score(h_mid, seen[f"mlp{i}"][0, pos].float(), norm, head, yi)
-                    out["ffn"][i] = neuron_scores(h_mid, seen[f"down{i}"][0, pos], layer.mlp.down_proj.weight.T,
-                                                  norm, head, yi).double().cpu()
-                    out["attn"][i] = neuron_scores(h_in, seen[f"o{i}"][0, pos], layer.self_attn.o_proj.weight.T,
-                                                   norm, head, yi).double().cpu()
+                    out["ffn"][i] = (
+                        neuron_scores(h_mid, seen[f"down{i}"][0, pos], layer.mlp.down_proj.weight.T, norm, head, yi)
+                        .double()
+                        .cpu()
+                    )
+                    out["attn"][i] = (
+                        neuron_scores(h_in, seen[f"o{i}"][0, pos], layer.self_attn.o_proj.weight.T, norm, head, yi).double().cpu()
+                    )
                 seen.clear()
                 results.append(out)
                 advance(1)
@@ -159,24 +172,35 @@ def mean_scores(scores: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
     return {k: torch.stack([s[k] for s in scores]).mean(0) for k in scores[0]}
 
 
-def plan_transfer(t_scores: dict[str, torch.Tensor], s_scores: dict[str, torch.Tensor], t_arch: ArchitectureDescription,
-                  s_arch: ArchitectureDescription, rate: float) -> dict[str, Any]:
+def plan_transfer(
+    t_scores: dict[str, torch.Tensor],
+    s_scores: dict[str, torch.Tensor],
+    t_arch: ArchitectureDescription,
+    s_arch: ArchitectureDescription,
+    rate: float,
+) -> dict[str, Any]:
     """Which teacher layer and neurons feed which student layer and neurons.
 
     Returns per role family (``ffn``, ``attn``): ``teacher_layers`` [L_S] (0-based, in order) and per student
     layer k the teacher / student neuron indices, paired by rank.
     """
     plan: dict[str, Any] = {}
-    for fam, size_s, size_t in (("ffn", s_arch.intermediate_size, t_arch.intermediate_size),
-                                ("attn", s_arch.n_heads * s_arch.head_dim, t_arch.n_heads * t_arch.head_dim)):
+    for fam, size_s, size_t in (
+        ("ffn", s_arch.intermediate_size, t_arch.intermediate_size),
+        ("attn", s_arch.n_heads * s_arch.head_dim, t_arch.n_heads * t_arch.head_dim),
+    ):
         n = max(1, round(rate * size_s))
         if n > size_t:
-            raise IncompatiblePairError(f"laten: {n} {fam} neurons per layer asked for, the teacher has {size_t}",
-                                        hint="lower method.transfer_rate")
+            raise IncompatiblePairError(
+                f"laten: {n} {fam} neurons per layer asked for, the teacher has {size_t}", hint="lower method.transfer_rate"
+            )
         layers = [i - 1 for i in top_layers(t_scores[f"{fam}_layer"].tolist(), s_arch.n_layers)]
-        plan[fam] = {"teacher_layers": layers, "n": n,
-                     "teacher": [top_indices(t_scores[fam][t], n) for t in layers],
-                     "student": [top_indices(s_scores[fam][k], n) for k in range(s_arch.n_layers)]}
+        plan[fam] = {
+            "teacher_layers": layers,
+            "n": n,
+            "teacher": [top_indices(t_scores[fam][t], n) for t in layers],
+            "student": [top_indices(s_scores[fam][k], n) for k in range(s_arch.n_layers)],
+        }
     return plan
 
 
@@ -208,8 +232,9 @@ class HyperNet(torch.nn.Module):
 
     def __init__(self, d_teacher: int, d_student: int, init_std: float = 1e-5) -> None:
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(d_teacher, d_teacher, bias=False), torch.nn.ReLU(),
-                                       torch.nn.Linear(d_teacher, d_student, bias=False))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(d_teacher, d_teacher, bias=False), torch.nn.ReLU(), torch.nn.Linear(d_teacher, d_student, bias=False)
+        )
         for layer in (self.net[0], self.net[2]):
             torch.nn.init.normal_(layer.weight, std=init_std)
 
@@ -293,8 +318,9 @@ class Injection:
         return saved
 
 
-def mapped_deltas(hyper: dict[str, HyperNet], vectors: dict[str, list[torch.Tensor]], injection: Injection,
-                  device: torch.device) -> dict[str, list[torch.Tensor]]:
+def mapped_deltas(
+    hyper: dict[str, HyperNet], vectors: dict[str, list[torch.Tensor]], injection: Injection, device: torch.device
+) -> dict[str, list[torch.Tensor]]:
     """Every layer's extracted teacher vectors through its role's hypernetwork (one call per role) -> [n, D_S]."""
     out: dict[str, list[torch.Tensor]] = {}
     for role in ROLES:
@@ -315,8 +341,9 @@ def delta_penalty(deltas: dict[str, list[torch.Tensor]]) -> torch.Tensor:
 
 def one_cycle(opt: torch.optim.Optimizer, max_lr: float, total_steps: int, pct_start: float) -> Any:
     """The official schedule: OneCycleLR(max_lr, total_steps, pct_start, final_div_factor=1, cosine)."""
-    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start,
-                                               final_div_factor=1, anneal_strategy="cos")
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start, final_div_factor=1, anneal_strategy="cos"
+    )
 
 
 def mean_ce(model: Any, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -333,8 +360,9 @@ def step_batch(step: int, extract: list[Example], align: list[Example], partners
 
 def save_hypernets(hyper: dict[str, HyperNet], folder: Path) -> None:
     """``folder/hyper.safetensors``: every role's weights under ``ROLE.``."""
-    save_safetensors({f"{r}.{k}": v.detach().cpu() for r, h in hyper.items() for k, v in h.state_dict().items()},
-                     folder / "hyper.safetensors")
+    save_safetensors(
+        {f"{r}.{k}": v.detach().cpu() for r, h in hyper.items() for k, v in h.state_dict().items()}, folder / "hyper.safetensors"
+    )
 
 
 def load_hypernets(hyper: dict[str, HyperNet], folder: Path, device: torch.device) -> None:
@@ -342,7 +370,7 @@ def load_hypernets(hyper: dict[str, HyperNet], folder: Path, device: torch.devic
 
     weights = load_file(str(folder / "hyper.safetensors"))
     for r, h in hyper.items():
-        h.load_state_dict({k[len(r) + 1:]: v.to(device) for k, v in weights.items() if k.startswith(r + ".")})
+        h.load_state_dict({k[len(r) + 1 :]: v.to(device) for k, v in weights.items() if k.startswith(r + ".")})
 
 
 def choose_step(val_losses: dict[int, float]) -> int:
@@ -362,31 +390,53 @@ class LatenConfig(MethodConfig):
     n_extract: int = Field(default=20, ge=1, description="extract-split samples used to locate (paper: 20)")
     transfer_rate: float = Field(default=0.1, gt=0, le=1, description="fraction of the student's neurons per layer")
     locate_vocab: int | None = Field(
-        default=None, ge=1, description="softmax over the top-k logit-lens tokens (and y) when scoring neurons; "
-                                        "None: the whole vocabulary (exact, slow on CPU)")
+        default=None,
+        ge=1,
+        description="softmax over the top-k logit-lens tokens (and y) when scoring neurons; "
+        "None: the whole vocabulary (exact, slow on CPU)",
+    )
     checkpoint: int = Field(
-        default=4, ge=0, description="the official checkpoint_{k} kept: the paper's per-task 'steps' (GSM8K 4, MMLU 2, "
-                                     "HumanEval 3, MBPP 8); it holds the hypernetworks after k+1 updates")
-    total_steps: int | None = Field(default=None, ge=1,
-                                    description="length of the one-cycle schedule (None: one update per extract item, "
-                                                "as the official loop)")
+        default=4,
+        ge=0,
+        description="the official checkpoint_{k} kept: the paper's per-task 'steps' (GSM8K 4, MMLU 2, "
+        "HumanEval 3, MBPP 8); it holds the hypernetworks after k+1 updates",
+    )
+    total_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="length of the one-cycle schedule (None: one update per extract item, as the official loop)",
+    )
     choose: Literal["checkpoint", "validation"] = Field(
-        default="checkpoint", description="keep method.checkpoint (official), or train total_steps updates and keep "
-                                          "the lowest cross entropy on the held-out align items (ours)")
+        default="checkpoint",
+        description="keep method.checkpoint (official), or train total_steps updates and keep "
+        "the lowest cross entropy on the held-out align items (ours)",
+    )
     locate: Literal["per_example", "averaged"] = Field(
-        default="per_example", description="re-locate layers and neurons on each update's extract item (official), or "
-                                           "once on scores averaged over the extract items (ours)")
+        default="per_example",
+        description="re-locate layers and neurons on each update's extract item (official), or "
+        "once on scores averaged over the extract items (ours)",
+    )
     inject_on: Literal["train_sample", "extract_mean"] = Field(
-        default="train_sample", description="where the saved model's injection is located: one training item drawn "
-                                            "with the seed (official inference), or the extract items' mean scores")
-    lr: float = Field(default=3e-4, gt=0, le=1, description="max lr of the one-cycle schedule (the shipped script's "
-                                                            "3e-4; the function's default is 3e-5)")
+        default="train_sample",
+        description="where the saved model's injection is located: one training item drawn "
+        "with the seed (official inference), or the extract items' mean scores",
+    )
+    lr: float = Field(
+        default=3e-4,
+        gt=0,
+        le=1,
+        description="max lr of the one-cycle schedule (the shipped script's 3e-4; the function's default is 3e-5)",
+    )
     weight_decay: float = Field(default=0.05, ge=0)
     warmup_ratio: float = Field(default=0.1, gt=0, lt=1, description="one-cycle pct_start")
     penalty: float = Field(default=1000.0, ge=0, description="weight of the MSE(Δ, 0) per module type")
     partners: int = Field(default=15, ge=0, description="align examples joining each extract example in a batch")
-    n_val: int = Field(default=16, ge=1, description="align items held out: validation CE per update (recorded; "
-                                                     "the choice with choose: validation); never trained on")
+    n_val: int = Field(
+        default=16,
+        ge=1,
+        description="align items held out: validation CE per update (recorded; "
+        "the choice with choose: validation); never trained on",
+    )
     init_std: float = Field(default=1e-5, gt=0, description="std of the hypernetworks' initial weights")
 
 
@@ -408,9 +458,11 @@ class LatenMethod(Method):
         total = spec.total_steps or len(extract_ex)
         n_updates = total if spec.choose == "validation" else spec.checkpoint + 1
         if n_updates > total:
-            raise RecipeError(f"laten: checkpoint {spec.checkpoint} needs {n_updates} updates, the schedule has "
-                              f"{total} (method.total_steps, default: the {len(extract_ex)} extract items)",
-                              hint="lower method.checkpoint or raise method.total_steps / method.n_extract")
+            raise RecipeError(
+                f"laten: checkpoint {spec.checkpoint} needs {n_updates} updates, the schedule has "
+                f"{total} (method.total_steps, default: the {len(extract_ex)} extract items)",
+                hint="lower method.checkpoint or raise method.total_steps / method.n_extract",
+            )
         teacher = ctx.load_teacher()
         check_pair(teacher.arch, student.arch, teacher.tokenizer, student.tokenizer, self.name)
         if student.dtype != torch.float32:  # a delta of norm ~1e-3 vanishes in bfloat16 weights: work in float32
@@ -424,15 +476,19 @@ class LatenMethod(Method):
         t_scores, s_scores, located_from = self._locate(ctx, teacher, inputs, out)
         locate_s = time.perf_counter() - t0
         rate, n_ext = spec.transfer_rate, len(extract_items)
-        averaged = plan_transfer(mean_scores(t_scores[:n_ext]), mean_scores(s_scores[:n_ext]), teacher.arch,
-                                 student.arch, rate)
+        averaged = plan_transfer(mean_scores(t_scores[:n_ext]), mean_scores(s_scores[:n_ext]), teacher.arch, student.arch, rate)
         if spec.locate == "per_example":
-            step_plans = [plan_transfer(t_scores[s % n_ext], s_scores[s % n_ext], teacher.arch, student.arch, rate)
-                          for s in range(n_updates)]
+            step_plans = [
+                plan_transfer(t_scores[s % n_ext], s_scores[s % n_ext], teacher.arch, student.arch, rate)
+                for s in range(n_updates)
+            ]
         else:
             step_plans = [averaged] * n_updates
-        final_plan = averaged if spec.inject_on == "extract_mean" else \
-            plan_transfer(t_scores[-1], s_scores[-1], teacher.arch, student.arch, rate)
+        final_plan = (
+            averaged
+            if spec.inject_on == "extract_mean"
+            else plan_transfer(t_scores[-1], s_scores[-1], teacher.arch, student.arch, rate)
+        )
         # 2. extract the teacher's vectors for every plan, then free the teacher
         cache: dict[int, dict[str, list[torch.Tensor]]] = {}
         step_vectors = [cache.setdefault(id(p), extract(teacher, p)) for p in step_plans]
@@ -447,44 +503,78 @@ class LatenMethod(Method):
         for p in student.model.parameters():
             p.requires_grad_(False)
         t0 = time.perf_counter()
-        best, history, resumed = self._train(ctx, hyper, list(zip(step_vectors, step_inj, strict=True)),
-                                             (final_vectors, final_inj), extract_ex, align_ex, val_ex, total,
-                                             n_updates, out)
+        best, history, resumed = self._train(
+            ctx,
+            hyper,
+            list(zip(step_vectors, step_inj, strict=True)),
+            (final_vectors, final_inj),
+            extract_ex,
+            align_ex,
+            val_ex,
+            total,
+            n_updates,
+            out,
+        )
         train_s = time.perf_counter() - t0
         with torch.no_grad():
             deltas = mapped_deltas(hyper, final_vectors, final_inj, device)
         saved = final_inj.merge(student.model, deltas)
         save_safetensors(saved, out / "delta.safetensors")
         norms = {r: float(torch.cat([d.flatten() for d in deltas[r]]).norm()) for r in ROLES}
-        self.training = {"steps": n_updates, "seconds": round(train_s, 2), "resumed_from": resumed,
-                         "trainable_parameters": sum(p.numel() for h in hyper.values() for p in h.parameters()),
-                         "tokens_seen": sum(n_tokens(step_batch(s, extract_ex, align_ex, spec.partners, recipe.seed))
-                                            for s in range(n_updates)),
-                         "final_loss": next((h["loss"] for h in history if h["step"] == best), None),
-                         "log_history": history}
-        self._info = {"located_from": located_from, "locate_seconds": round(locate_s, 2),
-                      "locate": spec.locate, "inject_on": spec.inject_on,
-                      "final_item": final_item.id,
-                      "teacher_layers": {f: final_plan[f]["teacher_layers"] for f in ("ffn", "attn")},
-                      "teacher_layers_per_step": [{f: p[f]["teacher_layers"] for f in ("ffn", "attn")}
-                                                  for p in step_plans],
-                      "neurons_per_layer": {f: final_plan[f]["n"] for f in ("ffn", "attn")},
-                      "schedule": {"total_steps": total, "updates_trained": n_updates, "max_lr": spec.lr,
-                                   "pct_start": spec.warmup_ratio, "final_div_factor": 1, "anneal": "cos"},
-                      "chosen_step": best, "checkpoint_kept": best - 1,
-                      "choice_rule": ("official checkpoint index (method.checkpoint = the paper's per-task steps)"
-                                      if spec.choose == "checkpoint" else
-                                      "lowest cross entropy on the held-out align items (ties: earlier step)"),
-                      "val_loss": {h["step"]: h["val_loss"] for h in history},
-                      "delta_norm": norms, "n_extract": len(extract_ex), "n_align": len(align_ex), "n_val": len(val_ex),
-                      "cost": {"teacher_locate_passes": len(inputs), "student_locate_passes": len(inputs),
-                               "hypernetwork_updates": n_updates,
-                               "student_forward_backward": n_updates * (1 + min(spec.partners, len(align_ex))),
-                               "hypernetwork_parameters": sum(p.numel() for h in hyper.values() for p in h.parameters())}}
+        self.training = {
+            "steps": n_updates,
+            "seconds": round(train_s, 2),
+            "resumed_from": resumed,
+            "trainable_parameters": sum(p.numel() for h in hyper.values() for p in h.parameters()),
+            "tokens_seen": sum(
+                n_tokens(step_batch(s, extract_ex, align_ex, spec.partners, recipe.seed)) for s in range(n_updates)
+            ),
+            "final_loss": next((h["loss"] for h in history if h["step"] == best), None),
+            "log_history": history,
+        }
+        self._info = {
+            "located_from": located_from,
+            "locate_seconds": round(locate_s, 2),
+            "locate": spec.locate,
+            "inject_on": spec.inject_on,
+            "final_item": final_item.id,
+            "teacher_layers": {f: final_plan[f]["teacher_layers"] for f in ("ffn", "attn")},
+            "teacher_layers_per_step": [{f: p[f]["teacher_layers"] for f in ("ffn", "attn")} for p in step_plans],
+            "neurons_per_layer": {f: final_plan[f]["n"] for f in ("ffn", "attn")},
+            "schedule": {
+                "total_steps": total,
+                "updates_trained": n_updates,
+                "max_lr": spec.lr,
+                "pct_start": spec.warmup_ratio,
+                "final_div_factor": 1,
+                "anneal": "cos",
+            },
+            "chosen_step": best,
+            "checkpoint_kept": best - 1,
+            "choice_rule": (
+                "official checkpoint index (method.checkpoint = the paper's per-task steps)"
+                if spec.choose == "checkpoint"
+                else "lowest cross entropy on the held-out align items (ties: earlier step)"
+            ),
+            "val_loss": {h["step"]: h["val_loss"] for h in history},
+            "delta_norm": norms,
+            "n_extract": len(extract_ex),
+            "n_align": len(align_ex),
+            "n_val": len(val_ex),
+            "cost": {
+                "teacher_locate_passes": len(inputs),
+                "student_locate_passes": len(inputs),
+                "hypernetwork_updates": n_updates,
+                "student_forward_backward": n_updates * (1 + min(spec.partners, len(align_ex))),
+                "hypernetwork_parameters": sum(p.numel() for h in hyper.values() for p in h.parameters()),
+            },
+        }
         write_json(out / "laten.json", self._info)
-        ctx.progress.log(f"laten: kept update {best} of {n_updates} (val CE {self._info['val_loss'][best]:.4f}, "
-                         f"untrained {self._info['val_loss'][0]:.4f}); "
-                         f"|Δ| {', '.join(f'{r} {v:.3g}' for r, v in norms.items())}")
+        ctx.progress.log(
+            f"laten: kept update {best} of {n_updates} (val CE {self._info['val_loss'][best]:.4f}, "
+            f"untrained {self._info['val_loss'][0]:.4f}); "
+            f"|Δ| {', '.join(f'{r} {v:.3g}' for r, v in norms.items())}"
+        )
         return student.model
 
     def _final_item(self, ctx: MethodContext) -> Any:
@@ -500,46 +590,81 @@ class LatenMethod(Method):
         ext = task.split("extract")[: spec.n_extract]
         align = task.split("align")
         if not ext:
-            raise DataError(f"laten: task '{task.name}' has an empty extract split",
-                            hint="LaTen locates neurons on the extract split; pick a task that has one")
+            raise DataError(
+                f"laten: task '{task.name}' has an empty extract split",
+                hint="LaTen locates neurons on the extract split; pick a task that has one",
+            )
         if len(align) <= spec.n_val:
-            raise DataError(f"laten: the align split of task '{task.name}' has {len(align)} items, but "
-                            f"method.n_val={spec.n_val} are held out for choosing the step",
-                            hint="lower method.n_val or use a larger align split")
+            raise DataError(
+                f"laten: the align split of task '{task.name}' has {len(align)} items, but "
+                f"method.n_val={spec.n_val} are held out for choosing the step",
+                hint="lower method.n_val or use a larger align split",
+            )
         enc = ctx.formatter
-        return (ext, encode_items(enc, ext, max_len, f"task '{task.name}' extract split"),
-                encode_items(enc, align[: len(align) - spec.n_val], max_len, f"task '{task.name}' align split"),
-                encode_items(enc, align[len(align) - spec.n_val:], max_len, f"task '{task.name}' align split (val)"))
+        return (
+            ext,
+            encode_items(enc, ext, max_len, f"task '{task.name}' extract split"),
+            encode_items(enc, align[: len(align) - spec.n_val], max_len, f"task '{task.name}' align split"),
+            encode_items(enc, align[len(align) - spec.n_val :], max_len, f"task '{task.name}' align split (val)"),
+        )
 
-    def _locate(self, ctx: MethodContext, teacher: Any, inputs: list[AnswerInput],
-                out: Path) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]], str]:
+    def _locate(
+        self, ctx: MethodContext, teacher: Any, inputs: list[AnswerInput], out: Path
+    ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]], str]:
         from safetensors.torch import load_file
 
         spec, student = self.spec, ctx.student
         path, meta = out / "located.safetensors", out / "located.json"
-        key = {"teacher": ctx.recipe.teacher.model_dump(), "student": ctx.recipe.student.model_dump(),
-               "locate_vocab": spec.locate_vocab, "inputs": [[list(i.ids), i.y] for i in inputs]}
+        key = {
+            "teacher": ctx.recipe.teacher.model_dump(),
+            "student": ctx.recipe.student.model_dump(),
+            "locate_vocab": spec.locate_vocab,
+            "inputs": [[list(i.ids), i.y] for i in inputs],
+        }
         if path.is_file() and meta.is_file() and json.loads(meta.read_text()) == key:  # a resumed run
             flat = load_file(str(path))
-            scores = {side: [{k: flat[f"{side}.{n}.{k}"] for k in ("attn_layer", "ffn_layer", "attn", "ffn")}
-                             for n in range(len(inputs))] for side in ("t", "s")}
+            scores = {
+                side: [
+                    {k: flat[f"{side}.{n}.{k}"] for k in ("attn_layer", "ffn_layer", "attn", "ffn")} for n in range(len(inputs))
+                ]
+                for side in ("t", "s")
+            }
             return scores["t"], scores["s"], "reused"
         t0 = time.perf_counter()
         t_scores = locate_scores(teacher, inputs, vocab_k=spec.locate_vocab, progress=ctx.progress, what="teacher")
-        ctx.teacher_work.add(f"neuron location on {len(inputs)} items (forward; the logit-lens scoring of every "
-                             "neuron comes on top and is not in the FLOPs)", forward_tokens=sum(len(i.ids) for i in inputs),
-                             seconds=time.perf_counter() - t0, parameters=teacher.arch.n_parameters)
+        ctx.teacher_work.add(
+            f"neuron location on {len(inputs)} items (forward; the logit-lens scoring of every "
+            "neuron comes on top and is not in the FLOPs)",
+            forward_tokens=sum(len(i.ids) for i in inputs),
+            seconds=time.perf_counter() - t0,
+            parameters=teacher.arch.n_parameters,
+        )
         s_scores = locate_scores(student, inputs, vocab_k=spec.locate_vocab, progress=ctx.progress, what="student")
-        save_safetensors({f"{side}.{n}.{k}": v for side, all_ in (("t", t_scores), ("s", s_scores))
-                          for n, sc in enumerate(all_) for k, v in sc.items()}, path)
+        save_safetensors(
+            {
+                f"{side}.{n}.{k}": v
+                for side, all_ in (("t", t_scores), ("s", s_scores))
+                for n, sc in enumerate(all_)
+                for k, v in sc.items()
+            },
+            path,
+        )
         write_json(meta, key, indent=None)  # after the scores: the key vouches for a whole file
         return t_scores, s_scores, "computed"
 
-    def _train(self, ctx: MethodContext, hyper: dict[str, HyperNet],
-               steps: list[tuple[dict[str, list[torch.Tensor]], Injection]],
-               final: tuple[dict[str, list[torch.Tensor]], Injection], extract_ex: list[Example],
-               align_ex: list[Example], val_ex: list[Example], total: int, n_updates: int,
-               out: Path) -> tuple[int, list[dict[str, Any]], str | None]:
+    def _train(
+        self,
+        ctx: MethodContext,
+        hyper: dict[str, HyperNet],
+        steps: list[tuple[dict[str, list[torch.Tensor]], Injection]],
+        final: tuple[dict[str, list[torch.Tensor]], Injection],
+        extract_ex: list[Example],
+        align_ex: list[Example],
+        val_ex: list[Example],
+        total: int,
+        n_updates: int,
+        out: Path,
+    ) -> tuple[int, list[dict[str, Any]], str | None]:
         """One update per extract item, as the official loop: the step's item + ``partners`` align items, each
         item its own micro-batch (their CE gradients summed, plus n · penalty · MSE), AdamW, OneCycleLR."""
         spec, recipe, student = self.spec, ctx.recipe, ctx.student
@@ -560,7 +685,7 @@ class LatenMethod(Method):
                     live.update(mapped_deltas(hyper, vectors, inj, device))
                     total_ce, n = 0.0, 0
                     for r in range(0, len(val_ex), 8):
-                        b = collate_examples(val_ex[r:r + 8], pad)
+                        b = collate_examples(val_ex[r : r + 8], pad)
                         out_ = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
                         labels = b["labels"].to(device)
                         total_ce += float(causal_lm_loss_sum(out_.logits, labels))
@@ -575,8 +700,11 @@ class LatenMethod(Method):
 
         history: list[dict[str, Any]] = []
         start, resumed = 0, None
-        done = sorted(int(p.name.split("-")[1]) for p in steps_dir.glob("step-*") if (p / "done").is_file()) \
-            if steps_dir.is_dir() else []
+        done = (
+            sorted(int(p.name.split("-")[1]) for p in steps_dir.glob("step-*") if (p / "done").is_file())
+            if steps_dir.is_dir()
+            else []
+        )
         model.eval()  # no dropout in the frozen student; only the hypernetworks learn
         if done:
             last = done[-1]
@@ -610,20 +738,28 @@ class LatenMethod(Method):
                 flat = [d for r in ROLES for d in deltas[r]]
                 grads = [d.grad if d.grad is not None else torch.zeros_like(d) for r in ROLES for d in leaf[r]]
                 opt.zero_grad(set_to_none=True)
-                torch.autograd.backward([*flat, len(items) * spec.penalty * penalty],
-                                        [*grads, torch.ones_like(penalty)])
+                torch.autograd.backward([*flat, len(items) * spec.penalty * penalty], [*grads, torch.ones_like(penalty)])
                 lr = opt.param_groups[0]["lr"]
                 opt.step()
                 sched.step()
                 val = validate()
                 mean_ce_ = sum(ces) / len(ces)
-                history.append({"step": step + 1, "loss": mean_ce_ + spec.penalty * penalty.item(), "ce": mean_ce_,
-                                "penalty": penalty.item(), "val_loss": val, "lr": lr})
+                history.append(
+                    {
+                        "step": step + 1,
+                        "loss": mean_ce_ + spec.penalty * penalty.item(),
+                        "ce": mean_ce_,
+                        "penalty": penalty.item(),
+                        "val_loss": val,
+                        "lr": lr,
+                    }
+                )
                 folder = state(step + 1)
                 folder.mkdir(parents=True, exist_ok=True)
                 save_hypernets(hyper, folder)
-                torch_save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history},
-                           folder / "optim.pt")
+                torch_save(
+                    {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history}, folder / "optim.pt"
+                )
                 write_json(folder / "done", history[-1], indent=None)  # last: the update is complete
                 advance(1, loss=f"{history[-1]['loss']:.4f}", val=f"{val:.4f}")
         best = n_updates if spec.choose == "checkpoint" else choose_step({h["step"]: h["val_loss"] for h in history})
@@ -635,9 +771,12 @@ class LatenMethod(Method):
 
     @classmethod
     def report_notes(cls, labels: list[str]) -> list[str]:
-        return [f"`{'`, `'.join(labels)}`: LaTen has no post-training. It trains only its hypernetworks (the official "
-                "schedule, one update per extract item), so the training settings above do not apply to it; its "
-                "counted budget below is its hypernetworks' parameters, updates and tokens.", ""]
+        return [
+            f"`{'`, `'.join(labels)}`: LaTen has no post-training. It trains only its hypernetworks (the official "
+            "schedule, one update per extract item), so the training settings above do not apply to it; its "
+            "counted budget below is its hypernetworks' parameters, updates and tokens.",
+            "",
+        ]
 
     def report(self) -> dict[str, Any]:
         return self._info

@@ -41,15 +41,15 @@ class PissaConfig(MethodConfig):
     """Baseline: LoRA started at the student's own top-r singular vectors (peft's PiSSA init); ``lora.init`` is ignored."""
 
     name: Literal["pissa"] = "pissa"
-    niter: int | None = Field(default=None, ge=1,
-                              description="fast randomised SVD with this many subspace iterations (None: exact SVD)")
+    niter: int | None = Field(
+        default=None, ge=1, description="fast randomised SVD with this many subspace iterations (None: exact SVD)"
+    )
 
 
 class PissaMethod(Method):
     config_class = PissaConfig
     """PiSSA: the adapter starts at the student's top-r singular triplets, B = U_r√Σ_r, A = √Σ_r V_rᵀ
     (divided by the LoRA scaling), and the base keeps the residual W − s·B A (peft's implementation)."""
-
 
     def prepare(self, ctx: MethodContext) -> Any:
         from peft import get_peft_model

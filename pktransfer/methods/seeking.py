@@ -41,8 +41,17 @@ from pktransfer.ops.sensitivity import Sensitivity, sensitivity_over
 from pktransfer.progress import Progress
 from pktransfer.training import check_targets, lora_config
 
-ROLE_OF_LEAF = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
-                "down_proj": "down", "embed_tokens": "embed", "lm_head": "lm_head"}
+ROLE_OF_LEAF = {
+    "q_proj": "q",
+    "k_proj": "k",
+    "v_proj": "v",
+    "o_proj": "o",
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+    "embed_tokens": "embed",
+    "lm_head": "lm_head",
+}
 GROUPS = {"embed": ("embed", "lm_head"), "attention": ATTENTION_ROLES, "ffn": FFN_ROLES}
 
 
@@ -79,23 +88,46 @@ def vocab_modules(arch: ArchitectureDescription) -> dict[str, str]:
     return {arch.embed_module: "embedding", arch.lm_head_module: "linear"}
 
 
-def compute_sensitivity(teacher: Any, items: list[Any], spec: Any, roles: set[str], *, prompt_format: str,
-                        system_prompt: str | None, max_length: int, progress: Progress, what: str) -> Sensitivity:
+def compute_sensitivity(
+    teacher: Any,
+    items: list[Any],
+    spec: Any,
+    roles: set[str],
+    *,
+    prompt_format: str,
+    system_prompt: str | None,
+    max_length: int,
+    progress: Progress,
+    what: str,
+) -> Sensitivity:
     from pktransfer.data import PromptFormatter
 
     fmt = PromptFormatter(teacher.tokenizer, prompt_format, system_prompt)  # type: ignore[arg-type]
     examples = encode_items(fmt, items[: spec.n_seed], max_length, what)
     device = teacher.device
-    batches = ({"input_ids": torch.tensor([e.input_ids], device=device),
-                "labels": torch.tensor([e.labels], device=device)} for e in examples)
+    batches = (
+        {"input_ids": torch.tensor([e.input_ids], device=device), "labels": torch.tensor([e.labels], device=device)}
+        for e in examples
+    )
     map_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec.map_dtype]
     with progress.task("seeking: sensitivity per seed sample", total=len(examples)) as advance:
-        sens = sensitivity_over(teacher.model, batches, accumulator_modes(teacher.arch, spec.structure, roles),
-                                map_dtype=map_dtype, vocab_modules=vocab_modules(teacher.arch),
-                                checkpointing=spec.gradient_checkpointing,
-                                on_sample=lambda s: advance(1, s_per_sample=f"{s:.1f}"))
-    sens.meta = {"teacher": teacher.name, "n_seed": len(examples), "structure": spec.structure,
-                 "map_dtype": spec.map_dtype, "roles": sorted(roles), "tokens": n_tokens(examples)}
+        sens = sensitivity_over(
+            teacher.model,
+            batches,
+            accumulator_modes(teacher.arch, spec.structure, roles),
+            map_dtype=map_dtype,
+            vocab_modules=vocab_modules(teacher.arch),
+            checkpointing=spec.gradient_checkpointing,
+            on_sample=lambda s: advance(1, s_per_sample=f"{s:.1f}"),
+        )
+    sens.meta = {
+        "teacher": teacher.name,
+        "n_seed": len(examples),
+        "structure": spec.structure,
+        "map_dtype": spec.map_dtype,
+        "roles": sorted(roles),
+        "tokens": n_tokens(examples),
+    }
     return sens
 
 
@@ -104,15 +136,17 @@ def sensitivity_summary(sens: Sensitivity, arch: ArchitectureDescription) -> dic
     layers = []
     for i in range(arch.n_layers):
         prefix = f"{arch.layers_path}.{i}."
-        modules = {n[len(prefix):].removesuffix(".weight"): float(p.total)
-                   for n, p in sens.params.items() if n.startswith(prefix)}
+        modules = {
+            n[len(prefix) :].removesuffix(".weight"): float(p.total) for n, p in sens.params.items() if n.startswith(prefix)
+        }
         layers.append({"layer": i, "score": sum(modules.values()), "modules": modules})
     other = {n: float(p.total) for n, p in sens.params.items() if not n.startswith(arch.layers_path + ".")}
     return {"n_samples": sens.n_samples, "meta": sens.meta, "layers": layers, "global": other}
 
 
-def locate(teacher: Any, student_arch: ArchitectureDescription, ctx: MethodContext, spec: Any,
-           workdir: Path) -> tuple[Sensitivity, list[int]]:
+def locate(
+    teacher: Any, student_arch: ArchitectureDescription, ctx: MethodContext, spec: Any, workdir: Path
+) -> tuple[Sensitivity, list[int]]:
     """Steps 1-2: sensitivity over the seed split (or a saved one) and the teacher layers to transfer."""
     roles = group_roles(spec.modules)
     own = workdir / "sensitivity"
@@ -122,26 +156,40 @@ def locate(teacher: Any, student_arch: ArchitectureDescription, ctx: MethodConte
     if spec.sensitivity:
         folder = Path(spec.sensitivity)
         if not (folder / "sensitivity.safetensors").is_file():
-            raise DataError(f"no saved sensitivity in '{folder}'",
-                            hint="point method.sensitivity at the sensitivity/ folder written by `pkt extract`")
+            raise DataError(
+                f"no saved sensitivity in '{folder}'",
+                hint="point method.sensitivity at the sensitivity/ folder written by `pkt extract`",
+            )
         sens = Sensitivity.load(folder)
         ctx.progress.log(f"seeking: reusing sensitivity from {folder} ({sens.n_samples} samples)")
     else:
         t0 = time.perf_counter()
-        sens = compute_sensitivity(teacher, ctx.task.split("seed"), spec, roles,
-                                   prompt_format=ctx.recipe.task.prompt_format, system_prompt=ctx.task.system_prompt,
-                                   max_length=ctx.recipe.training.max_length, progress=ctx.progress,
-                                   what=f"task '{ctx.task.name}' seed split")
+        sens = compute_sensitivity(
+            teacher,
+            ctx.task.split("seed"),
+            spec,
+            roles,
+            prompt_format=ctx.recipe.task.prompt_format,
+            system_prompt=ctx.task.system_prompt,
+            max_length=ctx.recipe.training.max_length,
+            progress=ctx.progress,
+            what=f"task '{ctx.task.name}' seed split",
+        )
         tokens = sens.meta["tokens"]
-        ctx.teacher_work.add(f"sensitivity: {sens.n_samples} seed samples, forward + backward",
-                             forward_tokens=tokens, backward_tokens=tokens, seconds=time.perf_counter() - t0,
-                             parameters=teacher.arch.n_parameters)
+        ctx.teacher_work.add(
+            f"sensitivity: {sens.n_samples} seed samples, forward + backward",
+            forward_tokens=tokens,
+            backward_tokens=tokens,
+            seconds=time.perf_counter() - t0,
+            parameters=teacher.arch.n_parameters,
+        )
     scores = sens.block_scores(teacher.arch.layers_path, teacher.arch.n_layers)
     try:
         layers = select_layers(scores, student_arch.n_layers, spec.layers, seed=ctx.recipe.seed)
     except ValueError as err:
-        raise RecipeError(f"method.layers: {err}", hint=f"the student has {student_arch.n_layers} layers, "
-                          f"the teacher {teacher.arch.n_layers}") from None
+        raise RecipeError(
+            f"method.layers: {err}", hint=f"the student has {student_arch.n_layers} layers, the teacher {teacher.arch.n_layers}"
+        ) from None
     for name, p in sens.params.items():  # maps of layers that can no longer be selected
         if name.startswith(teacher.arch.layers_path + ".") and int(name.split(".")[2]) not in layers:
             p.drop_map()
@@ -149,9 +197,14 @@ def locate(teacher: Any, student_arch: ArchitectureDescription, ctx: MethodConte
         sens.save(own)  # a reused sensitivity is not copied (it can be GBs); summary.json names its source
     own.mkdir(parents=True, exist_ok=True)
     summary = sensitivity_summary(sens, teacher.arch)
-    summary.update({"source": str(Path(spec.sensitivity).resolve()) if spec.sensitivity else "computed here",
-                    "selected_layers": layers, "layer_strategy": spec.layers,
-                    "mapping": {f"student.{m}": f"teacher.{t}" for m, t in enumerate(layers)}})
+    summary.update(
+        {
+            "source": str(Path(spec.sensitivity).resolve()) if spec.sensitivity else "computed here",
+            "selected_layers": layers,
+            "layer_strategy": spec.layers,
+            "mapping": {f"student.{m}": f"teacher.{t}" for m, t in enumerate(layers)},
+        }
+    )
     write_json(own / "summary.json", summary)
     ctx.progress.log(f"seeking: teacher layers {layers} -> student layers 0..{len(layers) - 1}")
     return sens, layers
@@ -160,9 +213,17 @@ def locate(teacher: Any, student_arch: ArchitectureDescription, ctx: MethodConte
 # ---- 2-3. selection and extraction ----------------------------------------------------------------
 
 
-def extract_matrices(sens: Sensitivity, teacher: Any, student_arch: ArchitectureDescription, layers: list[int],
-                     roles: set[str], structure: str, seed: int, grow: str,
-                     progress: Progress | None = None) -> dict[str, torch.Tensor]:
+def extract_matrices(
+    sens: Sensitivity,
+    teacher: Any,
+    student_arch: ArchitectureDescription,
+    layers: list[int],
+    roles: set[str],
+    structure: str,
+    seed: int,
+    grow: str,
+    progress: Progress | None = None,
+) -> dict[str, torch.Tensor]:
     """Student module name -> student-shaped matrix cut from the teacher (float32)."""
     t_arch: ArchitectureDescription = teacher.arch
     out: dict[str, torch.Tensor] = {}
@@ -184,8 +245,17 @@ def extract_matrices(sens: Sensitivity, teacher: Any, student_arch: Architecture
     return out
 
 
-def _extract_one(sens: Sensitivity, t_model: Any, smod: str, tmod: str, role: str,
-                 target: tuple[int, ...], structure: str, seed: int, grow: str) -> torch.Tensor:
+def _extract_one(
+    sens: Sensitivity,
+    t_model: Any,
+    smod: str,
+    tmod: str,
+    role: str,
+    target: tuple[int, ...],
+    structure: str,
+    seed: int,
+    grow: str,
+) -> torch.Tensor:
     """One student-shaped matrix cut from the teacher weight ``tmod`` (zero-padded where it grows).
 
     A tied teacher's ``lm_head`` is its embedding matrix: weight and sensitivity come from that one
@@ -198,22 +268,31 @@ def _extract_one(sens: Sensitivity, t_model: Any, smod: str, tmod: str, role: st
         ax, t, s = grown[0]
         raise IncompatiblePairError(
             f"seeking: student weight {smod} has {s} {ax} but the teacher's {tmod} only {t}",
-            hint="set method.grow: pad (zero-pad the extracted matrix) or leave this module group out")
+            hint="set method.grow: pad (zero-pad the extracted matrix) or leave this module group out",
+        )
     fit = tuple(min(t, s) for t, s in zip(src, target, strict=True))
     if role in ("embed", "lm_head"):  # [vocab, hidden]: the hidden axis only
         cols = p.cols if p.cols is not None else torch.zeros(src[1])
-        _, c_idx = reduce_dims(structure, (1, fit[1]), rows=torch.zeros(1), cols=cols, source=(1, src[1]),
-                               full=cols.reshape(1, -1) if structure == "submatrix" else None, seed=seed)
+        _, c_idx = reduce_dims(
+            structure,
+            (1, fit[1]),
+            rows=torch.zeros(1),
+            cols=cols,
+            source=(1, src[1]),
+            full=cols.reshape(1, -1) if structure == "submatrix" else None,
+            seed=seed,
+        )
         block = w_t[:, c_idx]
     else:
         if structure == "submatrix" and p.full is None:
-            raise DataError(f"the sensitivity in use has no per-element map for {tmod}, which the submatrix "
-                            "structure needs (maps of layers that were not selected are dropped when saved)",
-                            hint="recompute it (leave method.sensitivity unset), keep the layer choice it was "
-                                 "extracted with, or use a reduced structure such as row_column")
+            raise DataError(
+                f"the sensitivity in use has no per-element map for {tmod}, which the submatrix "
+                "structure needs (maps of layers that were not selected are dropped when saved)",
+                hint="recompute it (leave method.sensitivity unset), keep the layer choice it was "
+                "extracted with, or use a reduced structure such as row_column",
+            )
         role_seed = seed + 1000 * [*ATTENTION_ROLES, *FFN_ROLES].index(role)  # stable across processes
-        r_idx, c_idx = reduce_dims(structure, fit, full=p.full, rows=p.rows, cols=p.cols, source=src,
-                                   seed=role_seed)
+        r_idx, c_idx = reduce_dims(structure, fit, full=p.full, rows=p.rows, cols=p.cols, source=src, seed=role_seed)
         block = w_t[r_idx][:, c_idx]
     mat = torch.zeros(target, dtype=torch.float32)
     mat[: block.shape[0], : block.shape[1]] = block.float().cpu()
@@ -224,8 +303,7 @@ def _extract_one(sens: Sensitivity, t_model: Any, smod: str, tmod: str, role: st
 
 
 @torch.no_grad()
-def inject(peft_model: Any, matrices: dict[str, torch.Tensor], adapter: str = "default",
-           on_module: Any = None) -> dict[str, int]:
+def inject(peft_model: Any, matrices: dict[str, torch.Tensor], adapter: str = "default", on_module: Any = None) -> dict[str, int]:
     """Start each LoRA at (B, A) = SVD_r(W_x) and subtract s·B A from its base weight. Returns ranks used."""
     modules = dict(peft_model.base_model.model.named_modules())
     used = {}
@@ -262,8 +340,10 @@ def check_ranks(arch: ArchitectureDescription, recipe: Any) -> None:
         if leaf in recipe.lora.target_modules and len(w.shape) == 2:
             r = recipe.lora.rank_pattern.get(leaf, recipe.lora.r)
             if r > min(w.shape):
-                raise RecipeError(f"lora rank {r} exceeds the smaller dimension of {w.module} {w.shape}",
-                                  hint=f"use lora.r <= {min(w.shape)} (or a rank_pattern entry for {leaf})")
+                raise RecipeError(
+                    f"lora rank {r} exceeds the smaller dimension of {w.module} {w.shape}",
+                    hint=f"use lora.r <= {min(w.shape)} (or a rank_pattern entry for {leaf})",
+                )
 
 
 def teacher_for_injection(ctx: MethodContext, method: str) -> Any:
@@ -299,7 +379,8 @@ class SeekingConfig(MethodConfig):
     sensitivity: str | None = Field(default=None, description="reuse a saved sensitivity folder (pkt extract)")
     gradient_checkpointing: bool = False
     grow: Literal["error", "pad"] = Field(
-        default="error", description="a student dimension larger than the teacher's: refuse, or zero-pad")
+        default="error", description="a student dimension larger than the teacher's: refuse, or zero-pad"
+    )
 
 
 class SeekingMethod(Method):
@@ -312,17 +393,23 @@ class SeekingMethod(Method):
         teacher = teacher_for_injection(ctx, self.name)
         sens, layers = locate(teacher, ctx.student.arch, ctx, spec, ctx.workdir)
         targets = {ROLE_OF_LEAF.get(t) for t in recipe.lora.target_modules} & roles
-        matrices = extract_matrices(sens, teacher, ctx.student.arch, layers, targets, spec.structure, recipe.seed,
-                                    spec.grow, ctx.progress)
-        write_json(ctx.workdir / "seeking.json", {
-            "layer_scores": sens.block_scores(teacher.arch.layers_path, teacher.arch.n_layers),
-            "selected_layers": layers,
-            "mapping": {f"student.{m}": f"teacher.{t}" for m, t in enumerate(layers)},
-            "structure": spec.structure, "groups": spec.modules, "roles_injected": sorted(t for t in targets if t),
-            "n_seed": sens.n_samples})
+        matrices = extract_matrices(
+            sens, teacher, ctx.student.arch, layers, targets, spec.structure, recipe.seed, spec.grow, ctx.progress
+        )
+        write_json(
+            ctx.workdir / "seeking.json",
+            {
+                "layer_scores": sens.block_scores(teacher.arch.layers_path, teacher.arch.n_layers),
+                "selected_layers": layers,
+                "mapping": {f"student.{m}": f"teacher.{t}" for m, t in enumerate(layers)},
+                "structure": spec.structure,
+                "groups": spec.modules,
+                "roles_injected": sorted(t for t in targets if t),
+                "n_seed": sens.n_samples,
+            },
+        )
         model, self.initial_lora = lora_started_at(ctx, matrices)
         return model
-
 
     # ---- what a comparison shares, and the extra verbs ----------------------------------------------
 
@@ -333,9 +420,13 @@ class SeekingMethod(Method):
         m = recipe.method
         if m.sensitivity is not None:
             return SharedWork(recipe)
-        what = {"teacher": recipe.teacher.model_dump(), "task": recipe.task.model_dump(),
-                "max_length": recipe.training.max_length, "method": m.model_dump(exclude={"sensitivity"}),
-                "seed": recipe.seed if m.layers == "random" else None}
+        what = {
+            "teacher": recipe.teacher.model_dump(),
+            "task": recipe.task.model_dump(),
+            "max_length": recipe.training.max_length,
+            "method": m.model_dump(exclude={"sensitivity"}),
+            "seed": recipe.seed if m.layers == "random" else None,
+        }
         key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
         folder = shared_root / f"seeking-{key}"
         job = (str(folder), recipe.model_copy(update={"output_dir": str(folder)}), "extract")
@@ -344,11 +435,20 @@ class SeekingMethod(Method):
 
     @classmethod
     def verbs(cls) -> dict[str, Verb]:
-        return {"extract": Verb("Seeking steps 1-2: teacher sensitivity over the seed split and the layer selection. "
-                                "Writes sensitivity/; reuse it with method.sensitivity.", _extract, _needs_seed_split),
-                "inject": Verb("Seeking steps 1-5 without training: adapter_init/ (the teacher-initialised LoRA) and "
-                               "residual/ (W − (α/r)BA); together they equal the original student.", _inject,
-                               _needs_seed_split)}
+        return {
+            "extract": Verb(
+                "Seeking steps 1-2: teacher sensitivity over the seed split and the layer selection. "
+                "Writes sensitivity/; reuse it with method.sensitivity.",
+                _extract,
+                _needs_seed_split,
+            ),
+            "inject": Verb(
+                "Seeking steps 1-5 without training: adapter_init/ (the teacher-initialised LoRA) and "
+                "residual/ (W − (α/r)BA); together they equal the original student.",
+                _inject,
+                _needs_seed_split,
+            ),
+        }
 
 
 def _needs_seed_split(recipe: Any, task: Any) -> None:
@@ -383,5 +483,7 @@ def _inject(method: SeekingMethod, ctx: MethodContext, log: Any) -> dict[str, An
     residual = peft_model.unload()
     residual.save_pretrained(str(ctx.workdir / "residual"), safe_serialization=True)
     ctx.student.tokenizer.save_pretrained(str(ctx.workdir / "residual"))
-    return {"step0_max_logit_diff": float((after - before).abs().max()),
-            "outputs": {"adapter_init": "adapter_init", "residual": "residual", "sensitivity": "sensitivity"}}
+    return {
+        "step0_max_logit_diff": float((after - before).abs().max()),
+        "outputs": {"adapter_init": "adapter_init", "residual": "residual", "sensitivity": "sensitivity"},
+    }

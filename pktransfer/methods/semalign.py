@@ -67,10 +67,12 @@ def _first(output: Any) -> torch.Tensor:
 @contextmanager
 def capture(modules: dict[int, Any], store: dict[int, torch.Tensor], when: Any = None) -> Iterator[None]:
     """Forward hooks writing each module's output tensor (graph kept) into ``store[key]``."""
+
     def hook_for(key: int) -> Any:
         def hook(module: Any, args: Any, output: Any) -> None:
             if when is None or when():
                 store[key] = _first(output)
+
         return hook
 
     handles = [m.register_forward_hook(hook_for(k)) for k, m in modules.items()]
@@ -84,8 +86,9 @@ def capture(modules: dict[int, Any], store: dict[int, torch.Tensor], when: Any =
 # ---- 1. layer attribution -------------------------------------------------------------------------
 
 
-def layer_attribution(model: Any, layers_path: str, n_layers: int, examples: list[Example], *, batch_size: int,
-                      progress: Progress) -> list[float]:
+def layer_attribution(
+    model: Any, layers_path: str, n_layers: int, examples: list[Example], *, batch_size: int, progress: Progress
+) -> list[float]:
     """Mean over samples of Σ_tokens,channels h_l ⊙ ∂L/∂h_l at each layer's output (one score per layer).
 
     Parameters are frozen for the duration, so the backward pass computes activation gradients only.
@@ -101,7 +104,7 @@ def layer_attribution(model: Any, layers_path: str, n_layers: int, examples: lis
     try:
         with capture(layers, acts), progress.task("semalign: layer attribution", total=len(examples)) as advance:
             for start in range(0, len(examples), batch_size):
-                chunk = examples[start:start + batch_size]
+                chunk = examples[start : start + batch_size]
                 batch = collate_examples(chunk)
                 ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
                 logits = model(input_ids=ids, attention_mask=mask).logits
@@ -142,16 +145,18 @@ def head_fingerprint(weight: torch.Tensor) -> str:
     return h.hexdigest()[:20]
 
 
-def pair_map(teacher_head: torch.Tensor, student_head: torch.Tensor, folder: Path, chunk: int,
-             progress: Progress) -> tuple[torch.Tensor, dict[str, Any]]:
+def pair_map(
+    teacher_head: torch.Tensor, student_head: torch.Tensor, folder: Path, chunk: int, progress: Progress
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """M = S_Sᵀ S_T [D_S, D_T], with each model's (WᵀW)⁺ and the map cached in ``folder``."""
     from safetensors.torch import load_file
 
     t0 = time.perf_counter()
     fp_t, fp_s = head_fingerprint(teacher_head), head_fingerprint(student_head)
-    pinv = {fp: load_file(str(cached_file(folder, "semantic-pinv", fp, lambda w=w: {"pinv": gram_pinv(w, chunk)},
-                                          progress)))["pinv"]
-            for fp, w in ((fp_t, teacher_head), (fp_s, student_head))}
+    pinv = {
+        fp: load_file(str(cached_file(folder, "semantic-pinv", fp, lambda w=w: {"pinv": gram_pinv(w, chunk)}, progress)))["pinv"]
+        for fp, w in ((fp_t, teacher_head), (fp_s, student_head))
+    }
 
     def compute() -> dict[str, torch.Tensor]:
         with progress.task("semalign: semantic bases -> recomposition map", total=1) as advance:
@@ -160,8 +165,13 @@ def pair_map(teacher_head: torch.Tensor, student_head: torch.Tensor, folder: Pat
         return {"map": m}
 
     m = load_file(str(cached_file(folder, "semantic-map", f"{fp_t}-{fp_s}", compute, progress)))["map"]
-    return m, {"seconds": round(time.perf_counter() - t0, 2), "shape": list(m.shape), "teacher_head": fp_t,
-               "student_head": fp_s, "vocab": int(teacher_head.shape[0])}
+    return m, {
+        "seconds": round(time.perf_counter() - t0, 2),
+        "shape": list(m.shape),
+        "teacher_head": fp_t,
+        "student_head": fp_s,
+        "vocab": int(teacher_head.shape[0]),
+    }
 
 
 # ---- 4. teacher targets ---------------------------------------------------------------------------
@@ -176,8 +186,16 @@ def _stop_forward(module: Any, args: Any, output: Any) -> None:
 
 
 @torch.no_grad()
-def teacher_targets(teacher: Any, layers_path: str, pairs: list[LayerPair], point: str, m: torch.Tensor,
-                    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+def teacher_targets(
+    teacher: Any,
+    layers_path: str,
+    pairs: list[LayerPair],
+    point: str,
+    m: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+) -> list[torch.Tensor]:
     """Per pair, the recomposed targets h~_S [P, D_S] (unit rows, float32) at the batch's response positions."""
     model = teacher.model
     device = next(model.parameters()).device
@@ -202,17 +220,30 @@ def teacher_targets(teacher: Any, layers_path: str, pairs: list[LayerPair], poin
     return out
 
 
-def precompute_targets(teacher: Any, layers_path: str, pairs: list[LayerPair], point: str, m: torch.Tensor,
-                       examples: list[Example], batch_size: int, progress: Progress) -> dict[str, torch.Tensor]:
+def precompute_targets(
+    teacher: Any,
+    layers_path: str,
+    pairs: list[LayerPair],
+    point: str,
+    m: torch.Tensor,
+    examples: list[Example],
+    batch_size: int,
+    progress: Progress,
+) -> dict[str, torch.Tensor]:
     """Targets for every training example: ``pair.K`` [P_total, D_S] float16 and ``offsets`` [N + 1]."""
     parts: dict[int, list[torch.Tensor]] = {p.student: [] for p in pairs}
     counts: list[int] = []
     with progress.task("semalign: teacher targets", total=len(examples)) as advance:
         for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
+            chunk = examples[start : start + batch_size]
             batch = collate_examples(chunk)
-            for p, t in zip(pairs, teacher_targets(teacher, layers_path, pairs, point, m, batch["input_ids"],
-                                                   batch["attention_mask"], batch["labels"]), strict=True):
+            for p, t in zip(
+                pairs,
+                teacher_targets(
+                    teacher, layers_path, pairs, point, m, batch["input_ids"], batch["attention_mask"], batch["labels"]
+                ),
+                strict=True,
+            ):
                 parts[p.student].append(t.half())
             counts.extend(int(c) for c in response_positions(batch["labels"]).sum(1))
             advance(len(chunk))
@@ -232,7 +263,7 @@ class TargetCache:
 
     def rows(self, pair: int, index: list[int]) -> torch.Tensor:
         sl = self._file.get_slice(f"pair.{pair}")
-        return torch.cat([sl[int(self.offsets[i]):int(self.offsets[i + 1])] for i in index]).float()
+        return torch.cat([sl[int(self.offsets[i]) : int(self.offsets[i + 1])] for i in index]).float()
 
 
 # ---- the method -----------------------------------------------------------------------------------
@@ -244,24 +275,34 @@ class SemAlignConfig(MethodConfig):
     name: Literal["semalign"] = "semalign"
     n_seed: int = Field(default=32, ge=1, description="seed-split samples for the teacher's layer attribution")
     critical_layers: int | Literal["all"] = Field(
-        default=4, description="how many top-attributed teacher layers to transfer ('all': pair every student layer)")
+        default=4, description="how many top-attributed teacher layers to transfer ('all': pair every student layer)"
+    )
     rank_by: Literal["score", "abs"] = Field(
-        default="score", description="rank teacher layers by the signed gradient x activation sum, or its magnitude")
+        default="score", description="rank teacher layers by the signed gradient x activation sum, or its magnitude"
+    )
     point: Literal["mlp", "attention", "layer"] = Field(
-        default="mlp", description="supervised activation: a sublayer's output before the residual add (mlp or "
-                                   "attention), or the whole layer's output")
+        default="mlp",
+        description="supervised activation: a sublayer's output before the residual add (mlp or "
+        "attention), or the whole layer's output",
+    )
     target_modules: list[str] | None = Field(
         default_factory=lambda: ["up_proj", "down_proj", "v_proj", "o_proj"],
-        description="LoRA targets (the paper's four); None: lora.target_modules")
+        description="LoRA targets (the paper's four); None: lora.target_modules",
+    )
     lora_layers: Literal["paired", "all"] = Field(default="paired", description="LoRA on the paired layers only, or all")
     schedule: Literal["joint", "shallow_to_deep"] = Field(
-        default="joint", description="train every pair at once, or one pair after another from shallow to deep")
+        default="joint", description="train every pair at once, or one pair after another from shallow to deep"
+    )
     activation_weight: float = Field(default=1.0, ge=0, description="weight of 1 − mean cos(h_S, h~_S)")
     logit_weight: float = Field(default=1.0, ge=0, description="weight of 1 − mean cos(z, onehot(y))")
-    cache: bool = Field(default=True, description="precompute the teacher's targets once and free the teacher; "
-                                                   "false keeps the teacher in memory and maps its activations live")
-    cache_dir: str | None = Field(default=None, description="folder for semantic bases and cached targets "
-                                                             "(shared by runs; default: the run's folder)")
+    cache: bool = Field(
+        default=True,
+        description="precompute the teacher's targets once and free the teacher; "
+        "false keeps the teacher in memory and maps its activations live",
+    )
+    cache_dir: str | None = Field(
+        default=None, description="folder for semantic bases and cached targets (shared by runs; default: the run's folder)"
+    )
     basis_chunk: int = Field(default=8192, ge=1, description="vocabulary rows per step of the basis computation")
 
     @model_validator(mode="after")
@@ -310,14 +351,18 @@ class SemAlignMethod(Method):
         from peft import get_peft_model
 
         spec, student = self.spec, ctx.student
-        lora = ctx.recipe.lora if spec.target_modules is None else ctx.recipe.lora.model_copy(
-            update={"target_modules": list(spec.target_modules)})
+        lora = (
+            ctx.recipe.lora
+            if spec.target_modules is None
+            else ctx.recipe.lora.model_copy(update={"target_modules": list(spec.target_modules)})
+        )
         check_targets(student.model, lora)
         teacher = ctx.load_teacher()
         check_pair(teacher.arch, student.arch, teacher.tokenizer, student.tokenizer, self.name)
         if teacher.arch.n_layers < 2:
-            raise IncompatiblePairError("semalign: the teacher has a single layer; the pairing rule needs two or more",
-                                        hint="use a deeper teacher")
+            raise IncompatiblePairError(
+                "semalign: the teacher has a single layer; the pairing rule needs two or more", hint="use a deeper teacher"
+            )
         self.vocab = min(student.arch.vocab_size, teacher.arch.vocab_size, len(student.tokenizer))
         out = ctx.workdir / "semalign"
         out.mkdir(parents=True, exist_ok=True)
@@ -326,17 +371,30 @@ class SemAlignMethod(Method):
         # 1. attribution over the seed split (the teacher sees the same token ids as the student)
         seed_items = ctx.task.split("seed")[: spec.n_seed]
         if not seed_items:
-            raise DataError(f"semalign: task '{ctx.task.name}' has an empty seed split",
-                            hint="the attribution needs a few task examples (method.n_seed)")
-        seed_examples = encode_items(ctx.formatter, seed_items, ctx.recipe.training.max_length,
-                                     f"task '{ctx.task.name}' seed split")
+            raise DataError(
+                f"semalign: task '{ctx.task.name}' has an empty seed split",
+                hint="the attribution needs a few task examples (method.n_seed)",
+            )
+        seed_examples = encode_items(
+            ctx.formatter, seed_items, ctx.recipe.training.max_length, f"task '{ctx.task.name}' seed split"
+        )
         t0 = time.perf_counter()
-        scores = layer_attribution(teacher.model, t_arch.layers_path, t_arch.n_layers, seed_examples,
-                                   batch_size=ctx.recipe.training.batch_size, progress=ctx.progress)
+        scores = layer_attribution(
+            teacher.model,
+            t_arch.layers_path,
+            t_arch.n_layers,
+            seed_examples,
+            batch_size=ctx.recipe.training.batch_size,
+            progress=ctx.progress,
+        )
         attribution_s = time.perf_counter() - t0
-        ctx.teacher_work.add(f"layer attribution: {len(seed_examples)} seed samples, forward + backward",
-                             forward_tokens=n_tokens(seed_examples), backward_tokens=n_tokens(seed_examples),
-                             seconds=attribution_s, parameters=t_arch.n_parameters)
+        ctx.teacher_work.add(
+            f"layer attribution: {len(seed_examples)} seed samples, forward + backward",
+            forward_tokens=n_tokens(seed_examples),
+            backward_tokens=n_tokens(seed_examples),
+            seconds=attribution_s,
+            parameters=t_arch.n_parameters,
+        )
 
         # 2. critical layers and pairs
         ranked = [abs(s) for s in scores] if spec.rank_by == "abs" else scores
@@ -345,42 +403,77 @@ class SemAlignMethod(Method):
         else:
             critical = top_layers(ranked, min(spec.critical_layers, t_arch.n_layers))
         self.pairs = layer_pairs(critical, t_arch.n_layers, s_arch.n_layers)
-        write_json(out / "attribution.json", {
-            "method": "layer gradient x activation, sum over tokens and channels, mean over samples",
-            "n_samples": len(seed_examples), "scores": scores, "rank_by": spec.rank_by,
-            "critical_layers": critical, "seconds": round(attribution_s, 2)})
+        write_json(
+            out / "attribution.json",
+            {
+                "method": "layer gradient x activation, sum over tokens and channels, mean over samples",
+                "n_samples": len(seed_examples),
+                "scores": scores,
+                "rank_by": spec.rank_by,
+                "critical_layers": critical,
+                "seconds": round(attribution_s, 2),
+            },
+        )
         from pktransfer.plots import plot_layer_scores
 
-        plot_layer_scores(scores, critical, out / "attribution.png", ylabel="gradient x activation",
-                          title=f"teacher layer attribution ({len(seed_examples)} seed samples)")
+        plot_layer_scores(
+            scores,
+            critical,
+            out / "attribution.png",
+            ylabel="gradient x activation",
+            title=f"teacher layer attribution ({len(seed_examples)} seed samples)",
+        )
 
         # 3. semantic bases -> the pair's recomposition map
         folder = self._folder(ctx)
-        self.map, map_info = pair_map(lm_head(teacher, self.vocab), lm_head(student, self.vocab), folder,
-                                      spec.basis_chunk, ctx.progress)
+        self.map, map_info = pair_map(
+            lm_head(teacher, self.vocab), lm_head(student, self.vocab), folder, spec.basis_chunk, ctx.progress
+        )
 
         # 4. teacher targets for every training example (or live during training)
         t0 = time.perf_counter()
         if spec.cache:
-            settings = json.dumps({"pairs": [p.to_dict() for p in self.pairs], "point": spec.point,
-                                   "map": [map_info["teacher_head"], map_info["student_head"]]}, sort_keys=True)
-            key = cache_key(json.dumps(ctx.recipe.teacher.model_dump(), sort_keys=True) + vocab_digest(student.tokenizer),
-                            settings, ctx.examples)
+            settings = json.dumps(
+                {
+                    "pairs": [p.to_dict() for p in self.pairs],
+                    "point": spec.point,
+                    "map": [map_info["teacher_head"], map_info["student_head"]],
+                },
+                sort_keys=True,
+            )
+            key = cache_key(
+                json.dumps(ctx.recipe.teacher.model_dump(), sort_keys=True) + vocab_digest(student.tokenizer),
+                settings,
+                ctx.examples,
+            )
+
             def compute() -> dict[str, torch.Tensor]:
                 t1 = time.perf_counter()
-                out = precompute_targets(teacher, t_arch.layers_path, self.pairs, spec.point, self.map, ctx.examples,
-                                         ctx.recipe.training.batch_size, ctx.progress)
-                ctx.teacher_work.add(f"targets for {len(ctx.examples)} training examples (forward up to the deepest "
-                                     "paired layer; FLOPs counted as a full forward, an upper bound)",
-                                     forward_tokens=n_tokens(ctx.examples), seconds=time.perf_counter() - t1,
-                                     parameters=t_arch.n_parameters)
+                out = precompute_targets(
+                    teacher,
+                    t_arch.layers_path,
+                    self.pairs,
+                    spec.point,
+                    self.map,
+                    ctx.examples,
+                    ctx.recipe.training.batch_size,
+                    ctx.progress,
+                )
+                ctx.teacher_work.add(
+                    f"targets for {len(ctx.examples)} training examples (forward up to the deepest "
+                    "paired layer; FLOPs counted as a full forward, an upper bound)",
+                    forward_tokens=n_tokens(ctx.examples),
+                    seconds=time.perf_counter() - t1,
+                    parameters=t_arch.n_parameters,
+                )
                 return out
 
             path = cached_file(folder, "semalign-targets", key, compute, ctx.progress)
             self.targets = TargetCache(path)
             if len(self.targets.offsets) != len(ctx.examples) + 1:
-                raise DataError("semalign: the cached teacher targets do not match the training examples",
-                                hint=f"delete {path} and rerun")
+                raise DataError(
+                    "semalign: the cached teacher targets do not match the training examples", hint=f"delete {path} and rerun"
+                )
         else:
             self.teacher = teacher
         targets_s = time.perf_counter() - t0
@@ -400,15 +493,25 @@ class SemAlignMethod(Method):
             if param.requires_grad and prefix in name:
                 layer = int(name.split(prefix, 1)[1].split(".", 1)[0])
                 self._lora_params.setdefault(layer, []).append(param)
-        self._info = {"critical_teacher_layers": critical, "pairs": [p.to_dict() for p in self.pairs],
-                      "point": spec.point, "schedule": spec.schedule, "lora_layers": spec.lora_layers,
-                      "target_modules": list(lora.target_modules), "map": map_info,
-                      "seconds": {"attribution": round(attribution_s, 2), "map": map_info["seconds"],
-                                  "targets": round(targets_s, 2)}}
+        self._info = {
+            "critical_teacher_layers": critical,
+            "pairs": [p.to_dict() for p in self.pairs],
+            "point": spec.point,
+            "schedule": spec.schedule,
+            "lora_layers": spec.lora_layers,
+            "target_modules": list(lora.target_modules),
+            "map": map_info,
+            "seconds": {"attribution": round(attribution_s, 2), "map": map_info["seconds"], "targets": round(targets_s, 2)},
+        }
         write_json(out / "semalign.json", self._info)
-        ctx.progress.log("semalign: " + ", ".join(
-            f"student {p.student} <- teacher {p.a}" + (f"/{p.b} (λ={p.weight_b:.2f})" if p.weight_b else "")
-            for p in self.pairs) + f" (critical teacher layers {critical})")
+        ctx.progress.log(
+            "semalign: "
+            + ", ".join(
+                f"student {p.student} <- teacher {p.a}" + (f"/{p.b} (λ={p.weight_b:.2f})" if p.weight_b else "")
+                for p in self.pairs
+            )
+            + f" (critical teacher layers {critical})"
+        )
         return model
 
     # -- training ---------------------------------------------------------------------------------
@@ -438,11 +541,22 @@ class SemAlignMethod(Method):
                 targets = [self.targets.rows(p.student, index) for p in pairs]
             else:
                 t0 = time.perf_counter()
-                targets = teacher_targets(self.teacher, self.teacher.arch.layers_path, pairs, spec.point, self.map,
-                                          batch["input_ids"], batch["attention_mask"], labels)
-                ctx.teacher_work.add("live targets at every training batch (forward up to the deepest paired layer)",
-                                     forward_tokens=int(batch["attention_mask"].sum()),
-                                     seconds=time.perf_counter() - t0, parameters=self.teacher.arch.n_parameters)
+                targets = teacher_targets(
+                    self.teacher,
+                    self.teacher.arch.layers_path,
+                    pairs,
+                    spec.point,
+                    self.map,
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    labels,
+                )
+                ctx.teacher_work.add(
+                    "live targets at every training batch (forward up to the deepest paired layer)",
+                    forward_tokens=int(batch["attention_mask"].sum()),
+                    seconds=time.perf_counter() - t0,
+                    parameters=self.teacher.arch.n_parameters,
+                )
             logits = outputs.logits[:, :-1][mask][..., : self.vocab]
             act, logit = alignment_terms(acts, targets, logits, batch["input_ids"][:, 1:].to(mask.device)[mask])
             self._acts.clear()

@@ -33,27 +33,32 @@ from pktransfer.ops.selection import select_layers, space_indices
 SPACES = ("residual", "heads", "kv_heads", "mlp")
 
 
-def selection_plan(t_arch: ArchitectureDescription, s_arch: ArchitectureDescription,
-                   layers: Any) -> tuple[list[int], dict[str, torch.Tensor]]:
+def selection_plan(
+    t_arch: ArchitectureDescription, s_arch: ArchitectureDescription, layers: Any
+) -> tuple[list[int], dict[str, torch.Tensor]]:
     """Teacher layers for the student's layers, and the index set of every space."""
     try:
         chosen = select_layers([0.0] * t_arch.n_layers, s_arch.n_layers, layers)
         idx = space_indices({s: t_arch.space_size(s) for s in SPACES}, {s: s_arch.space_size(s) for s in SPACES})
     except ValueError as err:
-        raise IncompatiblePairError(f"weight_selection: {err}",
-                                    hint="the student must be no larger than the teacher in every dimension") from None
+        raise IncompatiblePairError(
+            f"weight_selection: {err}", hint="the student must be no larger than the teacher in every dimension"
+        ) from None
     return chosen, idx
 
 
-def selected_matrices(teacher: Any, s_arch: ArchitectureDescription, layers: list[int], idx: dict[str, torch.Tensor],
-                      roles: set[str]) -> dict[str, torch.Tensor]:
+def selected_matrices(
+    teacher: Any, s_arch: ArchitectureDescription, layers: list[int], idx: dict[str, torch.Tensor], roles: set[str]
+) -> dict[str, torch.Tensor]:
     """Student module name -> the student-shaped teacher matrix (float32)."""
     t_arch: ArchitectureDescription = teacher.arch
     get = teacher.model.get_submodule  # through the module: a tied lm_head is not in named_parameters()
     t_weights = {w.module: w for w in t_arch.weights()}
     out: dict[str, torch.Tensor] = {}
-    for role, t_mod, s_mod in (("embed", t_arch.embed_module, s_arch.embed_module),
-                               ("lm_head", t_arch.lm_head_module, s_arch.lm_head_module)):
+    for role, t_mod, s_mod in (
+        ("embed", t_arch.embed_module, s_arch.embed_module),
+        ("lm_head", t_arch.lm_head_module, s_arch.lm_head_module),
+    ):
         if role in roles:
             out[s_mod] = get(t_mod).weight.detach()[:, idx["residual"]].float().cpu()
     for m, t_layer in enumerate(layers):
@@ -71,7 +76,8 @@ class WeightSelectionConfig(MethodConfig):
 
     name: Literal["weight_selection"] = "weight_selection"
     layers: Literal["first", "uniform", "last"] | list[int] = Field(
-        default="first", description="teacher layers for the student's layers (Xu et al.: the first N)")
+        default="first", description="teacher layers for the student's layers (Xu et al.: the first N)"
+    )
     modules: list[Literal["embed", "attention", "ffn", "all"]] = Field(default_factory=lambda: ["all"], min_length=1)
 
 
@@ -86,16 +92,23 @@ class WeightSelectionMethod(Method):
             layers, idx = selection_plan(teacher.arch, ctx.student.arch, spec.layers)
         except IncompatiblePairError as err:
             if not isinstance(spec.layers, str):
-                raise RecipeError(f"method.layers: {err.message}",
-                                  hint=f"the teacher has {teacher.arch.n_layers} layers") from None
+                raise RecipeError(
+                    f"method.layers: {err.message}", hint=f"the teacher has {teacher.arch.n_layers} layers"
+                ) from None
             raise
         roles = {ROLE_OF_LEAF.get(t) for t in recipe.lora.target_modules} & group_roles(spec.modules)
         matrices = selected_matrices(teacher, ctx.student.arch, layers, idx, {r for r in roles if r})
-        write_json(ctx.workdir / "weight_selection.json", {
-            "selected_layers": layers, "mapping": {f"student.{m}": f"teacher.{t}" for m, t in enumerate(layers)},
-            "index_sets": {s: {"teacher": teacher.arch.space_size(s), "student": len(v), "first": v[:8].tolist()}
-                           for s, v in idx.items()},
-            "roles_injected": sorted(r for r in roles if r)})
+        write_json(
+            ctx.workdir / "weight_selection.json",
+            {
+                "selected_layers": layers,
+                "mapping": {f"student.{m}": f"teacher.{t}" for m, t in enumerate(layers)},
+                "index_sets": {
+                    s: {"teacher": teacher.arch.space_size(s), "student": len(v), "first": v[:8].tolist()} for s, v in idx.items()
+                },
+                "roles_injected": sorted(r for r in roles if r),
+            },
+        )
         ctx.progress.log(f"weight_selection: teacher layers {layers} -> student layers 0..{len(layers) - 1}")
         model, self.initial_lora = lora_started_at(ctx, matrices)
         return model

@@ -146,8 +146,9 @@ def describe(model: Any) -> ArchitectureDescription:
     n_params = sum(p.numel() for p in model.parameters())
     desc = describe_config(model.config, getattr(model.config, "_name_or_path", ""), n_params)
     modules = dict(model.named_modules())
-    missing = [m for m in (desc.embed_module, desc.final_norm_module, desc.lm_head_module, desc.module_name(0, "q"))
-               if m not in modules]
+    missing = [
+        m for m in (desc.embed_module, desc.final_norm_module, desc.lm_head_module, desc.module_name(0, "q")) if m not in modules
+    ]
     if missing:
         raise ModelError(
             f"model {model.config._name_or_path!r} of family '{desc.family}' lacks expected modules {missing}",

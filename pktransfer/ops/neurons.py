@@ -49,8 +49,15 @@ def sublayer_score(base: torch.Tensor, out: torch.Tensor, norm: Norm, head: torc
     return float(lp[0] - lp[1])
 
 
-def neuron_scores(base: torch.Tensor, coefficients: torch.Tensor, directions: torch.Tensor, norm: Norm,
-                  head: torch.Tensor, y: int, chunk: int | None = None) -> torch.Tensor:
+def neuron_scores(
+    base: torch.Tensor,
+    coefficients: torch.Tensor,
+    directions: torch.Tensor,
+    norm: Norm,
+    head: torch.Tensor,
+    y: int,
+    chunk: int | None = None,
+) -> torch.Tensor:
     """log p(y | h + c_i·d_i) − log p(y | h) for every neuron i: coefficients [F], directions [F, D] -> [F].
 
     Candidates are formed ``chunk`` neurons at a time, so memory stays O(chunk · (D + V')).
@@ -61,8 +68,8 @@ def neuron_scores(base: torch.Tensor, coefficients: torch.Tensor, directions: to
     ref = log_prob(h.reshape(1, -1), norm, head, y)[0]
     out = torch.empty(coefficients.shape[0], dtype=torch.float32, device=h.device)
     for r in range(0, coefficients.shape[0], chunk):
-        cand = h + coefficients[r:r + chunk, None].float() * directions[r:r + chunk].float()
-        out[r:r + chunk] = log_prob(cand.to(base.dtype), norm, head, y) - ref
+        cand = h + coefficients[r : r + chunk, None].float() * directions[r : r + chunk].float()
+        out[r : r + chunk] = log_prob(cand.to(base.dtype), norm, head, y) - ref
     return out
 
 
@@ -76,4 +83,3 @@ def kv_rows(positions: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: in
     """v_proj output rows feeding o_proj input positions (grouped-query attention shares kv heads)."""
     head, dim = positions // head_dim, positions % head_dim
     return (head // (n_heads // n_kv_heads)) * head_dim + dim
-

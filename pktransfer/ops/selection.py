@@ -13,8 +13,7 @@ LAYER_STRATEGIES = ("sensitivity", "random", "top", "first", "uniform", "last")
 STRUCTURES = ("submatrix", "row_column", "neuron", "random", "uniform")
 
 
-def select_layers(scores: Sequence[float], n: int, strategy: str | Sequence[int] = "sensitivity",
-                  seed: int = 0) -> list[int]:
+def select_layers(scores: Sequence[float], n: int, strategy: str | Sequence[int] = "sensitivity", seed: int = 0) -> list[int]:
     """Pick ``n`` of ``len(scores)`` teacher layers, returned in their original order.
 
     sensitivity: the n highest scores (ties: lower index first); random: seeded; top or first: the first
@@ -114,7 +113,7 @@ def max_sum_submatrix(scores: torch.Tensor, height: int, width: int, chunk: int 
         b = buf[: r1 - r0]
         b[:, 1:].copy_(scores[r0:r1])
         b.cumsum_(dim=1)
-        col_sums_t[:, 1 + r0: 1 + r1].copy_((b[:, width:] - b[:, :-width]).T)  # sums of `width` columns
+        col_sums_t[:, 1 + r0 : 1 + r1].copy_((b[:, width:] - b[:, :-width]).T)  # sums of `width` columns
     col_sums_t.cumsum_(dim=1)
     blocks_t = col_sums_t[:, height:] - col_sums_t[:, :-height]  # [W-w+1, H-h+1], indexed (col, row)
     best = blocks_t.max()
@@ -137,9 +136,16 @@ def max_sum_submatrix_bruteforce(scores: torch.Tensor, height: int, width: int) 
     return pos[0], pos[1], best
 
 
-def reduce_dims(structure: str, target: tuple[int, int], *, full: torch.Tensor | None = None,
-                rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
-                source: tuple[int, int] | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def reduce_dims(
+    structure: str,
+    target: tuple[int, int],
+    *,
+    full: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    cols: torch.Tensor | None = None,
+    source: tuple[int, int] | None = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column indices of the teacher matrix that form the student-shaped matrix.
 
     submatrix: the contiguous block with the largest summed sensitivity (needs ``full``);

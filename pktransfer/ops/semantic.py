@@ -98,7 +98,7 @@ def gram_pinv(weight: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     d = weight.shape[1]
     gram = torch.zeros(d, d, dtype=torch.float64)
     for r in range(0, weight.shape[0], chunk):
-        w = weight[r:r + chunk].detach().to("cpu", torch.float64)
+        w = weight[r : r + chunk].detach().to("cpu", torch.float64)
         gram += w.T @ w
     return torch.linalg.pinv(gram, hermitian=True).float()
 
@@ -112,21 +112,28 @@ def basis_rows(weight_rows: torch.Tensor, g_pinv: torch.Tensor, eps: float = 1e-
 def semantic_bases(weight: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     """The whole basis S [V, D] (small vocabularies and tests; large ones use ``recompose_map``)."""
     g = gram_pinv(weight, chunk)
-    return torch.cat([basis_rows(weight[r:r + chunk], g) for r in range(0, weight.shape[0], chunk)])
+    return torch.cat([basis_rows(weight[r : r + chunk], g) for r in range(0, weight.shape[0], chunk)])
 
 
-def recompose_map(teacher_head: torch.Tensor, student_head: torch.Tensor, chunk: int = 8192,
-                  teacher_pinv: torch.Tensor | None = None, student_pinv: torch.Tensor | None = None) -> torch.Tensor:
+def recompose_map(
+    teacher_head: torch.Tensor,
+    student_head: torch.Tensor,
+    chunk: int = 8192,
+    teacher_pinv: torch.Tensor | None = None,
+    student_pinv: torch.Tensor | None = None,
+) -> torch.Tensor:
     """M = S_Sᵀ S_T [D_S, D_T] over the shared vocabulary, one chunk of basis rows of each model at a time."""
     if teacher_head.shape[0] != student_head.shape[0]:
-        raise ValueError(f"LM heads cover different vocabularies ({teacher_head.shape[0]} and "
-                         f"{student_head.shape[0]} rows); semantic alignment needs one shared vocabulary")
+        raise ValueError(
+            f"LM heads cover different vocabularies ({teacher_head.shape[0]} and "
+            f"{student_head.shape[0]} rows); semantic alignment needs one shared vocabulary"
+        )
     g_t = gram_pinv(teacher_head, chunk) if teacher_pinv is None else teacher_pinv
     g_s = gram_pinv(student_head, chunk) if student_pinv is None else student_pinv
     m = torch.zeros(student_head.shape[1], teacher_head.shape[1], dtype=torch.float64)
     for r in range(0, teacher_head.shape[0], chunk):
-        s_t = basis_rows(teacher_head[r:r + chunk], g_t)
-        s_s = basis_rows(student_head[r:r + chunk], g_s)
+        s_t = basis_rows(teacher_head[r : r + chunk], g_t)
+        s_s = basis_rows(student_head[r : r + chunk], g_s)
         m += (s_s.T @ s_t).double()
     return m.float()
 
@@ -166,8 +173,9 @@ def cosine_to_onehot(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1
     return z.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) / z.norm(dim=-1).clamp_min(eps)
 
 
-def alignment_terms(student_acts: list[torch.Tensor], targets: list[torch.Tensor], logits: torch.Tensor,
-                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def alignment_terms(
+    student_acts: list[torch.Tensor], targets: list[torch.Tensor], logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed (not averaged) loss terms over N positions, so callers normalise over an accumulated batch.
 
     activation term: Σ_positions mean_pairs (1 − cos(h_S^(k), h~_S^(k)));  logit term: Σ (1 − cos(z, e_y)).
@@ -176,8 +184,12 @@ def alignment_terms(student_acts: list[torch.Tensor], targets: list[torch.Tensor
     if len(student_acts) != len(targets):
         raise ValueError("one target per supervised student layer")
     if student_acts:
-        cos = torch.stack([torch.nn.functional.cosine_similarity(h.float(), t.float().to(h.device), dim=-1, eps=1e-8)
-                           for h, t in zip(student_acts, targets, strict=True)])
+        cos = torch.stack(
+            [
+                torch.nn.functional.cosine_similarity(h.float(), t.float().to(h.device), dim=-1, eps=1e-8)
+                for h, t in zip(student_acts, targets, strict=True)
+            ]
+        )
         act = (1.0 - cos).mean(0).sum()
     else:
         act = logits.new_zeros((), dtype=torch.float32)

