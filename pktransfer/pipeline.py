@@ -389,11 +389,9 @@ def run_verb(
     progress = progress or Progress(quiet=quiet)
     v = method_verb(recipe, verb)  # fail fast, before any output folder exists
     task, _ = check_recipe(recipe)
-    v.check(recipe, task)
-    load_config(recipe.teacher.model, recipe.teacher.revision)
+    v.check(recipe, task)  # check_recipe above already checked the teacher of a method that needs one
     started = time.time()
     with run_folder(recipe, overwrite, progress) as (rd, log), TeacherHandle(recipe.teacher, log, progress) as teacher:
-        teacher()
         student, formatter = _load_student(recipe, task, log, progress)
         ctx = MethodContext(recipe, student, task, formatter, rd.work, progress, teacher)
         info = run_info(recipe, log, started, verb=verb, **v.run(get_method(recipe.method), ctx, log))

@@ -259,19 +259,15 @@ class RunDir:
         self.resumed = False
         if self.work.exists() or self.work.is_symlink():
             check_replaceable(self.work, "unfinished run folder")
-            if read_marker(self.work) is None:  # empty: nothing to resume
-                pass
-            elif self.fields is not None and overwrite:
+            if read_marker(self.work) is not None:  # an unmarked (empty) folder has nothing to resume
                 try:
-                    check_matches(self.work, self.fields, "the unfinished run")
+                    if self.fields is not None:
+                        check_matches(self.work, self.fields, "the unfinished run")
                     self.resumed = True
                 except OutputError:
+                    if not overwrite:
+                        raise
                     shutil.rmtree(self.work)  # ours (marked), stale, and the user asked to start afresh
-            elif self.fields is not None:
-                check_matches(self.work, self.fields, "the unfinished run")
-                self.resumed = True
-            else:
-                self.resumed = True
         _mkdir(self.work)
         if read_marker(self.work) is None:
             write_marker(self.work, kind, self.fields)

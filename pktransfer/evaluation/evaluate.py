@@ -85,11 +85,20 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
-def _generate_kind(
-    model: Any, formatter: PromptFormatter, items: list[Item], task: Task, opts: EvalOptions, advance: Any
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    prompts = [formatter.encode_prompt(task.eval_prompt(it, formatter.mode)) for it in items]
-    (outputs, n_tokens), used = run_batched(
+def _generate_outputs(
+    model: Any,
+    formatter: PromptFormatter,
+    items: list[Item],
+    task: Task,
+    opts: EvalOptions,
+    advance: Any,
+    n: int = 1,
+    temperature: float = 0.0,
+) -> tuple[tuple[list[str], int], int]:
+    """Batched generation of ``n`` outputs per item with the task's prompt and stop strings for this format;
+    progress advances in items. Returns ((outputs, generated tokens), batch size used)."""
+    prompts = [formatter.encode_prompt(task.eval_prompt(it, formatter.mode)) for it in items for _ in range(n)]
+    return run_batched(
         model,
         opts.batch_size,
         lambda bs: generate(
@@ -100,9 +109,16 @@ def _generate_kind(
             max_new_tokens=opts.max_new_tokens,
             stop_token_ids=formatter.stop_token_ids(),
             stop_strings=task.stop_strings_for(formatter.mode),
-            on_batch=lambda n, _t: advance(n),
+            temperature=temperature,
+            on_batch=lambda k, _t: advance(k / n),
         ),
     )
+
+
+def _generate_kind(
+    model: Any, formatter: PromptFormatter, items: list[Item], task: Task, opts: EvalOptions, advance: Any
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    (outputs, n_tokens), used = _generate_outputs(model, formatter, items, task, opts, advance)
     records, extra = [], defaultdict(list)
     for it, out in zip(items, outputs, strict=True):
         s = task.score(out, it)
@@ -193,23 +209,8 @@ def _code_kind(
         progress.warn(warning)
     n = opts.n_samples
     temperature = opts.temperature if n > 1 else 0.0
-    prompts = [formatter.encode_prompt(task.eval_prompt(it, formatter.mode)) for it in items for _ in range(n)]
     torch.manual_seed(opts.seed)
-    (outputs, n_tokens), used = run_batched(
-        model,
-        opts.batch_size,
-        lambda bs: generate(
-            model,
-            formatter.tokenizer,
-            prompts,
-            batch_size=bs,
-            max_new_tokens=opts.max_new_tokens,
-            stop_token_ids=formatter.stop_token_ids(),
-            stop_strings=task.stop_strings_for(formatter.mode),
-            temperature=temperature,
-            on_batch=lambda k, _t: advance(k / n),
-        ),
-    )
+    (outputs, n_tokens), used = _generate_outputs(model, formatter, items, task, opts, advance, n, temperature)
     programs = [task.program(items[i // n], out, formatter.mode) for i, out in enumerate(outputs)]
     with progress.task(f"sandbox: {len(programs)} programs", total=len(programs)) as tick:
         results = run_programs(programs, SandboxLimits(timeout=opts.sandbox_timeout), on_done=lambda: tick(1))

@@ -150,6 +150,13 @@ class SharedWork:
     recipe: Recipe
     jobs: list[tuple[str, Recipe, str]] = field(default_factory=list)
 
+    @classmethod
+    def cache(cls, recipe: Recipe, option: str, folder: Path) -> SharedWork:
+        """Point the method option ``option`` at ``folder`` (shared by the grid's cells) unless the recipe set it."""
+        if getattr(recipe.method, option) is not None:
+            return cls(recipe)
+        return cls(recipe.model_copy(update={"method": recipe.method.model_copy(update={option: str(folder)})}))
+
 
 @dataclass(frozen=True)
 class Verb:

@@ -188,10 +188,7 @@ class KdMethod(Method):
     @classmethod
     def shared_work(cls, recipe: Any, shared_root: Path) -> SharedWork:
         """Every KD cell of a grid reads one logits cache (keyed by teacher, token ids and k)."""
-        if recipe.method.logits_cache is not None:
-            return SharedWork(recipe)
-        method = recipe.method.model_copy(update={"logits_cache": str(shared_root / "kd-logits")})
-        return SharedWork(recipe.model_copy(update={"method": method}))
+        return SharedWork.cache(recipe, "logits_cache", shared_root / "kd-logits")
 
     def _teacher(self, ctx: MethodContext) -> Any:
         teacher = ctx.load_teacher()

@@ -46,7 +46,7 @@ import torch
 from pydantic import Field
 
 from pktransfer.config import MethodConfig
-from pktransfer.data import Example, encode_items
+from pktransfer.data import IGNORE_INDEX, Example, encode_items
 from pktransfer.errors import DataError, IncompatiblePairError, RecipeError
 from pktransfer.fileio import save_safetensors, torch_save, write_json
 from pktransfer.methods.base import Method, MethodContext, n_tokens
@@ -349,7 +349,7 @@ def one_cycle(opt: torch.optim.Optimizer, max_lr: float, total_steps: int, pct_s
 def mean_ce(model: Any, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
     labels = batch["labels"].to(device)
-    return causal_lm_loss_sum(out.logits, labels) / (labels[:, 1:] != -100).sum().clamp_min(1)
+    return causal_lm_loss_sum(out.logits, labels) / (labels[:, 1:] != IGNORE_INDEX).sum().clamp_min(1)
 
 
 def step_batch(step: int, extract: list[Example], align: list[Example], partners: int, seed: int) -> list[Example]:
@@ -689,7 +689,7 @@ class LatenMethod(Method):
                         out_ = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
                         labels = b["labels"].to(device)
                         total_ce += float(causal_lm_loss_sum(out_.logits, labels))
-                        n += int((labels[:, 1:] != -100).sum())
+                        n += int((labels[:, 1:] != IGNORE_INDEX).sum())
             finally:
                 for h in handles:
                     h.remove()

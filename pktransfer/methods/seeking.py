@@ -429,9 +429,9 @@ class SeekingMethod(Method):
         }
         key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
         folder = shared_root / f"seeking-{key}"
-        job = (str(folder), recipe.model_copy(update={"output_dir": str(folder)}), "extract")
-        method = m.model_copy(update={"sensitivity": str(folder / "sensitivity")})
-        return SharedWork(recipe.model_copy(update={"method": method}), [job])
+        shared = SharedWork.cache(recipe, "sensitivity", folder / "sensitivity")
+        shared.jobs.append((str(folder), recipe.model_copy(update={"output_dir": str(folder)}), "extract"))
+        return shared
 
     @classmethod
     def verbs(cls) -> dict[str, Verb]:

@@ -33,7 +33,7 @@ import torch
 from pydantic import Field, model_validator
 
 from pktransfer.config import MethodConfig
-from pktransfer.data import Example, encode_items
+from pktransfer.data import IGNORE_INDEX, Example, encode_items
 from pktransfer.errors import DataError, IncompatiblePairError
 from pktransfer.fileio import write_json
 from pktransfer.methods.base import Method, MethodContext, SharedWork, cache_key, cached_file, n_tokens, vocab_digest
@@ -110,7 +110,7 @@ def layer_attribution(
                 logits = model(input_ids=ids, attention_mask=mask).logits
                 labels = batch["labels"][:, 1:].to(device)
                 wide = torch.promote_types(logits.dtype, torch.float32)  # at least float32, float64 stays
-                resp = labels != -100  # the CE only at response positions: no [B, L, V] float copy
+                resp = labels != IGNORE_INDEX  # the CE only at response positions: no [B, L, V] float copy
                 ce = torch.nn.functional.cross_entropy(logits[:, :-1][resp].to(wide), labels[resp], reduction="none")
                 sums = torch.zeros(len(chunk), dtype=wide, device=device).index_add(0, resp.nonzero()[:, 0], ce)
                 per_sample = sums / resp.sum(1).clamp_min(1)  # each sample's own mean CE
@@ -342,10 +342,7 @@ class SemAlignMethod(Method):
     @classmethod
     def shared_work(cls, recipe: Any, shared_root: Path) -> SharedWork:
         """Semantic bases, maps and targets are keyed by what they depend on: one folder serves every cell."""
-        if recipe.method.cache_dir is not None:
-            return SharedWork(recipe)
-        method = recipe.method.model_copy(update={"cache_dir": str(shared_root / "semalign")})
-        return SharedWork(recipe.model_copy(update={"method": method}))
+        return SharedWork.cache(recipe, "cache_dir", shared_root / "semalign")
 
     def prepare(self, ctx: MethodContext) -> Any:
         from peft import get_peft_model
