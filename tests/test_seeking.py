@@ -285,3 +285,10 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_sensitivity(tiny_m
     assert not model.is_gradient_checkpointing and not model.training
     for name, p in plain.params.items():
         assert float(ckpt.params[name].total) == pytest.approx(float(p.total), rel=1e-5), name
+
+
+def test_the_recorded_step0_check_is_not_blurred_by_lora_dropout(tiny_recipe, tmp_path):
+    tiny_recipe["lora"]["dropout"] = 0.05  # the default: new dropout modules start in training mode
+    recipe = _seeking(tiny_recipe)
+    recipe.output_dir = str(tmp_path / "inj")
+    assert pktransfer.inject(recipe, quiet=True).run["step0_max_logit_diff"] < 1e-4

@@ -477,6 +477,7 @@ def _inject(method: SeekingMethod, ctx: MethodContext, log: Any) -> dict[str, An
     set_seed(ctx.recipe.seed)
     with log.stage("prepare"):
         peft_model = method.prepare(ctx)
+    peft_model.eval()  # the new LoRA dropout modules start in training mode: the probe must not drop anything
     with torch.no_grad():
         after = peft_model(input_ids=probe.to(ctx.student.device)).logits.float()
     peft_model.save_pretrained(str(ctx.workdir / "adapter_init"))
