@@ -21,7 +21,8 @@ from pktransfer.methods.laten import (
     plan_transfer,
     step_batch,
 )
-from pktransfer.ops.neurons import candidate_vocab, kv_rows, neuron_scores, restrict, sublayer_score, top_indices
+from pktransfer.ops.neurons import candidate_vocab, kv_rows, neuron_scores, restrict, sublayer_score
+from pktransfer.ops.ranking import top_k
 from pktransfer.recipe import recipe_from_dict
 
 # ---- scores by hand ----------------------------------------------------------------------------------
@@ -36,7 +37,7 @@ def test_neuron_scores_by_hand_with_an_identity_lens():
     log3 = math.log(3)
     expected = [5 - math.log(math.exp(5) + 2) + log3, -1 - math.log(math.exp(-1) + 2) + log3, 0 - math.log(2 + math.e) + log3]
     assert got.tolist() == pytest.approx(expected, abs=1e-6)
-    assert top_indices(got, 2).tolist() == [0, 2]
+    assert top_k(got, 2).tolist() == [0, 2]
     assert sublayer_score(base, directions[0], lambda x: x, head, 0) == pytest.approx(expected[0], abs=1e-6)
 
 
@@ -96,8 +97,8 @@ def test_locate_finds_a_planted_neuron_in_a_tiny_model(tiny_models):
     for role, j in (("ffn", 77), ("attn", 5)):
         _plant(loaded.model, 3, y, role, j, 1.0 if acts[role][j] >= 0 else -1.0)
     scores = locate_scores(loaded, [inp], vocab_k=None, progress=Progress(quiet=True), what="teacher")[0]
-    assert top_indices(scores["ffn"][3], 1).item() == 77
-    assert top_indices(scores["attn"][3], 1).item() == 5
+    assert top_k(scores["ffn"][3], 1).item() == 77
+    assert top_k(scores["attn"][3], 1).item() == 5
     assert scores["ffn"][3, 77] > 0 and scores["attn"][3, 5] > 0  # log-probability gained
     assert scores["ffn_layer"][3] > 0
     assert scores["ffn"].shape == (4, 128) and scores["attn"].shape == (4, 64)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pktransfer.ops.lowrank import rebase_as_plain_lora, svd_init
+from pktransfer.ops.ranking import top_k
 from pktransfer.ops.selection import (
     max_sum_submatrix,
     max_sum_submatrix_bruteforce,
@@ -13,7 +14,6 @@ from pktransfer.ops.selection import (
     random_indices,
     reduce_dims,
     select_layers,
-    top_k_sorted,
     uniform_indices,
 )
 from pktransfer.ops.sensitivity import ParamSensitivity, accumulate, sensitivity_over
@@ -97,11 +97,28 @@ def test_select_layers_strategies():
         select_layers(scores, 2, [1, 1])
 
 
+def test_top_k_one_tie_rule_for_every_caller():
+    scores = torch.tensor([2.0, 5.0, 2.0, 5.0, 1.0])
+    assert top_k(scores, 3).tolist() == [1, 3, 0]  # best first; among equal scores the lower index first
+    assert top_k(scores, 3, in_index_order=True).tolist() == [0, 1, 3]
+    assert top_k([0.5, 0.5, 0.5], 2).tolist() == [0, 1]
+    assert top_k(scores, 0).tolist() == []
+    # the callers: Seeking's layers, SemAlign's 1-based critical layers
+    assert select_layers(scores.tolist(), 2) == [1, 3]
+    from pktransfer.ops.semantic import top_layers
+
+    assert top_layers(scores.tolist(), 3) == [1, 2, 4]
+    with pytest.raises(ValueError, match="top 6 of 5"):
+        top_k(scores, 6)
+    with pytest.raises(ValueError, match="1-D"):
+        top_k(torch.ones(2, 2), 1)
+
+
 # ---- dimension reduction -----------------------------------------------------------------------
 
 
 def test_top_k_uniform_random_window():
-    assert top_k_sorted(torch.tensor([1.0, 9.0, 3.0, 9.0, 0.0]), 2).tolist() == [1, 3]
+    assert top_k(torch.tensor([1.0, 9.0, 3.0, 9.0, 0.0]), 2, in_index_order=True).tolist() == [1, 3]
     assert uniform_indices(10, 4).tolist() == [0, 3, 6, 9]
     assert uniform_indices(5, 5).tolist() == [0, 1, 2, 3, 4]
     assert random_indices(10, 4, 3).tolist() == random_indices(10, 4, 3).tolist()

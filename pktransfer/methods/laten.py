@@ -52,8 +52,8 @@ from pktransfer.fileio import save_safetensors, torch_save, write_json
 from pktransfer.methods.base import Method, MethodContext, n_tokens
 from pktransfer.models.arch import ArchitectureDescription
 from pktransfer.models.pair import check_pair
-from pktransfer.ops.neurons import candidate_vocab, kv_rows, neuron_scores, restrict, sublayer_score, top_indices
-from pktransfer.ops.semantic import top_layers
+from pktransfer.ops.neurons import candidate_vocab, kv_rows, neuron_scores, restrict, sublayer_score
+from pktransfer.ops.ranking import top_k
 from pktransfer.progress import Progress
 from pktransfer.training import causal_lm_loss_sum, collate_examples
 
@@ -194,12 +194,12 @@ def plan_transfer(
             raise IncompatiblePairError(
                 f"laten: {n} {fam} neurons per layer asked for, the teacher has {size_t}", hint="lower method.transfer_rate"
             )
-        layers = [i - 1 for i in top_layers(t_scores[f"{fam}_layer"].tolist(), s_arch.n_layers)]
+        layers = top_k(t_scores[f"{fam}_layer"], s_arch.n_layers, in_index_order=True).tolist()
         plan[fam] = {
             "teacher_layers": layers,
             "n": n,
-            "teacher": [top_indices(t_scores[fam][t], n) for t in layers],
-            "student": [top_indices(s_scores[fam][k], n) for k in range(s_arch.n_layers)],
+            "teacher": [top_k(t_scores[fam][t], n) for t in layers],
+            "student": [top_k(s_scores[fam][k], n) for k in range(s_arch.n_layers)],
         }
     return plan
 

@@ -73,12 +73,6 @@ def neuron_scores(
     return out
 
 
-def top_indices(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """The n highest scores' indices, best first (ties: the lower index first)."""
-    order = torch.argsort(-scores.double(), stable=True)
-    return order[:n]
-
-
 def kv_rows(positions: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int) -> torch.Tensor:
     """v_proj output rows feeding o_proj input positions (grouped-query attention shares kv heads)."""
     head, dim = positions // head_dim, positions % head_dim

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
+from pktransfer.ops.ranking import top_k
+
 LAYER_STRATEGIES = ("sensitivity", "random", "top", "first", "uniform", "last")
 STRUCTURES = ("submatrix", "row_column", "neuron", "random", "uniform")
 
@@ -28,9 +30,7 @@ def select_layers(scores: Sequence[float], n: int, strategy: str | Sequence[int]
             raise ValueError(f"explicit layer list must hold {n} distinct indices in 0..{total - 1}, got {list(strategy)}")
         return chosen
     if strategy == "sensitivity":
-        s = torch.as_tensor(list(scores), dtype=torch.float64)
-        order = sorted(range(total), key=lambda i: (-float(s[i]), i))
-        return sorted(order[:n])
+        return top_k(scores, n, in_index_order=True).tolist()
     if strategy == "random":
         g = torch.Generator().manual_seed(seed)
         return sorted(torch.randperm(total, generator=g)[:n].tolist())
@@ -41,14 +41,6 @@ def select_layers(scores: Sequence[float], n: int, strategy: str | Sequence[int]
     if strategy == "last":
         return list(range(total - n, total))
     raise ValueError(f"unknown layer strategy '{strategy}' (allowed: {', '.join(LAYER_STRATEGIES)}, or a list)")
-
-
-def top_k_sorted(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest values (ties: lower index), in increasing index order."""
-    v = values.to(torch.float64)
-    # stable descending sort keeps the lower index first among equal values
-    order = torch.sort(v, descending=True, stable=True).indices[:k]
-    return torch.sort(order).values
 
 
 def uniform_indices(n_from: int, n_to: int) -> torch.Tensor:
@@ -171,11 +163,11 @@ def reduce_dims(
         return torch.arange(r0, r0 + out_s), torch.arange(c0, c0 + in_s)
     if structure == "row_column":
         assert rows is not None and cols is not None
-        return top_k_sorted(rows, out_s), top_k_sorted(cols, in_s)
+        return top_k(rows, out_s, in_index_order=True), top_k(cols, in_s, in_index_order=True)
     if structure == "neuron":
         assert rows is not None and cols is not None
         c0 = max_sum_window(cols, in_s)
-        return top_k_sorted(rows, out_s), torch.arange(c0, c0 + in_s)
+        return top_k(rows, out_s, in_index_order=True), torch.arange(c0, c0 + in_s)
     if structure == "random":
         return random_indices(out_t, out_s, seed), random_indices(in_t, in_s, seed + 1)
     if structure == "uniform":

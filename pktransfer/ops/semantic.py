@@ -18,11 +18,14 @@ Notation: W is a model's LM head as stored by torch, [V, D] (logits = h Wᵀ). L
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import Any
 
 import torch
+
+from pktransfer.ops.ranking import top_k
 
 # ---- layer pairing --------------------------------------------------------------------------------
 
@@ -81,10 +84,9 @@ def layer_pairs(critical: list[int], n_teacher: int, n_student: int) -> list[Lay
     return pairs
 
 
-def top_layers(scores: list[float], n: int) -> list[int]:
-    """The n highest-scoring layers, 1-based, in depth order (ties: the shallower layer first)."""
-    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-    return sorted(i + 1 for i in order[:n])
+def top_layers(scores: Sequence[float], n: int) -> list[int]:
+    """The n highest-scoring layers, 1-based as the SemAlign paper numbers them, in depth order."""
+    return [i + 1 for i in top_k(scores, n, in_index_order=True).tolist()]
 
 
 # ---- semantic bases -------------------------------------------------------------------------------
