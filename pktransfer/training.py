@@ -18,6 +18,7 @@ import torch
 
 from pktransfer.config import LoraSpec, TrainingSpec
 from pktransfer.data import IGNORE_INDEX, Example
+from pktransfer.data.batching import pad
 from pktransfer.fileio import write_json
 from pktransfer.progress import Progress
 
@@ -60,15 +61,8 @@ class Collator:
         self.pad_id = pad_id
 
     def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, b in enumerate(batch):
-            n = len(b["input_ids"])
-            ids[i, :n] = torch.tensor(b["input_ids"])
-            labels[i, :n] = torch.tensor(b["labels"])
-            mask[i, :n] = 1
+        ids, mask = pad([b["input_ids"] for b in batch], self.pad_id)
+        labels, _ = pad([b["labels"] for b in batch], IGNORE_INDEX, width=ids.shape[1])
         index = torch.tensor([b.get("index", -1) for b in batch], dtype=torch.long)
         return {"input_ids": ids, "labels": labels, "attention_mask": mask, "index": index}
 

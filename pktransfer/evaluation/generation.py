@@ -7,16 +7,7 @@ from typing import Any
 
 import torch
 
-
-def left_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(x) for x in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, x in enumerate(batch):
-        if x:
-            ids[i, width - len(x) :] = torch.tensor(x, dtype=torch.long)
-            mask[i, width - len(x) :] = 1
-    return ids, mask
+from pktransfer.data.batching import pad
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -55,7 +46,7 @@ def generate(
     n_tokens = 0
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        ids, mask = left_pad([prompts[i] for i in idx], pad_id)
+        ids, mask = pad([prompts[i] for i in idx], pad_id, side="left")
         sampling = (
             {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
             if temperature > 0
@@ -126,7 +117,7 @@ def continuation_logliks(
     for start in range(0, len(single), batch_size):
         idx = single[start : start + batch_size]
         rows = [list(contexts[i]) for i in idx]
-        ids, mask = right_pad(rows, pad_id)
+        ids, mask = pad(rows, pad_id)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         last = torch.tensor([len(r) - 1 for r in rows], device=logits.device)
         logp = torch.log_softmax(logits[torch.arange(len(rows), device=logits.device), last].float(), dim=-1)
@@ -138,7 +129,7 @@ def continuation_logliks(
     for start in range(0, len(multi), batch_size):
         pairs = multi[start : start + batch_size]
         rows = [list(contexts[i]) + list(continuations[i][j]) for i, j in pairs]
-        ids, mask = right_pad(rows, pad_id)
+        ids, mask = pad(rows, pad_id)
         logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
         for k, (i, j) in enumerate(pairs):
             n_ctx, cont = len(contexts[i]), continuations[i][j]
@@ -149,16 +140,6 @@ def continuation_logliks(
     for (i, _j), v in sorted(scores.items()):
         out[i].append(v)
     return out
-
-
-def right_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(x) for x in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, x in enumerate(batch):
-        ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[i, : len(x)] = 1
-    return ids, mask
 
 
 def run_batched(model: Any, requested: int | str, fn: Callable[[int], Any], start: int = 64) -> tuple[Any, int]:
