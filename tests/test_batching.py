@@ -19,3 +19,24 @@ def test_one_padding_helper_right_left_and_labels():
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 9]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3], [IGNORE_INDEX, 5, IGNORE_INDEX]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]] and batch["index"].tolist() == [0, 1]
+
+
+def test_per_example_cache_packs_and_reads_rows(tmp_path):
+    import torch
+
+    from pktransfer.errors import DataError
+    from pktransfer.fileio import save_safetensors
+    from pktransfer.methods.teacher_cache import PerExampleCache, pack_per_example
+
+    # two batches: examples with 2, 0, 3 and 1 rows
+    blocks = [torch.arange(4).reshape(2, 2) + 0.0, torch.arange(6).reshape(3, 2) + 10.0, torch.tensor([[99.0, 98.0]])]
+    packed = pack_per_example([2, 0, 3, 1], {"x": [torch.cat(blocks[:1]), torch.cat(blocks[1:])]})
+    assert packed["offsets"].tolist() == [0, 2, 2, 5, 6]
+    path = save_safetensors(packed, tmp_path / "c.safetensors")
+    cache = PerExampleCache(path, 4, "kd")
+    assert cache.rows("x", [3, 0]).tolist() == [[99.0, 98.0], [0.0, 1.0], [2.0, 3.0]]
+    assert cache.rows("x", [1]).shape == (0, 2)
+    with pytest.raises(DataError, match="holds 4 examples, training has 5"):
+        PerExampleCache(path, 5, "kd")
+    with pytest.raises(ValueError, match="counts add up"):
+        pack_per_example([1], {"x": [torch.zeros(2, 1)]})

@@ -189,7 +189,7 @@ def test_disk_full_during_a_run_ends_with_failed_json_and_a_message(tiny_recipe,
 def test_a_truncated_cached_tensor_file_is_recomputed(tmp_path):
     import torch
 
-    from pktransfer.methods.base import cached_file
+    from pktransfer.methods.teacher_cache import cached_file
     from pktransfer.progress import Progress
 
     path = cached_file(tmp_path, "kd", "k", lambda: {"x": torch.ones(1000)}, Progress(quiet=True))

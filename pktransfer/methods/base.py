@@ -6,8 +6,6 @@ so methods compared in one recipe differ only in what they implement here.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,45 +99,6 @@ def save_rebased_adapter(model: Any, folder: Path, initial: dict[str, Any]) -> N
     saved.inference_mode = True
     saved.save_pretrained(str(folder))
     save_safetensors(tensors, folder / "adapter_model.safetensors")
-
-
-# ---- caches of teacher outputs (shared by the runs of a comparison) ---------------------------------
-
-
-def vocab_digest(tokenizer: Any) -> str:
-    """Hash of a tokenizer's vocabulary (token -> id): cached teacher outputs are only valid for it."""
-    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
-
-
-def cache_key(teacher: str, extra: str, examples: list[Example]) -> str:
-    """Hash of what a cached teacher output depends on: the teacher, the method's settings, the token ids
-    and labels of every example."""
-    h = hashlib.sha256(f"{teacher}|{extra}".encode())
-    for e in examples:
-        h.update(json.dumps([e.input_ids, e.labels]).encode())
-    return h.hexdigest()[:20]
-
-
-def cached_file(folder: Path, prefix: str, key: str, compute: Callable[[], dict[str, Any]], progress: Progress) -> Path:
-    """``folder/prefix-key.safetensors``, computed by ``compute()`` unless a readable copy exists.
-
-    Written to a temporary name and renamed, so runs sharing the folder never see a half-written file.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    from pktransfer.fileio import save_safetensors
-
-    path = folder / f"{prefix}-{key}.safetensors"
-    if path.is_file():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                f.keys()
-            progress.log(f"{prefix}: reusing {path}")
-            return path
-        except (SafetensorError, OSError, RuntimeError):
-            progress.log(f"{prefix}: {path} is unreadable; recomputing it")
-    tensors = compute()
-    return save_safetensors(tensors, path)
 
 
 @dataclass

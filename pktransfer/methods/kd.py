@@ -18,7 +18,6 @@ same loss. The cache file is keyed by the teacher, the token ids and k, so runs 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -28,8 +27,8 @@ from pydantic import Field
 
 from pktransfer.config import MethodConfig
 from pktransfer.data import Example
-from pktransfer.errors import DataError
-from pktransfer.methods.base import Method, MethodContext, SharedWork, cache_key, cached_file, n_tokens, vocab_digest
+from pktransfer.methods.base import Method, MethodContext, SharedWork, n_tokens
+from pktransfer.methods.teacher_cache import PerExampleCache, cache_key, cached_file, pack_per_example, teacher_identity
 from pktransfer.models.pair import check_pair
 from pktransfer.progress import Progress
 from pktransfer.training import (
@@ -107,9 +106,7 @@ def teacher_logits_at_responses(
             ids.append(top.indices.to(torch.int32).cpu())
             counts.extend(int(m.sum()) for m in mask)
             advance(len(chunk))
-    offsets = torch.zeros(len(counts) + 1, dtype=torch.long)
-    offsets[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.long), 0)
-    return {"values": torch.cat(values), "ids": torch.cat(ids), "offsets": offsets}
+    return pack_per_example(counts, {"values": values, "ids": ids})
 
 
 # ---- the method -----------------------------------------------------------------------------------
@@ -136,7 +133,7 @@ class KdMethod(Method):
 
     def __init__(self, spec: Any) -> None:
         super().__init__(spec)
-        self.cache: dict[str, torch.Tensor] | None = None
+        self.cache: PerExampleCache | None = None
         self.teacher: Any = None
         self.vocab = 0
 
@@ -146,7 +143,6 @@ class KdMethod(Method):
 
     def prepare(self, ctx: MethodContext) -> Any:
         from peft import get_peft_model
-        from safetensors.torch import load_file
 
         spec, student = self.spec, ctx.student
         check_targets(student.model, ctx.recipe.lora)
@@ -155,7 +151,7 @@ class KdMethod(Method):
         if spec.cache:
             examples = ctx.examples
             key = cache_key(
-                json.dumps(ctx.recipe.teacher.model_dump(), sort_keys=True) + vocab_digest(student.tokenizer),
+                teacher_identity(ctx.recipe, student.tokenizer),
                 f"top_k={spec.top_k}",
                 examples,
             )
@@ -176,11 +172,7 @@ class KdMethod(Method):
                 return out
 
             # a cache hit needs no teacher at all (the key holds the teacher spec and the student's vocabulary)
-            self.cache = load_file(str(cached_file(folder, "kd-logits", key, compute, ctx.progress)))
-            if len(self.cache["offsets"]) != len(examples) + 1:
-                raise DataError(
-                    "kd: the cached teacher logits do not match the training examples", hint=f"delete {folder} and rerun"
-                )
+            self.cache = PerExampleCache(cached_file(folder, "kd-logits", key, compute, ctx.progress), len(examples), "kd")
         else:
             self.teacher = self._teacher(ctx)
         return get_peft_model(student.model, lora_config(ctx.recipe.lora))
@@ -203,10 +195,9 @@ class KdMethod(Method):
             logits = outputs.logits[..., : self.vocab]
             labels = batch["labels"]
             if self.cache is not None:
-                off = self.cache["offsets"]
-                rows = [slice(int(off[i]), int(off[i + 1])) for i in batch["index"].tolist()]
-                t_vals = torch.cat([self.cache["values"][r] for r in rows]).to(logits.device)
-                t_ids = torch.cat([self.cache["ids"][r] for r in rows]).to(logits.device)
+                index = batch["index"].tolist()
+                t_vals = self.cache.rows("values", index).to(logits.device)
+                t_ids = self.cache.rows("ids", index).to(logits.device)
             else:
                 t_model = self.teacher.model
                 dev = next(t_model.parameters()).device

@@ -36,7 +36,8 @@ from pktransfer.config import MethodConfig
 from pktransfer.data import IGNORE_INDEX, Example, encode_items
 from pktransfer.errors import DataError, IncompatiblePairError
 from pktransfer.fileio import write_json
-from pktransfer.methods.base import Method, MethodContext, SharedWork, cache_key, cached_file, n_tokens, vocab_digest
+from pktransfer.methods.base import Method, MethodContext, SharedWork, n_tokens
+from pktransfer.methods.teacher_cache import PerExampleCache, cache_key, cached_file, pack_per_example, teacher_identity
 from pktransfer.models.pair import check_pair
 from pktransfer.ops.semantic import (
     LayerPair,
@@ -247,23 +248,7 @@ def precompute_targets(
                 parts[p.student].append(t.half())
             counts.extend(int(c) for c in response_positions(batch["labels"]).sum(1))
             advance(len(chunk))
-    offsets = torch.zeros(len(counts) + 1, dtype=torch.long)
-    offsets[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.long), 0)
-    return {"offsets": offsets, **{f"pair.{k}": torch.cat(v) for k, v in parts.items()}}
-
-
-class TargetCache:
-    """Reads cached targets lazily (memory-mapped safetensors): only the rows of the current batch."""
-
-    def __init__(self, path: Path) -> None:
-        from safetensors import safe_open
-
-        self._file = safe_open(str(path), framework="pt")
-        self.offsets = self._file.get_tensor("offsets")
-
-    def rows(self, pair: int, index: list[int]) -> torch.Tensor:
-        sl = self._file.get_slice(f"pair.{pair}")
-        return torch.cat([sl[int(self.offsets[i]) : int(self.offsets[i + 1])] for i in index]).float()
+    return pack_per_example(counts, {f"pair.{k}": v for k, v in parts.items()})
 
 
 # ---- the method -----------------------------------------------------------------------------------
@@ -322,7 +307,7 @@ class SemAlignMethod(Method):
         super().__init__(spec)
         self.pairs: list[LayerPair] = []
         self.map: torch.Tensor | None = None
-        self.targets: TargetCache | None = None
+        self.targets: PerExampleCache | None = None
         self.teacher: Any = None
         self.vocab = 0
         self.phase = -1  # shallow_to_deep: index of the pair being trained; -1: all (joint)
@@ -439,7 +424,7 @@ class SemAlignMethod(Method):
                 sort_keys=True,
             )
             key = cache_key(
-                json.dumps(ctx.recipe.teacher.model_dump(), sort_keys=True) + vocab_digest(student.tokenizer),
+                teacher_identity(ctx.recipe, student.tokenizer),
                 settings,
                 ctx.examples,
             )
@@ -466,11 +451,7 @@ class SemAlignMethod(Method):
                 return out
 
             path = cached_file(folder, "semalign-targets", key, compute, ctx.progress)
-            self.targets = TargetCache(path)
-            if len(self.targets.offsets) != len(ctx.examples) + 1:
-                raise DataError(
-                    "semalign: the cached teacher targets do not match the training examples", hint=f"delete {path} and rerun"
-                )
+            self.targets = PerExampleCache(path, len(ctx.examples), "semalign")
         else:
             self.teacher = teacher
         targets_s = time.perf_counter() - t0
@@ -535,7 +516,7 @@ class SemAlignMethod(Method):
             acts = [self._acts[p.student][:, :-1][mask] for p in pairs]
             if self.targets is not None:
                 index = batch["index"].tolist()
-                targets = [self.targets.rows(p.student, index) for p in pairs]
+                targets = [self.targets.rows(f"pair.{p.student}", index).float() for p in pairs]
             else:
                 t0 = time.perf_counter()
                 targets = teacher_targets(

@@ -1,0 +1,93 @@
+"""Teacher outputs computed once and read per example: KD's top-k logits, SemAlign's layer targets.
+
+A cache is one safetensors file: tensors whose rows are the response positions of every training example,
+concatenated, plus ``offsets`` [N + 1] (example i owns rows ``offsets[i]:offsets[i + 1]``). The file is
+named by a hash of everything its contents depend on, written atomically, and read memory-mapped, so a
+grid's cells share it and a training step reads only its batch's rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pktransfer.data import Example
+from pktransfer.errors import DataError
+from pktransfer.progress import Progress
+
+
+def vocab_digest(tokenizer: Any) -> str:
+    """Hash of a tokenizer's vocabulary (token -> id): cached teacher outputs are only valid for it."""
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+
+
+def teacher_identity(recipe: Any, tokenizer: Any) -> str:
+    """The teacher as a cache depends on it: its recipe section and the (shared) vocabulary."""
+    return json.dumps(recipe.teacher.model_dump(), sort_keys=True) + vocab_digest(tokenizer)
+
+
+def cache_key(teacher: str, extra: str, examples: list[Example]) -> str:
+    """Hash of what a cached teacher output depends on: the teacher, the method's settings, the token ids
+    and labels of every example."""
+    h = hashlib.sha256(f"{teacher}|{extra}".encode())
+    for e in examples:
+        h.update(json.dumps([e.input_ids, e.labels]).encode())
+    return h.hexdigest()[:20]
+
+
+def cached_file(folder: Path, prefix: str, key: str, compute: Callable[[], dict[str, Any]], progress: Progress) -> Path:
+    """``folder/prefix-key.safetensors``, computed by ``compute()`` unless a readable copy exists.
+
+    Written to a temporary name and renamed, so runs sharing the folder never see a half-written file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from pktransfer.fileio import save_safetensors
+
+    path = folder / f"{prefix}-{key}.safetensors"
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+            progress.log(f"{prefix}: reusing {path}")
+            return path
+        except (SafetensorError, OSError, RuntimeError):
+            progress.log(f"{prefix}: {path} is unreadable; recomputing it")
+    tensors = compute()
+    return save_safetensors(tensors, path)
+
+
+def pack_per_example(counts: Sequence[int], parts: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate per-batch row blocks and add ``offsets`` from each example's row count."""
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(torch.tensor(list(counts), dtype=torch.long), 0)
+    packed = {name: torch.cat(blocks) for name, blocks in parts.items()}
+    for name, t in packed.items():
+        if t.shape[0] != int(offsets[-1]):
+            raise ValueError(f"{name} holds {t.shape[0]} rows, the examples' counts add up to {int(offsets[-1])}")
+    return {"offsets": offsets, **packed}
+
+
+class PerExampleCache:
+    """Reads a packed cache lazily: ``rows(name, index)`` gives the rows of the examples in ``index``."""
+
+    def __init__(self, path: Path, n_examples: int, what: str) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        self._file = safe_open(str(path), framework="pt")
+        self.offsets = self._file.get_tensor("offsets")
+        if len(self.offsets) != n_examples + 1:
+            raise DataError(
+                f"{what}: the cached file holds {len(self.offsets) - 1} examples, training has {n_examples}",
+                hint=f"delete {path} and rerun",
+            )
+
+    def rows(self, name: str, index: Sequence[int]) -> torch.Tensor:
+        sl = self._file.get_slice(name)
+        return torch.cat([sl[int(self.offsets[i]) : int(self.offsets[i + 1])] for i in index])
