@@ -44,7 +44,8 @@ def run_mode(mode: str, n: int, max_length: int, task: str, map_dtype: str, chec
     and a bare forward+backward, alternating which goes first, for the same-process time ratio."""
     import torch
 
-    from pktransfer.methods.seeking import accumulator_modes, group_roles, vocab_modules
+    from pktransfer.methods.injection import group_roles
+    from pktransfer.methods.seeking import accumulator_modes, vocab_modules
     from pktransfer.models import load_model
     from pktransfer.ops.sensitivity import StreamingSensitivity
     from pktransfer.recipe import ModelSpec

@@ -151,3 +151,17 @@ def test_no_import_cycles_between_modules():
     for m in graph:
         if not state.get(m):
             visit(m, [m])
+
+
+def test_a_method_module_imports_no_other_method_and_ops_only_math():
+    """Shared steps live in methods/{base,injection,teacher_cache,registry}.py, not in another method's file;
+    ops/ is pure math (no file I/O, no methods)."""
+    shared = {"base", "injection", "teacher_cache", "registry", "__init__"}
+    method_files = [f for f in (PKG / "methods").glob("*.py") if f.stem not in shared]
+    assert len(method_files) >= 6
+    for f in method_files:
+        others = {f"pktransfer.methods.{g.stem}" for g in method_files if g != f}
+        assert not _imports(f, f"pktransfer.methods.{f.stem}") & others, f.stem
+    for f in (PKG / "ops").glob("*.py"):
+        deps = _imports(f, f"pktransfer.ops.{f.stem}")
+        assert all(d.startswith("pktransfer.ops") for d in deps), (f.stem, deps)

@@ -14,8 +14,8 @@ import pktransfer
 from pktransfer.data import PromptFormatter, get_task
 from pktransfer.errors import DataError, IncompatiblePairError, RecipeError
 from pktransfer.methods import MethodContext, get_method
+from pktransfer.methods.seeking import load_sensitivity
 from pktransfer.models import load_model
-from pktransfer.ops.sensitivity import Sensitivity
 from pktransfer.progress import Progress
 from pktransfer.recipe import recipe_from_dict
 
@@ -74,7 +74,7 @@ def test_sensitivity_layer_selection_and_artifacts(tiny_recipe, tmp_path):
     assert len(scores) == 4 and all(s > 0 for s in scores)
     top2 = sorted(sorted(range(4), key=lambda i: -scores[i])[:2])
     assert info["selected_layers"] == top2
-    sens = Sensitivity.load(tmp_path / "sensitivity")
+    sens = load_sensitivity(tmp_path / "sensitivity")
     assert sens.n_samples == 3
     # maps of unselected layers were dropped, selected ones kept for the submatrix search
     for i in range(4):

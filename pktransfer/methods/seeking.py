@@ -30,37 +30,47 @@ from pydantic import Field
 from pktransfer.config import MethodConfig
 from pktransfer.data import encode_items
 from pktransfer.errors import DataError, IncompatiblePairError, RecipeError
-from pktransfer.fileio import write_json
-from pktransfer.methods.base import Method, MethodContext, SharedWork, Verb, n_tokens, snapshot_lora
+from pktransfer.fileio import save_safetensors, write_json
+from pktransfer.methods.base import Method, MethodContext, SharedWork, Verb, n_tokens
+from pktransfer.methods.injection import ROLE_OF_LEAF, group_roles, lora_started_at, teacher_for_injection
 from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES, ArchitectureDescription
 from pktransfer.models.pair import check_pair
-from pktransfer.models.tying import parameter_key, untie_if_targeted
-from pktransfer.ops.lowrank import svd_init
+from pktransfer.models.tying import parameter_key
 from pktransfer.ops.selection import reduce_dims, select_layers
-from pktransfer.ops.sensitivity import Sensitivity, sensitivity_over
+from pktransfer.ops.sensitivity import ParamSensitivity, Sensitivity, sensitivity_over
 from pktransfer.progress import Progress
-from pktransfer.training import check_targets, lora_config
-
-ROLE_OF_LEAF = {
-    "q_proj": "q",
-    "k_proj": "k",
-    "v_proj": "v",
-    "o_proj": "o",
-    "gate_proj": "gate",
-    "up_proj": "up",
-    "down_proj": "down",
-    "embed_tokens": "embed",
-    "lm_head": "lm_head",
-}
-GROUPS = {"embed": ("embed", "lm_head"), "attention": ATTENTION_ROLES, "ffn": FFN_ROLES}
-
-
-def group_roles(modules: list[str]) -> set[str]:
-    names = list(GROUPS) if "all" in modules else modules
-    return {r for g in names for r in GROUPS[g]}
-
 
 # ---- 1. sensitivity -------------------------------------------------------------------------------
+
+
+def save_sensitivity(sens: Sensitivity, folder: Path) -> None:
+    """``sensitivity.safetensors`` (every accumulator) and ``sensitivity.json`` (layout, samples, meta)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in sens.params.items():
+        tensors.update(p.tensors(name))
+    save_safetensors(tensors, folder / "sensitivity.safetensors")
+    layout = {name: {"mode": p.mode, "shape": list(p.shape)} for name, p in sens.params.items()}
+    # the layout is written last: a folder with sensitivity.json holds a whole sensitivity.safetensors
+    write_json(folder / "sensitivity.json", {"n_samples": sens.n_samples, "meta": sens.meta, "params": layout})
+
+
+def load_sensitivity(folder: Path) -> Sensitivity:
+    from safetensors.torch import load_file
+
+    info = json.loads((folder / "sensitivity.json").read_text())
+    tensors = load_file(str(folder / "sensitivity.safetensors"))
+    params = {
+        name: ParamSensitivity(
+            mode=lay["mode"],
+            shape=tuple(lay["shape"]),
+            total=tensors[f"{name}::total"].reshape(()).double(),
+            rows=tensors.get(f"{name}::rows"),
+            cols=tensors.get(f"{name}::cols"),
+            full=tensors.get(f"{name}::full"),
+        )
+        for name, lay in info["params"].items()
+    }
+    return Sensitivity(params, info["n_samples"], info.get("meta", {}))
 
 
 def accumulator_modes(arch: ArchitectureDescription, structure: str, roles: set[str]) -> Any:
@@ -160,7 +170,7 @@ def locate(
                 f"no saved sensitivity in '{folder}'",
                 hint="point method.sensitivity at the sensitivity/ folder written by `pkt extract`",
             )
-        sens = Sensitivity.load(folder)
+        sens = load_sensitivity(folder)
         ctx.progress.log(f"seeking: reusing sensitivity from {folder} ({sens.n_samples} samples)")
     else:
         t0 = time.perf_counter()
@@ -194,7 +204,7 @@ def locate(
         if name.startswith(teacher.arch.layers_path + ".") and int(name.split(".")[2]) not in layers:
             p.drop_map()
     if not spec.sensitivity:
-        sens.save(own)  # a reused sensitivity is not copied (it can be GBs); summary.json names its source
+        save_sensitivity(sens, own)  # a reused sensitivity is not copied (it can be GBs); summary.json names its source
     own.mkdir(parents=True, exist_ok=True)
     summary = sensitivity_summary(sens, teacher.arch)
     summary.update(
@@ -297,74 +307,6 @@ def _extract_one(
     mat = torch.zeros(target, dtype=torch.float32)
     mat[: block.shape[0], : block.shape[1]] = block.float().cpu()
     return mat
-
-
-# ---- 4-5. factorisation and injection -------------------------------------------------------------
-
-
-@torch.no_grad()
-def inject(peft_model: Any, matrices: dict[str, torch.Tensor], adapter: str = "default", on_module: Any = None) -> dict[str, int]:
-    """Start each LoRA at (B, A) = SVD_r(W_x) and subtract s·B A from its base weight. Returns ranks used."""
-    modules = dict(peft_model.base_model.model.named_modules())
-    used = {}
-    for name, w_x in matrices.items():
-        layer = modules[name]
-        s = layer.scaling[adapter]
-        if hasattr(layer, "lora_embedding_A") and adapter in layer.lora_embedding_A:
-            a_param, b_param = layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
-            r = a_param.shape[0]
-            b, a = svd_init(w_x.T, r)  # peft's embedding delta is (B A)ᵀ with B [hidden, r], A [r, vocab]
-            base = layer.get_base_layer().weight
-            b, a = b.to(base.device), a.to(base.device)  # the SVD runs on the CPU copy in float32
-            a_param.copy_(a)
-            b_param.copy_(b)
-            base.sub_((s * (b @ a)).T.to(base.dtype))
-        else:
-            r = layer.lora_A[adapter].weight.shape[0]
-            b, a = svd_init(w_x, r)
-            base = layer.get_base_layer().weight
-            b, a = b.to(base.device), a.to(base.device)
-            layer.lora_A[adapter].weight.copy_(a)
-            layer.lora_B[adapter].weight.copy_(b)
-            base.sub_((s * (b @ a)).to(base.dtype))
-        used[name] = r
-        if on_module:
-            on_module()
-    return used
-
-
-def check_ranks(arch: ArchitectureDescription, recipe: Any) -> None:
-    """Every targeted LoRA rank fits the smaller dimension of its student weight."""
-    for w in arch.weights():
-        leaf = w.module.rsplit(".", 1)[-1]
-        if leaf in recipe.lora.target_modules and len(w.shape) == 2:
-            r = recipe.lora.rank_pattern.get(leaf, recipe.lora.r)
-            if r > min(w.shape):
-                raise RecipeError(
-                    f"lora rank {r} exceeds the smaller dimension of {w.module} {w.shape}",
-                    hint=f"use lora.r <= {min(w.shape)} (or a rank_pattern entry for {leaf})",
-                )
-
-
-def teacher_for_injection(ctx: MethodContext, method: str) -> Any:
-    """The teacher, once targets, the pair and the ranks are known to fit (methods that inject its weights)."""
-    check_targets(ctx.student.model, ctx.recipe.lora)
-    teacher = ctx.load_teacher()
-    check_pair(teacher.arch, ctx.student.arch, teacher.tokenizer, ctx.student.tokenizer, method)
-    check_ranks(ctx.student.arch, ctx.recipe)
-    return teacher
-
-
-def lora_started_at(ctx: MethodContext, matrices: dict[str, torch.Tensor]) -> tuple[Any, dict[str, Any]]:
-    """Steps 4-5: the student's LoRA at SVD_r of each matrix, the base holding the residual; returns the
-    PEFT model and its starting factors (what ``Method.save_adapter`` rebases against)."""
-    from peft import get_peft_model
-
-    untie_if_targeted(ctx.student, ctx.recipe.lora.target_modules, ctx.progress.log)  # W − s·BA must not move lm_head
-    model = get_peft_model(ctx.student.model, lora_config(ctx.recipe.lora, init=True))
-    with ctx.progress.task("SVD init per module", total=len(matrices)) as advance:
-        inject(model, matrices, on_module=lambda: advance(1))
-    return model, snapshot_lora(model)
 
 
 class SeekingConfig(MethodConfig):

@@ -26,7 +26,7 @@ from pktransfer.config import MethodConfig
 from pktransfer.errors import IncompatiblePairError, RecipeError
 from pktransfer.fileio import write_json
 from pktransfer.methods.base import Method, MethodContext
-from pktransfer.methods.seeking import ROLE_OF_LEAF, group_roles, lora_started_at, teacher_for_injection
+from pktransfer.methods.injection import ROLE_OF_LEAF, group_roles, lora_started_at, teacher_for_injection
 from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES, ArchitectureDescription
 from pktransfer.ops.selection import select_layers, space_indices
 

@@ -18,10 +18,8 @@ output gradient, and the embedding's only for the rows of the tokens in the samp
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -131,35 +129,6 @@ class Sensitivity:
 
     def module_totals(self) -> dict[str, float]:
         return {name: float(p.total) for name, p in self.params.items()}
-
-    def save(self, folder: Path) -> None:
-        from pktransfer.fileio import save_safetensors, write_json
-
-        tensors: dict[str, torch.Tensor] = {}
-        for name, p in self.params.items():
-            tensors.update(p.tensors(name))
-        save_safetensors(tensors, folder / "sensitivity.safetensors")
-        layout = {name: {"mode": p.mode, "shape": list(p.shape)} for name, p in self.params.items()}
-        # the layout is written last: a folder with sensitivity.json holds a whole sensitivity.safetensors
-        write_json(folder / "sensitivity.json", {"n_samples": self.n_samples, "meta": self.meta, "params": layout})
-
-    @classmethod
-    def load(cls, folder: Path) -> Sensitivity:
-        from safetensors.torch import load_file
-
-        info = json.loads((folder / "sensitivity.json").read_text())
-        tensors = load_file(str(folder / "sensitivity.safetensors"))
-        params = {}
-        for name, lay in info["params"].items():
-            params[name] = ParamSensitivity(
-                mode=lay["mode"],
-                shape=tuple(lay["shape"]),
-                total=tensors[f"{name}::total"].reshape(()).double(),
-                rows=tensors.get(f"{name}::rows"),
-                cols=tensors.get(f"{name}::cols"),
-                full=tensors.get(f"{name}::full"),
-            )
-        return cls(params, info["n_samples"], info.get("meta", {}))
 
 
 class StreamingSensitivity:
