@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 import pktransfer
-from pktransfer.methods.kd import kd_loss, kl_to_teacher
+from pktransfer.methods.kd import kd_loss
+from pktransfer.ops.distill import kl_to_teacher
 from pktransfer.ops.selection import select_layers, space_indices, uniform_indices
 from pktransfer.recipe import recipe_from_dict
 
@@ -93,9 +94,9 @@ def test_kd_cached_and_live_teacher_agree_and_the_cache_is_reused(tiny_recipe, t
     assert losses["live"] == pytest.approx(losses["cached"], rel=1e-5)
     assert len(list(cache_dir.glob("kd-logits-*.safetensors"))) == 1
 
-    import pktransfer.methods.kd as kd
+    import pktransfer.methods.teacher_cache as teacher_cache
 
-    monkeypatch.setattr(kd, "teacher_logits_at_responses", lambda *a, **k: pytest.fail("recomputed"))
+    monkeypatch.setattr(teacher_cache, "teacher_logits_at_responses", lambda *a, **k: pytest.fail("recomputed"))
     tiny_recipe["output_dir"] = str(tmp_path / "run")
     tiny_recipe["task"]["n_train"] = 8
     tiny_recipe["training"]["max_length"] = 64

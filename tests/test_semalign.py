@@ -16,6 +16,7 @@ from pktransfer.ops.semantic import (
     basis_rows,
     cosine_to_onehot,
     decompose,
+    dual_map,
     gram_pinv,
     grid_layer,
     interpolate,
@@ -162,6 +163,28 @@ def test_chunked_recompose_map_equals_the_dense_product_and_the_explicit_round_t
     assert torch.allclose(map_activations(h, dense), explicit, atol=1e-5)
     with pytest.raises(ValueError, match="shared vocabulary"):
         recompose_map(w_t, w_s[:40])
+
+
+def test_dual_map_is_exact_within_one_model_where_the_paper_v1_round_trip_is_not():
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(40, 6, generator=g)  # tall head, full column rank
+    h = torch.randn(5, 6, generator=g)
+    for chunk in (7, 40):
+        assert torch.allclose(dual_map(w, w, chunk=chunk), torch.eye(6), atol=1e-4)  # W⁺W = I
+    unit = h / h.norm(dim=-1, keepdim=True)
+    assert torch.allclose(map_activations(h, dual_map(w, w)), unit, atol=1e-4)
+    v1 = torch.nn.functional.cosine_similarity(map_activations(h, recompose_map(w, w)), h, dim=-1)
+    assert v1.min() < 0.999  # the paper's unit-normalised bases do not round-trip a tall head exactly
+
+
+def test_dual_map_by_hand_across_a_pair():
+    # W_T = [[1, 0], [0, 2], [1, 1]] (V 3, D_T 2), W_S = [[1], [0], [1]] (D_S 1):
+    # W_SᵀW_T = [1 + 1, 0 + 1] = [2, 1]; W_SᵀW_S = 2, so M = [[1, 0.5]]
+    w_t = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    w_s = torch.tensor([[1.0], [0.0], [1.0]])
+    assert torch.allclose(dual_map(w_t, w_s, chunk=2), torch.tensor([[1.0, 0.5]]), atol=1e-6)
+    with pytest.raises(ValueError, match="shared vocabulary"):
+        dual_map(w_t, w_s[:2])
 
 
 def test_basis_rows_use_the_models_own_gram():
@@ -314,6 +337,39 @@ def test_cached_and_live_targets_give_the_same_loss_and_the_cache_is_reused(tiny
     assert len(list(cache_dir.glob("semantic-pinv-*.safetensors"))) == 2
     assert len(list(cache_dir.glob("semantic-map-*.safetensors"))) == 1
     assert 0 < losses["live"] < 4
+
+
+def test_dual_decomposition_and_kl_output_loss_cached_equals_live_and_share_kds_cache(tiny_recipe, tmp_path):
+    from conftest import tiny_method_context
+
+    from pktransfer.training import collate_examples
+
+    cache_dir, logits_dir = tmp_path / "cache", tmp_path / "kd-logits"
+    losses = {}
+    for name, extra in (("live", {"cache": False}), ("cached", {"cache": True, "logits_cache": str(logits_dir)})):
+        recipe = _recipe(tiny_recipe, decomposition="dual", output_loss="kl", top_k=None, cache_dir=str(cache_dir), **extra)
+        method, ctx = tiny_method_context(recipe, tmp_path / name)
+        model = method.prepare(ctx)
+        assert method.report()["map"]["decomposition"] == "dual"
+        batch = collate_examples(ctx.examples[2:6], ctx.student.tokenizer.pad_token_id, first_index=2)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        losses[name] = method.training_loss(ctx)(out, batch, None).item()
+        method.finish_training()
+    assert losses["live"] == pytest.approx(losses["cached"], rel=1e-3)
+    assert len(list(cache_dir.glob("semantic-map-dual-*.safetensors"))) == 1
+    assert all(p.name.startswith("semantic-map-dual-") for p in cache_dir.glob("semantic-map-*"))
+    # the same file name and key as KD's cache: one grid computes the teacher's logits once
+    assert len(list(logits_dir.glob("kd-logits-*.safetensors"))) == 1
+    kd_recipe = _recipe(tiny_recipe, name="kd", top_k=None, logits_cache=str(logits_dir))
+    import pktransfer.methods.teacher_cache as teacher_cache
+
+    real = teacher_cache.teacher_logits_at_responses
+    try:
+        teacher_cache.teacher_logits_at_responses = lambda *a, **k: pytest.fail("recomputed")
+        kd, kd_ctx = tiny_method_context(kd_recipe, tmp_path / "kd")
+        kd.prepare(kd_ctx)
+    finally:
+        teacher_cache.teacher_logits_at_responses = real
 
 
 @pytest.mark.parametrize("point", ["mlp", "attention", "layer"])

@@ -26,37 +26,19 @@ import torch
 from pydantic import Field
 
 from pktransfer.config import MethodConfig
-from pktransfer.data import Example
-from pktransfer.methods.base import Method, MethodContext, SharedWork, n_tokens
-from pktransfer.methods.teacher_cache import PerExampleCache, cache_key, cached_file, pack_per_example, teacher_identity
+from pktransfer.methods.base import Method, MethodContext, SharedWork
+from pktransfer.methods.teacher_cache import PerExampleCache, teacher_logits_cache
 from pktransfer.models.pair import check_pair
-from pktransfer.progress import Progress
+from pktransfer.ops.distill import kl_to_teacher
 from pktransfer.training import (
     LossFn,
     causal_lm_loss_sum,
     check_targets,
-    collate_examples,
     lora_config,
     response_positions,
 )
 
 # ---- the loss (pure functions) --------------------------------------------------------------------
-
-
-def kl_to_teacher(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, teacher_ids: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Per-position KL(p_T ‖ q_S) at temperature T.
-
-    student_logits [N, V]; teacher_logits [N, K] (K = V when ``teacher_ids`` is None, else the teacher's
-    logits at the token ids ``teacher_ids`` [N, K]). p_T is the softmax over the K teacher logits; q_S is
-    the student's softmax over its whole vocabulary, read at the same ids. Non-negative (Gibbs).
-    """
-    log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    if teacher_ids is not None:
-        log_q = log_q.gather(-1, teacher_ids.long())
-    log_p = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def kd_loss(
@@ -79,34 +61,6 @@ def kd_loss(
     ce = causal_lm_loss_sum(student_logits, labels)
     kl = kl_to_teacher(student_logits[:, :-1][mask], teacher_logits, temperature, teacher_ids).sum()
     return ((1 - alpha) * ce + alpha * temperature**2 * kl) / n
-
-
-# ---- teacher logits cache -------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def teacher_logits_at_responses(
-    teacher_model: Any, examples: list[Example], top_k: int | None, vocab: int, batch_size: int, progress: Progress
-) -> dict[str, torch.Tensor]:
-    """Top-k teacher logits (float32) and ids (int32) at each example's response positions, with offsets."""
-    device = next(teacher_model.parameters()).device
-    values, ids, counts = [], [], []
-    with progress.task("kd: teacher logits", total=len(examples)) as advance:
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            batch = collate_examples(chunk)
-            logits = teacher_model(
-                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-            ).logits[..., :vocab]
-            mask = response_positions(batch["labels"]).to(device)
-            picked = logits[:, :-1][mask].float()
-            k = vocab if top_k is None else min(top_k, vocab)
-            top = picked.topk(k, dim=-1, sorted=True)
-            values.append(top.values.cpu())
-            ids.append(top.indices.to(torch.int32).cpu())
-            counts.extend(int(m.sum()) for m in mask)
-            advance(len(chunk))
-    return pack_per_example(counts, {"values": values, "ids": ids})
 
 
 # ---- the method -----------------------------------------------------------------------------------
@@ -149,30 +103,14 @@ class KdMethod(Method):
         # the shared tokenizer's size; lm_heads may be padded beyond it differently
         self.vocab = min(student.arch.vocab_size, len(student.tokenizer))
         if spec.cache:
-            examples = ctx.examples
-            key = cache_key(
-                teacher_identity(ctx.recipe, student.tokenizer),
-                f"top_k={spec.top_k}",
-                examples,
-            )
             folder = Path(spec.logits_cache) if spec.logits_cache else ctx.workdir / "teacher_logits"
 
-            def compute() -> dict[str, torch.Tensor]:
+            def teacher_and_vocab() -> tuple[Any, int]:
                 teacher = self._teacher(ctx)
-                t0 = time.perf_counter()
-                out = teacher_logits_at_responses(
-                    teacher.model, examples, spec.top_k, self.vocab, ctx.recipe.training.batch_size, ctx.progress
-                )
-                ctx.teacher_work.add(
-                    f"teacher logits for {len(examples)} training examples (cached for the grid)",
-                    forward_tokens=n_tokens(examples),
-                    seconds=time.perf_counter() - t0,
-                    parameters=teacher.arch.n_parameters,
-                )
-                return out
+                return teacher, self.vocab
 
             # a cache hit needs no teacher at all (the key holds the teacher spec and the student's vocabulary)
-            self.cache = PerExampleCache(cached_file(folder, "kd-logits", key, compute, ctx.progress), len(examples), "kd")
+            self.cache = teacher_logits_cache(ctx, folder, spec.top_k, teacher_and_vocab)
         else:
             self.teacher = self._teacher(ctx)
         return get_peft_model(student.model, lora_config(ctx.recipe.lora))

@@ -9,12 +9,14 @@ vocabulary-based semantic bases, supervise paired student layers. Reads like met
 3. Semantic bases: s_i = e_i · pinv(Wᵀ) per model (unit rows), needing a shared vocabulary; only the
    D×D factor (WᵀW)⁺ per model and the pair's map M = S_Sᵀ S_T are kept (cached on disk).
 4. Decompose / recompose: h~_S = S_Sᵀ (S_T h_T / ||h_T||) = M h_T / ||h_T||. No learned projection.
+   ``decomposition: dual`` (ours, not the paper's): h~_S = W_S⁺ (W_T h_T), exact within one model.
 5. Training: LoRA (the paper: r 16 on up, down, v, o of the paired layers) with
    loss = [1 − mean cos(h_S^(k), h~_S^(k))] + [1 − mean cos(z, onehot(y))] over response positions,
    at the sublayer output before the residual add (``point: mlp`` by default). The teacher's targets
    are computed once and cached (``cache: true``), so the teacher is freed before training; with
    ``schedule: shallow_to_deep`` the pairs are trained one after another, each for an equal share of
-   the steps, only that layer's LoRA updated.
+   the steps, only that layer's LoRA updated. ``output_loss: kl`` (ours, not paper v1) replaces the
+   one-hot cosine by T²·KL(teacher_T ‖ student_T) on the teacher's cached top-k logits (KD's cache).
 
 Positions are the ones the plain loss uses: those whose next token belongs to the response.
 """
@@ -37,11 +39,20 @@ from pktransfer.data import IGNORE_INDEX, Example, encode_items
 from pktransfer.errors import DataError, IncompatiblePairError
 from pktransfer.fileio import write_json
 from pktransfer.methods.base import Method, MethodContext, SharedWork, n_tokens
-from pktransfer.methods.teacher_cache import PerExampleCache, cache_key, cached_file, pack_per_example, teacher_identity
+from pktransfer.methods.teacher_cache import (
+    PerExampleCache,
+    cache_key,
+    cached_file,
+    pack_per_example,
+    teacher_identity,
+    teacher_logits_cache,
+)
 from pktransfer.models.pair import check_pair
+from pktransfer.ops.distill import kl_to_teacher
 from pktransfer.ops.semantic import (
     LayerPair,
     alignment_terms,
+    dual_map,
     gram_pinv,
     interpolate,
     layer_pairs,
@@ -147,9 +158,15 @@ def head_fingerprint(weight: torch.Tensor) -> str:
 
 
 def pair_map(
-    teacher_head: torch.Tensor, student_head: torch.Tensor, folder: Path, chunk: int, progress: Progress
+    teacher_head: torch.Tensor,
+    student_head: torch.Tensor,
+    folder: Path,
+    chunk: int,
+    progress: Progress,
+    decomposition: str = "paper_v1",
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """M = S_Sᵀ S_T [D_S, D_T], with each model's (WᵀW)⁺ and the map cached in ``folder``."""
+    """The pair's map [D_S, D_T], with each model's (WᵀW)⁺ and the map cached in ``folder``:
+    paper_v1 M = S_Sᵀ S_T; dual M = (W_SᵀW_S)⁺ W_Sᵀ W_T."""
     from safetensors.torch import load_file
 
     t0 = time.perf_counter()
@@ -161,17 +178,22 @@ def pair_map(
 
     def compute() -> dict[str, torch.Tensor]:
         with progress.task("semalign: semantic bases -> recomposition map", total=1) as advance:
-            m = recompose_map(teacher_head, student_head, chunk, pinv[fp_t], pinv[fp_s])
+            if decomposition == "dual":
+                m = dual_map(teacher_head, student_head, chunk, pinv[fp_s])
+            else:
+                m = recompose_map(teacher_head, student_head, chunk, pinv[fp_t], pinv[fp_s])
             advance(1)
         return {"map": m}
 
-    m = load_file(str(cached_file(folder, "semantic-map", f"{fp_t}-{fp_s}", compute, progress)))["map"]
+    prefix = "semantic-map" if decomposition == "paper_v1" else f"semantic-map-{decomposition}"
+    m = load_file(str(cached_file(folder, prefix, f"{fp_t}-{fp_s}", compute, progress)))["map"]
     return m, {
         "seconds": round(time.perf_counter() - t0, 2),
         "shape": list(m.shape),
         "teacher_head": fp_t,
         "student_head": fp_s,
         "vocab": int(teacher_head.shape[0]),
+        "decomposition": decomposition,
     }
 
 
@@ -279,7 +301,20 @@ class SemAlignConfig(MethodConfig):
         default="joint", description="train every pair at once, or one pair after another from shallow to deep"
     )
     activation_weight: float = Field(default=1.0, ge=0, description="weight of 1 − mean cos(h_S, h~_S)")
-    logit_weight: float = Field(default=1.0, ge=0, description="weight of 1 − mean cos(z, onehot(y))")
+    logit_weight: float = Field(default=1.0, ge=0, description="weight of the output term (output_loss)")
+    decomposition: Literal["paper_v1", "dual"] = Field(
+        default="paper_v1",
+        description="paper_v1: a = S_T h/||h|| on unit pseudo-inverse bases, h~ = S_Sᵀ a (the paper, arXiv v1); "
+        "dual: a = W_T h (the teacher's logits), h~ = W_S⁺ a (exact within one model; not in the paper)",
+    )
+    output_loss: Literal["onehot_cosine", "kl"] = Field(
+        default="onehot_cosine",
+        description="onehot_cosine: 1 − cos(z, onehot(y)) (paper v1); kl: T²·KL(teacher_T ‖ student_T) on the "
+        "teacher's top-k logits (KD's cache; not in paper v1)",
+    )
+    temperature: float = Field(default=2.0, gt=0, description="output_loss kl: the temperature T")
+    top_k: int | None = Field(default=64, ge=1, description="output_loss kl: cached teacher logits per position")
+    logits_cache: str | None = Field(default=None, description="output_loss kl: folder of the teacher logits cache")
     cache: bool = Field(
         default=True,
         description="precompute the teacher's targets once and free the teacher; "
@@ -308,6 +343,7 @@ class SemAlignMethod(Method):
         self.pairs: list[LayerPair] = []
         self.map: torch.Tensor | None = None
         self.targets: PerExampleCache | None = None
+        self.logits: PerExampleCache | None = None  # output_loss kl, cached
         self.teacher: Any = None
         self.vocab = 0
         self.phase = -1  # shallow_to_deep: index of the pair being trained; -1: all (joint)
@@ -327,7 +363,10 @@ class SemAlignMethod(Method):
     @classmethod
     def shared_work(cls, recipe: Any, shared_root: Path) -> SharedWork:
         """Semantic bases, maps and targets are keyed by what they depend on: one folder serves every cell."""
-        return SharedWork.cache(recipe, "cache_dir", shared_root / "semalign")
+        work = SharedWork.cache(recipe, "cache_dir", shared_root / "semalign")
+        if recipe.method.output_loss == "kl":  # the same file as KD's cells of the grid
+            work = SharedWork.cache(work.recipe, "logits_cache", shared_root / "kd-logits")
+        return work
 
     def prepare(self, ctx: MethodContext) -> Any:
         from peft import get_peft_model
@@ -409,7 +448,12 @@ class SemAlignMethod(Method):
         # 3. semantic bases -> the pair's recomposition map
         folder = self._folder(ctx)
         self.map, map_info = pair_map(
-            lm_head(teacher, self.vocab), lm_head(student, self.vocab), folder, spec.basis_chunk, ctx.progress
+            lm_head(teacher, self.vocab),
+            lm_head(student, self.vocab),
+            folder,
+            spec.basis_chunk,
+            ctx.progress,
+            spec.decomposition,
         )
 
         # 4. teacher targets for every training example (or live during training)
@@ -420,6 +464,7 @@ class SemAlignMethod(Method):
                     "pairs": [p.to_dict() for p in self.pairs],
                     "point": spec.point,
                     "map": [map_info["teacher_head"], map_info["student_head"]],
+                    "decomposition": spec.decomposition,
                 },
                 sort_keys=True,
             )
@@ -454,6 +499,9 @@ class SemAlignMethod(Method):
             self.targets = PerExampleCache(path, len(ctx.examples), "semalign")
         else:
             self.teacher = teacher
+        if spec.output_loss == "kl" and spec.cache:
+            logits_folder = Path(spec.logits_cache) if spec.logits_cache else folder
+            self.logits = teacher_logits_cache(ctx, logits_folder, spec.top_k, lambda: (teacher, self.vocab))
         targets_s = time.perf_counter() - t0
 
         # 5. LoRA on the paired layers, and hooks on the supervised sublayers
@@ -537,10 +585,33 @@ class SemAlignMethod(Method):
                 )
             logits = outputs.logits[:, :-1][mask][..., : self.vocab]
             act, logit = alignment_terms(acts, targets, logits, batch["input_ids"][:, 1:].to(mask.device)[mask])
+            if spec.output_loss == "kl":
+                t_vals, t_ids = self._teacher_logits(ctx, batch, mask)
+                logit = spec.temperature**2 * kl_to_teacher(logits, t_vals, spec.temperature, t_ids).sum()
             self._acts.clear()
             return (spec.activation_weight * act + spec.logit_weight * logit) / n
 
         return loss
+
+    def _teacher_logits(
+        self, ctx: MethodContext, batch: dict[str, torch.Tensor], mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """output_loss kl: the teacher's (top-k) logits and their ids at the batch's response positions."""
+        if self.logits is not None:
+            index = batch["index"].tolist()
+            return self.logits.rows("values", index).to(mask.device), self.logits.rows("ids", index).to(mask.device)
+        model = self.teacher.model
+        dev = next(model.parameters()).device
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            z = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
+        ctx.teacher_work.add(
+            "live teacher logits at every training batch (output_loss kl)",
+            forward_tokens=int(batch["attention_mask"].sum()),
+            seconds=time.perf_counter() - t0,
+            parameters=self.teacher.arch.n_parameters,
+        )
+        return z[:, :-1][mask.to(dev)][..., : self.vocab].to(mask.device), None
 
     def callbacks(self, ctx: MethodContext) -> list[Any]:
         if self.spec.schedule != "shallow_to_deep" or len(self.pairs) < 2:
@@ -571,6 +642,7 @@ class SemAlignMethod(Method):
         self.phase = -1
         self.teacher = None
         self.targets = None
+        self.logits = None
 
     def report(self) -> dict[str, Any]:
         return self._info

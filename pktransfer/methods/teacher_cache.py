@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pktransfer.data import Example
 from pktransfer.errors import DataError
+from pktransfer.methods.base import n_tokens
 from pktransfer.progress import Progress
+from pktransfer.training import collate_examples, response_positions
+
+if TYPE_CHECKING:
+    from pktransfer.methods.base import MethodContext
 
 
 def vocab_digest(tokenizer: Any) -> str:
@@ -91,3 +97,57 @@ class PerExampleCache:
     def rows(self, name: str, index: Sequence[int]) -> torch.Tensor:
         sl = self._file.get_slice(name)
         return torch.cat([sl[int(self.offsets[i]) : int(self.offsets[i + 1])] for i in index])
+
+
+# ---- the teacher's next-token distribution (KD, SemAlign's ``output_loss: kl``) ------------------------
+
+
+@torch.no_grad()
+def teacher_logits_at_responses(
+    teacher_model: Any, examples: list[Example], top_k: int | None, vocab: int, batch_size: int, progress: Progress
+) -> dict[str, torch.Tensor]:
+    """Top-k teacher logits (float32) and ids (int32) at each example's response positions, with offsets."""
+    device = next(teacher_model.parameters()).device
+    values, ids, counts = [], [], []
+    with progress.task("teacher logits", total=len(examples)) as advance:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = collate_examples(chunk)
+            logits = teacher_model(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            ).logits[..., :vocab]
+            mask = response_positions(batch["labels"]).to(device)
+            picked = logits[:, :-1][mask].float()
+            k = vocab if top_k is None else min(top_k, vocab)
+            top = picked.topk(k, dim=-1, sorted=True)
+            values.append(top.values.cpu())
+            ids.append(top.indices.to(torch.int32).cpu())
+            counts.extend(int(m.sum()) for m in mask)
+            advance(len(chunk))
+    return pack_per_example(counts, {"values": values, "ids": ids})
+
+
+def teacher_logits_cache(
+    ctx: MethodContext, folder: Path, top_k: int | None, teacher_and_vocab: Callable[[], tuple[Any, int]]
+) -> PerExampleCache:
+    """The teacher's top-k logits at every training example's response positions, computed once per key.
+
+    The file is named by the teacher, the shared vocabulary and k, so KD cells and SemAlign's KL output loss
+    in one grid read one file. ``teacher_and_vocab()`` is called only on a cache miss.
+    """
+    examples = ctx.examples
+    key = cache_key(teacher_identity(ctx.recipe, ctx.student.tokenizer), f"top_k={top_k}", examples)
+
+    def compute() -> dict[str, torch.Tensor]:
+        teacher, vocab = teacher_and_vocab()
+        t0 = time.perf_counter()
+        out = teacher_logits_at_responses(teacher.model, examples, top_k, vocab, ctx.recipe.training.batch_size, ctx.progress)
+        ctx.teacher_work.add(
+            f"teacher logits for {len(examples)} training examples (cached for the grid)",
+            forward_tokens=n_tokens(examples),
+            seconds=time.perf_counter() - t0,
+            parameters=teacher.arch.n_parameters,
+        )
+        return out
+
+    return PerExampleCache(cached_file(folder, "kd-logits", key, compute, ctx.progress), len(examples), "teacher logits")

@@ -12,6 +12,10 @@ Notation: W is a model's LM head as stored by torch, [V, D] (logits = h Wᵀ). L
 - Decompose / recompose: a = S_T h_T / ||h_T||, h~_S = S_Sᵀ a, i.e. h~_S = M h_T / ||h_T|| with the
   pair's recomposition map M = S_Sᵀ S_T [D_S, D_T], accumulated over vocabulary chunks (memory
   O(D_S·D_T + chunk·D) however large the vocabulary).
+- ``decomposition: dual`` (not in the paper): a = W_T h_T (the teacher's own logits), h~_S = W_S⁺ a with
+  W_S⁺ = (W_SᵀW_S)⁺ W_Sᵀ, so h~_S = (W_SᵀW_S)⁺ (W_Sᵀ W_T) h_T; exact within one model (W⁺W h = h for a
+  head of full column rank), where the paper's unit-normalised bases are not. Same D×D factors, same
+  chunked accumulation.
 - Loss: [1 − mean cos(h_S, h~_S)] + [1 − mean cos(z, onehot(y))].
 """
 
@@ -138,6 +142,24 @@ def recompose_map(
         s_s = basis_rows(student_head[r : r + chunk], g_s)
         m += (s_s.T @ s_t).double()
     return m.float()
+
+
+def dual_map(
+    teacher_head: torch.Tensor, student_head: torch.Tensor, chunk: int = 8192, student_pinv: torch.Tensor | None = None
+) -> torch.Tensor:
+    """M = (W_SᵀW_S)⁺ W_Sᵀ W_T [D_S, D_T]: h~_S = W_S⁺ (W_T h_T), accumulated over vocabulary chunks."""
+    if teacher_head.shape[0] != student_head.shape[0]:
+        raise ValueError(
+            f"LM heads cover different vocabularies ({teacher_head.shape[0]} and "
+            f"{student_head.shape[0]} rows); semantic alignment needs one shared vocabulary"
+        )
+    g_s = gram_pinv(student_head, chunk) if student_pinv is None else student_pinv
+    cross = torch.zeros(student_head.shape[1], teacher_head.shape[1], dtype=torch.float64)
+    for r in range(0, teacher_head.shape[0], chunk):
+        w_s = student_head[r : r + chunk].detach().to("cpu", torch.float64)
+        w_t = teacher_head[r : r + chunk].detach().to("cpu", torch.float64)
+        cross += w_s.T @ w_t
+    return (g_s.double() @ cross).float()
 
 
 def decompose(h: torch.Tensor, bases: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
