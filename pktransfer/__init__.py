@@ -29,6 +29,13 @@ def compare(recipe: Recipe, **kwargs: Any) -> Any:
     return _compare(recipe, **kwargs)
 
 
+def diagnose(recipe: Recipe, **kwargs: Any) -> RunResult:
+    """Measure, without training, whether each method's premise holds for the recipe's pair (pkt diagnose)."""
+    from pktransfer.diagnosis import diagnose as _diagnose
+
+    return _diagnose(recipe, **kwargs)
+
+
 def train(recipe: Recipe, **kwargs: Any) -> RunResult:
     """Apply the recipe's method and train the student, without evaluations."""
     return run(recipe, evaluate=False, **kwargs)
@@ -44,6 +51,7 @@ __all__ = [
     "RunResult",
     "__version__",
     "compare",
+    "diagnose",
     "evaluate",
     "extract",
     "inject",

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pktransfer.errors import PktError
+from pktransfer.errors import PktError, RecipeError
 
 app = typer.Typer(
     help="pktransfer: cross-scale parametric knowledge transfer between language models.",
@@ -205,6 +205,48 @@ def inject_cmd(
         )
 
     _recipe_verb("inject", recipe, set_, output_dir, seed, overwrite, quiet, threads, report)
+
+
+@app.command("diagnose")
+def diagnose_cmd(
+    recipe: RecipeArg,
+    items: Annotated[int, typer.Option(help="seed items for CKA and semantic fidelity (forward only)")] = 16,
+    backward_items: Annotated[int, typer.Option(help="seed items for the teacher's sensitivity and attribution")] = 4,
+    locate_items: Annotated[int, typer.Option(help="items the neuron location averages over")] = 2,
+    set_: SetOpt = None,
+    output_dir: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Will transfer work for this pair? CKA, semantic-basis fidelity, sensitivity concentration, parametric
+    similarity and a verdict per method, without training (writes diagnose/ with report.md and plots)."""
+    import pktransfer
+    from pktransfer.diagnosis import DiagnoseSettings
+
+    def go() -> None:
+        pktransfer.set_threads(threads)
+        r = _recipe(recipe, set_, output_dir, None)
+        for name, value in (("--items", items), ("--backward-items", backward_items), ("--locate-items", locate_items)):
+            if value < 1:
+                raise RecipeError(f"{name} must be at least 1, got {value}", hint=f"e.g. {name} 4")
+        settings = DiagnoseSettings(
+            items=items,
+            backward_items=backward_items,
+            locate_items=locate_items,
+            seed=r.seed,
+            max_length=r.training.max_length,
+        )
+        res = pktransfer.diagnose(r, settings=settings, quiet=quiet, overwrite=overwrite)
+        table = Table(title="diagnosis")
+        for col in ("method", "measured", "predicts"):
+            table.add_column(col)
+        for v in res.run["verdicts"]:
+            table.add_row(v["method"], v["figure"], v["prediction"])
+        console.print(table)
+        console.print(f"report: {res.output_dir / 'diagnose' / 'report.md'} ({res.run['seconds']['total']} s)")
+
+    guarded(go)
 
 
 @app.command("compare")

@@ -55,4 +55,6 @@ def test_unrelated_representations_score_near_zero_and_mean_cosine():
     for _ in range(20):
         m.update([torch.randn(64, 16, generator=g)], [torch.randn(64, 16, generator=g)])
     assert abs(float(m.value()[0, 0])) < 0.05
-    assert mean_cosine(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[1.0, 0.0], [-1.0, -1.0]])) == pytest.approx(0.0, abs=1e-12)
+    assert mean_cosine(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[1.0, 0.0], [-1.0, -1.0]])) == pytest.approx(
+        0.0, abs=1e-12
+    )
