@@ -32,7 +32,7 @@ from pktransfer.errors import RecipeError
 from pktransfer.fileio import write_text
 from pktransfer.methods import registry
 from pktransfer.progress import Progress
-from pktransfer.recipe import BUDGET_KEYS, FIXED_KEYS, Recipe, apply_overrides, recipe_from_dict, save_recipe
+from pktransfer.recipe import BUDGET_KEYS, FIXED_KEYS, Recipe, TuneSpec, apply_overrides, recipe_from_dict, save_recipe
 from pktransfer.runs import check_matches, check_output_location, check_replaceable, read_marker, result_fields, write_marker
 
 # ---- 1. plan ----------------------------------------------------------------------------------------
@@ -52,9 +52,15 @@ def _fmt(value: Any) -> str:
 
 def expand_entries(recipe: Recipe) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """(label, method mapping, overrides) for every entry and sweep combination, labels unique."""
+    return [(label, method, overrides) for label, method, overrides, _ in expand_entries_tuned(recipe)]
+
+
+def expand_entries_tuned(recipe: Recipe) -> list[tuple[str, dict[str, Any], dict[str, Any], TuneSpec | None]]:
+    """(label, method mapping, overrides, tuning or None) for every entry and sweep combination, labels unique."""
     assert recipe.compare is not None
     out = []
     for entry in recipe.compare.methods:
+        tune = recipe.compare.tune if entry.tune is None else (entry.tune or None)
         method = entry.method.model_dump(mode="json")
         base_label = entry.label or entry.method.name
         keys = list(entry.sweep)
@@ -64,8 +70,8 @@ def expand_entries(recipe: Recipe) -> list[tuple[str, dict[str, Any], dict[str, 
             label = base_label
             if keys:
                 label += "[" + ",".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in zip(keys, combo, strict=True)) + "]"
-            out.append((label, method, overrides))
-    labels = [lbl for lbl, _, _ in out]
+            out.append((label, method, overrides, tune))
+    labels = [lbl for lbl, _, _, _ in out]
     dupes = sorted({lbl for lbl in labels if labels.count(lbl) > 1})
     if dupes:
         raise RecipeError(
@@ -97,8 +103,9 @@ def check_overrides(label: str, overrides: dict[str, Any], allow_unequal_budget:
             )
 
 
-def plan_grid(recipe: Recipe) -> list[Cell]:
-    """Every cell's full recipe, seed-major (all methods of the first seed first)."""
+def plan_grid(recipe: Recipe, chosen: dict[str, dict[str, Any]] | None = None) -> list[Cell]:
+    """Every cell's full recipe, seed-major (all methods of the first seed first); ``chosen`` (label ->
+    {key: value}) adds each tuned entry's chosen value."""
     if recipe.compare is None:
         raise RecipeError(
             "the recipe has no 'compare' section",
@@ -127,9 +134,68 @@ def plan_grid(recipe: Recipe) -> list[Cell]:
             data["seed"] = seed
             folder = root / "cells" / label / f"seed-{seed}"
             data["output_dir"] = str(folder)
-            data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+            every = {**overrides, **(chosen or {}).get(label, {})}
+            data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in every.items()])
             cells.append(Cell(label, seed, recipe_from_dict(data, f"compare entry '{label}'"), folder))
     return cells
+
+
+# ---- 1b. tuning on validation -------------------------------------------------------------------------
+
+
+@dataclass
+class TuneCell:
+    label: str
+    key: str
+    index: int
+    value: Any
+    cell: Cell
+
+
+def plan_tuning(recipe: Recipe) -> list[TuneCell]:
+    """One validation-only cell per tuned entry and candidate value, on the tuning seed. Never reads test:
+    the cells evaluate ``validation`` only, and the untouched models are not evaluated here."""
+    assert recipe.compare is not None
+    tuned = [(lbl, m, o, t) for lbl, m, o, t in expand_entries_tuned(recipe) if t is not None]
+    if not tuned:
+        return []
+    if not recipe.task.validation:
+        raise RecipeError(
+            "compare: tuning needs validation items, and task.validation is not set",
+            hint="set task.validation: N (e.g. 64; carved from the train split when the task has no validation split)",
+        )
+    base = recipe.dump()
+    base.pop("compare")
+    base["evaluation"].update(teacher=False, student=False, splits=["validation"])
+    root = Path(recipe.output_dir)
+    out = []
+    for label, method, overrides, tune in tuned:
+        if tune.key in overrides:
+            raise RecipeError(
+                f"compare entry '{label}' both sets and tunes '{tune.key}'", hint="drop one of the two (overrides or tune)"
+            )
+        check_overrides(label, {k: v for k, v in overrides.items()}, recipe.compare.allow_unequal_budget)
+        seed = recipe.compare.seeds[0] if tune.seed is None else tune.seed
+        for i, value in enumerate(tune.values):
+            data = json.loads(json.dumps(base))
+            data["method"] = dict(method)
+            data["seed"] = seed
+            folder = root / "tune" / label / f"value-{i}"
+            data["output_dir"] = str(folder)
+            data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in {**overrides, tune.key: value}.items()])
+            r = recipe_from_dict(data, f"compare entry '{label}', {tune.key} = {value}")
+            out.append(TuneCell(label, tune.key, i, value, Cell(label, seed, r, folder)))
+    return out
+
+
+def choose(tuning: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per label, the value with the highest validation accuracy; ties: the value listed first."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for label in dict.fromkeys(t["label"] for t in tuning):
+        rows = sorted((t for t in tuning if t["label"] == label), key=lambda t: t["index"])
+        best = max(rows, key=lambda t: (t["validation"], -t["index"]))
+        chosen[label] = {best["key"]: best["value"]}
+    return chosen
 
 
 # ---- 2. shared work ---------------------------------------------------------------------------------
@@ -186,6 +252,77 @@ def paired_difference(method: dict[int, float], baseline: dict[int, float]) -> d
     }
 
 
+def paired_bootstrap(
+    method: dict[int, dict[str, float]],
+    baseline: dict[int, dict[str, float]],
+    *,
+    resamples: int = 10000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Paired bootstrap of method − baseline over items x seeds (Efron & Tibshirani; the two-level resampling
+    of Koehn 2004 / Dror et al. 2018 for seeds and test items).
+
+    ``method`` and ``baseline`` map seed -> {item id: score (0/1 or a fraction)}; only seeds and items both
+    have are used (same items, same seeds: the pairing). Each resample draws the seeds with replacement, then
+    the items with replacement (the same items for every drawn seed, as the test set is shared), and takes
+    the mean difference. Returns the observed mean difference, the 95% percentile interval, the bootstrap
+    standard error, and the share of resamples with a difference <= 0 (a one-sided bootstrap p).
+    """
+    import numpy as np
+
+    seeds = sorted(set(method) & set(baseline))
+    if not seeds:
+        return {"n_seeds": 0, "n_items": 0, "mean_diff": math.nan, "ci_low": math.nan, "ci_high": math.nan, "se": math.nan}
+    items = sorted(set.intersection(*(set(method[s]) & set(baseline[s]) for s in seeds)))
+    if not items:
+        return {
+            "n_seeds": len(seeds),
+            "n_items": 0,
+            "mean_diff": math.nan,
+            "ci_low": math.nan,
+            "ci_high": math.nan,
+            "se": math.nan,
+        }
+    d = np.array([[method[s][i] - baseline[s][i] for i in items] for s in seeds], dtype=np.float64)  # [S, N]
+    rng = np.random.default_rng(seed)
+    n_s, n_i = d.shape
+    stats_ = np.empty(resamples)
+    for b in range(0, resamples, 500):  # vectorised in blocks: [block, S] seed draws x [block, N] item draws
+        m = min(500, resamples - b)
+        si = rng.integers(0, n_s, size=(m, n_s))
+        ii = rng.integers(0, n_i, size=(m, n_i))
+        stats_[b : b + m] = d[si[:, :, None], ii[:, None, :]].mean(axis=(1, 2))
+    low, high = np.percentile(stats_, [2.5, 97.5])
+    return {
+        "n_seeds": n_s,
+        "n_items": n_i,
+        "mean_diff": float(d.mean()),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "se": float(stats_.std(ddof=1)),
+        "p_le_zero": float((stats_ <= 0).mean()),
+        "resamples": resamples,
+    }
+
+
+def minimum_detectable_effect(se: float, *, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true difference a two-sided test at ``alpha`` detects with ``power``, given the standard
+    error of the estimated difference: (z_{1−α/2} + z_{power}) · SE (2.80 · SE at the defaults)."""
+    from scipy import stats
+
+    return float((stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) * se)
+
+
+def design_mde(accuracy: float, n_items: int, n_seeds: int, *, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The MDE the design allows before looking at pairing: two independent accuracies near ``accuracy``,
+    each over n_items x n_seeds scores, SE = sqrt(2·p(1−p) / (n_items·n_seeds)). Pairing on the same items
+    usually lowers the SE, so this is an upper bound; the grid's own bootstrap SE gives the realised one."""
+    p = min(max(accuracy, 0.0), 1.0)
+    if n_items < 1 or n_seeds < 1:
+        return math.nan
+    return minimum_detectable_effect(math.sqrt(2 * p * (1 - p) / (n_items * n_seeds)), alpha=alpha, power=power)
+
+
 # ---- collecting ---------------------------------------------------------------------------------------
 
 
@@ -200,6 +337,7 @@ def cell_record(cell: Cell) -> dict[str, Any]:
         "method": run["recipe"]["method"]["name"],
         "folder": str(cell.folder),
         "metrics": {split: m["accuracy"] for split, m in run["metrics"].get("trained", {}).items()},
+        "items": {split: item_scores(cell.folder, run, split) for split in run["metrics"].get("trained", {})},
         "n_eval": {split: m["n"] for split, m in run["metrics"].get("trained", {}).items()},
         "steps": run["training"]["steps"],
         "final_loss": run["training"]["final_loss"],
@@ -220,6 +358,16 @@ def cell_record(cell: Cell) -> dict[str, Any]:
 SPENT_KEYS = ("trainable_parameters", "optimizer_steps", "training_tokens")
 
 
+def item_scores(folder: Path, run: dict[str, Any], split: str) -> dict[str, float]:
+    """Item id -> 1.0 / 0.0 (correct) of the trained model's evaluation on ``split`` (for the paired bootstrap)."""
+    task = run["recipe"]["task"]["name"]
+    path = folder / "eval" / f"trained.{task}.{split}.items.jsonl"
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {str(r["id"]): float(bool(r["correct"])) for r in rows}
+
+
 def budget_differences(records: list[dict[str, Any]]) -> list[str]:
     """What differs between the cells of one seed (same data order): trainable parameters, optimizer steps,
     training tokens. Empty = the budget is equal, as counted."""
@@ -234,7 +382,7 @@ def budget_differences(records: list[dict[str, Any]]) -> list[str]:
     return diffs
 
 
-def summarize(records: list[dict[str, Any]], baseline: str) -> dict[str, Any]:
+def summarize(records: list[dict[str, Any]], baseline: str, *, resamples: int = 10000, seed: int = 0) -> dict[str, Any]:
     labels = list(dict.fromkeys(r["label"] for r in records))
     metrics = sorted({m for r in records for m in r["metrics"]})
     by_label: dict[str, Any] = {}
@@ -252,6 +400,11 @@ def summarize(records: list[dict[str, Any]], baseline: str) -> dict[str, Any]:
             base = {r["seed"]: r["metrics"][metric] for r in records if r["label"] == baseline and metric in r["metrics"]}
             if label != baseline:
                 entry["paired_vs_baseline"][metric] = paired_difference(values, base)
+                items = {r["seed"]: r.get("items", {}).get(metric, {}) for r in rs}
+                base_items = {r["seed"]: r.get("items", {}).get(metric, {}) for r in records if r["label"] == baseline}
+                boot = paired_bootstrap(items, base_items, resamples=resamples, seed=seed)
+                boot["mde"] = minimum_detectable_effect(boot["se"]) if boot.get("se") == boot.get("se") else math.nan
+                entry["paired_vs_baseline"][metric]["bootstrap"] = boot
         entry["cost"] = {
             k: describe([float(r[k]) for r in rs])["mean"] for k in ("prepare_seconds", "train_seconds", "wall_seconds")
         }
@@ -267,7 +420,21 @@ def summarize(records: list[dict[str, Any]], baseline: str) -> dict[str, Any]:
         }
         by_label[label] = entry
     differences = budget_differences(records)
+    design = {}
+    for metric in metrics:
+        base_vals = [r["metrics"][metric] for r in records if r["label"] == baseline and metric in r["metrics"]]
+        n_items = max((r["n_eval"].get(metric, 0) for r in records), default=0)
+        n_seeds = len({r["seed"] for r in records})
+        if base_vals:
+            acc = sum(base_vals) / len(base_vals)
+            design[metric] = {
+                "baseline_accuracy": acc,
+                "n_items": n_items,
+                "n_seeds": n_seeds,
+                "mde": design_mde(acc, n_items, n_seeds),
+            }
     return {
+        "design_mde": design,
         "labels": labels,
         "metrics": metrics,
         "baseline": baseline,
@@ -304,22 +471,63 @@ def compare(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, pro
     from pktransfer.reports import plot_compare, render_compare_csv, render_compare_markdown
 
     progress = progress or Progress(quiet=quiet)
-    cells = plan_grid(recipe)
+    tune_cells = plan_tuning(recipe)
+    untuned = plan_grid(recipe)  # every entry is checked before any work
     root = Path(recipe.output_dir).expanduser().resolve()
     check_output_location(root)
     check_replaceable(root, "comparison folder")  # refuse a folder pktransfer did not write, before any work
-    for cell in cells:  # everything that can be checked before any model is loaded
-        pipeline.check_recipe(cell.recipe)
+    for c in [*untuned, *(tc.cell for tc in tune_cells)]:  # everything checkable before any model is loaded
+        pipeline.check_recipe(c.recipe)
     if overwrite and root.exists():
         shutil.rmtree(root)  # checked above: empty, or a comparison pktransfer wrote
     if not root.exists() or read_marker(root) is None:
         root.mkdir(parents=True, exist_ok=True)
         write_marker(root, "compare", result_fields(recipe.dump(), ("output_dir",)))
-    extractions = attach_shared_work(cells, root)
-    for c in cells:  # a finished cell made with another recipe is refused, never silently reused
-        _reusable(c.folder, c.recipe, f"finished cell {c.label} (seed {c.seed})")
     save_recipe(recipe, root / "compare.yaml")
     started = time.time()
+    shared_cost: dict[str, float] = {}
+
+    def shared_work(cs: list[Cell]) -> None:
+        for folder, r, verb in attach_shared_work(cs, root):
+            if not _reusable(Path(folder), r, f"the shared work {folder}"):
+                progress.log(f"compare: running `{verb}` once for the cells of '{r.method.name}' ({folder})")
+                pipeline.run_verb(r, verb, progress=progress)
+            shared_cost[folder] = json.loads((Path(folder) / "run.json").read_text())["wall_seconds"]
+
+    # 1b. tuning: validation only, one seed; the test split is not read until every value is chosen
+    tuning: list[dict[str, Any]] = []
+    if tune_cells:
+        shared_work([tc.cell for tc in tune_cells])
+        for tc in tune_cells:
+            _reusable(tc.cell.folder, tc.cell.recipe, f"finished tuning cell {tc.label} ({tc.key} = {tc.value})")
+        for i, tc in enumerate(tune_cells, 1):
+            if not _finished(tc.cell.folder):
+                progress.log(f"compare: tuning {i}/{len(tune_cells)}: {tc.label}, {tc.key} = {tc.value} (validation)")
+                pipeline.run(tc.cell.recipe, progress=progress)
+                gc.collect()
+            rec = cell_record(tc.cell)
+            tuning.append(
+                {
+                    "label": tc.label,
+                    "key": tc.key,
+                    "index": tc.index,
+                    "value": tc.value,
+                    "validation": rec["metrics"]["validation"],
+                    "n_validation": rec["n_eval"]["validation"],
+                    "seed": tc.cell.seed,
+                    "final_loss": rec["final_loss"],
+                    "wall_seconds": rec["wall_seconds"],
+                }
+            )
+    chosen = choose(tuning)
+    for label, kv in chosen.items():
+        progress.log(f"compare: {label}: chose {', '.join(f'{k} = {v}' for k, v in kv.items())} on validation")
+    cells = plan_grid(recipe, chosen)
+    for cell in cells:  # everything that can be checked before any model is loaded
+        pipeline.check_recipe(cell.recipe)
+    shared_work(cells)
+    for c in cells:  # a finished cell made with another recipe is refused, never silently reused
+        _reusable(c.folder, c.recipe, f"finished cell {c.label} (seed {c.seed})")
     base_info = None
     if recipe.evaluation.teacher or recipe.evaluation.student:
         base_dir = root / "base"
@@ -328,12 +536,6 @@ def compare(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, pro
             progress.log("compare: evaluating the untouched teacher and student once")
             pipeline.evaluate_pair(base_recipe, progress=progress)
         base_info = json.loads((base_dir / "run.json").read_text())
-    shared_cost = {}
-    for folder, r, verb in extractions:
-        if not _reusable(Path(folder), r, f"the shared work {folder}"):
-            progress.log(f"compare: running `{verb}` once for the cells of '{r.method.name}' ({folder})")
-            pipeline.run_verb(r, verb, progress=progress)
-        shared_cost[folder] = json.loads((Path(folder) / "run.json").read_text())["wall_seconds"]
     todo = [c for c in cells if not _finished(c.folder)]
     progress.log(
         f"compare: {len(cells)} cells ({len(cells) - len(todo)} already finished), "
@@ -348,7 +550,10 @@ def compare(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, pro
     result = {
         "recipe": recipe.dump(),
         "cells": records,
-        "summary": summarize(records, recipe.compare.baseline),
+        "summary": summarize(records, recipe.compare.baseline, resamples=recipe.compare.bootstrap, seed=recipe.seed),
+        "tuning": tuning,
+        "chosen": chosen,
+        "groups": {r["label"]: registry.method_class(r["method"]).teacher_use for r in records},
         "base": base_info["metrics"] if base_info else {},
         "shared_work_seconds": shared_cost,
         "task": base_info.get("task") if base_info else None,

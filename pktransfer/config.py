@@ -39,6 +39,12 @@ class TaskSpec(Strict):
     )
     n_train: int | None = Field(default=None, ge=1, description="cap on training items (None: the whole split)")
     n_test: int | None = Field(default=None, ge=1, description="cap on test items (None: the whole split)")
+    validation: int | None = Field(
+        default=None,
+        ge=1,
+        description="items of a 'validation' split for tuning (pkt compare's tune): the task's own validation split, "
+        "or the last N items of its train split, which training then never sees",
+    )
     prompt_format: Literal["auto", "chat", "plain"] = "auto"
     params: dict[str, Any] = Field(default_factory=dict, description="task-specific options")
 

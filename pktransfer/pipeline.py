@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pktransfer.data import Item, PromptFormatter, Task, encode_items, get_task
+from pktransfer.data import Item, PromptFormatter, Task, encode_items, get_task, train_and_validation
 from pktransfer.errors import DataError, ModelError, PktError, RecipeError
 from pktransfer.evaluation import EvalOptions, EvalResult, evaluate_items, subset
 from pktransfer.fileio import write_json, write_text
@@ -49,6 +49,14 @@ def seed_everything(seed: int) -> None:
 def _eval_items(task: Task, split: str, recipe: Recipe) -> list[Item]:
     """The items a recipe evaluates: task.n_test caps the test split (its first N); evaluation.limit
     (with subset_seed, a seeded draw) applies to every split."""
+    if split == "validation":
+        if not recipe.task.validation:
+            raise RecipeError(
+                "evaluation.splits names 'validation' but task.validation is not set",
+                hint="set task.validation: N (carved from the train split when the task has no validation split)",
+            )
+        items = train_and_validation(task, recipe.task.n_train, recipe.task.validation)[1]
+        return subset(items, recipe.evaluation.limit, recipe.evaluation.subset_seed)
     items = task.split(split)
     if split == "test" and recipe.task.n_test:
         items = items[: recipe.task.n_test]
@@ -147,9 +155,7 @@ def run_info(recipe: Recipe, log: StageLog, started: float, **extra: Any) -> dic
 def check_recipe(recipe: Recipe) -> tuple[Task, list[Item]]:
     """Everything that can be checked without loading weights: task, data files, splits, models' configs."""
     task = get_task(recipe.task.name, recipe.task.params, recipe.task.data_dir)
-    train_items = task.split("train")
-    if recipe.task.n_train:
-        train_items = train_items[: recipe.task.n_train]
+    train_items, _ = train_and_validation(task, recipe.task.n_train, recipe.task.validation)
     empty = [it.id for it in train_items if not it.response.strip()]
     if empty:
         raise DataError(

@@ -9,8 +9,9 @@ mapping before validation, so they are checked exactly like the file.
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -54,6 +55,28 @@ BUDGET_KEYS = (
 )
 
 
+class TuneSpec(Strict):
+    """``compare.tune``: choose one key's value per entry on the validation split, one seed, before the grid.
+
+    Each value is trained with ``seed`` and scored on ``task.validation`` items (never the test split); the
+    value with the highest validation accuracy is then run on every seed. Ties go to the value listed first,
+    so list the value you would pick without tuning first.
+    """
+
+    key: str = Field(default="training.lr", description="a dotted recipe key, e.g. training.lr or method.temperature")
+    values: list[Any] = Field(min_length=1, description="the candidates, in order of preference for ties")
+    seed: int | None = Field(default=None, ge=0, description="the tuning seed (default: the first of compare.seeds)")
+
+    @model_validator(mode="after")
+    def _check(self) -> TuneSpec:
+        top = self.key.split(".", 1)[0]
+        if top in FIXED_KEYS or self.key in ("method", "method.name"):
+            raise ValueError(f"tune.key '{self.key}' is part of what every cell shares; tune a training or method key")
+        if len({json.dumps(v, sort_keys=True) for v in self.values}) != len(self.values):
+            raise ValueError(f"tune.values {self.values} repeats a value")
+        return self
+
+
 class GridEntry(Strict):
     """One method of a comparison: its spec, an optional label, overrides and a settings sweep.
 
@@ -66,6 +89,9 @@ class GridEntry(Strict):
     method: MethodSpec
     overrides: dict[str, Any] = Field(default_factory=dict)
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
+    tune: TuneSpec | Literal[False] | None = Field(
+        default=None, description="this entry's tuning (None: compare.tune; false: run untuned, e.g. LaTen)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -74,7 +100,7 @@ class GridEntry(Strict):
             return {"method": {"name": data}}
         if isinstance(data, dict) and "method" not in data and "name" in data:
             rest = dict(data)
-            outer = {k: rest.pop(k) for k in ("label", "overrides", "sweep") if k in rest}
+            outer = {k: rest.pop(k) for k in ("label", "overrides", "sweep", "tune") if k in rest}
             return {**outer, "method": rest}
         return data
 
@@ -86,6 +112,8 @@ class CompareSpec(Strict):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     baseline: str = Field(default="lora", description="label the paired differences are taken against")
     allow_unequal_budget: bool = Field(default=False, description="let entries override training budget keys")
+    tune: TuneSpec | None = Field(default=None, description="tune every entry on validation before the grid")
+    bootstrap: int = Field(default=10000, ge=100, description="paired bootstrap resamples (items x seeds)")
 
 
 class Recipe(Strict):

@@ -2,7 +2,7 @@
 
 from pktransfer.data import arithmetic, benchmarks, local  # noqa: F401  (register the built-in tasks)
 from pktransfer.data.formatting import IGNORE_INDEX, Example, PromptFormatter, encode_items
-from pktransfer.data.tasks import SPLITS, Item, Task, get_task, register_task, resolve_data_dir, task_names
+from pktransfer.data.tasks import SPLITS, Item, Task, get_task, register_task, resolve_data_dir, task_names, train_and_validation
 
 __all__ = [
     "IGNORE_INDEX",
@@ -16,4 +16,5 @@ __all__ = [
     "register_task",
     "resolve_data_dir",
     "task_names",
+    "train_and_validation",
 ]

@@ -205,3 +205,33 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             raise DataError(f"data file '{path}' line {n} is not a JSON object", hint="one object per line")
         rows.append(row)
     return rows
+
+
+def train_and_validation(task: Task, n_train: int | None, n_validation: int | None) -> tuple[list[Item], list[Item]]:
+    """The training items and the validation items, disjoint.
+
+    A task with its own ``validation`` split gives its first ``n_validation`` items. Otherwise the last
+    ``n_validation`` items of the train split are carved off (deterministic: the split's order is fixed by
+    the task's data or its seed), and training takes its first ``n_train`` items from what is left, so the
+    training items are the same as without validation whenever the split is long enough.
+    """
+    train = task.split("train")
+    if not n_validation:
+        return (train[:n_train] if n_train else train), []
+    if "validation" in task.splits:
+        val = task.split("validation")[:n_validation]
+    else:
+        if n_validation >= len(train):
+            raise DataError(
+                f"task '{task.name}': task.validation {n_validation} would take the whole train split ({len(train)} items)",
+                hint="lower task.validation (a few dozen items are enough to choose a learning rate)",
+            )
+        train, val = train[: len(train) - n_validation], train[len(train) - n_validation :]
+    train = train[:n_train] if n_train else train
+    overlap = {it.id for it in train} & {it.id for it in val}
+    if overlap:
+        raise DataError(
+            f"task '{task.name}': {len(overlap)} validation items are also training items (e.g. '{sorted(overlap)[0]}')",
+            hint="use a task whose validation split is disjoint from train, or carve it from train (no own split)",
+        )
+    return train, val

@@ -141,6 +141,9 @@ class Method(ABC, Generic[C]):
     name: ClassVar[str]  # set by the registry from config_class
     config_class: ClassVar[type[MethodConfig]]
     needs_teacher: ClassVar[bool] = False
+    # what the method takes from the teacher, for the report's grouping: "none" (teacher-free),
+    # "weights" (teacher parameters) or "outputs" (teacher activations or logits)
+    teacher_use: ClassVar[str] = "none"
     # False: prepare() returns the finished student (no LoRA training); ``training`` then describes what
     # the method trained itself (steps, seconds, final_loss, resumed_from, log_history)
     post_training: ClassVar[bool] = True

@@ -84,6 +84,7 @@ class KdConfig(MethodConfig):
 class KdMethod(Method):
     config_class = KdConfig
     needs_teacher = True
+    teacher_use = "outputs"
 
     def __init__(self, spec: Any) -> None:
         super().__init__(spec)

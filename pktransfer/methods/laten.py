@@ -443,6 +443,7 @@ class LatenConfig(MethodConfig):
 class LatenMethod(Method):
     config_class = LatenConfig
     needs_teacher = True
+    teacher_use = "weights"
     post_training = False
 
     def __init__(self, spec: Any) -> None:

@@ -328,6 +328,7 @@ class SeekingConfig(MethodConfig):
 class SeekingMethod(Method):
     config_class = SeekingConfig
     needs_teacher = True
+    teacher_use = "weights"
 
     def prepare(self, ctx: MethodContext) -> Any:
         spec, recipe = self.spec, ctx.recipe

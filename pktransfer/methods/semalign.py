@@ -337,6 +337,7 @@ class SemAlignConfig(MethodConfig):
 class SemAlignMethod(Method):
     config_class = SemAlignConfig
     needs_teacher = True
+    teacher_use = "outputs"
 
     def __init__(self, spec: Any) -> None:
         super().__init__(spec)

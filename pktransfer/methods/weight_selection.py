@@ -84,6 +84,7 @@ class WeightSelectionConfig(MethodConfig):
 class WeightSelectionMethod(Method):
     config_class = WeightSelectionConfig
     needs_teacher = True
+    teacher_use = "weights"
 
     def prepare(self, ctx: MethodContext) -> Any:
         spec, recipe = self.spec, ctx.recipe
