@@ -556,6 +556,7 @@ def compare(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, pro
         "groups": {r["label"]: registry.method_class(r["method"]).teacher_use for r in records},
         "base": base_info["metrics"] if base_info else {},
         "shared_work_seconds": shared_cost,
+        "base_seconds": base_info.get("wall_seconds", 0.0) if base_info else 0.0,
         "task": base_info.get("task") if base_info else None,
         "wall_seconds_this_invocation": round(time.time() - started, 1),
     }

@@ -133,6 +133,37 @@ def budget_table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def tuning_table(result: dict[str, Any]) -> list[str]:
+    """Validation accuracy of every tuned value, the chosen one in bold (never a test-split figure)."""
+    tuning = result.get("tuning") or []
+    if not tuning:
+        return []
+    lines = [
+        "## Tuning on validation",
+        "",
+        "Each entry was trained once per value on the tuning seed and scored on the validation items (disjoint "
+        "from training and test); the best value (ties: the one listed first) ran on every seed.",
+        "",
+        "| method | key | value | validation accuracy (%) | n | final loss |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    chosen = result.get("chosen", {})
+    for t in tuning:
+        pick = chosen.get(t["label"], {}).get(t["key"]) == t["value"]
+        value = f"**{t['value']}**" if pick else str(t["value"])
+        loss = t["final_loss"]
+        lines.append(
+            f"| {t['label']} | {t['key']} | {value} | {_pct(t['validation'])} | {t['n_validation']} | "
+            f"{'n/a' if loss is None else f'{loss:.4f}'} |"
+        )
+    untuned = [lbl for lbl in result["summary"]["labels"] if lbl not in chosen]
+    if untuned:
+        lines += ["", f"Not tuned (run at the recipe's values): {', '.join(untuned)}."]
+    total = sum(t["wall_seconds"] for t in tuning)
+    lines += ["", f"Tuning cost: {total:.0f} s over {len(tuning)} cells.", ""]
+    return lines
+
+
 def render_compare_markdown(result: dict[str, Any]) -> str:
     s = result["summary"]
     base = s["baseline"]
@@ -148,31 +179,61 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
             for split, m in by_split.items():
                 lines.append(f"| {label} | {split} | {m['n']} | {_pct(m['accuracy'])} |")
         lines.append("")
+    lines += tuning_table(result)
+    groups = result.get("groups", {})
     lines += [
         "## Results",
         "",
-        "Accuracy in %: mean ± sample std [95% t-interval of the mean] over seeds; the "
-        f"difference to `{base}` is paired by seed, with a two-sided paired t-test across seeds.",
+        "Accuracy in %: mean ± sample std [95% t-interval of the mean] over seeds. **Primary comparison**: the "
+        f"difference to `{base}` by a paired bootstrap over items x seeds (the same test items and seeds for "
+        "both; seeds and items resampled with replacement) with its 95% percentile interval; "
+        "`P(Δ≤0)` is the share of resamples with no gain. Secondary: the paired t-test across seeds (few seeds: "
+        "a screen, not a verdict). MDE: the smallest true difference this grid would detect (two-sided α 0.05, "
+        "power 0.8) given the bootstrap's standard error.",
         "",
     ]
+    order = {"none": 0, "weights": 1, "outputs": 2}
+    group_name = {"none": "teacher-free", "weights": "teacher weights", "outputs": "teacher outputs"}
+    labels = sorted(s["labels"], key=lambda lbl: (order.get(groups.get(lbl, "none"), 3), s["labels"].index(lbl)))
     for metric in s["metrics"]:
         lines += [
             f"### {metric}",
             "",
-            f"| method | seeds | accuracy | per seed | Δ vs {base} [95% CI] | p |",
-            "|---|---:|---|---|---|---:|",
+            f"| group | method | seeds | accuracy | per seed | Δ vs {base}, bootstrap [95%] | P(Δ≤0) | MDE | "
+            "Δ by seed [t 95%] | t-test p |",
+            "|---|---|---:|---|---|---|---:|---:|---|---:|",
         ]
-        for label in s["labels"]:
+        for label in labels:
             e = s["by_label"][label]
             m = e["metrics"][metric]
             per_seed = ", ".join(f"{_pct(v)}" for _, v in sorted(m["per_seed"].items()))
             p = e["paired_vs_baseline"].get(metric)
+            group = group_name.get(groups.get(label, ""), "")
             if p is None:
-                diff, pv = "(baseline)", ""
+                cols = ["(baseline)", "", "", "", ""]
             else:
-                diff = f"{100 * p['mean_diff']:+.1f} [{_pct(p['ci_low'])}, {_pct(p['ci_high'])}]"
-                pv = "n/a" if p["p_value"] != p["p_value"] else f"{p['p_value']:.3f}"
-            lines.append(f"| {label} | {m['n']} | {_pm(m)} | {per_seed} | {diff} | {pv} |")
+                b = p.get("bootstrap", {})
+                boot = (
+                    f"{100 * b['mean_diff']:+.1f} [{100 * b['ci_low']:+.1f}, {100 * b['ci_high']:+.1f}]"
+                    if b.get("n_items")
+                    else "n/a"
+                )
+                cols = [
+                    boot,
+                    f"{b['p_le_zero']:.3f}" if b.get("n_items") else "n/a",
+                    _pct(b["mde"]) if b.get("n_items") else "n/a",
+                    f"{100 * p['mean_diff']:+.1f} [{_pct(p['ci_low'])}, {_pct(p['ci_high'])}]",
+                    "n/a" if p["p_value"] != p["p_value"] else f"{p['p_value']:.3f}",
+                ]
+            lines.append(f"| {group} | {label} | {m['n']} | {_pm(m)} | {per_seed} | " + " | ".join(cols) + " |")
+        d = s.get("design_mde", {}).get(metric)
+        if d:
+            lines += [
+                "",
+                f"Design: {d['n_items']} items x {d['n_seeds']} seed(s) at the baseline's {_pct(d['baseline_accuracy'])}% "
+                f"can detect differences of about {_pct(d['mde'])} points or more (two independent binomial "
+                "accuracies; pairing on the same items usually does better, as the MDE column shows).",
+            ]
         lines.append("")
     lines += [
         "## Cost",
@@ -191,6 +252,14 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
         )
     for folder, sec in result.get("shared_work_seconds", {}).items():
         lines.append(f"\nShared work `{folder}`: {sec:.1f} s (once for all its cells).")
+    cells_s = sum(c["wall_seconds"] for c in result["cells"])
+    tune_s = sum(t["wall_seconds"] for t in result.get("tuning") or [])
+    shared_s = sum(result.get("shared_work_seconds", {}).values())
+    base_s = result.get("base_seconds", 0.0)
+    lines.append(
+        f"\n**Total compute of this comparison**: {(cells_s + tune_s + shared_s + base_s) / 3600:.2f} h "
+        f"(cells {cells_s:.0f} s, tuning {tune_s:.0f} s, shared work {shared_s:.0f} s, untouched models {base_s:.0f} s)."
+    )
     lines += [
         "",
         "Plots: " + ", ".join(f"`{p}`" for p in result.get("plots", [])) + ". Cells: `cells/LABEL/seed-N/` "
@@ -226,6 +295,12 @@ def csv_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
                     "diff_ci95_low": p.get("ci_low", math.nan),
                     "diff_ci95_high": p.get("ci_high", math.nan),
                     "p_value": p.get("p_value", math.nan),
+                    "bootstrap_diff": p.get("bootstrap", {}).get("mean_diff", math.nan),
+                    "bootstrap_ci95_low": p.get("bootstrap", {}).get("ci_low", math.nan),
+                    "bootstrap_ci95_high": p.get("bootstrap", {}).get("ci_high", math.nan),
+                    "bootstrap_p_le_zero": p.get("bootstrap", {}).get("p_le_zero", math.nan),
+                    "mde": p.get("bootstrap", {}).get("mde", math.nan),
+                    "group": result.get("groups", {}).get(label, ""),
                     **{f"cost_{k}": v for k, v in e["cost"].items()},
                 }
             )

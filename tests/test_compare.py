@@ -16,7 +16,7 @@ import yaml
 
 import pktransfer
 from pktransfer.comparison import describe, paired_difference, plan_grid
-from pktransfer.errors import OutputError, RecipeError
+from pktransfer.errors import DataError, OutputError, RecipeError
 from pktransfer.recipe import recipe_from_dict
 
 
@@ -261,3 +261,134 @@ def test_a_grid_whose_methods_train_different_parameters_is_not_called_equal(tin
     sem = s["by_label"]["semalign"]
     assert sem["spent"]["trainable_parameters"] < s["by_label"]["lora"]["spent"]["trainable_parameters"]
     assert sem["teacher"]["backward_tokens"] > 0  # the attribution's backward passes through the teacher
+
+
+# ---- issue 17: bootstrap, MDE, tuning on validation ----------------------------------------------------
+
+
+def test_paired_bootstrap_against_a_hand_computed_case():
+    from pktransfer.comparison import minimum_detectable_effect, paired_bootstrap
+
+    # one seed, two items: differences [1, 0]. Resampling 2 items with replacement gives a mean of 0, 0.5 or 1
+    # with probabilities 1/4, 1/2, 1/4: the 95% interval is [0, 1], P(Δ <= 0) = 1/4, SE = sqrt(1/8).
+    b = paired_bootstrap({0: {"a": 1.0, "b": 1.0}}, {0: {"a": 0.0, "b": 1.0}}, resamples=20000, seed=3)
+    assert b["mean_diff"] == 0.5 and (b["ci_low"], b["ci_high"]) == (0.0, 1.0)
+    assert b["p_le_zero"] == pytest.approx(0.25, abs=0.015) and b["se"] == pytest.approx(math.sqrt(1 / 8), abs=0.01)
+    assert b["n_items"] == 2 and b["n_seeds"] == 1
+    # identical per-item differences: no spread at all, whatever is resampled
+    same = paired_bootstrap({0: {"a": 1.0, "b": 1.0}, 1: {"a": 1.0, "b": 1.0}}, {0: {"a": 0, "b": 0}, 1: {"a": 0, "b": 0}})
+    assert (same["ci_low"], same["ci_high"], same["se"]) == (1.0, 1.0, 0.0)
+    # only items and seeds both have are paired
+    part = paired_bootstrap({0: {"a": 1.0, "x": 1.0}, 5: {"a": 0.0}}, {0: {"a": 0.0}}, resamples=200)
+    assert part["n_items"] == 1 and part["n_seeds"] == 1 and part["mean_diff"] == 1.0
+    assert minimum_detectable_effect(0.01) == pytest.approx((1.959964 + 0.841621) * 0.01, rel=1e-5)
+
+
+def test_design_mde_by_hand():
+    from pktransfer.comparison import design_mde
+
+    # p 0.5, 100 items x 2 seeds: SE = sqrt(2 · 0.25 / 200) = 0.05, MDE = 2.8016 · 0.05
+    assert design_mde(0.5, 100, 2) == pytest.approx(2.801585 * 0.05, rel=1e-5)
+
+
+def test_train_and_validation_are_disjoint_and_training_items_unchanged(tiny_recipe):
+    from pktransfer.data import get_task, train_and_validation
+
+    task = get_task("arithmetic", {"sizes": {"train": 40, "test": 6}})
+    plain, none = train_and_validation(task, 16, None)
+    train, val = train_and_validation(task, 16, 8)
+    assert none == [] and [i.id for i in train] == [i.id for i in plain]  # the first 16 stay the first 16
+    assert len(val) == 8 and not {i.id for i in train} & {i.id for i in val}
+    assert [i.id for i in val] == [i.id for i in task.split("train")[-8:]]
+    with pytest.raises(DataError, match="whole train split"):
+        train_and_validation(task, None, 40)
+
+
+def _tuned_grid(tiny_recipe, folder):
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    tiny_recipe["task"]["validation"] = 6
+    tiny_recipe["task"]["params"]["sizes"]["train"] = 24
+    grid = _grid(
+        tiny_recipe,
+        ["lora", {"name": "pissa", "tune": {"key": "training.lr", "values": [1e-4, 3e-3]}}, {"name": "kd", "tune": False}],
+        seeds=[0, 1],
+        tune={"values": [3e-3, 1e-4]},
+    )
+    grid["output_dir"] = str(folder)
+    return recipe_from_dict(grid)
+
+
+def test_tuning_reads_validation_only_chooses_the_best_value_and_resumes_to_the_same_table(tiny_recipe, tmp_path, monkeypatch):
+    import pktransfer.pipeline as pipeline
+
+    # what models are evaluated on, in order (the test split's data is checked before any work starts, but
+    # no model may see a test item until every tuned value is chosen)
+    reads: list[str] = []
+    real_eval = pipeline.evaluate_items
+    monkeypatch.setattr(pipeline, "evaluate_items", lambda *a, **k: reads.append(k["split"]) or real_eval(*a, **k))
+
+    phases: list[str] = []
+    real_run = pipeline.run
+
+    def run(r, **k):
+        phases.append("tune" if "/tune/" in r.output_dir else "cell")
+        reads.append("<run:" + phases[-1] + ">")
+        return real_run(r, **k)
+
+    monkeypatch.setattr(pipeline, "run", run)
+    res = pktransfer.compare(_tuned_grid(tiny_recipe, tmp_path / "a"), quiet=True)
+    # every tuning cell ran before any grid cell, evaluated on validation only, and no model saw test until then
+    first_cell = reads.index("<run:cell>")
+    assert set(reads[:first_cell]) == {"<run:tune>", "validation"} and phases.count("tune") == 4
+    assert "test" in reads[first_cell:]
+    tuning = res.result["tuning"]
+    assert {(t["label"], t["value"]) for t in tuning} == {("lora", 3e-3), ("lora", 1e-4), ("pissa", 1e-4), ("pissa", 3e-3)}
+    for label in ("lora", "pissa"):
+        rows = [t for t in tuning if t["label"] == label]
+        best = max(rows, key=lambda t: (t["validation"], -t["index"]))
+        assert res.result["chosen"][label] == {"training.lr": best["value"]}
+        cell = json.loads((tmp_path / "a" / "cells" / label / "seed-1" / "run.json").read_text())
+        assert cell["recipe"]["training"]["lr"] == best["value"]  # every seed runs the chosen value
+    assert "kd" not in res.result["chosen"]
+    tune_run = json.loads((tmp_path / "a" / "tune" / "lora" / "value-0" / "run.json").read_text())
+    assert list(tune_run["metrics"]["trained"]) == ["validation"]
+    md = (tmp_path / "a" / "compare.md").read_text()
+    assert "## Tuning on validation" in md and "Not tuned (run at the recipe's values): kd" in md
+    assert "bootstrap" in md and "MDE" in md and "teacher-free" in md and "teacher outputs" in md
+    assert "Total compute of this comparison" in md
+
+    # interrupted after two tuning cells: the resumed comparison gives the same tables
+    monkeypatch.setattr(pipeline, "run", real_run)
+    calls = {"n": 0}
+
+    def dies(r, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_run(r, **k)
+
+    monkeypatch.setattr(pipeline, "run", dies)
+    with pytest.raises(KeyboardInterrupt):
+        pktransfer.compare(_tuned_grid(tiny_recipe, tmp_path / "b"), quiet=True)
+    monkeypatch.setattr(pipeline, "run", real_run)
+    again = pktransfer.compare(_tuned_grid(tiny_recipe, tmp_path / "b"), quiet=True)
+    strip = ("wall_seconds",)
+    assert [{k: v for k, v in t.items() if k not in strip} for t in again.result["tuning"]] == [
+        {k: v for k, v in t.items() if k not in strip} for t in tuning
+    ]
+    assert again.result["chosen"] == res.result["chosen"]
+    sa, sb = again.result["summary"]["by_label"], res.result["summary"]["by_label"]
+    assert {k: v["metrics"] for k, v in sa.items()} == {k: v["metrics"] for k, v in sb.items()}
+
+
+def test_tuning_needs_validation_and_may_not_tune_what_every_cell_shares(tiny_recipe):
+    with pytest.raises(RecipeError, match=r"task\.validation"):
+        pktransfer.compare(recipe_from_dict(_grid(tiny_recipe, ["lora"], tune={"values": [1e-4]})), quiet=True)
+    with pytest.raises(RecipeError, match="shares"):
+        recipe_from_dict(_grid(tiny_recipe, ["lora"], tune={"key": "task.n_train", "values": [8]}))
+    tiny_recipe["task"]["validation"] = 4
+    with pytest.raises(RecipeError, match="both sets and tunes"):
+        pktransfer.compare(
+            recipe_from_dict(_grid(tiny_recipe, [{"name": "lora", "overrides": {"training.lr": 1e-4}}], tune={"values": [1e-4]})),
+            quiet=True,
+        )
