@@ -188,6 +188,19 @@ def check_replaceable(folder: Path, what: str = "output folder") -> None:
         )
 
 
+def as_current_schema(fields: dict[str, Any]) -> dict[str, Any] | None:
+    """Recorded recipe fields as this version reads them: fields added since are filled with their defaults,
+    so upgrading pktransfer does not orphan finished runs. None when the record no longer validates."""
+    from pktransfer.errors import PktError
+    from pktransfer.recipe import recipe_from_dict
+
+    try:
+        current = recipe_from_dict(json.loads(json.dumps(fields)), "recorded recipe").dump()
+    except PktError:
+        return None
+    return {k: current[k] for k in fields if k in current}
+
+
 def check_matches(folder: Path, fields: dict[str, Any], what: str) -> None:
     """A folder pktransfer started (or finished) for a recipe may be reused only for the same recipe."""
     marker = read_marker(folder)
@@ -198,7 +211,11 @@ def check_matches(folder: Path, fields: dict[str, Any], what: str) -> None:
             hint="choose another output_dir, or move that folder away yourself",
         )
     if marker.get("recipe_sha256") != recipe_sha256(fields):
-        diff = recipe_differences(marker.get("recipe") or {}, fields)
+        old = marker.get("recipe") or {}
+        upgraded = as_current_schema(old)
+        if upgraded is not None and recipe_sha256(upgraded) == recipe_sha256(fields):
+            return  # the same recipe; it was recorded before some fields existed (they are at their defaults)
+        diff = recipe_differences(upgraded or old, fields)
         raise OutputError(
             f"{what} '{folder}' was made with a different recipe ({diff})",
             hint="rerun with the original recipe to reuse it, choose another output_dir, or pass --overwrite to start afresh",

@@ -331,3 +331,21 @@ def test_every_cli_error_path_is_a_pkt_error():
             }
             assert names and "Exception" not in names and "BaseException" not in names, node.lineno
     assert issubclass(OutputError, PktError)
+
+
+def test_a_run_recorded_before_a_field_existed_still_matches_and_a_real_change_does_not(tiny_recipe, tmp_path):
+    """Upgrading pktransfer adds recipe fields at their defaults: a finished run must stay reusable."""
+    from pktransfer.recipe import recipe_from_dict
+    from pktransfer.runs import check_matches, result_fields, write_marker
+
+    fields = result_fields(recipe_from_dict(tiny_recipe).dump())
+    old = json.loads(json.dumps(fields))
+    del old["task"]["validation"]  # as recorded by a version without task.validation
+    folder = tmp_path / "old-run"
+    folder.mkdir()
+    write_marker(folder, "run", old)
+    check_matches(folder, fields, "finished run")  # no error
+    changed = json.loads(json.dumps(fields))
+    changed["training"]["lr"] = 0.5
+    with pytest.raises(OutputError, match=r"training\.lr"):
+        check_matches(folder, changed, "finished run")
