@@ -3,7 +3,8 @@
 On the recipe's pair and a few dozen items of the task's seed split, without training:
 
 1. Representation similarity: minibatch linear CKA (``ops.similarity``) between every teacher layer's
-   output and every student layer's output over the items' tokens, with the layer pairings each method
+   output and every student layer's output over the items' response tokens (and, for comparison, over
+   every token, prompt and chat template included), with the layer pairings each method
    would use drawn on the heat map (Seeking's selected layers in order, SemAlign's grid and critical
    layers, LaTen's located layers).
 2. Semantic-basis fidelity (SemAlign's premise), at the MLP outputs SemAlign supervises, on response
@@ -127,7 +128,8 @@ def forward_measures(
 ) -> dict[str, Any]:
     t_arch, s_arch = teacher.arch, student.arch
     lt, ls = t_arch.n_layers, s_arch.n_layers
-    cka = MinibatchCKA(lt, ls)
+    cka = MinibatchCKA(lt, ls)  # over the response tokens
+    cka_all = MinibatchCKA(lt, ls)  # over every token, prompt template included
     fid = _Mean()
     pad = student.tokenizer.pad_token_id or 0
     interp = {k: interpolation(lt, ls, k) for k in range(1, ls + 1)} if lt >= 2 else {}
@@ -172,7 +174,7 @@ def forward_measures(
         }
         for who in ("teacher_self", "student_self", "cross")
     }
-    return {"cka": cka.value(), "fidelity": per_layer, "cka_batches": cka.batches}
+    return {"cka": cka.value(), "cka_all_tokens": cka_all.value(), "fidelity": per_layer, "cka_batches": cka.batches}
 
 
 # ---- 3-4. the teacher's sensitivity and the weights each method moves -------------------------------
@@ -417,7 +419,9 @@ def diagnose_pair(
         "task": task.name,
         "settings": asdict(settings),
         "cka": cka.tolist(),
-        "cka_estimator": "minibatch linear CKA, unbiased HSIC (Nguyen et al. 2021), layer outputs, all tokens",
+        "cka_all_tokens": fwd["cka_all_tokens"].tolist(),
+        "cka_estimator": "minibatch linear CKA, unbiased HSIC (Nguyen et al. 2021), layer outputs; 'cka' over the "
+        "response tokens, 'cka_all_tokens' over every token (prompt template included)",
         "fidelity": fwd["fidelity"],
         "semalign": {"attribution": attribution, "critical_layers": critical},
         "seeking": seeking,
@@ -427,6 +431,10 @@ def diagnose_pair(
     result["pairings"] = pairs
     result["cka_along_pairings"] = {name: _mean([float(cka[t - 1, s - 1]) for t, s in p]) for name, p in pairs.items() if p}
     result["cka_best_per_student_layer"] = _mean([float(cka[:, j].max()) for j in range(s_arch.n_layers)])
+    all_tok = fwd["cka_all_tokens"]
+    result["cka_all_tokens_along_pairings"] = {
+        name: _mean([float(all_tok[t - 1, s - 1]) for t, s in p]) for name, p in pairs.items() if p
+    }
     result["best_teacher_layer_per_student_layer"] = [int(top_k(cka[:, j], 1)[0]) + 1 for j in range(s_arch.n_layers)]
     result["verdicts"] = verdicts(result)
     result["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
@@ -462,13 +470,15 @@ def report_md(r: dict[str, Any]) -> str:
         "",
         "![CKA](cka.png)",
         "",
-        f"Mean CKA along each method's pairing (the best teacher layer per student layer averages "
-        f"{r['cka_best_per_student_layer']:.3f}):",
+        f"Over the response tokens (the heat map); the best teacher layer per student layer averages "
+        f"{r['cka_best_per_student_layer']:.3f}. The all-tokens column includes the prompt and its chat "
+        "template, for comparison.",
         "",
-        "| pairing | mean CKA | pairs (teacher, student), 1-based |",
-        "|---|---:|---|",
+        "| pairing | mean CKA, response tokens | mean CKA, all tokens | pairs (teacher, student), 1-based |",
+        "|---|---:|---:|---|",
         *[
-            f"| {name} | {r['cka_along_pairings'][name]:.3f} | {', '.join(f'({t}, {k})' for t, k in p)} |"
+            f"| {name} | {r['cka_along_pairings'][name]:.3f} | {r['cka_all_tokens_along_pairings'][name]:.3f} | "
+            f"{', '.join(f'({t}, {k})' for t, k in p)} |"
             for name, p in r["pairings"].items()
             if p
         ],
