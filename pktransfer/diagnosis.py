@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from pktransfer.data import Example, PromptFormatter, Task, encode_items
+from pktransfer.data import IGNORE_INDEX, Example, PromptFormatter, Task, encode_items
 from pktransfer.errors import DataError
 from pktransfer.fileio import write_json, write_text
 from pktransfer.methods.injection import group_roles
@@ -73,6 +73,7 @@ class DiagnoseSettings:
     transfer_rate: float = 0.1  # LaTen's default
     random_draws: int = 8
     batch_size: int = 4
+    cka_tokens: int = 256  # tokens pooled per CKA minibatch
     max_length: int = 256
     seed: int = 0
 
@@ -130,6 +131,8 @@ def forward_measures(
     lt, ls = t_arch.n_layers, s_arch.n_layers
     cka = MinibatchCKA(lt, ls)  # over the response tokens
     cka_all = MinibatchCKA(lt, ls)  # over every token, prompt template included
+    # a few items' response tokens are too few for one HSIC estimate: batches are pooled to cka_tokens tokens
+    buffers: dict[str, dict[str, Any]] = {k: {"t": [], "s": [], "n": 0} for k in ("all", "response")}
     fid = _Mean()
     pad = student.tokenizer.pad_token_id or 0
     interp = {k: interpolation(lt, ls, k) for k in range(1, ls + 1)} if lt >= 2 else {}
@@ -151,9 +154,13 @@ def forward_measures(
                     model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev))
                 acts[f"{who}_layer"] = {i: v.float().cpu() for i, v in layer_out.items()}
                 acts[f"{who}_mlp"] = {i: v.float().cpu() for i, v in mlp_out.items()}
-            tokens = batch["attention_mask"].bool()
-            if int(tokens.sum()) >= 4:
-                cka.update([acts["t_layer"][i][tokens] for i in range(lt)], [acts["s_layer"][j][tokens] for j in range(ls)])
+            for name, tokens in (("all", batch["attention_mask"].bool()), ("response", batch["labels"] != IGNORE_INDEX)):
+                buf = buffers[name]
+                buf["t"].append([acts["t_layer"][i][tokens] for i in range(lt)])
+                buf["s"].append([acts["s_layer"][j][tokens] for j in range(ls)])
+                buf["n"] += int(tokens.sum())
+                if buf["n"] >= settings.cka_tokens:
+                    _flush(buf, cka_all if name == "all" else cka)
             resp = response_positions(batch["labels"])
             h_t = {i: acts["t_mlp"][i][:, :-1][resp] for i in range(lt)}
             h_s = {j: acts["s_mlp"][j][:, :-1][resp] for j in range(ls)}
@@ -167,6 +174,8 @@ def forward_measures(
                 for kind, m in maps.items():
                     fid.add(("cross", kind, k), map_activations(target, m), h_s[k - 1])
             advance(len(chunk))
+    for name, buf in buffers.items():
+        _flush(buf, cka_all if name == "all" else cka)
     per_layer = {
         who: {
             kind: [fid.get((who, kind, i)) for i in range(1, (lt if who == "teacher_self" else ls) + 1)]
@@ -175,6 +184,16 @@ def forward_measures(
         for who in ("teacher_self", "student_self", "cross")
     }
     return {"cka": cka.value(), "cka_all_tokens": cka_all.value(), "fidelity": per_layer, "cka_batches": cka.batches}
+
+
+def _flush(buf: dict[str, Any], acc: MinibatchCKA) -> None:
+    """One CKA minibatch from the pooled tokens (skipped below the 4 tokens the unbiased HSIC needs)."""
+    if buf["n"] >= 4:
+        acc.update(
+            [torch.cat([b[i] for b in buf["t"]]) for i in range(len(buf["t"][0]))],
+            [torch.cat([b[j] for b in buf["s"]]) for j in range(len(buf["s"][0]))],
+        )
+    buf["t"], buf["s"], buf["n"] = [], [], 0
 
 
 # ---- 3-4. the teacher's sensitivity and the weights each method moves -------------------------------

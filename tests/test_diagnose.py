@@ -10,7 +10,7 @@ from pktransfer.cli import app
 from pktransfer.diagnosis import DiagnoseSettings
 from pktransfer.recipe import recipe_from_dict
 
-SETTINGS = DiagnoseSettings(items=8, backward_items=2, locate_items=1, locate_vocab=None, batch_size=4, max_length=64)
+SETTINGS = DiagnoseSettings(items=8, backward_items=2, locate_items=1, locate_vocab=None, batch_size=4, max_length=192)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama", "mistral"])
@@ -28,7 +28,10 @@ def test_diagnose_writes_every_measure_on_a_tiny_pair(family, tiny_models, tiny_
     out = res.output_dir / "diagnose"
     r = json.loads((out / "diagnose.json").read_text())
     assert len(r["cka"]) == TEACHER_SHAPE["layers"] and len(r["cka"][0]) == STUDENT_SHAPE["layers"]
-    assert all(-1.0 <= v <= 1.0 + 1e-9 for row in r["cka"] for v in row)
+    for key in ("cka", "cka_all_tokens"):  # response tokens, and every token: two different estimates
+        assert all(-1.0 <= v <= 1.0 + 1e-9 for row in r[key] for v in row)
+        assert any(abs(v) > 1e-6 for row in r[key] for v in row)
+    assert r["cka"] != r["cka_all_tokens"]
     assert {v["method"] for v in r["verdicts"]} == {"seeking", "semalign", "laten"}
     assert len(r["pairings"]["seeking"]) == STUDENT_SHAPE["layers"] == len(r["pairings"]["laten"])
     # the dual round trip is exact within one model (tiny heads are tall: vocab > hidden)
@@ -54,6 +57,7 @@ def test_an_identical_pair_has_cka_one_on_the_diagonal_and_exact_dual_fidelity(t
     d = json.loads((res.output_dir / "diagnose" / "diagnose.json").read_text())
     n = len(d["cka"])
     assert all(d["cka"][i][i] == pytest.approx(1.0, abs=1e-9) for i in range(n))
+    assert all(d["cka_all_tokens"][i][i] == pytest.approx(1.0, abs=1e-9) for i in range(n))
     assert all(v == pytest.approx(1.0, abs=1e-3) for v in d["fidelity"]["cross"]["dual"])
     # with equal depths SemAlign's grid is the diagonal, and Seeking keeps every layer in order
     assert d["pairings"]["semalign_grid"] == [[k, k] for k in range(1, n + 1)]
