@@ -67,9 +67,9 @@ def make_tokenizer(chat: bool = True):
 def make_model(
     family: str, *, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int, seed: int = 0, tied: bool = False
 ):
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig, "mistral": MistralConfig}[family]
+    cls = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "llama": LlamaConfig, "mistral": MistralConfig}[family]
     cfg = cls(
         vocab_size=vocab,
         hidden_size=hidden,

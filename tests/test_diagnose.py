@@ -13,13 +13,13 @@ from pktransfer.recipe import recipe_from_dict
 SETTINGS = DiagnoseSettings(items=8, backward_items=2, locate_items=1, locate_vocab=None, batch_size=4, max_length=192)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama", "mistral"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama", "mistral"])
 def test_diagnose_writes_every_measure_on_a_tiny_pair(family, tiny_models, tiny_recipe, tmp_path):
     from conftest import STUDENT_SHAPE, TEACHER_SHAPE, save_tiny
 
-    if family == "mistral":
-        teacher = save_tiny(tmp_path, "mistral_teacher", "mistral", seed=7, **TEACHER_SHAPE)
-        student = tiny_models["mistral_student"]
+    if family in ("mistral", "qwen3"):
+        teacher = save_tiny(tmp_path, f"{family}_teacher", family, seed=7, **TEACHER_SHAPE)
+        student = save_tiny(tmp_path, f"{family}_student", family, seed=8, **STUDENT_SHAPE)
     else:
         teacher, student = tiny_models[f"{family}_teacher"], tiny_models[f"{family}_student"]
     assert STUDENT_SHAPE["layers"] < TEACHER_SHAPE["layers"]

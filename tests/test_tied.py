@@ -21,7 +21,7 @@ IDS = torch.tensor([[5, 17, 30, 44, 60, 71, 2, 9]])
 def pairs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tied_pairs")
     out = {}
-    for family in ("qwen2", "llama", "mistral"):
+    for family in ("qwen2", "qwen3", "llama", "mistral"):
         for tied in (True, False):
             key = f"{family}-{'tied' if tied else 'untied'}"
             out[key] = (
@@ -80,7 +80,8 @@ def _original_logits(folder):
 
 @pytest.mark.parametrize("method", ["seeking", "weight_selection"])
 @pytest.mark.parametrize(
-    "pair_key", ["qwen2-tied", "qwen2-untied", "llama-tied", "llama-untied", "mistral-tied", "mistral-untied"]
+    "pair_key",
+    ["qwen2-tied", "qwen2-untied", "qwen3-tied", "qwen3-untied", "llama-tied", "llama-untied", "mistral-tied", "mistral-untied"],
 )
 def test_step0_identity_tied_and_untied_every_family(tiny_recipe, pairs, tmp_path, pair_key, method):
     spec = {"name": "seeking", "n_seed": 3} if method == "seeking" else {"name": "weight_selection"}

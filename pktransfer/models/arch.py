@@ -13,7 +13,7 @@ from typing import Any
 
 from pktransfer.errors import ModelError
 
-SUPPORTED_FAMILIES = ("llama", "qwen2", "mistral")
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 # role -> (module path template, input space, output space); weights are [out, in] as in nn.Linear.
 _LAYER_ROLES: dict[str, tuple[str, str, str]] = {
@@ -122,7 +122,7 @@ def check_family(config: Any, where: str) -> str:
 
 
 def describe_config(config: Any, where: str = "", n_parameters: int = 0) -> ArchitectureDescription:
-    """Describe a Llama/Qwen2/Mistral config (no weights needed)."""
+    """Describe a Llama/Qwen2/Qwen3/Mistral config (no weights needed)."""
     family = check_family(config, where)
     n_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
