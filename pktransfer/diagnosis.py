@@ -41,7 +41,15 @@ from pktransfer.fileio import write_json, write_text
 from pktransfer.methods.injection import group_roles
 from pktransfer.methods.laten import answer_input, locate_scores, mean_scores, plan_transfer
 from pktransfer.methods.seeking import SeekingConfig, compute_sensitivity
-from pktransfer.methods.semalign import capture, head_fingerprint, layer_attribution, lm_head, pair_map, sublayer
+from pktransfer.methods.semalign import (
+    capture,
+    head_fingerprint,
+    head_pinv,
+    layer_attribution,
+    lm_head,
+    pair_map,
+    sublayer,
+)
 from pktransfer.methods.teacher_cache import cached_file
 from pktransfer.models import LoadedModel
 from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES
@@ -50,7 +58,6 @@ from pktransfer.ops.ranking import top_k
 from pktransfer.ops.selection import max_sum_submatrix, select_layers, uniform_indices
 from pktransfer.ops.semantic import (
     dual_map,
-    gram_pinv,
     interpolate,
     interpolation,
     layer_pairs,
@@ -108,7 +115,7 @@ def _self_maps(head: torch.Tensor, folder: Path, chunk: int, progress: Progress)
     fp = head_fingerprint(head)
 
     def compute() -> dict[str, torch.Tensor]:
-        g = gram_pinv(head, chunk)
+        g = head_pinv(head, folder, chunk, progress)  # the factor pair_map already cached
         return {"paper_v1": recompose_map(head, head, chunk, g, g), "dual": dual_map(head, head, chunk, g)}
 
     return load_file(str(cached_file(folder, "semantic-self", fp, compute, progress)))

@@ -157,6 +157,14 @@ def head_fingerprint(weight: torch.Tensor) -> str:
     return h.hexdigest()[:20]
 
 
+def head_pinv(head: torch.Tensor, folder: Path, chunk: int, progress: Progress) -> torch.Tensor:
+    """(WᵀW)⁺ of an LM head, cached in ``folder`` by the head's fingerprint."""
+    from safetensors.torch import load_file
+
+    compute = lambda: {"pinv": gram_pinv(head, chunk)}  # noqa: E731
+    return load_file(str(cached_file(folder, "semantic-pinv", head_fingerprint(head), compute, progress)))["pinv"]
+
+
 def pair_map(
     teacher_head: torch.Tensor,
     student_head: torch.Tensor,
@@ -171,10 +179,7 @@ def pair_map(
 
     t0 = time.perf_counter()
     fp_t, fp_s = head_fingerprint(teacher_head), head_fingerprint(student_head)
-    pinv = {
-        fp: load_file(str(cached_file(folder, "semantic-pinv", fp, lambda w=w: {"pinv": gram_pinv(w, chunk)}, progress)))["pinv"]
-        for fp, w in ((fp_t, teacher_head), (fp_s, student_head))
-    }
+    pinv = {fp_t: head_pinv(teacher_head, folder, chunk, progress), fp_s: head_pinv(student_head, folder, chunk, progress)}
 
     def compute() -> dict[str, torch.Tensor]:
         with progress.task("semalign: semantic bases -> recomposition map", total=1) as advance:
