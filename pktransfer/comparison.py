@@ -129,15 +129,22 @@ def plan_grid(recipe: Recipe, chosen: dict[str, dict[str, Any]] | None = None) -
     cells = []
     for seed in spec.seeds:
         for label, method, overrides in entries:
-            data = json.loads(json.dumps(base))
-            data["method"] = dict(method)
-            data["seed"] = seed
             folder = root / "cells" / label / f"seed-{seed}"
-            data["output_dir"] = str(folder)
             every = {**overrides, **(chosen or {}).get(label, {})}
-            data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in every.items()])
-            cells.append(Cell(label, seed, recipe_from_dict(data, f"compare entry '{label}'"), folder))
+            cells.append(_cell(base, label, method, seed, folder, every, f"compare entry '{label}'"))
     return cells
+
+
+def _cell(
+    base: dict[str, Any], label: str, method: dict[str, Any], seed: int, folder: Path, overrides: dict[str, Any], what: str
+) -> Cell:
+    """One cell: the shared recipe with this entry's method, seed, folder and overrides, validated."""
+    data = json.loads(json.dumps(base))
+    data["method"] = dict(method)
+    data["seed"] = seed
+    data["output_dir"] = str(folder)
+    data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+    return Cell(label, seed, recipe_from_dict(data, what), folder)
 
 
 # ---- 1b. tuning on validation -------------------------------------------------------------------------
@@ -174,17 +181,13 @@ def plan_tuning(recipe: Recipe) -> list[TuneCell]:
             raise RecipeError(
                 f"compare entry '{label}' both sets and tunes '{tune.key}'", hint="drop one of the two (overrides or tune)"
             )
-        check_overrides(label, {k: v for k, v in overrides.items()}, recipe.compare.allow_unequal_budget)
+        check_overrides(label, overrides, recipe.compare.allow_unequal_budget)
         seed = recipe.compare.seeds[0] if tune.seed is None else tune.seed
         for i, value in enumerate(tune.values):
-            data = json.loads(json.dumps(base))
-            data["method"] = dict(method)
-            data["seed"] = seed
             folder = root / "tune" / label / f"value-{i}"
-            data["output_dir"] = str(folder)
-            data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in {**overrides, tune.key: value}.items()])
-            r = recipe_from_dict(data, f"compare entry '{label}', {tune.key} = {value}")
-            out.append(TuneCell(label, tune.key, i, value, Cell(label, seed, r, folder)))
+            what = f"compare entry '{label}', {tune.key} = {value}"
+            cell = _cell(base, label, method, seed, folder, {**overrides, tune.key: value}, what)
+            out.append(TuneCell(label, tune.key, i, value, cell))
     return out
 
 
@@ -403,7 +406,7 @@ def summarize(records: list[dict[str, Any]], baseline: str, *, resamples: int = 
                 items = {r["seed"]: r.get("items", {}).get(metric, {}) for r in rs}
                 base_items = {r["seed"]: r.get("items", {}).get(metric, {}) for r in records if r["label"] == baseline}
                 boot = paired_bootstrap(items, base_items, resamples=resamples, seed=seed)
-                boot["mde"] = minimum_detectable_effect(boot["se"]) if boot.get("se") == boot.get("se") else math.nan
+                boot["mde"] = minimum_detectable_effect(boot["se"])  # nan when there was nothing to pair
                 entry["paired_vs_baseline"][metric]["bootstrap"] = boot
         entry["cost"] = {
             k: describe([float(r[k]) for r in rs])["mean"] for k in ("prepare_seconds", "train_seconds", "wall_seconds")
@@ -522,9 +525,11 @@ def compare(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, pro
     chosen = choose(tuning)
     for label, kv in chosen.items():
         progress.log(f"compare: {label}: chose {', '.join(f'{k} = {v}' for k, v in kv.items())} on validation")
-    cells = plan_grid(recipe, chosen)
-    for cell in cells:  # everything that can be checked before any model is loaded
-        pipeline.check_recipe(cell.recipe)
+    cells = untuned
+    if chosen:  # the untuned cells were checked before any work; the chosen values are checked now
+        cells = plan_grid(recipe, chosen)
+        for cell in cells:
+            pipeline.check_recipe(cell.recipe)
     shared_work(cells)
     for c in cells:  # a finished cell made with another recipe is refused, never silently reused
         _reusable(c.folder, c.recipe, f"finished cell {c.label} (seed {c.seed})")
