@@ -146,3 +146,26 @@ def tiny_method_context(recipe, workdir: Path, n_examples: int = 8):
     teacher = load_model(recipe.teacher)
     ctx = MethodContext(recipe, student, task, fmt, workdir, Progress(quiet=True), lambda: teacher, examples)
     return get_method(recipe.method), ctx
+
+
+def assert_merged_is_original_plus_delta(out: Path, original_folder, n_modules: int) -> None:
+    """LaTen's saved ``merged/`` equals the original student plus ``laten/delta.safetensors``, exactly,
+    and the delta changes every one of its ``n_modules`` modules."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").state_dict()
+    original = AutoModelForCausalLM.from_pretrained(str(original_folder)).state_dict()
+    delta = load_file(str(out / "laten" / "delta.safetensors"))
+    modules = {k.split("::")[0] for k in delta}
+    assert len(modules) == n_modules
+    for key in original:
+        expected = original[key].clone()
+        name = key.removesuffix(".weight")
+        if name in modules:
+            if f"{name}::rows" in delta:
+                expected[delta[f"{name}::rows"]] += delta[f"{name}::values"]
+            else:
+                expected[:, delta[f"{name}::cols"]] += delta[f"{name}::values"].T
+            assert not torch.equal(expected, original[key]), key  # the transfer is in the saved weights
+        assert torch.equal(merged[key], expected), key

@@ -8,8 +8,6 @@ runs LoRA, LaTen and SemAlign through `pkt run`.
 from __future__ import annotations
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 import pktransfer
 from pktransfer.recipe import recipe_from_dict
@@ -54,23 +52,9 @@ def test_qwen3_trains_and_evaluates(tiny_recipe, qwen3_pair, tmp_path, method):
 
 
 def test_qwen3_laten_merged_equals_original_plus_delta(tiny_recipe, qwen3_pair, tmp_path):
-    from transformers import AutoModelForCausalLM
 
     spec = {"name": "laten", "n_val": 6, "checkpoint": 2, "init_std": 0.02, "lr": 1e-3, "transfer_rate": 0.2}
     res = pktransfer.run(_recipe(tiny_recipe, qwen3_pair, tmp_path, spec), quiet=True)
-    out = res.output_dir
-    merged = AutoModelForCausalLM.from_pretrained(out / "merged").state_dict()
-    original = AutoModelForCausalLM.from_pretrained(str(qwen3_pair[1])).state_dict()
-    delta = load_file(str(out / "laten" / "delta.safetensors"))
-    modules = {k.split("::")[0] for k in delta}
-    assert len(modules) == 4 * 2
-    for key in original:
-        expected = original[key].clone()
-        name = key.removesuffix(".weight")
-        if name in modules:
-            if f"{name}::rows" in delta:
-                expected[delta[f"{name}::rows"]] += delta[f"{name}::values"]
-            else:
-                expected[:, delta[f"{name}::cols"]] += delta[f"{name}::values"].T
-            assert not torch.equal(expected, original[key]), key  # the transfer is in the saved weights
-        assert torch.equal(merged[key], expected), key
+    from conftest import assert_merged_is_original_plus_delta
+
+    assert_merged_is_original_plus_delta(res.output_dir, qwen3_pair[1], 4 * 2)

@@ -205,7 +205,6 @@ def _recipe(base: dict, **method):
 
 
 def test_laten_saves_a_merged_student_equal_to_the_original_plus_the_delta(tiny_recipe, tmp_path):
-    from transformers import AutoModelForCausalLM
 
     res = pktransfer.run(_recipe(tiny_recipe, init_std=0.02, lr=1e-3, transfer_rate=0.2), quiet=True)
     out = res.output_dir
@@ -213,21 +212,9 @@ def test_laten_saves_a_merged_student_equal_to_the_original_plus_the_delta(tiny_
     assert info["chosen_step"] == 3 and info["checkpoint_kept"] == 2 and set(info["val_loss"]) == {0, 1, 2, 3}
     assert res.run["outputs"]["adapter"] is None and not (out / "adapter").exists()
     assert res.run["training"]["steps"] == info["chosen_step"]
-    merged = AutoModelForCausalLM.from_pretrained(out / "merged").state_dict()
-    original = AutoModelForCausalLM.from_pretrained(tiny_recipe["student"]["model"]).state_dict()
-    delta = load_file(str(out / "laten" / "delta.safetensors"))
-    modules = {k.split("::")[0] for k in delta}
-    assert len(modules) == 4 * 2  # up, down, v, o in each of the student's 2 layers
-    for key in original:
-        expected = original[key].clone()
-        name = key.removesuffix(".weight")
-        if name in modules:
-            if f"{name}::rows" in delta:
-                expected[delta[f"{name}::rows"]] += delta[f"{name}::values"]
-            else:
-                expected[:, delta[f"{name}::cols"]] += delta[f"{name}::values"].T
-            assert not torch.equal(expected, original[key]), key  # the transfer is in the saved weights
-        assert torch.equal(merged[key], expected), key
+    from conftest import assert_merged_is_original_plus_delta
+
+    assert_merged_is_original_plus_delta(out, tiny_recipe["student"]["model"], 4 * 2)  # up, down, v, o x 2 layers
     assert res.metrics["trained"]["test"]["n"] == 6
     history = json.loads((out / "checkpoints" / "log_history.json").read_text())
     assert [h["step"] for h in history] == [0, 1, 2, 3]
