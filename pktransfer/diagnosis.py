@@ -154,8 +154,8 @@ def forward_measures(
                 mlp_out: dict[int, torch.Tensor] = {}
                 n = arch.n_layers
                 with (
-                    capture({i: sublayer(model, arch.layers_path, i, "layer") for i in range(n)}, layer_out),
-                    capture({i: sublayer(model, arch.layers_path, i, "mlp") for i in range(n)}, mlp_out),
+                    capture({i: sublayer(model, arch, i, "layer") for i in range(n)}, layer_out),
+                    capture({i: sublayer(model, arch, i, "mlp") for i in range(n)}, mlp_out),
                 ):
                     dev = next(model.parameters()).device
                     model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev))

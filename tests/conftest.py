@@ -64,12 +64,33 @@ def make_tokenizer(chat: bool = True):
     return fast
 
 
+# family -> transformers config class; the families beyond the first four are built the same way
+FAMILY_CONFIGS = {
+    "qwen2": "Qwen2Config",
+    "qwen3": "Qwen3Config",
+    "llama": "LlamaConfig",
+    "mistral": "MistralConfig",
+    "gemma2": "Gemma2Config",
+    "gemma3_text": "Gemma3TextConfig",
+    "olmo2": "Olmo2Config",
+    "phi3": "Phi3Config",
+}
+
+
 def make_model(
     family: str, *, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int, seed: int = 0, tied: bool = False
 ):
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    import transformers
+    from transformers import AutoModelForCausalLM
 
-    cls = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "llama": LlamaConfig, "mistral": MistralConfig}[family]
+    cls = getattr(transformers, FAMILY_CONFIGS[family])
+    extra = {}
+    if family not in ("qwen2", "qwen3", "llama", "mistral"):  # their defaults name token ids outside a tiny vocab
+        extra = dict(pad_token_id=1, bos_token_id=None, eos_token_id=3)
+    if family in ("gemma2", "gemma3_text"):  # head_dim not hidden/heads, as in the real models; soft-capping on
+        extra |= dict(head_dim=2 * hidden // heads, query_pre_attn_scalar=2 * hidden // heads, sliding_window=16)
+        if family == "gemma2":
+            extra["final_logit_softcapping"] = 3.0  # small, so that the tiny models' logits are really capped
     cfg = cls(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -79,6 +100,7 @@ def make_model(
         intermediate_size=ffn,
         max_position_embeddings=512,
         tie_word_embeddings=tied,
+        **extra,
     )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg)

@@ -389,9 +389,9 @@ def test_targets_at_every_point_match_a_full_forward(tiny_models, point):
     ex = encode_items(PromptFormatter(t.tokenizer), task.split("train"), 64, "train")
     b = collate_examples(ex)
     pairs = layer_pairs([1, 4], 4, 2)  # student 1 <- teacher 2 (3 with λ 0), student 2 <- teacher 4 (λ 1)
-    got = teacher_targets(t, "model.layers", pairs, point, m, b["input_ids"], b["attention_mask"], b["labels"])
+    got = teacher_targets(t, pairs, point, m, b["input_ids"], b["attention_mask"], b["labels"])
     acts = {}
-    with torch.no_grad(), capture({i: sublayer(t.model, "model.layers", i, point) for i in range(4)}, acts):
+    with torch.no_grad(), capture({i: sublayer(t.model, t.arch, i, point) for i in range(4)}, acts):
         t.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
     mask = response_positions(b["labels"])
     for p, g in zip(pairs, got, strict=True):

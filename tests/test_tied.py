@@ -13,6 +13,7 @@ from conftest import STUDENT_SHAPE, TEACHER_SHAPE, save_tiny
 import pktransfer
 from pktransfer.recipe import recipe_from_dict
 
+FAMILIES = ("qwen2", "qwen3", "llama", "mistral", "gemma2", "gemma3_text", "olmo2")
 PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]
 IDS = torch.tensor([[5, 17, 30, 44, 60, 71, 2, 9]])
 
@@ -21,7 +22,7 @@ IDS = torch.tensor([[5, 17, 30, 44, 60, 71, 2, 9]])
 def pairs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tied_pairs")
     out = {}
-    for family in ("qwen2", "qwen3", "llama", "mistral"):
+    for family in FAMILIES:
         for tied in (True, False):
             key = f"{family}-{'tied' if tied else 'untied'}"
             out[key] = (
@@ -81,7 +82,7 @@ def _original_logits(folder):
 @pytest.mark.parametrize("method", ["seeking", "weight_selection"])
 @pytest.mark.parametrize(
     "pair_key",
-    ["qwen2-tied", "qwen2-untied", "qwen3-tied", "qwen3-untied", "llama-tied", "llama-untied", "mistral-tied", "mistral-untied"],
+    [f"{family}-{kind}" for family in FAMILIES for kind in ("tied", "untied")],
 )
 def test_step0_identity_tied_and_untied_every_family(tiny_recipe, pairs, tmp_path, pair_key, method):
     spec = {"name": "seeking", "n_seed": 3} if method == "seeking" else {"name": "weight_selection"}

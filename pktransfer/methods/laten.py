@@ -52,7 +52,7 @@ from pktransfer.fileio import save_safetensors, torch_save, write_json
 from pktransfer.methods.base import Method, MethodContext, n_tokens
 from pktransfer.models.arch import ArchitectureDescription
 from pktransfer.models.pair import check_pair
-from pktransfer.ops.neurons import candidate_vocab, kv_rows, neuron_scores, restrict, sublayer_score
+from pktransfer.ops.neurons import candidate_vocab, kv_rows, neuron_scores, post_norm_gain, restrict, sublayer_score
 from pktransfer.ops.ranking import top_k
 from pktransfer.progress import Progress
 from pktransfer.training import causal_lm_loss_sum, collate_examples
@@ -105,6 +105,7 @@ def locate_scores(
     norm = model.get_submodule(arch.final_norm_module)
     head_w = model.get_output_embeddings().weight.detach()
     n_layers = arch.n_layers
+    cap = arch.logit_softcap
     seen: dict[str, Any] = {}
     handles = []
     for i in range(n_layers):
@@ -124,10 +125,12 @@ def locate_scores(
 
         handles += [
             block.register_forward_pre_hook(pre(f"in{i}"), with_kwargs=True),
-            block.self_attn.register_forward_hook(post(f"attn{i}")),
+            block.self_attn.register_forward_hook(post(f"attn_raw{i}")),
+            model.get_submodule(arch.sublayer_name(i, "attention")).register_forward_hook(post(f"attn{i}")),
             block.self_attn.o_proj.register_forward_pre_hook(pre(f"o{i}"), with_kwargs=True),
             block.mlp.down_proj.register_forward_pre_hook(pre(f"down{i}"), with_kwargs=True),
-            block.mlp.register_forward_hook(post(f"mlp{i}")),
+            block.mlp.register_forward_hook(post(f"mlp_raw{i}")),
+            model.get_submodule(arch.sublayer_name(i, "mlp")).register_forward_hook(post(f"mlp{i}")),
         ]
     f_size, a_size = arch.intermediate_size, arch.n_heads * arch.head_dim
     results = []
@@ -146,18 +149,22 @@ def locate_scores(
                     h_in = seen[f"in{i}"][0, pos].float()
                     attn = seen[f"attn{i}"][0, pos].float()
                     h_mid = h_in + attn
-                    vocab = candidate_vocab([h_in, h_mid], norm, head_w, y, vocab_k)
+                    vocab = candidate_vocab([h_in, h_mid], norm, head_w, y, vocab_k, cap)
                     head, yi = restrict(head_w, y, vocab)
                     layer = model.get_submodule(f"{arch.layers_path}.{i}")
-                    out["attn_layer"][i] = sublayer_score(h_in, attn, norm, head, yi)
-                    out["ffn_layer"][i] = sublayer_score(h_mid, seen[f"mlp{i}"][0, pos].float(), norm, head, yi)
+                    down_dirs = _through_post_norm(
+                        model, arch, i, "mlp", layer.mlp.down_proj.weight.T, seen[f"mlp_raw{i}"][0, pos]
+                    )
+                    o_dirs = _through_post_norm(
+                        model, arch, i, "attention", layer.self_attn.o_proj.weight.T, seen[f"attn_raw{i}"][0, pos]
+                    )
+                    out["attn_layer"][i] = sublayer_score(h_in, attn, norm, head, yi, cap)
+                    out["ffn_layer"][i] = sublayer_score(h_mid, seen[f"mlp{i}"][0, pos].float(), norm, head, yi, cap)
                     out["ffn"][i] = (
-                        neuron_scores(h_mid, seen[f"down{i}"][0, pos], layer.mlp.down_proj.weight.T, norm, head, yi)
-                        .double()
-                        .cpu()
+                        neuron_scores(h_mid, seen[f"down{i}"][0, pos], down_dirs, norm, head, yi, softcap=cap).double().cpu()
                     )
                     out["attn"][i] = (
-                        neuron_scores(h_in, seen[f"o{i}"][0, pos], layer.self_attn.o_proj.weight.T, norm, head, yi).double().cpu()
+                        neuron_scores(h_in, seen[f"o{i}"][0, pos], o_dirs, norm, head, yi, softcap=cap).double().cpu()
                     )
                 seen.clear()
                 results.append(out)
@@ -166,6 +173,18 @@ def locate_scores(
         for h in handles:
             h.remove()
     return results
+
+
+def _through_post_norm(
+    model: Any, arch: Any, layer: int, point: str, directions: torch.Tensor, raw: torch.Tensor
+) -> torch.Tensor:
+    """A sublayer's neuron directions [F, D] as they enter the residual stream: unchanged for pre-norm families,
+    scaled by the post-norm's gain at this token (``ops.neurons.post_norm_gain``) for Gemma 2/3 and OLMo-2."""
+    if not arch.post_norms:
+        return directions
+    norm = model.get_submodule(arch.sublayer_name(layer, point))
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+    return directions * post_norm_gain(raw, norm.weight.detach(), eps, arch.spec.post_norm_offset).to(directions.dtype)
 
 
 def mean_scores(scores: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -47,6 +47,7 @@ from pktransfer.methods.teacher_cache import (
     teacher_identity,
     teacher_logits_cache,
 )
+from pktransfer.models.arch import ArchitectureDescription
 from pktransfer.models.pair import check_pair
 from pktransfer.ops.distill import kl_to_teacher
 from pktransfer.ops.semantic import (
@@ -66,10 +67,10 @@ from pktransfer.training import LossFn, check_targets, collate_examples, lora_co
 # ---- activation capture (forward hooks) -----------------------------------------------------------
 
 
-def sublayer(model: Any, layers_path: str, layer: int, point: str) -> Any:
-    """The module whose output is supervised: layer ``layer`` (0-based)'s MLP, attention, or the layer."""
-    block = model.get_submodule(f"{layers_path}.{layer}")
-    return {"mlp": lambda: block.mlp, "attention": lambda: block.self_attn, "layer": lambda: block}[point]()
+def sublayer(model: Any, arch: ArchitectureDescription, layer: int, point: str) -> Any:
+    """The module whose output is supervised: layer ``layer`` (0-based)'s MLP or attention output as it enters the
+    residual stream (after the post-norm in Gemma 2/3 and OLMo-2, the family entry's ``mlp_out``), or the layer."""
+    return model.get_submodule(arch.sublayer_name(layer, point))
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -216,7 +217,6 @@ def _stop_forward(module: Any, args: Any, output: Any) -> None:
 @torch.no_grad()
 def teacher_targets(
     teacher: Any,
-    layers_path: str,
     pairs: list[LayerPair],
     point: str,
     m: torch.Tensor,
@@ -229,7 +229,8 @@ def teacher_targets(
     device = next(model.parameters()).device
     needed = sorted({layer - 1 for p in pairs for layer in (p.a, p.b)})
     acts: dict[int, torch.Tensor] = {}
-    with capture({i: sublayer(model, layers_path, i, point) for i in needed}, acts):
+    layers_path = teacher.arch.layers_path
+    with capture({i: sublayer(model, teacher.arch, i, point) for i in needed}, acts):
         # the forward stops once the deepest needed layer has run: later layers and the LM head are skipped.
         # Registered after the capture hooks, so with point 'layer' (the same module) the capture runs first.
         stop = model.get_submodule(f"{layers_path}.{needed[-1]}").register_forward_hook(_stop_forward)
@@ -250,7 +251,6 @@ def teacher_targets(
 
 def precompute_targets(
     teacher: Any,
-    layers_path: str,
     pairs: list[LayerPair],
     point: str,
     m: torch.Tensor,
@@ -267,9 +267,7 @@ def precompute_targets(
             batch = collate_examples(chunk)
             for p, t in zip(
                 pairs,
-                teacher_targets(
-                    teacher, layers_path, pairs, point, m, batch["input_ids"], batch["attention_mask"], batch["labels"]
-                ),
+                teacher_targets(teacher, pairs, point, m, batch["input_ids"], batch["attention_mask"], batch["labels"]),
                 strict=True,
             ):
                 parts[p.student].append(t.half())
@@ -484,7 +482,6 @@ class SemAlignMethod(Method):
                 t1 = time.perf_counter()
                 out = precompute_targets(
                     teacher,
-                    t_arch.layers_path,
                     self.pairs,
                     spec.point,
                     self.map,
@@ -516,7 +513,7 @@ class SemAlignMethod(Method):
             config.layers_to_transform = [p.student - 1 for p in self.pairs]
         model = get_peft_model(student.model, config)
         base = model.base_model.model
-        modules = {p.student: sublayer(base, s_arch.layers_path, p.student - 1, spec.point) for p in self.pairs}
+        modules = {p.student: sublayer(base, s_arch, p.student - 1, spec.point) for p in self.pairs}
         self._hooks = capture(modules, self._acts, when=lambda: self._capturing)
         self._hooks.__enter__()
         self._capturing = True
@@ -575,7 +572,6 @@ class SemAlignMethod(Method):
                 t0 = time.perf_counter()
                 targets = teacher_targets(
                     self.teacher,
-                    self.teacher.arch.layers_path,
                     pairs,
                     spec.point,
                     self.map,

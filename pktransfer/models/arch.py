@@ -13,10 +13,9 @@ from typing import Any
 
 from pktransfer.errors import ModelError
 
-SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
-
-# role -> (module path template, input space, output space); weights are [out, in] as in nn.Linear.
-_LAYER_ROLES: dict[str, tuple[str, str, str]] = {
+# Projections every supported family shares: role -> (module path in a block, input space, output space);
+# weights are [out, in] as in nn.Linear.
+_PROJECTIONS: dict[str, tuple[str, str, str]] = {
     "q": ("self_attn.q_proj", "residual", "heads"),
     "k": ("self_attn.k_proj", "residual", "kv_heads"),
     "v": ("self_attn.v_proj", "residual", "kv_heads"),
@@ -24,12 +23,81 @@ _LAYER_ROLES: dict[str, tuple[str, str, str]] = {
     "gate": ("mlp.gate_proj", "residual", "mlp"),
     "up": ("mlp.up_proj", "residual", "mlp"),
     "down": ("mlp.down_proj", "mlp", "residual"),
-    "input_norm": ("input_layernorm", "residual", "residual"),
-    "post_attention_norm": ("post_attention_layernorm", "residual", "residual"),
 }
 ATTENTION_ROLES = ("q", "k", "v", "o")
 FFN_ROLES = ("gate", "up", "down")
-NORM_ROLES = ("input_norm", "post_attention_norm")
+
+# Norm roles: the norm before attention, before the MLP (pre-norm families), and after each sublayer's output
+# (post-norm families: Gemma 2/3 have both, OLMo-2 only post-norms), and the per-head q/k norms.
+_PRE_NORMS = {"input_norm": ("input_layernorm", "residual"), "pre_mlp_norm": ("post_attention_layernorm", "residual")}
+_SANDWICH_NORMS = {
+    "input_norm": ("input_layernorm", "residual"),
+    "post_attention_norm": ("post_attention_layernorm", "residual"),
+    "pre_mlp_norm": ("pre_feedforward_layernorm", "residual"),
+    "post_mlp_norm": ("post_feedforward_layernorm", "residual"),
+}
+_QK_HEAD_NORMS = {"q_norm": ("self_attn.q_norm", "head"), "k_norm": ("self_attn.k_norm", "head")}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One decoder family, declaratively (after mergekit's architecture definitions): adding a family is a new
+    entry here plus its tiny-model tests, not code in every method.
+
+    ``attention_out`` / ``mlp_out``: the module (in a block) whose output is the sublayer's contribution to the
+    residual stream — the sublayer itself for pre-norm families, its post-norm for Gemma 2/3 and OLMo-2.
+    ``post_norm_offset``: a post-norm computes x / rms(x) · (offset + weight) (Gemma stores weight − 1).
+    ``logit_softcap``: the config attribute holding the final logit soft-cap (logits = c · tanh(logits / c)).
+    """
+
+    norms: dict[str, tuple[str, str]]
+    attention_out: str = "self_attn"
+    mlp_out: str = "mlp"
+    post_norm_offset: float = 0.0
+    logit_softcap: str | None = None
+    notes: str = ""
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(_PRE_NORMS, notes="Llama 2/3.x (3.2 ties its embeddings)"),
+    "mistral": Family(_PRE_NORMS),
+    "qwen2": Family(_PRE_NORMS, notes="Qwen2 and Qwen2.5 (q/k/v biases)"),
+    "qwen3": Family({**_PRE_NORMS, **_QK_HEAD_NORMS}, notes="per-head q/k norms; head_dim set independently"),
+    "gemma2": Family(
+        _SANDWICH_NORMS,
+        attention_out="post_attention_layernorm",
+        mlp_out="post_feedforward_layernorm",
+        post_norm_offset=1.0,
+        logit_softcap="final_logit_softcapping",
+        notes="scaled embeddings (x sqrt(hidden), inside the embedding module), sandwich norms, logit soft-capping",
+    ),
+    "gemma3_text": Family(
+        {**_SANDWICH_NORMS, **_QK_HEAD_NORMS},
+        attention_out="post_attention_layernorm",
+        mlp_out="post_feedforward_layernorm",
+        post_norm_offset=1.0,
+        logit_softcap="final_logit_softcapping",
+        notes="Gemma 3 text models: as Gemma 2 plus per-head q/k norms",
+    ),
+    "olmo2": Family(
+        {
+            "post_attention_norm": ("post_attention_layernorm", "residual"),
+            "post_mlp_norm": ("post_feedforward_layernorm", "residual"),
+            "q_norm": ("self_attn.q_norm", "heads"),
+            "k_norm": ("self_attn.k_norm", "kv_heads"),
+        },
+        attention_out="post_attention_layernorm",
+        mlp_out="post_feedforward_layernorm",
+        notes="post-norms only (no norm before attention or MLP); q/k norms over the full projection",
+    ),
+}
+SUPPORTED_FAMILIES = tuple(FAMILIES)
+
+# Families users ask for that pktransfer cannot handle yet, with the reason (one clear error instead of a crash).
+UNSUPPORTED_FAMILIES = {
+    "phi3": "Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj; per-role selection and injection "
+    "inside a fused matrix is not implemented yet",
+}
 
 
 @dataclass(frozen=True)
@@ -58,6 +126,7 @@ class ArchitectureDescription:
     final_norm_module: str = "model.norm"
     lm_head_module: str = "lm_head"
     n_parameters: int = 0
+    logit_softcap: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     # -- spaces and shapes ------------------------------------------------------------------
@@ -65,19 +134,37 @@ class ArchitectureDescription:
         return {
             "residual": self.hidden_size,
             "heads": self.n_heads * self.head_dim,
+            "head": self.head_dim,
             "kv_heads": self.n_kv_heads * self.head_dim,
             "mlp": self.intermediate_size,
             "vocab": self.vocab_size,
         }[space]
 
+    @property
+    def spec(self) -> Family:
+        return FAMILIES[self.family]
+
     def module_name(self, layer: int, role: str) -> str:
-        return f"{self.layers_path}.{layer}.{_LAYER_ROLES[role][0]}"
+        path = _PROJECTIONS[role][0] if role in _PROJECTIONS else self.spec.norms[role][0]
+        return f"{self.layers_path}.{layer}.{path}"
+
+    def sublayer_name(self, layer: int, point: str) -> str:
+        """The module whose output is layer ``layer``'s (0-based) contribution at ``point``: ``attention`` or
+        ``mlp`` (after its post-norm where the family has one), or the whole ``layer``."""
+        block = f"{self.layers_path}.{layer}"
+        return {"attention": f"{block}.{self.spec.attention_out}", "mlp": f"{block}.{self.spec.mlp_out}", "layer": block}[point]
+
+    @property
+    def post_norms(self) -> bool:
+        return self.spec.mlp_out != "mlp"
 
     def layer_weights(self, layer: int) -> list[WeightInfo]:
         out = []
-        for role, (path, ins, outs) in _LAYER_ROLES.items():
-            shape = (self.space_size(outs),) if role in NORM_ROLES else (self.space_size(outs), self.space_size(ins))
+        for role, (path, ins, outs) in _PROJECTIONS.items():
+            shape = (self.space_size(outs), self.space_size(ins))
             out.append(WeightInfo(role, f"{self.layers_path}.{layer}.{path}", ins, outs, shape))
+        for role, (path, space) in self.spec.norms.items():
+            out.append(WeightInfo(role, f"{self.layers_path}.{layer}.{path}", space, space, (self.space_size(space),)))
         return out
 
     def global_weights(self) -> list[WeightInfo]:
@@ -100,7 +187,8 @@ class ArchitectureDescription:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["roles"] = {r: {"module": p, "in": i, "out": o} for r, (p, i, o) in _LAYER_ROLES.items()}
+        d["roles"] = {r: {"module": p, "in": i, "out": o} for r, (p, i, o) in _PROJECTIONS.items()}
+        d["norms"] = {r: p for r, (p, _) in self.spec.norms.items()}
         return d
 
     def summary(self) -> str:
@@ -113,6 +201,11 @@ class ArchitectureDescription:
 
 def check_family(config: Any, where: str) -> str:
     family = getattr(config, "model_type", None) or "unknown"
+    if family in UNSUPPORTED_FAMILIES:
+        raise ModelError(
+            f"model {where} is a '{family}' model, which pktransfer cannot handle yet: {UNSUPPORTED_FAMILIES[family]}",
+            hint=f"pick a pair from a supported family: {', '.join(SUPPORTED_FAMILIES)}",
+        )
     if family not in SUPPORTED_FAMILIES:
         raise ModelError(
             f"unsupported architecture '{family}' for model {where}",
@@ -122,8 +215,9 @@ def check_family(config: Any, where: str) -> str:
 
 
 def describe_config(config: Any, where: str = "", n_parameters: int = 0) -> ArchitectureDescription:
-    """Describe a Llama/Qwen2/Qwen3/Mistral config (no weights needed)."""
+    """Describe a config of a supported family (no weights needed)."""
     family = check_family(config, where)
+    spec = FAMILIES[family]
     n_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     return ArchitectureDescription(
@@ -138,6 +232,7 @@ def describe_config(config: Any, where: str = "", n_parameters: int = 0) -> Arch
         tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         attention_bias=bool(getattr(config, "attention_bias", family == "qwen2")),
         n_parameters=n_parameters,
+        logit_softcap=getattr(config, spec.logit_softcap, None) if spec.logit_softcap else None,
     )
 
 
@@ -147,7 +242,16 @@ def describe(model: Any) -> ArchitectureDescription:
     desc = describe_config(model.config, getattr(model.config, "_name_or_path", ""), n_params)
     modules = dict(model.named_modules())
     missing = [
-        m for m in (desc.embed_module, desc.final_norm_module, desc.lm_head_module, desc.module_name(0, "q")) if m not in modules
+        m
+        for m in (
+            desc.embed_module,
+            desc.final_norm_module,
+            desc.lm_head_module,
+            desc.module_name(0, "q"),
+            desc.sublayer_name(0, "attention"),
+            desc.sublayer_name(0, "mlp"),
+        )
+        if m not in modules
     ]
     if missing:
         raise ModelError(
