@@ -8,6 +8,9 @@
    weight_selection, seeking, semalign (cached and live targets), laten; then semalign and laten with
    the teacher on the CPU and the student on the GPU. Prints accuracy, steps, stage times and peak
    CUDA memory.
+3. Every teacher-side method (kd, seeking, semalign, laten) with the teacher sharded through accelerate
+   (``teacher.device_map``): balanced over every GPU when there are several, else half its layers on GPU 0
+   and half offloaded to CPU memory. Prints accuracy, teacher tokens per second and peak memory per GPU.
 """
 
 from __future__ import annotations
@@ -136,6 +139,39 @@ def main() -> None:
             "peak_cuda_gib": max(s.get("peak_cuda_gib", 0) for s in res.run["stages"].values()),
         }
         print(key, report["methods"][key])
+    # 3. every teacher-side method with the teacher sharded through accelerate: over every GPU when there are
+    #    several, else half its layers on GPU 0 and half offloaded to CPU memory (executed on GPU 0)
+    n_gpu = torch.cuda.device_count()
+    if n_gpu > 1:
+        sharding = {"device_map": "balanced"}
+        layout = f"balanced over {n_gpu} GPUs"
+    else:
+        n_layers = TEACHER_SHAPE["layers"]
+        split = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": "cpu", "lm_head": "cpu"}
+        split |= {f"model.layers.{i}": (0 if i < n_layers // 2 else "cpu") for i in range(n_layers)}
+        sharding = {"device_map": split}
+        layout = "GPU 0 + CPU offload"
+    report["sharded_teacher"] = {"layout": layout, "methods": {}}
+    for i, m in enumerate([m for m in methods if m["name"] in ("kd", "seeking", "semalign", "laten")]):
+        m = {k: v for k, v in m.items() if k != "teacher_device"}
+        spec = {**base, "teacher": {**base["teacher"], **sharding}}
+        recipe = pktransfer.recipe_from_dict({**spec, "method": m, "output_dir": str(root / f"sharded{i}")})
+        for d in range(n_gpu):
+            torch.cuda.reset_peak_memory_stats(d)
+        t0 = time.perf_counter()
+        res = pktransfer.run(recipe, quiet=True)
+        seconds = time.perf_counter() - t0
+        teacher = res.run.get("budget", {}).get("teacher", {})
+        tokens = (teacher.get("forward_tokens") or 0) + (teacher.get("backward_tokens") or 0)
+        key = m["name"] + ("" if "cache" not in m else f"(cache={m['cache']})")
+        report["sharded_teacher"]["methods"][key] = {
+            "trained_acc": res.metrics["trained"]["test"]["accuracy"],
+            "seconds": round(seconds, 2),
+            "teacher_tokens_per_second": round(tokens / max(teacher.get("seconds") or seconds, 1e-9), 1),
+            "peak_gib_per_gpu": [round(torch.cuda.max_memory_allocated(d) / 2**30, 3) for d in range(n_gpu)],
+            "peak_rss_anon_gib": max(s.get("peak_rss_anon_gib", 0) for s in res.run["stages"].values()),
+        }
+        print(f"sharded teacher ({layout})", key, report["sharded_teacher"]["methods"][key])
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
 

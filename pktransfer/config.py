@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pktransfer.models.builtin import DEFAULT_STUDENT, DEFAULT_TEACHER  # noqa: F401  (re-exported defaults)
 
@@ -28,6 +28,28 @@ class ModelSpec(Strict):
     dtype: DTypeName = "auto"
     device: DeviceName = "auto"
     revision: str | None = None
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | dict[str, int | str] | None = Field(
+        default=None,
+        description="shard the model over devices through accelerate (a teacher bigger than one device): 'auto', "
+        "'balanced', 'sequential', or module -> device (0, 'cuda:1', 'cpu', 'disk'); None: the whole model on `device`",
+    )
+    max_memory: dict[int | str, str] | None = Field(
+        default=None, description="per-device caps for device_map, e.g. {0: '20GiB', 1: '20GiB', cpu: '64GiB'}"
+    )
+    offload_folder: str | None = Field(
+        default=None, description="folder for weights device_map offloads to disk (module -> 'disk', or max_memory overflow)"
+    )
+
+    def identity(self) -> dict[str, Any]:
+        """What the model computes, not where it sits: cache keys use this, so a sharded teacher reuses (and is
+        tested to reproduce) what the unsharded one computed."""
+        return self.model_dump(exclude={"device_map", "max_memory", "offload_folder"})
+
+    @model_validator(mode="after")
+    def _sharding_needs_a_map(self) -> ModelSpec:
+        if self.device_map is None and (self.max_memory is not None or self.offload_folder is not None):
+            raise ValueError("max_memory and offload_folder shard a model: set device_map too (e.g. device_map: auto)")
+        return self
 
 
 class TaskSpec(Strict):

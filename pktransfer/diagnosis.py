@@ -54,6 +54,7 @@ from pktransfer.methods.teacher_cache import cached_file
 from pktransfer.models import LoadedModel
 from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES
 from pktransfer.models.tying import parameter_key
+from pktransfer.ops.offload import stored_value
 from pktransfer.ops.ranking import top_k
 from pktransfer.ops.selection import max_sum_submatrix, select_layers, uniform_indices
 from pktransfer.ops.semantic import (
@@ -241,7 +242,7 @@ def concentration_and_similarity(
             if p is None or p.full is None:
                 continue
             full = p.full.double()
-            w_t = teacher.model.get_submodule(tmod).weight.detach().float().cpu()
+            w_t = stored_value(teacher.model.get_submodule(tmod)).detach().float().cpu()
             w_s = student.model.get_submodule(smod).weight.detach().float().cpu()
             h, w = w_s.shape
             if h > full.shape[0] or w > full.shape[1]:
@@ -298,7 +299,7 @@ def laten_measures(
     located, control = [], []
     for k, t_layer in enumerate(plan["ffn"]["teacher_layers"]):
         t_idx, s_idx = plan["ffn"]["teacher"][k], plan["ffn"]["student"][k]
-        down_t = teacher.model.get_submodule(t_arch.module_name(t_layer, "down")).weight.detach().float().cpu()
+        down_t = stored_value(teacher.model.get_submodule(t_arch.module_name(t_layer, "down"))).detach().float().cpu()
         down_s = student.model.get_submodule(s_arch.module_name(k, "down")).weight.detach().float().cpu()
         cols_t = down_t[:, t_idx].T[:, keep]  # [n, D_S]
         cos = torch.nn.functional.cosine_similarity(cols_t.double(), down_s[:, s_idx].T.double(), dim=-1, eps=1e-12)

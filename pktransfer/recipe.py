@@ -132,6 +132,11 @@ class Recipe(Strict):
     def _check_cross_fields(self) -> Recipe:
         if self.teacher.model == self.student.model and self.teacher.revision == self.student.revision:
             raise ValueError("teacher and student are the same model; a transfer needs two different models")
+        if self.student.device_map is not None:
+            raise ValueError(
+                "student.device_map: the student trains whole on one device; shard the teacher (teacher.device_map), "
+                "and train on several GPUs with `accelerate launch` (see the README)"
+            )
         return self
 
     def dump(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from pktransfer.config import LoraSpec, TrainingSpec
 from pktransfer.data import IGNORE_INDEX, Example
 from pktransfer.data.batching import pad
 from pktransfer.fileio import write_json
+from pktransfer.ops.offload import input_device
 from pktransfer.progress import Progress
 
 
@@ -222,7 +223,7 @@ def train(
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     progress = progress or Progress(quiet=True)
-    device = next(model.parameters()).device
+    device = input_device(model)
     args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=spec.batch_size,

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from pktransfer.data.batching import pad
+from pktransfer.ops.offload import input_device
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -39,7 +40,7 @@ def generate(
     token or once every row contains a stop string; the text is cut at the first stop string.
     ``on_batch(done, generated_tokens)`` is called after each batch (for progress bars).
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_ids[0]
@@ -103,7 +104,7 @@ def continuation_logliks(
     context scores all of them at once; otherwise each (context + continuation) is scored separately.
     Rows are sorted by length and right-padded, so positions are exact without position ids.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     out: list[list[float]] = [[] for _ in contexts]
     # longest first, so each batch holds similar lengths (little padding) and memory errors come early
     single = sorted(
@@ -148,7 +149,7 @@ def run_batched(model: Any, requested: int | str, fn: Callable[[int], Any], star
     error (accelerate's find_executable_batch_size and its reduction rule); on CPU "auto" means 16."""
     if requested != "auto":
         return fn(int(requested)), int(requested)
-    if next(model.parameters()).device.type != "cuda":
+    if input_device(model).type != "cuda":
         return fn(16), 16
     from accelerate.utils import find_executable_batch_size
 

@@ -30,6 +30,7 @@ from pktransfer.methods.base import Method, MethodContext, SharedWork
 from pktransfer.methods.teacher_cache import PerExampleCache, teacher_logits_cache
 from pktransfer.models.pair import check_pair
 from pktransfer.ops.distill import kl_to_teacher
+from pktransfer.ops.offload import input_device
 from pktransfer.training import (
     LossFn,
     causal_lm_loss_sum,
@@ -139,7 +140,7 @@ class KdMethod(Method):
                 t_ids = self.cache.rows("ids", index).to(logits.device)
             else:
                 t_model = self.teacher.model
-                dev = next(t_model.parameters()).device
+                dev = input_device(t_model)
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     t_out = t_model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits[

@@ -53,6 +53,7 @@ from pktransfer.methods.base import Method, MethodContext, n_tokens
 from pktransfer.models.arch import ArchitectureDescription
 from pktransfer.models.pair import check_pair
 from pktransfer.ops.neurons import candidate_vocab, kv_rows, neuron_scores, post_norm_gain, restrict, sublayer_score
+from pktransfer.ops.offload import input_device, stored_value
 from pktransfer.ops.ranking import top_k
 from pktransfer.progress import Progress
 from pktransfer.training import causal_lm_loss_sum, collate_examples
@@ -101,9 +102,9 @@ def locate_scores(
 ) -> list[dict[str, torch.Tensor]]:
     """Per input: ``attn_layer`` [L], ``ffn_layer`` [L], ``attn`` [L, H·hd], ``ffn`` [L, F] (float64, CPU)."""
     model, arch = loaded.model, loaded.arch
-    device = next(model.parameters()).device
+    device = input_device(model)
     norm = model.get_submodule(arch.final_norm_module)
-    head_w = model.get_output_embeddings().weight.detach()
+    head_w = stored_value(model.get_output_embeddings()).detach().to(device)
     n_layers = arch.n_layers
     cap = arch.logit_softcap
     seen: dict[str, Any] = {}
@@ -152,12 +153,9 @@ def locate_scores(
                     vocab = candidate_vocab([h_in, h_mid], norm, head_w, y, vocab_k, cap)
                     head, yi = restrict(head_w, y, vocab)
                     layer = model.get_submodule(f"{arch.layers_path}.{i}")
-                    down_dirs = _through_post_norm(
-                        model, arch, i, "mlp", layer.mlp.down_proj.weight.T, seen[f"mlp_raw{i}"][0, pos]
-                    )
-                    o_dirs = _through_post_norm(
-                        model, arch, i, "attention", layer.self_attn.o_proj.weight.T, seen[f"attn_raw{i}"][0, pos]
-                    )
+                    down_w, o_w = stored_value(layer.mlp.down_proj), stored_value(layer.self_attn.o_proj)
+                    down_dirs = _through_post_norm(model, arch, i, "mlp", down_w.T.to(h_mid.device), seen[f"mlp_raw{i}"][0, pos])
+                    o_dirs = _through_post_norm(model, arch, i, "attention", o_w.T.to(h_in.device), seen[f"attn_raw{i}"][0, pos])
                     out["attn_layer"][i] = sublayer_score(h_in, attn, norm, head, yi, cap)
                     out["ffn_layer"][i] = sublayer_score(h_mid, seen[f"mlp{i}"][0, pos].float(), norm, head, yi, cap)
                     out["ffn"][i] = (
@@ -184,7 +182,8 @@ def _through_post_norm(
         return directions
     norm = model.get_submodule(arch.sublayer_name(layer, point))
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
-    return directions * post_norm_gain(raw, norm.weight.detach(), eps, arch.spec.post_norm_offset).to(directions.dtype)
+    gain = post_norm_gain(raw, stored_value(norm).detach().to(raw.device), eps, arch.spec.post_norm_offset)
+    return directions * gain.to(directions.dtype)
 
 
 def mean_scores(scores: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -226,6 +225,11 @@ def plan_transfer(
 # ---- 2. extract ---------------------------------------------------------------------------------------
 
 
+def _rows(weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` of a teacher weight (resident or offloaded), as float32 on the CPU."""
+    return weight.detach()[idx.to(weight.device)].float().cpu()
+
+
 def extract(teacher: Any, plan: dict[str, Any]) -> dict[str, list[torch.Tensor]]:
     """Per role, per student layer, the teacher vectors on its hidden axis [n, D_T] (float32, CPU)."""
     arch: ArchitectureDescription = teacher.arch
@@ -233,13 +237,13 @@ def extract(teacher: Any, plan: dict[str, Any]) -> dict[str, list[torch.Tensor]]
     out: dict[str, list[torch.Tensor]] = {r: [] for r in ROLES}
     for k, t in enumerate(plan["ffn"]["teacher_layers"]):
         idx = plan["ffn"]["teacher"][k]
-        out["up"].append(get(arch.module_name(t, "up")).weight.detach()[idx.to(teacher.device)].float().cpu())
-        out["down"].append(get(arch.module_name(t, "down")).weight.detach()[:, idx.to(teacher.device)].T.float().cpu())
+        out["up"].append(_rows(stored_value(get(arch.module_name(t, "up"))), idx))
+        out["down"].append(_rows(stored_value(get(arch.module_name(t, "down"))).T, idx))
     for k, t in enumerate(plan["attn"]["teacher_layers"]):
         pos = plan["attn"]["teacher"][k]
         rows = kv_rows(pos, arch.n_heads, arch.n_kv_heads, arch.head_dim)
-        out["v"].append(get(arch.module_name(t, "v")).weight.detach()[rows.to(teacher.device)].float().cpu())
-        out["o"].append(get(arch.module_name(t, "o")).weight.detach()[:, pos.to(teacher.device)].T.float().cpu())
+        out["v"].append(_rows(stored_value(get(arch.module_name(t, "v"))), rows))
+        out["o"].append(_rows(stored_value(get(arch.module_name(t, "o"))).T, pos))
     return out
 
 
@@ -636,8 +640,8 @@ class LatenMethod(Method):
         spec, student = self.spec, ctx.student
         path, meta = out / "located.safetensors", out / "located.json"
         key = {
-            "teacher": ctx.recipe.teacher.model_dump(),
-            "student": ctx.recipe.student.model_dump(),
+            "teacher": ctx.recipe.teacher.identity(),
+            "student": ctx.recipe.student.identity(),
             "locate_vocab": spec.locate_vocab,
             "inputs": [[list(i.ids), i.y] for i in inputs],
         }

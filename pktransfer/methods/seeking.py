@@ -36,6 +36,7 @@ from pktransfer.methods.injection import ROLE_OF_LEAF, group_roles, lora_started
 from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES, ArchitectureDescription
 from pktransfer.models.pair import check_pair
 from pktransfer.models.tying import parameter_key
+from pktransfer.ops.offload import stored_value
 from pktransfer.ops.selection import reduce_dims, select_layers
 from pktransfer.ops.sensitivity import ParamSensitivity, Sensitivity, sensitivity_over
 from pktransfer.progress import Progress
@@ -270,7 +271,7 @@ def _extract_one(
 
     A tied teacher's ``lm_head`` is its embedding matrix: weight and sensitivity come from that one
     parameter (its gradient sums both uses)."""
-    w_t = t_model.get_submodule(tmod).weight.detach()
+    w_t = stored_value(t_model.get_submodule(tmod)).detach()
     p = sens.params[parameter_key(t_model, tmod)]
     src = tuple(w_t.shape)
     grown = [(ax, t, s) for ax, t, s in zip(("rows", "columns"), src, target, strict=True) if s > t]
@@ -364,7 +365,7 @@ class SeekingMethod(Method):
         if m.sensitivity is not None:
             return SharedWork(recipe)
         what = {
-            "teacher": recipe.teacher.model_dump(),
+            "teacher": recipe.teacher.identity(),
             "task": recipe.task.model_dump(),
             "max_length": recipe.training.max_length,
             "method": m.model_dump(exclude={"sensitivity"}),

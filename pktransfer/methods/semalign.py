@@ -50,6 +50,7 @@ from pktransfer.methods.teacher_cache import (
 from pktransfer.models.arch import ArchitectureDescription
 from pktransfer.models.pair import check_pair
 from pktransfer.ops.distill import kl_to_teacher
+from pktransfer.ops.offload import input_device, stored_value
 from pktransfer.ops.semantic import (
     LayerPair,
     alignment_terms,
@@ -106,7 +107,7 @@ def layer_attribution(
 
     Parameters are frozen for the duration, so the backward pass computes activation gradients only.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
@@ -145,7 +146,7 @@ def layer_attribution(
 
 def lm_head(loaded: Any, vocab: int) -> torch.Tensor:
     """The LM head's rows for the shared vocabulary (padding rows beyond the tokenizer are left out)."""
-    return loaded.model.get_output_embeddings().weight.detach()[:vocab]
+    return stored_value(loaded.model.get_output_embeddings()).detach()[:vocab]
 
 
 def head_fingerprint(weight: torch.Tensor) -> str:
@@ -226,7 +227,7 @@ def teacher_targets(
 ) -> list[torch.Tensor]:
     """Per pair, the recomposed targets h~_S [P, D_S] (unit rows, float32) at the batch's response positions."""
     model = teacher.model
-    device = next(model.parameters()).device
+    device = input_device(model)
     needed = sorted({layer - 1 for p in pairs for layer in (p.a, p.b)})
     acts: dict[int, torch.Tensor] = {}
     layers_path = teacher.arch.layers_path
@@ -603,7 +604,7 @@ class SemAlignMethod(Method):
             index = batch["index"].tolist()
             return self.logits.rows("values", index).to(mask.device), self.logits.rows("ids", index).to(mask.device)
         model = self.teacher.model
-        dev = next(model.parameters()).device
+        dev = input_device(model)
         t0 = time.perf_counter()
         with torch.no_grad():
             z = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits

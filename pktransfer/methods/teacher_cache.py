@@ -20,6 +20,7 @@ import torch
 from pktransfer.data import Example
 from pktransfer.errors import DataError
 from pktransfer.methods.base import n_tokens
+from pktransfer.ops.offload import input_device
 from pktransfer.progress import Progress
 from pktransfer.training import collate_examples, response_positions
 
@@ -34,7 +35,7 @@ def vocab_digest(tokenizer: Any) -> str:
 
 def teacher_identity(recipe: Any, tokenizer: Any) -> str:
     """The teacher as a cache depends on it: its recipe section and the (shared) vocabulary."""
-    return json.dumps(recipe.teacher.model_dump(), sort_keys=True) + vocab_digest(tokenizer)
+    return json.dumps(recipe.teacher.identity(), sort_keys=True) + vocab_digest(tokenizer)
 
 
 def cache_key(teacher: str, extra: str, examples: list[Example]) -> str:
@@ -107,7 +108,7 @@ def teacher_logits_at_responses(
     teacher_model: Any, examples: list[Example], top_k: int | None, vocab: int, batch_size: int, progress: Progress
 ) -> dict[str, torch.Tensor]:
     """Top-k teacher logits (float32) and ids (int32) at each example's response positions, with offsets."""
-    device = next(teacher_model.parameters()).device
+    device = input_device(teacher_model)
     values, ids, counts = [], [], []
     with progress.task("teacher logits", total=len(examples)) as advance:
         for start in range(0, len(examples), batch_size):

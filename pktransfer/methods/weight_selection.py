@@ -28,6 +28,7 @@ from pktransfer.fileio import write_json
 from pktransfer.methods.base import Method, MethodContext
 from pktransfer.methods.injection import ROLE_OF_LEAF, group_roles, lora_started_at, teacher_for_injection
 from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES, ArchitectureDescription
+from pktransfer.ops.offload import stored_value
 from pktransfer.ops.selection import select_layers, space_indices
 
 SPACES = ("residual", "heads", "kv_heads", "mlp")
@@ -60,13 +61,14 @@ def selected_matrices(
         ("lm_head", t_arch.lm_head_module, s_arch.lm_head_module),
     ):
         if role in roles:
-            out[s_mod] = get(t_mod).weight.detach()[:, idx["residual"]].float().cpu()
+            w_t = stored_value(get(t_mod)).detach()
+            out[s_mod] = w_t[:, idx["residual"].to(w_t.device)].float().cpu()
     for m, t_layer in enumerate(layers):
         for role in (*ATTENTION_ROLES, *FFN_ROLES):
             if role in roles:
                 t_mod = t_arch.module_name(t_layer, role)
                 w = t_weights[t_mod]
-                mat = get(t_mod).weight.detach()
+                mat = stored_value(get(t_mod)).detach()
                 out[s_arch.module_name(m, role)] = mat[idx[w.out_space]][:, idx[w.in_space]].float().cpu()
     return out
 

@@ -14,6 +14,7 @@ import torch
 from pktransfer.errors import ModelError
 from pktransfer.models.arch import ArchitectureDescription, check_family, describe
 from pktransfer.models.builtin import BUILTIN_PREFIX, get_builtin, is_prepared, part_files, prepare_builtin
+from pktransfer.ops.offload import input_device
 
 if TYPE_CHECKING:
     from pktransfer.recipe import ModelSpec
@@ -122,6 +123,21 @@ def _first_line(err: BaseException) -> str:
     return text[0][:200] if text else type(err).__name__
 
 
+def _max_memory(caps: dict[int | str, str] | None) -> dict[int | str, str] | None:
+    """YAML keys '0', '1' mean GPU indices; 'cpu' and 'disk' stay names."""
+    if caps is None:
+        return None
+    return {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in caps.items()}
+
+
+def _placement_summary(model: Any) -> str:
+    """'cpu: 12 modules, disk: 4 modules' from accelerate's device map."""
+    counts: dict[str, int] = {}
+    for dev in getattr(model, "hf_device_map", {}).values():
+        counts[str(dev)] = counts.get(str(dev), 0) + 1
+    return ", ".join(f"{d}: {n} module{'s' if n > 1 else ''}" for d, n in counts.items()) or "one device"
+
+
 def load_model(spec: ModelSpec, log: Callable[[str], None] | None = None) -> LoadedModel:
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -140,16 +156,26 @@ def load_model(spec: ModelSpec, log: Callable[[str], None] | None = None) -> Loa
 
         config = AutoConfig.from_pretrained(source)
         check_family(config, repr(spec.model))
+    placement: dict[str, Any] = {}
+    if spec.device_map is not None:  # sharded through accelerate: each module on its device, the rest offloaded
+        placement = {"device_map": spec.device_map, "max_memory": _max_memory(spec.max_memory)}
+        if spec.offload_folder:
+            placement["offload_folder"] = str(Path(spec.offload_folder).expanduser())
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision)
-        model = AutoModelForCausalLM.from_pretrained(source, revision=spec.revision, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, revision=spec.revision, dtype=dtype, **placement)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise ModelError(
             f"model '{spec.model}' could not be loaded from '{source}': {_first_line(err)}",
             hint="the folder may be incomplete or corrupt; re-save it or re-prepare the builtin model "
             "(pkt models prepare NAME --force)",
         ) from None
-    model.to(device)
+    if spec.device_map is None:
+        model.to(device)
+    else:
+        device = input_device(model)
+        if log:
+            log(f"sharded {spec.model}: {_placement_summary(model)}")
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -14,6 +14,12 @@ and the extra memory traffic per sample is little more than one read of the weig
 The vocabulary matrices (embedding and lm_head, reduced along the hidden axis only) never get a dense
 gradient: lm_head's gradient is formed chunk by chunk over the vocabulary from the module's input and
 output gradient, and the embedding's only for the rows of the tokens in the sample.
+
+Sharded teachers (accelerate ``device_map``): each accumulator lives on its parameter's device while samples
+stream (an offloaded parameter's on the CPU, where its weights are kept), and the finished sensitivity is
+gathered on the CPU. An offloaded module gets a fresh parameter on its execution device for every forward;
+the hook is registered on that copy as it is made (``_watch_offloaded``), so offloaded parameters count
+exactly as resident ones do.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from pktransfer.ops.offload import offload_hook, stored_value
 
 MODES = ("full", "reduced", "cols", "total")
 
@@ -37,18 +45,29 @@ class ParamSensitivity:
     full: torch.Tensor | None = None
 
     @classmethod
-    def empty(cls, shape: tuple[int, ...], mode: str, map_dtype: torch.dtype = torch.float32) -> ParamSensitivity:
+    def empty(
+        cls, shape: tuple[int, ...], mode: str, map_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> ParamSensitivity:
         if mode not in MODES:
             raise ValueError(f"unknown accumulator mode {mode}")
         two_d = len(shape) == 2
+        f32 = dict(dtype=torch.float32, device=device)
         return cls(
             mode=mode if two_d else "total",
             shape=shape,
-            total=torch.zeros((), dtype=torch.float64),
-            rows=torch.zeros(shape[0], dtype=torch.float32) if two_d and mode in ("full", "reduced") else None,
-            cols=torch.zeros(shape[1], dtype=torch.float32) if two_d and mode in ("full", "reduced", "cols") else None,
-            full=torch.zeros(shape, dtype=map_dtype) if two_d and mode == "full" else None,
+            total=torch.zeros((), dtype=torch.float64, device=device),
+            rows=torch.zeros(shape[0], **f32) if two_d and mode in ("full", "reduced") else None,
+            cols=torch.zeros(shape[1], **f32) if two_d and mode in ("full", "reduced", "cols") else None,
+            full=torch.zeros(shape, dtype=map_dtype, device=device) if two_d and mode == "full" else None,
         )
+
+    def to(self, device: torch.device | str) -> ParamSensitivity:
+        """The same accumulators on ``device``."""
+        for k in ("total", "rows", "cols", "full"):
+            v = getattr(self, k)
+            if v is not None:
+                setattr(self, k, v.to(device))
+        return self
 
     def drop_map(self) -> None:
         self.full = None
@@ -73,29 +92,31 @@ def accumulate(
     Row chunks of ``chunk_elems`` keep the temporary small enough to stay in cache.
     """
     w, g = weight.detach(), grad.detach()
+    dev = acc.total.device
     if w.dim() != 2:
-        acc.total += (w.float() * g.float()).abs().sum(dtype=torch.float64).cpu()
+        acc.total += (w.float() * g.float()).abs().sum(dtype=torch.float64).to(dev)
         return
+    g = g.to(w.device)
     step = max(1, chunk_elems // max(1, w.shape[1]))
     for r in range(0, w.shape[0], step):
         s = (w[r : r + step].float() * g[r : r + step].float()).abs_()
         row_sums = s.sum(dim=1)
-        acc.total += row_sums.sum(dtype=torch.float64).cpu()
+        acc.total += row_sums.sum(dtype=torch.float64).to(dev)
         lo, hi = row_offset + r, row_offset + r + s.shape[0]
         if acc.rows is not None:
-            acc.rows[lo:hi] += row_sums.cpu()
+            acc.rows[lo:hi] += row_sums.to(dev)
         if acc.cols is not None:
-            acc.cols += s.sum(dim=0).cpu()
+            acc.cols += s.sum(dim=0).to(dev)
         if acc.full is not None:
-            acc.full[lo:hi] += s.to(acc.full.dtype).cpu()
+            acc.full[lo:hi] += s.to(dev, acc.full.dtype)
 
 
 def accumulate_linear_from_io(
     acc: ParamSensitivity, weight: torch.Tensor, inputs: torch.Tensor, grad_out: torch.Tensor, chunk_rows: int = 4096
 ) -> None:
     """|W ∘ G| for a linear layer, with G = grad_outᵀ · inputs formed a block of output rows at a time."""
-    x = inputs.reshape(-1, inputs.shape[-1]).float()
-    go = grad_out.reshape(-1, grad_out.shape[-1]).float()
+    x = inputs.reshape(-1, inputs.shape[-1]).float().to(weight.device)
+    go = grad_out.reshape(-1, grad_out.shape[-1]).float().to(weight.device)
     for r in range(0, weight.shape[0], chunk_rows):
         accumulate(acc, weight[r : r + chunk_rows], go[:, r : r + chunk_rows].T @ x, row_offset=r)
 
@@ -104,9 +125,9 @@ def accumulate_embedding_rows(acc: ParamSensitivity, weight: torch.Tensor, ids: 
     """|W ∘ G| for an embedding: G is non-zero only on the rows of the tokens seen (summed per token)."""
     if acc.rows is not None or acc.full is not None:
         raise ValueError("embedding accumulators keep column sums and totals only")
-    uniq, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
-    g = torch.zeros(uniq.numel(), weight.shape[1], dtype=torch.float32, device=grad_out.device)
-    g.index_add_(0, inverse, grad_out.reshape(-1, weight.shape[1]).float())
+    uniq, inverse = torch.unique(ids.reshape(-1).to(weight.device), return_inverse=True)
+    g = torch.zeros(uniq.numel(), weight.shape[1], dtype=torch.float32, device=weight.device)
+    g.index_add_(0, inverse, grad_out.reshape(-1, weight.shape[1]).float().to(weight.device))
     accumulate(acc, weight[uniq], g)  # rows of zero gradient add nothing
 
 
@@ -152,9 +173,11 @@ class StreamingSensitivity:
         self._handles: list[Any] = []
         self._frozen: list[torch.nn.Parameter] = []
         self.vocab_modules = dict(vocab_modules or {})
+        self._patched: list[Any] = []
         for name, p in model.named_parameters():
             if p.requires_grad:
-                self.params[name] = ParamSensitivity.empty(tuple(p.shape), mode_for(name, tuple(p.shape)), map_dtype)
+                device = p.device if p.device.type != "meta" else torch.device("cpu")  # offloaded: kept on the CPU
+                self.params[name] = ParamSensitivity.empty(tuple(p.shape), mode_for(name, tuple(p.shape)), map_dtype, device)
 
     def _attach_vocab(self, name: str, kind: str, module: torch.nn.Module) -> None:
         weight = module.weight
@@ -169,7 +192,7 @@ class StreamingSensitivity:
                 saved["x"] = args[0].detach()
 
             def bwd(mod: Any, grad_in: Any, grad_out: tuple[torch.Tensor, ...]) -> None:
-                accumulate_linear_from_io(acc, weight.detach(), saved.pop("x"), grad_out[0])
+                accumulate_linear_from_io(acc, stored_value(mod).detach(), saved.pop("x"), grad_out[0])
 
             self._handles += [module.register_forward_hook(fwd), module.register_full_backward_hook(bwd)]
         else:
@@ -177,7 +200,7 @@ class StreamingSensitivity:
             def fwd_embed(mod: Any, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
                 ids = args[0]
                 leaf = out.detach().requires_grad_(True)  # the backward must reach the embedding output
-                leaf.register_hook(lambda g: accumulate_embedding_rows(acc, weight.detach(), ids, g))
+                leaf.register_hook(lambda g: accumulate_embedding_rows(acc, stored_value(mod).detach(), ids, g))
                 return leaf
 
             self._handles.append(module.register_forward_hook(fwd_embed))
@@ -196,15 +219,40 @@ class StreamingSensitivity:
         modules = dict(self.model.named_modules())
         for name, kind in self.vocab_modules.items():
             self._attach_vocab(name, kind, modules[name])
-        for name, p in self.model.named_parameters():
-            if name in self.params and p.requires_grad:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._hook(name)))
+        for mname, module in modules.items():
+            own = {f"{mname}.{n}" if mname else n: p for n, p in module.named_parameters(recurse=False)}
+            if offload_hook(module) is not None:
+                self._watch_offloaded(module, {n: full for full, n in ((f, f.rsplit(".", 1)[-1]) for f in own)})
+                continue
+            for name, p in own.items():
+                if name in self.params and p.requires_grad:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._hook(name)))
         return self
+
+    def _watch_offloaded(self, module: torch.nn.Module, names: dict[str, str]) -> None:
+        """accelerate makes an offloaded module's parameters afresh on its execution device before each forward:
+        hook each new copy as it is made (the copy is what the backward accumulates into)."""
+        hook = offload_hook(module)
+        original = hook.pre_forward
+
+        def pre_forward(mod: Any, *args: Any, **kwargs: Any) -> Any:
+            out = original(mod, *args, **kwargs)
+            for local, full in names.items():
+                p = mod._parameters.get(local)
+                if full in self.params and p is not None and p.requires_grad:
+                    p.register_post_accumulate_grad_hook(self._hook(full))  # dies with the copy
+            return out
+
+        hook.pre_forward = pre_forward
+        self._patched.append(hook)
 
     def __exit__(self, *exc: object) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for hook in self._patched:
+            del hook.pre_forward  # back to the class's method
+        self._patched.clear()
         for p in self._frozen:
             p.requires_grad_(True)
         self._frozen.clear()
@@ -250,4 +298,4 @@ def sensitivity_over(
         if checkpointing:
             model.gradient_checkpointing_disable()
         model.train(was_training)
-    return Sensitivity(stream.params, n)
+    return Sensitivity({k: v.to("cpu") for k, v in stream.params.items()}, n)

@@ -1,0 +1,51 @@
+"""Where a model's tensors live when accelerate shards it (``device_map``, ``max_memory``, CPU or disk offload).
+
+A sharded model's modules sit on different devices; an offloaded module's parameters are on ``meta`` between
+forwards, and accelerate's hook (``module._hf_hook``) puts a fresh copy on the execution device for each
+forward. Code that reads a teacher's weights or feeds it inputs goes through these helpers instead of
+``module.weight`` or ``next(model.parameters()).device``, which are wrong (``meta``) for an offloaded module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def offload_hook(module: torch.nn.Module) -> Any | None:
+    """accelerate's hook on ``module`` when its own weights are offloaded (held in the hook's weights map), else None."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # SequentialHook or one hook
+        if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None:
+            return h
+    return None
+
+
+def stored_value(module: torch.nn.Module, name: str = "weight") -> torch.Tensor:
+    """The value of ``module``'s parameter ``name`` wherever it lives: the parameter itself, or for an offloaded
+    module the copy in accelerate's weights map (CPU memory or a memory-mapped disk file)."""
+    p = getattr(module, name)
+    if p.device.type != "meta":
+        return p
+    hook = offload_hook(module)
+    if hook is None:
+        raise RuntimeError(f"parameter '{name}' of {type(module).__name__} is on the meta device and no offload hook holds it")
+    return hook.weights_map[name]
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """The device ``module`` computes on: its weights' device, or an offloaded module's execution device."""
+    hook = offload_hook(module)
+    if hook is not None and getattr(hook, "execution_device", None) is not None:
+        dev = hook.execution_device
+        return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def input_device(model: Any) -> torch.device:
+    """Where a model's input ids go: the device its input embeddings compute on (the only device for an unsharded model)."""
+    return execution_device(model.get_input_embeddings())
