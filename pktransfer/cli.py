@@ -265,6 +265,14 @@ def compare_cmd(
     ] = False,
     quiet: QuietOpt = False,
     threads: ThreadsOpt = None,
+    records: Annotated[
+        str | None,
+        typer.Option(
+            "--records",
+            help="Folder mirroring every finished cell's result without its weights (run.json, per-item "
+            "evaluations, loss history): resume the grid from it on another machine, and find the report there.",
+        ),
+    ] = None,
 ) -> None:
     """Run the recipe's `compare` grid (methods x seeds at one budget); resumable; writes compare.md/.csv/.json."""
 
@@ -291,7 +299,7 @@ def compare_cmd(
         import pktransfer
 
         pktransfer.set_threads(threads)
-        report(pktransfer.compare(_recipe(recipe, set_, output_dir, None), quiet=quiet, overwrite=overwrite))
+        report(pktransfer.compare(_recipe(recipe, set_, output_dir, None), quiet=quiet, overwrite=overwrite, records=records))
 
     guarded(go)
 

@@ -468,8 +468,66 @@ def _reusable(folder: Path, recipe: Recipe, what: str) -> bool:
     return True
 
 
-def compare(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, progress: Progress | None = None) -> CompareResult:
-    """Run (or resume) the recipe's comparison grid and write the comparison report."""
+# ---- 5b. records: a grid's results without its weights, to carry a long study across machines --------------
+
+# what a finished folder's result is (its weights, checkpoints and caches are not: they can be rebuilt)
+RECORD_FILES = ("run.json", "recipe.yaml", "report.md", "checkpoints/log_history.json")
+REPORT_FILES = ("compare.md", "compare.csv", "compare.json", "compare_scores.png", "compare_loss.png")
+
+
+def save_record(folder: Path, root: Path, records: Path) -> None:
+    """Copy a finished folder's record (marker, run.json, recipe, per-item evaluations, loss history) to the
+    same place under ``records``; written to a temporary folder, then renamed into place."""
+    from pktransfer.runs import MARKER
+
+    dest = records / folder.relative_to(root)
+    if (dest / "run.json").is_file() and (dest / "run.json").read_bytes() == (folder / "run.json").read_bytes():
+        return  # already recorded
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for rel in (MARKER, *RECORD_FILES, *(str(f.relative_to(folder)) for f in sorted((folder / "eval").glob("*")))):
+        if (folder / rel).is_file():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(folder / rel, tmp / rel)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def restore_records(records: Path, root: Path, progress: Progress) -> int:
+    """Put every finished record under ``records`` back into the grid where that folder is missing; the grid's
+    usual check then refuses any record made with another recipe. Returns how many were restored."""
+    from pktransfer.runs import MARKER
+
+    n = 0
+    for run in sorted(records.glob("**/run.json")):
+        src = run.parent
+        if src == records or not (src / MARKER).is_file() or src.name.endswith(".partial"):
+            continue
+        dest = root / src.relative_to(records)
+        if dest.exists():
+            continue
+        tmp = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        tmp.rename(dest)
+        n += 1
+    if n:
+        progress.log(f"compare: restored {n} finished folders from the records in {records}")
+    return n
+
+
+def compare(
+    recipe: Recipe,
+    *,
+    quiet: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    records: str | Path | None = None,
+) -> CompareResult:
+    """Run (or resume) the recipe's comparison grid and write the comparison report.
+
+    ``records``: a folder mirroring each finished folder's result without its weights (``save_record``); the
+    grid resumes from it on another machine, and the report is copied there too."""
     from pktransfer import pipeline
     from pktransfer.reports import plot_compare, render_compare_csv, render_compare_markdown
 
@@ -487,6 +545,16 @@ def compare(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, pro
         root.mkdir(parents=True, exist_ok=True)
         write_marker(root, "compare", result_fields(recipe.dump(), ("output_dir",)))
     save_recipe(recipe, root / "compare.yaml")
+    records_dir = Path(records).expanduser().resolve() if records is not None else None
+    if records_dir is not None:
+        records_dir.mkdir(parents=True, exist_ok=True)
+        if not overwrite:  # --overwrite starts afresh; the records are then replaced cell by cell
+            restore_records(records_dir, root, progress)
+
+    def record(folder: Path) -> None:
+        if records_dir is not None:
+            save_record(Path(folder).resolve(), root, records_dir)
+
     started = time.time()
     shared_cost: dict[str, float] = {}
 
@@ -508,6 +576,7 @@ def compare(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, pro
                 progress.log(f"compare: tuning {i}/{len(tune_cells)}: {tc.label}, {tc.key} = {tc.value} (validation)")
                 pipeline.run(tc.cell.recipe, progress=progress)
                 gc.collect()
+            record(tc.cell.folder)
             rec = cell_record(tc.cell)
             tuning.append(
                 {
@@ -540,6 +609,7 @@ def compare(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, pro
         if not _reusable(base_dir, base_recipe, "the untouched models' evaluation (base/)"):
             progress.log("compare: evaluating the untouched teacher and student once")
             pipeline.evaluate_pair(base_recipe, progress=progress)
+        record(base_dir)
         base_info = json.loads((base_dir / "run.json").read_text())
     todo = [c for c in cells if not _finished(c.folder)]
     progress.log(
@@ -550,6 +620,9 @@ def compare(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, pro
         progress.log(f"compare: cell {i}/{len(todo)}: {cell.label}, seed {cell.seed}")
         pipeline.run(cell.recipe, progress=progress)
         gc.collect()
+        record(cell.folder)
+    for c in cells:
+        record(c.folder)
     records = [cell_record(c) for c in cells]
     assert recipe.compare is not None
     result = {
@@ -570,4 +643,8 @@ def compare(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, pro
     plots = plot_compare(result, root)
     result["plots"] = [p.name for p in plots]
     write_text(root / "compare.md", render_compare_markdown(result))
+    if records_dir is not None:
+        for name in REPORT_FILES:
+            if (root / name).is_file():
+                shutil.copy2(root / name, records_dir / name)
     return CompareResult(root, result)

@@ -392,3 +392,47 @@ def test_tuning_needs_validation_and_may_not_tune_what_every_cell_shares(tiny_re
             recipe_from_dict(_grid(tiny_recipe, [{"name": "lora", "overrides": {"training.lr": 1e-4}}], tune={"values": [1e-4]})),
             quiet=True,
         )
+
+
+def test_records_carry_a_grid_to_another_machine(tiny_recipe, tmp_path, monkeypatch):
+    """Interrupted with --records, the grid folder lost (another machine): rerunning with the same records runs
+    only what the records lack, and the report equals the uninterrupted one; a record of another recipe is refused."""
+    import shutil
+
+    import pktransfer.pipeline as pipeline
+
+    records = tmp_path / "records"
+    full = pktransfer.compare(_tuned_grid(tiny_recipe, tmp_path / "full"), quiet=True)
+    real_run = pipeline.run
+    ran: list[str] = []
+
+    def dies_on_fifth(r, **k):
+        ran.append(r.output_dir)
+        if len(ran) == 5:
+            raise KeyboardInterrupt
+        return real_run(r, **k)
+
+    monkeypatch.setattr(pipeline, "run", dies_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        pktransfer.compare(_tuned_grid(tiny_recipe, tmp_path / "first"), quiet=True, records=records)
+    finished = sorted(str(p.parent.relative_to(records)) for p in records.glob("**/run.json"))
+    assert len(finished) == 4 and all(f.startswith("tune/") for f in finished)  # the four tuning cells
+    assert not list(records.glob("**/adapter*")) and not list(records.glob("**/*.safetensors"))  # no weights
+
+    shutil.rmtree(tmp_path / "first")  # the machine is gone; only the records travel
+    ran.clear()
+    monkeypatch.setattr(pipeline, "run", lambda r, **k: ran.append(r.output_dir) or real_run(r, **k))
+    again = pktransfer.compare(_tuned_grid(tiny_recipe, tmp_path / "second"), quiet=True, records=records)
+    assert not any("/tune/" in r for r in ran) and len(ran) == 6  # only the grid's 3 entries x 2 seeds
+    strip = ("wall_seconds",)
+    assert [{k: v for k, v in t.items() if k not in strip} for t in again.result["tuning"]] == [
+        {k: v for k, v in t.items() if k not in strip} for t in full.result["tuning"]
+    ]
+    sa, sb = again.result["summary"]["by_label"], full.result["summary"]["by_label"]
+    assert {k: v["metrics"] for k, v in sa.items()} == {k: v["metrics"] for k, v in sb.items()}
+    assert (records / "compare.md").is_file() and (records / "cells" / "kd" / "seed-1" / "run.json").is_file()
+
+    other = _tuned_grid(tiny_recipe, tmp_path / "third")
+    other.training.warmup_ratio = 0.5  # another recipe: its cells may not be taken from these records
+    with pytest.raises(Exception, match="recipe"):
+        pktransfer.compare(other, quiet=True, records=records)

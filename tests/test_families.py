@@ -1,11 +1,12 @@
-"""Families beyond the first three, on tiny random pairs built here: every method's contract end to end.
+"""Every supported family on tiny random pairs built here: every method's contract end to end.
 
-Qwen3 (per-head q/k norms, head_dim independent of hidden/heads), Gemma 2 (scaled embeddings, sandwich norms,
-final logit soft-capping, head_dim 2·hidden/heads), Gemma 3 text (as Gemma 2 with q/k norms) and OLMo-2
-(post-norms only, q/k norms over the whole projection). Seeking's and weight selection's step-0 identity is in
-test_tied.py and the diagnosis in test_diagnose.py; this file checks that each family's declarative entry
-describes the model (the residual stream decomposes into its sublayer outputs, the logit lens reproduces the
-model's own logits), runs every method through `pkt run`, and checks LaTen's merged = original + delta.
+Families: Llama and Mistral (the layout LaTen's and Seeking's papers use); Qwen3 (per-head q/k norms,
+head_dim independent of hidden/heads); Gemma 2 (scaled embeddings, sandwich norms, final logit
+soft-capping, head_dim 2·hidden/heads); Gemma 3 text (as Gemma 2, with q/k norms); OLMo-2 (post-norms
+only, q/k norms over the whole projection). Seeking's and weight selection's step-0 identity is in
+test_tied.py and the diagnosis in test_diagnose.py. This file checks that each family's declarative entry
+describes the model (the residual stream decomposes into its sublayer outputs; the logit lens reproduces
+the model's own logits), runs every method through `pkt run`, and checks LaTen's merged = original + delta.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 import pktransfer
 from pktransfer.recipe import recipe_from_dict
 
-NEW_FAMILIES = ["qwen3", "gemma2", "gemma3_text", "olmo2"]
+# Qwen2 (the offline pair's family) runs through the rest of the suite; every other family runs here
+NEW_FAMILIES = ["llama", "mistral", "qwen3", "gemma2", "gemma3_text", "olmo2"]
 
 
 @pytest.fixture(scope="module")
