@@ -48,4 +48,7 @@ def execution_device(module: torch.nn.Module) -> torch.device:
 
 def input_device(model: Any) -> torch.device:
     """Where a model's input ids go: the device its input embeddings compute on (the only device for an unsharded model)."""
-    return execution_device(model.get_input_embeddings())
+    get = getattr(model, "get_input_embeddings", None)
+    if get is None:  # not a transformers model: its first parameter's device
+        return next(model.parameters()).device
+    return execution_device(get())
