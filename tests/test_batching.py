@@ -40,3 +40,33 @@ def test_per_example_cache_packs_and_reads_rows(tmp_path):
         PerExampleCache(path, 5, "kd")
     with pytest.raises(ValueError, match="counts add up"):
         pack_per_example([1], {"x": [torch.zeros(2, 1)]})
+
+
+def test_the_lm_head_sees_a_contiguous_input_during_generation(tiny_models):
+    """transformers hands the head a non-contiguous [B, 1, D] slice; on CPU with a frozen weight PyTorch then
+    expands the whole [V, D] weight over the batch (seconds and gigabytes on a real vocabulary). generate() makes
+    the slice contiguous; outputs are unchanged."""
+    import torch
+
+    from pktransfer.evaluation.generation import contiguous_head_input, generate
+    from pktransfer.models import load_model
+    from pktransfer.recipe import ModelSpec
+
+    loaded = load_model(ModelSpec(model=str(tiny_models["qwen2_student"])))
+    model, tok = loaded.model, loaded.tokenizer
+    for p in model.parameters():
+        p.requires_grad_(False)  # as in a merged model
+    seen: list[bool] = []
+    probe = model.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+    prompts = [tok("12+3=")["input_ids"], tok("7*8=")["input_ids"]]
+    kwargs = dict(batch_size=2, max_new_tokens=3, stop_token_ids=[tok.eos_token_id])
+    fixed = generate(model, tok, prompts, **kwargs)
+    probe.remove()
+    assert seen and all(seen)
+    # the same as an unhooked decode (the hook is removed afterwards)
+    ids = torch.tensor([[tok.pad_token_id] * (len(prompts[0]) - len(prompts[1])) + prompts[1]])
+    with contiguous_head_input(model):
+        a = model(input_ids=ids).logits
+    b = model(input_ids=ids).logits
+    assert torch.equal(a, b) and not model.get_output_embeddings()._forward_pre_hooks
+    assert len(fixed[0]) == 2

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -18,6 +19,33 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
         if i != -1:
             cut = min(cut, i)
     return text[:cut]
+
+
+@contextmanager
+def contiguous_head_input(model: Any) -> Iterator[None]:
+    """Make the LM head's input contiguous while decoding.
+
+    transformers slices the last position before the head (``hidden_states[:, -1:, :]``, a non-contiguous
+    [B, 1, D] view). PyTorch on CPU multiplies such a 3-D view with a weight that does not require grad (every
+    merged or frozen model) by expanding the [V, D] weight over the batch: measured 19 s instead of 0.05 s for
+    the offline student's head at batch 8, and about 2 GB of copies per row. The contiguous copy gives bitwise
+    the same logits (tested)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    if head is None:
+        yield
+        return
+
+    def hook(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+            return (args[0].contiguous(), *args[1:])
+        return None
+
+    handle = head.register_forward_pre_hook(hook, prepend=True)  # before any other hook sees the input
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @torch.inference_mode()
@@ -54,15 +82,16 @@ def generate(
             else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         )
         extra = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
-        gen = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            eos_token_id=list(stop_token_ids),
-            pad_token_id=pad_id,
-            **sampling,
-            **extra,
-        )
+        with contiguous_head_input(model):
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=list(stop_token_ids),
+                pad_token_id=pad_id,
+                **sampling,
+                **extra,
+            )
         new = gen[:, ids.shape[1] :].cpu()
         for row, i in zip(new, idx, strict=True):
             toks = row.tolist()
