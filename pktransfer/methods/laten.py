@@ -147,23 +147,21 @@ def locate_scores(
                 y, pos = inp.y, len(inp.ids) - 1
                 model(input_ids=torch.tensor([list(inp.ids)], device=device))
                 for i in range(n_layers):
-                    h_in = seen[f"in{i}"][0, pos].float()
-                    attn = seen[f"attn{i}"][0, pos].float()
-                    h_mid = h_in + attn
+                    # this layer's captures at the answer position, on one device (a sharded teacher's layers
+                    # sit on several)
+                    at = {k: seen[f"{k}{i}"][0, pos].to(device) for k in CAPTURES}
+                    h_in = at["in"].float()
+                    h_mid = h_in + at["attn"].float()
                     vocab = candidate_vocab([h_in, h_mid], norm, head_w, y, vocab_k, cap)
                     head, yi = restrict(head_w, y, vocab)
                     layer = model.get_submodule(f"{arch.layers_path}.{i}")
                     down_w, o_w = stored_value(layer.mlp.down_proj), stored_value(layer.self_attn.o_proj)
-                    down_dirs = _through_post_norm(model, arch, i, "mlp", down_w.T.to(h_mid.device), seen[f"mlp_raw{i}"][0, pos])
-                    o_dirs = _through_post_norm(model, arch, i, "attention", o_w.T.to(h_in.device), seen[f"attn_raw{i}"][0, pos])
-                    out["attn_layer"][i] = sublayer_score(h_in, attn, norm, head, yi, cap)
-                    out["ffn_layer"][i] = sublayer_score(h_mid, seen[f"mlp{i}"][0, pos].float(), norm, head, yi, cap)
-                    out["ffn"][i] = (
-                        neuron_scores(h_mid, seen[f"down{i}"][0, pos], down_dirs, norm, head, yi, softcap=cap).double().cpu()
-                    )
-                    out["attn"][i] = (
-                        neuron_scores(h_in, seen[f"o{i}"][0, pos], o_dirs, norm, head, yi, softcap=cap).double().cpu()
-                    )
+                    down_dirs = _through_post_norm(model, arch, i, "mlp", down_w.T.to(device), at["mlp_raw"])
+                    o_dirs = _through_post_norm(model, arch, i, "attention", o_w.T.to(device), at["attn_raw"])
+                    out["attn_layer"][i] = sublayer_score(h_in, at["attn"].float(), norm, head, yi, cap)
+                    out["ffn_layer"][i] = sublayer_score(h_mid, at["mlp"].float(), norm, head, yi, cap)
+                    out["ffn"][i] = neuron_scores(h_mid, at["down"], down_dirs, norm, head, yi, softcap=cap).double().cpu()
+                    out["attn"][i] = neuron_scores(h_in, at["o"], o_dirs, norm, head, yi, softcap=cap).double().cpu()
                 seen.clear()
                 results.append(out)
                 advance(1)
@@ -171,6 +169,9 @@ def locate_scores(
         for h in handles:
             h.remove()
     return results
+
+
+CAPTURES = ("in", "attn", "attn_raw", "mlp", "mlp_raw", "down", "o")  # what locate_scores hooks, per layer
 
 
 def _through_post_norm(

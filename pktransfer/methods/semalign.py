@@ -244,7 +244,8 @@ def teacher_targets(
     mask = response_positions(labels).to(device)
     out = []
     for p in pairs:
-        h = interpolate(acts[p.a - 1].float(), acts[p.b - 1].float(), p.weight_b)[:, :-1][mask]
+        a, b = acts[p.a - 1].float().to(device), acts[p.b - 1].float().to(device)  # layers may sit on several devices
+        h = interpolate(a, b, p.weight_b)[:, :-1][mask]
         t = map_activations(h, m)
         out.append((t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)).cpu())
     return out

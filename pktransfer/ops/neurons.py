@@ -27,7 +27,7 @@ Norm = Callable[[torch.Tensor], torch.Tensor]
 def lens_logits(residual: torch.Tensor, norm: Norm, head: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
     """The logit lens: head(final_norm(h)) for residuals [N, D], soft-capped as the model's own logits are
     (c · tanh(logits / c), Gemma 2) when ``softcap`` is set."""
-    logits = norm(residual).float() @ head.float().T
+    logits = norm(residual).float().to(head.device) @ head.float().T  # a sharded model's final norm may sit elsewhere
     return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
