@@ -122,7 +122,8 @@ def _recipe_verb(
     def go() -> None:
         pktransfer.set_threads(threads)
         res = getattr(pktransfer, api)(_recipe(recipe, set_, output_dir, seed), quiet=quiet, overwrite=overwrite)
-        report(res)
+        if not (isinstance(getattr(res, "run", None), dict) and res.run.get("worker")):  # process 0 reports a multi-process run
+            report(res)
 
     guarded(go)
 

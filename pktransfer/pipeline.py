@@ -7,6 +7,7 @@ Everything is checked before any model is loaded, so a broken recipe fails in se
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from pktransfer.progress import Progress
 from pktransfer.recipe import ModelSpec, Recipe, save_recipe
 from pktransfer.reports import render_markdown
 from pktransfer.runs import MemoryMonitor, RunDir, StageLog, versions
-from pktransfer.training import train
+from pktransfer.training import rank_and_world, train
 
 
 @dataclass
@@ -207,7 +208,17 @@ class Trained:
 def run(
     recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, evaluate: bool = True, progress: Progress | None = None
 ) -> RunResult:
-    """Run a recipe end to end and return where its outputs are and what it measured."""
+    """Run a recipe end to end and return where its outputs are and what it measured.
+
+    Under ``torchrun`` / ``accelerate launch`` (several processes) the student trains data-parallel: every
+    process prepares the same start (the method's teacher-side step included), the global batch
+    ``training.batch_size`` is split between them, and process 0 alone writes the run folder and evaluates.
+    """
+    rank, world = rank_and_world()
+    if world > 1:
+        check_distributable(recipe)
+        if rank > 0:
+            return _run_as_worker(recipe)
     progress = progress or Progress(quiet=quiet)
     task, train_items = check_recipe(recipe)
     method = get_method(recipe.method)
@@ -240,7 +251,7 @@ def run(
             task=task.describe(),
             prompt_format=formatter.describe(),
             data={"n_train": len(examples), "n_train_items": len(train_items)},
-            training=trained.training,
+            training={**trained.training, "processes": world},
             budget={
                 **trained.spent,
                 "training_tokens_counted": "non-padding input tokens of every batch the optimizer saw",
@@ -253,6 +264,33 @@ def run(
         rd.write_json("run.json", info)
         write_text(rd.path("report.md"), render_markdown(info))
     return RunResult(rd.finish(), info)
+
+
+def check_distributable(recipe: Recipe) -> None:
+    """Methods that train the student with the shared LoRA trainer can run on several processes."""
+    if not get_method(recipe.method).post_training:
+        raise RecipeError(
+            f"method '{recipe.method.name}' does not train the student with the LoRA trainer, so it cannot run on "
+            "several processes",
+            hint="run it as one process (python -m pktransfer.cli run ..., without torchrun / accelerate launch)",
+        )
+
+
+def _run_as_worker(recipe: Recipe) -> RunResult:
+    """A process other than 0: the same preparation and training steps (DDP keeps them in step), in a private
+    temporary folder that is deleted afterwards; no evaluation, nothing written where the run's outputs go."""
+    with tempfile.TemporaryDirectory(prefix="pktransfer-worker-") as tmp:
+        worker = recipe.model_copy(update={"output_dir": str(Path(tmp) / "run")})
+        worker.evaluation = worker.evaluation.model_copy(update={"teacher": False, "student": False})
+        task, train_items = check_recipe(worker)
+        method = get_method(worker.method)
+        progress = Progress(quiet=True)
+        with run_folder(worker, False, progress) as (rd, log), TeacherHandle(worker.teacher, log, progress) as teacher:
+            student, formatter = _load_student(worker, task, log, progress)
+            examples = encode_items(formatter, train_items, worker.training.max_length, f"task '{task.name}' train split")
+            ctx = MethodContext(worker, student, task, formatter, rd.work, progress, teacher, examples)
+            trained = _prepare_and_train(method, ctx, rd, log, teacher)
+        return RunResult(Path(recipe.output_dir), {"worker": True, "training": trained.training})
 
 
 def _evaluate_teacher(

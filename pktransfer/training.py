@@ -205,6 +205,26 @@ def _checkpointing_kwargs(enabled: bool) -> dict[str, bool]:
     return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": True}
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes, as ``torchrun`` / ``accelerate launch`` set them."""
+    import os
+
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def per_device_batch(spec: TrainingSpec, world: int) -> int:
+    """``training.batch_size`` is the global batch: each of ``world`` processes takes an equal share, so a recipe
+    trains the same model on one process or several."""
+    from pktransfer.errors import RecipeError
+
+    if spec.batch_size % world:
+        raise RecipeError(
+            f"training.batch_size {spec.batch_size} does not split evenly over {world} processes",
+            hint=f"use a batch size divisible by {world} (training.batch_size is the global batch)",
+        )
+    return spec.batch_size // world
+
+
 def train(
     model: Any,
     tokenizer: Any,
@@ -224,9 +244,11 @@ def train(
 
     progress = progress or Progress(quiet=True)
     device = input_device(model)
+    _, world = rank_and_world()
+    resume = resume and world == 1  # several processes always train from the start, in step with each other
     args = TrainingArguments(
         output_dir=str(output_dir),
-        per_device_train_batch_size=spec.batch_size,
+        per_device_train_batch_size=per_device_batch(spec, world),
         gradient_accumulation_steps=spec.grad_accum,
         num_train_epochs=spec.epochs,
         max_steps=spec.max_steps or -1,
