@@ -560,7 +560,10 @@ def compare(
 
     def shared_work(cs: list[Cell]) -> None:
         for folder, r, verb in attach_shared_work(cs, root):
-            if not _reusable(Path(folder), r, f"the shared work {folder}"):
+            # a shared folder's name is the hash of everything its work depends on (the teacher, the data, the
+            # method's own settings), so a finished one serves every cell that asks for it: a tuning cell at one
+            # learning rate and the grid's cells at another
+            if not _finished(Path(folder)):
                 progress.log(f"compare: running `{verb}` once for the cells of '{r.method.name}' ({folder})")
                 pipeline.run_verb(r, verb, progress=progress)
             shared_cost[folder] = json.loads((Path(folder) / "run.json").read_text())["wall_seconds"]

@@ -436,3 +436,24 @@ def test_records_carry_a_grid_to_another_machine(tiny_recipe, tmp_path, monkeypa
     other.training.warmup_ratio = 0.5  # another recipe: its cells may not be taken from these records
     with pytest.raises(Exception, match="recipe"):
         pktransfer.compare(other, quiet=True, records=records)
+
+
+def test_a_tuned_seeking_entry_reuses_its_shared_sensitivity_at_the_chosen_value(tiny_recipe, tmp_path, monkeypatch):
+    """The shared sensitivity is made once for the tuning cells (at the first learning rate, on validation) and
+    serves the grid's cells at the chosen rate on test: its folder's name is the hash of what it depends on.
+    (The study once stopped here: the grid compared the whole recipe and refused the folder.)"""
+    import pktransfer.pipeline as pipeline
+
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    tiny_recipe["task"]["validation"] = 6
+    tiny_recipe["task"]["params"]["sizes"]["train"] = 24
+    grid = _grid(tiny_recipe, [{"name": "seeking", "n_seed": 3}], seeds=[0], tune={"values": [3e-3, 1e-4]}, baseline="seeking")
+    grid["output_dir"] = str(tmp_path / "g")
+    verbs: list[str] = []
+    real = pipeline.run_verb
+    monkeypatch.setattr(pipeline, "run_verb", lambda r, verb, **k: verbs.append(verb) or real(r, verb, **k))
+    res = pktransfer.compare(recipe_from_dict(grid), quiet=True)
+    assert verbs == ["extract"]  # one sensitivity for the tuning cells and the grid
+    chosen = res.result["chosen"]["seeking"]["training.lr"]
+    cell = json.loads((tmp_path / "g" / "cells" / "seeking" / "seed-0" / "run.json").read_text())
+    assert cell["recipe"]["training"]["lr"] == chosen and "test" in cell["metrics"]["trained"]
