@@ -8,7 +8,7 @@ spaces to make consistent choices for every tensor that shares a dimension.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pktransfer.errors import ModelError
@@ -58,25 +58,24 @@ class Family:
     notes: str = ""
 
 
+_GEMMA2 = Family(
+    _SANDWICH_NORMS,
+    attention_out="post_attention_layernorm",
+    mlp_out="post_feedforward_layernorm",
+    post_norm_offset=1.0,
+    logit_softcap="final_logit_softcapping",
+    notes="scaled embeddings (x sqrt(hidden), inside the embedding module), sandwich norms, logit soft-capping",
+)
+
 FAMILIES: dict[str, Family] = {
     "llama": Family(_PRE_NORMS, notes="Llama 2/3.x (3.2 ties its embeddings)"),
     "mistral": Family(_PRE_NORMS),
     "qwen2": Family(_PRE_NORMS, notes="Qwen2 and Qwen2.5 (q/k/v biases)"),
     "qwen3": Family({**_PRE_NORMS, **_QK_HEAD_NORMS}, notes="per-head q/k norms; head_dim set independently"),
-    "gemma2": Family(
-        _SANDWICH_NORMS,
-        attention_out="post_attention_layernorm",
-        mlp_out="post_feedforward_layernorm",
-        post_norm_offset=1.0,
-        logit_softcap="final_logit_softcapping",
-        notes="scaled embeddings (x sqrt(hidden), inside the embedding module), sandwich norms, logit soft-capping",
-    ),
-    "gemma3_text": Family(
-        {**_SANDWICH_NORMS, **_QK_HEAD_NORMS},
-        attention_out="post_attention_layernorm",
-        mlp_out="post_feedforward_layernorm",
-        post_norm_offset=1.0,
-        logit_softcap="final_logit_softcapping",
+    "gemma2": _GEMMA2,
+    "gemma3_text": replace(
+        _GEMMA2,
+        norms={**_SANDWICH_NORMS, **_QK_HEAD_NORMS},
         notes="Gemma 3 text models: as Gemma 2 plus per-head q/k norms",
     ),
     "olmo2": Family(

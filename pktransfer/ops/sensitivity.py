@@ -220,19 +220,20 @@ class StreamingSensitivity:
         for name, kind in self.vocab_modules.items():
             self._attach_vocab(name, kind, modules[name])
         for mname, module in modules.items():
-            own = {f"{mname}.{n}" if mname else n: p for n, p in module.named_parameters(recurse=False)}
-            if offload_hook(module) is not None:
-                self._watch_offloaded(module, {n: full for full, n in ((f, f.rsplit(".", 1)[-1]) for f in own)})
+            own = dict(module.named_parameters(recurse=False))
+            full = {n: f"{mname}.{n}" if mname else n for n in own}  # the module's own name -> the model's
+            hook = offload_hook(module)
+            if hook is not None:
+                self._watch_offloaded(hook, full)
                 continue
-            for name, p in own.items():
-                if name in self.params and p.requires_grad:
-                    self._handles.append(p.register_post_accumulate_grad_hook(self._hook(name)))
+            for local, p in own.items():
+                if full[local] in self.params and p.requires_grad:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._hook(full[local])))
         return self
 
-    def _watch_offloaded(self, module: torch.nn.Module, names: dict[str, str]) -> None:
-        """accelerate makes an offloaded module's parameters afresh on its execution device before each forward:
-        hook each new copy as it is made (the copy is what the backward accumulates into)."""
-        hook = offload_hook(module)
+    def _watch_offloaded(self, hook: Any, names: dict[str, str]) -> None:
+        """accelerate makes an offloaded module's parameters afresh on its execution device before each forward
+        (in ``hook.pre_forward``): hook each new copy as it is made (the copy is what the backward accumulates into)."""
         original = hook.pre_forward
 
         def pre_forward(mod: Any, *args: Any, **kwargs: Any) -> Any:
