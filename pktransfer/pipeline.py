@@ -219,7 +219,11 @@ def run(
         check_distributable(recipe)
         if rank > 0:
             return _run_as_worker(recipe)
-    progress = progress or Progress(quiet=quiet)
+    return _run(recipe, overwrite=overwrite, evaluate=evaluate, progress=progress or Progress(quiet=quiet), world=world)
+
+
+def _run(recipe: Recipe, *, overwrite: bool, evaluate: bool, progress: Progress, world: int = 1) -> RunResult:
+    """The body of ``run`` (also each worker process's, with ``evaluate`` off)."""
     task, train_items = check_recipe(recipe)
     method = get_method(recipe.method)
     started = time.time()
@@ -281,16 +285,8 @@ def _run_as_worker(recipe: Recipe) -> RunResult:
     temporary folder that is deleted afterwards; no evaluation, nothing written where the run's outputs go."""
     with tempfile.TemporaryDirectory(prefix="pktransfer-worker-") as tmp:
         worker = recipe.model_copy(update={"output_dir": str(Path(tmp) / "run")})
-        worker.evaluation = worker.evaluation.model_copy(update={"teacher": False, "student": False})
-        task, train_items = check_recipe(worker)
-        method = get_method(worker.method)
-        progress = Progress(quiet=True)
-        with run_folder(worker, False, progress) as (rd, log), TeacherHandle(worker.teacher, log, progress) as teacher:
-            student, formatter = _load_student(worker, task, log, progress)
-            examples = encode_items(formatter, train_items, worker.training.max_length, f"task '{task.name}' train split")
-            ctx = MethodContext(worker, student, task, formatter, rd.work, progress, teacher, examples)
-            trained = _prepare_and_train(method, ctx, rd, log, teacher)
-        return RunResult(Path(recipe.output_dir), {"worker": True, "training": trained.training})
+        res = _run(worker, overwrite=False, evaluate=False, progress=Progress(quiet=True), world=rank_and_world()[1])
+        return RunResult(Path(recipe.output_dir), {"worker": True, "training": res.run["training"]})
 
 
 def _evaluate_teacher(
