@@ -120,7 +120,7 @@ def main() -> None:
     pairs = layer_pairs(top_layers(scores, args.critical_layers), teacher.arch.n_layers, student.arch.n_layers)
 
     def captured() -> None:
-        teacher_targets(teacher, teacher.arch.layers_path, pairs, "mlp", m, ids, mask, labels)
+        teacher_targets(teacher, pairs, "mlp", m, ids, mask, labels)
 
     captured()
     cap, ref, ratio = alternating(captured, plain_teacher, args.repeats)
@@ -135,9 +135,9 @@ def main() -> None:
     pos = response_positions(labels)
 
     def cos_with_student(point: str, prs: list) -> list[float]:
-        targets_ = teacher_targets(teacher, teacher.arch.layers_path, prs, point, m, ids, mask, labels)
+        targets_ = teacher_targets(teacher, prs, point, m, ids, mask, labels)
         acts_: dict[int, torch.Tensor] = {}
-        mods = {p.student: sublayer(s_model, student.arch.layers_path, p.student - 1, point) for p in prs}
+        mods = {p.student: sublayer(s_model, student.arch, p.student - 1, point) for p in prs}
         with torch.no_grad(), capture(mods, acts_):
             s_model(input_ids=ids, attention_mask=mask)
         return [
@@ -160,14 +160,14 @@ def main() -> None:
     # ---- student step ---------------------------------------------------------------------------------
     from peft import get_peft_model
 
-    config = lora_config(LoraSpec(target_modules=["up_proj", "down_proj", "v_proj", "o_proj"]))
+    config = lora_config(LoraSpec(target_modules=["up_proj", "down_proj", "v_proj", "o_proj"]), student.arch)
     config.layers_to_transform = [p.student - 1 for p in pairs]
     peft_model = get_peft_model(s_model, config)
     peft_model.train()
-    targets = teacher_targets(teacher, teacher.arch.layers_path, pairs, "mlp", m, ids, mask, labels)
+    targets = teacher_targets(teacher, pairs, "mlp", m, ids, mask, labels)
     acts: dict[int, torch.Tensor] = {}
     base = peft_model.base_model.model
-    modules = {p.student: sublayer(base, student.arch.layers_path, p.student - 1, "mlp") for p in pairs}
+    modules = {p.student: sublayer(base, student.arch, p.student - 1, "mlp") for p in pairs}
 
     def plain_step() -> None:
         out = peft_model(input_ids=ids, attention_mask=mask)

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pktransfer.errors import PktError, RecipeError
+from pktransfer.models.arch import SUPPORTED_FAMILIES
 
 app = typer.Typer(
     help="pktransfer: cross-scale parametric knowledge transfer between language models.",
@@ -487,7 +488,7 @@ def models_list() -> None:
         ready = is_prepared(m.name)
         table.add_row(f"builtin:{m.name}", m.role, "yes" if ready else "no", m.description)
     console.print(table)
-    console.print("Any local folder with a Llama/Qwen2/Mistral checkpoint, or a hub id when online, works too.")
+    console.print(f"Any local folder or hub id (when online) of a supported family works too: {', '.join(SUPPORTED_FAMILIES)}.")
 
 
 @models_app.command("prepare")

@@ -237,13 +237,12 @@ def concentration_and_similarity(
     rows: dict[str, dict[str, list[float]]] = {}
     for m, t_layer in enumerate(layers):
         for role in [*ATTENTION_ROLES, *FFN_ROLES]:
-            tmod, smod = t_arch.module_name(t_layer, role), s_arch.module_name(m, role)
-            p = sens.params.get(parameter_key(teacher.model, tmod))
+            p = sens.params.get(parameter_key(teacher.model, t_arch.module_name(t_layer, role)))
             if p is None or p.full is None:
                 continue
-            full = p.full.double()
-            w_t = stored_value(teacher.model.get_submodule(tmod)).detach().float().cpu()
-            w_s = student.model.get_submodule(smod).weight.detach().float().cpu()
+            full = p.role(t_arch.role_rows(role)).full.double()  # type: ignore[union-attr]
+            w_t = t_arch.role_weight(teacher.model, t_layer, role).float().cpu()  # a fused module's block of rows
+            w_s = s_arch.role_weight(student.model, m, role).float().cpu()
             h, w = w_s.shape
             if h > full.shape[0] or w > full.shape[1]:
                 continue  # the student is wider here: no block of its shape exists in the teacher

@@ -24,10 +24,27 @@ from pktransfer.ops.offload import input_device
 from pktransfer.progress import Progress
 
 
-def lora_config(spec: LoraSpec, init: Any = None) -> Any:
-    """The peft LoraConfig for ``spec``; ``init`` overrides ``spec.init`` (methods that set weights themselves)."""
+def resolved_lora(spec: LoraSpec, arch: Any) -> LoraSpec:
+    """``spec`` with its targets and rank pattern named as the student's modules are: the canonical per-role
+    names (q_proj…) become a fused module's name (qkv_proj) where the family fuses them (Phi-3): one LoRA covers
+    the whole fused matrix, so naming one of its roles trains all of them (``check_targets`` says so)."""
+    from pktransfer.errors import RecipeError
+    from pktransfer.models.arch import lora_ranks, lora_targets
+
+    targets = lora_targets(arch.family, list(spec.target_modules))
+    try:
+        ranks = lora_ranks(arch.family, dict(spec.rank_pattern))
+    except ValueError as err:
+        raise RecipeError(f"lora.rank_pattern: {err}", hint="give every role of a fused module the same rank") from None
+    return spec.model_copy(update={"target_modules": targets, "rank_pattern": ranks})
+
+
+def lora_config(spec: LoraSpec, arch: Any, init: Any = None) -> Any:
+    """The peft LoraConfig for ``spec`` on a student described by ``arch`` (targets named as its modules are);
+    ``init`` overrides ``spec.init`` (methods that set weights themselves)."""
     from peft import LoraConfig
 
+    spec = resolved_lora(spec, arch)
     return LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
@@ -39,11 +56,18 @@ def lora_config(spec: LoraSpec, init: Any = None) -> Any:
     )
 
 
-def check_targets(model: Any, spec: LoraSpec) -> None:
+def check_targets(model: Any, spec: LoraSpec, arch: Any, log: Any = None) -> None:
+    """Every LoRA target (named as ``resolved_lora`` names it for this student) exists in ``model``; ``log``
+    hears which fused modules cover more roles than the recipe named."""
     from pktransfer.errors import RecipeError
+    from pktransfer.models.arch import widened_targets
+
+    for leaf, missing in widened_targets(arch.family, list(spec.target_modules)).items():
+        if log:
+            log(f"lora: {arch.family} fuses {leaf}; its LoRA also trains {', '.join(missing)} (one LoRA per fused matrix)")
 
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in spec.target_modules if t not in names]
+    missing = [t for t in resolved_lora(spec, arch).target_modules if t not in names]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise RecipeError(

@@ -36,7 +36,7 @@ class ToyMethod(Method):
 
         from pktransfer.training import lora_config
 
-        return get_peft_model(ctx.student.model, lora_config(ctx.recipe.lora))
+        return get_peft_model(ctx.student.model, lora_config(ctx.recipe.lora, ctx.student.arch))
 
     def report(self) -> dict[str, Any]:
         return {"note": self.spec.note}

@@ -13,7 +13,7 @@ from pktransfer.recipe import recipe_from_dict
 SETTINGS = DiagnoseSettings(items=8, backward_items=2, locate_items=1, locate_vocab=None, batch_size=4, max_length=192)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama", "mistral", "gemma2", "gemma3_text", "olmo2"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama", "mistral", "gemma2", "gemma3_text", "olmo2", "phi3"])
 def test_diagnose_writes_every_measure_on_a_tiny_pair(family, tiny_models, tiny_recipe, tmp_path):
     from conftest import STUDENT_SHAPE, TEACHER_SHAPE, save_tiny
 

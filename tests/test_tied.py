@@ -13,7 +13,7 @@ from conftest import STUDENT_SHAPE, TEACHER_SHAPE, save_tiny
 import pktransfer
 from pktransfer.recipe import recipe_from_dict
 
-FAMILIES = ("qwen2", "qwen3", "llama", "mistral", "gemma2", "gemma3_text", "olmo2")
+FAMILIES = ("qwen2", "qwen3", "llama", "mistral", "gemma2", "gemma3_text", "olmo2", "phi3")
 PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]
 IDS = torch.tensor([[5, 17, 30, 44, 60, 71, 2, 9]])
 

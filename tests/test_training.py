@@ -23,7 +23,7 @@ def _setup(tiny_models, seed: int = 0):
     f = PromptFormatter(student.tokenizer)
     examples = encode_items(f, task.split("train"), 64, "train")
     seed_everything(seed)
-    model = get_peft_model(student.model, lora_config(LoraSpec(r=4, alpha=8, dropout=0.1)))
+    model = get_peft_model(student.model, lora_config(LoraSpec(r=4, alpha=8, dropout=0.1), student.arch))
     return student, model, examples
 
 

@@ -13,29 +13,32 @@ import torch
 
 from pktransfer.errors import RecipeError
 from pktransfer.methods.base import MethodContext, snapshot_lora
-from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES, ArchitectureDescription
+from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES, ROLES_OF_LEAF, ArchitectureDescription
 from pktransfer.models.pair import check_pair
 from pktransfer.models.tying import untie_if_targeted
 from pktransfer.ops.lowrank import svd_init
 from pktransfer.training import check_targets, lora_config
 
-ROLE_OF_LEAF = {
-    "q_proj": "q",
-    "k_proj": "k",
-    "v_proj": "v",
-    "o_proj": "o",
-    "gate_proj": "gate",
-    "up_proj": "up",
-    "down_proj": "down",
-    "embed_tokens": "embed",
-    "lm_head": "lm_head",
-}
 GROUPS = {"embed": ("embed", "lm_head"), "attention": ATTENTION_ROLES, "ffn": FFN_ROLES}
 
 
 def group_roles(modules: list[str]) -> set[str]:
     names = list(GROUPS) if "all" in modules else modules
     return {r for g in names for r in GROUPS[g]}
+
+
+def targeted_roles(target_modules: list[str]) -> set[str]:
+    """The weight roles a LoRA on ``target_modules`` covers (a fused module's name covers all of its roles)."""
+    return {r for t in target_modules for r in ROLES_OF_LEAF.get(t, ())}
+
+
+def stack_roles(parts: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Module name -> its matrix, from (module, role matrix) pairs in role order: the roles of a fused module
+    (Phi-3's q/k/v, gate/up) are stacked along the rows in that order, each block cut from its own role."""
+    grouped: dict[str, list[torch.Tensor]] = {}
+    for module, mat in parts:
+        grouped.setdefault(module, []).append(mat)
+    return {m: mats[0] if len(mats) == 1 else torch.cat(mats, dim=0) for m, mats in grouped.items()}
 
 
 @torch.no_grad()
@@ -70,21 +73,29 @@ def inject(peft_model: Any, matrices: dict[str, torch.Tensor], adapter: str = "d
 
 
 def check_ranks(arch: ArchitectureDescription, recipe: Any) -> None:
-    """Every targeted LoRA rank fits the smaller dimension of its student weight."""
+    """Every targeted LoRA rank fits the smaller dimension of its student weight (a fused module's whole)."""
+    from pktransfer.training import resolved_lora
+
+    spec = resolved_lora(recipe.lora, arch)
+    shapes: dict[str, tuple[int, ...]] = {}
     for w in arch.weights():
-        leaf = w.module.rsplit(".", 1)[-1]
-        if leaf in recipe.lora.target_modules and len(w.shape) == 2:
-            r = recipe.lora.rank_pattern.get(leaf, recipe.lora.r)
-            if r > min(w.shape):
+        if len(w.shape) == 2:
+            rows = w.shape[0] + (shapes[w.module][0] if w.rows and w.rows[0] > 0 else 0)
+            shapes[w.module] = (rows, w.shape[1])
+    for module, shape in shapes.items():
+        leaf = module.rsplit(".", 1)[-1]
+        if leaf in spec.target_modules:
+            r = spec.rank_pattern.get(leaf, spec.r)
+            if r > min(shape):
                 raise RecipeError(
-                    f"lora rank {r} exceeds the smaller dimension of {w.module} {w.shape}",
-                    hint=f"use lora.r <= {min(w.shape)} (or a rank_pattern entry for {leaf})",
+                    f"lora rank {r} exceeds the smaller dimension of {module} {shape}",
+                    hint=f"use lora.r <= {min(shape)} (or a rank_pattern entry for {leaf})",
                 )
 
 
 def teacher_for_injection(ctx: MethodContext, method: str) -> Any:
     """The teacher, once targets, the pair and the ranks are known to fit (methods that inject its weights)."""
-    check_targets(ctx.student.model, ctx.recipe.lora)
+    check_targets(ctx.student.model, ctx.recipe.lora, ctx.student.arch, ctx.progress.warn)
     teacher = ctx.load_teacher()
     check_pair(teacher.arch, ctx.student.arch, teacher.tokenizer, ctx.student.tokenizer, method)
     check_ranks(ctx.student.arch, ctx.recipe)
@@ -97,7 +108,7 @@ def lora_started_at(ctx: MethodContext, matrices: dict[str, torch.Tensor]) -> tu
     from peft import get_peft_model
 
     untie_if_targeted(ctx.student, ctx.recipe.lora.target_modules, ctx.progress.log)  # W − s·BA must not move lm_head
-    model = get_peft_model(ctx.student.model, lora_config(ctx.recipe.lora, init=True))
+    model = get_peft_model(ctx.student.model, lora_config(ctx.recipe.lora, ctx.student.arch, init=True))
     with ctx.progress.task("SVD init per module", total=len(matrices)) as advance:
         inject(model, matrices, on_module=lambda: advance(1))
     return model, snapshot_lora(model)

@@ -101,7 +101,7 @@ class KdMethod(Method):
         from peft import get_peft_model
 
         spec, student = self.spec, ctx.student
-        check_targets(student.model, ctx.recipe.lora)
+        check_targets(student.model, ctx.recipe.lora, student.arch, ctx.progress.warn)
         # the shared tokenizer's size; lm_heads may be padded beyond it differently
         self.vocab = min(student.arch.vocab_size, len(student.tokenizer))
         if spec.cache:
@@ -115,7 +115,7 @@ class KdMethod(Method):
             self.cache = teacher_logits_cache(ctx, folder, spec.top_k, teacher_and_vocab)
         else:
             self.teacher = self._teacher(ctx)
-        return get_peft_model(student.model, lora_config(ctx.recipe.lora))
+        return get_peft_model(student.model, lora_config(ctx.recipe.lora, student.arch))
 
     @classmethod
     def shared_work(cls, recipe: Any, shared_root: Path) -> SharedWork:

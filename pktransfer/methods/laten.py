@@ -39,6 +39,7 @@ import json
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -234,17 +235,17 @@ def _rows(weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def extract(teacher: Any, plan: dict[str, Any]) -> dict[str, list[torch.Tensor]]:
     """Per role, per student layer, the teacher vectors on its hidden axis [n, D_T] (float32, CPU)."""
     arch: ArchitectureDescription = teacher.arch
-    get = teacher.model.get_submodule
+    weight = partial(arch.role_weight, teacher.model)  # a fused module's rows of that role (Phi-3)
     out: dict[str, list[torch.Tensor]] = {r: [] for r in ROLES}
     for k, t in enumerate(plan["ffn"]["teacher_layers"]):
         idx = plan["ffn"]["teacher"][k]
-        out["up"].append(_rows(stored_value(get(arch.module_name(t, "up"))), idx))
-        out["down"].append(_rows(stored_value(get(arch.module_name(t, "down"))).T, idx))
+        out["up"].append(_rows(weight(t, "up"), idx))
+        out["down"].append(_rows(weight(t, "down").T, idx))
     for k, t in enumerate(plan["attn"]["teacher_layers"]):
         pos = plan["attn"]["teacher"][k]
         rows = kv_rows(pos, arch.n_heads, arch.n_kv_heads, arch.head_dim)
-        out["v"].append(_rows(stored_value(get(arch.module_name(t, "v"))), rows))
-        out["o"].append(_rows(stored_value(get(arch.module_name(t, "o"))).T, pos))
+        out["v"].append(_rows(weight(t, "v"), rows))
+        out["o"].append(_rows(weight(t, "o").T, pos))
     return out
 
 
@@ -274,6 +275,7 @@ class Injection:
 
     up: rows of up_proj; down: columns of down_proj; v: rows of v_proj; o: columns of o_proj. A student v row
     shared by several located attention positions (grouped kv heads) receives only the best-ranked pair's.
+    In a fused module (Phi-3's gate_up_proj, qkv_proj) the row indices are offset to the role's own block.
     """
 
     AXIS: ClassVar[dict[str, str]] = {"up": "rows", "down": "cols", "v": "rows", "o": "cols"}
@@ -287,7 +289,7 @@ class Injection:
             idx = plan["ffn"]["student"][k]
             for role in ("up", "down"):
                 self.modules[role].append(arch.module_name(k, role))
-                self.index[role].append(idx)
+                self.index[role].append(idx + (arch.role_rows(role).start or 0) if role == "up" else idx)
                 self.keep[role].append(torch.arange(len(idx)))
             pos = plan["attn"]["student"][k]
             rows = kv_rows(pos, arch.n_heads, arch.n_kv_heads, arch.head_dim)
@@ -299,7 +301,7 @@ class Injection:
                     keep.append(i)
             first = torch.tensor(keep, dtype=torch.long)
             self.modules["v"].append(arch.module_name(k, "v"))
-            self.index["v"].append(rows[first])
+            self.index["v"].append(rows[first] + (arch.role_rows("v").start or 0))
             self.keep["v"].append(first)
             self.modules["o"].append(arch.module_name(k, "o"))
             self.index["o"].append(pos)

@@ -30,8 +30,8 @@ class LoraMethod(Method):
         from peft import get_peft_model
 
         spec = ctx.recipe.lora
-        check_targets(ctx.student.model, spec)
-        model = get_peft_model(ctx.student.model, lora_config(spec))
+        check_targets(ctx.student.model, spec, ctx.student.arch, ctx.progress.warn)
+        model = get_peft_model(ctx.student.model, lora_config(spec, ctx.student.arch))
         if spec.init == "pissa":
             self.initial_lora = snapshot_lora(model)
         return model
@@ -55,8 +55,8 @@ class PissaMethod(Method):
         from peft import get_peft_model
 
         spec = ctx.recipe.lora
-        check_targets(ctx.student.model, spec)
+        check_targets(ctx.student.model, spec, ctx.student.arch, ctx.progress.warn)
         init = "pissa" if self.spec.niter is None else f"pissa_niter_{self.spec.niter}"
-        model = get_peft_model(ctx.student.model, lora_config(spec, init=init))
+        model = get_peft_model(ctx.student.model, lora_config(spec, ctx.student.arch, init=init))
         self.initial_lora = snapshot_lora(model)
         return model

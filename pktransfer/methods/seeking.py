@@ -32,14 +32,15 @@ from pktransfer.data import encode_items
 from pktransfer.errors import DataError, IncompatiblePairError, RecipeError
 from pktransfer.fileio import save_safetensors, write_json
 from pktransfer.methods.base import Method, MethodContext, SharedWork, Verb, n_tokens
-from pktransfer.methods.injection import ROLE_OF_LEAF, group_roles, lora_started_at, teacher_for_injection
-from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES, ArchitectureDescription
+from pktransfer.methods.injection import group_roles, lora_started_at, stack_roles, targeted_roles, teacher_for_injection
+from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES, ROLES_OF_LEAF, ArchitectureDescription
 from pktransfer.models.pair import check_pair
 from pktransfer.models.tying import parameter_key
 from pktransfer.ops.offload import stored_value
 from pktransfer.ops.selection import reduce_dims, select_layers
 from pktransfer.ops.sensitivity import ParamSensitivity, Sensitivity, sensitivity_over
 from pktransfer.progress import Progress
+from pktransfer.training import resolved_lora
 
 # ---- 1. sensitivity -------------------------------------------------------------------------------
 
@@ -50,7 +51,10 @@ def save_sensitivity(sens: Sensitivity, folder: Path) -> None:
     for name, p in sens.params.items():
         tensors.update(p.tensors(name))
     save_safetensors(tensors, folder / "sensitivity.safetensors")
-    layout = {name: {"mode": p.mode, "shape": list(p.shape)} for name, p in sens.params.items()}
+    layout = {
+        name: {"mode": p.mode, "shape": list(p.shape), **({"parts": list(p.parts)} if p.parts else {})}
+        for name, p in sens.params.items()
+    }
     # the layout is written last: a folder with sensitivity.json holds a whole sensitivity.safetensors
     write_json(folder / "sensitivity.json", {"n_samples": sens.n_samples, "meta": sens.meta, "params": layout})
 
@@ -68,6 +72,7 @@ def load_sensitivity(folder: Path) -> Sensitivity:
             rows=tensors.get(f"{name}::rows"),
             cols=tensors.get(f"{name}::cols"),
             full=tensors.get(f"{name}::full"),
+            parts=tuple(lay["parts"]) if "parts" in lay else None,
         )
         for name, lay in info["params"].items()
     }
@@ -84,7 +89,7 @@ def accumulator_modes(arch: ArchitectureDescription, structure: str, roles: set[
         if name in embed_names:
             return "cols"  # reduced along the hidden axis only (same vocabulary)
         leaf = name.rsplit(".", 2)[-2]
-        if ROLE_OF_LEAF.get(leaf) not in roles:
+        if not set(ROLES_OF_LEAF.get(leaf, ())) & roles:
             return "total"  # only counts towards the layer score
         return "full" if structure == "submatrix" else "reduced"
 
@@ -128,6 +133,7 @@ def compute_sensitivity(
             accumulator_modes(teacher.arch, spec.structure, roles),
             map_dtype=map_dtype,
             vocab_modules=vocab_modules(teacher.arch),
+            row_parts=teacher.arch.fused_parts(),
             checkpointing=spec.gradient_checkpointing,
             on_sample=lambda s: advance(1, s_per_sample=f"{s:.1f}"),
         )
@@ -235,25 +241,28 @@ def extract_matrices(
     grow: str,
     progress: Progress | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Student module name -> student-shaped matrix cut from the teacher (float32)."""
+    """Student module name -> student-shaped matrix cut from the teacher (float32). A fused module's matrix
+    stacks its roles' blocks, each cut from the teacher's block of the same role with that role's sensitivity."""
     t_arch: ArchitectureDescription = teacher.arch
-    out: dict[str, torch.Tensor] = {}
-    jobs: list[tuple[str, str, str]] = []  # (student module, teacher module, role)
+    parts: list[tuple[str, torch.Tensor]] = []
+    jobs: list[tuple[str, str, str, slice, tuple[int, ...]]] = []  # (student module, teacher module, role, rows, shape)
     for role in ("embed", "lm_head"):
         if role in roles:
             mod = t_arch.embed_module if role == "embed" else t_arch.lm_head_module
             smod = student_arch.embed_module if role == "embed" else student_arch.lm_head_module
-            jobs.append((smod, mod, role))
+            shape = next(w.shape for w in student_arch.global_weights() if w.role == role)
+            jobs.append((smod, mod, role, slice(None), shape))
     for m, t_layer in enumerate(layers):
+        s_shapes = {w.role: w.shape for w in student_arch.layer_weights(m)}
         for role in [*ATTENTION_ROLES, *FFN_ROLES]:
             if role in roles:
-                jobs.append((student_arch.module_name(m, role), t_arch.module_name(t_layer, role), role))
-    s_shapes = {w.module: w.shape for w in student_arch.weights()}
+                smod, tmod = student_arch.module_name(m, role), t_arch.module_name(t_layer, role)
+                jobs.append((smod, tmod, role, t_arch.role_rows(role), s_shapes[role]))
     with (progress or Progress(quiet=True)).task("seeking: extract per module", total=len(jobs)) as advance:
-        for smod, tmod, role in jobs:
-            out[smod] = _extract_one(sens, teacher.model, smod, tmod, role, s_shapes[smod], structure, seed, grow)
+        for smod, tmod, role, rows, shape in jobs:
+            parts.append((smod, _extract_one(sens, teacher.model, smod, tmod, role, rows, shape, structure, seed, grow)))
             advance(1)
-    return out
+    return stack_roles(parts)
 
 
 def _extract_one(
@@ -262,17 +271,25 @@ def _extract_one(
     smod: str,
     tmod: str,
     role: str,
+    rows: slice,
     target: tuple[int, ...],
     structure: str,
     seed: int,
     grow: str,
 ) -> torch.Tensor:
-    """One student-shaped matrix cut from the teacher weight ``tmod`` (zero-padded where it grows).
+    """One student-shaped matrix cut from ``role``'s rows of the teacher weight ``tmod`` (zero-padded where
+    it grows).
 
     A tied teacher's ``lm_head`` is its embedding matrix: weight and sensitivity come from that one
     parameter (its gradient sums both uses)."""
-    w_t = stored_value(t_model.get_submodule(tmod)).detach()
-    p = sens.params[parameter_key(t_model, tmod)]
+    w_t = stored_value(t_model.get_submodule(tmod)).detach()[rows]
+    try:
+        p = sens.params[parameter_key(t_model, tmod)].role(rows)
+    except ValueError as err:
+        raise DataError(
+            f"the sensitivity in use cannot be split into {tmod}'s roles: {err}",
+            hint="recompute it (leave method.sensitivity unset): this version keeps a fused weight's sums per role",
+        ) from None
     src = tuple(w_t.shape)
     grown = [(ax, t, s) for ax, t, s in zip(("rows", "columns"), src, target, strict=True) if s > t]
     if grown and grow == "error":
@@ -336,7 +353,7 @@ class SeekingMethod(Method):
         roles = group_roles(spec.modules)
         teacher = teacher_for_injection(ctx, self.name)
         sens, layers = locate(teacher, ctx.student.arch, ctx, spec, ctx.workdir)
-        targets = {ROLE_OF_LEAF.get(t) for t in recipe.lora.target_modules} & roles
+        targets = targeted_roles(resolved_lora(recipe.lora, ctx.student.arch).target_modules) & roles
         matrices = extract_matrices(
             sens, teacher, ctx.student.arch, layers, targets, spec.structure, recipe.seed, spec.grow, ctx.progress
         )

@@ -383,7 +383,7 @@ class SemAlignMethod(Method):
             if spec.target_modules is None
             else ctx.recipe.lora.model_copy(update={"target_modules": list(spec.target_modules)})
         )
-        check_targets(student.model, lora)
+        check_targets(student.model, lora, student.arch, ctx.progress.warn)
         teacher = ctx.load_teacher()
         check_pair(teacher.arch, student.arch, teacher.tokenizer, student.tokenizer, self.name)
         if teacher.arch.n_layers < 2:
@@ -510,7 +510,7 @@ class SemAlignMethod(Method):
         targets_s = time.perf_counter() - t0
 
         # 5. LoRA on the paired layers, and hooks on the supervised sublayers
-        config = lora_config(lora)
+        config = lora_config(lora, s_arch)
         if spec.lora_layers == "paired":
             config.layers_to_transform = [p.student - 1 for p in self.pairs]
         model = get_peft_model(student.model, config)

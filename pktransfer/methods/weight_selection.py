@@ -26,10 +26,11 @@ from pktransfer.config import MethodConfig
 from pktransfer.errors import IncompatiblePairError, RecipeError
 from pktransfer.fileio import write_json
 from pktransfer.methods.base import Method, MethodContext
-from pktransfer.methods.injection import ROLE_OF_LEAF, group_roles, lora_started_at, teacher_for_injection
+from pktransfer.methods.injection import group_roles, lora_started_at, stack_roles, targeted_roles, teacher_for_injection
 from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES, ArchitectureDescription
 from pktransfer.ops.offload import stored_value
 from pktransfer.ops.selection import select_layers, space_indices
+from pktransfer.training import resolved_lora
 
 SPACES = ("residual", "heads", "kv_heads", "mlp")
 
@@ -51,10 +52,10 @@ def selection_plan(
 def selected_matrices(
     teacher: Any, s_arch: ArchitectureDescription, layers: list[int], idx: dict[str, torch.Tensor], roles: set[str]
 ) -> dict[str, torch.Tensor]:
-    """Student module name -> the student-shaped teacher matrix (float32)."""
+    """Student module name -> the student-shaped teacher matrix (float32); a fused module's roles are each
+    selected from the teacher's block of the same role and stacked."""
     t_arch: ArchitectureDescription = teacher.arch
     get = teacher.model.get_submodule  # through the module: a tied lm_head is not in named_parameters()
-    t_weights = {w.module: w for w in t_arch.weights()}
     out: dict[str, torch.Tensor] = {}
     for role, t_mod, s_mod in (
         ("embed", t_arch.embed_module, s_arch.embed_module),
@@ -63,14 +64,16 @@ def selected_matrices(
         if role in roles:
             w_t = stored_value(get(t_mod)).detach()
             out[s_mod] = w_t[:, idx["residual"].to(w_t.device)].float().cpu()
+    parts: list[tuple[str, torch.Tensor]] = []
     for m, t_layer in enumerate(layers):
+        spaces = {w.role: w for w in t_arch.layer_weights(t_layer)}
         for role in (*ATTENTION_ROLES, *FFN_ROLES):
             if role in roles:
-                t_mod = t_arch.module_name(t_layer, role)
-                w = t_weights[t_mod]
-                mat = stored_value(get(t_mod)).detach()
-                out[s_arch.module_name(m, role)] = mat[idx[w.out_space]][:, idx[w.in_space]].float().cpu()
-    return out
+                w = spaces[role]
+                mat = t_arch.role_weight(teacher.model, t_layer, role)
+                rows, cols = idx[w.out_space].to(mat.device), idx[w.in_space].to(mat.device)
+                parts.append((s_arch.module_name(m, role), mat[rows][:, cols].float().cpu()))
+    return out | stack_roles(parts)
 
 
 class WeightSelectionConfig(MethodConfig):
@@ -99,7 +102,7 @@ class WeightSelectionMethod(Method):
                     f"method.layers: {err.message}", hint=f"the teacher has {teacher.arch.n_layers} layers"
                 ) from None
             raise
-        roles = {ROLE_OF_LEAF.get(t) for t in recipe.lora.target_modules} & group_roles(spec.modules)
+        roles = targeted_roles(resolved_lora(recipe.lora, ctx.student.arch).target_modules) & group_roles(spec.modules)
         matrices = selected_matrices(teacher, ctx.student.arch, layers, idx, {r for r in roles if r})
         write_json(
             ctx.workdir / "weight_selection.json",

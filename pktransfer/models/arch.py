@@ -24,6 +24,16 @@ _PROJECTIONS: dict[str, tuple[str, str, str]] = {
     "up": ("mlp.up_proj", "residual", "mlp"),
     "down": ("mlp.down_proj", "mlp", "residual"),
 }
+# Phi-3 fuses q/k/v into one matrix and gate/up into another: roles sharing a module path occupy consecutive
+# blocks of its output rows, in the order listed here (what transformers' Phi3Attention / Phi3MLP split).
+_FUSED_PROJECTIONS: dict[str, tuple[str, str, str]] = {
+    **_PROJECTIONS,
+    "q": ("self_attn.qkv_proj", "residual", "heads"),
+    "k": ("self_attn.qkv_proj", "residual", "kv_heads"),
+    "v": ("self_attn.qkv_proj", "residual", "kv_heads"),
+    "gate": ("mlp.gate_up_proj", "residual", "mlp"),
+    "up": ("mlp.gate_up_proj", "residual", "mlp"),
+}
 ATTENTION_ROLES = ("q", "k", "v", "o")
 FFN_ROLES = ("gate", "up", "down")
 
@@ -48,9 +58,12 @@ class Family:
     residual stream — the sublayer itself for pre-norm families, its post-norm for Gemma 2/3 and OLMo-2.
     ``post_norm_offset``: a post-norm computes x / rms(x) · (offset + weight) (Gemma stores weight − 1).
     ``logit_softcap``: the config attribute holding the final logit soft-cap (logits = c · tanh(logits / c)).
+    ``projections``: role -> (module path in a block, input space, output space). Roles that share a module
+    path are fused: each holds a block of the module's output rows, in the order of this table.
     """
 
     norms: dict[str, tuple[str, str]]
+    projections: dict[str, tuple[str, str, str]] = field(default_factory=lambda: dict(_PROJECTIONS))
     attention_out: str = "self_attn"
     mlp_out: str = "mlp"
     post_norm_offset: float = 0.0
@@ -89,23 +102,98 @@ FAMILIES: dict[str, Family] = {
         mlp_out="post_feedforward_layernorm",
         notes="post-norms only (no norm before attention or MLP); q/k norms over the full projection",
     ),
+    "phi3": Family(
+        _PRE_NORMS,
+        projections=_FUSED_PROJECTIONS,
+        notes="Phi-3/3.5 and Phi-4-mini: q/k/v fused in qkv_proj, gate/up in gate_up_proj (a LoRA targets the "
+        "fused module; selection and injection work per role inside it)",
+    ),
 }
 SUPPORTED_FAMILIES = tuple(FAMILIES)
 
 # Families users ask for that pktransfer cannot handle yet, with the reason (one clear error instead of a crash).
 UNSUPPORTED_FAMILIES = {
-    "phi3": "Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj; per-role selection and injection "
-    "inside a fused matrix is not implemented yet",
+    "mixtral": "its FFN is a mixture of experts (per-expert w1/w2/w3 behind a router); no method maps experts yet",
+    "phi": "Phi-1/Phi-2 run attention and MLP in parallel from one LayerNorm with biases (dense/fc1/fc2), "
+    "a layout no method maps yet",
 }
+
+
+def _leaf(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
+
+
+# Module leaf name -> the roles its weight holds, over every family (a fused leaf holds several).
+ROLES_OF_LEAF: dict[str, tuple[str, ...]] = {}
+for _fam in FAMILIES.values():
+    for _role, (_path, _, _) in _fam.projections.items():
+        _roles = ROLES_OF_LEAF.setdefault(_leaf(_path), ())
+        if _role not in _roles:
+            ROLES_OF_LEAF[_leaf(_path)] = (*_roles, _role)
+ROLES_OF_LEAF |= {"embed_tokens": ("embed",), "lm_head": ("lm_head",)}
+# the canonical (unfused) leaf name of every projection role: what recipes name in lora.target_modules
+CANONICAL_LEAF = {role: _leaf(path) for role, (path, _, _) in _PROJECTIONS.items()}
+
+
+def family_leaf(family: str, name: str) -> str:
+    """The module leaf that holds the role a canonical name (``q_proj``…) stands for in ``family`` (its fused
+    module where the family fuses it); any other name is returned as it is."""
+    for role, (path, _, _) in FAMILIES[family].projections.items():
+        if CANONICAL_LEAF[role] == name:
+            return _leaf(path)
+    return name
+
+
+def _fused_members(family: str, leaf: str) -> list[str]:
+    """The canonical names a module leaf of ``family`` fuses (one name for an unfused module)."""
+    return [CANONICAL_LEAF[r] for r, (p, _, _) in FAMILIES[family].projections.items() if _leaf(p) == leaf]
+
+
+def lora_targets(family: str, names: list[str]) -> list[str]:
+    """The module leaf names a LoRA must target in ``family`` for ``names``, written with the canonical
+    per-role names (``q_proj``…) or the family's own (``qkv_proj``). One LoRA covers a whole fused matrix, so
+    naming one of its roles targets all of them (``widened_targets`` says which were added)."""
+    out: list[str] = []
+    for name in names:
+        leaf = family_leaf(family, name)
+        if leaf not in out:
+            out.append(leaf)
+    return out
+
+
+def widened_targets(family: str, names: list[str]) -> dict[str, list[str]]:
+    """Fused module -> the roles a LoRA on it covers that ``names`` did not name (empty: none widened)."""
+    out: dict[str, list[str]] = {}
+    for leaf in lora_targets(family, names):
+        missing = [m for m in _fused_members(family, leaf) if m not in names and leaf not in names]
+        if missing and len(_fused_members(family, leaf)) > 1:
+            out[leaf] = missing
+    return out
+
+
+def lora_ranks(family: str, pattern: dict[str, int]) -> dict[str, int]:
+    """A LoRA rank pattern keyed by ``family``'s module leaves; the roles of a fused module must agree."""
+    out: dict[str, int] = {}
+    for name, r in pattern.items():
+        leaf = family_leaf(family, name)
+        members = _fused_members(family, leaf)
+        if leaf != name and len(members) > 1 and any(pattern.get(m) != r for m in members):
+            raise ValueError(f"{family} fuses {'/'.join(members)} into {leaf}: one rank for all of them, or key it {leaf}")
+        out[leaf] = r
+    return out
 
 
 @dataclass(frozen=True)
 class WeightInfo:
+    """One role's weight: ``shape`` is the role's own; ``rows`` the block of the module's output rows it holds
+    when the module is fused (None: the whole weight)."""
+
     role: str
     module: str
     in_space: str
     out_space: str
     shape: tuple[int, ...]
+    rows: tuple[int, int] | None = None
 
 
 @dataclass
@@ -144,8 +232,49 @@ class ArchitectureDescription:
         return FAMILIES[self.family]
 
     def module_name(self, layer: int, role: str) -> str:
-        path = _PROJECTIONS[role][0] if role in _PROJECTIONS else self.spec.norms[role][0]
+        """The module holding ``role``'s weight in block ``layer`` (a fused module holds several roles)."""
+        projections = self.spec.projections
+        path = projections[role][0] if role in projections else self.spec.norms[role][0]
         return f"{self.layers_path}.{layer}.{path}"
+
+    def role_rows(self, role: str) -> slice:
+        """The rows of its module's weight that ``role`` holds: all of them unless the module is fused."""
+        projections = self.spec.projections
+        if role not in projections:
+            return slice(None)
+        path, start = projections[role][0], 0
+        for r, (p, _, out) in projections.items():
+            if p == path:
+                if r == role:
+                    stop = start + self.space_size(out)
+                    return slice(None) if start == 0 and stop == self.module_rows(path) else slice(start, stop)
+                start += self.space_size(out)
+        raise AssertionError(role)
+
+    def module_rows(self, path: str) -> int:
+        """Output rows of the projection module at ``path`` (a block-relative path): the sum over its roles."""
+        return sum(self.space_size(out) for p, _, out in self.spec.projections.values() if p == path)
+
+    def role_weight(self, model: Any, layer: int, role: str) -> Any:
+        """``role``'s weight in block ``layer`` of ``model`` (detached; its rows of a fused module; an offloaded
+        module's stored copy)."""
+        from pktransfer.ops.offload import stored_value
+
+        return stored_value(model.get_submodule(self.module_name(layer, role))).detach()[self.role_rows(role)]
+
+    def fused_parts(self) -> dict[str, tuple[int, ...]]:
+        """Parameter name -> row boundaries of its roles, for every fused projection weight."""
+        out = {}
+        for layer in range(self.n_layers):
+            for w in self.layer_weights(layer):
+                if w.rows is not None:
+                    bounds = out.setdefault(f"{w.module}.weight", (0,))
+                    out[f"{w.module}.weight"] = (*bounds, w.rows[1])
+        return out
+
+    def targets(self, names: list[str]) -> list[str]:
+        """``lora_targets`` for this model's family."""
+        return lora_targets(self.family, names)
 
     def sublayer_name(self, layer: int, point: str) -> str:
         """The module whose output is layer ``layer``'s (0-based) contribution at ``point``: ``attention`` or
@@ -159,9 +288,11 @@ class ArchitectureDescription:
 
     def layer_weights(self, layer: int) -> list[WeightInfo]:
         out = []
-        for role, (path, ins, outs) in _PROJECTIONS.items():
+        for role, (path, ins, outs) in self.spec.projections.items():
             shape = (self.space_size(outs), self.space_size(ins))
-            out.append(WeightInfo(role, f"{self.layers_path}.{layer}.{path}", ins, outs, shape))
+            rows = self.role_rows(role)
+            span = None if rows.start is None else (rows.start, rows.stop)
+            out.append(WeightInfo(role, f"{self.layers_path}.{layer}.{path}", ins, outs, shape, span))
         for role, (path, space) in self.spec.norms.items():
             out.append(WeightInfo(role, f"{self.layers_path}.{layer}.{path}", space, space, (self.space_size(space),)))
         return out
@@ -186,7 +317,17 @@ class ArchitectureDescription:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["roles"] = {r: {"module": p, "in": i, "out": o} for r, (p, i, o) in _PROJECTIONS.items()}
+        paths = [p for p, _, _ in self.spec.projections.values()]
+        fused = {p for p in paths if paths.count(p) > 1}
+        d["roles"] = {
+            r: {
+                "module": p,
+                "in": i,
+                "out": o,
+                **({"rows": [self.role_rows(r).start, self.role_rows(r).stop]} if p in fused else {}),
+            }
+            for r, (p, i, o) in self.spec.projections.items()
+        }
         d["norms"] = {r: p for r, (p, _) in self.spec.norms.items()}
         return d
 

@@ -8,6 +8,10 @@ a full set of gradients. Accumulators keep only what the selection needs, in flo
 - ``rows`` / ``cols``: per-row and per-column sums (every other structure, and layer scores),
 - ``total``: the sum (always; layer scores are sums of totals over a block).
 
+A fused weight (Phi-3's qkv_proj, gate_up_proj) holds several roles in blocks of rows (``parts``: the row
+boundaries). Its column sums are kept per block ([n_parts, columns]), so each role's reduction sees only
+its own rows (``ParamSensitivity.role``), exactly as if the roles were separate matrices.
+
 Large tensors are processed in row chunks of about a megabyte, so the temporary |θ·g| stays in cache
 and the extra memory traffic per sample is little more than one read of the weights and gradients.
 
@@ -43,22 +47,49 @@ class ParamSensitivity:
     rows: torch.Tensor | None = None
     cols: torch.Tensor | None = None
     full: torch.Tensor | None = None
+    parts: tuple[int, ...] | None = None  # a fused weight's row boundaries (cols is then [n_parts, columns])
 
     @classmethod
     def empty(
-        cls, shape: tuple[int, ...], mode: str, map_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+        cls,
+        shape: tuple[int, ...],
+        mode: str,
+        map_dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        parts: tuple[int, ...] | None = None,
     ) -> ParamSensitivity:
         if mode not in MODES:
             raise ValueError(f"unknown accumulator mode {mode}")
         two_d = len(shape) == 2
+        if parts is not None and (not two_d or parts[0] != 0 or parts[-1] != shape[0] or list(parts) != sorted(parts)):
+            raise ValueError(f"row parts {parts} do not split a weight of shape {shape}")
         f32 = dict(dtype=torch.float32, device=device)
+        cols_shape = (shape[-1],) if parts is None else (len(parts) - 1, shape[-1])
         return cls(
             mode=mode if two_d else "total",
             shape=shape,
             total=torch.zeros((), dtype=torch.float64, device=device),
             rows=torch.zeros(shape[0], **f32) if two_d and mode in ("full", "reduced") else None,
-            cols=torch.zeros(shape[1], **f32) if two_d and mode in ("full", "reduced", "cols") else None,
+            cols=torch.zeros(cols_shape, **f32) if two_d and mode in ("full", "reduced", "cols") else None,
             full=torch.zeros(shape, dtype=map_dtype, device=device) if two_d and mode == "full" else None,
+            parts=parts if two_d else None,
+        )
+
+    def role(self, rows: slice) -> ParamSensitivity:
+        """The accumulators of one role's block of rows (``slice(None)``: the whole weight, itself)."""
+        if rows == slice(None):
+            return self
+        bounds = list(self.parts or ())
+        if rows.start not in bounds or rows.stop not in bounds or bounds.index(rows.stop) != bounds.index(rows.start) + 1:
+            raise ValueError(f"rows {rows.start}:{rows.stop} are not one of the fused blocks {self.parts} of {self.shape}")
+        i = bounds.index(rows.start)
+        return ParamSensitivity(
+            mode=self.mode,
+            shape=(rows.stop - rows.start, *self.shape[1:]),
+            total=self.rows[rows].sum(dtype=torch.float64) if self.rows is not None else self.total,
+            rows=self.rows[rows] if self.rows is not None else None,
+            cols=self.cols[i] if self.cols is not None else None,
+            full=self.full[rows] if self.full is not None else None,
         )
 
     def to(self, device: torch.device | str) -> ParamSensitivity:
@@ -105,8 +136,12 @@ def accumulate(
         lo, hi = row_offset + r, row_offset + r + s.shape[0]
         if acc.rows is not None:
             acc.rows[lo:hi] += row_sums.to(dev)
-        if acc.cols is not None:
+        if acc.cols is not None and acc.parts is None:
             acc.cols += s.sum(dim=0).to(dev)
+        elif acc.cols is not None:  # a fused weight: each role's block of rows has its own column sums
+            for i, (a, b) in enumerate(zip(acc.parts[:-1], acc.parts[1:], strict=True)):  # type: ignore[index]
+                if a < hi and b > lo:
+                    acc.cols[i] += s[max(a, lo) - lo : min(b, hi) - lo].sum(dim=0).to(dev)
         if acc.full is not None:
             acc.full[lo:hi] += s.to(dev, acc.full.dtype)
 
@@ -166,6 +201,7 @@ class StreamingSensitivity:
         map_dtype: torch.dtype = torch.float32,
         chunk_elems: int = 1 << 18,
         vocab_modules: dict[str, str] | None = None,
+        row_parts: dict[str, tuple[int, ...]] | None = None,
     ) -> None:
         self.model = model
         self.chunk_elems = chunk_elems
@@ -177,7 +213,9 @@ class StreamingSensitivity:
         for name, p in model.named_parameters():
             if p.requires_grad:
                 device = p.device if p.device.type != "meta" else torch.device("cpu")  # offloaded: kept on the CPU
-                self.params[name] = ParamSensitivity.empty(tuple(p.shape), mode_for(name, tuple(p.shape)), map_dtype, device)
+                shape = tuple(p.shape)
+                parts = (row_parts or {}).get(name)
+                self.params[name] = ParamSensitivity.empty(shape, mode_for(name, shape), map_dtype, device, parts)
 
     def _attach_vocab(self, name: str, kind: str, module: torch.nn.Module) -> None:
         weight = module.weight
@@ -266,6 +304,7 @@ def sensitivity_over(
     *,
     map_dtype: torch.dtype = torch.float32,
     vocab_modules: dict[str, str] | None = None,
+    row_parts: dict[str, tuple[int, ...]] | None = None,
     checkpointing: bool = False,
     on_sample: Callable[[float], None] | None = None,
 ) -> Sensitivity:
@@ -274,6 +313,7 @@ def sensitivity_over(
     Dropout is always off (the gradient of the model as it is). ``checkpointing`` recomputes each
     layer's activations in the backward instead of keeping them (transformers only checkpoints in
     train mode, so the model runs in train mode with every dropout module switched to eval).
+    ``row_parts``: parameter name -> row boundaries of a fused weight's roles (column sums kept per role).
     """
     import time
 
@@ -287,7 +327,7 @@ def sensitivity_over(
                 m.eval()
     n = 0
     try:
-        with StreamingSensitivity(model, mode_for, map_dtype, vocab_modules=vocab_modules) as stream:
+        with StreamingSensitivity(model, mode_for, map_dtype, vocab_modules=vocab_modules, row_parts=row_parts) as stream:
             for batch in batches:
                 t0 = time.perf_counter()
                 out = model(**batch)

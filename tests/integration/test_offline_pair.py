@@ -84,7 +84,7 @@ def test_short_lora_training_on_the_real_student(pair, tmp_path):
     _, s = pair
     f = PromptFormatter(s.tokenizer)
     examples = encode_items(f, get_task("arithmetic").split("train")[:4], 64, "train")
-    model = get_peft_model(s.model, lora_config(LoraSpec(r=4, target_modules=["q_proj", "v_proj"])))
+    model = get_peft_model(s.model, lora_config(LoraSpec(r=4, target_modules=["q_proj", "v_proj"]), s.arch))
     res = train(
         model, s.tokenizer, examples, TrainingSpec(max_steps=2, batch_size=2, save_steps=10), output_dir=tmp_path / "ckpt", seed=0
     )
