@@ -271,7 +271,18 @@ def _run(recipe: Recipe, *, overwrite: bool, evaluate: bool, progress: Progress,
 
 
 def check_distributable(recipe: Recipe) -> None:
-    """Methods that train the student with the shared LoRA trainer can run on several processes."""
+    """Methods that train the student with the shared LoRA trainer can run on several processes, data-parallel.
+
+    FSDP (``accelerate launch`` with an FSDP config) is refused: accelerate and transformers run FSDP only on
+    GPUs, so it could not be tested here, and process 0 would save and evaluate a sharded model as if whole."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise RecipeError(
+            "FSDP student training is not supported yet (accelerate launch was given an FSDP config)",
+            hint="launch data-parallel instead (examples/accelerate-ddp.yaml or torchrun); shard the teacher with "
+            "teacher.device_map when it is the model that does not fit",
+        )
     if not get_method(recipe.method).post_training:
         raise RecipeError(
             f"method '{recipe.method.name}' does not train the student with the LoRA trainer, so it cannot run on "

@@ -65,3 +65,16 @@ def test_an_uneven_global_batch_and_laten_are_refused(tiny_recipe, monkeypatch):
     tiny_recipe["method"] = {"name": "laten"}
     with pytest.raises(RecipeError, match="cannot run on several processes"):
         check_distributable(recipe_from_dict(tiny_recipe))
+
+
+def test_fsdp_is_refused_with_one_clear_error(tiny_recipe, monkeypatch):
+    """accelerate launch with an FSDP config sets ACCELERATE_USE_FSDP: refused before anything loads."""
+    from pktransfer.errors import RecipeError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(RecipeError, match="FSDP student training is not supported yet") as err:
+        pktransfer.run(recipe_from_dict(tiny_recipe), quiet=True)
+    assert "accelerate-ddp.yaml" in err.value.hint
+    assert not os.path.exists(tiny_recipe["output_dir"])  # nothing written
