@@ -306,6 +306,31 @@ def compare_cmd(
     guarded(go)
 
 
+@app.command("contrast")
+def contrast_cmd(
+    folder: Annotated[Path, typer.Argument(help="a finished `pkt compare` folder (or its --records folder)")],
+    a: Annotated[str, typer.Argument(help="entry label, or student / teacher (the untouched models)")],
+    b: Annotated[str, typer.Argument(help="entry label, or student / teacher")],
+    split: Annotated[str, typer.Option("--split", help="evaluated split")] = "test",
+) -> None:
+    """Paired comparison of two entries of a finished grid (A − B): by seed, and the paired bootstrap over items
+    x seeds with its 95% interval and MDE, as the report does against its baseline."""
+
+    def go() -> None:
+        from pktransfer.comparison import contrast
+
+        r = contrast(folder, a, b, split)
+        bt = r["bootstrap"]
+        by_seed = ", ".join(f"seed {s}: {100 * d:+.1f}" for s, d in r["by_seed"].items())
+        console.print(
+            f"{a} − {b} on {split} ({bt['n_items']} items x {bt['n_seeds']} seeds): {100 * bt['mean_diff']:+.1f} points, "
+            f"bootstrap 95% [{100 * bt['ci_low']:+.1f}, {100 * bt['ci_high']:+.1f}], P(Δ≤0) {bt['p_le_zero']:.3f}, "
+            f"MDE {100 * bt['mde']:.1f}; {by_seed}"
+        )
+
+    guarded(go)
+
+
 @app.command("eval")
 def eval_cmd(
     model: Annotated[str, typer.Option("--model", "-m", help="builtin:NAME, local folder (a merged model too), or hub id.")],

@@ -371,6 +371,50 @@ def item_scores(folder: Path, run: dict[str, Any], split: str) -> dict[str, floa
     return {str(r["id"]): float(bool(r["correct"])) for r in rows}
 
 
+UNTOUCHED = ("student", "teacher")
+
+
+def contrast(folder: Path, a: str, b: str, split: str = "test", *, resamples: int = 10000, seed: int = 0) -> dict[str, Any]:
+    """A paired comparison of two entries of a finished grid (``compare.json`` in ``folder``), beyond the one
+    against the baseline the report makes: A − B by seed and by the paired bootstrap over items x seeds, with
+    its MDE. ``student`` / ``teacher`` stand for the untouched models, the same on every seed."""
+    from pktransfer.errors import DataError
+
+    path = folder / "compare.json"
+    if not path.is_file():
+        raise DataError(f"no compare.json in '{folder}'", hint="point at a finished `pkt compare` folder (or its --records)")
+    data = json.loads(path.read_text())
+    labels = sorted({c["label"] for c in data["cells"]})
+    task = data["recipe"]["task"]["name"]
+
+    def scores(label: str) -> dict[int, dict[str, float]]:
+        if label in UNTOUCHED:
+            items = folder / "base" / "eval" / f"{label}.{task}.{split}.items.jsonl"
+            if not items.is_file():
+                raise DataError(
+                    f"the grid has no evaluation of the untouched {label} on '{split}'", hint=f"compare entries: {labels}"
+                )
+            rows = [json.loads(line) for line in items.read_text().splitlines() if line.strip()]
+            return {-1: {str(r["id"]): float(bool(r["correct"])) for r in rows}}
+        cells = {c["seed"]: c["items"].get(split, {}) for c in data["cells"] if c["label"] == label}
+        if not cells:
+            raise DataError(f"no entry '{label}' in {path}", hint=f"entries: {', '.join(labels)}, or student / teacher")
+        return cells
+
+    sa, sb = scores(a), scores(b)
+    if -1 in sb:
+        sb = {s: sb[-1] for s in sa}
+    if -1 in sa:
+        sa = {s: sa[-1] for s in sb}
+    boot = paired_bootstrap(sa, sb, resamples=resamples, seed=seed)
+    if not boot["n_items"]:
+        raise DataError(f"'{a}' and '{b}' share no evaluated items on '{split}'", hint="compare entries of the same grid")
+    boot["mde"] = minimum_detectable_effect(boot["se"])
+    seeds = sorted(set(sa) & set(sb))
+    means = {s: (sum(sa[s].values()) / len(sa[s]), sum(sb[s].values()) / len(sb[s])) for s in seeds}
+    return {"a": a, "b": b, "split": split, "by_seed": {s: ma - mb for s, (ma, mb) in means.items()}, "bootstrap": boot}
+
+
 def budget_differences(records: list[dict[str, Any]]) -> list[str]:
     """What differs between the cells of one seed (same data order): trainable parameters, optimizer steps,
     training tokens. Empty = the budget is equal, as counted."""

@@ -458,3 +458,48 @@ def test_a_tuned_seeking_entry_reuses_its_shared_sensitivity_at_the_chosen_value
     chosen = res.result["chosen"]["seeking"]["training.lr"]
     cell = json.loads((tmp_path / "g" / "cells" / "seeking" / "seed-0" / "run.json").read_text())
     assert cell["recipe"]["training"]["lr"] == chosen and "test" in cell["metrics"]["trained"]
+
+
+def _finished_grid(folder: Path) -> Path:
+    """A finished grid's compare.json and untouched-student records, written by hand: entries x and y on
+    seeds 0 and 1 over four items."""
+    scores = {
+        ("x", 0): [1, 1, 1, 0],
+        ("x", 1): [1, 0, 1, 0],
+        ("y", 0): [1, 0, 0, 0],
+        ("y", 1): [0, 0, 1, 0],
+    }
+    cells = [
+        {"label": lab, "seed": seed, "items": {"test": {f"i{k}": float(v) for k, v in enumerate(vals)}}}
+        for (lab, seed), vals in scores.items()
+    ]
+    (folder / "base" / "eval").mkdir(parents=True)
+    (folder / "compare.json").write_text(json.dumps({"recipe": {"task": {"name": "arithmetic"}}, "cells": cells}))
+    rows = [{"id": f"i{k}", "correct": bool(v)} for k, v in enumerate([0, 1, 0, 0])]
+    (folder / "base" / "eval" / "student.arithmetic.test.items.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return folder
+
+
+def test_contrast_pairs_two_entries_and_the_untouched_student(tmp_path):
+    from typer.testing import CliRunner
+
+    from pktransfer.cli import app
+    from pktransfer.comparison import contrast
+
+    grid = _finished_grid(tmp_path / "grid")
+    r = contrast(grid, "x", "y")
+    assert r["by_seed"] == {0: 0.5, 1: 0.25}  # x: 3/4 and 2/4; y: 1/4 and 1/4
+    assert r["bootstrap"]["mean_diff"] == pytest.approx(0.375) and r["bootstrap"]["n_items"] == 4
+    assert r["bootstrap"]["ci_low"] <= 0.375 <= r["bootstrap"]["ci_high"] and r["bootstrap"]["mde"] > 0
+    s = contrast(grid, "x", "student")  # the untouched student (1/4) stands on every seed of x
+    assert s["by_seed"] == {0: 0.5, 1: 0.25} and s["bootstrap"]["n_seeds"] == 2
+    assert contrast(grid, "student", "y")["by_seed"] == {0: 0.0, 1: 0.0}
+    with pytest.raises(DataError, match="no entry 'z'") as err:
+        contrast(grid, "x", "z")
+    assert "x, y" in err.value.hint
+    with pytest.raises(DataError, match="untouched teacher"):
+        contrast(grid, "x", "teacher")
+    with pytest.raises(DataError, match=r"no compare\.json"):
+        contrast(tmp_path, "x", "y")
+    out = CliRunner().invoke(app, ["contrast", str(grid), "x", "y"])
+    assert out.exit_code == 0 and "+37.5 points" in " ".join(out.output.split()), out.output
