@@ -204,16 +204,16 @@ def choose(tuning: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 # ---- 2. shared work ---------------------------------------------------------------------------------
 
 
-def attach_shared_work(cells: list[Cell], root: Path) -> list[tuple[str, Recipe, str]]:
+def attach_shared_work(cells: list[Cell], root: Path) -> list[tuple[str, Recipe, str, list[Cell]]]:
     """Let each cell's method point it at caches shared across the grid; return the jobs to run once first
-    (folder, recipe, verb), each folder once."""
-    jobs: dict[str, tuple[Recipe, str]] = {}
+    (folder, recipe, verb, the cells that need it), each folder once."""
+    jobs: dict[str, tuple[Recipe, str, list[Cell]]] = {}
     for cell in cells:
         shared = registry.method_class(cell.recipe.method.name).shared_work(cell.recipe, root / "shared")
         cell.recipe = shared.recipe
         for folder, recipe, verb in shared.jobs:
-            jobs.setdefault(folder, (recipe, verb))
-    return [(folder, recipe, verb) for folder, (recipe, verb) in jobs.items()]
+            jobs.setdefault(folder, (recipe, verb, []))[2].append(cell)
+    return [(folder, recipe, verb, needed) for folder, (recipe, verb, needed) in jobs.items()]
 
 
 # ---- 4. statistics (pure) ---------------------------------------------------------------------------
@@ -516,12 +516,48 @@ def _reusable(folder: Path, recipe: Recipe, what: str) -> bool:
 
 # what a finished folder's result is (its weights, checkpoints and caches are not: they can be rebuilt)
 RECORD_FILES = ("run.json", "recipe.yaml", "report.md", "checkpoints/log_history.json")
+ORIGIN = "record.json"  # in each record: the grid folder it was made in (paths into it are relocated on restore)
+
+
+def _relocate(value: Any, old: str, new: str) -> Any:
+    """``value`` with every string path inside folder ``old`` moved to the same place inside ``new``."""
+    if isinstance(value, dict):
+        return {k: _relocate(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relocate(v, old, new) for v in value]
+    if isinstance(value, str) and (value == old or value.startswith(old + "/")):
+        return new + value[len(old) :]
+    return value
+
+
+def relocate_record(folder: Path, old: str, new: str) -> None:
+    """A record made in grid folder ``old``, restored into ``new``: the paths its recipe holds into the old grid
+    (shared caches: KD's logits, SemAlign's targets, Seeking's sensitivity) are moved to the new grid, so the
+    grid's recipe check sees the recipe it would write there; the marker's hash is that of the moved recipe."""
+    import yaml
+
+    from pktransfer.fileio import write_json
+    from pktransfer.runs import MARKER, recipe_sha256
+
+    marker = json.loads((folder / MARKER).read_text())
+    if marker.get("recipe") is not None:
+        marker["recipe"] = _relocate(marker["recipe"], old, new)
+        marker["recipe_sha256"] = recipe_sha256(marker["recipe"])
+        write_json(folder / MARKER, marker)
+    if (folder / "run.json").is_file():
+        write_json(folder / "run.json", _relocate(json.loads((folder / "run.json").read_text()), old, new))
+    if (folder / "recipe.yaml").is_file():
+        moved = _relocate(yaml.safe_load((folder / "recipe.yaml").read_text()), old, new)
+        write_text(folder / "recipe.yaml", yaml.safe_dump(moved, sort_keys=False, allow_unicode=True))
+
+
 REPORT_FILES = ("compare.md", "compare.csv", "compare.json", "compare_scores.png", "compare_loss.png")
 
 
 def save_record(folder: Path, root: Path, records: Path) -> None:
     """Copy a finished folder's record (marker, run.json, recipe, per-item evaluations, loss history) to the
     same place under ``records``; written to a temporary folder, then renamed into place."""
+    from pktransfer.fileio import write_json
     from pktransfer.runs import MARKER
 
     dest = records / folder.relative_to(root)
@@ -533,13 +569,16 @@ def save_record(folder: Path, root: Path, records: Path) -> None:
         if (folder / rel).is_file():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(folder / rel, tmp / rel)
+    write_json(tmp / ORIGIN, {"grid": str(root)})
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
 
 
 def restore_records(records: Path, root: Path, progress: Progress) -> int:
-    """Put every finished record under ``records`` back into the grid where that folder is missing; the grid's
-    usual check then refuses any record made with another recipe. Returns how many were restored."""
+    """Put every finished record under ``records`` back into the grid where that folder is missing, relocated
+    from the grid folder it was made in (``relocate_record``); the grid's usual check then refuses any record
+    made with another recipe. Shared work is not restored (its record holds its cost, not its caches). Returns
+    how many were restored."""
     from pktransfer.runs import MARKER
 
     n = 0
@@ -547,12 +586,17 @@ def restore_records(records: Path, root: Path, progress: Progress) -> int:
         src = run.parent
         if src == records or not (src / MARKER).is_file() or src.name.endswith(".partial"):
             continue
+        if src.relative_to(records).parts[0] == "shared":
+            continue
         dest = root / src.relative_to(records)
         if dest.exists():
             continue
         tmp = dest.with_name(dest.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp)
+        origin = json.loads((src / ORIGIN).read_text())["grid"] if (src / ORIGIN).is_file() else str(root)
+        if origin != str(root):
+            relocate_record(tmp, origin, str(root))
         tmp.rename(dest)
         n += 1
     if n:
@@ -603,14 +647,18 @@ def compare(
     shared_cost: dict[str, float] = {}
 
     def shared_work(cs: list[Cell]) -> None:
-        for folder, r, verb in attach_shared_work(cs, root):
+        for folder, r, verb, needed in attach_shared_work(cs, root):
             # a shared folder's name is the hash of everything its work depends on (the teacher, the data, the
             # method's own settings), so a finished one serves every cell that asks for it: a tuning cell at one
-            # learning rate and the grid's cells at another
-            if not _finished(Path(folder)):
+            # learning rate and the grid's cells at another. It is not run when every cell needing it is finished.
+            if not _finished(Path(folder)) and not all(_finished(c.folder) for c in needed):
                 progress.log(f"compare: running `{verb}` once for the cells of '{r.method.name}' ({folder})")
                 pipeline.run_verb(r, verb, progress=progress)
-            shared_cost[folder] = json.loads((Path(folder) / "run.json").read_text())["wall_seconds"]
+            if _finished(Path(folder)):
+                record(Path(folder))  # its run.json (the cost), not its caches
+                shared_cost[folder] = json.loads((Path(folder) / "run.json").read_text())["wall_seconds"]
+            elif records_dir is not None and (recorded := records_dir / Path(folder).relative_to(root) / "run.json").is_file():
+                shared_cost[folder] = json.loads(recorded.read_text())["wall_seconds"]
 
     # 1b. tuning: validation only, one seed; the test split is not read until every value is chosen
     tuning: list[dict[str, Any]] = []

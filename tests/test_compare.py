@@ -439,6 +439,38 @@ def test_records_carry_a_grid_to_another_machine(tiny_recipe, tmp_path, monkeypa
         pktransfer.compare(other, quiet=True, records=records)
 
 
+def test_records_made_in_another_folder_restore_without_rerunning_anything(tiny_recipe, tmp_path, monkeypatch):
+    """A finished grid whose cells point at shared caches (KD's logits, Seeking's sensitivity) by absolute path,
+    restored from its records into another folder (another checkout, another machine): the cells' paths are
+    moved into the new grid, nothing is trained or extracted again, and the report is the same."""
+    import shutil
+
+    import yaml
+
+    import pktransfer.pipeline as pipeline
+
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    grid = _grid(tiny_recipe, ["lora", "kd", {"name": "seeking", "n_seed": 2}], seeds=[0])
+    records = tmp_path / "records"
+    first = pktransfer.compare(recipe_from_dict({**grid, "output_dir": str(tmp_path / "a")}), quiet=True, records=records)
+    assert str(tmp_path / "a" / "shared") in (records / "cells" / "kd" / "seed-0" / "recipe.yaml").read_text()
+    assert (records / "shared").is_dir()  # shared work is recorded (its cost), never restored
+    shutil.rmtree(tmp_path / "a")
+
+    def refuse(*a, **k):
+        raise AssertionError("nothing may run again")
+
+    monkeypatch.setattr(pipeline, "run", refuse)
+    monkeypatch.setattr(pipeline, "run_verb", refuse)
+    again = pktransfer.compare(recipe_from_dict({**grid, "output_dir": str(tmp_path / "b")}), quiet=True, records=records)
+    sa, sb = again.result["summary"]["by_label"], first.result["summary"]["by_label"]
+    assert {k: v["metrics"] for k, v in sa.items()} == {k: v["metrics"] for k, v in sb.items()}
+    assert list(again.result["shared_work_seconds"].values()) == list(first.result["shared_work_seconds"].values())
+    moved = yaml.safe_load((tmp_path / "b" / "cells" / "kd" / "seed-0" / "recipe.yaml").read_text())
+    assert moved["method"]["logits_cache"].startswith(str(tmp_path / "b" / "shared"))
+    assert not (tmp_path / "b" / "shared").exists()  # the caches were not rebuilt
+
+
 def test_a_tuned_seeking_entry_reuses_its_shared_sensitivity_at_the_chosen_value(tiny_recipe, tmp_path, monkeypatch):
     """The shared sensitivity is made once for the tuning cells (at the first learning rate, on validation) and
     serves the grid's cells at the chosen rate on test: its folder's name is the hash of what it depends on.
