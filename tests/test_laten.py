@@ -374,3 +374,22 @@ def test_a_bfloat16_student_keeps_the_delta_in_its_saved_model(tiny_recipe):
     )
     injected = sum(v.numel() for k, v in delta.items() if k.endswith("::values"))
     assert changed >= 0.99 * injected  # every injected entry carries its delta (not rounding noise)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_injection_item_is_a_training_item_never_a_carved_validation_item(tiny_recipe, seed):
+    """inject_on: train_sample draws one of the run's training items (official inference draws a training item);
+    validation items carved from the end of the train split are never drawn, so tuning on them stays clean."""
+    from types import SimpleNamespace
+
+    from pktransfer.data import get_task, train_and_validation
+    from pktransfer.methods import get_method
+
+    tiny_recipe["method"] = {"name": "laten"}
+    tiny_recipe["task"].update(n_train=6, validation=8)
+    tiny_recipe["seed"] = seed
+    recipe = recipe_from_dict(tiny_recipe)
+    task = get_task(recipe.task.name, recipe.task.params)
+    train, val = train_and_validation(task, 6, 8)
+    item = get_method(recipe.method)._final_item(SimpleNamespace(task=task, recipe=recipe))
+    assert item.id in {it.id for it in train} and item.id not in {it.id for it in val}

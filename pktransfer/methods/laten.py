@@ -47,7 +47,7 @@ import torch
 from pydantic import Field
 
 from pktransfer.config import MethodConfig
-from pktransfer.data import IGNORE_INDEX, Example, encode_items
+from pktransfer.data import IGNORE_INDEX, Example, encode_items, train_and_validation
 from pktransfer.errors import DataError, IncompatiblePairError, RecipeError
 from pktransfer.fileio import save_safetensors, torch_save, write_json
 from pktransfer.methods.base import Method, MethodContext, n_tokens
@@ -605,10 +605,11 @@ class LatenMethod(Method):
         return student.model
 
     def _final_item(self, ctx: MethodContext) -> Any:
-        """The item the saved model's injection is located on: official inference draws one training item."""
+        """The item the saved model's injection is located on: official inference draws one training item, here
+        one of the run's training items (never a validation item carved from the train split)."""
         if self.spec.inject_on == "extract_mean":
             return ctx.task.split("extract")[0]  # unused for the plan (the mean over the extract items is)
-        train = ctx.task.split("train")
+        train, _ = train_and_validation(ctx.task, ctx.recipe.task.n_train, ctx.recipe.task.validation)
         return train[random.Random(ctx.recipe.seed).randrange(len(train))]
 
     def _splits(self, ctx: MethodContext) -> tuple[list[Any], list[Example], list[Example], list[Example]]:
