@@ -178,8 +178,16 @@ def test_a_family_we_cannot_map_gets_one_clear_error(tmp_path):
 
     from pktransfer.errors import ModelError
 
-    cfg = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1)
+    cfg = MixtralConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+    )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "mixtral")
     with pytest.raises(ModelError, match=r"'mixtral' model.*mixture of experts") as err:
         _load(tmp_path / "mixtral")
