@@ -17,6 +17,11 @@ from pktransfer.models.arch import lora_ranks, lora_targets, widened_targets
 from pktransfer.ops.sensitivity import ParamSensitivity, accumulate
 
 IDS = torch.tensor([[5, 17, 30, 44, 60, 71, 2, 9]])
+# the config fields a Llama and a Phi-3 model share (everything else is at the defaults both use)
+SHARED_CONFIG = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
+)  # fmt: skip
 
 
 def as_phi3(llama_folder, out):
@@ -24,30 +29,14 @@ def as_phi3(llama_folder, out):
     from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3Config
 
     llama = AutoModelForCausalLM.from_pretrained(str(llama_folder))
-    c = llama.config
-    cfg = Phi3Config(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads,
-        max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.rms_norm_eps,
-        tie_word_embeddings=c.tie_word_embeddings,
-        pad_token_id=c.pad_token_id,
-        bos_token_id=c.bos_token_id,
-        eos_token_id=c.eos_token_id,
-    )
-    phi = AutoModelForCausalLM.from_config(cfg)
-    state = {}
-    for name, value in llama.state_dict().items():
+    phi = AutoModelForCausalLM.from_config(Phi3Config(**{k: getattr(llama.config, k) for k in SHARED_CONFIG}))
+    llama_state, state = llama.state_dict(), {}
+    for name, value in llama_state.items():
         if ".self_attn.q_proj." in name:
-            base = name.replace("q_proj", "qkv_proj")
-            k, v = (llama.state_dict()[name.replace("q_proj", r)] for r in ("k_proj", "v_proj"))
-            state[base] = torch.cat([value, k, v])
+            k, v = (llama_state[name.replace("q_proj", r)] for r in ("k_proj", "v_proj"))
+            state[name.replace("q_proj", "qkv_proj")] = torch.cat([value, k, v])
         elif ".mlp.gate_proj." in name:
-            state[name.replace("gate_proj", "gate_up_proj")] = torch.cat([value, llama.state_dict()[name.replace("gate", "up")]])
+            state[name.replace("gate_proj", "gate_up_proj")] = torch.cat([value, llama_state[name.replace("gate", "up")]])
         elif not any(f".{r}." in name for r in ("k_proj", "v_proj", "up_proj")):
             state[name] = value
     missing, unexpected = phi.load_state_dict(state, strict=False)

@@ -77,11 +77,9 @@ def check_ranks(arch: ArchitectureDescription, recipe: Any) -> None:
     from pktransfer.training import resolved_lora
 
     spec = resolved_lora(recipe.lora, arch)
-    shapes: dict[str, tuple[int, ...]] = {}
-    for w in arch.weights():
-        if len(w.shape) == 2:
-            rows = w.shape[0] + (shapes[w.module][0] if w.rows and w.rows[0] > 0 else 0)
-            shapes[w.module] = (rows, w.shape[1])
+    shapes = {
+        w.module: (arch.module_rows(w.role) if w.rows else w.shape[0], w.shape[1]) for w in arch.weights() if len(w.shape) == 2
+    }
     for module, shape in shapes.items():
         leaf = module.rsplit(".", 1)[-1]
         if leaf in spec.target_modules:

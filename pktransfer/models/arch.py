@@ -247,12 +247,13 @@ class ArchitectureDescription:
             if p == path:
                 if r == role:
                     stop = start + self.space_size(out)
-                    return slice(None) if start == 0 and stop == self.module_rows(path) else slice(start, stop)
+                    return slice(None) if start == 0 and stop == self.module_rows(role) else slice(start, stop)
                 start += self.space_size(out)
         raise AssertionError(role)
 
-    def module_rows(self, path: str) -> int:
-        """Output rows of the projection module at ``path`` (a block-relative path): the sum over its roles."""
+    def module_rows(self, role: str) -> int:
+        """Output rows of the projection module holding ``role``: the sum over the roles it holds."""
+        path = self.spec.projections[role][0]
         return sum(self.space_size(out) for p, _, out in self.spec.projections.values() if p == path)
 
     def role_weight(self, model: Any, layer: int, role: str) -> Any:
@@ -271,10 +272,6 @@ class ArchitectureDescription:
                     bounds = out.setdefault(f"{w.module}.weight", (0,))
                     out[f"{w.module}.weight"] = (*bounds, w.rows[1])
         return out
-
-    def targets(self, names: list[str]) -> list[str]:
-        """``lora_targets`` for this model's family."""
-        return lora_targets(self.family, names)
 
     def sublayer_name(self, layer: int, point: str) -> str:
         """The module whose output is layer ``layer``'s (0-based) contribution at ``point``: ``attention`` or
@@ -317,14 +314,12 @@ class ArchitectureDescription:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        paths = [p for p, _, _ in self.spec.projections.values()]
-        fused = {p for p in paths if paths.count(p) > 1}
         d["roles"] = {
             r: {
                 "module": p,
                 "in": i,
                 "out": o,
-                **({"rows": [self.role_rows(r).start, self.role_rows(r).stop]} if p in fused else {}),
+                **({"rows": [s.start, s.stop]} if (s := self.role_rows(r)).start is not None else {}),
             }
             for r, (p, i, o) in self.spec.projections.items()
         }
