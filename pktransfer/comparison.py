@@ -62,7 +62,7 @@ def expand_entries_tuned(recipe: Recipe) -> list[tuple[str, dict[str, Any], dict
     for entry in recipe.compare.methods:
         tune = recipe.compare.tune if entry.tune is None else (entry.tune or None)
         method = entry.method.model_dump(mode="json")
-        base_label = entry.label or entry.method.name
+        base_label = entry.label or entry.method.label()
         keys = list(entry.sweep)
         for combo in itertools.product(*(entry.sweep[k] for k in keys)) if keys else [()]:
             overrides = dict(entry.overrides)
@@ -358,7 +358,16 @@ def cell_record(cell: Cell) -> dict[str, Any]:
     }
 
 
-SPENT_KEYS = ("trainable_parameters", "optimizer_steps", "training_tokens")
+SPENT_KEYS = (
+    "trainable_parameters",
+    "optimizer_steps",
+    "training_tokens",
+    "student_generated_tokens",
+    "student_generation_seconds",
+    "on_policy_batches",
+)
+# what "equal budget" compares; the rest of SPENT_KEYS is extra student compute (on-policy sampling), shown as cost
+EQUAL_BUDGET_KEYS = SPENT_KEYS[:3]
 
 
 def item_scores(folder: Path, run: dict[str, Any], split: str) -> dict[str, float]:
@@ -419,7 +428,7 @@ def budget_differences(records: list[dict[str, Any]]) -> list[str]:
     """What differs between the cells of one seed (same data order): trainable parameters, optimizer steps,
     training tokens. Empty = the budget is equal, as counted."""
     diffs = []
-    for key in SPENT_KEYS:
+    for key in EQUAL_BUDGET_KEYS:
         for seed in sorted({r["seed"] for r in records}):
             values = {r["label"]: r["spent"].get(key) for r in records if r["seed"] == seed}
             if len(set(values.values())) > 1:

@@ -1,13 +1,16 @@
-"""The sections of a recipe (models, task, LoRA, training, evaluation) and the base of every method's config.
+"""The sections of a recipe (models, task, LoRA, training, evaluation), the base of every method's config, and
+the registry of method configs the recipe's ``method`` field accepts.
 
 Each method's own config class lives in its module under ``pktransfer/methods/`` (e.g. ``SeekingConfig``
-in ``methods/seeking.py``); the registry (``pktransfer.methods.registry``) assembles the recipe's
-``method`` union from them. Every model forbids unknown keys.
+in ``methods/seeking.py``); registering a method (``pktransfer.methods.registry.register``) files its config
+here with its roles, and the recipe's ``method`` union is assembled from them. This module sits below both the
+recipe and the methods, so neither reaches back to the other. Every model forbids unknown keys.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -117,6 +120,72 @@ class EvaluationSpec(Strict):
 
 
 class MethodConfig(Strict):
-    """Base of every method's config: ``name`` is the method's registered name (a Literal in each subclass)."""
+    """Base of every method's config: ``name`` is the method's registered name (a Literal in each subclass).
 
+    A config with ``role_fields`` (field -> role, e.g. ``{"start": "start"}``) holds other methods' configs in
+    those fields: each accepts exactly the registered configs of that role, rebuilt as methods are registered."""
+
+    role_fields: ClassVar[dict[str, str]] = {}
     name: str
+
+    def label(self) -> str:
+        """How reports name this method when an entry gives no label."""
+        return self.name
+
+
+# ---- the registry of method configs ----------------------------------------------------------------------
+
+ROLES = ("start", "objective")  # what a method can be in a composed transfer (see methods/compose.py)
+_CONFIGS: dict[str, tuple[type[MethodConfig], frozenset[str]]] = {}
+_LISTENERS: list[Callable[[], None]] = []
+
+
+def register_config(config: type[MethodConfig], roles: frozenset[str] = frozenset()) -> None:
+    """File a method's config under its name (a second one under the same name is refused)."""
+    name = config_name(config)
+    if name in _CONFIGS:
+        raise ValueError(f"a method named '{name}' is already registered ({_CONFIGS[name][0].__name__})")
+    _CONFIGS[name] = (config, frozenset(roles))
+    _rebuild()
+
+
+def unregister_config(name: str) -> None:
+    _CONFIGS.pop(name, None)
+    _rebuild()
+
+
+def config_name(config: type[MethodConfig]) -> str:
+    default = config.model_fields["name"].default
+    if not isinstance(default, str) or not default:
+        raise TypeError(f"{config.__name__} must declare name: Literal['...'] = '...'")
+    return default
+
+
+def config_class(name: str) -> type[MethodConfig]:
+    return _CONFIGS[name][0]
+
+
+def config_union(role: str | None = None) -> Any:
+    """The registered configs (of ``role``, or all) as one pydantic type, discriminated by ``name``."""
+    configs = [c for c, roles in _CONFIGS.values() if role is None or role in roles]
+    if not configs:
+        return MethodConfig
+    if len(configs) == 1:
+        return configs[0]
+    return Annotated[Union[tuple(configs)], Field(discriminator="name")]  # noqa: UP007 (a runtime tuple of types)
+
+
+def on_configs_change(listener: Callable[[], None]) -> None:
+    """``listener()`` runs whenever the set of registered configs changes (the recipe rebuilds its union)."""
+    _LISTENERS.append(listener)
+
+
+def _rebuild() -> None:
+    # configs that hold other configs first, so the recipe's union embeds their current schema
+    for config, _ in _CONFIGS.values():
+        if config.role_fields:
+            for field, role in config.role_fields.items():
+                config.model_fields[field].annotation = config_union(role)
+            config.model_rebuild(force=True)
+    for listener in _LISTENERS:
+        listener()

@@ -346,6 +346,7 @@ def _prepare_and_train(method: Any, ctx: MethodContext, rd: RunDir, log: StageLo
                 seed=recipe.seed,
                 progress=ctx.progress,
                 loss=method.training_loss(ctx),
+                batch=method.training_batch(ctx),
                 callbacks=method.callbacks(ctx),
             )
         finally:
@@ -362,6 +363,7 @@ def _prepare_and_train(method: Any, ctx: MethodContext, rd: RunDir, log: StageLo
             "trainable_parameters": result.trainable_parameters,
             "optimizer_steps": result.steps,
             "training_tokens": result.tokens_seen,
+            **method.spent(),
         },
     )
 

@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from pktransfer import config as configs
 from pktransfer.config import (  # noqa: F401  (re-exported: recipes are built from these sections)
     DeviceName,
     DTypeName,
@@ -28,12 +29,11 @@ from pktransfer.config import (  # noqa: F401  (re-exported: recipes are built f
     TrainingSpec,
 )
 from pktransfer.errors import RecipeError
-from pktransfer.methods import registry
 from pktransfer.models.builtin import DEFAULT_STUDENT, DEFAULT_TEACHER
 
 M = TypeVar("M", bound=BaseModel)
 # every registered method's config, discriminated by ``name`` (rebuilt when a method is registered)
-MethodSpec = registry.config_union()
+MethodSpec = configs.config_union()
 
 # keys a grid entry may not change: the pair, the task and the evaluation protocol are the comparison
 FIXED_KEYS = ("teacher", "student", "task", "evaluation", "seed", "output_dir", "compare")
@@ -120,7 +120,7 @@ class Recipe(Strict):
     teacher: ModelSpec = Field(default_factory=lambda: ModelSpec(model=DEFAULT_TEACHER))
     student: ModelSpec = Field(default_factory=lambda: ModelSpec(model=DEFAULT_STUDENT))
     task: TaskSpec = Field(default_factory=TaskSpec)
-    method: MethodSpec = Field(default_factory=lambda: registry.method_class("lora").config_class())
+    method: MethodSpec = Field(default_factory=lambda: configs.config_class("lora")())
     lora: LoraSpec = Field(default_factory=LoraSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
@@ -146,14 +146,15 @@ class Recipe(Strict):
 def _rebuild_method_union() -> None:
     """Accept exactly the registered methods' configs in recipes and comparison entries."""
     global MethodSpec
-    MethodSpec = registry.config_union()
+    MethodSpec = configs.config_union()
     GridEntry.model_fields["method"].annotation = MethodSpec
     Recipe.model_fields["method"].annotation = MethodSpec
     for model in (GridEntry, CompareSpec, Recipe):
         model.model_rebuild(force=True)
 
 
-registry.on_change(_rebuild_method_union)
+configs.on_configs_change(_rebuild_method_union)
+_rebuild_method_union()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -92,6 +92,10 @@ def _count(v: float | None) -> str:
     return f"{v:.0f}"
 
 
+def _seconds(v: float | None) -> str:
+    return "n/a" if v is None or v != v else f"{v:.1f}"
+
+
 def budget_table(result: dict[str, Any]) -> list[str]:
     """What each method actually trained and spent, counted in its runs (means over seeds)."""
     s = result["summary"]
@@ -101,10 +105,13 @@ def budget_table(result: dict[str, Any]) -> list[str]:
         "Per cell, mean over seeds. Trainable: parameters with gradients when training starts. Steps: optimizer "
         "updates. Tokens: non-padding input tokens of the batches the optimizer saw. Teacher: tokens through "
         "the teacher's forward and backward passes in this cell (a cache made by an earlier cell costs "
-        "nothing here), their seconds, and FLOPs estimated as 2N per forward and 4N per backward token.",
+        "nothing here), their seconds, and FLOPs estimated as 2N per forward and 4N per backward token. "
+        "Student samples: tokens the student generated for on-policy batches (gkd), and their seconds; the "
+        "teacher's forward tokens include its scoring of those samples.",
         "",
-        "| method | trainable | steps | tokens | teacher fwd tokens | teacher bwd tokens | teacher s | teacher FLOPs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | trainable | steps | tokens | teacher fwd tokens | teacher bwd tokens | teacher s | teacher FLOPs "
+        "| student samples (tokens) | student sampling s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label in s["labels"]:
         e = s["by_label"][label]
@@ -112,7 +119,8 @@ def budget_table(result: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {label} | {_count(sp.get('trainable_parameters'))} | {_count(sp.get('optimizer_steps'))} | "
             f"{_count(sp.get('training_tokens'))} | {_count(te.get('forward_tokens'))} | "
-            f"{_count(te.get('backward_tokens'))} | {te.get('seconds', 0.0):.1f} | {_count(te.get('flops'))} |"
+            f"{_count(te.get('backward_tokens'))} | {te.get('seconds', 0.0):.1f} | {_count(te.get('flops'))} | "
+            f"{_count(sp.get('student_generated_tokens'))} | {_seconds(sp.get('student_generation_seconds'))} |"
         )
     for folder, sec in result.get("shared_work_seconds", {}).items():
         lines.append(f"\nShared teacher work `{folder}` (once for all its cells): {sec:.1f} s.")
@@ -192,8 +200,13 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
         "power 0.8) given the bootstrap's standard error.",
         "",
     ]
-    order = {"none": 0, "weights": 1, "outputs": 2}
-    group_name = {"none": "teacher-free", "weights": "teacher weights", "outputs": "teacher outputs"}
+    order = {"none": 0, "weights": 1, "outputs": 2, "composed": 3}
+    group_name = {
+        "none": "teacher-free",
+        "weights": "teacher weights",
+        "outputs": "teacher outputs",
+        "composed": "teacher-derived start + teacher objective",
+    }
     labels = sorted(s["labels"], key=lambda lbl: (order.get(groups.get(lbl, "none"), 3), s["labels"].index(lbl)))
     for metric in s["metrics"]:
         lines += [

@@ -115,6 +115,12 @@ class ListDataset(torch.utils.data.Dataset):
 LossFn = Callable[[Any, dict[str, torch.Tensor], Any], torch.Tensor]
 
 
+# A method's batch rewrite: (the model being trained, the batch) -> the batch the forward pass and the loss see
+# (on-policy distillation puts the student's own samples here). Runs inside the training step, so it sees the
+# weights of the current step.
+BatchFn = Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
 def response_positions(labels: torch.Tensor) -> torch.Tensor:
     """Boolean [batch, length-1]: positions whose logits predict a response token (next-token shift)."""
     return labels[:, 1:] != IGNORE_INDEX
@@ -134,12 +140,20 @@ def _trainer_class() -> Any:
         """Trainer that drops the ``index`` column and, when a method brings its own loss, computes it."""
 
         method_loss: LossFn | None = None
+        method_batch: BatchFn | None = None
 
         def compute_loss(
             self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
         ) -> Any:
+            if self.method_batch is not None:
+                inputs = self.method_batch(model, inputs)
+                # the rewritten batch holds other tokens than the ones the trainer counted: the loss normalises
+                # over its own tokens, and the trainer divides by the accumulation steps
+                num_items_in_batch = None
             index = inputs.pop("index", None)
             if self.method_loss is None:
+                if self.method_batch is not None:
+                    self.loss_is_scaled_for_ga = False
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             labels = inputs.pop("labels")
             outputs = model(**inputs)
@@ -260,6 +274,7 @@ def train(
     progress: Progress | None = None,
     callbacks: list[Any] | None = None,
     loss: LossFn | None = None,
+    batch: BatchFn | None = None,
     resume: bool = True,
 ) -> TrainResult:
     """Train ``model`` (a PeftModel) on ``examples``; checkpoints go to ``output_dir``."""
@@ -304,6 +319,7 @@ def train(
         callbacks=list(callbacks or []),
     )
     trainer.method_loss = loss
+    trainer.method_batch = batch
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_progress_callback(progress))

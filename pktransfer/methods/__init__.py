@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pktransfer.methods import registry
 from pktransfer.methods.base import Method, MethodContext
+from pktransfer.methods.compose import ComposeMethod
+from pktransfer.methods.gkd import GkdMethod
+from pktransfer.methods.hidden_kd import HiddenKdMethod
 from pktransfer.methods.kd import KdMethod
 from pktransfer.methods.laten import LatenMethod
 from pktransfer.methods.lora import LoraMethod, PissaMethod
@@ -18,6 +21,9 @@ registry.register(WeightSelectionMethod)
 registry.register(SeekingMethod)
 registry.register(SemAlignMethod)
 registry.register(LatenMethod)
+registry.register(GkdMethod)
+registry.register(HiddenKdMethod)
+registry.register(ComposeMethod)
 
 
 def get_method(config: object) -> Method:

@@ -2,6 +2,12 @@
 
 The training loop, data and evaluation are shared (``pktransfer.training``, ``pktransfer.evaluation``),
 so methods compared in one recipe differ only in what they implement here.
+
+Two kinds of method can be composed (``methods/compose.py``): a *start* (``is_start``: ``prepare`` builds the
+LoRA student, e.g. Seeking's teacher-SVD start, and it trains with plain cross entropy) and an *objective*
+(``is_objective``, an :class:`ObjectiveMethod`: the student starts as a plain LoRA and ``setup_objective``
+prepares what its loss needs, e.g. KD's teacher logits). A composed transfer takes the start of one and the
+objective of another.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from pktransfer.data import Example, PromptFormatter, Task
 from pktransfer.models import LoadedModel
 from pktransfer.progress import Progress
-from pktransfer.training import LossFn
+from pktransfer.training import BatchFn, LossFn, check_targets, lora_config
 
 if TYPE_CHECKING:
     from pktransfer.config import MethodConfig
@@ -147,6 +153,10 @@ class Method(ABC, Generic[C]):
     # False: prepare() returns the finished student (no LoRA training); ``training`` then describes what
     # the method trained itself (steps, seconds, final_loss, resumed_from, log_history)
     post_training: ClassVar[bool] = True
+    # roles in a composed transfer (methods/compose.py): a start builds the LoRA student and trains it with
+    # plain cross entropy; an objective trains a plain LoRA start toward its own loss (see ObjectiveMethod)
+    is_start: ClassVar[bool] = False
+    is_objective: ClassVar[bool] = False
     training: dict[str, Any]
 
     @property
@@ -167,9 +177,19 @@ class Method(ABC, Generic[C]):
         """The method's own loss (``pktransfer.training.LossFn``); None: cross entropy on response tokens."""
         return None
 
+    def training_batch(self, ctx: MethodContext) -> BatchFn | None:
+        """Rewrites each training batch before the student's forward pass (``pktransfer.training.BatchFn``), e.g.
+        on-policy samples in place of the gold responses; None: the batch as the data gives it."""
+        return None
+
     def callbacks(self, ctx: MethodContext) -> list[Any]:
         """``transformers.TrainerCallback``s the method needs during training (e.g. a layer schedule)."""
         return []
+
+    def spent(self) -> dict[str, Any]:
+        """Student-side compute beyond the optimizer's batches (e.g. tokens the student generated), recorded
+        under ``budget`` in run.json and shown in the comparison's budget table."""
+        return {}
 
     def finish_training(self) -> None:
         """Called once training ended: drop hooks and training-only state before evaluation and saving."""
@@ -202,3 +222,31 @@ class Method(ABC, Generic[C]):
             save_rebased_adapter(model, folder, self.initial_lora)
         else:
             model.save_pretrained(str(folder))
+
+
+def plain_lora(ctx: MethodContext) -> Any:
+    """The student wrapped in the recipe's LoRA, initialised as ``lora.init`` says (an objective's own start)."""
+    from peft import get_peft_model
+
+    check_targets(ctx.student.model, ctx.recipe.lora, ctx.student.arch, ctx.progress.warn)
+    model = get_peft_model(ctx.student.model, lora_config(ctx.recipe.lora, ctx.student.arch))
+    return model
+
+
+class ObjectiveMethod(Method[C]):
+    """A method that is an objective: a plain LoRA start trained toward its own loss. ``setup_objective``
+    prepares what the loss needs (teacher caches, projections) for any start's student, so a composed
+    transfer can pair it with another method's start."""
+
+    is_objective = True
+
+    @abstractmethod
+    def setup_objective(self, ctx: MethodContext, model: Any) -> None:
+        """Prepare the objective for ``model`` (the PEFT student some start built)."""
+
+    def prepare(self, ctx: MethodContext) -> Any:
+        model = plain_lora(ctx)
+        if ctx.recipe.lora.init == "pissa":
+            self.initial_lora = snapshot_lora(model)
+        self.setup_objective(ctx, model)
+        return model

@@ -26,18 +26,12 @@ import torch
 from pydantic import Field
 
 from pktransfer.config import MethodConfig
-from pktransfer.methods.base import Method, MethodContext, SharedWork
+from pktransfer.methods.base import MethodContext, ObjectiveMethod, SharedWork
 from pktransfer.methods.teacher_cache import PerExampleCache, teacher_logits_cache
 from pktransfer.models.pair import check_pair
 from pktransfer.ops.distill import kl_to_teacher
 from pktransfer.ops.offload import input_device
-from pktransfer.training import (
-    LossFn,
-    causal_lm_loss_sum,
-    check_targets,
-    lora_config,
-    response_positions,
-)
+from pktransfer.training import LossFn, causal_lm_loss_sum, response_positions
 
 # ---- the loss (pure functions) --------------------------------------------------------------------
 
@@ -82,7 +76,7 @@ class KdConfig(MethodConfig):
     logits_cache: str | None = Field(default=None, description="folder for cached teacher logits (shared by runs)")
 
 
-class KdMethod(Method):
+class KdMethod(ObjectiveMethod):
     config_class = KdConfig
     needs_teacher = True
     teacher_use = "outputs"
@@ -97,11 +91,8 @@ class KdMethod(Method):
     def teacher_during_training(self) -> bool:
         return not self.spec.cache
 
-    def prepare(self, ctx: MethodContext) -> Any:
-        from peft import get_peft_model
-
+    def setup_objective(self, ctx: MethodContext, model: Any) -> None:
         spec, student = self.spec, ctx.student
-        check_targets(student.model, ctx.recipe.lora, student.arch, ctx.progress.warn)
         # the shared tokenizer's size; lm_heads may be padded beyond it differently
         self.vocab = min(student.arch.vocab_size, len(student.tokenizer))
         if spec.cache:
@@ -115,7 +106,6 @@ class KdMethod(Method):
             self.cache = teacher_logits_cache(ctx, folder, spec.top_k, teacher_and_vocab)
         else:
             self.teacher = self._teacher(ctx)
-        return get_peft_model(student.model, lora_config(ctx.recipe.lora, student.arch))
 
     @classmethod
     def shared_work(cls, recipe: Any, shared_root: Path) -> SharedWork:
@@ -124,7 +114,7 @@ class KdMethod(Method):
 
     def _teacher(self, ctx: MethodContext) -> Any:
         teacher = ctx.load_teacher()
-        check_pair(teacher.arch, ctx.student.arch, teacher.tokenizer, ctx.student.tokenizer, "kd")
+        check_pair(teacher.arch, ctx.student.arch, teacher.tokenizer, ctx.student.tokenizer, "kd", padded_vocab=True)
         self.vocab = min(self.vocab, teacher.arch.vocab_size)
         return teacher
 

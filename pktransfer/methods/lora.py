@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from pktransfer.config import MethodConfig
-from pktransfer.methods.base import Method, MethodContext, snapshot_lora
+from pktransfer.methods.base import Method, MethodContext, plain_lora, snapshot_lora
 from pktransfer.training import check_targets, lora_config
 
 
@@ -25,14 +25,11 @@ class LoraConfig(MethodConfig):
 
 class LoraMethod(Method):
     config_class = LoraConfig
+    is_start = True  # the plain start: composing it with an objective is that objective alone
 
     def prepare(self, ctx: MethodContext) -> Any:
-        from peft import get_peft_model
-
-        spec = ctx.recipe.lora
-        check_targets(ctx.student.model, spec, ctx.student.arch, ctx.progress.warn)
-        model = get_peft_model(ctx.student.model, lora_config(spec, ctx.student.arch))
-        if spec.init == "pissa":
+        model = plain_lora(ctx)
+        if ctx.recipe.lora.init == "pissa":
             self.initial_lora = snapshot_lora(model)
         return model
 
@@ -48,6 +45,7 @@ class PissaConfig(MethodConfig):
 
 class PissaMethod(Method):
     config_class = PissaConfig
+    is_start = True
     """PiSSA: the adapter starts at the student's top-r singular triplets, B = U_r√Σ_r, A = √Σ_r V_rᵀ
     (divided by the LoRA scaling), and the base keeps the residual W − s·B A (peft's implementation)."""
 

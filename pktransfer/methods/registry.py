@@ -1,33 +1,34 @@
 """The method registry: the one place that knows which methods exist.
 
 ``register(MethodClass)`` adds a method under the name its config class declares
-(``name: Literal["seeking"]``) and refuses a name that is already taken. The recipe's ``method`` field
-(and every comparison entry) accepts exactly the registered configs: the union is rebuilt whenever a
-method is registered, so a method defined outside pktransfer works with ``pkt run`` and ``pkt compare``
-as soon as it is registered. The generic layers (pipeline, comparison, reports, training, CLI) only talk
-to methods through :class:`pktransfer.methods.base.Method`'s hooks.
+(``name: Literal["seeking"]``) and refuses a name that is already taken. Its config is filed in
+``pktransfer.config``'s registry with the method's roles (a *start*: where the LoRA begins; an *objective*:
+what it is trained toward), so the recipe's ``method`` field, every comparison entry and a composed
+transfer's ``start`` / ``objective`` accept exactly the registered configs as soon as a method is
+registered, also one defined outside pktransfer. The generic layers (pipeline, comparison, reports,
+training, CLI) only talk to methods through :class:`pktransfer.methods.base.Method`'s hooks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, Any, Union
+from typing import TYPE_CHECKING
 
-from pydantic import Field
+from pktransfer import config as configs
 
 if TYPE_CHECKING:
     from pktransfer.config import MethodConfig
     from pktransfer.methods.base import Method
 
 _METHODS: dict[str, type[Method]] = {}
-_LISTENERS: list[Callable[[], None]] = []
 
 
 def method_name(cls: type[Method]) -> str:
-    default = cls.config_class.model_fields["name"].default
-    if not isinstance(default, str) or not default:
-        raise TypeError(f"{cls.__name__}.config_class must declare name: Literal['...'] = '...'")
-    return default
+    return configs.config_name(cls.config_class)
+
+
+def roles(cls: type[Method]) -> frozenset[str]:
+    """What the method can be in a composed transfer: "start", "objective", both or neither."""
+    return frozenset(r for r, yes in (("start", cls.is_start), ("objective", cls.is_objective)) if yes)
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -37,20 +38,14 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"a method named '{name}' is already registered ({_METHODS[name].__name__})")
     cls.name = name
     _METHODS[name] = cls
-    for listener in _LISTENERS:
-        listener()
+    configs.register_config(cls.config_class, roles(cls))
     return cls
 
 
 def unregister(name: str) -> None:
     """Remove a method (tests that register a toy method clean up with this)."""
     _METHODS.pop(name, None)
-    for listener in _LISTENERS:
-        listener()
-
-
-def on_change(listener: Callable[[], None]) -> None:
-    _LISTENERS.append(listener)
+    configs.unregister_config(name)
 
 
 def names() -> list[str]:
@@ -69,9 +64,5 @@ def create(config: MethodConfig) -> Method:
     return _METHODS[config.name](config)
 
 
-def config_union() -> Any:
-    """The registered configs as one pydantic type, discriminated by ``name``."""
-    configs = [cls.config_class for cls in _METHODS.values()]
-    if len(configs) == 1:
-        return configs[0]
-    return Annotated[Union[tuple(configs)], Field(discriminator="name")]  # noqa: UP007 (a runtime tuple of types)
+def names_with_role(role: str) -> list[str]:
+    return [n for n, cls in _METHODS.items() if role in roles(cls)]

@@ -347,6 +347,7 @@ class SeekingMethod(Method):
     config_class = SeekingConfig
     needs_teacher = True
     teacher_use = "weights"
+    is_start = True
 
     def prepare(self, ctx: MethodContext) -> Any:
         spec, recipe = self.spec, ctx.recipe

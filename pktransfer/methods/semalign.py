@@ -385,7 +385,7 @@ class SemAlignMethod(Method):
         )
         check_targets(student.model, lora, student.arch, ctx.progress.warn)
         teacher = ctx.load_teacher()
-        check_pair(teacher.arch, student.arch, teacher.tokenizer, student.tokenizer, self.name)
+        check_pair(teacher.arch, student.arch, teacher.tokenizer, student.tokenizer, self.name, padded_vocab=True)
         if teacher.arch.n_layers < 2:
             raise IncompatiblePairError(
                 "semalign: the teacher has a single layer; the pairing rule needs two or more", hint="use a deeper teacher"

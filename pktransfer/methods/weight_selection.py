@@ -90,6 +90,7 @@ class WeightSelectionMethod(Method):
     config_class = WeightSelectionConfig
     needs_teacher = True
     teacher_use = "weights"
+    is_start = True
 
     def prepare(self, ctx: MethodContext) -> Any:
         spec, recipe = self.spec, ctx.recipe

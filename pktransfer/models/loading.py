@@ -17,7 +17,7 @@ from pktransfer.models.builtin import BUILTIN_PREFIX, get_builtin, is_prepared, 
 from pktransfer.ops.offload import input_device
 
 if TYPE_CHECKING:
-    from pktransfer.recipe import ModelSpec
+    from pktransfer.config import ModelSpec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -1,0 +1,246 @@
+"""On-policy distillation, GKD (Agarwal et al., ICLR 2024), as TRL's ``GKDTrainer`` runs it, on the shared loop.
+
+The student is a LoRA (or any start, composed: ``methods/compose.py``) trained only toward the teacher:
+
+1. Each training batch, with probability ``lmbda`` (one draw per batch, Python's ``random`` as in TRL), is
+   replaced by the student's own samples: its prompts are decoded by the student *with the weights of the
+   current step* (sampling at ``temperature``, top-k 0, top-p 1, up to ``max_new_tokens``), each completion
+   kept up to and including its first stop token. Otherwise, with ``seq_kd``, the teacher's samples replace
+   the gold responses (sequence-level KD); otherwise the gold responses stay.
+2. The teacher scores exactly the tokens the student is trained on (its forward pass over the same batch).
+3. Loss: the generalized Jensen-Shannon divergence (``ops.distill.generalized_jsd``; ``beta`` 0 forward KL,
+   1 reverse KL) between the two next-token distributions at every completion token, summed and divided by
+   the number of those tokens in the batch.
+
+Where this deliberately differs from TRL (1.16, ``trl/experimental/gkd``), each for a stated reason:
+
+- Samples are drawn with the student in eval mode (no dropout). TRL's default ``disable_dropout: true`` makes
+  that the same; with ``disable_dropout: false`` TRL would sample with dropout active, which is not the
+  policy being distilled.
+- A sampled batch is re-assembled right-padded (prompt, completion, padding) rather than kept left-padded, so
+  positions match the gold batches' (a left-padded row's position ids would start at its padding).
+- The loss is divided by the completion tokens of the batch actually trained on; TRL divides by the gold
+  batch's token count, which the trainer counted before the samples replaced it.
+- ``max_new_tokens`` defaults to the task's own generation budget (TRL: 128), so samples have the length the
+  evaluation allows.
+
+Logits are compared over the shared tokenizer's vocabulary, so a teacher whose output layer is padded to
+another size (Qwen2.5 7B+ against 0.5-3B) is accepted; tokenizers that differ are refused.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from pktransfer.config import MethodConfig
+from pktransfer.data import IGNORE_INDEX
+from pktransfer.data.batching import pad
+from pktransfer.methods.base import MethodContext, ObjectiveMethod
+from pktransfer.models.pair import check_pair
+from pktransfer.ops.distill import generalized_jsd
+from pktransfer.ops.offload import input_device
+from pktransfer.training import BatchFn, LossFn, response_positions
+
+# ---- the loss and the sampled batch (pure functions) ----------------------------------------------------
+
+
+def gkd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *, beta: float, temperature: float = 1.0
+) -> torch.Tensor:
+    """Mean generalized JSD over the positions that predict a label (student/teacher logits [B, L, V], labels
+    [B, L] with −100 elsewhere); TRL's ``generalized_jsd_loss`` with ``reduction="batchmean"`` on shifted logits."""
+    mask = response_positions(labels)
+    jsd = generalized_jsd(student_logits[:, :-1][mask], teacher_logits[:, :-1][mask.to(teacher_logits.device)], beta, temperature)
+    return jsd.sum() / mask.sum().clamp_min(1)
+
+
+def prompts_of(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
+    """Each right-padded row's prompt: its tokens before the first labelled (response) position."""
+    out = []
+    for ids, lab, m in zip(input_ids.tolist(), labels.tolist(), attention_mask.tolist(), strict=True):
+        n = sum(m)
+        first = next((j for j in range(n) if lab[j] != IGNORE_INDEX), n)
+        out.append(ids[:first])
+    return out
+
+
+def completion_tokens(generated: list[int], stop_ids: set[int]) -> list[int]:
+    """A sample's tokens up to and including its first stop token (TRL masks everything after it)."""
+    for j, t in enumerate(generated):
+        if t in stop_ids:
+            return generated[: j + 1]
+    return generated
+
+
+def sampled_batch(
+    prompts: list[list[int]], completions: list[list[int]], pad_id: int, max_length: int, index: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Right-padded prompt + completion rows, labels on the completion only, cut at ``max_length``."""
+    rows = [(p + c)[:max_length] for p, c in zip(prompts, completions, strict=True)]
+    labels = [([IGNORE_INDEX] * len(p) + c)[:max_length] for p, c in zip(prompts, completions, strict=True)]
+    ids, mask = pad(rows, pad_id)
+    lab, _ = pad(labels, IGNORE_INDEX, width=ids.shape[1])
+    return {"input_ids": ids, "attention_mask": mask, "labels": lab, "index": index}
+
+
+# ---- the method -----------------------------------------------------------------------------------------
+
+
+class GkdConfig(MethodConfig):
+    """On-policy distillation (GKD; TRL's GKDTrainer): generalized JSD to the teacher on a mix of the student's own
+    samples (a share ``lmbda`` of the batches) and the gold responses."""
+
+    name: Literal["gkd"] = "gkd"
+    lmbda: float = Field(default=0.5, ge=0, le=1, description="share of batches replaced by the student's samples (TRL: 0.5)")
+    beta: float = Field(default=0.5, ge=0, le=1, description="generalized JSD interpolation: 0 forward KL, 1 reverse KL")
+    temperature: float = Field(default=0.9, gt=0, description="sampling temperature of the on-policy samples (TRL: 0.9)")
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, description="longest sample (None: the task's generation budget; TRL's default is 128)"
+    )
+    seq_kd: bool = Field(default=False, description="batches not sampled by the student are sampled by the teacher")
+    loss_temperature: float = Field(default=1.0, gt=0, description="softmax temperature inside the divergence (TRL: 1)")
+    disable_dropout: bool = Field(default=True, description="train with the LoRA's dropout off, as TRL's default does")
+
+
+class GkdMethod(ObjectiveMethod):
+    config_class = GkdConfig
+    needs_teacher = True
+    teacher_use = "outputs"
+
+    def __init__(self, spec: Any) -> None:
+        super().__init__(spec)
+        self.teacher: Any = None
+        self.vocab = 0
+        self.stats = {"batches": 0, "student_sampled_batches": 0, "teacher_sampled_batches": 0}
+        self.generated = {"student": [0, 0.0], "teacher": [0, 0.0]}  # tokens, seconds
+        self.samples: list[dict[str, Any]] = []  # the first few on-policy samples, for reading by eye
+
+    @property
+    def teacher_during_training(self) -> bool:
+        return True
+
+    def setup_objective(self, ctx: MethodContext, model: Any) -> None:
+        teacher = ctx.load_teacher()
+        student = ctx.student
+        check_pair(teacher.arch, student.arch, teacher.tokenizer, student.tokenizer, self.name, padded_vocab=True)
+        self.teacher = teacher
+        self.vocab = min(student.arch.vocab_size, teacher.arch.vocab_size, len(student.tokenizer))
+        if self.spec.disable_dropout:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+
+    # ---- sampling ---------------------------------------------------------------------------------------
+
+    def _sample(self, model: Any, prompts: list[list[int]], ctx: MethodContext, who: str) -> list[list[int]]:
+        """Decode every prompt once with ``model`` (sampling), returning completions cut after their stop token."""
+        tok = ctx.student.tokenizer
+        stop = ctx.formatter.stop_token_ids()
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
+        ids, mask = pad(prompts, pad_id, side="left")
+        device = input_device(model)
+        was_training = model.training
+        model.eval()
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    do_sample=True,
+                    temperature=self.spec.temperature,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=self.max_new_tokens,
+                    eos_token_id=list(stop),
+                    pad_token_id=pad_id,
+                )
+        finally:
+            model.train(was_training)
+        completions = [completion_tokens(row, set(stop)) for row in out[:, ids.shape[1] :].cpu().tolist()]
+        n_new, seconds = sum(len(c) for c in completions), time.perf_counter() - t0
+        self.generated[who][0] += n_new
+        self.generated[who][1] += seconds
+        if who == "teacher":
+            ctx.teacher_work.add(
+                "teacher samples (seq_kd)",
+                forward_tokens=int(mask.sum()) + n_new,
+                seconds=seconds,
+                parameters=self.teacher.arch.n_parameters,
+            )
+        return completions
+
+    def training_batch(self, ctx: MethodContext) -> BatchFn:
+        spec = self.spec
+        self.max_new_tokens = spec.max_new_tokens or ctx.task.max_new_tokens or 16
+        max_length = ctx.recipe.training.max_length
+        tok = ctx.student.tokenizer
+
+        def rewrite(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            self.stats["batches"] += 1
+            on_policy = random.random() <= spec.lmbda  # TRL's draw, one per batch
+            if not on_policy and not spec.seq_kd:
+                return batch
+            who = "student" if on_policy else "teacher"
+            sampler = model if on_policy else self.teacher.model
+            prompts = prompts_of(batch["input_ids"], batch["labels"], batch["attention_mask"])
+            completions = self._sample(sampler, prompts, ctx, who)
+            self.stats[f"{who}_sampled_batches"] += 1
+            if on_policy and len(self.samples) < 8:
+                self.samples.append({"prompt": tok.decode(prompts[0]), "sample": tok.decode(completions[0])})
+            new = sampled_batch(prompts, completions, tok.pad_token_id or 0, max_length, batch["index"])
+            return {k: v.to(batch["input_ids"].device) for k, v in new.items()}
+
+        return rewrite
+
+    # ---- the loss ---------------------------------------------------------------------------------------
+
+    def training_loss(self, ctx: MethodContext) -> LossFn:
+        spec = self.spec
+
+        def loss(outputs: Any, batch: dict[str, torch.Tensor], n_tokens: Any) -> torch.Tensor:
+            logits = outputs.logits[..., : self.vocab]
+            t_model = self.teacher.model
+            dev = input_device(t_model)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                t_logits = t_model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits[
+                    ..., : self.vocab
+                ]
+            ctx.teacher_work.add(
+                "live teacher logits on every training batch (the student's samples included)",
+                forward_tokens=int(batch["attention_mask"].sum()),
+                seconds=time.perf_counter() - t0,
+                parameters=self.teacher.arch.n_parameters,
+            )
+            return gkd_loss(
+                logits, t_logits.to(logits.device), batch["labels"], beta=spec.beta, temperature=spec.loss_temperature
+            )
+
+        return loss
+
+    def finish_training(self) -> None:
+        self.teacher = None
+
+    def spent(self) -> dict[str, Any]:
+        tokens, seconds = self.generated["student"]
+        return {
+            "student_generated_tokens": tokens,
+            "student_generation_seconds": round(seconds, 2),
+            "on_policy_batches": self.stats["student_sampled_batches"],
+        }
+
+    def report(self) -> dict[str, Any]:
+        t_tokens, t_seconds = self.generated["teacher"]
+        return {
+            **self.stats,
+            "teacher_generated_tokens": t_tokens,
+            "teacher_generation_seconds": round(t_seconds, 2),
+            "max_new_tokens": getattr(self, "max_new_tokens", None),
+            "first_samples": self.samples,
+        }

@@ -1,0 +1,190 @@
+"""Baseline: layer-wise hidden-state distillation (TinyBERT's hidden-state loss; the baseline SemAlign's reviewers
+asked for), on a LoRA student (or any start, composed: ``methods/compose.py``).
+
+1. Pairing: student layer i is supervised by teacher layer g(i). ``uniform`` spreads the student's layers
+   evenly over the teacher's depth (``ops.distill.uniform_layer_pairs``, the last layers meet); or a list of
+   ``[student, teacher]`` pairs.
+2. A learned linear projection W maps the student's hidden size to the teacher's (TinyBERT's W_h: one for all
+   pairs, or one per pair), trained with the LoRA and discarded afterwards (the saved adapter is a plain LoRA).
+3. On the response tokens (as every other objective here):
+
+       loss = (1 − α) · CE + α · mean over pairs of d(h_S^(i) W, h_T^(g(i)))
+
+   with d the mean squared error over the hidden dimension (``mse``, TinyBERT) or 1 − cosine (``cosine``, the
+   default: hidden-state norms grow with depth and differ between models by orders of magnitude, which lets
+   MSE drown the CE term). Summed over response positions and divided by their number, like KD.
+
+Hidden states are the outputs of the decoder layers (``output_hidden_states``; the last one after the final
+norm, as transformers returns it, for both models). The teacher runs live at every step.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from pktransfer.config import MethodConfig
+from pktransfer.methods.base import MethodContext, ObjectiveMethod
+from pktransfer.models.pair import check_pair
+from pktransfer.ops.distill import hidden_distance, uniform_layer_pairs
+from pktransfer.ops.offload import input_device
+from pktransfer.training import BatchFn, LossFn, causal_lm_loss_sum, last_checkpoint, response_positions
+
+PROJECTION_FILE = "hidden_kd_projection.safetensors"
+
+
+def hidden_kd_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    projected: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    *,
+    alpha: float,
+    distance: str,
+    n_tokens: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(1 − α)·CE + α·mean_pairs d(h_S W, h_T), summed over the response positions and divided by ``n_tokens``
+    (default: this batch's count). ``projected`` / ``targets``: per pair, [P, D_T] at the P positions whose
+    logits predict a response token (row-major, as ``response_positions`` orders them)."""
+    mask = response_positions(labels)
+    n = mask.sum() if n_tokens is None else n_tokens
+    ce = causal_lm_loss_sum(student_logits, labels)
+    if not projected:
+        return ce / n
+    hidden = torch.stack([hidden_distance(p, t, distance) for p, t in zip(projected, targets, strict=True)]).mean(0).sum()
+    return ((1 - alpha) * ce + alpha * hidden) / n
+
+
+class HiddenKdConfig(MethodConfig):
+    """Baseline: the student's paired layers trained toward the teacher's hidden states through a learned linear
+    projection (MSE or cosine), plus (1 − alpha)·CE."""
+
+    name: Literal["hidden_kd"] = "hidden_kd"
+    pairing: Literal["uniform"] | list[tuple[int, int]] = Field(
+        default="uniform", description="'uniform' (every student layer, spread over the teacher) or [[student, teacher], ...]"
+    )
+    distance: Literal["cosine", "mse"] = "cosine"
+    alpha: float = Field(default=0.5, ge=0, le=1, description="weight of the hidden-state term (1: no CE)")
+    projection: Literal["shared", "per_layer"] = Field(
+        default="shared", description="one projection for every pair (TinyBERT) or one per pair"
+    )
+
+
+class HiddenKdMethod(ObjectiveMethod):
+    config_class = HiddenKdConfig
+    needs_teacher = True
+    teacher_use = "outputs"
+
+    def __init__(self, spec: Any) -> None:
+        super().__init__(spec)
+        self.teacher: Any = None
+        self.pairs: list[tuple[int, int]] = []
+        self.projections: torch.nn.ModuleList | None = None
+        self.model: Any = None
+
+    @property
+    def teacher_during_training(self) -> bool:
+        return True
+
+    def setup_objective(self, ctx: MethodContext, model: Any) -> None:
+        from pktransfer.errors import RecipeError
+
+        teacher = ctx.load_teacher()
+        t_arch, s_arch = teacher.arch, ctx.student.arch
+        check_pair(t_arch, s_arch, teacher.tokenizer, ctx.student.tokenizer, self.name)
+        if self.spec.pairing == "uniform":
+            self.pairs = uniform_layer_pairs(s_arch.n_layers, t_arch.n_layers)
+        else:
+            self.pairs = [(int(s), int(t)) for s, t in self.spec.pairing]
+            bad = [(s, t) for s, t in self.pairs if not (0 <= s < s_arch.n_layers and 0 <= t < t_arch.n_layers)]
+            if bad or not self.pairs:
+                raise RecipeError(
+                    f"method.pairing: {bad or 'no pairs'} outside the models' layers",
+                    hint=f"student layers 0..{s_arch.n_layers - 1}, teacher layers 0..{t_arch.n_layers - 1}",
+                )
+        self.teacher = teacher
+        n_proj = 1 if self.spec.projection == "shared" else len(self.pairs)
+        device = input_device(model)
+        self.projections = torch.nn.ModuleList(
+            [torch.nn.Linear(s_arch.hidden_size, t_arch.hidden_size, bias=False) for _ in range(n_proj)]
+        ).to(device=device, dtype=torch.float32)
+        checkpoint = last_checkpoint(ctx.workdir / "checkpoints")
+        if checkpoint and (Path(checkpoint) / PROJECTION_FILE).is_file():  # a resumed run: the trained projection
+            from safetensors.torch import load_file
+
+            self.projections.load_state_dict(load_file(str(Path(checkpoint) / PROJECTION_FILE)))
+        # a submodule of the model, so the trainer's optimizer updates it with the LoRA (never saved in the adapter)
+        model.add_module("pkt_hidden_projection", self.projections)
+        self.model = model
+
+    def training_batch(self, ctx: MethodContext) -> BatchFn:
+        def with_hidden_states(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {**batch, "output_hidden_states": True}
+
+        return with_hidden_states
+
+    def training_loss(self, ctx: MethodContext) -> LossFn:
+        spec = self.spec
+
+        def loss(outputs: Any, batch: dict[str, Any], n_tokens: Any) -> torch.Tensor:
+            assert self.projections is not None
+            labels = batch["labels"]
+            mask = response_positions(labels)
+            t_model = self.teacher.model
+            dev = input_device(t_model)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                t_hidden = t_model(
+                    input_ids=batch["input_ids"].to(dev),
+                    attention_mask=batch["attention_mask"].to(dev),
+                    output_hidden_states=True,
+                ).hidden_states
+            ctx.teacher_work.add(
+                "live teacher hidden states at every training batch",
+                forward_tokens=int(batch["attention_mask"].sum()),
+                seconds=time.perf_counter() - t0,
+                parameters=self.teacher.arch.n_parameters,
+            )
+            projected, targets = [], []
+            for k, (s, t) in enumerate(self.pairs):
+                proj = self.projections[0 if len(self.projections) == 1 else k]
+                h_s = outputs.hidden_states[s + 1][:, :-1][mask]  # hidden_states[0] is the embedding output
+                h_t = t_hidden[t + 1][:, :-1][mask.to(t_hidden[t + 1].device)]
+                projected.append(proj(h_s.float()))
+                targets.append(h_t.float().to(h_s.device))
+            return hidden_kd_loss(
+                outputs.logits, labels, projected, targets, alpha=spec.alpha, distance=spec.distance, n_tokens=n_tokens
+            )
+
+        return loss
+
+    def callbacks(self, ctx: MethodContext) -> list[Any]:
+        from transformers import TrainerCallback
+
+        method = self
+
+        class SaveProjection(TrainerCallback):
+            """The projection is not part of the adapter: keep it beside each checkpoint so a resumed run continues it."""
+
+            def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                from pktransfer.fileio import save_safetensors
+
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if method.projections is not None and folder.is_dir():
+                    tensors = {k: v.detach().cpu().contiguous() for k, v in method.projections.state_dict().items()}
+                    save_safetensors(tensors, folder / PROJECTION_FILE)
+
+        return [SaveProjection()]
+
+    def finish_training(self) -> None:
+        """The projection served training only: drop it so the adapter and the merged model are the student's."""
+        self.teacher = None
+        if self.model is not None and "pkt_hidden_projection" in self.model._modules:
+            del self.model._modules["pkt_hidden_projection"]
+
+    def report(self) -> dict[str, Any]:
+        return {"pairs": [{"student": s, "teacher": t} for s, t in self.pairs], "projection": self.spec.projection}

@@ -1,0 +1,350 @@
+"""On-policy distillation (gkd), hidden-state distillation (hidden_kd) and composed transfers (compose)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import pktransfer
+from pktransfer.errors import IncompatiblePairError
+from pktransfer.methods.gkd import completion_tokens, gkd_loss, prompts_of, sampled_batch
+from pktransfer.methods.hidden_kd import hidden_kd_loss
+from pktransfer.ops.distill import generalized_jsd, hidden_distance, kl_to_teacher, uniform_layer_pairs
+from pktransfer.recipe import recipe_from_dict
+
+SEEKING = {"name": "seeking", "n_seed": 3}
+
+
+def _recipe(base: dict, method: dict, **extra):
+    return recipe_from_dict({**base, "method": method, **extra})
+
+
+def _compose(start: dict, objective: dict) -> dict:
+    return {"name": "compose", "start": start, "objective": objective}
+
+
+# ---- the math --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_generalized_jsd_equals_trls_on_random_logits(beta):
+    try:
+        from trl.experimental.gkd import GKDTrainer
+    except ImportError:  # TRL before GKD moved to experimental
+        from trl import GKDTrainer
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11, generator=g) * 3, torch.randn(2, 5, 11, generator=g) * 3
+    labels = torch.tensor([[-100, 4, 7, -100, 2], [1, -100, -100, 3, 9]])
+    for temperature in (1.0, 2.0):
+        theirs = GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=beta, temperature=temperature)
+        mask = labels != -100
+        ours = generalized_jsd(student[mask], teacher[mask], beta, temperature).mean()
+        assert ours.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-7)
+
+
+def test_generalized_jsd_by_hand():
+    s = torch.tensor([[0.0, 0.0]])  # q = (1/2, 1/2)
+    t = torch.tensor([[math.log(3.0), 0.0]])  # p = (3/4, 1/4)
+    forward = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)  # KL(p || q)
+    reverse = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)  # KL(q || p)
+    assert generalized_jsd(s, t, 0.0).item() == pytest.approx(forward, rel=1e-6)
+    assert generalized_jsd(s, t, 1.0).item() == pytest.approx(reverse, rel=1e-6)
+    assert generalized_jsd(s, t, 0.0).item() == pytest.approx(kl_to_teacher(s, t, 1.0).item(), rel=1e-6)
+    m = (0.625, 0.375)  # beta 0.5: m = (p + q) / 2
+    jsd = 0.5 * (0.75 * math.log(0.75 / m[0]) + 0.25 * math.log(0.25 / m[1])) + 0.5 * (
+        0.5 * math.log(0.5 / m[0]) + 0.5 * math.log(0.5 / m[1])
+    )
+    assert generalized_jsd(s, t, 0.5).item() == pytest.approx(jsd, rel=1e-5)  # float32
+    assert generalized_jsd(t, t, 0.5).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_gkd_loss_averages_over_the_positions_that_predict_a_label():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(1, 4, 6, generator=g), torch.randn(1, 4, 6, generator=g)
+    labels = torch.tensor([[-100, -100, 3, 5]])  # positions 1 and 2 predict tokens 2 and 3
+    want = generalized_jsd(s[0, 1:3], t[0, 1:3], 0.5).mean()
+    assert gkd_loss(s, t, labels, beta=0.5).item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_hidden_distances_and_the_loss_by_hand():
+    a, b = torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[0.0, 1.0], [2.0, 2.0]])
+    assert hidden_distance(a, b, "mse").tolist() == pytest.approx([1.0, 1.0])
+    assert hidden_distance(a, b, "cosine").tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
+    logits = torch.zeros(1, 3, 4)  # uniform: CE = log 4 per token
+    labels = torch.tensor([[-100, 1, 2]])
+    proj, target = [torch.ones(2, 2), torch.zeros(2, 2)], [torch.zeros(2, 2), torch.zeros(2, 2)]
+    # mse per position: pair 1 -> 1, pair 2 -> 0; mean over pairs 0.5; summed over 2 positions: 1
+    got = hidden_kd_loss(logits, labels, proj, target, alpha=0.25, distance="mse")
+    assert got.item() == pytest.approx((0.75 * 2 * math.log(4) + 0.25 * 1.0) / 2, rel=1e-6)
+
+
+def test_uniform_layer_pairs_by_hand():
+    assert uniform_layer_pairs(2, 4) == [(0, 1), (1, 3)]
+    assert uniform_layer_pairs(24, 28)[:3] == [(0, 0), (1, 1), (2, 2)] and uniform_layer_pairs(24, 28)[-1] == (23, 27)
+    assert uniform_layer_pairs(3, 3) == [(0, 0), (1, 1), (2, 2)]
+    with pytest.raises(ValueError):
+        uniform_layer_pairs(4, 2)
+
+
+def test_sampled_batches_keep_the_prompt_and_train_on_the_completion_only():
+    ids = torch.tensor([[5, 6, 7, 8, 0], [5, 9, 10, 0, 0]])
+    labels = torch.tensor([[-100, -100, 7, 8, -100], [-100, 9, 10, -100, -100]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    prompts = prompts_of(ids, labels, mask)
+    assert prompts == [[5, 6], [5]]
+    assert completion_tokens([4, 3, 9, 3], {3}) == [4, 3] and completion_tokens([4, 9], {3}) == [4, 9]
+    batch = sampled_batch(prompts, [[11, 3], [12, 13, 3]], 0, 64, torch.tensor([0, 1]))
+    assert batch["input_ids"].tolist() == [[5, 6, 11, 3], [5, 12, 13, 3]]
+    assert batch["labels"].tolist() == [[-100, -100, 11, 3], [-100, 12, 13, 3]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
+
+
+# ---- gkd: samples from the current weights, budgets ---------------------------------------------------------
+
+
+def test_on_policy_samples_come_from_the_weights_of_the_current_step(tiny_recipe, tmp_path, monkeypatch):
+    """Every sampling call sees the LoRA as the optimizer left it after the previous step, and the weights move."""
+    from transformers import TrainerCallback
+
+    import pktransfer.methods.gkd as gkd
+    import pktransfer.pipeline as pipeline
+    from pktransfer.methods.base import snapshot_lora
+
+    at_step_begin: list[dict] = []
+    seen_by_sampler: list[dict] = []
+
+    class Snapshot(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            at_step_begin.append(snapshot_lora(model))
+
+    real_sample = gkd.GkdMethod._sample
+
+    def spy(self, model, prompts, ctx, who):
+        assert who == "student"
+        seen_by_sampler.append(snapshot_lora(model))
+        return real_sample(self, model, prompts, ctx, who)
+
+    real_callbacks = gkd.GkdMethod.callbacks
+    monkeypatch.setattr(gkd.GkdMethod, "_sample", spy)
+    monkeypatch.setattr(gkd.GkdMethod, "callbacks", lambda self, ctx: [*real_callbacks(self, ctx), Snapshot()])
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    res = pktransfer.run(_recipe(tiny_recipe, {"name": "gkd", "lmbda": 1.0}), quiet=True, evaluate=False)
+    assert len(seen_by_sampler) == len(at_step_begin) == 4
+    for seen, begin in zip(seen_by_sampler, at_step_begin, strict=True):
+        assert all(torch.equal(seen[k], begin[k]) for k in seen)
+    assert any(not torch.equal(seen_by_sampler[0][k], seen_by_sampler[-1][k]) for k in seen_by_sampler[0])
+    budget = res.run["budget"]
+    assert budget["on_policy_batches"] == 4 and budget["student_generated_tokens"] > 0
+    assert budget["student_generation_seconds"] > 0
+    # the teacher scored every trained batch: at least the prompts of 4 batches of 4 plus their samples
+    assert budget["teacher"]["forward_tokens"] >= budget["student_generated_tokens"]
+    assert len(res.run["method"]["first_samples"]) == 4
+    assert pipeline  # imported for monkeypatch targets in sibling tests
+
+
+def test_gkd_with_lmbda_zero_and_no_seq_kd_trains_on_the_gold_responses_only(tiny_recipe, tmp_path):
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    res = pktransfer.run(_recipe(tiny_recipe, {"name": "gkd", "lmbda": 0.0}), quiet=True, evaluate=False)
+    assert res.run["budget"]["on_policy_batches"] == 0 and res.run["budget"]["student_generated_tokens"] == 0
+    assert res.run["method"]["batches"] == 4
+
+
+def test_seq_kd_trains_on_the_teachers_samples(tiny_recipe, tmp_path):
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    res = pktransfer.run(_recipe(tiny_recipe, {"name": "gkd", "lmbda": 0.0, "seq_kd": True}), quiet=True, evaluate=False)
+    assert res.run["method"]["teacher_sampled_batches"] == 4 and res.run["method"]["teacher_generated_tokens"] > 0
+    assert "teacher samples (seq_kd)" in res.run["budget"]["teacher"]["what"]
+
+
+# ---- every new method through pkt run on two families ----------------------------------------------------------
+
+NEW = [
+    {"name": "gkd", "lmbda": 0.5},
+    {"name": "hidden_kd"},
+    {"name": "hidden_kd", "distance": "mse", "projection": "per_layer", "pairing": [[0, 1], [1, 3]]},
+    _compose(SEEKING, {"name": "gkd", "lmbda": 1.0}),
+    _compose({"name": "weight_selection"}, {"name": "kd"}),
+    _compose({"name": "pissa"}, {"name": "hidden_kd"}),
+]
+
+
+@pytest.mark.parametrize("method", NEW, ids=["gkd", "hidden_kd", "hidden_kd-mse", "seeking+gkd", "ws+kd", "pissa+hidden_kd"])
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_new_methods_train_save_a_plain_adapter_and_evaluate(tiny_recipe, tiny_models, tmp_path, family, method):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tiny_recipe["teacher"]["model"] = str(tiny_models[f"{family}_teacher"])
+    tiny_recipe["student"]["model"] = str(tiny_models[f"{family}_student"])
+    tiny_recipe["evaluation"]["teacher"] = False
+    tiny_recipe["training"]["save_merged"] = True
+    res = pktransfer.run(_recipe(tiny_recipe, method), quiet=True)
+    assert res.run["training"]["steps"] == 4 and res.metrics["trained"]["test"]["n"] == 6
+    # the adapter applies to the unmodified student (a composed start's is rebased like the start's own)
+    student = AutoModelForCausalLM.from_pretrained(tiny_models[f"{family}_student"])
+    merged = PeftModel.from_pretrained(student, str(res.output_dir / "adapter")).merge_and_unload()
+    assert not any("hidden_projection" in k for k in merged.state_dict())
+    evaluated = AutoModelForCausalLM.from_pretrained(str(res.output_dir / "merged"))  # what the run evaluated
+    ids = torch.tensor([[5, 17, 30, 44, 60, 71, 2, 9]])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, evaluated(input_ids=ids).logits, atol=1e-4)
+
+
+def test_compose_of_the_plain_start_and_kd_trains_exactly_what_kd_trains(tiny_recipe, tmp_path):
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    outs = {}
+    for name, method in (
+        ("kd", {"name": "kd", "alpha": 0.7}),
+        ("lora+kd", _compose({"name": "lora"}, {"name": "kd", "alpha": 0.7})),
+    ):
+        tiny_recipe["output_dir"] = str(tmp_path / name)
+        res = pktransfer.run(_recipe(tiny_recipe, method), quiet=True, evaluate=False)
+        outs[name] = load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+        assert res.run["training"]["final_loss"] is not None
+    for k in outs["kd"]:
+        assert torch.equal(outs["kd"][k], outs["lora+kd"][k]), k
+
+
+def test_a_composed_start_is_the_start_alone_at_step_0(tiny_recipe, tmp_path):
+    """seeking+gkd's student before training equals Seeking's (and so the original student's outputs)."""
+    from conftest import tiny_method_context
+
+    from pktransfer.methods.base import snapshot_lora
+
+    ids = torch.tensor([[5, 17, 30, 44, 60, 71, 2, 9]])
+    original = None
+    starts = {}
+    for name, method in (("seeking", SEEKING), ("composed", _compose(SEEKING, {"name": "gkd"}))):
+        recipe = _recipe(tiny_recipe, method)
+        m, ctx = tiny_method_context(recipe, tmp_path / name)
+        (tmp_path / name).mkdir()
+        if original is None:
+            with torch.no_grad():
+                original = ctx.student.model(input_ids=ids).logits
+        model = m.prepare(ctx)
+        model.eval()
+        with torch.no_grad():
+            assert torch.allclose(model(input_ids=ids).logits, original, atol=1e-4)
+        starts[name] = snapshot_lora(model)
+    for k in starts["seeking"]:
+        assert torch.equal(starts["seeking"][k], starts["composed"][k]), k
+
+
+def test_a_composed_run_resumes_to_the_same_adapter(tiny_recipe, tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+
+    import pktransfer.methods.hidden_kd as hidden_kd
+
+    class Interrupt(Exception):
+        pass
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                raise Interrupt
+
+    method = _compose(SEEKING, {"name": "hidden_kd", "distance": "mse"})
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    tiny_recipe["output_dir"] = str(tmp_path / "full")
+    pktransfer.run(_recipe(tiny_recipe, method), quiet=True, evaluate=False)
+    tiny_recipe["output_dir"] = str(tmp_path / "cut")
+    real = hidden_kd.HiddenKdMethod.callbacks
+    monkeypatch.setattr(hidden_kd.HiddenKdMethod, "callbacks", lambda self, ctx: [*real(self, ctx), StopAt()])
+    with pytest.raises(Interrupt):
+        pktransfer.run(_recipe(tiny_recipe, method), quiet=True, evaluate=False)
+    assert (tmp_path / "cut.partial" / "checkpoints" / "checkpoint-2" / hidden_kd.PROJECTION_FILE).is_file()
+    monkeypatch.setattr(hidden_kd.HiddenKdMethod, "callbacks", real)
+    res = pktransfer.run(_recipe(tiny_recipe, method), quiet=True, evaluate=False)
+    assert res.run["training"]["resumed_from"].endswith("checkpoint-2")
+    a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_a_grid_composes_shares_the_start_and_tunes_an_objective_key(tiny_recipe, tmp_path, monkeypatch):
+    import pktransfer.methods.seeking as seeking
+
+    calls = []
+    real = seeking.compute_sensitivity
+    monkeypatch.setattr(seeking, "compute_sensitivity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tiny_recipe["task"]["validation"] = 4
+    tiny_recipe["compare"] = {
+        "methods": [
+            "lora",
+            {"name": "seeking", "n_seed": 3},
+            {
+                **_compose(SEEKING, {"name": "gkd"}),
+                "tune": {"key": "method.objective.lmbda", "values": [1.0, 0.0]},
+            },
+        ],
+        "seeds": [0],
+    }
+    res = pktransfer.compare(recipe_from_dict(tiny_recipe), quiet=True)
+    labels = res.result["summary"]["labels"]
+    assert labels == ["lora", "seeking", "seeking+gkd"]
+    assert len(calls) == 1  # one sensitivity for the Seeking entry and the composed start
+    assert res.result["chosen"]["seeking+gkd"]["method.objective.lmbda"] in (1.0, 0.0)
+    assert res.result["groups"]["seeking+gkd"] == "composed"
+    md = (res.output_dir / "compare.md").read_text()
+    assert "student samples (tokens)" in md and "teacher-derived start + teacher objective" in md
+
+
+def test_recipes_refuse_a_start_as_objective_and_name_the_choices(tiny_recipe):
+    from pktransfer.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="expected tags"):
+        _recipe(tiny_recipe, _compose({"name": "lora"}, {"name": "seeking"}))
+    with pytest.raises(RecipeError, match="expected tags"):
+        _recipe(tiny_recipe, _compose({"name": "kd"}, {"name": "gkd"}))
+
+
+# ---- vocabularies padded differently ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def padded_teachers(tmp_path_factory):
+    """The tiny Qwen2 teacher with 16 extra padding rows in its embedding and lm_head (same tokenizer), and one
+    whose tokenizer really differs."""
+    from conftest import TEACHER_SHAPE, make_model, make_tokenizer
+
+    root = tmp_path_factory.mktemp("padded")
+    tok = make_tokenizer()
+    padded = make_model("qwen2", vocab=len(tok) + 16, seed=1, **TEACHER_SHAPE)
+    padded.save_pretrained(root / "padded")
+    tok.save_pretrained(root / "padded")
+    other = make_tokenizer()
+    other.add_tokens(["<extra_token>"])
+    different = make_model("qwen2", vocab=len(other), seed=1, **TEACHER_SHAPE)
+    different.save_pretrained(root / "different")
+    other.save_pretrained(root / "different")
+    return {"padded": root / "padded", "different": root / "different"}
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"name": "kd"},
+        {"name": "kd", "cache": False},
+        {"name": "gkd", "lmbda": 1.0},
+        {"name": "semalign", "critical_layers": "all", "output_loss": "kl"},
+    ],
+    ids=["kd", "kd-live", "gkd", "semalign-kl"],
+)
+def test_logit_objectives_accept_a_teacher_padded_beyond_the_shared_tokenizer(tiny_recipe, padded_teachers, method):
+    tiny_recipe["teacher"]["model"] = str(padded_teachers["padded"])
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    res = pktransfer.run(_recipe(tiny_recipe, method), quiet=True, evaluate=False)
+    assert res.run["training"]["steps"] == 4 and math.isfinite(res.run["training"]["final_loss"])
+
+
+@pytest.mark.parametrize("method", [{"name": "kd"}, {"name": "gkd"}], ids=["kd", "gkd"])
+def test_a_teacher_with_another_tokenizer_is_one_clear_error(tiny_recipe, padded_teachers, method, tmp_path):
+    tiny_recipe["teacher"]["model"] = str(padded_teachers["different"])
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    with pytest.raises(IncompatiblePairError, match="different vocabularies"):
+        pktransfer.run(_recipe(tiny_recipe, method), quiet=True, evaluate=False)
