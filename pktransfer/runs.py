@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pktransfer.errors import OutputError, PktError
+from pktransfer.fileio import honour_umask
 
 FAILED = "FAILED.json"
 RUN_JSON = "run.json"
@@ -305,6 +306,7 @@ class RunDir:
             check_replaceable(self.final)  # checked at the start too; the folder may have changed since
             if self.final.is_dir() and not self.final.is_symlink():
                 shutil.rmtree(self.final)
+        honour_umask(self.work)  # library writers (safetensors) create 0600 files; results are for the team
         os.replace(self.work, self.final)
         return self.final
 

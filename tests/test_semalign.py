@@ -415,17 +415,17 @@ def test_shallow_to_deep_trains_one_pair_after_the_other(tiny_recipe):
 
 
 def test_semalign_refuses_a_pair_with_different_vocabularies(tiny_recipe, tmp_path):
-    from conftest import save_tiny
+    """Another tokenizer is refused; an output layer merely padded beyond the shared tokenizer is accepted
+    (tests/test_distill.py runs SemAlign with such a teacher)."""
+    from conftest import TEACHER_SHAPE, make_model, make_tokenizer
 
     from pktransfer.errors import IncompatiblePairError
 
-    odd = save_tiny(tmp_path, "odd", "qwen2", seed=9, hidden=64, layers=4, heads=4, kv_heads=2, ffn=128)
-    cfg = json.loads((odd / "config.json").read_text())
-    cfg["vocab_size"] += 3
-    (odd / "config.json").write_text(json.dumps(cfg))
-    from transformers import AutoModelForCausalLM
-
-    AutoModelForCausalLM.from_config(__import__("transformers").AutoConfig.from_pretrained(odd)).save_pretrained(odd)
+    odd = tmp_path / "odd"
+    tok = make_tokenizer()
+    tok.add_tokens(["<another_token>"])
+    make_model("qwen2", vocab=len(tok), seed=9, **TEACHER_SHAPE).save_pretrained(odd)
+    tok.save_pretrained(odd)
     tiny_recipe["teacher"]["model"] = str(odd)
     tiny_recipe["evaluation"].update(teacher=False, student=False)
     with pytest.raises(IncompatiblePairError, match="vocabularies"):
