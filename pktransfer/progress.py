@@ -1,7 +1,14 @@
-"""Rich progress bars and log lines that ``--quiet`` silences."""
+"""Rich progress bars and log lines that ``--quiet`` silences.
+
+When nobody watches a terminal (a log file, a job array, CI) a bar would print nothing until it ends, so a
+plain line is printed instead at a steady interval (``$PKT_PROGRESS_INTERVAL`` seconds, default 30) and once at
+the end: what, done/total, rate, eta and the task's fields (loss, ...).
+"""
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -29,6 +36,10 @@ class Progress:
         if self.quiet:
             yield lambda n=1, **kw: None
             return
+        if not self.console.is_terminal:
+            with self._plain_task(description, total) as advance:
+                yield advance
+            return
         columns = [
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -46,3 +57,31 @@ class Progress:
                 bar.update(tid, advance=n, info=info)
 
             yield advance
+
+    @contextmanager
+    def _plain_task(self, description: str, total: int | None) -> Iterator[Callable[..., None]]:
+        interval = float(os.environ.get("PKT_PROGRESS_INTERVAL", "30"))
+        start = last = time.monotonic()
+        state: dict[str, object] = {"done": 0, "info": ""}
+
+        def line() -> str:
+            done = int(state["done"])  # type: ignore[call-overload]
+            elapsed = time.monotonic() - start
+            rate = done / elapsed if elapsed > 0 else 0.0
+            eta = f", eta {(total - done) / rate:.0f} s" if total and rate > 0 and done < total else ""
+            of = f"/{total}" if total else ""
+            info = f", {state['info']}" if state["info"] else ""
+            return f"{description}: {done}{of} in {elapsed:.0f} s ({rate:.2f}/s{eta}){info}"
+
+        def advance(n: int = 1, **fields: object) -> None:
+            nonlocal last
+            state["done"] = int(state["done"]) + n  # type: ignore[call-overload]
+            if fields:
+                state["info"] = " ".join(f"{k}={v}" for k, v in fields.items())
+            now = time.monotonic()
+            if now - last >= interval:
+                last = now
+                self.log(line())
+
+        yield advance
+        self.log(line())

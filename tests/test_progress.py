@@ -1,0 +1,34 @@
+"""Progress when nobody watches a terminal: plain lines at a steady interval, and once at the end."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from pktransfer.progress import Progress
+
+
+def test_plain_lines_without_a_terminal(monkeypatch):
+    monkeypatch.setenv("PKT_PROGRESS_INTERVAL", "0")
+    out = io.StringIO()
+    p = Progress(console=Console(file=out, force_terminal=False, width=200))
+    with p.task("train", total=4) as advance:
+        for i in range(4):
+            advance(1, loss=f"{1 / (i + 1):.3f}")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 5 and lines[0].startswith("pkt train: 1/4 in ") and "eta" in lines[0] and "loss=1.000" in lines[0]
+    assert lines[-1].startswith("pkt train: 4/4") and "loss=0.250" in lines[-1] and "eta" not in lines[-1]
+
+
+def test_the_interval_spaces_the_lines_and_quiet_silences_them(monkeypatch):
+    monkeypatch.setenv("PKT_PROGRESS_INTERVAL", "3600")
+    out = io.StringIO()
+    with Progress(console=Console(file=out, force_terminal=False)).task("eval", total=100) as advance:
+        for _ in range(100):
+            advance()
+    assert out.getvalue().count("pkt eval:") == 1  # only the closing line within the hour
+    quiet = io.StringIO()
+    with Progress(quiet=True, console=Console(file=quiet, force_terminal=False)).task("eval", total=3) as advance:
+        advance()
+    assert quiet.getvalue() == ""
