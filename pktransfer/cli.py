@@ -15,6 +15,7 @@ from rich.table import Table
 
 from pktransfer.errors import PktError, RecipeError
 from pktransfer.models.arch import SUPPORTED_FAMILIES
+from pktransfer.signals import Stopped
 
 app = typer.Typer(
     help="pktransfer: cross-scale parametric knowledge transfer between language models.",
@@ -77,11 +78,13 @@ def guarded(fn: Callable[[], T]) -> T:
             soft_wrap=True,
         )
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped) as err:
+        what = f"stopped by {err.signame}" if isinstance(err, Stopped) else "interrupted"
         err_console.print(
-            "[bold red]interrupted[/bold red]: partial outputs are kept in OUTPUT.partial; rerun the same command to resume"
+            f"[bold red]{what}[/bold red]: partial outputs are kept in OUTPUT.partial (FAILED.json says why); "
+            "rerun the same command to resume"
         )
-        raise typer.Exit(130) from None
+        raise typer.Exit(143 if isinstance(err, Stopped) and err.signame == "SIGTERM" else 130) from None
 
 
 def _recipe(path: Path, sets: list[str] | None, output_dir: str | None, seed: int | None) -> Any:
@@ -275,6 +278,19 @@ def compare_cmd(
             "evaluations, loss history): resume the grid from it on another machine, and find the report there.",
         ),
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            help="Share the grid between N worker processes (one per device in --devices, or CPU processes "
+            "splitting the cores). Other terminals, machines on a shared filesystem or a job array can also run "
+            "the same command: every cell is claimed by exactly one worker.",
+        ),
+    ] = 1,
+    devices: Annotated[
+        str | None,
+        typer.Option("--devices", help="With --workers: comma-separated devices, e.g. cuda:0,cuda:1 (default: cpu)."),
+    ] = None,
 ) -> None:
     """Run the recipe's `compare` grid (methods x seeds at one budget); resumable; writes compare.md/.csv/.json."""
 
@@ -301,6 +317,18 @@ def compare_cmd(
         import pktransfer
 
         pktransfer.set_threads(threads)
+        if workers > 1 or devices:
+            from pktransfer.comparison import compare_with_workers
+            from pktransfer.progress import Progress
+
+            if overwrite:
+                raise RecipeError(
+                    "--overwrite with --workers", hint="delete the grid once (pkt compare --overwrite), then start the workers"
+                )
+            sets = [*(set_ or []), *([f"output_dir={output_dir}"] if output_dir else [])]
+            devs = [d.strip() for d in devices.split(",")] if devices else None
+            report(compare_with_workers(recipe, sets, workers, devices=devs, records=records, progress=Progress(quiet=quiet)))
+            return
         report(pktransfer.compare(_recipe(recipe, set_, output_dir, None), quiet=quiet, overwrite=overwrite, records=records))
 
     guarded(go)

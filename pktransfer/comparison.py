@@ -22,13 +22,15 @@ import gc
 import itertools
 import json
 import math
+import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pktransfer.errors import RecipeError
+from pktransfer.errors import OutputError, RecipeError
 from pktransfer.fileio import write_text
 from pktransfer.methods import registry
 from pktransfer.progress import Progress
@@ -513,6 +515,41 @@ def _finished(folder: Path) -> bool:
     return (folder / "run.json").is_file()
 
 
+def run_claimed(jobs: list[tuple[Path, str, Callable[[], Any]]], progress: Progress, poll: float | None = None) -> None:
+    """Run every job ``(folder, what, fn)`` whose folder is unfinished, each under its folder's claim
+    (``pktransfer.claims``): a job another worker holds is skipped and waited for once the rest are done, so several
+    workers (terminals, machines on a shared filesystem, a job array, ``--workers``) share one grid and each job runs
+    exactly once. A job whose owner died is taken over (its claim goes stale) and resumes from its checkpoint.
+    ``what`` is logged when this worker starts the job. Returns when every job is finished."""
+    from pktransfer.claims import Claim, ClaimBusy
+
+    poll = float(os.environ.get("PKT_WORKER_POLL_SECONDS", "5")) if poll is None else poll
+    pending = list(jobs)
+    announced: set[str] = set()
+    while pending:
+        waiting = []
+        for folder, what, fn in pending:
+            if _finished(folder):
+                continue
+            try:
+                claim = Claim(folder, "output folder").acquire()  # the run inside claims it again (same process)
+            except ClaimBusy as err:
+                if what not in announced:
+                    progress.log(f"compare: {what} is being run by another worker ({err.owner.describe()})")
+                    announced.add(what)
+                waiting.append((folder, what, fn))
+                continue
+            try:
+                if not _finished(folder):  # finished by another worker between the check and the claim
+                    progress.log(f"compare: {what}")
+                    fn()
+            finally:
+                claim.release()
+        pending = [j for j in waiting if not _finished(j[0])]
+        if pending:
+            time.sleep(poll)
+
+
 def _reusable(folder: Path, recipe: Recipe, what: str) -> bool:
     """A finished folder of the grid: reusable only when made with the same recipe (else a clear error)."""
     if not _finished(folder):
@@ -566,21 +603,30 @@ REPORT_FILES = ("compare.md", "compare.csv", "compare.json", "compare_scores.png
 def save_record(folder: Path, root: Path, records: Path) -> None:
     """Copy a finished folder's record (marker, run.json, recipe, per-item evaluations, loss history) to the
     same place under ``records``; written to a temporary folder, then renamed into place."""
-    from pktransfer.fileio import write_json
+    import tempfile
+
+    from pktransfer.fileio import honour_umask, write_json
     from pktransfer.runs import MARKER
 
     dest = records / folder.relative_to(root)
     if (dest / "run.json").is_file() and (dest / "run.json").read_bytes() == (folder / "run.json").read_bytes():
         return  # already recorded
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # a name of its own: two workers may record the same finished folder at once
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
     for rel in (MARKER, *RECORD_FILES, *(str(f.relative_to(folder)) for f in sorted((folder / "eval").glob("*")))):
         if (folder / rel).is_file():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(folder / rel, tmp / rel)
     write_json(tmp / ORIGIN, {"grid": str(root)})
+    honour_umask(tmp)
     shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    try:
+        tmp.rename(dest)
+    except OSError:  # another worker recorded it in between: the same finished folder, so the same record
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (dest / "run.json").is_file():
+            raise
 
 
 def restore_records(records: Path, root: Path, progress: Progress) -> int:
@@ -588,6 +634,9 @@ def restore_records(records: Path, root: Path, progress: Progress) -> int:
     from the grid folder it was made in (``relocate_record``); the grid's usual check then refuses any record
     made with another recipe. Shared work is not restored (its record holds its cost, not its caches). Returns
     how many were restored."""
+    import tempfile
+
+    from pktransfer.fileio import honour_umask
     from pktransfer.runs import MARKER
 
     n = 0
@@ -600,13 +649,18 @@ def restore_records(records: Path, root: Path, progress: Progress) -> int:
         dest = root / src.relative_to(records)
         if dest.exists():
             continue
-        tmp = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".restoring", dir=dest.parent))
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
         origin = json.loads((src / ORIGIN).read_text())["grid"] if (src / ORIGIN).is_file() else str(root)
         if origin != str(root):
             relocate_record(tmp, origin, str(root))
-        tmp.rename(dest)
+        honour_umask(tmp)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another worker restored it in between
+            shutil.rmtree(tmp, ignore_errors=True)
+            continue
         n += 1
     if n:
         progress.log(f"compare: restored {n} finished folders from the records in {records}")
@@ -656,13 +710,20 @@ def compare(
     shared_cost: dict[str, float] = {}
 
     def shared_work(cs: list[Cell]) -> None:
-        for folder, r, verb, needed in attach_shared_work(cs, root):
+        jobs = []
+        shared = attach_shared_work(cs, root)
+        for folder, r, verb, needed in shared:
             # a shared folder's name is the hash of everything its work depends on (the teacher, the data, the
             # method's own settings), so a finished one serves every cell that asks for it: a tuning cell at one
             # learning rate and the grid's cells at another. It is not run when every cell needing it is finished.
             if not _finished(Path(folder)) and not all(_finished(c.folder) for c in needed):
-                progress.log(f"compare: running `{verb}` once for the cells of '{r.method.name}' ({folder})")
-                pipeline.run_verb(r, verb, progress=progress)
+
+                def job(r: Recipe = r, verb: str = verb) -> None:
+                    pipeline.run_verb(r, verb, progress=progress)
+
+                jobs.append((Path(folder), f"running `{verb}` once for the cells of '{r.method.name}' ({folder})", job))
+        run_claimed(jobs, progress)  # other workers wait for shared work another one is doing
+        for folder, _, _, _ in shared:
             if _finished(Path(folder)):
                 record(Path(folder))  # its run.json (the cost), not its caches
                 shared_cost[folder] = json.loads((Path(folder) / "run.json").read_text())["wall_seconds"]
@@ -675,11 +736,19 @@ def compare(
         shared_work([tc.cell for tc in tune_cells])
         for tc in tune_cells:
             _reusable(tc.cell.folder, tc.cell.recipe, f"finished tuning cell {tc.label} ({tc.key} = {tc.value})")
+        tuning_jobs = []
         for i, tc in enumerate(tune_cells, 1):
-            if not _finished(tc.cell.folder):
-                progress.log(f"compare: tuning {i}/{len(tune_cells)}: {tc.label}, {tc.key} = {tc.value} (validation)")
+
+            def tune(tc: TuneCell = tc) -> None:
                 pipeline.run(tc.cell.recipe, progress=progress)
                 gc.collect()
+                record(tc.cell.folder)
+
+            what = f"tuning {i}/{len(tune_cells)}: {tc.label}, {tc.key} = {tc.value} (validation)"
+            tuning_jobs.append((tc.cell.folder, what, tune))
+        # every tuning cell is finished (by this worker or another) before any test evaluation starts
+        run_claimed(tuning_jobs, progress)
+        for tc in tune_cells:
             record(tc.cell.folder)
             rec = cell_record(tc.cell)
             tuning.append(
@@ -711,8 +780,11 @@ def compare(
         base_dir = root / "base"
         base_recipe = recipe.model_copy(update={"output_dir": str(base_dir), "compare": None})
         if not _reusable(base_dir, base_recipe, "the untouched models' evaluation (base/)"):
-            progress.log("compare: evaluating the untouched teacher and student once")
-            pipeline.evaluate_pair(base_recipe, progress=progress)
+
+            def base() -> None:
+                pipeline.evaluate_pair(base_recipe, progress=progress)
+
+            run_claimed([(base_dir, "evaluating the untouched teacher and student once", base)], progress)
         record(base_dir)
         base_info = json.loads((base_dir / "run.json").read_text())
     todo = [c for c in cells if not _finished(c.folder)]
@@ -720,11 +792,18 @@ def compare(
         f"compare: {len(cells)} cells ({len(cells) - len(todo)} already finished), "
         f"{len(recipe.compare.methods)} entries x seeds {recipe.compare.seeds}"
     )
-    for i, cell in enumerate(todo, 1):
-        progress.log(f"compare: cell {i}/{len(todo)}: {cell.label}, seed {cell.seed}")
-        pipeline.run(cell.recipe, progress=progress)
-        gc.collect()
-        record(cell.folder)
+    cell_jobs = []
+    for i, cell in enumerate(cells, 1):
+        if cell not in todo:
+            continue
+
+        def run_cell(cell: Cell = cell) -> None:
+            pipeline.run(cell.recipe, progress=progress)
+            gc.collect()
+            record(cell.folder)
+
+        cell_jobs.append((cell.folder, f"cell {i}/{len(cells)}: {cell.label}, seed {cell.seed}", run_cell))
+    run_claimed(cell_jobs, progress)  # the report needs every cell, whichever worker ran it
     for c in cells:
         record(c.folder)
     records = [cell_record(c) for c in cells]
@@ -752,3 +831,94 @@ def compare(
             if (root / name).is_file():
                 shutil.copy2(root / name, records_dir / name)
     return CompareResult(root, result)
+
+
+# ---- 7. several workers on one grid ---------------------------------------------------------------------------
+
+
+def worker_plan(n: int, devices: list[str] | None, cpu_count: int | None = None) -> list[dict[str, str]]:
+    """The environment of each of ``n`` worker processes: one device each (``cuda:K`` -> CUDA_VISIBLE_DEVICES=K,
+    cycling when there are fewer devices than workers), or CPU workers splitting the cores evenly."""
+    if n < 1:
+        raise RecipeError(f"--workers {n}: at least one worker", hint="pass --workers 2 or more to share the grid")
+    envs = []
+    cores = cpu_count or os.cpu_count() or 1
+    for i in range(n):
+        env = {"PKT_WORKER_INDEX": str(i)}
+        device = devices[i % len(devices)] if devices else "cpu"
+        if device.startswith("cuda"):
+            index = device.split(":", 1)[1] if ":" in device else "0"
+            if not index.isdigit():
+                raise RecipeError(f"--devices: '{device}' is not cuda:N", hint="e.g. --devices cuda:0,cuda:1")
+            env["CUDA_VISIBLE_DEVICES"] = index
+        elif device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+            threads = str(max(1, cores // n))
+            env.update(OMP_NUM_THREADS=threads, PKT_THREADS=threads)
+        else:
+            raise RecipeError(f"--devices: unknown device '{device}'", hint="use cpu or cuda:N, e.g. --devices cuda:0,cuda:1")
+        envs.append(env)
+    return envs
+
+
+def compare_with_workers(
+    recipe_path: str | Path,
+    overrides: list[str],
+    n: int,
+    *,
+    devices: list[str] | None = None,
+    records: str | Path | None = None,
+    progress: Progress | None = None,
+) -> CompareResult:
+    """Start ``n`` worker processes on the recipe's grid (``pkt compare`` each, sharing it through claims), wait for
+    them, then write the report from the finished cells (the same report one process writes). Each worker's output
+    goes to ``OUTPUT/workers/worker-K.log``."""
+    import subprocess
+    import sys
+
+    from pktransfer.recipe import load_recipe
+
+    progress = progress or Progress()
+    recipe = load_recipe(recipe_path, overrides)
+    plan_tuning(recipe)
+    plan_grid(recipe)  # a broken grid fails here, before any process starts
+    root = Path(recipe.output_dir).expanduser().resolve()
+    check_output_location(root)
+    check_replaceable(root, "comparison folder")
+    envs = worker_plan(n, devices)
+    logs = root / "workers"
+    logs.mkdir(parents=True, exist_ok=True)
+    if read_marker(root) is None:
+        write_marker(root, "compare", result_fields(recipe.dump(), ("output_dir",)))
+    cmd = [sys.executable, "-m", "pktransfer.cli", "compare", str(recipe_path)]
+    for item in overrides:
+        cmd += ["--set", item]
+    if records is not None:
+        cmd += ["--records", str(records)]
+    procs = []
+    for i, env in enumerate(envs):
+        log = (logs / f"worker-{i}.log").open("a")
+        procs.append(
+            (
+                subprocess.Popen(
+                    [*cmd, *(["--threads", env["PKT_THREADS"]] if "PKT_THREADS" in env else [])],
+                    env={**os.environ, **env},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
+        progress.log(f"compare: worker {i} started (pid {procs[-1][0].pid}, log {logs / f'worker-{i}.log'})")
+    failed = []
+    for i, (proc, log) in enumerate(procs):
+        rc = proc.wait()
+        log.close()
+        if rc != 0:
+            failed.append(f"worker {i} exited with {rc} (log: {logs / f'worker-{i}.log'})")
+    if failed:
+        raise OutputError(
+            "compare: " + "; ".join(failed),
+            hint="read the logs; rerun the same command to resume (finished cells are kept, unfinished ones resume)",
+        )
+    return compare(recipe, progress=progress, records=records)

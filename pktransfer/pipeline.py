@@ -28,6 +28,7 @@ from pktransfer.progress import Progress
 from pktransfer.recipe import ModelSpec, Recipe, save_recipe
 from pktransfer.reports import render_markdown
 from pktransfer.runs import MemoryMonitor, RunDir, StageLog, versions
+from pktransfer.signals import stop_cleanly
 from pktransfer.training import rank_and_world, train
 
 
@@ -219,7 +220,8 @@ def run(
         check_distributable(recipe)
         if rank > 0:
             return _run_as_worker(recipe)
-    return _run(recipe, overwrite=overwrite, evaluate=evaluate, progress=progress or Progress(quiet=quiet), world=world)
+    with stop_cleanly():  # SIGTERM / SIGINT: FAILED.json with the reason and a checkpoint to resume from
+        return _run(recipe, overwrite=overwrite, evaluate=evaluate, progress=progress or Progress(quiet=quiet), world=world)
 
 
 def _run(recipe: Recipe, *, overwrite: bool, evaluate: bool, progress: Progress, world: int = 1) -> RunResult:

@@ -24,11 +24,12 @@ class Progress:
 
     def log(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(f"[dim]pkt[/dim] {message}", highlight=False)
+            # soft_wrap: a log file gets one line per message, not lines cut at 80 columns
+            self.console.print(f"[dim]pkt[/dim] {message}", highlight=False, soft_wrap=True)
 
     def warn(self, message: str) -> None:
         """A warning that must be seen: printed even when quiet."""
-        self.console.print(f"[bold yellow]pkt warning[/bold yellow] {message}", highlight=False)
+        self.console.print(f"[bold yellow]pkt warning[/bold yellow] {message}", highlight=False, soft_wrap=True)
 
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Callable[..., None]]:

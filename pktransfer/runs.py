@@ -24,6 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pktransfer.claims import Claim
 from pktransfer.errors import OutputError, PktError
 from pktransfer.fileio import honour_umask
 
@@ -266,6 +267,19 @@ class RunDir:
         self.work = self.final.with_name(self.final.name + ".partial")
         self.fields = result_fields(recipe) if recipe is not None else None
         check_output_location(self.final)
+        # one writer per folder: a second process (terminal, machine, grid worker) stops here, naming the owner
+        self.claim = Claim(self.final, "output folder").acquire()
+        try:
+            self._open(overwrite, kind)
+        except BaseException:
+            self.claim.release()
+            raise
+        if self.claim.took_over is not None:
+            self.took_over = self.claim.took_over.describe()
+
+    took_over: str | None = None  # the owner whose dead claim this run took over (its folder is resumed)
+
+    def _open(self, overwrite: bool, kind: str) -> None:
         if self.final.exists() or self.final.is_symlink():
             if not overwrite:
                 raise OutputError(
@@ -308,6 +322,7 @@ class RunDir:
                 shutil.rmtree(self.final)
         honour_umask(self.work)  # library writers (safetensors) create 0600 files; results are for the team
         os.replace(self.work, self.final)
+        self.claim.release()
         return self.final
 
     def fail(self, err: BaseException) -> None:
@@ -321,3 +336,4 @@ class RunDir:
                     "note": "this run did not finish; rerun the same recipe to resume from here",
                 },
             )
+        self.claim.release()

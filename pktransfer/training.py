@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from pktransfer import signals
 from pktransfer.config import LoraSpec, TrainingSpec
 from pktransfer.data import IGNORE_INDEX, Example
 from pktransfer.data.batching import pad
@@ -316,7 +317,7 @@ def train(
         args=args,
         train_dataset=ListDataset(examples),
         data_collator=Collator(tokenizer.pad_token_id),
-        callbacks=list(callbacks or []),
+        callbacks=[*(callbacks or []), signals.stop_callback()],
     )
     trainer.method_loss = loss
     trainer.method_batch = batch
@@ -329,7 +330,8 @@ def train(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.train()
     t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_from)
+    with signals.deferred():  # SIGTERM / SIGINT: checkpoint at the end of this step, then stop (resumable)
+        trainer.train(resume_from_checkpoint=resume_from)
     model.eval()
     history = list(trainer.state.log_history)
     # fewer steps than logging_steps log no "loss": the trainer's closing mean (train_loss) stands in

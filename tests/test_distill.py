@@ -143,6 +143,9 @@ def test_on_policy_samples_come_from_the_weights_of_the_current_step(tiny_recipe
     # the teacher scored every trained batch: at least the prompts of 4 batches of 4 plus their samples
     assert budget["teacher"]["forward_tokens"] >= budget["student_generated_tokens"]
     assert len(res.run["method"]["first_samples"]) == 4
+    sample = res.run["method"]["first_samples"][0]
+    assert sample["tokens"] and {"token", "student_logprob", "teacher_logprob", "jsd"} <= sample["tokens"][0].keys()
+    assert "".join(t["token"] for t in sample["tokens"]) == sample["sample"]
     assert pipeline  # imported for monkeypatch targets in sibling tests
 
 

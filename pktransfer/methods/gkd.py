@@ -119,6 +119,7 @@ class GkdMethod(ObjectiveMethod):
         self.stats = {"batches": 0, "student_sampled_batches": 0, "teacher_sampled_batches": 0}
         self.generated = {"student": [0, 0.0], "teacher": [0, 0.0]}  # tokens, seconds
         self.samples: list[dict[str, Any]] = []  # the first few on-policy samples, for reading by eye
+        self._sampled = False  # the batch the loss sees was sampled by the student
 
     @property
     def teacher_during_training(self) -> bool:
@@ -191,8 +192,7 @@ class GkdMethod(ObjectiveMethod):
             prompts = prompts_of(batch["input_ids"], batch["labels"], batch["attention_mask"])
             completions = self._sample(sampler, prompts, ctx, who)
             self.stats[f"{who}_sampled_batches"] += 1
-            if on_policy and len(self.samples) < 8:
-                self.samples.append({"prompt": tok.decode(prompts[0]), "sample": tok.decode(completions[0])})
+            self._sampled = on_policy
             new = sampled_batch(prompts, completions, tok.pad_token_id or 0, max_length, batch["index"])
             return {k: v.to(batch["input_ids"].device) for k, v in new.items()}
 
@@ -218,11 +218,43 @@ class GkdMethod(ObjectiveMethod):
                 seconds=time.perf_counter() - t0,
                 parameters=self.teacher.arch.n_parameters,
             )
-            return gkd_loss(
-                logits, t_logits.to(logits.device), batch["labels"], beta=spec.beta, temperature=spec.loss_temperature
-            )
+            t_logits = t_logits.to(logits.device)
+            if self._sampled and len(self.samples) < 8:
+                self._keep_sample(ctx, batch, logits, t_logits)
+            self._sampled = False
+            return gkd_loss(logits, t_logits, batch["labels"], beta=spec.beta, temperature=spec.loss_temperature)
 
         return loss
+
+    @torch.no_grad()
+    def _keep_sample(
+        self, ctx: MethodContext, batch: dict[str, torch.Tensor], logits: torch.Tensor, t_logits: torch.Tensor
+    ) -> None:
+        """The batch's first on-policy sample, for reading by eye: each sampled token with the student's and the
+        teacher's log-probability of it and the token's divergence (what the loss averages)."""
+        tok = ctx.student.tokenizer
+        labels = batch["labels"][0]
+        pos = (labels[1:] != IGNORE_INDEX).nonzero().flatten()  # positions predicting a sampled token
+        s_lp = torch.log_softmax(logits[0, pos].float(), -1)
+        t_lp = torch.log_softmax(t_logits[0, pos].float(), -1)
+        ids = labels[1:][pos]
+        jsd = generalized_jsd(logits[0, pos], t_logits[0, pos], self.spec.beta, self.spec.loss_temperature)
+        first = int(pos[0]) + 1 if len(pos) else 0
+        self.samples.append(
+            {
+                "prompt": tok.decode(batch["input_ids"][0, :first]),
+                "sample": tok.decode(ids),
+                "tokens": [
+                    {
+                        "token": tok.decode([int(t)]),
+                        "student_logprob": round(float(s_lp[j, t]), 4),
+                        "teacher_logprob": round(float(t_lp[j, t]), 4),
+                        "jsd": round(float(jsd[j]), 4),
+                    }
+                    for j, t in enumerate(ids.tolist())
+                ],
+            }
+        )
 
     def finish_training(self) -> None:
         self.teacher = None
