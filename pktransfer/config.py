@@ -99,6 +99,13 @@ class TrainingSpec(Strict):
     save_steps: int = Field(default=50, ge=1, description="checkpoint interval for resume")
     logging_steps: int = Field(default=5, ge=1)
     gradient_checkpointing: bool = False
+    fast_path: bool = Field(
+        default=True,
+        description="on CPU: LoRA dropout masks drawn through geometric gaps (same distribution, ~p·n random numbers), "
+        "and with a bfloat16 student bf16 autocast (no fp32 copies of activations for the fp32 LoRA weights), the math "
+        "attention kernel, and logits only where the plain loss reads them; false: the plain path (records made "
+        "before this option ran it)",
+    )
     save_merged: bool = Field(default=False, description="also write a merged full model")
 
 

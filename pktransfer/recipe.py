@@ -35,6 +35,11 @@ M = TypeVar("M", bound=BaseModel)
 # every registered method's config, discriminated by ``name`` (rebuilt when a method is registered)
 MethodSpec = configs.config_union()
 
+# fields added after records were first made, with the value that reproduces what a record lacking them computed
+# (``runs.as_current_schema`` reads old records with these, so a record is never matched to a recipe that would now
+# compute something else)
+LEGACY_DEFAULTS: dict[str, Any] = {"training.fast_path": False}
+
 # keys a grid entry may not change: the pair, the task and the evaluation protocol are the comparison
 FIXED_KEYS = ("teacher", "student", "task", "evaluation", "seed", "output_dir", "compare")
 # keys that make up the training budget: changing one needs compare.allow_unequal_budget

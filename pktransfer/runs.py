@@ -191,13 +191,20 @@ def check_replaceable(folder: Path, what: str = "output folder") -> None:
 
 
 def as_current_schema(fields: dict[str, Any]) -> dict[str, Any] | None:
-    """Recorded recipe fields as this version reads them: fields added since are filled with their defaults,
-    so upgrading pktransfer does not orphan finished runs. None when the record no longer validates."""
+    """Recorded recipe fields as this version reads them: fields added since are filled with the value that
+    reproduces what the record computed (``recipe.LEGACY_DEFAULTS``, e.g. ``training.fast_path: false``), else their
+    defaults, so upgrading pktransfer neither orphans finished runs nor passes them off as made another way. None when
+    the record no longer validates."""
     from pktransfer.errors import PktError
-    from pktransfer.recipe import recipe_from_dict
+    from pktransfer.recipe import LEGACY_DEFAULTS, recipe_from_dict
 
+    fields = json.loads(json.dumps(fields))
+    for dotted, value in LEGACY_DEFAULTS.items():
+        section, key = dotted.split(".", 1)
+        if isinstance(fields.get(section), dict) and key not in fields[section]:
+            fields[section][key] = value
     try:
-        current = recipe_from_dict(json.loads(json.dumps(fields)), "recorded recipe").dump()
+        current = recipe_from_dict(fields, "recorded recipe").dump()
     except PktError:
         return None
     return {k: current[k] for k in fields if k in current}

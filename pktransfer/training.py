@@ -8,8 +8,9 @@ the loss (``Method.training_loss``, run by ``MethodTrainer``).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,59 @@ def check_targets(model: Any, spec: LoraSpec, arch: Any, log: Any = None) -> Non
         raise RecipeError(
             f"lora.target_modules: {missing} not found in the student", hint=f"modules that exist: {', '.join(linear)}"
         )
+
+
+def fast_path(model: Any) -> int:
+    """Swap every LoRA dropout for :class:`~pktransfer.ops.dropout.GeometricDropout` (same p, same distribution,
+    ~p·n random numbers per mask instead of n: CPU random numbers were a sixth of a bf16 step). Returns how many."""
+    from pktransfer.ops.dropout import GeometricDropout
+
+    n = 0
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if isinstance(drops, torch.nn.ModuleDict):
+            for name, d in drops.items():
+                if type(d) is torch.nn.Dropout and d.p > 0:
+                    drops[name] = GeometricDropout(d.p)
+                    n += 1
+    return n
+
+
+@contextlib.contextmanager
+def cpu_attention(math_kernel: bool) -> Iterator[None]:
+    """On CPU in bfloat16, scaled-dot-product attention through its math kernel: torch's flash kernel for bf16 on
+    CPU was 8x slower than fp32 (bench/train_step.py measures it). Same function, other rounding order."""
+    if not math_kernel:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+@contextlib.contextmanager
+def cpu_bf16_training(model: Any) -> Iterator[None]:
+    """The training forward of a bfloat16 student on CPU, as mixed precision runs on a GPU: the fp32 LoRA weights
+    are cast to bf16 per matmul (small) instead of every activation to fp32 (large, peft's default), and attention
+    goes through the math kernel (torch's bf16 flash kernel is slow on CPU)."""
+    from peft.helpers import disable_input_dtype_casting
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), disable_input_dtype_casting(model), cpu_attention(True):
+        yield
+
+
+def response_ce(model: Any, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, Any, Any]:
+    """The plain loss's sum of cross entropies over response tokens, the LM head applied only at the positions that
+    predict one (a few of each row's: the head is a [V = 152k] matmul and softmax per position). Returns the sum,
+    the number of response tokens and the model outputs (logits at those positions only)."""
+    keep = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().flatten()
+    outputs = model(**inputs, logits_to_keep=keep)
+    targets = labels[:, keep + 1].to(outputs.logits.device)
+    total = torch.nn.functional.cross_entropy(
+        outputs.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return total, (targets != IGNORE_INDEX).sum(), outputs
 
 
 class Collator:
@@ -142,16 +196,25 @@ def _trainer_class() -> Any:
 
         method_loss: LossFn | None = None
         method_batch: BatchFn | None = None
+        cpu_bf16_fast = False  # training.fast_path on a bfloat16 student on CPU
 
         def compute_loss(
             self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
         ) -> Any:
+            if not self.cpu_bf16_fast:
+                return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            with cpu_bf16_training(model):
+                return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool, num_items_in_batch: Any) -> Any:
             if self.method_batch is not None:
                 inputs = self.method_batch(model, inputs)
                 # the rewritten batch holds other tokens than the ones the trainer counted: the loss normalises
                 # over its own tokens, and the trainer divides by the accumulation steps
                 num_items_in_batch = None
             index = inputs.pop("index", None)
+            if self.method_loss is None and self.cpu_bf16_fast:
+                return self._response_ce(model, inputs, return_outputs, num_items_in_batch)
             if self.method_loss is None:
                 if self.method_batch is not None:
                     self.loss_is_scaled_for_ga = False
@@ -161,6 +224,15 @@ def _trainer_class() -> Any:
             loss = self.method_loss(outputs, {**inputs, "labels": labels, "index": index}, num_items_in_batch)
             # normalised over the accumulated batch when the trainer told us its size
             self.loss_is_scaled_for_ga = num_items_in_batch is not None
+            return (loss, outputs) if return_outputs else loss
+
+        def _response_ce(self, model: Any, inputs: dict[str, Any], return_outputs: bool, num_items_in_batch: Any) -> Any:
+            labels = inputs.pop("labels")
+            total, n, outputs = response_ce(model, inputs, labels)
+            self.loss_is_scaled_for_ga = num_items_in_batch is not None and self.method_batch is None
+            if num_items_in_batch is not None:
+                n = num_items_in_batch
+            loss = total / (n.to(total.device) if torch.is_tensor(n) else n)
             return (loss, outputs) if return_outputs else loss
 
     return MethodTrainer
@@ -321,6 +393,9 @@ def train(
     )
     trainer.method_loss = loss
     trainer.method_batch = batch
+    if spec.fast_path and device.type == "cpu":
+        fast_path(model)
+        trainer.cpu_bf16_fast = any(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_progress_callback(progress))

@@ -29,6 +29,11 @@ if DATA is None and os.environ.get("PKT_REQUIRE_DATA") == "1":  # CI: data it is
 needs_data = pytest.mark.skipif(DATA is None, reason="benchmark data (shared/data) not found; set PKT_DATA_DIR")
 
 
+# Tests on tiny random models check exact references in float32: ``dtype: auto`` would pick bfloat16 on a CPU with
+# native bf16 (tests/test_dtype.py tests that choice itself)
+os.environ.setdefault("PKT_CPU_AUTO_DTYPE", "float32")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _benchmark_data_env():
     """Let every test find the benchmark data whatever the working directory."""
