@@ -48,6 +48,7 @@ def main() -> None:
                     f"method={METHODS[label]}",
                     f"training.max_steps={args.steps}",
                     f"training.save_steps={args.steps}",
+                    "training.fast_path=true",  # the default path (the recipe keeps the study's plain one)
                     "evaluation.teacher=false",
                     "evaluation.student=false",
                     f"output_dir={tmp}/{label}",

@@ -21,7 +21,6 @@ from __future__ import annotations
 import gc
 import itertools
 import json
-import math
 import os
 import shutil
 import time
@@ -33,6 +32,16 @@ from typing import Any
 from pktransfer.errors import OutputError, RecipeError
 from pktransfer.fileio import write_text
 from pktransfer.methods import registry
+from pktransfer.ops.statistics import (
+    describe,
+    design_mde,
+    equivalent,
+    holm,
+    minimum_detectable_effect,
+    paired_bootstrap,
+    paired_difference,
+    percentile_interval,
+)
 from pktransfer.progress import Progress
 from pktransfer.recipe import BUDGET_KEYS, FIXED_KEYS, Recipe, TuneSpec, apply_overrides, recipe_from_dict, save_recipe
 from pktransfer.runs import check_matches, check_output_location, check_replaceable, read_marker, result_fields, write_marker
@@ -221,113 +230,6 @@ def attach_shared_work(cells: list[Cell], root: Path) -> list[tuple[str, Recipe,
 # ---- 4. statistics (pure) ---------------------------------------------------------------------------
 
 
-def describe(values: list[float]) -> dict[str, float]:
-    """n, mean, sample std and the 95% t-interval of the mean (nan where n < 2)."""
-    from scipy import stats
-
-    n = len(values)
-    mean = sum(values) / n if n else math.nan
-    if n < 2:
-        return {"n": n, "mean": mean, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan}
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
-    return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half}
-
-
-def paired_difference(method: dict[int, float], baseline: dict[int, float]) -> dict[str, float]:
-    """Mean paired difference (method − baseline) over the seeds both have, its 95% interval and the
-    two-sided paired t-test p-value. Identical differences (zero spread) leave the t statistic undefined:
-    p is nan (reported "n/a"), whether the differences are all zero or not."""
-    from scipy import stats
-
-    seeds = sorted(set(method) & set(baseline))
-    diffs = [method[s] - baseline[s] for s in seeds]
-    d = describe(diffs)
-    p = math.nan
-    if len(diffs) >= 2 and d["std"] > 0:
-        p = float(stats.ttest_rel([method[s] for s in seeds], [baseline[s] for s in seeds]).pvalue)
-    return {
-        "n": len(diffs),
-        "mean_diff": d["mean"],
-        "std": d["std"],
-        "ci_low": d["ci_low"],
-        "ci_high": d["ci_high"],
-        "p_value": p,
-        "seeds": seeds,
-    }
-
-
-def paired_bootstrap(
-    method: dict[int, dict[str, float]],
-    baseline: dict[int, dict[str, float]],
-    *,
-    resamples: int = 10000,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Paired bootstrap of method − baseline over items x seeds (Efron & Tibshirani; the two-level resampling
-    of Koehn 2004 / Dror et al. 2018 for seeds and test items).
-
-    ``method`` and ``baseline`` map seed -> {item id: score (0/1 or a fraction)}; only seeds and items both
-    have are used (same items, same seeds: the pairing). Each resample draws the seeds with replacement, then
-    the items with replacement (the same items for every drawn seed, as the test set is shared), and takes
-    the mean difference. Returns the observed mean difference, the 95% percentile interval, the bootstrap
-    standard error, and the share of resamples with a difference <= 0 (a one-sided bootstrap p).
-    """
-    import numpy as np
-
-    seeds = sorted(set(method) & set(baseline))
-    if not seeds:
-        return {"n_seeds": 0, "n_items": 0, "mean_diff": math.nan, "ci_low": math.nan, "ci_high": math.nan, "se": math.nan}
-    items = sorted(set.intersection(*(set(method[s]) & set(baseline[s]) for s in seeds)))
-    if not items:
-        return {
-            "n_seeds": len(seeds),
-            "n_items": 0,
-            "mean_diff": math.nan,
-            "ci_low": math.nan,
-            "ci_high": math.nan,
-            "se": math.nan,
-        }
-    d = np.array([[method[s][i] - baseline[s][i] for i in items] for s in seeds], dtype=np.float64)  # [S, N]
-    rng = np.random.default_rng(seed)
-    n_s, n_i = d.shape
-    stats_ = np.empty(resamples)
-    for b in range(0, resamples, 500):  # vectorised in blocks: [block, S] seed draws x [block, N] item draws
-        m = min(500, resamples - b)
-        si = rng.integers(0, n_s, size=(m, n_s))
-        ii = rng.integers(0, n_i, size=(m, n_i))
-        stats_[b : b + m] = d[si[:, :, None], ii[:, None, :]].mean(axis=(1, 2))
-    low, high = np.percentile(stats_, [2.5, 97.5])
-    return {
-        "n_seeds": n_s,
-        "n_items": n_i,
-        "mean_diff": float(d.mean()),
-        "ci_low": float(low),
-        "ci_high": float(high),
-        "se": float(stats_.std(ddof=1)),
-        "p_le_zero": float((stats_ <= 0).mean()),
-        "resamples": resamples,
-    }
-
-
-def minimum_detectable_effect(se: float, *, alpha: float = 0.05, power: float = 0.8) -> float:
-    """The smallest true difference a two-sided test at ``alpha`` detects with ``power``, given the standard
-    error of the estimated difference: (z_{1−α/2} + z_{power}) · SE (2.80 · SE at the defaults)."""
-    from scipy import stats
-
-    return float((stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) * se)
-
-
-def design_mde(accuracy: float, n_items: int, n_seeds: int, *, alpha: float = 0.05, power: float = 0.8) -> float:
-    """The MDE the design allows before looking at pairing: two independent accuracies near ``accuracy``,
-    each over n_items x n_seeds scores, SE = sqrt(2·p(1−p) / (n_items·n_seeds)). Pairing on the same items
-    usually lowers the SE, so this is an upper bound; the grid's own bootstrap SE gives the realised one."""
-    p = min(max(accuracy, 0.0), 1.0)
-    if n_items < 1 or n_seeds < 1:
-        return math.nan
-    return minimum_detectable_effect(math.sqrt(2 * p * (1 - p) / (n_items * n_seeds)), alpha=alpha, power=power)
-
-
 # ---- collecting ---------------------------------------------------------------------------------------
 
 
@@ -418,12 +320,48 @@ def contrast(folder: Path, a: str, b: str, split: str = "test", *, resamples: in
     if -1 in sa:
         sa = {s: sa[-1] for s in sb}
     boot = paired_bootstrap(sa, sb, resamples=resamples, seed=seed)
+    boot.pop("distribution", None)
     if not boot["n_items"]:
         raise DataError(f"'{a}' and '{b}' share no evaluated items on '{split}'", hint="compare entries of the same grid")
     boot["mde"] = minimum_detectable_effect(boot["se"])
     seeds = sorted(set(sa) & set(sb))
     means = {s: (sum(sa[s].values()) / len(sa[s]), sum(sb[s].values()) / len(sb[s])) for s in seeds}
     return {"a": a, "b": b, "split": split, "by_seed": {s: ma - mb for s, (ma, mb) in means.items()}, "bootstrap": boot}
+
+
+def adjust_family(
+    by_label: dict[str, Any],
+    distributions: dict[tuple[str, str], Any],
+    metric: str,
+    *,
+    alpha: float,
+    adjustment: str,
+    margin: float | None,
+) -> dict[str, Any]:
+    """Adds to each entry's bootstrap against the baseline on ``metric``: the family-adjusted p-value and whether it
+    survives at ``alpha``, the simultaneous interval (Bonferroni, level 1 − α/m over the m comparisons), and the
+    equivalence verdict within ±``margin``. Returns how the family was treated, for the report."""
+    members = [
+        lbl for lbl, e in by_label.items() if metric in e["paired_vs_baseline"] and distributions.get((lbl, metric)) is not None
+    ]
+    boots = [by_label[lbl]["paired_vs_baseline"][metric]["bootstrap"] for lbl in members]
+    raw = [b["p_two_sided"] for b in boots]
+    adjusted = holm(raw) if adjustment == "holm" else raw
+    m = len(members)
+    for lbl, b, p_adj in zip(members, boots, adjusted, strict=True):
+        dist = distributions[(lbl, metric)]
+        b["p_adjusted"] = p_adj
+        b["survives"] = bool(p_adj < alpha)
+        b["sim_ci_low"], b["sim_ci_high"] = percentile_interval(dist, 1 - alpha / m)
+        if margin is not None:
+            b["equivalence"] = equivalent(dist, margin, alpha)
+    return {
+        "comparisons": m,
+        "alpha": alpha,
+        "adjustment": adjustment,
+        "simultaneous_level": 1 - alpha / m if m else None,
+        "margin": margin,
+    }
 
 
 def budget_differences(records: list[dict[str, Any]]) -> list[str]:
@@ -440,10 +378,24 @@ def budget_differences(records: list[dict[str, Any]]) -> list[str]:
     return diffs
 
 
-def summarize(records: list[dict[str, Any]], baseline: str, *, resamples: int = 10000, seed: int = 0) -> dict[str, Any]:
+def summarize(
+    records: list[dict[str, Any]],
+    baseline: str,
+    *,
+    resamples: int = 10000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    adjustment: str = "holm",
+    margin: float | None = None,
+) -> dict[str, Any]:
+    """Per entry: accuracy over seeds, the paired t-test by seed and the paired bootstrap against ``baseline``; then,
+    per metric, over the family of comparisons with the baseline: Holm-adjusted bootstrap p-values (``adjustment``)
+    and whether each survives at ``alpha``, Bonferroni simultaneous intervals (level 1 − α/m), and with ``margin``
+    the TOST equivalence verdict within ±margin."""
     labels = list(dict.fromkeys(r["label"] for r in records))
     metrics = sorted({m for r in records for m in r["metrics"]})
     by_label: dict[str, Any] = {}
+    distributions: dict[tuple[str, str], Any] = {}
     for label in labels:
         rs = [r for r in records if r["label"] == label]
         entry: dict[str, Any] = {
@@ -461,6 +413,7 @@ def summarize(records: list[dict[str, Any]], baseline: str, *, resamples: int = 
                 items = {r["seed"]: r.get("items", {}).get(metric, {}) for r in rs}
                 base_items = {r["seed"]: r.get("items", {}).get(metric, {}) for r in records if r["label"] == baseline}
                 boot = paired_bootstrap(items, base_items, resamples=resamples, seed=seed)
+                distributions[(label, metric)] = boot.pop("distribution", None)
                 boot["mde"] = minimum_detectable_effect(boot["se"])  # nan when there was nothing to pair
                 entry["paired_vs_baseline"][metric]["bootstrap"] = boot
         entry["cost"] = {
@@ -477,6 +430,9 @@ def summarize(records: list[dict[str, Any]], baseline: str, *, resamples: int = 
             for k in ("forward_tokens", "backward_tokens", "seconds", "flops")
         }
         by_label[label] = entry
+    family = {}
+    for metric in metrics:
+        family[metric] = adjust_family(by_label, distributions, metric, alpha=alpha, adjustment=adjustment, margin=margin)
     differences = budget_differences(records)
     design = {}
     for metric in metrics:
@@ -493,6 +449,7 @@ def summarize(records: list[dict[str, Any]], baseline: str, *, resamples: int = 
             }
     return {
         "design_mde": design,
+        "family": family,
         "labels": labels,
         "metrics": metrics,
         "baseline": baseline,
@@ -811,7 +768,15 @@ def compare(
     result = {
         "recipe": recipe.dump(),
         "cells": records,
-        "summary": summarize(records, recipe.compare.baseline, resamples=recipe.compare.bootstrap, seed=recipe.seed),
+        "summary": summarize(
+            records,
+            recipe.compare.baseline,
+            resamples=recipe.compare.bootstrap,
+            seed=recipe.seed,
+            alpha=recipe.compare.alpha,
+            adjustment=recipe.compare.adjustment,
+            margin=recipe.compare.equivalence_margin,
+        ),
         "tuning": tuning,
         "chosen": chosen,
         "groups": {r["label"]: registry.method_class(r["method"]).teacher_use for r in records},

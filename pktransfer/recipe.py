@@ -119,6 +119,18 @@ class CompareSpec(Strict):
     allow_unequal_budget: bool = Field(default=False, description="let entries override training budget keys")
     tune: TuneSpec | None = Field(default=None, description="tune every entry on validation before the grid")
     bootstrap: int = Field(default=10000, ge=100, description="paired bootstrap resamples (items x seeds)")
+    # the primary analysis, declared before the grid runs
+    alpha: float = Field(default=0.05, gt=0, lt=0.5, description="family-wise error rate of the comparisons with the baseline")
+    adjustment: Literal["holm", "none"] = Field(
+        default="holm", description="multiple-comparison adjustment of the bootstrap p-values against the baseline"
+    )
+    equivalence_margin: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="TOST margin in accuracy (0.03 = 3 points): a pair is called equivalent only when its (1 − 2α) "
+        "bootstrap interval lies inside ±margin",
+    )
 
 
 class Recipe(Strict):

@@ -96,6 +96,49 @@ def _seconds(v: float | None) -> str:
     return "n/a" if v is None or v != v else f"{v:.1f}"
 
 
+def primary_analysis(result: dict[str, Any]) -> list[str]:
+    """The analysis the recipe declared before the grid ran, and what its family of comparisons supports."""
+    s = result["summary"]
+    lines = []
+    for metric, f in s.get("family", {}).items():
+        if not f.get("comparisons"):
+            continue
+        adj = "Holm-adjusted" if f["adjustment"] == "holm" else "unadjusted"
+        eq = (
+            f"; equivalence (TOST) within ±{100 * f['margin']:.1f} points: the {100 * (1 - 2 * f['alpha']):.0f}% "
+            "bootstrap interval inside the margin"
+            if f.get("margin")
+            else "; no equivalence margin was declared, so no pair is called equivalent"
+        )
+        survivors = [
+            lbl
+            for lbl in s["labels"]
+            if s["by_label"][lbl]["paired_vs_baseline"].get(metric, {}).get("bootstrap", {}).get("survives")
+        ]
+        lines += [
+            f"**Primary analysis ({metric})**, declared in the recipe's `compare` section: {f['comparisons']} comparisons "
+            f"with `{s['baseline']}`, two-sided bootstrap p-values {adj} at family-wise α {f['alpha']}, simultaneous "
+            f"intervals at {100 * f['simultaneous_level']:.2f}% (Bonferroni){eq}. Differences that survive the "
+            f"adjustment: {', '.join(survivors) if survivors else 'none'}.",
+            "",
+        ]
+    return lines
+
+
+def family_columns(b: dict[str, Any]) -> list[str]:
+    """Adjusted p (bold where it survives), the simultaneous interval and the equivalence verdict of one comparison."""
+    if "p_adjusted" not in b:
+        return ["n/a", "n/a", "n/a"]
+    p = f"{b['p_adjusted']:.3f}"
+    eq = b.get("equivalence")
+    verdict = "n/a" if eq is None else ("yes" if eq["equivalent"] else "not shown")
+    return [
+        f"**{p}**" if b["survives"] else p,
+        f"[{100 * b['sim_ci_low']:+.1f}, {100 * b['sim_ci_high']:+.1f}]",
+        verdict,
+    ]
+
+
 def budget_table(result: dict[str, Any]) -> list[str]:
     """What each method actually trained and spent, counted in its runs (means over seeds)."""
     s = result["summary"]
@@ -199,6 +242,7 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
         "a screen, not a verdict). MDE: the smallest true difference this grid would detect (two-sided α 0.05, "
         "power 0.8) given the bootstrap's standard error.",
         "",
+        *primary_analysis(result),
     ]
     order = {"none": 0, "weights": 1, "outputs": 2, "composed": 3}
     group_name = {
@@ -213,8 +257,8 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
             f"### {metric}",
             "",
             f"| group | method | seeds | accuracy | per seed | Δ vs {base}, bootstrap [95%] | P(Δ≤0) | MDE | "
-            "Δ by seed [t 95%] | t-test p |",
-            "|---|---|---:|---|---|---|---:|---:|---|---:|",
+            "Δ by seed [t 95%] | t-test p | adjusted p | simultaneous interval | equivalent |",
+            "|---|---|---:|---|---|---|---:|---:|---|---:|---:|---|---|",
         ]
         for label in labels:
             e = s["by_label"][label]
@@ -223,7 +267,7 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
             p = e["paired_vs_baseline"].get(metric)
             group = group_name.get(groups.get(label, ""), "")
             if p is None:
-                cols = ["(baseline)", "", "", "", ""]
+                cols = ["(baseline)", "", "", "", "", "", "", ""]
             else:
                 b = p.get("bootstrap", {})
                 boot = (
@@ -237,6 +281,7 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
                     _pct(b["mde"]) if b.get("n_items") else "n/a",
                     f"{100 * p['mean_diff']:+.1f} [{_pct(p['ci_low'])}, {_pct(p['ci_high'])}]",
                     "n/a" if p["p_value"] != p["p_value"] else f"{p['p_value']:.3f}",
+                    *family_columns(b),
                 ]
             lines.append(f"| {group} | {label} | {m['n']} | {_pm(m)} | {per_seed} | " + " | ".join(cols) + " |")
         d = s.get("design_mde", {}).get(metric)

@@ -74,9 +74,15 @@ def _adapter(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
 
 
-def _uninterrupted(tiny_recipe, tmp_path: Path) -> dict[str, torch.Tensor]:
+def _resumes_to_the_uninterrupted_adapter(tiny_recipe, tmp_path: Path, out: Path, checkpoint: str) -> None:
+    """Rerunning the stopped recipe resumes from ``checkpoint`` and trains an uninterrupted run's adapter."""
+    res = pktransfer.run(pktransfer.load_recipe(tmp_path / "recipe.yaml"), quiet=True, evaluate=False)
+    assert res.run["training"]["resumed_from"].endswith(checkpoint)
     recipe = pktransfer.recipe_from_dict({**tiny_recipe, "output_dir": str(tmp_path / "uninterrupted")})
-    return _adapter(pktransfer.run(recipe, quiet=True, evaluate=False).output_dir)
+    want = _adapter(pktransfer.run(recipe, quiet=True, evaluate=False).output_dir)
+    got = _adapter(out)
+    for k in want:
+        assert torch.allclose(want[k], got[k], atol=1e-6), k
 
 
 # ---- claims ----------------------------------------------------------------------------------------------------
@@ -161,12 +167,7 @@ def test_sigterm_leaves_failed_json_and_a_checkpoint_and_resumes_to_the_same_res
     assert failed["type"] == "Stopped" and "SIGTERM" in failed["error"]
     assert (partial / "checkpoints" / "checkpoint-3").is_dir()  # saved at the step the stop arrived in
     assert not (tmp_path / ".run.pkt-owner.json").exists()  # the claim was released
-    res = pktransfer.run(pktransfer.load_recipe(tmp_path / "recipe.yaml"), quiet=True, evaluate=False)
-    assert res.run["training"]["resumed_from"].endswith("checkpoint-3")
-    want = _uninterrupted(tiny_recipe, tmp_path)
-    got = _adapter(out)
-    for k in want:
-        assert torch.allclose(want[k], got[k], atol=1e-6), k
+    _resumes_to_the_uninterrupted_adapter(tiny_recipe, tmp_path, out, "checkpoint-3")
 
 
 def test_a_killed_runs_claim_is_taken_over_and_the_run_resumes(tiny_recipe, tmp_path):
@@ -175,12 +176,7 @@ def test_a_killed_runs_claim_is_taken_over_and_the_run_resumes(tiny_recipe, tmp_
     proc.kill()  # SIGKILL: no handler runs, the owner file stays
     proc.wait()
     assert (tmp_path / ".run.pkt-owner.json").exists()
-    res = pktransfer.run(pktransfer.load_recipe(tmp_path / "recipe.yaml"), quiet=True, evaluate=False)
-    assert res.run["training"]["resumed_from"].endswith("checkpoint-2")
-    want = _uninterrupted(tiny_recipe, tmp_path)
-    got = _adapter(out)
-    for k in want:
-        assert torch.allclose(want[k], got[k], atol=1e-6), k
+    _resumes_to_the_uninterrupted_adapter(tiny_recipe, tmp_path, out, "checkpoint-2")
 
 
 # ---- several workers on one grid ---------------------------------------------------------------------------------

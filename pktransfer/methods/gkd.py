@@ -40,7 +40,9 @@ from pydantic import Field
 from pktransfer.config import MethodConfig
 from pktransfer.data import IGNORE_INDEX
 from pktransfer.data.batching import pad
+from pktransfer.evaluation.generation import contiguous_head_input
 from pktransfer.methods.base import MethodContext, ObjectiveMethod
+from pktransfer.methods.teacher_cache import live_teacher
 from pktransfer.models.pair import check_pair
 from pktransfer.ops.distill import generalized_jsd
 from pktransfer.ops.offload import input_device
@@ -149,7 +151,7 @@ class GkdMethod(ObjectiveMethod):
         model.eval()
         t0 = time.perf_counter()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), contiguous_head_input(model):  # the LM head's slow path on CPU (see there)
                 out = model.generate(
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),
@@ -205,20 +207,8 @@ class GkdMethod(ObjectiveMethod):
 
         def loss(outputs: Any, batch: dict[str, torch.Tensor], n_tokens: Any) -> torch.Tensor:
             logits = outputs.logits[..., : self.vocab]
-            t_model = self.teacher.model
-            dev = input_device(t_model)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                t_logits = t_model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits[
-                    ..., : self.vocab
-                ]
-            ctx.teacher_work.add(
-                "live teacher logits on every training batch (the student's samples included)",
-                forward_tokens=int(batch["attention_mask"].sum()),
-                seconds=time.perf_counter() - t0,
-                parameters=self.teacher.arch.n_parameters,
-            )
-            t_logits = t_logits.to(logits.device)
+            what = "live teacher logits on every training batch (the student's samples included)"
+            t_logits = live_teacher(ctx, self.teacher, batch, what).logits[..., : self.vocab].to(logits.device)
             if self._sampled and len(self.samples) < 8:
                 self._keep_sample(ctx, batch, logits, t_logits)
             self._sampled = False

@@ -20,7 +20,6 @@ norm, as transformers returns it, for both models). The teacher runs live at eve
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +28,7 @@ from pydantic import Field
 
 from pktransfer.config import MethodConfig
 from pktransfer.methods.base import MethodContext, ObjectiveMethod
+from pktransfer.methods.teacher_cache import live_teacher
 from pktransfer.models.pair import check_pair
 from pktransfer.ops.distill import hidden_distance, uniform_layer_pairs
 from pktransfer.ops.offload import input_device
@@ -134,21 +134,8 @@ class HiddenKdMethod(ObjectiveMethod):
             assert self.projections is not None
             labels = batch["labels"]
             mask = response_positions(labels)
-            t_model = self.teacher.model
-            dev = input_device(t_model)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                t_hidden = t_model(
-                    input_ids=batch["input_ids"].to(dev),
-                    attention_mask=batch["attention_mask"].to(dev),
-                    output_hidden_states=True,
-                ).hidden_states
-            ctx.teacher_work.add(
-                "live teacher hidden states at every training batch",
-                forward_tokens=int(batch["attention_mask"].sum()),
-                seconds=time.perf_counter() - t0,
-                parameters=self.teacher.arch.n_parameters,
-            )
+            what = "live teacher hidden states at every training batch"
+            t_hidden = live_teacher(ctx, self.teacher, batch, what, output_hidden_states=True).hidden_states
             projected, targets = [], []
             for k, (s, t) in enumerate(self.pairs):
                 proj = self.projections[0 if len(self.projections) == 1 else k]

@@ -18,7 +18,6 @@ same loss. The cache file is keyed by the teacher, the token ids and k, so runs 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,10 +26,9 @@ from pydantic import Field
 
 from pktransfer.config import MethodConfig
 from pktransfer.methods.base import MethodContext, ObjectiveMethod, SharedWork
-from pktransfer.methods.teacher_cache import PerExampleCache, teacher_logits_cache
+from pktransfer.methods.teacher_cache import PerExampleCache, live_teacher, teacher_logits_cache
 from pktransfer.models.pair import check_pair
 from pktransfer.ops.distill import kl_to_teacher
-from pktransfer.ops.offload import input_device
 from pktransfer.training import LossFn, causal_lm_loss_sum, response_positions
 
 # ---- the loss (pure functions) --------------------------------------------------------------------
@@ -129,20 +127,9 @@ class KdMethod(ObjectiveMethod):
                 t_vals = self.cache.rows("values", index).to(logits.device)
                 t_ids = self.cache.rows("ids", index).to(logits.device)
             else:
-                t_model = self.teacher.model
-                dev = input_device(t_model)
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    t_out = t_model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits[
-                        ..., : self.vocab
-                    ]
-                ctx.teacher_work.add(
-                    "live teacher logits at every training batch",
-                    forward_tokens=int(batch["attention_mask"].sum()),
-                    seconds=time.perf_counter() - t0,
-                    parameters=self.teacher.arch.n_parameters,
-                )
-                t_vals = t_out[:, :-1][response_positions(labels).to(dev)].to(logits.device)
+                t_out = live_teacher(ctx, self.teacher, batch, "live teacher logits at every training batch").logits
+                t_out = t_out[..., : self.vocab]
+                t_vals = t_out[:, :-1][response_positions(labels).to(t_out.device)].to(logits.device)
                 t_ids = None
             return kd_loss(logits, labels, t_vals, t_ids, temperature=spec.temperature, alpha=spec.alpha, n_tokens=n_tokens)
 

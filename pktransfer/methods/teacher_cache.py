@@ -152,3 +152,22 @@ def teacher_logits_cache(
         return out
 
     return PerExampleCache(cached_file(folder, "kd-logits", key, compute, ctx.progress), len(examples), "teacher logits")
+
+
+# ---- the teacher run live at every training batch (kd without a cache, gkd, hidden_kd) ------------------------------
+
+
+@torch.no_grad()
+def live_teacher(ctx: MethodContext, teacher: Any, batch: dict[str, torch.Tensor], what: str, **kwargs: Any) -> Any:
+    """The teacher's forward pass over a training batch (``kwargs``: e.g. ``output_hidden_states``), its tokens and
+    seconds counted in ``ctx.teacher_work`` under ``what``."""
+    dev = input_device(teacher.model)
+    t0 = time.perf_counter()
+    out = teacher.model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev), **kwargs)
+    ctx.teacher_work.add(
+        what,
+        forward_tokens=int(batch["attention_mask"].sum()),
+        seconds=time.perf_counter() - t0,
+        parameters=teacher.arch.n_parameters,
+    )
+    return out
