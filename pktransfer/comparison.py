@@ -480,7 +480,7 @@ def run_claimed(jobs: list[tuple[Path, str, Callable[[], Any]]], progress: Progr
     ``what`` is logged when this worker starts the job. Returns when every job is finished."""
     from pktransfer.claims import Claim, ClaimBusy
 
-    poll = float(os.environ.get("PKT_WORKER_POLL_SECONDS", "5")) if poll is None else poll
+    poll = float(os.environ.get("PKT_WORKER_POLL_SECONDS", "2")) if poll is None else poll
     pending = list(jobs)
     announced: set[str] = set()
     while pending:
@@ -554,7 +554,34 @@ def relocate_record(folder: Path, old: str, new: str) -> None:
         write_text(folder / "recipe.yaml", yaml.safe_dump(moved, sort_keys=False, allow_unicode=True))
 
 
-REPORT_FILES = ("compare.md", "compare.csv", "compare.json", "compare_scores.png", "compare_loss.png")
+REPORT_FILES = ("compare.md", "compare.csv", "compare.json", "compare_scores.png", "compare_loss.png", "constraints.txt")
+
+# packages whose versions change what a cell computes (run.json's ``versions``), pinned in a grid's constraints.txt
+PINNED = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "numpy", "scipy")
+
+
+def grid_constraints(runs: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    """A pip constraints file pinning the versions the grid's cells ran with (from each run.json), and the packages
+    whose versions differ between cells (then the most common version is pinned and the file says so)."""
+    from collections import Counter
+
+    lines = [
+        "# the package versions this comparison's cells ran with (written by pkt compare from each run.json);",
+        "# reproduce with: pip install -c constraints.txt -c THIS_FILE '.[offline]'   (torch: the CPU build, +cpu)",
+    ]
+    mixed = []
+    for pkg in PINNED:
+        seen = Counter(r.get("versions", {}).get(pkg) for r in runs)
+        seen.pop(None, None)
+        seen.pop("not installed", None)
+        if not seen:
+            continue
+        version, _ = seen.most_common(1)[0]
+        if len(seen) > 1:
+            mixed.append(f"{pkg}: " + ", ".join(f"{v} ({n} cells)" for v, n in seen.most_common()))
+            lines.append(f"# {pkg}: cells ran with {', '.join(seen)}; the most common is pinned")
+        lines.append(f"{pkg}=={version.split('+', 1)[0]}")
+    return "\n".join(lines) + "\n", mixed
 
 
 def save_record(folder: Path, root: Path, records: Path) -> None:
@@ -732,24 +759,22 @@ def compare(
     shared_work(cells)
     for c in cells:  # a finished cell made with another recipe is refused, never silently reused
         _reusable(c.folder, c.recipe, f"finished cell {c.label} (seed {c.seed})")
-    base_info = None
-    if recipe.evaluation.teacher or recipe.evaluation.student:
-        base_dir = root / "base"
-        base_recipe = recipe.model_copy(update={"output_dir": str(base_dir), "compare": None})
-        if not _reusable(base_dir, base_recipe, "the untouched models' evaluation (base/)"):
+    # the untouched models' evaluation is one more job beside the cells (the report needs it, no cell does)
+    jobs: list[tuple[Path, str, Callable[[], Any]]] = []
+    base_dir = root / "base"
+    base_recipe = recipe.model_copy(update={"output_dir": str(base_dir), "compare": None})
+    wants_base = recipe.evaluation.teacher or recipe.evaluation.student
+    if wants_base and not _reusable(base_dir, base_recipe, "the untouched models' evaluation (base/)"):
 
-            def base() -> None:
-                pipeline.evaluate_pair(base_recipe, progress=progress)
+        def base() -> None:
+            pipeline.evaluate_pair(base_recipe, progress=progress)
 
-            run_claimed([(base_dir, "evaluating the untouched teacher and student once", base)], progress)
-        record(base_dir)
-        base_info = json.loads((base_dir / "run.json").read_text())
+        jobs.append((base_dir, "evaluating the untouched teacher and student once", base))
     todo = [c for c in cells if not _finished(c.folder)]
     progress.log(
         f"compare: {len(cells)} cells ({len(cells) - len(todo)} already finished), "
         f"{len(recipe.compare.methods)} entries x seeds {recipe.compare.seeds}"
     )
-    cell_jobs = []
     for i, cell in enumerate(cells, 1):
         if cell not in todo:
             continue
@@ -759,8 +784,12 @@ def compare(
             gc.collect()
             record(cell.folder)
 
-        cell_jobs.append((cell.folder, f"cell {i}/{len(cells)}: {cell.label}, seed {cell.seed}", run_cell))
-    run_claimed(cell_jobs, progress)  # the report needs every cell, whichever worker ran it
+        jobs.append((cell.folder, f"cell {i}/{len(cells)}: {cell.label}, seed {cell.seed}", run_cell))
+    run_claimed(jobs, progress)  # the report needs every cell, whichever worker ran it
+    base_info = None
+    if wants_base:
+        record(base_dir)
+        base_info = json.loads((base_dir / "run.json").read_text())
     for c in cells:
         record(c.folder)
     records = [cell_record(c) for c in cells]
@@ -791,6 +820,11 @@ def compare(
     plots = plot_compare(result, root)
     result["plots"] = [p.name for p in plots]
     write_text(root / "compare.md", render_compare_markdown(result))
+    runs = [json.loads((c.folder / "run.json").read_text()) for c in cells]
+    constraints, mixed = grid_constraints(runs)
+    write_text(root / "constraints.txt", constraints)
+    for line in mixed:
+        progress.warn(f"compare: the cells ran with different versions of {line} (see constraints.txt)")
     if records_dir is not None:
         for name in REPORT_FILES:
             if (root / name).is_file():

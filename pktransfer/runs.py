@@ -34,7 +34,19 @@ RUN_JSON = "run.json"
 
 def versions() -> dict[str, str]:
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for pkg in ("pktransfer", "torch", "transformers", "peft", "accelerate", "safetensors", "pydantic", "gguf"):
+    for pkg in (
+        "pktransfer",
+        "torch",
+        "transformers",
+        "peft",
+        "accelerate",
+        "safetensors",
+        "tokenizers",
+        "numpy",
+        "scipy",
+        "pydantic",
+        "gguf",
+    ):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
