@@ -364,6 +364,40 @@ def adjust_family(
     }
 
 
+def teacher_cost_per_entry(
+    records: list[dict[str, Any]],
+    tuning: list[dict[str, Any]],
+    shared_users: dict[str, set[str]],
+    shared_seconds: dict[str, float],
+    shared_teacher: dict[str, dict[str, Any]],
+) -> dict[str, dict[str, float]]:
+    """What each entry cost the teacher over the whole comparison: its grid cells and tuning cells (a cache built by
+    the first of them, e.g. KD's logits, is counted where it was built), plus an equal share of every shared job its
+    cells read (e.g. one Seeking sensitivity read by ``seeking`` and ``seeking+gkd``: half each)."""
+    keys = ("forward_tokens", "backward_tokens", "seconds", "flops")
+    out: dict[str, dict[str, float]] = {}
+
+    def add(label: str, teacher: dict[str, Any], share: float = 1.0, part: str = "cells") -> None:
+        e = out.setdefault(label, {**dict.fromkeys(keys, 0.0), "shared_seconds": 0.0})
+        for k in keys:
+            e[k] += share * float(teacher.get(k, 0.0) or 0.0)
+        if part == "shared":
+            e["shared_seconds"] += share * float(teacher.get("seconds", 0.0) or 0.0)
+
+    for r in records:
+        add(r["label"], r.get("teacher", {}))
+    for t in tuning:
+        add(t["label"], t.get("teacher", {}))
+    for folder, users in shared_users.items():
+        if not users:
+            continue
+        # a record made before shared jobs counted their teacher work holds only its wall time
+        teacher = shared_teacher.get(folder) or {"seconds": shared_seconds.get(folder, 0.0)}
+        for label in users:
+            add(label, teacher, 1 / len(users), "shared")
+    return out
+
+
 def budget_differences(records: list[dict[str, Any]]) -> list[str]:
     """What differs between the cells of one seed (same data order): trainable parameters, optimizer steps,
     training tokens. Empty = the budget is equal, as counted."""
@@ -692,6 +726,8 @@ def compare(
 
     started = time.time()
     shared_cost: dict[str, float] = {}
+    shared_users: dict[str, set[str]] = {}  # shared folder -> the entries whose cells (tuning or grid) read it
+    shared_teacher: dict[str, dict[str, Any]] = {}  # shared folder -> the teacher work its run.json counted
 
     def shared_work(cs: list[Cell]) -> None:
         jobs = []
@@ -707,12 +743,17 @@ def compare(
 
                 jobs.append((Path(folder), f"running `{verb}` once for the cells of '{r.method.name}' ({folder})", job))
         run_claimed(jobs, progress)  # other workers wait for shared work another one is doing
-        for folder, _, _, _ in shared:
+        for folder, _, _, needed in shared:
+            shared_users.setdefault(folder, set()).update(c.label for c in needed)
+            run_json = Path(folder) / "run.json"
             if _finished(Path(folder)):
                 record(Path(folder))  # its run.json (the cost), not its caches
-                shared_cost[folder] = json.loads((Path(folder) / "run.json").read_text())["wall_seconds"]
-            elif records_dir is not None and (recorded := records_dir / Path(folder).relative_to(root) / "run.json").is_file():
-                shared_cost[folder] = json.loads(recorded.read_text())["wall_seconds"]
+            elif records_dir is not None:
+                run_json = records_dir / Path(folder).relative_to(root) / "run.json"
+            if run_json.is_file():
+                info = json.loads(run_json.read_text())
+                shared_cost[folder] = info["wall_seconds"]
+                shared_teacher[folder] = info.get("budget", {}).get("teacher", {})
 
     # 1b. tuning: validation only, one seed; the test split is not read until every value is chosen
     tuning: list[dict[str, Any]] = []
@@ -746,6 +787,7 @@ def compare(
                     "seed": tc.cell.seed,
                     "final_loss": rec["final_loss"],
                     "wall_seconds": rec["wall_seconds"],
+                    "teacher": rec["teacher"],
                 }
             )
     chosen = choose(tuning)
@@ -811,6 +853,7 @@ def compare(
         "groups": {r["label"]: registry.method_class(r["method"]).teacher_use for r in records},
         "base": base_info["metrics"] if base_info else {},
         "shared_work_seconds": shared_cost,
+        "teacher_cost": teacher_cost_per_entry(records, tuning, shared_users, shared_cost, shared_teacher),
         "base_seconds": base_info.get("wall_seconds", 0.0) if base_info else 0.0,
         "task": base_info.get("task") if base_info else None,
         "wall_seconds_this_invocation": round(time.time() - started, 1),

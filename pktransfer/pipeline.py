@@ -450,6 +450,7 @@ def run_verb(
         student, formatter = _load_student(recipe, task, log, progress)
         ctx = MethodContext(recipe, student, task, formatter, rd.work, progress, teacher)
         info = run_info(recipe, log, started, verb=verb, **v.run(get_method(recipe.method), ctx, log))
+        info["budget"] = {"teacher": ctx.teacher_work.to_dict()}  # what the grid's cells share, counted once
         rd.write_json("run.json", info)
     return RunResult(rd.finish(), info)
 

@@ -139,6 +139,32 @@ def family_columns(b: dict[str, Any]) -> list[str]:
     ]
 
 
+def teacher_cost_table(result: dict[str, Any]) -> list[str]:
+    """Each entry's teacher cost over the whole comparison, caches and shared work apportioned."""
+    cost = result.get("teacher_cost") or {}
+    if not cost:
+        return []
+    lines = [
+        "### Teacher cost per method, whole comparison",
+        "",
+        "Every cell of the entry (tuning cells and grid cells; a cache is counted in the cell that built it, whichever "
+        "that was) plus an equal share of each shared job its cells read. Tokens and FLOPs of shared jobs recorded "
+        "before they were counted are missing; their seconds are not.",
+        "",
+        "| method | teacher fwd tokens | teacher bwd tokens | teacher s | of which shared work s | teacher FLOPs |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label in result["summary"]["labels"]:
+        c = cost.get(label)
+        if c is None:
+            continue
+        lines.append(
+            f"| {label} | {_count(c['forward_tokens'])} | {_count(c['backward_tokens'])} | {c['seconds']:.1f} | "
+            f"{c['shared_seconds']:.1f} | {_count(c['flops'])} |"
+        )
+    return [*lines, ""]
+
+
 def budget_table(result: dict[str, Any]) -> list[str]:
     """What each method actually trained and spent, counted in its runs (means over seeds)."""
     s = result["summary"]
@@ -168,6 +194,7 @@ def budget_table(result: dict[str, Any]) -> list[str]:
     for folder, sec in result.get("shared_work_seconds", {}).items():
         lines.append(f"\nShared teacher work `{folder}` (once for all its cells): {sec:.1f} s.")
     lines.append("")
+    lines += teacher_cost_table(result)
     if s.get("equal_budget"):
         lines += [
             "**Equal budget**: every cell of a seed trained the same number of parameters for the same steps "

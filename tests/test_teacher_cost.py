@@ -1,0 +1,46 @@
+"""Each entry's teacher cost over the whole comparison: caches counted where built, shared work apportioned."""
+
+from __future__ import annotations
+
+import pytest
+
+import pktransfer
+from pktransfer.comparison import teacher_cost_per_entry
+from pktransfer.recipe import recipe_from_dict
+
+
+def test_cells_tuning_and_an_equal_share_of_shared_work_by_hand():
+    t = lambda f, s: {"forward_tokens": f, "backward_tokens": 0, "seconds": s, "flops": 2.0 * f}  # noqa: E731
+    records = [{"label": "kd", "teacher": t(0, 0.0)}, {"label": "seeking", "teacher": t(0, 0.0)}]
+    tuning = [{"label": "kd", "teacher": t(1000, 4.0)}, {"label": "kd", "teacher": t(0, 0.0)}]
+    shared = {"/g/shared/seeking-x": {"seeking", "seeking+gkd"}}
+    cost = teacher_cost_per_entry(records, tuning, shared, {"/g/shared/seeking-x": 60.0}, {"/g/shared/seeking-x": t(300, 50.0)})
+    assert cost["kd"]["forward_tokens"] == 1000 and cost["kd"]["seconds"] == 4.0  # the cache, built in a tuning cell
+    assert cost["seeking"]["forward_tokens"] == 150 and cost["seeking"]["shared_seconds"] == 25.0
+    assert cost["seeking+gkd"]["seconds"] == 25.0
+    # a shared record from before its teacher work was counted: its wall time stands in, split the same way
+    old = teacher_cost_per_entry([], [], shared, {"/g/shared/seeking-x": 60.0}, {"/g/shared/seeking-x": {}})
+    assert old["seeking"]["seconds"] == 30.0 and old["seeking"]["forward_tokens"] == 0
+
+
+def test_a_grid_counts_kds_cache_and_splits_a_shared_sensitivity(tiny_recipe, tmp_path):
+    tiny_recipe["task"]["validation"] = 4
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    tiny_recipe["compare"] = {
+        "methods": [
+            "lora",
+            {"name": "kd", "tune": {"key": "training.lr", "values": [1e-3, 5e-4]}},
+            {"name": "seeking", "n_seed": 3},
+            {"name": "compose", "start": {"name": "seeking", "n_seed": 3}, "objective": {"name": "kd"}},
+        ],
+        "seeds": [0],
+    }
+    res = pktransfer.compare(recipe_from_dict(tiny_recipe), quiet=True)
+    cost = res.result["teacher_cost"]
+    assert cost["lora"]["forward_tokens"] == 0
+    assert cost["kd"]["forward_tokens"] > 0  # its logits cache, built by a tuning cell, is its cost
+    assert len([f for f in res.result["shared_work_seconds"] if "seeking-" in f]) == 1  # one sensitivity for both
+    assert cost["seeking"]["shared_seconds"] == pytest.approx(cost["seeking+kd"]["shared_seconds"])
+    assert cost["seeking"]["backward_tokens"] > 0  # the sensitivity's backward passes, half of them
+    md = (res.output_dir / "compare.md").read_text()
+    assert "Teacher cost per method, whole comparison" in md
