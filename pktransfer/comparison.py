@@ -618,6 +618,26 @@ def grid_constraints(runs: list[dict[str, Any]]) -> tuple[str, list[str]]:
     return "\n".join(lines) + "\n", mixed
 
 
+RERUNS = "reruns.json"  # in a record: the earlier finished results of the same folder it replaced
+
+
+def rerun_history(dest: Path) -> list[dict[str, Any]]:
+    """The earlier finished results recorded at ``dest`` (empty when nothing was recorded there): what a record
+    replacing it must keep, so a report can say an entry was rerun after its results existed."""
+    if not (dest / "run.json").is_file():
+        return []
+    old = json.loads((dest / "run.json").read_text())
+    earlier = json.loads((dest / RERUNS).read_text()) if (dest / RERUNS).is_file() else []
+    return [
+        *earlier,
+        {
+            "started_at": old.get("started_at"),
+            "wall_seconds": old.get("wall_seconds"),
+            "metrics": {split: m.get("accuracy") for split, m in old.get("metrics", {}).get("trained", {}).items()},
+        },
+    ]
+
+
 def save_record(folder: Path, root: Path, records: Path) -> None:
     """Copy a finished folder's record (marker, run.json, recipe, per-item evaluations, loss history) to the
     same place under ``records``; written to a temporary folder, then renamed into place."""
@@ -637,6 +657,9 @@ def save_record(folder: Path, root: Path, records: Path) -> None:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(folder / rel, tmp / rel)
     write_json(tmp / ORIGIN, {"grid": str(root)})
+    history = rerun_history(dest)
+    if history:  # this folder was run again after a finished result had been recorded: the record keeps saying so
+        write_json(tmp / RERUNS, history)
     honour_umask(tmp)
     shutil.rmtree(dest, ignore_errors=True)
     try:
@@ -645,6 +668,25 @@ def save_record(folder: Path, root: Path, records: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (dest / "run.json").is_file():
             raise
+
+
+def recorded_reruns(records_dir: Path | None, root: Path, cells: list[Cell]) -> list[dict[str, Any]]:
+    """Cells whose record replaced an earlier finished result: label, seed, folder and the earlier results."""
+    if records_dir is None:
+        return []
+    out = []
+    for c in cells:
+        path = records_dir / c.folder.resolve().relative_to(root) / RERUNS
+        if path.is_file():
+            out.append(
+                {
+                    "label": c.label,
+                    "seed": c.seed,
+                    "folder": str(c.folder.resolve().relative_to(root)),
+                    "earlier": json.loads(path.read_text()),
+                }
+            )
+    return out
 
 
 def restore_records(records: Path, root: Path, progress: Progress) -> int:
@@ -854,6 +896,7 @@ def compare(
         "base": base_info["metrics"] if base_info else {},
         "shared_work_seconds": shared_cost,
         "teacher_cost": teacher_cost_per_entry(records, tuning, shared_users, shared_cost, shared_teacher),
+        "reruns": recorded_reruns(records_dir, root, [*(tc.cell for tc in tune_cells), *cells]),
         "base_seconds": base_info.get("wall_seconds", 0.0) if base_info else 0.0,
         "task": base_info.get("task") if base_info else None,
         "wall_seconds_this_invocation": round(time.time() - started, 1),

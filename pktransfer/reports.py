@@ -139,6 +139,21 @@ def family_columns(b: dict[str, Any]) -> list[str]:
     ]
 
 
+def reruns_section(result: dict[str, Any]) -> list[str]:
+    """Cells run again after a finished result of theirs had been recorded (the report must not hide it)."""
+    reruns = result.get("reruns") or []
+    if not reruns:
+        return []
+    lines = ["### Reruns", "", "These folders were run again after a finished result had been recorded for them:", ""]
+    for r in reruns:
+        earlier = "; ".join(
+            f"started {e['started_at']}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in e["metrics"].items() if v is not None)
+            for e in r["earlier"]
+        )
+        lines.append(f"- `{r['folder']}` ({r['label']}, seed {r['seed']}), earlier: {earlier}")
+    return [*lines, ""]
+
+
 def teacher_cost_table(result: dict[str, Any]) -> list[str]:
     """Each entry's teacher cost over the whole comparison, caches and shared work apportioned."""
     cost = result.get("teacher_cost") or {}
@@ -195,6 +210,7 @@ def budget_table(result: dict[str, Any]) -> list[str]:
         lines.append(f"\nShared teacher work `{folder}` (once for all its cells): {sec:.1f} s.")
     lines.append("")
     lines += teacher_cost_table(result)
+    lines += reruns_section(result)
     if s.get("equal_budget"):
         lines += [
             "**Equal budget**: every cell of a seed trained the same number of parameters for the same steps "

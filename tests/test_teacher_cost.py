@@ -44,3 +44,17 @@ def test_a_grid_counts_kds_cache_and_splits_a_shared_sensitivity(tiny_recipe, tm
     assert cost["seeking"]["backward_tokens"] > 0  # the sensitivity's backward passes, half of them
     md = (res.output_dir / "compare.md").read_text()
     assert "Teacher cost per method, whole comparison" in md
+
+
+def test_a_rerun_after_results_were_recorded_is_kept_in_the_record_and_reported(tiny_recipe, tmp_path):
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    tiny_recipe["compare"] = {"methods": ["lora", "pissa"], "seeds": [0]}
+    records = tmp_path / "records"
+    first = pktransfer.compare(recipe_from_dict(tiny_recipe), quiet=True, records=records)
+    assert first.result["reruns"] == [] and "### Reruns" not in (first.output_dir / "compare.md").read_text()
+    again = pktransfer.compare(recipe_from_dict(tiny_recipe), quiet=True, records=records, overwrite=True)
+    reruns = again.result["reruns"]
+    assert [(r["label"], r["seed"]) for r in reruns] == [("lora", 0), ("pissa", 0)]
+    assert reruns[0]["earlier"][0]["metrics"]["test"] == first.result["cells"][0]["metrics"]["test"]
+    assert "### Reruns" in (again.output_dir / "compare.md").read_text()
+    assert (records / "cells" / "lora" / "seed-0" / "reruns.json").is_file()
