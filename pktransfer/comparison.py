@@ -259,6 +259,7 @@ def cell_record(cell: Cell) -> dict[str, Any]:
         "budget": {k: run["recipe"][k.split(".")[0]][k.split(".")[1]] for k in BUDGET_KEYS},
         "spent": {k: run.get("budget", {}).get(k) for k in SPENT_KEYS},
         "teacher": run.get("budget", {}).get("teacher", {}),
+        "learning_curve": run["training"].get("learning_curve", []),
     }
 
 

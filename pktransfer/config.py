@@ -122,6 +122,13 @@ class EvaluationSpec(Strict):
     max_new_tokens: int | None = Field(
         default=None, ge=1, description="generation budget (None: the task's own, e.g. 12 for arithmetic)"
     )
+    learning_curve: int = Field(
+        default=0,
+        ge=0,
+        le=20,
+        description="score the validation split at every 1/N of the training steps while training (N points, the last "
+        "at the end; 0: off), e.g. 3 for the accuracy at each third of the budget; needs task.validation",
+    )
     teacher: bool = Field(default=True, description="also evaluate the teacher")
     student: bool = Field(default=True, description="also evaluate the untouched student")
 

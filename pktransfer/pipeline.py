@@ -167,6 +167,8 @@ def check_recipe(recipe: Recipe) -> tuple[Task, list[Item]]:
         )
     for split in recipe.evaluation.splits:
         _eval_items(task, split, recipe)
+    if recipe.evaluation.learning_curve:
+        _eval_items(task, "validation", recipe)  # the curve scores validation items: fail before any model loads
     check_code_opt_in(task, recipe.evaluation.allow_code_execution)
     load_config(recipe.student.model, recipe.student.revision)
     if recipe.evaluation.teacher or get_method(recipe.method).needs_teacher:
@@ -337,6 +339,7 @@ def _prepare_and_train(method: Any, ctx: MethodContext, rd: RunDir, log: StageLo
                 "training_tokens": t.get("tokens_seen"),
             },
         )
+    curve = learning_curve_callback(ctx, method)
     with log.stage("train"):
         try:
             result = train(
@@ -349,7 +352,7 @@ def _prepare_and_train(method: Any, ctx: MethodContext, rd: RunDir, log: StageLo
                 progress=ctx.progress,
                 loss=method.training_loss(ctx),
                 batch=method.training_batch(ctx),
-                callbacks=method.callbacks(ctx),
+                callbacks=[*method.callbacks(ctx), *([curve] if curve else [])],
             )
         finally:
             method.finish_training()
@@ -360,6 +363,7 @@ def _prepare_and_train(method: Any, ctx: MethodContext, rd: RunDir, log: StageLo
             "seconds": round(result.seconds, 2),
             "final_loss": result.final_loss,
             "resumed_from": result.resumed_from,
+            **({"learning_curve": curve.points} if curve else {}),
         },
         {
             "trainable_parameters": result.trainable_parameters,
@@ -368,6 +372,40 @@ def _prepare_and_train(method: Any, ctx: MethodContext, rd: RunDir, log: StageLo
             **method.spent(),
         },
     )
+
+
+def learning_curve_callback(ctx: MethodContext, method: Any) -> Any:
+    """``evaluation.learning_curve: N``: a ``TrainerCallback`` that scores the validation items with the adapter as it
+    stands at every 1/N of the training steps (eval mode, greedy: it draws no random numbers, so training is unchanged),
+    kept in ``points`` as {step, fraction, validation}. None when the recipe asks for no curve."""
+    n = ctx.recipe.evaluation.learning_curve
+    if not n or not method.post_training:
+        return None
+    from transformers import TrainerCallback
+
+    items = _eval_items(ctx.task, "validation", ctx.recipe)  # a clear error when task.validation is not set
+    options = eval_options(ctx.recipe, ctx.task)
+
+    class LearningCurve(TrainerCallback):
+        def __init__(self) -> None:
+            self.points: list[dict[str, Any]] = []
+
+        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            total = state.max_steps
+            targets = {max(1, round(total * k / n)) for k in range(1, n + 1)}
+            if state.global_step not in targets or model is None:
+                return
+            model.eval()
+            try:
+                res = evaluate_items(
+                    model, ctx.formatter, items, label="curve", task=ctx.task, split="validation", options=options
+                )
+            finally:
+                model.train()
+            self.points.append({"step": state.global_step, "fraction": state.global_step / total, "validation": res.accuracy})
+            ctx.progress.log(f"learning curve: step {state.global_step}/{total}: validation {100 * res.accuracy:.1f}%")
+
+    return LearningCurve()
 
 
 def _save(method: Any, trained: Trained, student: LoadedModel, recipe: Recipe, rd: RunDir) -> tuple[Any, dict[str, Any]]:

@@ -139,6 +139,30 @@ def family_columns(b: dict[str, Any]) -> list[str]:
     ]
 
 
+def learning_curve_table(result: dict[str, Any]) -> list[str]:
+    """Validation accuracy at each recorded fraction of the budget, mean over seeds, for entries that kept a curve."""
+    by_label: dict[str, dict[float, list[float]]] = {}
+    for cell in result.get("cells", []):
+        for pt in cell.get("learning_curve") or []:
+            by_label.setdefault(cell["label"], {}).setdefault(round(pt["fraction"], 3), []).append(pt["validation"])
+    if not by_label:
+        return []
+    fractions = sorted({f for curve in by_label.values() for f in curve})
+    lines = [
+        "### Learning curve",
+        "",
+        "Validation accuracy (%) with the adapter as it stood at each fraction of the training steps (mean over seeds; "
+        "`evaluation.learning_curve`). A start worth k LoRA steps reaches LoRA's accuracy about k steps earlier.",
+        "",
+        "| method | " + " | ".join(f"{100 * f:.0f}% of the steps" for f in fractions) + " |",
+        "|---|" + "---:|" * len(fractions),
+    ]
+    for label, curve in by_label.items():
+        cells = [f"{100 * sum(v) / len(v):.1f}" if (v := curve.get(f)) else "" for f in fractions]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def reruns_section(result: dict[str, Any]) -> list[str]:
     """Cells run again after a finished result of theirs had been recorded (the report must not hide it)."""
     reruns = result.get("reruns") or []
@@ -211,6 +235,7 @@ def budget_table(result: dict[str, Any]) -> list[str]:
     lines.append("")
     lines += teacher_cost_table(result)
     lines += reruns_section(result)
+    lines += learning_curve_table(result)
     if s.get("equal_budget"):
         lines += [
             "**Equal budget**: every cell of a seed trained the same number of parameters for the same steps "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import pktransfer
 from pktransfer.comparison import teacher_cost_per_entry
@@ -58,3 +59,38 @@ def test_a_rerun_after_results_were_recorded_is_kept_in_the_record_and_reported(
     assert reruns[0]["earlier"][0]["metrics"]["test"] == first.result["cells"][0]["metrics"]["test"]
     assert "### Reruns" in (again.output_dir / "compare.md").read_text()
     assert (records / "cells" / "lora" / "seed-0" / "reruns.json").is_file()
+
+
+def test_the_learning_curve_scores_validation_at_each_third_without_changing_training(tiny_recipe, tmp_path):
+    from safetensors.torch import load_file
+
+    tiny_recipe["task"]["validation"] = 4
+    tiny_recipe["training"]["max_steps"] = 6
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    plain = pktransfer.run(recipe_from_dict({**tiny_recipe, "output_dir": str(tmp_path / "plain")}), quiet=True)
+    curved = recipe_from_dict(
+        {**tiny_recipe, "evaluation": {**tiny_recipe["evaluation"], "learning_curve": 3}, "output_dir": str(tmp_path / "c")}
+    )
+    res = pktransfer.run(curved, quiet=True)
+    points = res.run["training"]["learning_curve"]
+    assert [p["step"] for p in points] == [2, 4, 6] and all(0 <= p["validation"] <= 1 for p in points)
+    a, b = (
+        load_file(str(plain.output_dir / "adapter/adapter_model.safetensors")),
+        load_file(str(res.output_dir / "adapter/adapter_model.safetensors")),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)  # scoring along the way drew no random numbers
+    # the last point is the trained adapter's validation accuracy, as the run's own evaluation measured it
+    tiny_recipe["evaluation"]["splits"] = ["validation"]
+    final = pktransfer.run(recipe_from_dict({**tiny_recipe, "output_dir": str(tmp_path / "v")}), quiet=True)
+    assert points[-1]["validation"] == final.metrics["trained"]["validation"]["accuracy"]
+    import pytest as _pytest
+
+    from pktransfer.errors import RecipeError
+
+    no_val = {
+        **tiny_recipe,
+        "task": {**tiny_recipe["task"], "validation": None},
+        "evaluation": {**tiny_recipe["evaluation"], "splits": ["test"], "learning_curve": 3},
+    }
+    with _pytest.raises(RecipeError, match=r"task\.validation"):
+        pktransfer.run(recipe_from_dict({**no_val, "output_dir": str(tmp_path / "n")}), quiet=True)
