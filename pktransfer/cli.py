@@ -355,6 +355,13 @@ def contrast_cmd(
             f"bootstrap 95% [{100 * bt['ci_low']:+.1f}, {100 * bt['ci_high']:+.1f}], P(Δ≤0) {bt['p_le_zero']:.3f}, "
             f"MDE {100 * bt['mde']:.1f}; {by_seed}"
         )
+        if r["also_differ"]:
+            differ = ", ".join(f"{k} {va} vs {vb}" for k, (va, vb) in r["also_differ"].items())
+            err_console.print(
+                f"[yellow]note:[/yellow] {a} and {b} also ran with different {differ}: this contrast mixes their methods "
+                "with that; list the pair in compare.matched to run each at the other's settings",
+                soft_wrap=True,
+            )
 
     guarded(go)
 

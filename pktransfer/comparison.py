@@ -114,6 +114,34 @@ def check_overrides(label: str, overrides: dict[str, Any], allow_unequal_budget:
             )
 
 
+def plan_matched(recipe: Recipe, chosen: dict[str, dict[str, Any]]) -> list[Cell]:
+    """For each ``compare.matched`` pair (A, B) whose tuned values differ: A at B's chosen values and B at A's, on
+    every seed, labelled ``A[key=value]``, so the contrast can be made at each tuned setting, both ways."""
+    assert recipe.compare is not None
+    entries = {label: (method, overrides) for label, method, overrides in expand_entries(recipe)}
+    for a, b in recipe.compare.matched:
+        missing = [x for x in (a, b) if x not in entries]
+        if missing:
+            raise RecipeError(f"compare.matched names {missing}, not entries of the grid", hint=f"entries: {', '.join(entries)}")
+    base = recipe.dump()
+    base.pop("compare")
+    base["evaluation"].update(teacher=False, student=False)
+    root = Path(recipe.output_dir)
+    cells = []
+    for seed in recipe.compare.seeds:
+        for a, b in recipe.compare.matched:
+            for x, y in ((a, b), (b, a)):
+                mine, theirs = chosen.get(x, {}), chosen.get(y, {})
+                if not theirs or theirs == mine:
+                    continue
+                label = f"{x}[" + ",".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in theirs.items()) + "]"
+                method, overrides = entries[x]
+                folder = root / "cells" / label / f"seed-{seed}"
+                what = f"compare.matched {x} at {y}'s settings"
+                cells.append(_cell(base, label, method, seed, folder, {**overrides, **theirs}, what))
+    return cells
+
+
 def plan_grid(recipe: Recipe, chosen: dict[str, dict[str, Any]] | None = None) -> list[Cell]:
     """Every cell's full recipe, seed-major (all methods of the first seed first); ``chosen`` (label ->
     {key: value}) adds each tuned entry's chosen value."""
@@ -130,6 +158,11 @@ def plan_grid(recipe: Recipe, chosen: dict[str, dict[str, Any]] | None = None) -
     entries = expand_entries(recipe)
     for label, _, overrides in entries:
         check_overrides(label, overrides, spec.allow_unequal_budget)
+    unknown = sorted({x for pair in spec.matched for x in pair} - {lbl for lbl, _, _ in entries})
+    if unknown:
+        raise RecipeError(
+            f"compare.matched names {unknown}, not entries of the grid", hint=f"entries: {[lbl for lbl, _, _ in entries]}"
+        )
     if spec.baseline not in [lbl for lbl, _, _ in entries]:
         raise RecipeError(
             f"compare.baseline '{spec.baseline}' is not one of the labels {[lbl for lbl, _, _ in entries]}",
@@ -327,7 +360,23 @@ def contrast(folder: Path, a: str, b: str, split: str = "test", *, resamples: in
     boot["mde"] = minimum_detectable_effect(boot["se"])
     seeds = sorted(set(sa) & set(sb))
     means = {s: (sum(sa[s].values()) / len(sa[s]), sum(sb[s].values()) / len(sb[s])) for s in seeds}
-    return {"a": a, "b": b, "split": split, "by_seed": {s: ma - mb for s, (ma, mb) in means.items()}, "bootstrap": boot}
+    return {
+        "a": a,
+        "b": b,
+        "split": split,
+        "by_seed": {s: ma - mb for s, (ma, mb) in means.items()},
+        "bootstrap": boot,
+        "also_differ": budget_confounds(data["cells"], a, b),
+    }
+
+
+def budget_confounds(cells: list[dict[str, Any]], a: str, b: str) -> dict[str, list[Any]]:
+    """Training-budget keys (learning rate, steps, LoRA size...) on which entries ``a`` and ``b`` ran differently: a
+    contrast between them then mixes their methods with these (``compare.matched`` runs each at the other's)."""
+    budgets = {lbl: next((c["budget"] for c in cells if c["label"] == lbl and "budget" in c), None) for lbl in (a, b)}
+    if any(v is None for v in budgets.values()):
+        return {}
+    return {k: [budgets[a][k], budgets[b][k]] for k in budgets[a] if budgets[a][k] != budgets[b].get(k)}
 
 
 def adjust_family(
@@ -422,6 +471,7 @@ def summarize(
     alpha: float = 0.05,
     adjustment: str = "holm",
     margin: float | None = None,
+    secondary: set[str] | None = None,
 ) -> dict[str, Any]:
     """Per entry: accuracy over seeds, the paired t-test by seed and the paired bootstrap against ``baseline``; then,
     per metric, over the family of comparisons with the baseline: Holm-adjusted bootstrap p-values (``adjustment``)
@@ -467,7 +517,8 @@ def summarize(
         by_label[label] = entry
     family = {}
     for metric in metrics:
-        family[metric] = adjust_family(by_label, distributions, metric, alpha=alpha, adjustment=adjustment, margin=margin)
+        primary = {lbl: e for lbl, e in by_label.items() if lbl not in (secondary or set())}
+        family[metric] = adjust_family(primary, distributions, metric, alpha=alpha, adjustment=adjustment, margin=margin)
     differences = budget_differences(records)
     design = {}
     for metric in metrics:
@@ -839,8 +890,11 @@ def compare(
     cells = untuned
     if chosen:  # the untuned cells were checked before any work; the chosen values are checked now
         cells = plan_grid(recipe, chosen)
+        matched = plan_matched(recipe, chosen)
+        cells += matched
         for cell in cells:
             pipeline.check_recipe(cell.recipe)
+    secondary = sorted({c.label for c in cells if c.label not in {lbl for lbl, _, _ in expand_entries(recipe)}})
     shared_work(cells)
     for c in cells:  # a finished cell made with another recipe is refused, never silently reused
         _reusable(c.folder, c.recipe, f"finished cell {c.label} (seed {c.seed})")
@@ -890,7 +944,9 @@ def compare(
             alpha=recipe.compare.alpha,
             adjustment=recipe.compare.adjustment,
             margin=recipe.compare.equivalence_margin,
+            secondary=set(secondary),
         ),
+        "secondary": secondary,
         "tuning": tuning,
         "chosen": chosen,
         "groups": {r["label"]: registry.method_class(r["method"]).teacher_use for r in records},

@@ -119,6 +119,12 @@ class CompareSpec(Strict):
     allow_unequal_budget: bool = Field(default=False, description="let entries override training budget keys")
     tune: TuneSpec | None = Field(default=None, description="tune every entry on validation before the grid")
     bootstrap: int = Field(default=10000, ge=100, description="paired bootstrap resamples (items x seeds)")
+    matched: list[tuple[str, str]] = Field(
+        default_factory=list,
+        description="pairs of entry labels whose contrast isolates one factor (e.g. [seeking, seeking-random]): where "
+        "tuning chose different values for them, each also runs at the other's values, so the pair can be compared "
+        "at either (secondary cells, outside the family of comparisons with the baseline)",
+    )
     # the primary analysis, declared before the grid runs
     alpha: float = Field(default=0.05, gt=0, lt=0.5, description="family-wise error rate of the comparisons with the baseline")
     adjustment: Literal["holm", "none"] = Field(

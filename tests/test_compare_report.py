@@ -1,4 +1,4 @@
-"""Each entry's teacher cost over the whole comparison: caches counted where built, shared work apportioned."""
+"""What a comparison reports beyond accuracy: teacher cost per entry, reruns, learning curves, matched ablations."""
 
 from __future__ import annotations
 
@@ -94,3 +94,32 @@ def test_the_learning_curve_scores_validation_at_each_third_without_changing_tra
     }
     with _pytest.raises(RecipeError, match=r"task\.validation"):
         pktransfer.run(recipe_from_dict({**no_val, "output_dir": str(tmp_path / "n")}), quiet=True)
+
+
+def test_matched_pairs_run_each_entry_at_the_others_tuned_values_outside_the_family(tiny_recipe, tmp_path):
+    from pktransfer.comparison import contrast
+
+    tiny_recipe["task"]["validation"] = 4
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    tiny_recipe["compare"] = {
+        "methods": [
+            {"name": "lora", "tune": {"key": "training.lr", "values": [1e-3]}},
+            {"name": "pissa", "tune": {"key": "training.lr", "values": [5e-4]}},
+            "kd",
+        ],
+        "seeds": [0],
+        "baseline": "kd",
+        "matched": [["lora", "pissa"]],
+    }
+    res = pktransfer.compare(recipe_from_dict(tiny_recipe), quiet=True)
+    labels = res.result["summary"]["labels"]
+    assert "lora[lr=0.0005]" in labels and "pissa[lr=0.001]" in labels
+    assert res.result["secondary"] == ["lora[lr=0.0005]", "pissa[lr=0.001]"]
+    assert res.result["summary"]["family"]["test"]["comparisons"] == 2  # lora and pissa against kd, not the extras
+    assert contrast(res.output_dir, "lora", "pissa")["also_differ"] == {"training.lr": [1e-3, 5e-4]}
+    assert contrast(res.output_dir, "lora[lr=0.0005]", "pissa")["also_differ"] == {}
+    from pktransfer.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"compare\.matched"):
+        bad = {**tiny_recipe, "compare": {**tiny_recipe["compare"], "matched": [["lora", "nope"]]}}
+        pktransfer.compare(recipe_from_dict({**bad, "output_dir": str(tmp_path / "bad")}), quiet=True)
