@@ -27,6 +27,7 @@ from typing import Any
 from pktransfer.claims import Claim
 from pktransfer.errors import OutputError, PktError
 from pktransfer.fileio import honour_umask
+from pktransfer.signals import Stopped
 
 FAILED = "FAILED.json"
 RUN_JSON = "run.json"
@@ -351,7 +352,8 @@ class RunDir:
                 {
                     "error": str(err),
                     "type": type(err).__name__,
-                    "traceback": None if isinstance(err, PktError) else traceback.format_exc(),
+                    # a user error or a requested stop is not a bug: no traceback
+                    "traceback": None if isinstance(err, (PktError, Stopped)) else traceback.format_exc(),
                     "note": "this run did not finish; rerun the same recipe to resume from here",
                 },
             )
