@@ -6,7 +6,7 @@ into another. Splits are drawn test first, then seed, extract, align, train: cha
 never changes the test split. Operations alternate, so every split is balanced.
 
 The default mix (3-digit addition, 2-digit multiplication) is where the offline 1.5B teacher clearly
-beats the 0.5B student (see shared/specs/offline-models.md).
+beats the 0.5B student (see docs/offline-models.md).
 """
 
 from __future__ import annotations

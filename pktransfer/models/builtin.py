@@ -1,7 +1,7 @@
 """The embedded offline model pair (``builtin:NAME``).
 
 The Qwen2.5-Coder 1.5B/0.5B Instruct GGUF files ship split across pinned PyPI "part" packages (see
-``shared/specs/offline-models.md``). On first use the parts are concatenated in package order and file
+``docs/offline-models.md``). On first use the parts are concatenated in package order and file
 name order, the sha256 is verified, transformers dequantises the GGUF once, and the result is written
 to the cache (``$PKT_CACHE``, default ``~/.cache/pktransfer``) as ordinary safetensors. The cache entry
 is built in a temporary folder and renamed into place only when complete, so a crash never leaves a
