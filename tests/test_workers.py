@@ -238,3 +238,17 @@ def test_three_workers_run_every_cell_once_and_reproduce_the_one_process_report(
         assert sa[label]["paired_vs_baseline"] == sb[label]["paired_vs_baseline"]
         assert sa[label]["spent"] == sb[label]["spent"]
     assert a["summary"]["equal_budget"] == b["summary"]["equal_budget"]
+
+
+def test_the_cli_starts_workers_and_refuses_overwrite_with_them(tiny_recipe, tmp_path):
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    tiny_recipe["output_dir"] = str(tmp_path / "grid")
+    tiny_recipe["compare"] = {"methods": ["lora", "pissa"], "seeds": [0]}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(tiny_recipe))
+    cmd = [sys.executable, "-m", "pktransfer.cli", "compare", str(tmp_path / "grid.yaml"), "-q"]
+    done = subprocess.run([*cmd, "--workers", "2"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "grid" / "compare.md").is_file()
+    assert sorted(p.name for p in (tmp_path / "grid" / "workers").glob("worker-*.log")) == ["worker-0.log", "worker-1.log"]
+    refused = subprocess.run([*cmd, "--workers", "2", "--overwrite"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--overwrite with --workers" in refused.stderr
