@@ -128,17 +128,20 @@ def _evaluate_cached(
 
 @contextmanager
 def run_folder(recipe: Recipe, overwrite: bool, progress: Progress) -> Iterator[tuple[RunDir, StageLog]]:
-    """An output folder that is finished atomically (or marked FAILED), with stage timing and memory."""
-    rd = RunDir(recipe.output_dir, overwrite=overwrite, recipe=recipe.dump())
-    if rd.resumed:
-        progress.log(f"resuming the unfinished run in {rd.work}")
-    try:
-        save_recipe(recipe, rd.path("recipe.yaml"))
-        with MemoryMonitor() as monitor:
-            yield rd, StageLog(monitor)
-    except BaseException as err:
-        rd.fail(err)
-        raise
+    """An output folder that is finished atomically (or marked FAILED), with stage timing and memory. While it is
+    held, SIGTERM / SIGINT stop cleanly: FAILED.json with the reason, the claim released, and during training a
+    checkpoint at the end of the current step (``pktransfer.signals``)."""
+    with stop_cleanly():
+        rd = RunDir(recipe.output_dir, overwrite=overwrite, recipe=recipe.dump())
+        if rd.resumed:
+            progress.log(f"resuming the unfinished run in {rd.work}")
+        try:
+            save_recipe(recipe, rd.path("recipe.yaml"))
+            with MemoryMonitor() as monitor:
+                yield rd, StageLog(monitor)
+        except BaseException as err:
+            rd.fail(err)
+            raise
 
 
 def run_info(recipe: Recipe, log: StageLog, started: float, **extra: Any) -> dict[str, Any]:
@@ -222,8 +225,7 @@ def run(
         check_distributable(recipe)
         if rank > 0:
             return _run_as_worker(recipe)
-    with stop_cleanly():  # SIGTERM / SIGINT: FAILED.json with the reason and a checkpoint to resume from
-        return _run(recipe, overwrite=overwrite, evaluate=evaluate, progress=progress or Progress(quiet=quiet), world=world)
+    return _run(recipe, overwrite=overwrite, evaluate=evaluate, progress=progress or Progress(quiet=quiet), world=world)
 
 
 def _run(recipe: Recipe, *, overwrite: bool, evaluate: bool, progress: Progress, world: int = 1) -> RunResult:

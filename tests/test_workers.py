@@ -252,3 +252,28 @@ def test_the_cli_starts_workers_and_refuses_overwrite_with_them(tiny_recipe, tmp
     assert sorted(p.name for p in (tmp_path / "grid" / "workers").glob("worker-*.log")) == ["worker-0.log", "worker-1.log"]
     refused = subprocess.run([*cmd, "--workers", "2", "--overwrite"], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--overwrite with --workers" in refused.stderr
+
+
+def test_sigterm_during_a_shared_job_leaves_failed_json_and_releases_the_claim(tiny_recipe, tmp_path):
+    """Every run folder (pkt run, a shared job such as `pkt extract`, the base evaluation) stops cleanly."""
+    script = tmp_path / "extract.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "import pktransfer.methods.seeking as seeking\n"
+        "real = seeking.compute_sensitivity\n"
+        "def stop(*a, **k):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return real(*a, **k)\n"
+        "seeking.compute_sensitivity = stop\n"
+        "sys.argv = ['pkt', 'extract', sys.argv[1], '-q']\n"
+        "from pktransfer.cli import main\n"
+        "main()\n"
+    )
+    tiny_recipe["method"] = {"name": "seeking", "n_seed": 3}
+    tiny_recipe["output_dir"] = str(tmp_path / "ext")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe))
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "r.yaml")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 143, done.stderr[-2000:]
+    failed = json.loads((tmp_path / "ext.partial" / "FAILED.json").read_text())
+    assert failed["type"] == "Stopped" and failed["traceback"] is None
+    assert not (tmp_path / ".ext.pkt-owner.json").exists()
