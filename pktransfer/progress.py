@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
 
@@ -25,11 +26,12 @@ class Progress:
     def log(self, message: str) -> None:
         if not self.quiet:
             # soft_wrap: a log file gets one line per message, not lines cut at 80 columns
-            self.console.print(f"[dim]pkt[/dim] {message}", highlight=False, soft_wrap=True)
+            # escaped: a message is text, so a label such as "seeking[lr=0.0001]" is printed, not read as markup
+            self.console.print(f"[dim]pkt[/dim] {escape(message)}", highlight=False, soft_wrap=True)
 
     def warn(self, message: str) -> None:
         """A warning that must be seen: printed even when quiet."""
-        self.console.print(f"[bold yellow]pkt warning[/bold yellow] {message}", highlight=False, soft_wrap=True)
+        self.console.print(f"[bold yellow]pkt warning[/bold yellow] {escape(message)}", highlight=False, soft_wrap=True)
 
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Callable[..., None]]:

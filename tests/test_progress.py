@@ -32,3 +32,9 @@ def test_the_interval_spaces_the_lines_and_quiet_silences_them(monkeypatch):
     with Progress(quiet=True, console=Console(file=quiet, force_terminal=False)).task("eval", total=3) as advance:
         advance()
     assert quiet.getvalue() == ""
+
+
+def test_a_logged_label_with_brackets_is_printed_as_is():
+    out = io.StringIO()
+    Progress(console=Console(file=out, force_terminal=False, width=200)).log("compare: cell 3/9: seeking[lr=0.0001], seed 0")
+    assert out.getvalue().strip() == "pkt compare: cell 3/9: seeking[lr=0.0001], seed 0"
