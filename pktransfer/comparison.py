@@ -728,16 +728,10 @@ def recorded_reruns(records_dir: Path | None, root: Path, cells: list[Cell]) -> 
         return []
     out = []
     for c in cells:
-        path = records_dir / c.folder.resolve().relative_to(root) / RERUNS
-        if path.is_file():
-            out.append(
-                {
-                    "label": c.label,
-                    "seed": c.seed,
-                    "folder": str(c.folder.resolve().relative_to(root)),
-                    "earlier": json.loads(path.read_text()),
-                }
-            )
+        rel = c.folder.resolve().relative_to(root)
+        if (records_dir / rel / RERUNS).is_file():
+            earlier = json.loads((records_dir / rel / RERUNS).read_text())
+            out.append({"label": c.label, "seed": c.seed, "folder": str(rel), "earlier": earlier})
     return out
 
 
@@ -887,14 +881,13 @@ def compare(
     chosen = choose(tuning)
     for label, kv in chosen.items():
         progress.log(f"compare: {label}: chose {', '.join(f'{k} = {v}' for k, v in kv.items())} on validation")
-    cells = untuned
+    cells, matched = untuned, []
     if chosen:  # the untuned cells were checked before any work; the chosen values are checked now
-        cells = plan_grid(recipe, chosen)
         matched = plan_matched(recipe, chosen)
-        cells += matched
+        cells = plan_grid(recipe, chosen) + matched
         for cell in cells:
             pipeline.check_recipe(cell.recipe)
-    secondary = sorted({c.label for c in cells if c.label not in {lbl for lbl, _, _ in expand_entries(recipe)}})
+    secondary = sorted({c.label for c in matched})
     shared_work(cells)
     for c in cells:  # a finished cell made with another recipe is refused, never silently reused
         _reusable(c.folder, c.recipe, f"finished cell {c.label} (seed {c.seed})")
@@ -915,7 +908,7 @@ def compare(
         f"{len(recipe.compare.methods)} entries x seeds {recipe.compare.seeds}"
     )
     for i, cell in enumerate(cells, 1):
-        if cell not in todo:
+        if _finished(cell.folder):
             continue
 
         def run_cell(cell: Cell = cell) -> None:

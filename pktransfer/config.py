@@ -149,7 +149,6 @@ class MethodConfig(Strict):
 
 # ---- the registry of method configs ----------------------------------------------------------------------
 
-ROLES = ("start", "objective")  # what a method can be in a composed transfer (see methods/compose.py)
 _CONFIGS: dict[str, tuple[type[MethodConfig], frozenset[str]]] = {}
 _LISTENERS: list[Callable[[], None]] = []
 

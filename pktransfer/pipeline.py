@@ -133,6 +133,8 @@ def run_folder(recipe: Recipe, overwrite: bool, progress: Progress) -> Iterator[
     checkpoint at the end of the current step (``pktransfer.signals``)."""
     with stop_cleanly():
         rd = RunDir(recipe.output_dir, overwrite=overwrite, recipe=recipe.dump())
+        if rd.claim.took_over is not None:
+            progress.log(f"taking over {rd.final} from a process that is gone ({rd.claim.took_over.describe()})")
         if rd.resumed:
             progress.log(f"resuming the unfinished run in {rd.work}")
         try:

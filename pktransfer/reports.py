@@ -233,9 +233,6 @@ def budget_table(result: dict[str, Any]) -> list[str]:
     for folder, sec in result.get("shared_work_seconds", {}).items():
         lines.append(f"\nShared teacher work `{folder}` (once for all its cells): {sec:.1f} s.")
     lines.append("")
-    lines += teacher_cost_table(result)
-    lines += reruns_section(result)
-    lines += learning_curve_table(result)
     if s.get("equal_budget"):
         lines += [
             "**Equal budget**: every cell of a seed trained the same number of parameters for the same steps "
@@ -292,6 +289,7 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
         if own:
             lines += cls.report_notes(own)
     lines += budget_table(result)
+    lines += teacher_cost_table(result) + reruns_section(result) + learning_curve_table(result)
     if result.get("base"):
         lines += ["## Untouched models", "", "| model | split | n | accuracy (%) |", "|---|---|---:|---:|"]
         for label, by_split in result["base"].items():

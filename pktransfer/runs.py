@@ -294,10 +294,6 @@ class RunDir:
         except BaseException:
             self.claim.release()
             raise
-        if self.claim.took_over is not None:
-            self.took_over = self.claim.took_over.describe()
-
-    took_over: str | None = None  # the owner whose dead claim this run took over (its folder is resumed)
 
     def _open(self, overwrite: bool, kind: str) -> None:
         if self.final.exists() or self.final.is_symlink():

@@ -94,26 +94,15 @@ def fast_path(model: Any) -> int:
 
 
 @contextlib.contextmanager
-def cpu_attention(math_kernel: bool) -> Iterator[None]:
-    """On CPU in bfloat16, scaled-dot-product attention through its math kernel: torch's flash kernel for bf16 on
-    CPU was 8x slower than fp32 (bench/train_step.py measures it). Same function, other rounding order."""
-    if not math_kernel:
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([SDPBackend.MATH]):
-        yield
-
-
-@contextlib.contextmanager
 def cpu_bf16_training(model: Any) -> Iterator[None]:
     """The training forward of a bfloat16 student on CPU, as mixed precision runs on a GPU: the fp32 LoRA weights
     are cast to bf16 per matmul (small) instead of every activation to fp32 (large, peft's default), and attention
-    goes through the math kernel (torch's bf16 flash kernel is slow on CPU)."""
+    goes through the math kernel (torch's bf16 flash kernel on CPU was 8x slower than fp32, bench/train_step.py;
+    same function, other rounding order)."""
     from peft.helpers import disable_input_dtype_casting
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with torch.autocast("cpu", dtype=torch.bfloat16), disable_input_dtype_casting(model), cpu_attention(True):
+    with torch.autocast("cpu", dtype=torch.bfloat16), disable_input_dtype_casting(model), sdpa_kernel([SDPBackend.MATH]):
         yield
 
 
@@ -121,7 +110,7 @@ def response_ce(model: Any, inputs: dict[str, torch.Tensor], labels: torch.Tenso
     """The plain loss's sum of cross entropies over response tokens, the LM head applied only at the positions that
     predict one (a few of each row's: the head is a [V = 152k] matmul and softmax per position). Returns the sum,
     the number of response tokens and the model outputs (logits at those positions only)."""
-    keep = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().flatten()
+    keep = response_positions(labels).any(0).nonzero().flatten()
     outputs = model(**inputs, logits_to_keep=keep)
     targets = labels[:, keep + 1].to(outputs.logits.device)
     total = torch.nn.functional.cross_entropy(
@@ -229,7 +218,7 @@ def _trainer_class() -> Any:
         def _response_ce(self, model: Any, inputs: dict[str, Any], return_outputs: bool, num_items_in_batch: Any) -> Any:
             labels = inputs.pop("labels")
             total, n, outputs = response_ce(model, inputs, labels)
-            self.loss_is_scaled_for_ga = num_items_in_batch is not None and self.method_batch is None
+            self.loss_is_scaled_for_ga = num_items_in_batch is not None  # None after a batch rewrite (see above)
             if num_items_in_batch is not None:
                 n = num_items_in_batch
             loss = total / (n.to(total.device) if torch.is_tensor(n) else n)

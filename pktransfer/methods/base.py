@@ -224,13 +224,14 @@ class Method(ABC, Generic[C]):
             model.save_pretrained(str(folder))
 
 
-def plain_lora(ctx: MethodContext) -> Any:
-    """The student wrapped in the recipe's LoRA, initialised as ``lora.init`` says (an objective's own start)."""
+def plain_lora(ctx: MethodContext) -> tuple[Any, dict[str, Any] | None]:
+    """The student wrapped in the recipe's LoRA, initialised as ``lora.init`` says, and its starting factors when that
+    start was moved out of the base (``lora.init: pissa``; what ``save_adapter`` rebases against), else None."""
     from peft import get_peft_model
 
     check_targets(ctx.student.model, ctx.recipe.lora, ctx.student.arch, ctx.progress.warn)
     model = get_peft_model(ctx.student.model, lora_config(ctx.recipe.lora, ctx.student.arch))
-    return model
+    return model, snapshot_lora(model) if ctx.recipe.lora.init == "pissa" else None
 
 
 class ObjectiveMethod(Method[C]):
@@ -245,8 +246,6 @@ class ObjectiveMethod(Method[C]):
         """Prepare the objective for ``model`` (the PEFT student some start built)."""
 
     def prepare(self, ctx: MethodContext) -> Any:
-        model = plain_lora(ctx)
-        if ctx.recipe.lora.init == "pissa":
-            self.initial_lora = snapshot_lora(model)
+        model, self.initial_lora = plain_lora(ctx)
         self.setup_objective(ctx, model)
         return model

@@ -28,9 +28,7 @@ class LoraMethod(Method):
     is_start = True  # the plain start: composing it with an objective is that objective alone
 
     def prepare(self, ctx: MethodContext) -> Any:
-        model = plain_lora(ctx)
-        if ctx.recipe.lora.init == "pissa":
-            self.initial_lora = snapshot_lora(model)
+        model, self.initial_lora = plain_lora(ctx)
         return model
 
 

@@ -62,7 +62,3 @@ def classes() -> list[type[Method]]:
 
 def create(config: MethodConfig) -> Method:
     return _METHODS[config.name](config)
-
-
-def names_with_role(role: str) -> list[str]:
-    return [n for n, cls in _METHODS.items() if role in roles(cls)]
