@@ -70,7 +70,19 @@ class TaskSpec(Strict):
         description="items of a 'validation' split for tuning (pkt compare's tune): the task's own validation split, "
         "or the last N items of its train split, which training then never sees",
     )
-    prompt_format: Literal["auto", "chat", "plain"] = "auto"
+    prompt_format: Literal["auto", "chat", "plain", "tulu"] = Field(
+        default="auto",
+        description="auto (the model's chat template if it has one, else plain), chat, plain, or tulu: the Tulu chat "
+        "format the papers' official code trains and evaluates with (docs/reproduce.md)",
+    )
+    tulu_variant: Literal["seeking", "seeking-extract", "laten", "open-instruct"] | None = Field(
+        default=None,
+        description="with prompt_format tulu: the official assembly of training text (None: the method's own -- laten "
+        "for LaTen, seeking otherwise; Seeking's sensitivity always uses seeking-extract, as its extraction script does)",
+    )
+    tulu_eval_variant: Literal["seeking", "seeking-extract", "laten", "open-instruct"] = Field(
+        default="open-instruct", description="with prompt_format tulu: the assembly of evaluation prompts (Open-Instruct's)"
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="task-specific options")
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from pktransfer.data import IGNORE_INDEX, Example, PromptFormatter, Task, encode_items
+from pktransfer.data import IGNORE_INDEX, Example, PromptFormatter, Task, encode_items, recipe_formatter
 from pktransfer.errors import DataError
 from pktransfer.fileio import write_json, write_text
 from pktransfer.methods.injection import group_roles
@@ -225,8 +225,7 @@ def concentration_and_similarity(
         task.split("seed"),
         spec,
         roles,
-        prompt_format=recipe.task.prompt_format,
-        system_prompt=task.system_prompt,
+        formatter=recipe_formatter(teacher.tokenizer, task, recipe.task, variant="seeking-extract"),
         max_length=settings.max_length,
         progress=progress,
         what=f"task '{task.name}' seed split",
@@ -401,8 +400,8 @@ def diagnose_pair(
     check_pair(teacher.arch, student.arch, teacher.tokenizer, student.tokenizer, "diagnose")
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
-    s_fmt = PromptFormatter(student.tokenizer, recipe.task.prompt_format, task.system_prompt, task.plain_separator)
-    t_fmt = PromptFormatter(teacher.tokenizer, recipe.task.prompt_format, task.system_prompt, task.plain_separator)
+    s_fmt = recipe_formatter(student.tokenizer, task, recipe.task, recipe.method.name)
+    t_fmt = recipe_formatter(teacher.tokenizer, task, recipe.task, recipe.method.name)
     t_arch, s_arch = teacher.arch, student.arch
 
     t0 = time.perf_counter()

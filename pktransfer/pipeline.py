@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pktransfer.data import Item, PromptFormatter, Task, encode_items, get_task, train_and_validation
+from pktransfer.data import Item, PromptFormatter, Task, encode_items, get_task, recipe_formatter, train_and_validation
 from pktransfer.errors import DataError, ModelError, PktError, RecipeError
 from pktransfer.evaluation import EvalOptions, EvalResult, evaluate_items, subset
 from pktransfer.fileio import write_json, write_text
@@ -99,7 +99,7 @@ def metric_table(metrics: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dic
 
 
 def formatter_for(loaded: LoadedModel, task: Task, recipe: Recipe) -> PromptFormatter:
-    return PromptFormatter(loaded.tokenizer, recipe.task.prompt_format, task.system_prompt, task.plain_separator)
+    return recipe_formatter(loaded.tokenizer, task, recipe.task, recipe.method.name)
 
 
 def _evaluate_cached(

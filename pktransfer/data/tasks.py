@@ -72,6 +72,11 @@ class Task(ABC):
     def stop_strings_for(self, mode: str) -> tuple[str, ...]:
         return self.stop_strings
 
+    def answer_cue(self, item: Item, mode: str) -> str:
+        """Text put after the formatted prompt (after the assistant header in chat and tulu formats), e.g.
+        Open-Instruct's "Answer:"; empty for most protocols."""
+        return ""
+
     def format_protocol(self, mode: str) -> dict[str, Any]:
         """The format-dependent part of :meth:`protocol` (stop strings, template)."""
         return {"stop_strings": list(self.stop_strings_for(mode))}

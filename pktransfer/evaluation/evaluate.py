@@ -9,8 +9,11 @@ Three kinds of task (``Task.kind``):
 - ``code``: n completions per problem (greedy for n = 1, sampled otherwise), each program run in the
   sandbox; pass@k with the unbiased estimator.
 
-Every result keeps per-item records (prompt, raw output, extracted answer, reference, correct) and a
-summary with the protocol (shots, template, filters, limit and subset seed, data sha256).
+Every result keeps per-item records (the item's prompt, ``model_input``: the exact text fed to the model after
+formatting, raw output, extracted answer, reference, correct) and a summary with the protocol (shots, template,
+filters, limit and subset seed, data sha256). Prompts are assembled by :func:`model_input`: the task's evaluation
+prompt in the formatter's evaluation format, then the task's answer cue (Open-Instruct's "Answer:" after the
+assistant header) where the protocol has one.
 """
 
 from __future__ import annotations
@@ -81,6 +84,16 @@ def subset(items: list[Item], limit: int | None, seed: int | None) -> list[Item]
     return [items[i] for i in keep]
 
 
+def model_input(formatter: PromptFormatter, task: Task, item: Item) -> str:
+    """The exact text the model reads for ``item``: the formatted evaluation prompt, then the task's answer cue for
+    this format joined as Open-Instruct joins it (no space after a newline or space, one space otherwise)."""
+    text = formatter.prompt_text(task.eval_prompt(item, formatter.mode))
+    cue = task.answer_cue(item, formatter.mode)
+    if cue:
+        text += cue if text[-1:] in ("\n", " ") else " " + cue
+    return text
+
+
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
@@ -97,7 +110,7 @@ def _generate_outputs(
 ) -> tuple[tuple[list[str], int], int]:
     """Batched generation of ``n`` outputs per item with the task's prompt and stop strings for this format;
     progress advances in items. Returns ((outputs, generated tokens), batch size used)."""
-    prompts = [formatter.encode_prompt(task.eval_prompt(it, formatter.mode)) for it in items for _ in range(n)]
+    prompts = [formatter.encode_text(model_input(formatter, task, it)) for it in items for _ in range(n)]
     return run_batched(
         model,
         opts.batch_size,
@@ -128,6 +141,7 @@ def _generate_kind(
             {
                 "id": it.id,
                 "prompt": task.eval_prompt(it, formatter.mode),
+                "model_input": model_input(formatter, task, it),
                 "output": out,
                 "extracted": s["extracted"],
                 "reference": it.reference,
@@ -144,11 +158,14 @@ def _choice_kind(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     tok = formatter.tokenizer
     contexts, conts = [], []
+    texts = []
     for it in items:
-        text = formatter.prompt_text(it.prompt)
-        # after a chat template's assistant header the answer starts the turn: no leading space
-        choices = [c.lstrip() if formatter.mode == "chat" else c for c in it.metadata["choices"]]
-        pairs = [encode_pair(tok, text, c) for c in choices]
+        text = model_input(formatter, task, it)
+        texts.append(text)
+        # right after a chat template's assistant header the answer starts the turn: no leading space
+        at_turn_start = formatter.mode in ("chat", "tulu") and text.endswith("\n")
+        choices = [c.lstrip() if at_turn_start else c for c in it.metadata["choices"]]
+        pairs = [encode_pair(tok, text, c, add_special_tokens=formatter.mode == "tulu") for c in choices]
         contexts.append(pairs[0][0])
         conts.append([p[1] for p in pairs])
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -159,7 +176,7 @@ def _choice_kind(
         start=32,
     )
     records, by_subject = [], defaultdict(list)
-    for it, scores in zip(items, ll, strict=True):
+    for it, text, scores in zip(items, texts, ll, strict=True):
         letters = [c.strip() for c in it.metadata["choices"]]
         pred = letters[max(range(len(scores)), key=lambda j: scores[j])]
         ok = pred == it.reference
@@ -169,6 +186,7 @@ def _choice_kind(
             {
                 "id": it.id,
                 "prompt": it.prompt,
+                "model_input": text,
                 "output": None,
                 "loglik": dict(zip(letters, scores, strict=True)),
                 "extracted": pred,
@@ -225,6 +243,7 @@ def _code_kind(
             {
                 "id": it.id,
                 "prompt": task.eval_prompt(it, formatter.mode),
+                "model_input": model_input(formatter, task, it),
                 "output": outputs[i * n] if n == 1 else outputs[i * n : (i + 1) * n],
                 "extracted": programs[i * n] if n == 1 else None,
                 "reference": it.reference,
@@ -260,6 +279,7 @@ def evaluate_items(
 ) -> EvalResult:
     opts = options or EvalOptions()
     progress = progress or Progress(quiet=True)
+    formatter = formatter.for_evaluation()
     items = subset(items, opts.limit, opts.subset_seed)
     t0 = time.perf_counter()
     with progress.task(f"eval {label} on {task.name}/{split}", total=len(items)) as advance:

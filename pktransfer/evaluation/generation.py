@@ -106,14 +106,15 @@ def generate(
     return out, n_tokens
 
 
-def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer: Any, context: str, continuation: str, add_special_tokens: bool = False) -> tuple[list[int], list[int]]:
     """Context and continuation tokens as lm-eval splits them: trailing context spaces move to the
-    continuation, and the continuation is what encoding the whole text adds after the context."""
+    continuation, and the continuation is what encoding the whole text adds after the context.
+    ``add_special_tokens``: the context starts with the tokenizer's BOS (Open-Instruct's tokenisation)."""
     n_spaces = len(context) - len(context.rstrip(" "))
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=add_special_tokens)["input_ids"]
+    whole = tokenizer(context + continuation, add_special_tokens=add_special_tokens)["input_ids"]
     return list(ctx), list(whole[len(ctx) :])
 
 

@@ -28,7 +28,7 @@ import torch
 from pydantic import Field
 
 from pktransfer.config import MethodConfig
-from pktransfer.data import encode_items
+from pktransfer.data import encode_items, recipe_formatter
 from pktransfer.errors import DataError, IncompatiblePairError, RecipeError
 from pktransfer.fileio import save_safetensors, write_json
 from pktransfer.methods.base import Method, MethodContext, SharedWork, Verb, n_tokens
@@ -110,15 +110,14 @@ def compute_sensitivity(
     spec: Any,
     roles: set[str],
     *,
-    prompt_format: str,
-    system_prompt: str | None,
+    formatter: Any,
     max_length: int,
     progress: Progress,
     what: str,
 ) -> Sensitivity:
-    from pktransfer.data import PromptFormatter
-
-    fmt = PromptFormatter(teacher.tokenizer, prompt_format, system_prompt)  # type: ignore[arg-type]
+    """``formatter``: the teacher's; in tulu mode it is the ``seeking-extract`` variant, as the official extraction
+    script assembles its samples."""
+    fmt = formatter
     examples = encode_items(fmt, items[: spec.n_seed], max_length, what)
     device = teacher.device
     batches = (
@@ -186,8 +185,7 @@ def locate(
             ctx.task.split("seed"),
             spec,
             roles,
-            prompt_format=ctx.recipe.task.prompt_format,
-            system_prompt=ctx.task.system_prompt,
+            formatter=recipe_formatter(teacher.tokenizer, ctx.task, ctx.recipe.task, variant="seeking-extract"),
             max_length=ctx.recipe.training.max_length,
             progress=ctx.progress,
             what=f"task '{ctx.task.name}' seed split",
