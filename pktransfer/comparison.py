@@ -245,6 +245,144 @@ def choose(tuning: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return chosen
 
 
+# ---- 1c. the budget rule: one pilot cell, an estimate, entries cut by the recipe's declared order -------------
+
+
+def estimate_grid(
+    counts: dict[str, tuple[int, int]],
+    *,
+    train_seconds: float,
+    item_seconds: float,
+    n_validation: int,
+    n_test: int,
+    factors: dict[str, float],
+    teacher_eval_factor: float,
+) -> tuple[dict[str, float], float]:
+    """Seconds per entry and for the untouched models' evaluation. ``counts``: label -> (tuning cells, grid cells
+    including matched ones); a cell costs ``factor`` x the pilot's training plus its evaluation items."""
+    per_entry = {
+        label: n_tune * (factors.get(label, 1.0) * train_seconds + n_validation * item_seconds)
+        + n_grid * (factors.get(label, 1.0) * train_seconds + n_test * item_seconds)
+        for label, (n_tune, n_grid) in counts.items()
+    }
+    return per_entry, n_test * item_seconds * (1.0 + teacher_eval_factor)
+
+
+def cut_to_budget(per_entry: dict[str, float], base_seconds: float, hours: float, cut_order: list[str]) -> list[str]:
+    """The labels of ``cut_order`` dropped, first to last, until the estimate fits ``hours`` (all of them if it never
+    does: the rule is applied as written, and the report states the remaining estimate)."""
+    dropped: list[str] = []
+    total = base_seconds + sum(per_entry.values())
+    for label in cut_order:
+        if total <= hours * 3600:
+            break
+        dropped.append(label)
+        total -= per_entry.get(label, 0.0)
+    return dropped
+
+
+def _grid_counts(recipe: Recipe) -> dict[str, tuple[int, int]]:
+    """label -> (tuning cells, grid cells), counting both matched cells of every pair (the tuned values are not known
+    before the grid, so the estimate assumes they differ)."""
+    assert recipe.compare is not None
+    spec = recipe.compare
+    counts = {}
+    for label, _, _, tune in expand_entries_tuned(recipe):
+        matched = sum(label in pair for pair in spec.matched)
+        counts[label] = (len(tune.values) if tune else 0, len(spec.seeds) * (1 + matched))
+    return counts
+
+
+def without_entries(recipe: Recipe, dropped: list[str]) -> Recipe:
+    """The recipe with the entries labelled ``dropped`` (and matched pairs naming them) removed."""
+    assert recipe.compare is not None
+    keep = [e for e in recipe.compare.methods if (e.label or e.method.label()) not in dropped]
+    matched = [p for p in recipe.compare.matched if not set(p) & set(dropped)]
+    return recipe.model_copy(update={"compare": recipe.compare.model_copy(update={"methods": keep, "matched": matched})})
+
+
+def apply_budget(
+    recipe: Recipe, root: Path, records_dir: Path | None, progress: Progress, record: Callable[[Path], None]
+) -> tuple[Recipe, dict[str, Any]]:
+    """Run the pilot cell (once), estimate the grid, apply ``compare.budget``'s cut order; the decision is kept in
+    ``budget.json`` and never re-made. Returns the recipe without the dropped entries and the decision."""
+    from pktransfer import pipeline
+    from pktransfer.data import get_task
+
+    assert recipe.compare is not None and recipe.compare.budget is not None
+    spec, budget = recipe.compare, recipe.compare.budget
+    labels = [lbl for lbl, _, _ in expand_entries(recipe)]
+    unknown = [x for x in budget.cut_order if x not in labels]
+    if unknown or spec.baseline in budget.cut_order:
+        raise RecipeError(
+            f"compare.budget.cut_order names {unknown or [spec.baseline]}: "
+            + ("not entries of the grid" if unknown else "the baseline, which every comparison needs"),
+            hint=f"list entry labels other than the baseline: {', '.join(x for x in labels if x != spec.baseline)}",
+        )
+    path = root / "budget.json"
+    if not path.is_file() and records_dir is not None and (records_dir / "budget.json").is_file():
+        shutil.copy2(records_dir / "budget.json", path)
+    if path.is_file():
+        decision = json.loads(path.read_text())
+    else:
+        tune_cells = [tc.cell for tc in plan_tuning(recipe) if tc.label == spec.baseline]
+        pilot = tune_cells[0] if tune_cells else next(c for c in plan_grid(recipe) if c.label == spec.baseline)
+        what = f"pilot: {pilot.label}, seed {pilot.seed} ({pilot.folder.relative_to(root)}), to estimate the grid's cost"
+
+        def job() -> None:
+            pipeline.run(pilot.recipe, progress=progress)
+            gc.collect()
+
+        run_claimed([(pilot.folder, what, job)], progress)
+        record(pilot.folder)
+        run = json.loads((pilot.folder / "run.json").read_text())
+        stages = run["stages"]
+        train_s = sum(v["seconds"] for k, v in stages.items() if not k.startswith("eval"))
+        n_eval = sum(m["n"] for m in run["metrics"]["trained"].values())
+        eval_s = sum(v["seconds"] for k, v in stages.items() if k.startswith("eval"))
+        task = get_task(recipe.task.name, recipe.task.params, recipe.task.data_dir)
+        n_test = len(pipeline._eval_items(task, "test", recipe))
+        n_val = len(pipeline._eval_items(task, "validation", recipe)) if recipe.task.validation else 0
+        per_entry, base_s = estimate_grid(
+            _grid_counts(recipe),
+            train_seconds=train_s,
+            item_seconds=eval_s / max(n_eval, 1),
+            n_validation=n_val,
+            n_test=n_test,
+            factors=budget.cost_factors,
+            teacher_eval_factor=budget.teacher_eval_factor,
+        )
+        dropped = cut_to_budget(per_entry, base_s, budget.hours, budget.cut_order)
+        decision = {
+            "rule": budget.model_dump(mode="json"),
+            "pilot": {
+                "cell": str(pilot.folder.relative_to(root)),
+                "train_seconds": round(train_s, 1),
+                "eval_seconds_per_item": round(eval_s / max(n_eval, 1), 3),
+                "n_eval": n_eval,
+            },
+            "n_test": n_test,
+            "n_validation": n_val,
+            "estimate_seconds": {k: round(v, 1) for k, v in per_entry.items()},
+            "estimate_hours": {k: round(v / 3600, 2) for k, v in per_entry.items()},
+            "base_hours": round(base_s / 3600, 2),
+            "total_hours": round((base_s + sum(per_entry.values())) / 3600, 2),
+            "dropped": dropped,
+            "kept_hours": round((base_s + sum(v for k, v in per_entry.items() if k not in dropped)) / 3600, 2),
+        }
+        write_text(path, json.dumps(decision, indent=1))
+        if records_dir is not None:
+            shutil.copy2(path, records_dir / "budget.json")
+    progress.log(
+        f"compare: budget {decision['rule']['hours']} h; the pilot estimates {decision['total_hours']} h for the whole grid "
+        f"({', '.join(f'{k} {v} h' for k, v in decision['estimate_hours'].items())}; untouched models "
+        f"{decision['base_hours']} h)"
+    )
+    if decision["dropped"]:
+        progress.log(f"compare: the recipe's cut order drops {', '.join(decision['dropped'])}: {decision['kept_hours']} h remain")
+    return without_entries(recipe, decision["dropped"]), decision
+
+
 # ---- 2. shared work ---------------------------------------------------------------------------------
 
 
@@ -640,7 +778,15 @@ def relocate_record(folder: Path, old: str, new: str) -> None:
         write_text(folder / "recipe.yaml", yaml.safe_dump(moved, sort_keys=False, allow_unicode=True))
 
 
-REPORT_FILES = ("compare.md", "compare.csv", "compare.json", "compare_scores.png", "compare_loss.png", "constraints.txt")
+REPORT_FILES = (
+    "compare.md",
+    "compare.csv",
+    "compare.json",
+    "compare_scores.png",
+    "compare_loss.png",
+    "constraints.txt",
+    "budget.json",
+)
 
 # packages whose versions change what a cell computes (run.json's ``versions``), pinned in a grid's constraints.txt
 PINNED = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "numpy", "scipy")
@@ -812,6 +958,11 @@ def compare(
         if records_dir is not None:
             save_record(Path(folder).resolve(), root, records_dir)
 
+    budget = None
+    if recipe.compare is not None and recipe.compare.budget is not None:
+        recipe, budget = apply_budget(recipe, root, records_dir, progress, record)
+        tune_cells, untuned = plan_tuning(recipe), plan_grid(recipe)
+
     started = time.time()
     shared_cost: dict[str, float] = {}
     shared_users: dict[str, set[str]] = {}  # shared folder -> the entries whose cells (tuning or grid) read it
@@ -948,6 +1099,7 @@ def compare(
         "teacher_cost": teacher_cost_per_entry(records, tuning, shared_users, shared_cost, shared_teacher),
         "reruns": recorded_reruns(records_dir, root, [*(tc.cell for tc in tune_cells), *cells]),
         "base_seconds": base_info.get("wall_seconds", 0.0) if base_info else 0.0,
+        "budget": budget,
         "task": base_info.get("task") if base_info else None,
         "wall_seconds_this_invocation": round(time.time() - started, 1),
     }

@@ -110,6 +110,26 @@ class GridEntry(Strict):
         return data
 
 
+class BudgetSpec(Strict):
+    """``compare.budget``: a cost rule declared before any result is seen, applied by code.
+
+    Before any other work ``pkt compare`` runs one pilot cell (the baseline's first tuning cell, else its first grid
+    cell), measures its training seconds and evaluation seconds per item, and estimates the whole grid: per entry
+    ``cost_factors[label]`` x the pilot's training time per cell plus its evaluation items, and the untouched models'
+    evaluation. While the estimate exceeds ``hours``, the entries of ``cut_order`` are dropped, first to last. The
+    decision is written to ``budget.json`` and kept for every later sitting (it is never re-made once results exist).
+    """
+
+    hours: float = Field(gt=0, description="the grid's wall-clock budget on the machine that runs the pilot")
+    cut_order: list[str] = Field(default_factory=list, description="entry labels to drop, first to last, while over budget")
+    cost_factors: dict[str, float] = Field(
+        default_factory=dict, description="label -> training cost per cell relative to the baseline's (default 1)"
+    )
+    teacher_eval_factor: float = Field(
+        default=3.0, gt=0, description="the teacher's evaluation cost per item relative to the student's"
+    )
+
+
 class CompareSpec(Strict):
     """``pkt compare``: every entry x every seed on the recipe's pair, task, budget and evaluation."""
 
@@ -137,6 +157,7 @@ class CompareSpec(Strict):
         description="TOST margin in accuracy (0.03 = 3 points): a pair is called equivalent only when its (1 − 2α) "
         "bootstrap interval lies inside ±margin",
     )
+    budget: BudgetSpec | None = Field(default=None, description="a cost rule applied after one pilot cell (see BudgetSpec)")
 
 
 class Recipe(Strict):

@@ -280,6 +280,30 @@ def tuning_table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def cost_rule_section(result: dict[str, Any]) -> list[str]:
+    """``compare.budget``: the rule declared in the recipe, the pilot's measurements, the estimate and what it cut."""
+    b = result.get("budget")
+    if not b:
+        return []
+    rule, pilot = b["rule"], b["pilot"]
+    lines = [
+        "## Cost rule",
+        "",
+        f"Declared in the recipe before any result: at most {rule['hours']} h; over it, drop "
+        f"{', '.join(f'`{x}`' for x in rule['cut_order']) or 'nothing'} (first to last). The pilot cell "
+        f"(`{pilot['cell']}`) trained in {pilot['train_seconds']} s and evaluated {pilot['eval_seconds_per_item']} s per "
+        f"item; estimate for {b['n_test']} test and {b['n_validation']} validation items:",
+        "",
+        "| entry | estimated hours | kept |",
+        "|---|---:|---|",
+    ]
+    lines += [f"| {k} | {v} | {'no' if k in b['dropped'] else 'yes'} |" for k, v in b["estimate_hours"].items()]
+    cut = ", ".join(f"`{x}`" for x in b["dropped"])
+    outcome = f"dropped {cut}, leaving {b['kept_hours']} h." if cut else "nothing dropped."
+    lines += [f"| untouched models | {b['base_hours']} | yes |", "", f"Whole grid {b['total_hours']} h; {outcome}", ""]
+    return lines
+
+
 def render_compare_markdown(result: dict[str, Any]) -> str:
     s = result["summary"]
     base = s["baseline"]
@@ -288,7 +312,7 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
         own = sorted({c["label"] for c in result["cells"] if c["method"] == cls.name})
         if own:
             lines += cls.report_notes(own)
-    lines += budget_table(result)
+    lines += budget_table(result) + cost_rule_section(result)
     lines += teacher_cost_table(result) + reruns_section(result) + learning_curve_table(result)
     if result.get("base"):
         lines += ["## Untouched models", "", "| model | split | n | accuracy (%) |", "|---|---|---:|---:|"]

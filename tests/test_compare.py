@@ -535,3 +535,53 @@ def test_contrast_pairs_two_entries_and_the_untouched_student(tmp_path):
         contrast(tmp_path, "x", "y")
     out = CliRunner().invoke(app, ["contrast", str(grid), "x", "y"])
     assert out.exit_code == 0 and "+37.5 points" in " ".join(out.output.split()), out.output
+
+
+# ---- the budget rule -------------------------------------------------------------------------------
+
+
+def test_estimate_and_cut_hand_computed():
+    from pktransfer.comparison import cut_to_budget, estimate_grid
+
+    per_entry, base = estimate_grid(
+        {"lora": (2, 3), "gkd": (2, 3), "pissa": (0, 3)},
+        train_seconds=100.0,
+        item_seconds=0.5,
+        n_validation=40,
+        n_test=600,
+        factors={"gkd": 3.0},
+        teacher_eval_factor=3.0,
+    )
+    # lora: 2 x (100 + 20) + 3 x (100 + 300) = 1440; gkd: 2 x (300 + 20) + 3 x (300 + 300) = 2440; pissa: 3 x 400
+    assert per_entry == {"lora": 1440.0, "gkd": 2440.0, "pissa": 1200.0}
+    assert base == 600 * 0.5 * 4  # 1200: student + teacher at 3x
+    total = 1440 + 2440 + 1200 + 1200  # 6280 s
+    assert cut_to_budget(per_entry, base, total / 3600, ["gkd", "pissa"]) == []
+    assert cut_to_budget(per_entry, base, (total - 1) / 3600, ["pissa", "gkd"]) == ["pissa"]
+    assert cut_to_budget(per_entry, base, 3000 / 3600, ["pissa", "gkd"]) == ["pissa", "gkd"]  # 2640 s left
+    assert cut_to_budget(per_entry, base, 0.1, ["pissa"]) == ["pissa"]  # applied as written, even if still over
+
+
+def test_budget_rule_runs_a_pilot_and_drops_by_the_declared_order(tiny_recipe, tmp_path):
+    tiny_recipe["output_dir"] = str(tmp_path / "grid")
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    tiny_recipe["training"]["max_steps"] = 2
+    budget = {"hours": 1e-6, "cut_order": ["kd", "pissa"], "cost_factors": {"kd": 2.0}}
+    grid = _grid(tiny_recipe, ["lora", "pissa", {"name": "kd", "alpha": 0.5}], seeds=[0], budget=budget)
+    records = tmp_path / "records"
+    res = pktransfer.compare(recipe_from_dict(grid), quiet=True, records=records)
+    decision = json.loads((tmp_path / "grid" / "budget.json").read_text())
+    assert decision["dropped"] == ["kd", "pissa"] and decision["pilot"]["cell"] == "cells/lora/seed-0"
+    assert decision["estimate_seconds"]["kd"] > decision["estimate_seconds"]["pissa"] > 0
+    assert [c["label"] for c in res.result["cells"]] == ["lora"]
+    assert not (tmp_path / "grid" / "cells" / "kd").exists()
+    assert "## Cost rule" in (tmp_path / "grid" / "compare.md").read_text()
+    assert (records / "budget.json").is_file()
+    # the decision is never re-made: a later sitting with a generous budget keeps it
+    grid["compare"]["budget"]["hours"] = 1000.0
+    again = pktransfer.compare(recipe_from_dict(grid), quiet=True)
+    assert [c["label"] for c in again.result["cells"]] == ["lora"]
+    with pytest.raises(RecipeError, match="the baseline"):
+        grid["compare"]["budget"]["cut_order"] = ["lora"]
+        tiny_recipe["output_dir"] = str(tmp_path / "other")
+        pktransfer.compare(recipe_from_dict({**grid, "output_dir": str(tmp_path / "other")}), quiet=True)

@@ -51,9 +51,40 @@ def mmlu_question(row: dict[str, Any], with_answer: bool) -> str:
     return text + "Answer:" + (f" {row['answer']}" if with_answer else "")
 
 
+# every MMLU file the papers train, tune or locate on: all are drawn from MMLU's validation and dev sets
+PAPER_MMLU_FILES = (
+    "seeking/mmlu/mmlu_data.jsonl",
+    "seeking/mmlu/mmlu_data_1000.jsonl",
+    "seeking/mmlu/sample_mmlu.jsonl",
+    "laten/mmlu/mmlu_train_split.jsonl",
+    "laten/mmlu/mmlu_extract_split.jsonl",
+    "laten/mmlu/mmlu_align_split.jsonl",
+)
+
+
+def question_key(question: str) -> str:
+    """A question's identity for leakage checks: the whole question, lower-cased, whitespace collapsed. (Not a prefix:
+    895 moral-scenarios questions share their first 120 characters, "For which of these two scenarios ...")"""
+    return " ".join(question.lower().split())
+
+
+def chat_row_question(content: str) -> str:
+    """The question inside a paper row's user turn: after the subject header, before the first choice."""
+    body = content.split("\n\n", 1)[1] if content.startswith("The following are") and "\n\n" in content else content
+    return body.split("\nA. ", 1)[0]
+
+
 @register_task
 class MmluTask(Task):
-    """MMLU: multiple choice scored by the log-likelihood of each answer letter (lm-eval's template)."""
+    """MMLU: multiple choice scored by the log-likelihood of each answer letter (lm-eval's template).
+
+    Leakage: every training file of the papers is drawn from MMLU's validation and dev sets, and some of those
+    questions recur in test. So by default (``params.exclude_seen: true``) the test split drops every item whose
+    question (:func:`question_key`) occurs in any of :data:`PAPER_MMLU_FILES` -- whatever a recipe trains, tunes or
+    locates on -- and tuning never uses MMLU's validation split: ``task.validation`` carves held-out items from the
+    end of the train split (``params.tune_on: mmlu-validation`` restores the old behaviour). ``params.train_source``:
+    ``seeking`` (Seeking's mmlu_data_1000, the default) or ``laten`` (LaTen's mmlu_train_split).
+    """
 
     name = "mmlu"
     description = "MMLU (shared/data/mmlu): 0/5-shot, log-likelihood of A-D, per-subject, macro and micro"
@@ -71,13 +102,56 @@ class MmluTask(Task):
     }
     EXTRA_FILES = ("mmlu/dev.jsonl",)  # the 5-shot exemplars
 
+    TRAIN_SOURCES: ClassVar[dict[str, str]] = {
+        "seeking": "seeking/mmlu/mmlu_data_1000.jsonl",
+        "laten": "laten/mmlu/mmlu_train_split.jsonl",
+    }
+
+    def __init__(self, params: dict[str, Any] | None = None, data_dir: str | None = None) -> None:
+        super().__init__(params, data_dir)
+        source = self.params.get("train_source", "seeking")
+        if source not in self.TRAIN_SOURCES:
+            raise RecipeError(f"mmlu: train_source={source!r}", hint=f"use one of {', '.join(self.TRAIN_SOURCES)}")
+        self.FILES = {**self.FILES, "train": self.TRAIN_SOURCES[source]}
+        tune_on = self.params.get("tune_on", "train-heldout")
+        if tune_on not in ("train-heldout", "mmlu-validation"):
+            raise RecipeError(f"mmlu: tune_on={tune_on!r}", hint="use 'train-heldout' (default) or 'mmlu-validation'")
+        self.exclude_seen = bool(self.params.get("exclude_seen", True))
+        self.n_excluded = 0
+
     @property
     def splits(self) -> tuple[str, ...]:
         return tuple(self.FILES)
 
+    def tunes_on_own_validation(self) -> bool:
+        # the papers' training files come from MMLU's validation split: tuning on it would tune on trained questions
+        return self.params.get("tune_on", "train-heldout") == "mmlu-validation"
+
     @property
     def shots(self) -> int:
         return _int_param(self.params, "shots", 0, (0, 1, 2, 3, 4, 5))
+
+    def _excluded_note(self) -> str | None:
+        if not self.exclude_seen:
+            return None
+        self.split("test")  # counts the dropped items
+        return f"questions in the papers' MMLU files, by normalised question text ({self.n_excluded} test items dropped)"
+
+    def seen_questions(self) -> set[str]:
+        """The question keys of every paper training file present in the data folder."""
+        keys: set[str] = set()
+        for rel in PAPER_MMLU_FILES:
+            path = self.data_dir() / rel
+            if not path.is_file():
+                if rel in self.FILES.values():  # a file this task reads must be there
+                    path = self.data_path(rel)
+                else:
+                    continue
+            for r in read_jsonl(path):
+                user = next((m["content"] for m in r.get("messages", []) if m.get("role") == "user"), None)
+                if user is not None:
+                    keys.add(question_key(chat_row_question(user)))
+        return keys
 
     @property
     def style(self) -> str:
@@ -98,8 +172,12 @@ class MmluTask(Task):
         if self.shots:
             for r in read_jsonl(self.data_path(self.FILES["dev"])):
                 dev[r["subject"]].append(r)
+        seen = self.seen_questions() if split == "test" and self.exclude_seen else set()
         items = []
         for i, r in enumerate(rows):
+            if seen and question_key(r["question"]) in seen:
+                self.n_excluded += 1
+                continue
             subject = r["subject"]
             head = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
             shots = "".join(mmlu_question(x, True) + "\n\n" for x in dev[subject][: self.shots])
@@ -120,8 +198,11 @@ class MmluTask(Task):
         return items
 
     def data_files(self, split: str) -> list[str]:
-        return [self.FILES[split]] + (
-            ["mmlu/dev.jsonl"] if split not in ("train", "seed", "extract", "align") and self.shots and split != "dev" else []
+        seen = [f for f in PAPER_MMLU_FILES if (self.data_dir() / f).is_file()] if split == "test" and self.exclude_seen else []
+        return (
+            [self.FILES[split]]
+            + (["mmlu/dev.jsonl"] if split not in ("train", "seed", "extract", "align") and self.shots and split != "dev" else [])
+            + seen
         )
 
     def protocol(self) -> dict[str, Any]:
@@ -129,6 +210,9 @@ class MmluTask(Task):
             **super().protocol(),
             "shots": self.shots,
             "style": self.style,
+            "train_source": self.FILES["train"],
+            "test_excludes": self._excluded_note(),
+            "tuned_on": "mmlu validation" if self.tunes_on_own_validation() else "held-out train items",
             "template": "open-instruct eval/mmlu/run_eval.py (chat: + 'The answer is:'; ' A'..' D')"
             if self.style == "open-instruct"
             else "lm-eval mmlu (Answer: + ' A'..' D')",

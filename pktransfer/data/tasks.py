@@ -105,6 +105,10 @@ class Task(ABC):
     @abstractmethod
     def _load(self, split: str) -> list[Item]: ...
 
+    def tunes_on_own_validation(self) -> bool:
+        """Whether ``task.validation`` takes this task's own ``validation`` split (else the end of its train split)."""
+        return "validation" in self.splits
+
     def data_dir(self) -> Path:
         return resolve_data_dir(self.data_dir_option)
 
@@ -223,7 +227,7 @@ def train_and_validation(task: Task, n_train: int | None, n_validation: int | No
     train = task.split("train")
     if not n_validation:
         return (train[:n_train] if n_train else train), []
-    if "validation" in task.splits:
+    if task.tunes_on_own_validation():
         val = task.split("validation")[:n_validation]
     else:
         if n_validation >= len(train):
