@@ -93,7 +93,10 @@ def check_code_opt_in(task: Task, allowed: bool) -> None:
 def metric_table(metrics: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
     """label -> split -> the headline figures of each evaluation summary (what run.json keeps)."""
     return {
-        label: {split: {k: m[k] for k in ("n", "correct", "accuracy", "seconds")} for split, m in by_split.items()}
+        label: {
+            split: {k: m[k] for k in ("n", "correct", "accuracy", "seconds", "predicted", "reference_counts") if k in m}
+            for split, m in by_split.items()
+        }
         for label, by_split in metrics.items()
     }
 

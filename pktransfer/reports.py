@@ -280,6 +280,31 @@ def tuning_table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def letter_distribution(result: dict[str, Any]) -> list[str]:
+    """Multiple choice: how often each untouched model predicts each answer (a model that leans on one letter is
+    answering the format, not the question), beside how often each is right."""
+    rows = [
+        (label, split, m["predicted"])
+        for label, by in result.get("base", {}).items()
+        for split, m in by.items()
+        if m.get("predicted")
+    ]
+    if not rows:
+        return []
+    letters = list(rows[0][2])
+    lines = [
+        "Predicted answers of the untouched models (counts):",
+        "",
+        "| model | split | " + " | ".join(letters) + " |",
+        "|---|---|" + "---:|" * len(letters),
+    ]
+    lines += [f"| {label} | {split} | " + " | ".join(str(p.get(L, 0)) for L in letters) + " |" for label, split, p in rows]
+    first = next(iter(next(iter(result["base"].values())).values()))
+    if first.get("reference_counts"):
+        lines.append("| (true answers) | | " + " | ".join(str(first["reference_counts"].get(L, 0)) for L in letters) + " |")
+    return [*lines, ""]
+
+
 def cost_rule_section(result: dict[str, Any]) -> list[str]:
     """``compare.budget``: the rule declared in the recipe, the pilot's measurements, the estimate and what it cut."""
     b = result.get("budget")
@@ -320,6 +345,7 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
             for split, m in by_split.items():
                 lines.append(f"| {label} | {split} | {m['n']} | {_pct(m['accuracy'])} |")
         lines.append("")
+        lines += letter_distribution(result)
     lines += tuning_table(result)
     groups = result.get("groups", {})
     lines += [

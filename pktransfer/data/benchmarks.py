@@ -192,7 +192,7 @@ class MmluTask(Task):
                     prompt=prompt,
                     response=f" {r['answer']}",
                     reference=r["answer"],
-                    metadata={"subject": subject, "choices": [f" {L}" for L in LETTERS]},
+                    metadata={"subject": subject, "question": r["question"], "choices": [f" {L}" for L in LETTERS]},
                 )
             )
         return items

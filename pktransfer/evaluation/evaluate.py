@@ -196,7 +196,11 @@ def _choice_kind(
             }
         )
     per_subject = {s: {"n": len(v), "accuracy": _mean(v)} for s, v in sorted(by_subject.items())}
+    letters = [c.strip() for c in items[0].metadata["choices"]] if items else []
     return records, {
+        # how often each answer is predicted and is right: a model that leans on one letter shows it here
+        "predicted": {L: sum(r["extracted"] == L for r in records) for L in letters},
+        "reference_counts": {L: sum(r["reference"] == L for r in records) for L in letters},
         "metrics": {
             "acc,micro": _mean([float(r["correct"]) for r in records]),
             "acc,macro": _mean([v["accuracy"] for v in per_subject.values()]),
