@@ -55,6 +55,17 @@ class ModelSpec(Strict):
         return self
 
 
+# fields added to a section after cache folders were first named from a hash of it: left out of such names while at
+# these values, so a cache made before the field existed keeps serving the same work
+NEUTRAL_DEFAULTS: dict[str, Any] = {"task.tulu_variant": None, "task.tulu_eval_variant": "open-instruct"}
+
+
+def hash_view(section: str, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a dumped recipe section) without the fields of :data:`NEUTRAL_DEFAULTS` at their neutral values."""
+    neutral = {k.split(".", 1)[1]: v for k, v in NEUTRAL_DEFAULTS.items() if k.split(".", 1)[0] == section}
+    return {k: v for k, v in data.items() if not (k in neutral and neutral[k] == v)}
+
+
 class TaskSpec(Strict):
     """A task from the registry (``pkt tasks``) and its split sizes."""
 

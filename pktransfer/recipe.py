@@ -38,7 +38,14 @@ MethodSpec = configs.config_union()
 # fields added after records were first made, with the value that reproduces what a record lacking them computed
 # (``runs.as_current_schema`` reads old records with these, so a record is never matched to a recipe that would now
 # compute something else)
-LEGACY_DEFAULTS: dict[str, Any] = {"training.fast_path": False}
+# (``method[NAME].key``: only where the recorded method is NAME)
+LEGACY_DEFAULTS: dict[str, Any] = {
+    "training.fast_path": False,
+    "method[laten].data_order": "file",
+    "method[laten].attn_score": "o_input",
+    "method[laten].neuron_count": "round",
+    "method[laten].n_val": 16,
+}
 
 # keys a grid entry may not change: the pair, the task and the evaluation protocol are the comparison
 FIXED_KEYS = ("teacher", "student", "task", "evaluation", "seed", "output_dir", "compare")

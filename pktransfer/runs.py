@@ -214,8 +214,10 @@ def as_current_schema(fields: dict[str, Any]) -> dict[str, Any] | None:
     fields = json.loads(json.dumps(fields))
     for dotted, value in LEGACY_DEFAULTS.items():
         section, key = dotted.split(".", 1)
-        if isinstance(fields.get(section), dict) and key not in fields[section]:
-            fields[section][key] = value
+        section, _, only = section.rstrip("]").partition("[")
+        target = fields.get(section)
+        if isinstance(target, dict) and key not in target and (not only or target.get("name") == only):
+            target[key] = value
     try:
         current = recipe_from_dict(fields, "recorded recipe").dump()
     except PktError:

@@ -38,13 +38,15 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pktransfer.config import MethodConfig
 from pktransfer.data import IGNORE_INDEX, Example, encode_items, train_and_validation
@@ -97,11 +99,45 @@ def answer_input(formatter: Any, item: Any) -> AnswerInput:
     return AnswerInput(tuple(ids[:-1]), int(ids[-1]))
 
 
+def self_subvalue(attn_self: torch.Tensor, v_last: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """The official attention-neuron coefficient [H·hd]: the answer position's own value vector weighted by its
+    attention to itself, per head (``attn_subvalues = a[:, :, -1, :] * v`` in the patched modeling_llama.py L445-447,
+    of which knowledge_neurons.py L246 keeps source position -1 by ``.permute(1, 0, 2)[-1]``). ``attn_self`` [H]:
+    a[h, last, last]; ``v_last`` [kvH·hd]: v_proj's output at the last position (repeated over the heads of a group)."""
+    v = v_last.reshape(-1, head_dim)
+    v = v.repeat_interleave(n_heads // v.shape[0], dim=0)
+    return (attn_self.to(v.dtype)[:, None] * v).reshape(n_heads * head_dim)
+
+
+@contextmanager
+def eager_attention(model: Any) -> Iterator[None]:
+    """Run ``model`` with the eager attention kernel (the one that returns attention probabilities), then restore."""
+    before = getattr(model.config, "_attn_implementation", None)
+    if before in (None, "eager"):
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
 @torch.no_grad()
 def locate_scores(
-    loaded: Any, inputs: list[AnswerInput], *, vocab_k: int | None, progress: Progress, what: str
+    loaded: Any,
+    inputs: list[AnswerInput],
+    *,
+    vocab_k: int | None,
+    progress: Progress,
+    what: str,
+    attn_score: str = "self_subvalue",
 ) -> list[dict[str, torch.Tensor]]:
-    """Per input: ``attn_layer`` [L], ``ffn_layer`` [L], ``attn`` [L, H·hd], ``ffn`` [L, F] (float64, CPU)."""
+    """Per input: ``attn_layer`` [L], ``ffn_layer`` [L], ``attn`` [L, H·hd], ``ffn`` [L, F] (float64, CPU).
+
+    ``attn_score``: an attention neuron (head, dim) is scored through o_proj by ``self_subvalue`` (official: the answer
+    position's own attention sub-value, :func:`self_subvalue`) or ``o_input`` (the whole attention output at the answer
+    position, every source position's contribution)."""
     model, arch = loaded.model, loaded.arch
     device = input_device(model)
     norm = model.get_submodule(arch.final_norm_module)
@@ -134,6 +170,9 @@ def locate_scores(
             block.mlp.register_forward_hook(post(f"mlp_raw{i}")),
             model.get_submodule(arch.sublayer_name(i, "mlp")).register_forward_hook(post(f"mlp{i}")),
         ]
+        if attn_score == "self_subvalue":
+            handles.append(model.get_submodule(arch.module_name(i, "v")).register_forward_hook(post(f"v{i}")))
+    v_rows = arch.role_rows("v")
     f_size, a_size = arch.intermediate_size, arch.n_heads * arch.head_dim
     results = []
     try:
@@ -146,11 +185,20 @@ def locate_scores(
                     "ffn": torch.zeros(n_layers, f_size, dtype=torch.float64),
                 }
                 y, pos = inp.y, len(inp.ids) - 1
-                model(input_ids=torch.tensor([list(inp.ids)], device=device))
+                ids = torch.tensor([list(inp.ids)], device=device)
+                if attn_score == "self_subvalue":
+                    with eager_attention(model):
+                        attentions = model(input_ids=ids, output_attentions=True).attentions
+                else:
+                    model(input_ids=ids)
                 for i in range(n_layers):
                     # this layer's captures at the answer position, on one device (a sharded teacher's layers
                     # sit on several)
                     at = {k: seen[f"{k}{i}"][0, pos].to(device) for k in CAPTURES}
+                    if attn_score == "self_subvalue":
+                        v_last = seen[f"v{i}"][0, pos, v_rows].to(device).float()
+                        a_self = attentions[i][0, :, pos, pos].to(device).float()
+                        at["o"] = self_subvalue(a_self, v_last, arch.n_heads, arch.head_dim)
                     h_in = at["in"].float()
                     h_mid = h_in + at["attn"].float()
                     vocab = candidate_vocab([h_in, h_mid], norm, head_w, y, vocab_k, cap)
@@ -198,8 +246,10 @@ def plan_transfer(
     t_arch: ArchitectureDescription,
     s_arch: ArchitectureDescription,
     rate: float,
+    count: str = "floor",
 ) -> dict[str, Any]:
-    """Which teacher layer and neurons feed which student layer and neurons.
+    """Which teacher layer and neurons feed which student layer and neurons (``count``: the neurons per layer,
+    ``rate`` x the student's size, ``floor``-ed as the official ``int()`` or ``round``-ed; at least one).
 
     Returns per role family (``ffn``, ``attn``): ``teacher_layers`` [L_S] (0-based, in order) and per student
     layer k the teacher / student neuron indices, paired by rank.
@@ -209,7 +259,7 @@ def plan_transfer(
         ("ffn", s_arch.intermediate_size, t_arch.intermediate_size),
         ("attn", s_arch.n_heads * s_arch.head_dim, t_arch.n_heads * t_arch.head_dim),
     ):
-        n = max(1, round(rate * size_s))
+        n = max(1, int(rate * size_s) if count == "floor" else round(rate * size_s))
         if n > size_t:
             raise IncompatiblePairError(
                 f"laten: {n} {fam} neurons per layer asked for, the teacher has {size_t}", hint="lower method.transfer_rate"
@@ -378,10 +428,35 @@ def mean_ce(model: Any, batch: dict[str, torch.Tensor], device: torch.device) ->
     return causal_lm_loss_sum(out.logits, labels) / (labels[:, 1:] != IGNORE_INDEX).sum().clamp_min(1)
 
 
-def step_batch(step: int, extract: list[Example], align: list[Example], partners: int, seed: int) -> list[Example]:
-    """Step s: extract example s mod n, plus ``partners`` align examples drawn with (seed, s): resumable."""
+def step_batch(
+    step: int, extract: list[Example], align: list[Example], partners: int, seed: int, order: str = "official"
+) -> list[Example]:
+    """Step s's batch: ``partners`` align examples and extract example s mod n; resumable (a function of s).
+
+    ``official``: ``random.seed(s); random.sample(range(len(align)), 15)``, the extract item appended last
+    (train_LaTen.py L241-246); ``file``: the extract item first, partners drawn with (seed, s)."""
+    k = min(partners, len(align))
+    if order == "official":
+        return [*(align[i] for i in random.Random(step).sample(range(len(align)), k)), extract[step % len(extract)]]
     rng = random.Random(seed * 100_003 + step)
-    return [extract[step % len(extract)], *rng.sample(align, min(partners, len(align)))]
+    return [extract[step % len(extract)], *rng.sample(align, k)]
+
+
+def datasets_shuffle_orders(seed: int, sizes: list[int]) -> list[list[int]]:
+    """The orders ``Dataset.shuffle()`` (no seed) gives to datasets of these sizes, shuffled one after the other right
+    after ``set_seed(seed)``: datasets seeds its generator from numpy's global state and steps it once per shuffle.
+    The official scripts shuffle this way (train_LaTen.py L97 then L142-146: extract, then align; inference_LaTen.py
+    L122: the train split)."""
+    import numpy as np
+
+    state = np.random.RandomState(seed)
+    orders = []
+    for n in sizes:
+        _, keys, pos, *_ = state.get_state()
+        generator_seed = keys[pos] if pos < 624 else keys[0]
+        state.random_sample()
+        orders.append(np.random.default_rng(generator_seed).permutation(n).tolist())
+    return orders
 
 
 def save_hypernets(hyper: dict[str, HyperNet], folder: Path) -> None:
@@ -457,13 +532,43 @@ class LatenConfig(MethodConfig):
     warmup_ratio: float = Field(default=0.1, gt=0, lt=1, description="one-cycle pct_start")
     penalty: float = Field(default=1000.0, ge=0, description="weight of the MSE(Δ, 0) per module type")
     partners: int = Field(default=15, ge=0, description="align examples joining each extract example in a batch")
-    n_val: int = Field(
-        default=16,
-        ge=1,
-        description="align items held out: validation CE per update (recorded; "
-        "the choice with choose: validation); never trained on",
+    n_val: int | None = Field(
+        default=None,
+        ge=0,
+        description="align items held out: validation CE per update (recorded; the choice with choose: validation); "
+        "never trained on. None: 0 with choose: checkpoint (the official pool of all 80 align items), 16 with "
+        "choose: validation",
     )
+
+    @model_validator(mode="after")
+    def _check_val(self) -> LatenConfig:
+        if self.choose == "validation" and self.n_val == 0:
+            raise ValueError("choose: validation needs held-out align items (n_val >= 1)")
+        return self
+
+    @property
+    def held_out(self) -> int:
+        return self.n_val if self.n_val is not None else (16 if self.choose == "validation" else 0)
+
     init_std: float = Field(default=1e-5, gt=0, description="std of the hypernetworks' initial weights")
+    data_order: Literal["official", "file"] = Field(
+        default="official",
+        description="official: the extract and align items shuffled as the official script's datasets.shuffle() after "
+        "set_seed(seed) (use seed 42 for the shipped scripts' order), partners random.seed(step).sample(range(len(align)), "
+        "15), the injection item random.sample over the shuffled train items; file: file order, partners and the "
+        "injection item drawn with the recipe seed (pktransfer before 2026-12)",
+    )
+    attn_score: Literal["self_subvalue", "o_input"] = Field(
+        default="self_subvalue",
+        description="how an attention neuron (head, dim) is scored: self_subvalue (official: the answer position's own "
+        "value weighted by its attention to itself, knowledge_neurons.py L246), or o_input (the whole attention output "
+        "at the answer position, what the neuron actually adds to the residual stream)",
+    )
+    neuron_count: Literal["floor", "round"] = Field(
+        default="floor",
+        description="neurons per layer = transfer_rate x the student's size, floored as the official int() (at least 1), "
+        "or rounded (pktransfer before 2026-12)",
+    )
 
 
 class LatenMethod(Method):
@@ -503,10 +608,13 @@ class LatenMethod(Method):
         t_scores, s_scores, located_from = self._locate(ctx, teacher, inputs, out)
         locate_s = time.perf_counter() - t0
         rate, n_ext = spec.transfer_rate, len(extract_items)
-        averaged = plan_transfer(mean_scores(t_scores[:n_ext]), mean_scores(s_scores[:n_ext]), teacher.arch, student.arch, rate)
+        count = spec.neuron_count
+        averaged = plan_transfer(
+            mean_scores(t_scores[:n_ext]), mean_scores(s_scores[:n_ext]), teacher.arch, student.arch, rate, count
+        )
         if spec.locate == "per_example":
             step_plans = [
-                plan_transfer(t_scores[s % n_ext], s_scores[s % n_ext], teacher.arch, student.arch, rate)
+                plan_transfer(t_scores[s % n_ext], s_scores[s % n_ext], teacher.arch, student.arch, rate, count)
                 for s in range(n_updates)
             ]
         else:
@@ -514,7 +622,7 @@ class LatenMethod(Method):
         final_plan = (
             averaged
             if spec.inject_on == "extract_mean"
-            else plan_transfer(t_scores[-1], s_scores[-1], teacher.arch, student.arch, rate)
+            else plan_transfer(t_scores[-1], s_scores[-1], teacher.arch, student.arch, rate, count)
         )
         # 2. extract the teacher's vectors for every plan, then free the teacher
         cache: dict[int, dict[str, list[torch.Tensor]]] = {}
@@ -554,7 +662,8 @@ class LatenMethod(Method):
             "resumed_from": resumed,
             "trainable_parameters": sum(p.numel() for h in hyper.values() for p in h.parameters()),
             "tokens_seen": sum(
-                n_tokens(step_batch(s, extract_ex, align_ex, spec.partners, recipe.seed)) for s in range(n_updates)
+                n_tokens(step_batch(s, extract_ex, align_ex, spec.partners, recipe.seed, spec.data_order))
+                for s in range(n_updates)
             ),
             "final_loss": next((h["loss"] for h in history if h["step"] == best), None),
             "log_history": history,
@@ -597,10 +706,11 @@ class LatenMethod(Method):
             },
         }
         write_json(out / "laten.json", self._info)
+        val = self._info["val_loss"]
         ctx.progress.log(
-            f"laten: kept update {best} of {n_updates} (val CE {self._info['val_loss'][best]:.4f}, "
-            f"untrained {self._info['val_loss'][0]:.4f}); "
-            f"|Δ| {', '.join(f'{r} {v:.3g}' for r, v in norms.items())}"
+            f"laten: kept update {best} of {n_updates}"
+            + (f" (val CE {val[best]:.4f}, untrained {val[0]:.4f})" if val.get(best) is not None else "")
+            + f"; |Δ| {', '.join(f'{r} {v:.3g}' for r, v in norms.items())}"
         )
         return student.model
 
@@ -610,30 +720,38 @@ class LatenMethod(Method):
         if self.spec.inject_on == "extract_mean":
             return ctx.task.split("extract")[0]  # unused for the plan (the mean over the extract items is)
         train, _ = train_and_validation(ctx.task, ctx.recipe.task.n_train, ctx.recipe.task.validation)
-        return train[random.Random(ctx.recipe.seed).randrange(len(train))]
+        seed = ctx.recipe.seed
+        if self.spec.data_order == "official":  # inference_LaTen.py L122-128: shuffle, then random.sample(..., 1)
+            (order,) = datasets_shuffle_orders(seed, [len(train)])
+            return train[order[random.Random(seed).sample(range(len(train)), 1)[0]]]
+        return train[random.Random(seed).randrange(len(train))]
 
     def _splits(self, ctx: MethodContext) -> tuple[list[Any], list[Example], list[Example], list[Example]]:
         spec, task = self.spec, ctx.task
         max_len = ctx.recipe.training.max_length
         ext = task.split("extract")[: spec.n_extract]
         align = task.split("align")
+        if spec.data_order == "official":  # shuffled as the official script does, extract first, then align
+            ext_order, align_order = datasets_shuffle_orders(ctx.recipe.seed, [len(ext), len(align)])
+            ext, align = [ext[i] for i in ext_order], [align[i] for i in align_order]
+        n_val = spec.held_out
         if not ext:
             raise DataError(
                 f"laten: task '{task.name}' has an empty extract split",
                 hint="LaTen locates neurons on the extract split; pick a task that has one",
             )
-        if len(align) <= spec.n_val:
+        if len(align) <= n_val:
             raise DataError(
                 f"laten: the align split of task '{task.name}' has {len(align)} items, but "
-                f"method.n_val={spec.n_val} are held out for choosing the step",
+                f"method.n_val={n_val} are held out for choosing the step",
                 hint="lower method.n_val or use a larger align split",
             )
         enc = ctx.formatter
         return (
             ext,
             encode_items(enc, ext, max_len, f"task '{task.name}' extract split"),
-            encode_items(enc, align[: len(align) - spec.n_val], max_len, f"task '{task.name}' align split"),
-            encode_items(enc, align[len(align) - spec.n_val :], max_len, f"task '{task.name}' align split (val)"),
+            encode_items(enc, align[: len(align) - n_val], max_len, f"task '{task.name}' align split"),
+            encode_items(enc, align[len(align) - n_val :], max_len, f"task '{task.name}' align split (val)") if n_val else [],
         )
 
     def _locate(
@@ -703,8 +821,11 @@ class LatenMethod(Method):
         steps_dir = out / "steps"
         model = student.model
 
-        def validate() -> float:
-            """CE on the held-out align items of the model as it would be saved (the final injection)."""
+        def validate() -> float | None:
+            """CE on the held-out align items of the model as it would be saved (the final injection); None when
+            none are held out (the official pool)."""
+            if not val_ex:
+                return None
             vectors, inj = final
             live: dict[str, list[torch.Tensor]] = {}
             handles = inj.hooks(model, live)
@@ -749,7 +870,7 @@ class LatenMethod(Method):
             advance(start)
             for step in range(start, n_updates):
                 vectors, inj = steps[step]
-                items = step_batch(step, extract_ex, align_ex, spec.partners, recipe.seed)
+                items = step_batch(step, extract_ex, align_ex, spec.partners, recipe.seed, spec.data_order)
                 deltas = mapped_deltas(hyper, vectors, inj, device)  # through the hypernetworks (graph)
                 leaf = {r: [d.detach().requires_grad_(True) for d in ds] for r, ds in deltas.items()}
                 handles = inj.hooks(model, leaf)
@@ -789,7 +910,7 @@ class LatenMethod(Method):
                     {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history}, folder / "optim.pt"
                 )
                 write_json(folder / "done", history[-1], indent=None)  # last: the update is complete
-                advance(1, loss=f"{history[-1]['loss']:.4f}", val=f"{val:.4f}")
+                advance(1, loss=f"{history[-1]['loss']:.4f}", **({"val": f"{val:.4f}"} if val is not None else {}))
         best = n_updates if spec.choose == "checkpoint" else choose_step({h["step"]: h["val_loss"] for h in history})
         load_hypernets(hyper, state(best), device)
         return best, history, resumed

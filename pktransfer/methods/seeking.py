@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from pktransfer.config import MethodConfig
+from pktransfer.config import MethodConfig, hash_view
 from pktransfer.data import encode_items, recipe_formatter
 from pktransfer.errors import DataError, IncompatiblePairError, RecipeError
 from pktransfer.fileio import save_safetensors, write_json
@@ -382,7 +382,7 @@ class SeekingMethod(Method):
             return SharedWork(recipe)
         what = {
             "teacher": recipe.teacher.identity(),
-            "task": recipe.task.model_dump(),
+            "task": hash_view("task", recipe.task.model_dump()),
             "max_length": recipe.training.max_length,
             "method": m.model_dump(exclude={"sensitivity"}),
             "seed": recipe.seed if m.layers == "random" else None,
