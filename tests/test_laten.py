@@ -74,7 +74,8 @@ def _plant(model, layer: int, y: int, role: str, j: int, sign: float) -> None:
         w[:, j] = direction
 
 
-def test_locate_finds_a_planted_neuron_in_a_tiny_model(tiny_models):
+@pytest.mark.parametrize("attn_score", ["self_subvalue", "o_input"])
+def test_locate_finds_a_planted_neuron_in_a_tiny_model(tiny_models, attn_score):
     from pktransfer.data import PromptFormatter, get_task
     from pktransfer.methods.laten import answer_input
     from pktransfer.models import load_model
@@ -85,23 +86,67 @@ def test_locate_finds_a_planted_neuron_in_a_tiny_model(tiny_models):
     task = get_task("arithmetic", {"sizes": {"extract": 1, "train": 1, "test": 1}})
     inp = answer_input(PromptFormatter(loaded.tokenizer), task.split("extract")[0])
     pos, y = len(inp.ids) - 1, inp.y
-    # the sign of a planted neuron's activation decides its direction: read the activations first
+    # the sign of a planted neuron's activation decides its direction: read the activations first. The official
+    # attention coefficient of (head 0, dim 5) is a[0, pos, pos] x v[pos, 5] (kv head 0): the sign of v's row 5
     acts = {}
     last = loaded.model.model.layers[3]
     h1 = last.mlp.down_proj.register_forward_pre_hook(lambda m, a: acts.__setitem__("ffn", a[0][0, pos]))
-    h2 = last.self_attn.o_proj.register_forward_pre_hook(lambda m, a: acts.__setitem__("attn", a[0][0, pos]))
+    if attn_score == "o_input":
+        h2 = last.self_attn.o_proj.register_forward_pre_hook(lambda m, a: acts.__setitem__("attn", a[0][0, pos]))
+    else:
+        h2 = last.self_attn.v_proj.register_forward_hook(lambda m, a, out: acts.__setitem__("attn", out[0, pos]))
     with torch.no_grad():
         loaded.model(input_ids=torch.tensor([list(inp.ids)]))
     h1.remove()
     h2.remove()
     for role, j in (("ffn", 77), ("attn", 5)):
         _plant(loaded.model, 3, y, role, j, 1.0 if acts[role][j] >= 0 else -1.0)
-    scores = locate_scores(loaded, [inp], vocab_k=None, progress=Progress(quiet=True), what="teacher")[0]
+    scores = locate_scores(loaded, [inp], vocab_k=None, progress=Progress(quiet=True), what="teacher", attn_score=attn_score)[0]
     assert top_k(scores["ffn"][3], 1).item() == 77
     assert top_k(scores["attn"][3], 1).item() == 5
     assert scores["ffn"][3, 77] > 0 and scores["attn"][3, 5] > 0  # log-probability gained
     assert scores["ffn_layer"][3] > 0
     assert scores["ffn"].shape == (4, 128) and scores["attn"].shape == (4, 64)
+    assert loaded.model.config._attn_implementation != "eager" or attn_score == "o_input"  # restored afterwards
+
+
+def test_self_subvalue_hand_computed():
+    from pktransfer.methods.laten import self_subvalue
+
+    # 4 heads of dim 2 over 2 kv heads: heads 0,1 read kv head 0, heads 2,3 kv head 1
+    v = torch.tensor([1.0, -2.0, 3.0, 4.0])
+    a = torch.tensor([0.5, 0.25, 1.0, 0.0])
+    assert self_subvalue(a, v, 4, 2).tolist() == [0.5, -1.0, 0.25, -0.5, 3.0, 4.0, 0.0, 0.0]
+
+
+def test_official_orders_match_datasets_and_the_partner_draw():
+    import random
+
+    import numpy as np
+
+    datasets = pytest.importorskip("datasets")
+    from pktransfer.methods.laten import datasets_shuffle_orders, step_batch
+
+    np.random.seed(42)  # the official set_seed, then two shuffles without a seed (train_LaTen.py L142-146)
+    a = datasets.Dataset.from_dict({"i": list(range(20))}).shuffle()
+    b = datasets.Dataset.from_dict({"i": list(range(80))}).shuffle()
+    assert datasets_shuffle_orders(42, [20, 80]) == [a["i"], b["i"]]
+    extract, align = [f"e{i}" for i in range(20)], [f"a{i}" for i in range(80)]
+    batch = step_batch(3, extract, align, 15, seed=7)  # official: independent of the recipe seed
+    random.seed(3)
+    assert batch == [align[i] for i in random.sample(range(80), 15)] + ["e3"]
+    assert step_batch(3, extract, align, 15, seed=7, order="file")[0] == "e3"
+
+
+def test_neuron_counts_floor_as_the_official_int():
+    from pktransfer.methods.laten import plan_transfer
+
+    class A:
+        n_layers, intermediate_size, n_heads, head_dim = 1, 11008, 32, 128
+
+    t = {"ffn_layer": torch.ones(1), "attn_layer": torch.ones(1), "ffn": torch.rand(1, 11008), "attn": torch.rand(1, 4096)}
+    assert plan_transfer(t, t, A, A, 0.1)["ffn"]["n"] == 1100  # int(1100.8)
+    assert plan_transfer(t, t, A, A, 0.1, "round")["ffn"]["n"] == 1101
 
 
 # ---- align / inject ------------------------------------------------------------------------------------
@@ -191,9 +236,11 @@ def test_step_rule_and_batches():
     assert choose_step({0: 1.0, 1: 0.9, 2: 0.8, 3: 0.8}) == 2  # lowest, ties -> earlier; step 0 never
     assert choose_step({0: 0.1, 1: 0.9, 2: 1.0}) == 1
     ext, align = list(range(3)), list(range(100, 140))
-    b = step_batch(4, ext, align, 15, seed=0)
+    b = step_batch(4, ext, align, 15, seed=0, order="file")
     assert b[0] == 1 and len(b) == 16 and len(set(b[1:])) == 15 and set(b[1:]) <= set(align)
-    assert step_batch(4, ext, align, 15, seed=0) == b and step_batch(4, ext, align, 15, seed=1) != b
+    assert step_batch(4, ext, align, 15, seed=0, order="file") == b and step_batch(4, ext, align, 15, seed=1, order="file") != b
+    o = step_batch(4, ext, align, 15, seed=0)  # official: the extract item last, the draw a function of the step only
+    assert o[-1] == 1 and len(set(o[:-1])) == 15 and o == step_batch(4, ext, align, 15, seed=1)
 
 
 # ---- end to end ----------------------------------------------------------------------------------------
