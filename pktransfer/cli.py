@@ -380,7 +380,9 @@ def eval_cmd(
     subset_seed: Annotated[int | None, typer.Option(help="With --limit: draw the N items with this seed.")] = None,
     batch_size: Annotated[str, typer.Option(help="Batch size, or 'auto' (largest that fits on the GPU).")] = "16",
     max_new_tokens: Annotated[int | None, typer.Option(help="Generation budget (default: the task's).")] = None,
-    prompt_format: Annotated[str, typer.Option(help="auto (chat template if the model has one), chat or plain.")] = "auto",
+    prompt_format: Annotated[
+        str, typer.Option(help="auto (chat template if the model has one), chat, plain or tulu (Open-Instruct's Tulu prompt).")
+    ] = "auto",
     n_samples: Annotated[int, typer.Option(help="Code tasks: completions per problem (pass@k for k <= n).")] = 1,
     temperature: Annotated[float, typer.Option(help="Code tasks: sampling temperature when n > 1.")] = 0.8,
     allow_code_execution: Annotated[
@@ -403,8 +405,8 @@ def eval_cmd(
         spec = validate(ModelSpec, {"model": model, "device": device, "dtype": dtype}, "command line")
         if batch_size != "auto" and not batch_size.isdigit():
             raise RecipeError(f"--batch-size {batch_size!r}", hint="a positive integer or 'auto'")
-        if prompt_format not in ("auto", "chat", "plain"):
-            raise RecipeError(f"--prompt-format {prompt_format!r}", hint="auto, chat or plain")
+        if prompt_format not in ("auto", "chat", "plain", "tulu"):
+            raise RecipeError(f"--prompt-format {prompt_format!r}", hint="auto, chat, plain or tulu")
         params = {}
         for item in param or []:
             path, value = parse_override(item)

@@ -327,7 +327,8 @@ def apply_budget(
     else:
         tune_cells = [tc.cell for tc in plan_tuning(recipe) if tc.label == spec.baseline]
         pilot = tune_cells[0] if tune_cells else next(c for c in plan_grid(recipe) if c.label == spec.baseline)
-        what = f"pilot: {pilot.label}, seed {pilot.seed} ({pilot.folder.relative_to(root)}), to estimate the grid's cost"
+        where = pilot.folder.resolve().relative_to(root).as_posix()
+        what = f"pilot: {pilot.label}, seed {pilot.seed} ({where}), to estimate the grid's cost"
 
         def job() -> None:
             pipeline.run(pilot.recipe, progress=progress)
@@ -356,7 +357,7 @@ def apply_budget(
         decision = {
             "rule": budget.model_dump(mode="json"),
             "pilot": {
-                "cell": str(pilot.folder.relative_to(root)),
+                "cell": where,
                 "train_seconds": round(train_s, 1),
                 "eval_seconds_per_item": round(eval_s / max(n_eval, 1), 3),
                 "n_eval": n_eval,

@@ -91,8 +91,10 @@ class TaskSpec(Strict):
         description="with prompt_format tulu: the official assembly of training text (None: the method's own -- laten "
         "for LaTen, seeking otherwise; Seeking's sensitivity always uses seeking-extract, as its extraction script does)",
     )
-    tulu_eval_variant: Literal["seeking", "seeking-extract", "laten", "open-instruct"] = Field(
-        default="open-instruct", description="with prompt_format tulu: the assembly of evaluation prompts (Open-Instruct's)"
+    tulu_eval_variant: Literal["seeking", "seeking-extract", "laten", "open-instruct", "plain"] = Field(
+        default="open-instruct",
+        description="with prompt_format tulu: the assembly of evaluation prompts (Open-Instruct's), or plain: the raw "
+        "prompt (Open-Instruct evaluates HumanEval without the chat format)",
     )
     params: dict[str, Any] = Field(default_factory=dict, description="task-specific options")
 

