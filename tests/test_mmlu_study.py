@@ -35,3 +35,22 @@ def test_mmlu_study_sets_are_disjoint():
     assert task.n_excluded == 49
     # the keys are real questions, not a shared header: the trained ones recover their question text
     assert "" not in seen and len(seen) > 1000
+
+
+@needs_data
+def test_validation_carved_from_paper_rows_is_scored_as_multiple_choice(tiny_models):
+    """The tuning items are the papers' chat rows: scored by the letter their answer ends with, under the study's cue."""
+    from pktransfer.data import PromptFormatter
+    from pktransfer.evaluation.evaluate import evaluate_items
+    from pktransfer.models import load_model
+    from pktransfer.recipe import ModelSpec
+
+    task = get_task("mmlu", {"style": "open-instruct", "train_source": "laten"})
+    _, val = train_and_validation(task, 256, 100)
+    assert [it.reference for it in val[:3]] == [it.response.rsplit(" ", 1)[1] for it in val[:3]]
+    loaded = load_model(ModelSpec(model=str(tiny_models["qwen2_student"])))
+    fmt = PromptFormatter(loaded.tokenizer, "chat")
+    res = evaluate_items(loaded.model, fmt, val[:3], label="x", task=task, split="validation")
+    assert res.summary["n"] == 3 and sum(res.summary["predicted"].values()) == 3
+    assert all(r["model_input"].endswith("<|im_start|>assistant\nThe answer is:") for r in res.records)
+    assert set(res.records[0]["loglik"]) == {"A", "B", "C", "D"}

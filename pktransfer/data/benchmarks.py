@@ -62,6 +62,14 @@ PAPER_MMLU_FILES = (
 )
 
 
+def answer_letter(response: str) -> str:
+    """The answer letter of a paper MMLU row's response ("The answer is: C" -> "C")."""
+    m = re.search(r"([ABCD])\W*$", response.strip())
+    if not m:
+        raise ValueError("no answer letter")
+    return m.group(1)
+
+
 def question_key(question: str) -> str:
     """A question's identity for leakage checks: the whole question, lower-cased, whitespace collapsed. (Not a prefix:
     895 moral-scenarios questions share their first 120 characters, "For which of these two scenarios ...")"""
@@ -167,7 +175,18 @@ class MmluTask(Task):
         path = self.data_path(self.FILES[split])
         rows = read_jsonl(path)
         if split in ("train", "seed", "extract", "align"):  # the papers' chat-format training data
-            return [row_to_item(r, i, path) for i, r in enumerate(rows)]
+            # also scorable as multiple choice (validation carved from train): the letter its answer ends with
+            items = [row_to_item(r, i, path, answer_letter) for i, r in enumerate(rows)]
+            return [
+                Item(
+                    it.id,
+                    it.prompt,
+                    it.response,
+                    it.reference,
+                    {**it.metadata, "subject": it.metadata.get("category", "all"), "choices": [f" {L}" for L in LETTERS]},
+                )
+                for it in items
+            ]
         dev: dict[str, list[dict[str, Any]]] = defaultdict(list)
         if self.shots:
             for r in read_jsonl(self.data_path(self.FILES["dev"])):
