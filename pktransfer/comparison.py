@@ -257,20 +257,33 @@ def estimate_grid(
     n_test: int,
     factors: dict[str, float],
     teacher_eval_factor: float,
-) -> tuple[dict[str, float], float]:
-    """Seconds per entry and for the untouched models' evaluation. ``counts``: label -> (tuning cells, grid cells
-    including matched ones); a cell costs ``factor`` x the pilot's training plus its evaluation items."""
+    matched: dict[tuple[str, str], int] | None = None,
+) -> tuple[dict[str, float], float, dict[tuple[str, str], float]]:
+    """Seconds per entry and for the untouched models' evaluation. ``counts``: label -> (tuning cells, grid cells);
+    ``matched``: (label, partner) -> the label's cells at its partner's settings (``compare.matched``). A cell costs
+    ``factor`` x the pilot's training plus its evaluation items. Returns per entry (its matched cells included), the
+    untouched models, and the matched cells' seconds per (label, partner)."""
+    cell = {label: factors.get(label, 1.0) * train_seconds + n_test * item_seconds for label in counts}
+    matched_s = {pair: n * cell[pair[0]] for pair, n in (matched or {}).items()}
     per_entry = {
         label: n_tune * (factors.get(label, 1.0) * train_seconds + n_validation * item_seconds)
-        + n_grid * (factors.get(label, 1.0) * train_seconds + n_test * item_seconds)
+        + n_grid * cell[label]
+        + sum(s for (x, _), s in matched_s.items() if x == label)
         for label, (n_tune, n_grid) in counts.items()
     }
-    return per_entry, n_test * item_seconds * (1.0 + teacher_eval_factor)
+    return per_entry, n_test * item_seconds * (1.0 + teacher_eval_factor), matched_s
 
 
-def cut_to_budget(per_entry: dict[str, float], base_seconds: float, hours: float, cut_order: list[str]) -> list[str]:
+def cut_to_budget(
+    per_entry: dict[str, float],
+    base_seconds: float,
+    hours: float,
+    cut_order: list[str],
+    matched: dict[tuple[str, str], float] | None = None,
+) -> list[str]:
     """The labels of ``cut_order`` dropped, first to last, until the estimate fits ``hours`` (all of them if it never
-    does: the rule is applied as written, and the report states the remaining estimate)."""
+    does: the rule is applied as written, and the report states the remaining estimate). Dropping an entry also drops
+    its partners' cells at its settings (``matched``)."""
     dropped: list[str] = []
     total = base_seconds + sum(per_entry.values())
     for label in cut_order:
@@ -278,19 +291,18 @@ def cut_to_budget(per_entry: dict[str, float], base_seconds: float, hours: float
             break
         dropped.append(label)
         total -= per_entry.get(label, 0.0)
+        total -= sum(s for (x, partner), s in (matched or {}).items() if partner == label and x not in dropped)
     return dropped
 
 
-def _grid_counts(recipe: Recipe) -> dict[str, tuple[int, int]]:
-    """label -> (tuning cells, grid cells), counting both matched cells of every pair (the tuned values are not known
-    before the grid, so the estimate assumes they differ)."""
+def _grid_counts(recipe: Recipe) -> tuple[dict[str, tuple[int, int]], dict[tuple[str, str], int]]:
+    """label -> (tuning cells, grid cells), and (label, partner) -> the label's matched cells at the partner's settings
+    (one per seed: the tuned values are not known before the grid, so the estimate assumes they differ)."""
     assert recipe.compare is not None
     spec = recipe.compare
-    counts = {}
-    for label, _, _, tune in expand_entries_tuned(recipe):
-        matched = sum(label in pair for pair in spec.matched)
-        counts[label] = (len(tune.values) if tune else 0, len(spec.seeds) * (1 + matched))
-    return counts
+    counts = {label: (len(tune.values) if tune else 0, len(spec.seeds)) for label, _, _, tune in expand_entries_tuned(recipe)}
+    matched = {(x, y): len(spec.seeds) for a, b in spec.matched for x, y in ((a, b), (b, a))}
+    return counts, matched
 
 
 def without_entries(recipe: Recipe, dropped: list[str]) -> Recipe:
@@ -344,8 +356,10 @@ def apply_budget(
         task = get_task(recipe.task.name, recipe.task.params, recipe.task.data_dir)
         n_test = len(pipeline._eval_items(task, "test", recipe))
         n_val = len(pipeline._eval_items(task, "validation", recipe)) if recipe.task.validation else 0
-        per_entry, base_s = estimate_grid(
-            _grid_counts(recipe),
+        counts, matched_cells = _grid_counts(recipe)
+        per_entry, base_s, matched_s = estimate_grid(
+            counts,
+            matched=matched_cells,
             train_seconds=train_s,
             item_seconds=eval_s / max(n_eval, 1),
             n_validation=n_val,
@@ -353,7 +367,9 @@ def apply_budget(
             factors=budget.cost_factors,
             teacher_eval_factor=budget.teacher_eval_factor,
         )
-        dropped = cut_to_budget(per_entry, base_s, budget.hours, budget.cut_order)
+        dropped = cut_to_budget(per_entry, base_s, budget.hours, budget.cut_order, matched_s)
+        left = base_s + sum(v for k, v in per_entry.items() if k not in dropped)
+        left -= sum(s for (x, partner), s in matched_s.items() if partner in dropped and x not in dropped)
         decision = {
             "rule": budget.model_dump(mode="json"),
             "pilot": {
@@ -369,7 +385,7 @@ def apply_budget(
             "base_hours": round(base_s / 3600, 2),
             "total_hours": round((base_s + sum(per_entry.values())) / 3600, 2),
             "dropped": dropped,
-            "kept_hours": round((base_s + sum(v for k, v in per_entry.items() if k not in dropped)) / 3600, 2),
+            "kept_hours": round(left / 3600, 2),
         }
         write_text(path, json.dumps(decision, indent=1))
         if records_dir is not None:

@@ -543,7 +543,7 @@ def test_contrast_pairs_two_entries_and_the_untouched_student(tmp_path):
 def test_estimate_and_cut_hand_computed():
     from pktransfer.comparison import cut_to_budget, estimate_grid
 
-    per_entry, base = estimate_grid(
+    per_entry, base, matched = estimate_grid(
         {"lora": (2, 3), "gkd": (2, 3), "pissa": (0, 3)},
         train_seconds=100.0,
         item_seconds=0.5,
@@ -553,13 +553,33 @@ def test_estimate_and_cut_hand_computed():
         teacher_eval_factor=3.0,
     )
     # lora: 2 x (100 + 20) + 3 x (100 + 300) = 1440; gkd: 2 x (300 + 20) + 3 x (300 + 300) = 2440; pissa: 3 x 400
-    assert per_entry == {"lora": 1440.0, "gkd": 2440.0, "pissa": 1200.0}
+    assert per_entry == {"lora": 1440.0, "gkd": 2440.0, "pissa": 1200.0} and matched == {}
     assert base == 600 * 0.5 * 4  # 1200: student + teacher at 3x
     total = 1440 + 2440 + 1200 + 1200  # 6280 s
     assert cut_to_budget(per_entry, base, total / 3600, ["gkd", "pissa"]) == []
     assert cut_to_budget(per_entry, base, (total - 1) / 3600, ["pissa", "gkd"]) == ["pissa"]
     assert cut_to_budget(per_entry, base, 3000 / 3600, ["pissa", "gkd"]) == ["pissa", "gkd"]  # 2640 s left
     assert cut_to_budget(per_entry, base, 0.1, ["pissa"]) == ["pissa"]  # applied as written, even if still over
+
+
+def test_dropping_one_of_a_matched_pair_drops_its_partners_matched_cells():
+    from pktransfer.comparison import cut_to_budget, estimate_grid
+
+    per_entry, base, matched = estimate_grid(
+        {"a": (0, 2), "b": (0, 2), "c": (0, 2)},
+        train_seconds=100.0,
+        item_seconds=1.0,
+        n_validation=0,
+        n_test=100,
+        factors={},
+        teacher_eval_factor=1.0,
+        matched={("a", "b"): 2, ("b", "a"): 2},
+    )
+    # a cell costs 200 s; a and b: 2 own + 2 matched cells = 800 s; c: 400 s; base 200 s; total 2200 s
+    assert per_entry == {"a": 800.0, "b": 800.0, "c": 400.0} and matched == {("a", "b"): 400.0, ("b", "a"): 400.0}
+    # dropping b removes b's 800 s and a's 400 s at b's settings: 1000 s left, so c is kept under a 1000 s budget
+    assert cut_to_budget(per_entry, base, 1000 / 3600, ["b", "c"], matched) == ["b"]
+    assert cut_to_budget(per_entry, base, 1000 / 3600, ["b", "c"]) == ["b", "c"]  # without the pairing: both
 
 
 def test_budget_rule_runs_a_pilot_and_drops_by_the_declared_order(tiny_recipe, tmp_path):
