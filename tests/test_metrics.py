@@ -47,3 +47,29 @@ def test_exact_match_number(output, reference, ok):
 def test_exact_match_strips_whitespace_only():
     assert exact_match(" yes \n", "yes") == ("yes", True)
     assert exact_match("Yes", "yes")[1] is False
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "gemma2", "phi3"])
+def test_float32_logits_equal_the_models_own_in_float32(family):
+    """Multiple choice scores come from the head computed in float32 (no bfloat16 ties between letters); on a
+    float32 model that equals the model's own logits, Gemma 2's final soft-cap included."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, "tests")
+    from conftest import STUDENT_SHAPE, make_model
+
+    from pktransfer.evaluation.generation import float32_logits
+
+    model = make_model(family, vocab=100, **STUDENT_SHAPE).eval()
+    ids = torch.randint(0, 100, (2, 7))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        own = model(input_ids=ids, attention_mask=mask).logits
+        ours = float32_logits(model, ids, mask)
+        picked = float32_logits(model, ids, mask, torch.tensor([0, 1]), torch.tensor([6, 3]))
+    assert torch.allclose(ours, own, atol=1e-5)
+    assert torch.allclose(picked, own[[0, 1], [6, 3]], atol=1e-5)
+    if family == "gemma2":
+        assert own.abs().max() <= model.config.final_logit_softcapping
