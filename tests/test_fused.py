@@ -133,7 +133,7 @@ def test_fused_accumulators_keep_column_sums_per_role():
 
 
 def _seeking_matrices(pair, structure):
-    from pktransfer.data import get_task
+    from pktransfer.data import PromptFormatter, get_task
     from pktransfer.methods.injection import group_roles
     from pktransfer.methods.seeking import SeekingConfig, compute_sensitivity, extract_matrices
     from pktransfer.progress import Progress
@@ -143,7 +143,7 @@ def _seeking_matrices(pair, structure):
     roles = group_roles(["all"])
     spec = SeekingConfig(n_seed=3, structure=structure)
     sens = compute_sensitivity(
-        teacher, task.split("seed"), spec, roles, prompt_format="auto", system_prompt=None, max_length=64,
+        teacher, task.split("seed"), spec, roles, formatter=PromptFormatter(teacher.tokenizer), max_length=64,
         progress=Progress(quiet=True), what="seed",
     )  # fmt: skip
     return sens, extract_matrices(sens, teacher, student.arch, [0, 2], roles, structure, seed=3, grow="error")
