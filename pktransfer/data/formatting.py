@@ -113,9 +113,12 @@ class PromptFormatter:
     ) -> None:
         self.tokenizer = tokenizer
         self.plain_separator = plain_separator
-        for v in (tulu, tulu_eval):
-            if v not in TULU_VARIANTS and not (v == "plain" and v is tulu_eval):
-                raise DataError(f"unknown Tulu variant '{v}'", hint=f"use one of {', '.join(TULU_VARIANTS)}")
+        if tulu not in TULU_VARIANTS:
+            raise DataError(f"unknown Tulu variant '{tulu}'", hint=f"use one of {', '.join(TULU_VARIANTS)}")
+        if tulu_eval not in TULU_VARIANTS and tulu_eval != "plain":
+            raise DataError(
+                f"unknown Tulu evaluation variant '{tulu_eval}'", hint=f"use one of {', '.join(TULU_VARIANTS)} or plain"
+            )
         self.tulu = TULU_VARIANTS[tulu]
         # "plain": a tulu-trained model evaluated on the raw prompt (Open-Instruct's HumanEval: "We don't use chat
         # format for codex_humaneval, since it's not a chat dataset", scripts/eval/codex_humaneval.sh)
