@@ -143,6 +143,7 @@ class EvaluationSpec(Strict):
     )
     n_samples: int = Field(default=1, ge=1, description="code tasks: completions per problem (pass@k for k <= n)")
     temperature: float = Field(default=0.8, ge=0, description="code tasks: sampling temperature when n_samples > 1")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="code tasks: nucleus sampling when n_samples > 1 (1: off)")
     allow_code_execution: bool = Field(default=False, description="run generated code (sandboxed) for code tasks")
     max_new_tokens: int | None = Field(
         default=None, ge=1, description="generation budget (None: the task's own, e.g. 12 for arithmetic)"

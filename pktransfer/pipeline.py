@@ -72,6 +72,7 @@ def eval_options(recipe: Recipe, task: Task) -> EvalOptions:
         max_new_tokens=generation_budget(ev.max_new_tokens, task),
         n_samples=ev.n_samples,
         temperature=ev.temperature,
+        top_p=ev.top_p,
         seed=recipe.seed,
         allow_code_execution=ev.allow_code_execution,
     )

@@ -88,3 +88,6 @@ def test_paper_recipe_runs_on_a_tiny_pair(path, tiny_llama_pair, tmp_path):
     items = next((Path(result.output_dir) / "eval").glob("*.test.items.jsonl")).read_text().splitlines()
     first = json.loads(items[0])
     assert first["model_input"]  # the exact text the model read is kept with every record
+    if recipe.evaluation.n_samples > 1:  # Open-Instruct's HumanEval sampling reaches generation
+        summary = json.loads(next((Path(result.output_dir) / "eval").glob("*.test.summary.json")).read_text())
+        assert summary["sampling"]["temperature"] == 0.1 and summary["sampling"]["top_p"] == recipe.evaluation.top_p == 0.95

@@ -62,6 +62,7 @@ class EvalOptions:
     subset_seed: int | None = None
     n_samples: int = 1  # code tasks: completions per problem
     temperature: float = 0.0  # code tasks with n_samples > 1 (0.8 is the usual choice)
+    top_p: float = 1.0  # with sampling: nucleus sampling (Open-Instruct's HumanEval: 0.95)
     seed: int = 0
     allow_code_execution: bool = False
     sandbox_timeout: float = 10.0
@@ -123,6 +124,7 @@ def _generate_outputs(
             stop_token_ids=formatter.stop_token_ids(),
             stop_strings=task.stop_strings_for(formatter.mode),
             temperature=temperature,
+            top_p=opts.top_p,
             on_batch=lambda k, _t: advance(k / n),
         ),
     )
@@ -265,7 +267,7 @@ def _code_kind(
             "timeout_s": opts.sandbox_timeout,
             "pass_means": "the runner's completion token arrived: the tests returned normally",
         },
-        "sampling": {"n": n, "temperature": temperature, "seed": opts.seed},
+        "sampling": {"n": n, "temperature": temperature, "top_p": opts.top_p if temperature > 0 else None, "seed": opts.seed},
         "batch_size_used": used,
     }
 

@@ -59,9 +59,11 @@ def generate(
     stop_token_ids: Sequence[int],
     stop_strings: Sequence[str] = (),
     temperature: float = 0.0,
+    top_p: float = 1.0,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[list[str], int]:
-    """Decode every prompt (token ids): greedy, or sampled when ``temperature`` > 0 (seed torch first).
+    """Decode every prompt (token ids): greedy, or sampled when ``temperature`` > 0 (seed torch first; ``top_p`` < 1:
+    nucleus sampling).
 
     Returns the texts (in input order) and the generated token count. Prompts are sorted by length so
     batches waste little padding; results are put back in order. Generation stops early at a stop
@@ -77,7 +79,7 @@ def generate(
         idx = order[start : start + batch_size]
         ids, mask = pad([prompts[i] for i in idx], pad_id, side="left")
         sampling = (
-            {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+            {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
             if temperature > 0
             else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         )
