@@ -123,3 +123,20 @@ def test_matched_pairs_run_each_entry_at_the_others_tuned_values_outside_the_fam
     with pytest.raises(RecipeError, match=r"compare\.matched"):
         bad = {**tiny_recipe, "compare": {**tiny_recipe["compare"], "matched": [["lora", "nope"]]}}
         pktransfer.compare(recipe_from_dict({**bad, "output_dir": str(tmp_path / "bad")}), quiet=True)
+
+
+def test_letter_distribution_of_the_untouched_models_by_hand():
+    from pktransfer.reports import letter_distribution
+
+    result = {
+        "base": {
+            "teacher": {"test": {"n": 4, "accuracy": 0.5, "predicted": {"A": 1, "B": 3, "C": 0, "D": 0},
+                                 "reference_counts": {"A": 1, "B": 1, "C": 1, "D": 1}}},
+            "student": {"test": {"n": 4, "accuracy": 0.25, "predicted": {"A": 0, "B": 4, "C": 0, "D": 0},
+                                 "reference_counts": {"A": 1, "B": 1, "C": 1, "D": 1}}},
+        }
+    }  # fmt: skip
+    lines = letter_distribution(result)
+    assert "| teacher | test | 1 | 3 | 0 | 0 |" in lines and "| student | test | 0 | 4 | 0 | 0 |" in lines
+    assert "| (true answers) | | 1 | 1 | 1 | 1 |" in lines
+    assert letter_distribution({"base": {"student": {"test": {"n": 4, "accuracy": 0.5}}}}) == []  # generation tasks
