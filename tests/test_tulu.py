@@ -169,7 +169,6 @@ def test_evaluation_uses_the_open_instruct_variant_and_describes_both():
     assert ev.tulu.name == "open-instruct" and f.tulu.name == "seeking"
     assert ev.prompt_text("Q?\n") == "<|user|>\nQ?\n\n<|assistant|>\n"  # open-instruct does not strip the user turn
     assert f.prompt_text("Q?\n") == "<|user|>\nQ?\n\n<|assistant|>\n"  # Seeking strips it, then adds "\n\n"
-    assert fmt("seeking").with_variant("laten").tulu.name == "laten"
     d = f.describe()
     assert d["mode"] == "tulu" and d["tulu"]["name"] == "seeking" and d["tulu_eval"]["name"] == "open-instruct"
 

@@ -136,14 +136,6 @@ class PromptFormatter:
         self.system_prompt = system_prompt
         self.end_of_response = self._end_of_response()
 
-    def with_variant(self, variant: TuluVariantName) -> PromptFormatter:
-        """This formatter with another Tulu variant for training text (itself unless the mode is tulu)."""
-        if self.mode != "tulu" or variant == self.tulu.name:
-            return self
-        out = copy.copy(self)
-        out.tulu = TULU_VARIANTS[variant]
-        return out
-
     def for_evaluation(self) -> PromptFormatter:
         """The formatter evaluation prompts are assembled with: in tulu mode the evaluation variant (or plain text)."""
         if self.mode == "tulu" and self.eval_plain:
