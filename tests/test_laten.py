@@ -440,3 +440,20 @@ def test_the_injection_item_is_a_training_item_never_a_carved_validation_item(ti
     train, val = train_and_validation(task, 6, 8)
     item = get_method(recipe.method)._final_item(SimpleNamespace(task=task, recipe=recipe))
     assert item.id in {it.id for it in train} and item.id not in {it.id for it in val}
+
+
+@pytest.mark.parametrize("attn_score", ["self_subvalue", "o_input"])
+def test_the_recipes_attention_score_reaches_the_location(tiny_recipe, monkeypatch, attn_score):
+    import pktransfer
+    import pktransfer.methods.laten as laten
+
+    seen = []
+    real = laten.locate_scores
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("attn_score"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(laten, "locate_scores", spy)
+    pktransfer.run(_recipe(tiny_recipe, attn_score=attn_score), quiet=True, evaluate=False)
+    assert seen == [attn_score, attn_score]  # teacher and student

@@ -782,6 +782,7 @@ class LatenMethod(Method):
             "teacher": ctx.recipe.teacher.identity(),
             "student": ctx.recipe.student.identity(),
             "locate_vocab": spec.locate_vocab,
+            "attn_score": spec.attn_score,
             "inputs": [[list(i.ids), i.y] for i in inputs],
         }
         if path.is_file() and meta.is_file() and json.loads(meta.read_text()) == key:  # a resumed run
@@ -794,7 +795,9 @@ class LatenMethod(Method):
             }
             return scores["t"], scores["s"], "reused"
         t0 = time.perf_counter()
-        t_scores = locate_scores(teacher, inputs, vocab_k=spec.locate_vocab, progress=ctx.progress, what="teacher")
+        t_scores = locate_scores(
+            teacher, inputs, vocab_k=spec.locate_vocab, progress=ctx.progress, what="teacher", attn_score=spec.attn_score
+        )
         ctx.teacher_work.add(
             f"neuron location on {len(inputs)} items (forward; the logit-lens scoring of every "
             "neuron comes on top and is not in the FLOPs)",
@@ -802,7 +805,9 @@ class LatenMethod(Method):
             seconds=time.perf_counter() - t0,
             parameters=teacher.arch.n_parameters,
         )
-        s_scores = locate_scores(student, inputs, vocab_k=spec.locate_vocab, progress=ctx.progress, what="student")
+        s_scores = locate_scores(
+            student, inputs, vocab_k=spec.locate_vocab, progress=ctx.progress, what="student", attn_score=spec.attn_score
+        )
         save_safetensors(
             {
                 f"{side}.{n}.{k}": v
