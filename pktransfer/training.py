@@ -171,10 +171,13 @@ def response_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross entropy over response tokens (the standard loss before normalisation)."""
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    """Summed next-token cross entropy over response tokens (the standard loss before normalisation).
+
+    Only the response positions' logits are upcast to float32: a float32 copy of every position's logits (and its
+    log-softmax and gradient) is batch x length x vocabulary x 4 bytes each, 2.5 GB for 8 x 512 tokens of a 152k
+    vocabulary, where the responses of a multiple-choice task are a few tokens."""
+    mask = response_positions(labels)
+    return torch.nn.functional.cross_entropy(logits[:, :-1][mask].float(), labels[:, 1:][mask], reduction="sum")
 
 
 def _trainer_class() -> Any:
