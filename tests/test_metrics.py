@@ -60,15 +60,16 @@ def test_float32_logits_equal_the_models_own_in_float32(family):
     sys.path.insert(0, "tests")
     from conftest import STUDENT_SHAPE, make_model
 
-    from pktransfer.evaluation.generation import float32_logits
+    from pktransfer.evaluation.generation import float32_head
 
     model = make_model(family, vocab=100, **STUDENT_SHAPE).eval()
     ids = torch.randint(0, 100, (2, 7))
     mask = torch.ones_like(ids)
     with torch.no_grad():
         own = model(input_ids=ids, attention_mask=mask).logits
-        ours = float32_logits(model, ids, mask)
-        picked = float32_logits(model, ids, mask, torch.tensor([0, 1]), torch.tensor([6, 3]))
+        head = float32_head(model)
+        ours = head(ids, mask)
+        picked = head(ids, mask, torch.tensor([0, 1]), torch.tensor([6, 3]))
     assert torch.allclose(ours, own, atol=1e-5)
     assert torch.allclose(picked, own[[0, 1], [6, 3]], atol=1e-5)
     if family == "gemma2":

@@ -102,16 +102,16 @@ def _mean(xs: list[float]) -> float:
 def _generate_outputs(
     model: Any,
     formatter: PromptFormatter,
-    items: list[Item],
+    texts: list[str],
     task: Task,
     opts: EvalOptions,
     advance: Any,
     n: int = 1,
     temperature: float = 0.0,
 ) -> tuple[tuple[list[str], int], int]:
-    """Batched generation of ``n`` outputs per item with the task's prompt and stop strings for this format;
-    progress advances in items. Returns ((outputs, generated tokens), batch size used)."""
-    prompts = [formatter.encode_text(model_input(formatter, task, it)) for it in items for _ in range(n)]
+    """Batched generation of ``n`` outputs per model input (each tokenised once) with the task's stop strings for this
+    format; progress advances in items. Returns ((outputs, generated tokens), batch size used)."""
+    prompts = [ids for text in texts for ids in [formatter.encode_text(text)] * n]
     return run_batched(
         model,
         opts.batch_size,
@@ -133,9 +133,10 @@ def _generate_outputs(
 def _generate_kind(
     model: Any, formatter: PromptFormatter, items: list[Item], task: Task, opts: EvalOptions, advance: Any
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    (outputs, n_tokens), used = _generate_outputs(model, formatter, items, task, opts, advance)
+    texts = [model_input(formatter, task, it) for it in items]
+    (outputs, n_tokens), used = _generate_outputs(model, formatter, texts, task, opts, advance)
     records, extra = [], defaultdict(list)
-    for it, out in zip(items, outputs, strict=True):
+    for it, text, out in zip(items, texts, outputs, strict=True):
         s = task.score(out, it)
         for k, v in s.get("metrics", {}).items():
             extra[k].append(float(v))
@@ -143,7 +144,7 @@ def _generate_kind(
             {
                 "id": it.id,
                 "prompt": task.eval_prompt(it, formatter.mode),
-                "model_input": model_input(formatter, task, it),
+                "model_input": text,
                 "output": out,
                 "extracted": s["extracted"],
                 "reference": it.reference,
@@ -234,7 +235,8 @@ def _code_kind(
     n = opts.n_samples
     temperature = opts.temperature if n > 1 else 0.0
     torch.manual_seed(opts.seed)
-    (outputs, n_tokens), used = _generate_outputs(model, formatter, items, task, opts, advance, n, temperature)
+    texts = [model_input(formatter, task, it) for it in items]
+    (outputs, n_tokens), used = _generate_outputs(model, formatter, texts, task, opts, advance, n, temperature)
     programs = [task.program(items[i // n], out, formatter.mode) for i, out in enumerate(outputs)]
     with progress.task(f"sandbox: {len(programs)} programs", total=len(programs)) as tick:
         results = run_programs(programs, SandboxLimits(timeout=opts.sandbox_timeout), on_done=lambda: tick(1))
@@ -249,7 +251,7 @@ def _code_kind(
             {
                 "id": it.id,
                 "prompt": task.eval_prompt(it, formatter.mode),
-                "model_input": model_input(formatter, task, it),
+                "model_input": texts[i],
                 "output": outputs[i * n] if n == 1 else outputs[i * n : (i + 1) * n],
                 "extracted": programs[i * n] if n == 1 else None,
                 "reference": it.reference,

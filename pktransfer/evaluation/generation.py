@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from pktransfer.data.batching import pad
-from pktransfer.ops.offload import input_device
+from pktransfer.ops.offload import input_device, stored_value
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -120,28 +120,35 @@ def encode_pair(tokenizer: Any, context: str, continuation: str, add_special_tok
     return list(ctx), list(whole[len(ctx) :])
 
 
-def float32_logits(
-    model: Any, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The model's logits computed in float32 from its final hidden states: all positions, or those at (rows, cols).
+def float32_head(model: Any) -> Callable[..., torch.Tensor]:
+    """``head(ids, mask, rows=None, cols=None)``: the model's logits computed in float32 from its final hidden states,
+    at every position or at (rows, cols). The head's weight is upcast once, here, not per batch.
 
     A bfloat16 LM head rounds logits of size 10-20 to steps of 0.06-0.125, so the four answer letters of an unsure
     model often tie exactly, and a tie goes to the first letter (26 of 100 MMLU items in a bfloat16 run). The
     head's matmul in float32 (and Gemma 2's final soft-cap after it) removes that rounding; a model without the
     standard decoder / output-embedding split falls back to its own logits, upcast."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if decoder is None or head is None or not hasattr(head, "weight"):
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        return (logits[rows, cols] if rows is not None else logits).float()
-    h = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-    h = h[rows, cols] if rows is not None else h
-    bias = getattr(head, "bias", None)
-    logits = torch.nn.functional.linear(
-        h.float(), head.weight.float().to(h.device), bias.float().to(h.device) if bias is not None else None
-    )
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if decoder is None or out_emb is None or not hasattr(out_emb, "weight"):
+
+        def own(ids: torch.Tensor, mask: torch.Tensor, rows: Any = None, cols: Any = None) -> torch.Tensor:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            return (logits[rows, cols] if rows is not None else logits).float()
+
+        return own
+    weight = stored_value(out_emb).float()  # an offloaded head's weight lives in accelerate's map, not on the module
+    bias = stored_value(out_emb, "bias").float() if getattr(out_emb, "bias", None) is not None else None
     cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
+
+    def head(ids: torch.Tensor, mask: torch.Tensor, rows: Any = None, cols: Any = None) -> torch.Tensor:
+        h = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        h = h[rows, cols] if rows is not None else h
+        w = weight.to(h.device)
+        logits = torch.nn.functional.linear(h.float(), w, bias.to(h.device) if bias is not None else None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    return head
 
 
 @torch.inference_mode()
@@ -161,6 +168,7 @@ def continuation_logliks(
     Rows are sorted by length and right-padded, so positions are exact without position ids.
     """
     device = input_device(model)
+    head = float32_head(model)
     out: list[list[float]] = [[] for _ in contexts]
     # longest first, so each batch holds similar lengths (little padding) and memory errors come early
     single = sorted(
@@ -176,7 +184,7 @@ def continuation_logliks(
         rows = [list(contexts[i]) for i in idx]
         ids, mask = pad(rows, pad_id)
         last = torch.tensor([len(r) - 1 for r in rows], device=device)
-        logits = float32_logits(model, ids.to(device), mask.to(device), torch.arange(len(rows), device=device), last)
+        logits = head(ids.to(device), mask.to(device), torch.arange(len(rows), device=device), last)
         logp = torch.log_softmax(logits, dim=-1)
         for k, i in enumerate(idx):
             out[i] = [float(logp[k, c[0]]) for c in continuations[i]]
@@ -187,7 +195,7 @@ def continuation_logliks(
         pairs = multi[start : start + batch_size]
         rows = [list(contexts[i]) + list(continuations[i][j]) for i, j in pairs]
         ids, mask = pad(rows, pad_id)
-        logp = torch.log_softmax(float32_logits(model, ids.to(device), mask.to(device)), -1)
+        logp = torch.log_softmax(head(ids.to(device), mask.to(device)), -1)
         for k, (i, j) in enumerate(pairs):
             n_ctx, cont = len(contexts[i]), continuations[i][j]
             pos = torch.arange(n_ctx - 1, n_ctx - 1 + len(cont), device=logp.device)
