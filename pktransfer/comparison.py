@@ -274,6 +274,18 @@ def estimate_grid(
     return per_entry, n_test * item_seconds * (1.0 + teacher_eval_factor), matched_s
 
 
+def remaining_seconds(
+    per_entry: dict[str, float],
+    base_seconds: float,
+    dropped: list[str],
+    matched: dict[tuple[str, str], float] | None = None,
+) -> float:
+    """The estimate without the ``dropped`` entries, nor the cells kept entries would run at a dropped partner's
+    settings (``matched``)."""
+    kept = base_seconds + sum(v for k, v in per_entry.items() if k not in dropped)
+    return kept - sum(s for (x, partner), s in (matched or {}).items() if partner in dropped and x not in dropped)
+
+
 def cut_to_budget(
     per_entry: dict[str, float],
     base_seconds: float,
@@ -285,13 +297,10 @@ def cut_to_budget(
     does: the rule is applied as written, and the report states the remaining estimate). Dropping an entry also drops
     its partners' cells at its settings (``matched``)."""
     dropped: list[str] = []
-    total = base_seconds + sum(per_entry.values())
     for label in cut_order:
-        if total <= hours * 3600:
+        if remaining_seconds(per_entry, base_seconds, dropped, matched) <= hours * 3600:
             break
         dropped.append(label)
-        total -= per_entry.get(label, 0.0)
-        total -= sum(s for (x, partner), s in (matched or {}).items() if partner == label and x not in dropped)
     return dropped
 
 
@@ -368,8 +377,6 @@ def apply_budget(
             teacher_eval_factor=budget.teacher_eval_factor,
         )
         dropped = cut_to_budget(per_entry, base_s, budget.hours, budget.cut_order, matched_s)
-        left = base_s + sum(v for k, v in per_entry.items() if k not in dropped)
-        left -= sum(s for (x, partner), s in matched_s.items() if partner in dropped and x not in dropped)
         decision = {
             "rule": budget.model_dump(mode="json"),
             "pilot": {
@@ -385,7 +392,7 @@ def apply_budget(
             "base_hours": round(base_s / 3600, 2),
             "total_hours": round((base_s + sum(per_entry.values())) / 3600, 2),
             "dropped": dropped,
-            "kept_hours": round(left / 3600, 2),
+            "kept_hours": round(remaining_seconds(per_entry, base_s, dropped, matched_s) / 3600, 2),
         }
         write_text(path, json.dumps(decision, indent=1))
         if records_dir is not None:
