@@ -66,6 +66,10 @@ def hash_view(section: str, data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if not (k in neutral and neutral[k] == v)}
 
 
+# the official assemblies of the Tulu chat format (pktransfer.data.formatting.TULU_VARIANTS)
+TuluVariantName = Literal["seeking", "seeking-extract", "laten", "open-instruct"]
+
+
 class TaskSpec(Strict):
     """A task from the registry (``pkt tasks``) and its split sizes."""
 
@@ -86,12 +90,12 @@ class TaskSpec(Strict):
         description="auto (the model's chat template if it has one, else plain), chat, plain, or tulu: the Tulu chat "
         "format the papers' official code trains and evaluates with (docs/reproduce.md)",
     )
-    tulu_variant: Literal["seeking", "seeking-extract", "laten", "open-instruct"] | None = Field(
+    tulu_variant: TuluVariantName | None = Field(
         default=None,
         description="with prompt_format tulu: the official assembly of training text (None: the method's own -- laten "
         "for LaTen, seeking otherwise; Seeking's sensitivity always uses seeking-extract, as its extraction script does)",
     )
-    tulu_eval_variant: Literal["seeking", "seeking-extract", "laten", "open-instruct", "plain"] = Field(
+    tulu_eval_variant: TuluVariantName | Literal["plain"] = Field(
         default="open-instruct",
         description="with prompt_format tulu: the assembly of evaluation prompts (Open-Instruct's), or plain: the raw "
         "prompt (Open-Instruct evaluates HumanEval without the chat format)",

@@ -267,3 +267,12 @@ def test_open_instruct_gsm_scoring():
     assert not oi.exact_match("5.0", "5")  # "50" != "5"
     assert oi.gsm_reference("blah\n#### 1,234") == "1234"
     assert oi.gsm_exemplars(8)[0]["short_answer"] == "6" and len(oi.gsm_exemplars(3)) == 3
+
+
+def test_the_recipe_schema_names_exactly_the_implemented_variants():
+    from typing import get_args
+
+    from pktransfer.config import TuluVariantName
+    from pktransfer.data.formatting import TULU_VARIANTS
+
+    assert set(get_args(TuluVariantName)) == set(TULU_VARIANTS)

@@ -117,13 +117,11 @@ class MmluTask(Task):
 
     def __init__(self, params: dict[str, Any] | None = None, data_dir: str | None = None) -> None:
         super().__init__(params, data_dir)
-        source = self.params.get("train_source", "seeking")
-        if source not in self.TRAIN_SOURCES:
-            raise RecipeError(f"mmlu: train_source={source!r}", hint=f"use one of {', '.join(self.TRAIN_SOURCES)}")
+        source = self.choice_param("train_source", tuple(self.TRAIN_SOURCES), "seeking")
         self.FILES = {**self.FILES, "train": self.TRAIN_SOURCES[source]}
-        tune_on = self.params.get("tune_on", "train-heldout")
-        if tune_on not in ("train-heldout", "mmlu-validation"):
-            raise RecipeError(f"mmlu: tune_on={tune_on!r}", hint="use 'train-heldout' (default) or 'mmlu-validation'")
+        # the papers' training files come from MMLU's validation split: tuning on it would tune on trained questions
+        self.tune_on = self.choice_param("tune_on", ("train-heldout", "mmlu-validation"), "train-heldout")
+        self.style = self.choice_param("style", ("lm-eval", "open-instruct"), "lm-eval")
         self.exclude_seen = bool(self.params.get("exclude_seen", True))
         self.n_excluded = 0
 
@@ -132,8 +130,7 @@ class MmluTask(Task):
         return tuple(self.FILES)
 
     def tunes_on_own_validation(self) -> bool:
-        # the papers' training files come from MMLU's validation split: tuning on it would tune on trained questions
-        return self.params.get("tune_on", "train-heldout") == "mmlu-validation"
+        return self.tune_on == "mmlu-validation"
 
     @property
     def shots(self) -> int:
@@ -142,8 +139,10 @@ class MmluTask(Task):
     def _excluded_note(self) -> str | None:
         if not self.exclude_seen:
             return None
-        self.split("test")  # counts the dropped items
-        return f"questions in the papers' MMLU files, by normalised question text ({self.n_excluded} test items dropped)"
+        note = "questions in the papers' MMLU files, by normalised question text"
+        # the count is known once the test split was read (as for a test evaluation); a validation evaluation does not
+        # read the test split to say it
+        return f"{note} ({self.n_excluded} test items dropped)" if "test" in self._cache else note
 
     def seen_questions(self) -> set[str]:
         """The question keys of every paper training file present in the data folder."""
@@ -160,13 +159,6 @@ class MmluTask(Task):
                 if user is not None:
                     keys.add(question_key(chat_row_question(user)))
         return keys
-
-    @property
-    def style(self) -> str:
-        style = self.params.get("style", "lm-eval")
-        if style not in ("lm-eval", "open-instruct"):
-            raise RecipeError(f"mmlu: style={style!r}", hint="use 'lm-eval' or 'open-instruct'")
-        return str(style)
 
     def answer_cue(self, item: Item, mode: str) -> str:
         return oi.MMLU_ANSWER_CUE if self.style == "open-instruct" and mode != "plain" else ""
@@ -378,10 +370,7 @@ class HumanEvalTask(CodeTask):
 
     @property
     def style(self) -> str:
-        style = self.params.get("style", "instruct")
-        if style not in ("instruct", "open-instruct"):
-            raise RecipeError(f"humaneval: style={style!r}", hint="use 'instruct' or 'open-instruct'")
-        return str(style)
+        return self.choice_param("style", ("instruct", "open-instruct"), "instruct")
 
     def eval_prompt(self, item: Item, mode: str) -> str:
         if self.style == "open-instruct":
@@ -456,10 +445,7 @@ class MbppTask(CodeTask):
 
     @property
     def train_source(self) -> str:
-        source = self.params.get("train_source", "mbpp")
-        if source not in ("mbpp", "laten"):
-            raise RecipeError(f"mbpp: train_source={source!r}", hint="use 'mbpp' (task ids 601-974) or 'laten'")
-        return str(source)
+        return self.choice_param("train_source", ("mbpp", "laten"), "mbpp")  # mbpp: task ids 601-974
 
     @property
     def splits(self) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ import copy
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from pktransfer.config import TuluVariantName
 from pktransfer.data.tasks import Item
 from pktransfer.errors import DataError
 
@@ -88,7 +89,6 @@ TULU_VARIANTS: dict[str, TuluVariant] = {
         ),
     )
 }
-TuluVariantName = Literal["seeking", "seeking-extract", "laten", "open-instruct"]
 
 
 @dataclass
@@ -199,7 +199,7 @@ class PromptFormatter:
     def encode_example(self, item: Item, max_length: int) -> Example:
         if self.mode == "tulu":  # the official way: the whole text at once, masked by the prompt's own length
             v = self.tulu
-            ids = self._tulu_tokens(self._tulu_text(item.prompt, item.response), max_length, v.eos_id)
+            ids = self._tulu_tokens(self.example_text(item), max_length, v.eos_id)
             n_prompt = len(self._tulu_tokens(self._tulu_text(item.prompt, None), max_length, v.mask_extra > 0))
             return Example(ids, [IGNORE_INDEX] * min(n_prompt, len(ids)) + ids[n_prompt:])
         prompt_ids = self.encode_prompt(item.prompt)

@@ -100,16 +100,12 @@ class Gsm8kTask(Task):
 
     def __init__(self, params: dict[str, Any] | None = None, data_dir: str | None = None) -> None:
         super().__init__(params, data_dir)
-        source = self.params.get("train_source", "seeking")
-        if source not in self.TRAIN_SOURCES:
-            raise RecipeError(f"gsm8k: train_source={source!r}", hint=f"use one of {', '.join(self.TRAIN_SOURCES)}")
+        source = self.choice_param("train_source", tuple(self.TRAIN_SOURCES), "seeking")
         self.FILES = {**self.FILES, "train": self.TRAIN_SOURCES[source]}
-        self.style = self.params.get("style", "instruct")
+        self.style = self.choice_param("style", ("instruct", "lm-eval", "open-instruct"), "instruct")
         self.shots = self.params.get("shots", 8 if self.style == "open-instruct" else 0)
         if self.shots not in (0, 8) and not (isinstance(self.shots, int) and 0 <= self.shots <= 16):
             raise RecipeError(f"gsm8k: shots={self.shots!r}", hint="use 0 or 8 (any 0-16 works)")
-        if self.style not in ("instruct", "lm-eval", "open-instruct"):
-            raise RecipeError(f"gsm8k: style={self.style!r}", hint="use 'instruct', 'lm-eval' or 'open-instruct'")
         if self.style == "open-instruct":
             self.plain_separator = ""
             self.max_new_tokens = oi.GSM_MAX_NEW_TOKENS
@@ -132,8 +128,7 @@ class Gsm8kTask(Task):
         path = self.data_path(self.FILES[split])
         rows = read_jsonl(path)
         if split == "test":
-            own = self.shots and self.style != "open-instruct"  # open-instruct brings its own exemplars
-            exemplars = read_jsonl(self.data_path(self.EXEMPLARS))[: self.shots] if own else []
+            exemplars = read_jsonl(self.data_path(self.EXEMPLARS))[: self.shots] if self.train_exemplars else []
             shots = "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in exemplars)
             return [
                 Item(
@@ -147,9 +142,13 @@ class Gsm8kTask(Task):
             ]
         return [row_to_item(r, i, path, gsm_reference) for i, r in enumerate(rows)]
 
+    @property
+    def train_exemplars(self) -> bool:
+        """Whether test prompts take their shots from GSM8K train (open-instruct brings its own exemplars)."""
+        return bool(self.shots) and self.style != "open-instruct"
+
     def data_files(self, split: str) -> list[str]:
-        own = self.shots and self.style != "open-instruct"
-        return [self.FILES[split]] + ([self.EXEMPLARS] if split == "test" and own else [])
+        return [self.FILES[split]] + ([self.EXEMPLARS] if split == "test" and self.train_exemplars else [])
 
     # Open-Instruct: the chat formats get "Answer:" after the assistant header; plain text ends "\nAnswer:" and a
     # newline stops generation (non-chat models); chat models stop at their end of turn

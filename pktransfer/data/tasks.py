@@ -105,6 +105,13 @@ class Task(ABC):
     @abstractmethod
     def _load(self, split: str) -> list[Item]: ...
 
+    def choice_param(self, key: str, allowed: tuple[str, ...], default: str) -> str:
+        """A string parameter restricted to ``allowed``: one error naming the task, the key and the choices."""
+        value = self.params.get(key, default)
+        if value not in allowed:
+            raise RecipeError(f"{self.name}: {key}={value!r}", hint=f"use one of {', '.join(map(repr, allowed))}")
+        return str(value)
+
     def tunes_on_own_validation(self) -> bool:
         """Whether ``task.validation`` takes this task's own ``validation`` split (else the end of its train split)."""
         return "validation" in self.splits

@@ -117,8 +117,7 @@ def compute_sensitivity(
 ) -> Sensitivity:
     """``formatter``: the teacher's; in tulu mode it is the ``seeking-extract`` variant, as the official extraction
     script assembles its samples."""
-    fmt = formatter
-    examples = encode_items(fmt, items[: spec.n_seed], max_length, what)
+    examples = encode_items(formatter, items[: spec.n_seed], max_length, what)
     device = teacher.device
     batches = (
         {"input_ids": torch.tensor([e.input_ids], device=device), "labels": torch.tensor([e.labels], device=device)}
