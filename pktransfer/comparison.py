@@ -860,6 +860,18 @@ def rerun_history(dest: Path) -> list[dict[str, Any]]:
     ]
 
 
+def same_run(recorded: Path, current: Path) -> bool:
+    """Whether two run.json files are one run: byte for byte, or the same start and wall time (a record restored
+    into another grid folder has its paths moved, ``relocate_record``, and is not a rerun)."""
+    if recorded.read_bytes() == current.read_bytes():
+        return True
+    a, b = json.loads(recorded.read_text()), json.loads(current.read_text())
+    return a.get("started_at") is not None and (a.get("started_at"), a.get("wall_seconds")) == (
+        b.get("started_at"),
+        b.get("wall_seconds"),
+    )
+
+
 def save_record(folder: Path, root: Path, records: Path) -> None:
     """Copy a finished folder's record (marker, run.json, recipe, per-item evaluations, loss history) to the
     same place under ``records``; written to a temporary folder, then renamed into place."""
@@ -869,8 +881,8 @@ def save_record(folder: Path, root: Path, records: Path) -> None:
     from pktransfer.runs import MARKER
 
     dest = records / folder.relative_to(root)
-    if (dest / "run.json").is_file() and (dest / "run.json").read_bytes() == (folder / "run.json").read_bytes():
-        return  # already recorded
+    if (dest / "run.json").is_file() and same_run(dest / "run.json", folder / "run.json"):
+        return  # already recorded (or restored from this record, perhaps into another grid folder)
     dest.parent.mkdir(parents=True, exist_ok=True)
     # a name of its own: two workers may record the same finished folder at once
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))

@@ -456,6 +456,7 @@ def test_records_made_in_another_folder_restore_without_rerunning_anything(tiny_
     assert str(tmp_path / "a" / "shared") in (records / "cells" / "kd" / "seed-0" / "recipe.yaml").read_text()
     assert (records / "shared").is_dir()  # shared work is recorded (its cost), never restored
     shutil.rmtree(tmp_path / "a")
+    before = {f: f.read_bytes() for f in records.rglob("*") if f.is_file() and f.parent.name != "shared"}
 
     def refuse(*a, **k):
         raise AssertionError("nothing may run again")
@@ -469,6 +470,11 @@ def test_records_made_in_another_folder_restore_without_rerunning_anything(tiny_
     moved = yaml.safe_load((tmp_path / "b" / "cells" / "kd" / "seed-0" / "recipe.yaml").read_text())
     assert moved["method"]["logits_cache"].startswith(str(tmp_path / "b" / "shared"))
     assert not (tmp_path / "b" / "shared").exists()  # the caches were not rebuilt
+    # restoring is not rerunning: the records keep their own grid's paths and report no rerun (once, every record
+    # was rewritten with the new folder's paths and a rerun entry)
+    assert not again.result["reruns"] and not list(records.rglob("reruns.json"))
+    cells = [f for f in before if "cells" in f.parts or "tune" in f.parts]
+    assert cells and all(f.read_bytes() == before[f] for f in cells)
 
 
 def test_a_tuned_seeking_entry_reuses_its_shared_sensitivity_at_the_chosen_value(tiny_recipe, tmp_path, monkeypatch):
