@@ -9,9 +9,11 @@ For each setting: the median wall time of a step, the step's own matmul time (ev
 recorded with their shapes, strides and dtypes through a dispatch mode, then replayed alone on fresh tensors:
 the plain reference, measured in the same run) and the ratio of the two; the top operators of one profiled step
 (torch.profiler, self time) show where the rest goes. Settings: ``plain`` (torch's dropout, the attention kernel
-torch picks, peft's fp32 casts of activations, logits at every position) and ``fast`` (``training.fast_path``,
-the default: dropout masks drawn through geometric gaps; in bfloat16 also bf16 autocast for the fp32 LoRA weights,
-the math attention kernel and logits only where the loss reads them). Writes bench/results/train_step.json.
+torch picks, peft's fp32 casts of activations, logits at every position), ``fast-peft`` (``training.fast_path``
+with ``fused_step: false``: dropout masks drawn through geometric gaps; in bfloat16 also bf16 autocast for the fp32
+LoRA weights, the math attention kernel and logits only where the loss reads them) and ``fast`` (the default: the
+same with each LoRA linear as one function, pktransfer.ops.fused_lora, and torch's fused AdamW).
+Writes bench/results/train_step.json.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 
-def build(dtype: str, fast: bool):
+def build(dtype: str, setting: str):
     from pktransfer.config import LoraSpec, ModelSpec
     from pktransfer.data import PromptFormatter, encode_items, get_task
     from pktransfer.models import load_model
@@ -36,13 +38,18 @@ def build(dtype: str, fast: bool):
 
     spec = LoraSpec(r=16, alpha=16, dropout=0.05)
     model = get_peft_model(loaded.model, lora_config(spec, loaded.arch))
-    if fast:
+    if setting != "plain":
         fast_path(model)
+    if setting == "fast":
+        from pktransfer.ops.fused_lora import fuse_lora_layers
+
+        fuse_lora_layers(model)
     fmt = PromptFormatter(loaded.tokenizer)
     examples = encode_items(fmt, get_task("arithmetic").split("train")[:8], 128, "train")
     batch = collate_examples(examples, loaded.tokenizer.pad_token_id)
     batch.pop("index")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    # the trainer's optimizer: torch's fused AdamW on the fused step (training.fused_step), the per-tensor loop otherwise
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=setting == "fast")
     model.train()
     return model, batch, opt
 
@@ -67,7 +74,7 @@ def record_matmuls(model, batch, opt, fast: bool) -> list[tuple]:
     """Every matrix multiplication one step runs: (op, [(shape, stride, dtype) of each tensor argument])."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+    ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default, torch.ops.aten.bmm.default}
     calls = []
 
     class Record(TorchDispatchMode):
@@ -99,11 +106,12 @@ def replay_seconds(calls: list[tuple], repeats: int = 3) -> float:
     return best
 
 
-def measure(dtype: str, fast: bool, steps: int) -> dict:
+def measure(dtype: str, setting: str, steps: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
-    model, batch, opt = build(dtype, fast)
+    model, batch, opt = build(dtype, setting)
+    fast = setting != "plain"
     step(model, batch, opt, fast)  # warm-up
     times = []
     for _ in range(steps):
@@ -117,7 +125,7 @@ def measure(dtype: str, fast: bool, steps: int) -> dict:
     top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
     return {
         "dtype": dtype,
-        "setting": "fast" if fast else "plain",
+        "setting": setting,
         "tokens": int(batch["attention_mask"].sum()),
         "step_seconds_median": round(median, 3),
         "step_seconds_all": [round(t, 3) for t in times],
@@ -130,16 +138,16 @@ def measure(dtype: str, fast: bool, steps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32"])
-    ap.add_argument("--settings", nargs="*", default=["plain", "fast"], choices=["plain", "fast"])
+    ap.add_argument("--settings", nargs="*", default=["plain", "fast-peft", "fast"], choices=["plain", "fast-peft", "fast"])
     ap.add_argument("--steps", type=int, default=4)
     args = ap.parse_args()
     rows = []
     for dtype in args.dtypes:
         for setting in args.settings:
-            r = measure(dtype, setting == "fast", args.steps)
+            r = measure(dtype, setting, args.steps)
             rows.append(r)
             print(
-                f"{dtype:<9} {setting:<5} step {r['step_seconds_median']:.2f} s, matmuls {r['matmul_seconds_in_step']:.2f} s, "
+                f"{dtype:<9} {setting:<9} step {r['step_seconds_median']:.2f} s, matmuls {r['matmul_seconds_in_step']:.2f} s, "
                 f"ratio {r['step_over_matmul']:.2f} ({r['tokens']} tokens)",
                 flush=True,
             )

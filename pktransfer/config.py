@@ -135,6 +135,14 @@ class TrainingSpec(Strict):
         "attention kernel, and logits only where the plain loss reads them; false: the plain path (records made "
         "before this option ran it)",
     )
+    fused_step: bool = Field(
+        default=True,
+        description="with fast_path on CPU: each plain LoRA linear's training forward and backward as one function "
+        "(pktransfer.ops.fused_lora: dropout's and LoRA's scalars folded into A and B, the additions fused into the "
+        "matrix products; same function, same dropout mask) and AdamW's update as torch's fused kernel (same "
+        "update); only the rounding order differs; false: peft's separate operators and the per-tensor AdamW "
+        "(records made before this option ran them)",
+    )
     save_merged: bool = Field(default=False, description="also write a merged full model")
 
 

@@ -41,6 +41,7 @@ MethodSpec = configs.config_union()
 # (``method[NAME].key``: only where the recorded method is NAME)
 LEGACY_DEFAULTS: dict[str, Any] = {
     "training.fast_path": False,
+    "training.fused_step": False,
     "method[laten].data_order": "file",
     "method[laten].attn_score": "o_input",
     "method[laten].neuron_count": "round",

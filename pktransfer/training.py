@@ -374,7 +374,8 @@ def train(
         **_checkpointing_kwargs(spec.gradient_checkpointing),
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        optim="adamw_torch",
+        # the fast path's fused step on CPU: torch's fused AdamW kernel (the per-tensor loop cost 30 ms a step, 9 ms fused)
+        optim="adamw_torch_fused" if spec.fast_path and spec.fused_step and device.type == "cpu" else "adamw_torch",
     )
     trainer = _trainer_class()(
         model=model,
@@ -387,6 +388,10 @@ def train(
     trainer.method_batch = batch
     if spec.fast_path and device.type == "cpu":
         fast_path(model)
+        if spec.fused_step:
+            from pktransfer.ops.fused_lora import fuse_lora_layers
+
+            fuse_lora_layers(model)
         trainer.cpu_bf16_fast = any(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
