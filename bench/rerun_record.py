@@ -55,6 +55,9 @@ def main() -> None:
         for pkg in ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "numpy"):
             mark = "" if run["versions"].get(pkg, "?") == now.get(pkg) else "   <- differs"
             print(f"{pkg:<14} {run['versions'].get(pkg, '(not recorded)'):<16} {now.get(pkg, '?'):<16}{mark}")
+        for key in ("platform", "cpu", "cpu_capability"):  # the host: another one can change the CPU kernels' rounding
+            mark = "" if run["versions"].get(key, "?") == now.get(key) else "   <- differs"
+            print(f"{key}: record {run['versions'].get(key, '(not recorded)')}\n  this environment {now.get(key, '?')}{mark}")
         print(f"\nfinal loss: record {run['training']['final_loss']:.6f}, rerun {new.run['training']['final_loss']:.6f}")
         for split, d in diffs.items():
             n = run["metrics"]["trained"][split]["n"]

@@ -57,9 +57,30 @@ def versions() -> dict[str, str]:
 
         out["torch_threads"] = str(torch.get_num_threads())
         out["cuda"] = torch.version.cuda or "none"
+        out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # the kernels torch dispatches to
     except ImportError:
         pass
+    out["cpu"] = cpu_identity()
     return out
+
+
+def cpu_identity() -> str:
+    """The CPU as /proc/cpuinfo names it (model name, family/model/stepping, the bf16 units): a recorded cell rerun on
+    another host can differ in its last bits through the CPU's kernels, so records say which CPU made them."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model", "stepping", "flags") and key not in fields:
+                fields[key] = value.strip()
+    except OSError:
+        return platform.processor() or "unknown"
+    units = [f for f in ("amx_bf16", "avx512_bf16") if f in fields.get("flags", "").split()]
+    return (
+        f"{fields.get('model name', 'unknown')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}, "
+        f"stepping {fields.get('stepping', '?')}; bf16 units: {', '.join(units) or 'none'})"
+    )
 
 
 def rss_anon_bytes() -> int:

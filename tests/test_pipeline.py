@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -30,6 +31,9 @@ def test_run_end_to_end_writes_everything(tiny_recipe, tmp_path):
     assert {"load_teacher", "eval_teacher", "load_student", "train", "eval_trained"} <= set(run["stages"])
     assert all(s["seconds"] >= 0 and s["peak_rss_anon_gib"] > 0 for s in run["stages"].values())
     assert run["versions"]["torch"] and run["training"]["steps"] == 4
+    # the host too: a rerun elsewhere can differ in the CPU kernels' rounding, so a record names its CPU
+    assert run["versions"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert "bf16 units:" in run["versions"]["cpu"] and run["versions"]["platform"]
     assert yaml.safe_load((out / "recipe.yaml").read_text())["seed"] == 0
     assert "| teacher |" in (out / "report.md").read_text()
     assert (out / "adapter" / "adapter_config.json").is_file()
