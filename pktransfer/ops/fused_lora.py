@@ -109,7 +109,7 @@ def _fusable(layer: Any) -> str | None:
 
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     name = _fusable(self) if (self.training and torch.is_grad_enabled() and not args and not kwargs) else None
-    if name is None or x.is_cuda:
+    if name is None or x.device.type != "cpu":
         return type(self).forward(self, x, *args, **kwargs)
     base = self.get_base_layer()
     drop = self.lora_dropout[name]
