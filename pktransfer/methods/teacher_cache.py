@@ -97,7 +97,10 @@ class PerExampleCache:
 
     def rows(self, name: str, index: Sequence[int]) -> torch.Tensor:
         sl = self._file.get_slice(name)
-        return torch.cat([sl[int(self.offsets[i]) : int(self.offsets[i + 1])] for i in index])
+        # outside CPU autocast: the training fast path's bf16 autocast refuses to concatenate float16 rows (the stored
+        # dtype of SemAlign's targets), and rows are data, not a computation to run in lower precision
+        with torch.autocast("cpu", enabled=False):
+            return torch.cat([sl[int(self.offsets[i]) : int(self.offsets[i + 1])] for i in index])
 
 
 # ---- the teacher's next-token distribution (KD, SemAlign's ``output_loss: kl``) ------------------------
