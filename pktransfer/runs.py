@@ -67,19 +67,19 @@ def versions() -> dict[str, str]:
 def cpu_identity() -> str:
     """The CPU as /proc/cpuinfo names it (model name, family/model/stepping, the bf16 units): a recorded cell rerun on
     another host can differ in its last bits through the CPU's kernels, so records say which CPU made them."""
+    from pktransfer.models.loading import cpu_bf16_units
+
     fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("model name", "cpu family", "model", "stepping", "flags") and key not in fields:
-                fields[key] = value.strip()
+            if key.strip() in ("model name", "cpu family", "model", "stepping"):
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         return platform.processor() or "unknown"
-    units = [f for f in ("amx_bf16", "avx512_bf16") if f in fields.get("flags", "").split()]
     return (
         f"{fields.get('model name', 'unknown')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}, "
-        f"stepping {fields.get('stepping', '?')}; bf16 units: {', '.join(units) or 'none'})"
+        f"stepping {fields.get('stepping', '?')}; bf16 units: {', '.join(cpu_bf16_units()) or 'none'})"
     )
 
 

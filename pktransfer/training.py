@@ -350,6 +350,8 @@ def train(
     device = input_device(model)
     _, world = rank_and_world()
     resume = resume and world == 1  # several processes always train from the start, in step with each other
+    cpu_fast = spec.fast_path and device.type == "cpu"
+    fused = cpu_fast and spec.fused_step
     args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=per_device_batch(spec, world),
@@ -375,7 +377,7 @@ def train(
         dataloader_num_workers=0,
         remove_unused_columns=False,
         # the fast path's fused step on CPU: torch's fused AdamW kernel (the per-tensor loop cost 30 ms a step, 9 ms fused)
-        optim="adamw_torch_fused" if spec.fast_path and spec.fused_step and device.type == "cpu" else "adamw_torch",
+        optim="adamw_torch_fused" if fused else "adamw_torch",
     )
     trainer = _trainer_class()(
         model=model,
@@ -386,9 +388,9 @@ def train(
     )
     trainer.method_loss = loss
     trainer.method_batch = batch
-    if spec.fast_path and device.type == "cpu":
+    if cpu_fast:
         fast_path(model)
-        if spec.fused_step:
+        if fused:
             from pktransfer.ops.fused_lora import fuse_lora_layers
 
             fuse_lora_layers(model)

@@ -168,6 +168,28 @@ def tiny_recipe(tiny_models, tmp_path):
     }
 
 
+def bf16_training_runs(recipe: dict, workdir: Path, key: str, settings: list[tuple[str, object]]) -> dict[str, dict]:
+    """Train a tiny recipe's bfloat16 student (LoRA dropout 0.05, no evaluation) once per ``(name, value)`` of
+    ``training.<key>``, each into ``workdir/name``; every run must take 4 steps to a finite loss. Returns the
+    run.json of each by name."""
+    import math
+
+    import pktransfer
+    from pktransfer.recipe import recipe_from_dict
+
+    recipe["student"]["dtype"] = "bfloat16"
+    recipe["lora"]["dropout"] = 0.05
+    recipe["evaluation"].update(teacher=False, student=False)
+    runs = {}
+    for name, value in settings:
+        recipe["training"][key] = value
+        recipe["output_dir"] = str(workdir / name)
+        run = pktransfer.run(recipe_from_dict(recipe), quiet=True, evaluate=False).run
+        assert run["training"]["steps"] == 4 and math.isfinite(run["training"]["final_loss"]), name
+        runs[name] = run
+    return runs
+
+
 def tiny_method_context(recipe, workdir: Path, n_examples: int = 8):
     """A method and its context on a recipe's (tiny) pair: student, task, formatter, the first
     ``n_examples`` training examples, and the teacher loaded up front. Returns (method, ctx)."""

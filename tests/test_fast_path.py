@@ -86,19 +86,10 @@ def test_response_ce_equals_the_models_own_loss_and_gradients(tiny_models):
 
 
 def test_a_bf16_student_trains_on_the_fast_path_and_on_the_plain_one(tiny_recipe, tmp_path):
-    import pktransfer
-    from pktransfer.recipe import recipe_from_dict
+    from conftest import bf16_training_runs
 
-    tiny_recipe["student"]["dtype"] = "bfloat16"
-    tiny_recipe["lora"]["dropout"] = 0.05
-    tiny_recipe["evaluation"].update(teacher=False, student=False)
-    final = {}
-    for name, fast in (("fast", True), ("plain", False), ("fast-again", True)):
-        tiny_recipe["training"]["fast_path"] = fast
-        tiny_recipe["output_dir"] = str(tmp_path / name)
-        res = pktransfer.run(recipe_from_dict(tiny_recipe), quiet=True, evaluate=False)
-        assert res.run["training"]["steps"] == 4 and math.isfinite(res.run["training"]["final_loss"])
-        final[name] = res.run["training"]["final_loss"]
+    runs = bf16_training_runs(tiny_recipe, tmp_path, "fast_path", [("fast", True), ("plain", False), ("fast-again", True)])
+    final = {name: run["training"]["final_loss"] for name, run in runs.items()}
     assert final["fast"] == final["fast-again"]  # same seed, same result
     assert final["fast"] != final["plain"]  # the same recipe, other rounding and another dropout stream
     assert final["fast"] == pytest.approx(final["plain"], rel=0.05)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -139,20 +138,11 @@ def test_peft_forward_outside_training_and_for_layers_it_cannot_fuse():
 
 
 def test_a_recipe_trains_fused_by_default_and_unfused_when_asked(tiny_recipe, tmp_path):
-    import pktransfer
-    from pktransfer.recipe import recipe_from_dict
+    from conftest import bf16_training_runs
 
-    tiny_recipe["student"]["dtype"] = "bfloat16"
-    tiny_recipe["lora"]["dropout"] = 0.05
-    tiny_recipe["evaluation"].update(teacher=False, student=False)
-    final, trained = {}, {}
-    for name, fused in (("fused", True), ("peft", False), ("fused-again", True)):
-        tiny_recipe["training"]["fused_step"] = fused
-        tiny_recipe["output_dir"] = str(tmp_path / name)
-        res = pktransfer.run(recipe_from_dict(tiny_recipe), quiet=True, evaluate=False)
-        assert res.run["training"]["steps"] == 4 and math.isfinite(res.run["training"]["final_loss"])
-        final[name] = res.run["training"]["final_loss"]
-        trained[name] = res.run["recipe"]["training"]["fused_step"]
+    runs = bf16_training_runs(tiny_recipe, tmp_path, "fused_step", [("fused", True), ("peft", False), ("fused-again", True)])
+    final = {name: run["training"]["final_loss"] for name, run in runs.items()}
+    trained = {name: run["recipe"]["training"]["fused_step"] for name, run in runs.items()}
     assert trained == {"fused": True, "peft": False, "fused-again": True}
     assert final["fused"] == final["fused-again"]  # same seed, same result
     assert final["fused"] == pytest.approx(final["peft"], rel=0.02)  # same mask stream; only rounding differs

@@ -62,7 +62,7 @@ class FusedLoraLinear(torch.autograd.Function):
         y = torch.nn.functional.linear(x2, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
         y.addmm_(h, b.t(), alpha=scaling)
         ctx.save_for_backward(x_m, h, weight, a_k, b, dropped)
-        ctx.scaling, ctx.keep_scale, ctx.shape = scaling, keep_scale if p > 0 else 1.0, shape
+        ctx.scaling, ctx.keep_scale, ctx.shape = scaling, keep_scale, shape
         ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
         return y.view(*shape[:-1], y.shape[-1])
 
@@ -108,8 +108,9 @@ def _fusable(layer: Any) -> str | None:
 
 
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    name = _fusable(self) if (self.training and torch.is_grad_enabled() and not args and not kwargs) else None
-    if name is None or x.device.type != "cpu":
+    plain = not (self.training and torch.is_grad_enabled()) or bool(args or kwargs) or x.device.type != "cpu"
+    name = None if plain else _fusable(self)  # the layer's state (merged, adapters off) can change between calls
+    if name is None:
         return type(self).forward(self, x, *args, **kwargs)
     base = self.get_base_layer()
     drop = self.lora_dropout[name]
