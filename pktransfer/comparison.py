@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import gc
 import itertools
 import json
 import os
@@ -329,6 +328,7 @@ def apply_budget(
     ``budget.json`` and never re-made. Returns the recipe without the dropped entries and the decision."""
     from pktransfer import pipeline
     from pktransfer.data import get_task
+    from pktransfer.models.loading import release_memory
 
     assert recipe.compare is not None and recipe.compare.budget is not None
     spec, budget = recipe.compare, recipe.compare.budget
@@ -353,7 +353,7 @@ def apply_budget(
 
         def job() -> None:
             pipeline.run(pilot.recipe, progress=progress)
-            gc.collect()
+            release_memory()
 
         run_claimed([(pilot.folder, what, job)], progress)
         record(pilot.folder)
@@ -968,6 +968,7 @@ def compare(
     ``records``: a folder mirroring each finished folder's result without its weights (``save_record``); the
     grid resumes from it on another machine, and the report is copied there too."""
     from pktransfer import pipeline
+    from pktransfer.models.loading import release_memory
     from pktransfer.reports import plot_compare, render_compare_csv, render_compare_markdown
 
     progress = progress or Progress(quiet=quiet)
@@ -1015,6 +1016,7 @@ def compare(
 
                 def job(r: Recipe = r, verb: str = verb) -> None:
                     pipeline.run_verb(r, verb, progress=progress)
+                    release_memory()
 
                 jobs.append((Path(folder), f"running `{verb}` once for the cells of '{r.method.name}' ({folder})", job))
         run_claimed(jobs, progress)  # other workers wait for shared work another one is doing
@@ -1041,7 +1043,7 @@ def compare(
 
             def tune(tc: TuneCell = tc) -> None:
                 pipeline.run(tc.cell.recipe, progress=progress)
-                gc.collect()
+                release_memory()
                 record(tc.cell.folder)
 
             what = f"tuning {i}/{len(tune_cells)}: {tc.label}, {tc.key} = {tc.value} (validation)"
@@ -1100,7 +1102,7 @@ def compare(
 
         def run_cell(cell: Cell = cell) -> None:
             pipeline.run(cell.recipe, progress=progress)
-            gc.collect()
+            release_memory()
             record(cell.folder)
 
         jobs.append((cell.folder, f"cell {i}/{len(cells)}: {cell.label}, seed {cell.seed}", run_cell))
