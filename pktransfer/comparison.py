@@ -433,7 +433,7 @@ def cell_record(cell: Cell) -> dict[str, Any]:
     history_path = cell.folder / "checkpoints" / "log_history.json"
     history = json.loads(history_path.read_text()) if history_path.is_file() else []
     stages = run.get("stages", {})
-    return {
+    record = {
         "label": cell.label,
         "seed": cell.seed,
         "method": run["recipe"]["method"]["name"],
@@ -456,6 +456,12 @@ def cell_record(cell: Cell) -> dict[str, Any]:
         "teacher": run.get("budget", {}).get("teacher", {}),
         "learning_curve": run["training"].get("learning_curve", []),
     }
+    # multiple choice: how often the trained student predicts each letter (absent for other tasks, so the records
+    # and reports of generation grids stay as they were)
+    predicted = {split: m["predicted"] for split, m in run["metrics"].get("trained", {}).items() if m.get("predicted")}
+    if predicted:
+        record["predicted"] = predicted
+    return record
 
 
 SPENT_KEYS = (

@@ -281,27 +281,42 @@ def tuning_table(result: dict[str, Any]) -> list[str]:
 
 
 def letter_distribution(result: dict[str, Any]) -> list[str]:
-    """Multiple choice: how often each untouched model predicts each answer (a model that leans on one letter is
-    answering the format, not the question), beside how often each is right."""
+    """Multiple choice: how often each untouched model and each trained entry (summed over its seeds) predicts each
+    answer, beside how often each is right. A model that leans on one letter is answering the format or a letter
+    prior, not the question; an accuracy near chance says which by this table."""
     rows = [
         (label, split, m["predicted"])
         for label, by in result.get("base", {}).items()
         for split, m in by.items()
         if m.get("predicted")
     ]
+    trained: dict[tuple[str, str], dict[str, int]] = {}
+    seeds: dict[tuple[str, str], int] = {}
+    for cell in result.get("cells", []):
+        for split, counts in cell.get("predicted", {}).items():
+            total = trained.setdefault((cell["label"], split), {})
+            for letter, n in counts.items():
+                total[letter] = total.get(letter, 0) + n
+            seeds[(cell["label"], split)] = seeds.get((cell["label"], split), 0) + 1
+    rows += [
+        (f"{label} ({seeds[(label, split)]} seed{'s' * (seeds[(label, split)] > 1)})", split, p)
+        for (label, split), p in trained.items()
+    ]
     if not rows:
         return []
     letters = list(rows[0][2])
     lines = [
-        "Predicted answers of the untouched models (counts):",
+        "## Predicted answers",
+        "",
+        "How often each model predicts each answer (counts; a trained entry's summed over its seeds):",
         "",
         "| model | split | " + " | ".join(letters) + " |",
         "|---|---|" + "---:|" * len(letters),
     ]
     lines += [f"| {label} | {split} | " + " | ".join(str(p.get(L, 0)) for L in letters) + " |" for label, split, p in rows]
-    first = next(iter(next(iter(result["base"].values())).values()))
-    if first.get("reference_counts"):
-        lines.append("| (true answers) | | " + " | ".join(str(first["reference_counts"].get(L, 0)) for L in letters) + " |")
+    refs = [m for by in result.get("base", {}).values() for m in by.values() if m.get("reference_counts")]
+    if refs:
+        lines.append("| (true answers) | | " + " | ".join(str(refs[0]["reference_counts"].get(L, 0)) for L in letters) + " |")
     return [*lines, ""]
 
 
@@ -345,7 +360,7 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
             for split, m in by_split.items():
                 lines.append(f"| {label} | {split} | {m['n']} | {_pct(m['accuracy'])} |")
         lines.append("")
-        lines += letter_distribution(result)
+    lines += letter_distribution(result)
     lines += tuning_table(result)
     groups = result.get("groups", {})
     lines += [

@@ -139,4 +139,33 @@ def test_letter_distribution_of_the_untouched_models_by_hand():
     lines = letter_distribution(result)
     assert "| teacher | test | 1 | 3 | 0 | 0 |" in lines and "| student | test | 0 | 4 | 0 | 0 |" in lines
     assert "| (true answers) | | 1 | 1 | 1 | 1 |" in lines
+    # trained entries: summed over their seeds, after the untouched models
+    result["cells"] = [
+        {"label": "lora", "seed": 0, "predicted": {"test": {"A": 0, "B": 1, "C": 0, "D": 3}}},
+        {"label": "lora", "seed": 1, "predicted": {"test": {"A": 1, "B": 0, "C": 0, "D": 3}}},
+        {"label": "kd", "seed": 0, "metrics": {"test": 0.5}},  # a record made before the counts were kept
+    ]
+    lines = letter_distribution(result)
+    assert lines.index("| lora (2 seeds) | test | 1 | 1 | 0 | 6 |") > lines.index("| student | test | 0 | 4 | 0 | 0 |")
+    assert not any(line.startswith("| kd") for line in lines)
     assert letter_distribution({"base": {"student": {"test": {"n": 4, "accuracy": 0.5}}}}) == []  # generation tasks
+
+
+def test_a_multiple_choice_grid_reports_each_entrys_predicted_letters(tiny_recipe, tmp_path):
+    """On MMLU the report counts the letters each trained entry predicts (from its cells' records), beside the
+    untouched models': a trained student that answers one letter everywhere shows it."""
+    import json
+
+    import pktransfer
+    from pktransfer.recipe import recipe_from_dict
+
+    tiny_recipe["task"] = {"name": "mmlu", "prompt_format": "chat", "n_train": 8, "params": {"style": "open-instruct"}}
+    tiny_recipe["training"].update(max_steps=2, max_length=512)
+    tiny_recipe["evaluation"].update(limit=6, student=True, teacher=False)
+    grid = {**tiny_recipe, "compare": {"methods": ["lora"], "seeds": [0]}}
+    res = pktransfer.compare(recipe_from_dict(grid), quiet=True)
+    cell = json.loads((res.output_dir / "compare.json").read_text())["cells"][0]
+    assert sum(cell["predicted"]["test"].values()) == 6
+    md = (res.output_dir / "compare.md").read_text()
+    row = "| lora (1 seed) | test | " + " | ".join(str(cell["predicted"]["test"][L]) for L in "ABCD") + " |"
+    assert "## Predicted answers" in md and row in md and "| student | test |" in md
