@@ -12,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from pktransfer.errors import PktError, RecipeError
 from pktransfer.models.arch import SUPPORTED_FAMILIES
@@ -28,8 +29,10 @@ app.add_typer(models_app, name="models")
 data_app = typer.Typer(help="Benchmark data: where each task's files come from, and fetching them.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 BENCHMARKS = ("gsm8k", "mmlu", "mbpp", "humaneval", "super_ni")
-console = Console()
-err_console = Console(stderr=True)
+# markup off: what pktransfer prints is text (labels such as "seeking[lr=0.0001]", paths, error messages), not rich
+# markup, which dropped bracketed labels from tables and failed on a "[/...]" in a message; styles are explicit
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 T = TypeVar("T")
 # errors of the machine rather than of pktransfer (disk full, permissions, read-only): one message, exit 2
 USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
@@ -57,23 +60,32 @@ OverwriteOpt = Annotated[
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")]
 
 
+def styled(prefix: str, style: str, message: str) -> Text:
+    """``prefix`` in ``style``, then ``message`` as plain text (never read as markup)."""
+    return Text.assemble((prefix, style), " ", message)
+
+
 def guarded(fn: Callable[[], T]) -> T:
     """Run ``fn``; user errors print one readable message (no traceback) and exit with status 2."""
     try:
         return fn()
     except PktError as err:
-        err_console.print(f"[bold red]error:[/bold red] {err.message}", highlight=False, soft_wrap=True)
+        err_console.print(styled("error:", "bold red", err.message), highlight=False, soft_wrap=True)
         if err.hint:
-            err_console.print(f"[yellow]fix:[/yellow] {err.hint}", highlight=False, soft_wrap=True)
+            err_console.print(styled("fix:", "yellow", err.hint), highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except OSError as err:
         if err.errno not in USER_OS_ERRORS:
             raise  # anything else escaping is a bug in pktransfer: keep its traceback
         where = f" while writing '{err.filename}'" if err.filename else ""
-        err_console.print(f"[bold red]error:[/bold red] {err.strerror}{where}", highlight=False, soft_wrap=True)
+        err_console.print(styled("error:", "bold red", f"{err.strerror}{where}"), highlight=False, soft_wrap=True)
         err_console.print(
-            "[yellow]fix:[/yellow] free disk space or fix the folder's permissions, then rerun the same "
-            "command (a run resumes from OUTPUT.partial)",
+            styled(
+                "fix:",
+                "yellow",
+                "free disk space or fix the folder's permissions, then rerun the same command (a run resumes from "
+                "OUTPUT.partial)",
+            ),
             highlight=False,
             soft_wrap=True,
         )
@@ -81,8 +93,11 @@ def guarded(fn: Callable[[], T]) -> T:
     except (KeyboardInterrupt, Stopped) as err:
         what = f"stopped by {err.signame}" if isinstance(err, Stopped) else "interrupted"
         err_console.print(
-            f"[bold red]{what}[/bold red]: partial outputs are kept in OUTPUT.partial (FAILED.json says why); "
-            "rerun the same command to resume"
+            styled(
+                f"{what}:",
+                "bold red",
+                "partial outputs are kept in OUTPUT.partial (FAILED.json says why); rerun the same command to resume",
+            )
         )
         raise typer.Exit(143 if isinstance(err, Stopped) and err.signame == "SIGTERM" else 130) from None
 
@@ -358,8 +373,12 @@ def contrast_cmd(
         if r["also_differ"]:
             differ = ", ".join(f"{k} {va} vs {vb}" for k, (va, vb) in r["also_differ"].items())
             err_console.print(
-                f"[yellow]note:[/yellow] {a} and {b} also ran with different {differ}: this contrast mixes their methods "
-                "with that; list the pair in compare.matched to run each at the other's settings",
+                styled(
+                    "note:",
+                    "yellow",
+                    f"{a} and {b} also ran with different {differ}: this contrast mixes their methods with that; list "
+                    "the pair in compare.matched to run each at the other's settings",
+                ),
                 soft_wrap=True,
             )
 

@@ -44,13 +44,13 @@ class Progress:
                 yield advance
             return
         columns = [
-            TextColumn("[bold]{task.description}"),
+            TextColumn("{task.description}", style="bold", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
+            TextColumn("{task.fields[info]}", markup=False),
         ]
         with RichProgress(*columns, console=self.console, transient=False) as bar:
             tid = bar.add_task(description, total=total, info="")

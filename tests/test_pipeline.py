@@ -103,6 +103,13 @@ def _cli(args):
     return result, text
 
 
+def test_an_error_naming_brackets_prints_them_as_is(tmp_path):
+    # rich markup once dropped "[lr=0.0001]" from messages and tables, and failed on a closing "[/...]" in a path
+    missing = tmp_path / "a[/b]" / "recipe[lr=1].yaml"
+    result, text = _cli(["run", str(missing)])
+    assert result.exit_code == 2 and "a[/b]" in text and "recipe[lr=1].yaml" in text and "error:" in text
+
+
 def _write(tmp_path, data):
     p = tmp_path / "recipe.yaml"
     p.write_text(yaml.safe_dump(data))

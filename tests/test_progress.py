@@ -38,3 +38,11 @@ def test_a_logged_label_with_brackets_is_printed_as_is():
     out = io.StringIO()
     Progress(console=Console(file=out, force_terminal=False, width=200)).log("compare: cell 3/9: seeking[lr=0.0001], seed 0")
     assert out.getvalue().strip() == "pkt compare: cell 3/9: seeking[lr=0.0001], seed 0"
+
+
+def test_a_bar_shows_its_label_and_fields_with_brackets_as_is():
+    out = io.StringIO()
+    p = Progress(console=Console(file=out, force_terminal=True, width=200, color_system=None))
+    with p.task("cell seeking[lr=0.0001]", total=2) as advance:
+        advance(2, note="[/x]")
+    assert "cell seeking[lr=0.0001]" in out.getvalue() and "note=[/x]" in out.getvalue()
