@@ -433,6 +433,8 @@ def cell_record(cell: Cell) -> dict[str, Any]:
     history_path = cell.folder / "checkpoints" / "log_history.json"
     history = json.loads(history_path.read_text()) if history_path.is_file() else []
     stages = run.get("stages", {})
+    earlier = resumed_cost(run)
+    before = earlier["train_seconds"] if earlier.get("cost_kept") else 0.0
     record = {
         "label": cell.label,
         "seed": cell.seed,
@@ -443,9 +445,16 @@ def cell_record(cell: Cell) -> dict[str, Any]:
         "n_eval": {split: m["n"] for split, m in run["metrics"].get("trained", {}).items()},
         "steps": run["training"]["steps"],
         "final_loss": run["training"]["final_loss"],
-        "prepare_seconds": stages.get("prepare", {}).get("seconds", 0.0),
-        "train_seconds": stages.get("train", {}).get("seconds", 0.0),
-        "wall_seconds": run["wall_seconds"],
+        # a resumed cell: its last attempt plus the earlier attempts' training up to the checkpoint (the ledger);
+        # a method that trains inside its preparation (LaTen) has no train stage
+        "prepare_seconds": stages.get("prepare", {}).get("seconds", 0.0) + (0.0 if "train" in stages else before),
+        "train_seconds": stages.get("train", {}).get("seconds", 0.0) + (before if "train" in stages else 0.0),
+        "wall_seconds": run["wall_seconds"] + before,
+        "resumed": earlier or None,
+        "cost_partial": None
+        if not earlier or earlier.get("cost_kept")
+        else f"resumed at step {earlier['step']} of {run['training']['steps']} before pktransfer kept a cost ledger: its "
+        "time and teacher work count the last attempt only",
         "peak_rss_anon_gib": max((s.get("peak_rss_anon_gib", 0.0) for s in stages.values()), default=0.0),
         "peak_cuda_gib": max((s.get("peak_cuda_gib", 0.0) for s in stages.values()), default=0.0),
         "loss_curve": [(h["step"], h["loss"]) for h in history if "loss" in h]
@@ -462,6 +471,19 @@ def cell_record(cell: Cell) -> dict[str, Any]:
     if predicted:
         record["predicted"] = predicted
     return record
+
+
+def resumed_cost(run: dict[str, Any]) -> dict[str, Any]:
+    """A run.json's ``training.earlier_attempts`` (empty for a run trained in one go). Runs resumed before the ledger
+    existed recorded only ``resumed_from``: their checkpoint's step is read from its name, ``cost_kept`` False."""
+    training = run.get("training", {})
+    if training.get("earlier_attempts"):
+        return training["earlier_attempts"]
+    resumed = training.get("resumed_from")
+    if not resumed:
+        return {}
+    step = Path(resumed).name.rsplit("-", 1)[-1]
+    return {"step": int(step) if step.isdigit() else step, "cost_kept": False}
 
 
 SPENT_KEYS = (
@@ -1071,6 +1093,8 @@ def compare(
                     "final_loss": rec["final_loss"],
                     "wall_seconds": rec["wall_seconds"],
                     "teacher": rec["teacher"],
+                    "resumed": rec["resumed"],
+                    "cost_partial": rec["cost_partial"],
                 }
             )
     chosen = choose(tuning)

@@ -22,6 +22,7 @@ from pktransfer.errors import DataError, ModelError, PktError, RecipeError
 from pktransfer.evaluation import EvalOptions, EvalResult, evaluate_items, subset
 from pktransfer.fileio import write_json, write_text
 from pktransfer.methods import MethodContext, get_method, registry
+from pktransfer.methods.base import TeacherWork
 from pktransfer.models import LoadedModel, load_config, load_model
 from pktransfer.models.tying import untie_if_targeted
 from pktransfer.progress import Progress
@@ -348,6 +349,7 @@ def _prepare_and_train(method: Any, ctx: MethodContext, rd: RunDir, log: StageLo
             },
         )
     curve = learning_curve_callback(ctx, method)
+    ledger = cost_ledger_callback(ctx, method, curve)
     with log.stage("train"):
         try:
             result = train(
@@ -360,26 +362,116 @@ def _prepare_and_train(method: Any, ctx: MethodContext, rd: RunDir, log: StageLo
                 progress=ctx.progress,
                 loss=method.training_loss(ctx),
                 batch=method.training_batch(ctx),
-                callbacks=[*method.callbacks(ctx), *([curve] if curve else [])],
+                callbacks=[*method.callbacks(ctx), *([curve] if curve else []), ledger],
             )
         finally:
             method.finish_training()
+    totals = ledger.totals(result.steps)  # this attempt plus the earlier ones up to the checkpoint it resumed from
+    if ledger.earlier is not None:
+        for k, v in totals["teacher"].items():  # in place: the method's hooks hold ctx, not a copy
+            setattr(ctx.teacher_work, k, v)
     return Trained(
         model,
         {
             "steps": result.steps,
-            "seconds": round(result.seconds, 2),
+            "seconds": round(result.seconds + (ledger.earlier["train_seconds"] if ledger.earlier else 0.0), 2),
             "final_loss": result.final_loss,
             "resumed_from": result.resumed_from,
+            **ledger.resumed_fields(result.seconds),
             **({"learning_curve": curve.points} if curve else {}),
         },
         {
             "trainable_parameters": result.trainable_parameters,
             "optimizer_steps": result.steps,
             "training_tokens": result.tokens_seen,
-            **method.spent(),
+            **totals["spent"],
         },
     )
+
+
+LEDGER = "pktransfer_cost.json"
+
+
+def cost_ledger_callback(ctx: MethodContext, method: Any, curve: Any = None) -> Any:
+    """A ``TrainerCallback`` that keeps the run's cost with each checkpoint, so a resumed run reports the cost of
+    the whole run, not of its last attempt: the training seconds, the teacher work (``ctx.teacher_work``), the
+    method's own counters (``method.spent()``: tokens the student generated, ...), the learning curve's points and
+    the run's wall time so far, all up to the checkpoint's step (work done after it and redone is counted once).
+    ``totals(step)`` gives the sums; ``earlier`` is the ledger of the checkpoint this attempt resumed from (None for
+    a fresh start, or a checkpoint written before the ledger existed: then ``unledgered_from`` names its step)."""
+    from transformers import TrainerCallback
+
+    def add(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        out = dict(a)
+        for k, v in b.items():
+            number = isinstance(v, int | float) and not isinstance(v, bool)
+            out[k] = out[k] + v if number and isinstance(out.get(k), int | float) else out.get(k, v)
+        return out
+
+    def teacher_dict(w: TeacherWork) -> dict[str, Any]:
+        return {
+            "forward_tokens": w.forward_tokens,
+            "backward_tokens": w.backward_tokens,
+            "seconds": w.seconds,
+            "parameters": w.parameters,
+            "what": list(w.what),
+        }
+
+    class CostLedger(TrainerCallback):
+        def __init__(self) -> None:
+            self.earlier: dict[str, Any] | None = None
+            self.unledgered_from: int | None = None
+            self._t0 = time.perf_counter()
+            self._base = teacher_dict(ctx.teacher_work)  # this attempt's preparation (a resumed one redoes or reuses it)
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self._t0 = time.perf_counter()
+            self._base = teacher_dict(ctx.teacher_work)
+            if state.global_step:  # resumed: the trainer state is loaded before this call
+                path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / LEDGER
+                if path.is_file():
+                    self.earlier = json.loads(path.read_text())
+                    if curve is not None:
+                        curve.points[:0] = self.earlier.get("learning_curve", [])
+                else:
+                    self.unledgered_from = state.global_step
+
+        def totals(self, step: int) -> dict[str, Any]:
+            now = teacher_dict(ctx.teacher_work)
+            elapsed = time.perf_counter() - self._t0
+            if self.earlier is None:
+                return {"step": step, "attempts": 1, "train_seconds": elapsed, "teacher": now, "spent": method.spent(),
+                        "learning_curve": list(curve.points) if curve else []}  # fmt: skip
+            e = self.earlier
+            this_training = {k: now[k] - self._base[k] for k in ("forward_tokens", "backward_tokens", "seconds")}
+            teacher = add(e["teacher"], this_training)
+            teacher["what"] = [*e["teacher"]["what"], *(w for w in now["what"] if w not in e["teacher"]["what"])]
+            teacher["parameters"] = max(e["teacher"]["parameters"], now["parameters"])
+            return {
+                "step": step,
+                "attempts": e["attempts"] + 1,
+                "train_seconds": e["train_seconds"] + elapsed,
+                "teacher": teacher,
+                "spent": add(e["spent"], method.spent()),
+                "learning_curve": list(curve.points) if curve else [],
+            }
+
+        def resumed_fields(self, seconds_this_attempt: float) -> dict[str, Any]:
+            """For run.json's ``training``: what the earlier attempts cost (``cost_kept``: False when the checkpoint
+            predates the ledger, so the run's counts cover its last attempt only)."""
+            if self.earlier is not None:
+                kept = {k: self.earlier[k] for k in ("attempts", "step", "train_seconds")}
+                return {"seconds_this_attempt": round(seconds_this_attempt, 2), "earlier_attempts": {**kept, "cost_kept": True}}
+            if self.unledgered_from is not None:
+                return {"earlier_attempts": {"step": self.unledgered_from, "cost_kept": False}}
+            return {}
+
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                write_json(folder / LEDGER, self.totals(state.global_step))
+
+    return CostLedger()
 
 
 def learning_curve_callback(ctx: MethodContext, method: Any) -> Any:

@@ -178,6 +178,41 @@ def reruns_section(result: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def partial_cost_labels(result: dict[str, Any]) -> set[str]:
+    """Entries with a cell (grid or tuning) resumed before the cost ledger: their cost figures are lower bounds."""
+    rows = [*result.get("cells", []), *(result.get("tuning") or [])]
+    return {r["label"] for r in rows if r.get("cost_partial")}
+
+
+def resumed_section(result: dict[str, Any]) -> list[str]:
+    """Cells that stopped (a signal, a killed process) and resumed from a checkpoint, and whether their cost is whole."""
+    rows = [(f"{c['label']}, seed {c['seed']}", c) for c in result.get("cells", []) if c.get("resumed")]
+    rows += [(f"{t['label']}, tuning {t['key']} = {t['value']}", t) for t in result.get("tuning") or [] if t.get("resumed")]
+    if not rows:
+        return []
+    lines = [
+        "### Resumed cells",
+        "",
+        "These cells stopped and resumed from a checkpoint; their results are those of one uninterrupted run (same "
+        "data order, same random state). Their cost is the last attempt plus the earlier attempts' training up to "
+        "the checkpoint, kept in the checkpoint's cost ledger. Where no ledger was kept (the run predates it), the "
+        "time, teacher work and student samples count the last attempt only: those entries' cost figures, marked †, "
+        "are lower bounds.",
+        "",
+        "| cell | resumed at step | earlier cost |",
+        "|---|---:|---|",
+    ]
+    for name, r in rows:
+        e = r["resumed"]
+        kept = (
+            f"kept: {e['train_seconds']:.0f} s of training over {e['attempts']} attempt(s)"
+            if e.get("cost_kept")
+            else "not kept (†)"
+        )
+        lines.append(f"| {name} | {e['step']} | {kept} |")
+    return [*lines, ""]
+
+
 def teacher_cost_table(result: dict[str, Any]) -> list[str]:
     """Each entry's teacher cost over the whole comparison, caches and shared work apportioned."""
     cost = result.get("teacher_cost") or {}
@@ -193,12 +228,14 @@ def teacher_cost_table(result: dict[str, Any]) -> list[str]:
         "| method | teacher fwd tokens | teacher bwd tokens | teacher s | of which shared work s | teacher FLOPs |",
         "|---|---:|---:|---:|---:|---:|",
     ]
+    partial = partial_cost_labels(result)
     for label in result["summary"]["labels"]:
         c = cost.get(label)
         if c is None:
             continue
         lines.append(
-            f"| {label} | {_count(c['forward_tokens'])} | {_count(c['backward_tokens'])} | {c['seconds']:.1f} | "
+            f"| {label}{' †' * (label in partial)} | {_count(c['forward_tokens'])} | {_count(c['backward_tokens'])} | "
+            f"{c['seconds']:.1f} | "
             f"{c['shared_seconds']:.1f} | {_count(c['flops'])} |"
         )
     return [*lines, ""]
@@ -276,7 +313,9 @@ def tuning_table(result: dict[str, Any]) -> list[str]:
     if untuned:
         lines += ["", f"Not tuned (run at the recipe's values): {', '.join(untuned)}."]
     total = sum(t["wall_seconds"] for t in tuning)
-    lines += ["", f"Tuning cost: {total:.0f} s over {len(tuning)} cells.", ""]
+    partial = sum(bool(t.get("cost_partial")) for t in tuning)
+    bound = f" (at least: {partial} resumed cell(s) counted from their last attempt, see Resumed cells)" if partial else ""
+    lines += ["", f"Tuning cost: {total:.0f} s over {len(tuning)} cells{bound}.", ""]
     return lines
 
 
@@ -353,7 +392,8 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
         if own:
             lines += cls.report_notes(own)
     lines += budget_table(result) + cost_rule_section(result)
-    lines += teacher_cost_table(result) + reruns_section(result) + learning_curve_table(result)
+    lines += teacher_cost_table(result) + reruns_section(result) + resumed_section(result)
+    lines += learning_curve_table(result)
     if result.get("base"):
         lines += ["## Untouched models", "", "| model | split | n | accuracy (%) |", "|---|---|---:|---:|"]
         for label, by_split in result["base"].items():
@@ -433,10 +473,12 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
         "| method | prepare (s) | train (s) | cell wall (s) | peak anon RSS (GiB) |",
         "|---|---:|---:|---:|---:|",
     ]
+    partial = partial_cost_labels(result)
     for label in s["labels"]:
         c = s["by_label"][label]["cost"]
         lines.append(
-            f"| {label} | {c['prepare_seconds']:.1f} | {c['train_seconds']:.1f} | {c['wall_seconds']:.1f} | "
+            f"| {label}{' †' * (label in partial)} | {c['prepare_seconds']:.1f} | {c['train_seconds']:.1f} | "
+            f"{c['wall_seconds']:.1f} | "
             f"{c['peak_rss_anon_gib']:.2f} |"
         )
     for folder, sec in result.get("shared_work_seconds", {}).items():
@@ -446,7 +488,8 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
     shared_s = sum(result.get("shared_work_seconds", {}).values())
     base_s = result.get("base_seconds", 0.0)
     lines.append(
-        f"\n**Total compute of this comparison**: {(cells_s + tune_s + shared_s + base_s) / 3600:.2f} h "
+        f"\n**Total compute of this comparison**: {'at least ' * bool(partial)}"
+        f"{(cells_s + tune_s + shared_s + base_s) / 3600:.2f} h "
         f"(cells {cells_s:.0f} s, tuning {tune_s:.0f} s, shared work {shared_s:.0f} s, untouched models {base_s:.0f} s)."
     )
     lines += [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -154,8 +156,6 @@ def test_letter_distribution_of_the_untouched_models_by_hand():
 def test_a_multiple_choice_grid_reports_each_entrys_predicted_letters(tiny_recipe, tmp_path):
     """On MMLU the report counts the letters each trained entry predicts (from its cells' records), beside the
     untouched models': a trained student that answers one letter everywhere shows it."""
-    import json
-
     import pktransfer
     from pktransfer.recipe import recipe_from_dict
 
@@ -169,3 +169,26 @@ def test_a_multiple_choice_grid_reports_each_entrys_predicted_letters(tiny_recip
     md = (res.output_dir / "compare.md").read_text()
     row = "| lora (1 seed) | test | " + " | ".join(str(cell["predicted"]["test"][L]) for L in "ABCD") + " |"
     assert "## Predicted answers" in md and row in md and "| student | test |" in md
+
+
+def test_a_cell_resumed_before_the_cost_ledger_is_reported_as_a_lower_bound():
+    """The arithmetic study's seeking[lr=0.0001] seed-1 cell resumed from step 11 of 24 before pktransfer kept a
+    cost ledger: its record says so, its entry's cost figures are marked, and a ledgered resume adds the earlier
+    attempts' training to the cell's time."""
+    from pathlib import Path
+
+    from pktransfer.comparison import Cell, cell_record
+    from pktransfer.reports import partial_cost_labels, resumed_section
+
+    folder = Path(__file__).parent.parent / "docs" / "study" / "arithmetic-study" / "cells" / "seeking[lr=0.0001]" / "seed-1"
+    rec = cell_record(Cell("seeking[lr=0.0001]", 1, None, folder))  # type: ignore[arg-type]
+    run = json.loads((folder / "run.json").read_text())
+    assert rec["resumed"] == {"step": 11, "cost_kept": False} and "step 11 of 24" in rec["cost_partial"]
+    assert rec["train_seconds"] == run["stages"]["train"]["seconds"] and rec["wall_seconds"] == run["wall_seconds"]
+    kept = {"label": "gkd", "seed": 0, "resumed": {"step": 8, "attempts": 1, "train_seconds": 120.0, "cost_kept": True}}
+    result = {"cells": [rec, kept], "tuning": []}
+    assert partial_cost_labels(result) == {"seeking[lr=0.0001]"}
+    lines = resumed_section(result)
+    assert "| seeking[lr=0.0001], seed 1 | 11 | not kept (†) |" in lines
+    assert "| gkd, seed 0 | 8 | kept: 120 s of training over 1 attempt(s) |" in lines
+    assert resumed_section({"cells": [{**rec, "resumed": None}], "tuning": []}) == []

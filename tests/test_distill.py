@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -351,3 +352,54 @@ def test_a_teacher_with_another_tokenizer_is_one_clear_error(tiny_recipe, padded
     tiny_recipe["evaluation"].update(teacher=False, student=False)
     with pytest.raises(IncompatiblePairError, match="different vocabularies"):
         pktransfer.run(_recipe(tiny_recipe, method), quiet=True, evaluate=False)
+
+
+def test_a_resumed_run_reports_the_cost_of_the_whole_run(tiny_recipe, tmp_path, monkeypatch):
+    """A run stopped after its checkpoint at step 2 and resumed reports what one uninterrupted run reports: the
+    teacher's tokens, the student's on-policy samples and the learning curve of every step, the earlier attempt's
+    up to the checkpoint kept in its cost ledger. (Before the ledger a resumed gkd cell of the MMLU study counted
+    the 8 steps of its last attempt only.)"""
+    from transformers import TrainerCallback
+
+    import pktransfer.methods.gkd as gkd
+    from pktransfer.comparison import resumed_cost
+    from pktransfer.pipeline import LEDGER
+
+    class Interrupt(Exception):
+        pass
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                raise Interrupt
+
+    method = {"name": "gkd", "lmbda": 0.5}
+    tiny_recipe["task"]["validation"] = 4
+    tiny_recipe["evaluation"].update(teacher=False, student=False, learning_curve=3)
+    tiny_recipe["training"].update(max_steps=6, save_steps=2)
+    tiny_recipe["output_dir"] = str(tmp_path / "full")
+    full = pktransfer.run(_recipe(tiny_recipe, method), quiet=True, evaluate=False).run
+    tiny_recipe["output_dir"] = str(tmp_path / "cut")
+    real = gkd.GkdMethod.callbacks
+    monkeypatch.setattr(gkd.GkdMethod, "callbacks", lambda self, ctx: [*real(self, ctx), StopAt()])
+    with pytest.raises(Interrupt):
+        pktransfer.run(_recipe(tiny_recipe, method), quiet=True, evaluate=False)
+    kept = json.loads((tmp_path / "cut.partial" / "checkpoints" / "checkpoint-2" / LEDGER).read_text())
+    assert kept["step"] == 2 and kept["attempts"] == 1 and kept["teacher"]["forward_tokens"] > 0
+    monkeypatch.setattr(gkd.GkdMethod, "callbacks", real)
+    cut = pktransfer.run(_recipe(tiny_recipe, method), quiet=True, evaluate=False).run
+    assert cut["training"]["resumed_from"].endswith("checkpoint-2")
+    assert cut["budget"]["teacher"]["forward_tokens"] == full["budget"]["teacher"]["forward_tokens"]
+    for key in ("student_generated_tokens", "on_policy_batches", "training_tokens", "optimizer_steps"):
+        assert cut["budget"][key] == full["budget"][key], key
+    assert cut["training"]["learning_curve"] == full["training"]["learning_curve"]
+    assert [p["step"] for p in cut["training"]["learning_curve"]] == [2, 4, 6]
+    earlier = cut["training"]["earlier_attempts"]
+    assert earlier["step"] == 2 and earlier["attempts"] == 1 and earlier["cost_kept"] is True
+    assert cut["training"]["seconds"] == pytest.approx(
+        cut["training"]["seconds_this_attempt"] + earlier["train_seconds"], abs=0.02
+    )
+    assert resumed_cost(cut) == earlier and resumed_cost(full) == {}
+    # a run resumed before the ledger existed: its step from the checkpoint's name, its cost marked partial
+    old = {"training": {"steps": 32, "resumed_from": "/x/checkpoints/checkpoint-24"}}
+    assert resumed_cost(old) == {"step": 24, "cost_kept": False}

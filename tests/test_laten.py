@@ -274,7 +274,7 @@ def test_laten_resumes_from_its_last_step_and_reproduces_the_run(tiny_recipe, tm
     from pktransfer.progress import Progress
 
     recipe = _recipe(tiny_recipe, init_std=0.02, lr=1e-3)
-    runs = []
+    runs, ctxs = [], []
     for attempt in range(2):
         student, teacher = load_model(recipe.student), load_model(recipe.teacher)
         task = get_task("arithmetic", recipe.task.params)
@@ -285,9 +285,19 @@ def test_laten_resumes_from_its_last_step_and_reproduces_the_run(tiny_recipe, tm
             (tmp_path / "laten" / "steps" / "step-3" / "done").unlink()
         method = get_method(recipe.method)
         model = method.prepare(ctx)
+        ctxs.append(ctx)
         runs.append((method, {k: v.clone() for k, v in model.state_dict().items()}))
     (m1, w1), (m2, w2) = runs
     assert m2.training["resumed_from"].endswith("step-2") and m2.report()["located_from"] == "reused"
+    # the resumed run's cost is the whole run's: the location it reused and the first attempt's two updates
+    earlier = m2.training["earlier_attempts"]
+    assert earlier["step"] == 2 and earlier["attempts"] == 1 and earlier["cost_kept"] is True
+    first = m1.training["log_history"]
+    assert earlier["train_seconds"] == pytest.approx(m1.report()["locate_seconds"] + first[2]["seconds"], abs=0.05)
+    assert "earlier_attempts" not in m1.training and [h.get("attempt") for h in m2.training["log_history"]] == [
+        None, 1, 1, 2
+    ]
+    assert ctxs[1].teacher_work.forward_tokens == ctxs[0].teacher_work.forward_tokens > 0
     assert [h["val_loss"] for h in m1.training["log_history"]] == pytest.approx(
         [h["val_loss"] for h in m2.training["log_history"]], rel=1e-6
     )

@@ -593,6 +593,10 @@ class LatenMethod(Method):
         super().__init__(spec)
         self._info: dict[str, Any] = {}
         self.training: dict[str, Any] = {}
+        # a resumed run: what its earlier attempts spent on the location and the updates this attempt reuses
+        self._located_reused = False
+        self._earlier_locate_s: float | None = None
+        self._earlier_updates: dict[str, Any] | None = None
 
     def prepare(self, ctx: MethodContext) -> Any:
         spec, recipe, student = self.spec, ctx.recipe, ctx.student
@@ -618,6 +622,7 @@ class LatenMethod(Method):
         inputs = [answer_input(ctx.formatter, it) for it in extract_items] + [answer_input(ctx.formatter, final_item)]
         t0 = time.perf_counter()
         t_scores, s_scores, located_from = self._locate(ctx, teacher, inputs, out)
+        self._located_reused = located_from == "reused"
         locate_s = time.perf_counter() - t0
         rate, n_ext = spec.transfer_rate, len(extract_items)
         count = spec.neuron_count
@@ -672,6 +677,7 @@ class LatenMethod(Method):
             "steps": n_updates,
             "seconds": round(train_s, 2),
             "resumed_from": resumed,
+            **self._earlier_attempts(),
             "trainable_parameters": sum(p.numel() for h in hyper.values() for p in h.parameters()),
             "tokens_seen": sum(
                 n_tokens(step_batch(s, extract_ex, align_ex, spec.partners, recipe.seed, spec.data_order))
@@ -725,6 +731,23 @@ class LatenMethod(Method):
             + f"; |Δ| {', '.join(f'{r} {v:.3g}' for r, v in norms.items())}"
         )
         return student.model
+
+    def _earlier_attempts(self) -> dict[str, Any]:
+        """A resumed run's ``earlier_attempts`` (as the shared trainer's cost ledger records them): the earlier
+        attempts' location and updates, which this attempt reused. ``cost_kept`` is False when a part was saved before
+        pktransfer kept its time (then the run's cost counts the last attempt only)."""
+        updates = self._earlier_updates
+        if not self._located_reused and updates is None:
+            return {}
+        seconds = [
+            self._earlier_locate_s if self._located_reused else 0.0,  # None: located before its cost was kept
+            0.0 if updates is None else updates["seconds"],  # None: updated before their time was kept
+        ]
+        kept = None not in seconds
+        out: dict[str, Any] = {"step": 0 if updates is None else updates["step"], "cost_kept": kept}
+        if kept:
+            out |= {"attempts": 1 if updates is None else updates["attempts"], "train_seconds": round(sum(seconds), 2)}
+        return {"earlier_attempts": out}
 
     def _final_item(self, ctx: MethodContext) -> Any:
         """The item the saved model's injection is located on: official inference draws one training item, here
@@ -785,7 +808,15 @@ class LatenMethod(Method):
             "attn_score": spec.attn_score,
             "inputs": [[list(i.ids), i.y] for i in inputs],
         }
+        cost_path = out / "located.cost.json"
         if path.is_file() and meta.is_file() and json.loads(meta.read_text()) == key:  # a resumed run
+            if cost_path.is_file():  # an earlier attempt of this run located: its teacher work is this run's
+                cost = json.loads(cost_path.read_text())
+                t = cost["teacher"]
+                ctx.teacher_work.add(
+                    t["what"], forward_tokens=t["forward_tokens"], seconds=t["seconds"], parameters=t["parameters"]
+                )
+                self._earlier_locate_s = float(cost["seconds"])
             flat = load_file(str(path))
             scores = {
                 side: [
@@ -798,12 +829,18 @@ class LatenMethod(Method):
         t_scores = locate_scores(
             teacher, inputs, vocab_k=spec.locate_vocab, progress=ctx.progress, what="teacher", attn_score=spec.attn_score
         )
-        ctx.teacher_work.add(
-            f"neuron location on {len(inputs)} items (forward; the logit-lens scoring of every "
+        teacher_cost = {
+            "what": f"neuron location on {len(inputs)} items (forward; the logit-lens scoring of every "
             "neuron comes on top and is not in the FLOPs)",
-            forward_tokens=sum(len(i.ids) for i in inputs),
-            seconds=time.perf_counter() - t0,
-            parameters=teacher.arch.n_parameters,
+            "forward_tokens": sum(len(i.ids) for i in inputs),
+            "seconds": time.perf_counter() - t0,
+            "parameters": teacher.arch.n_parameters,
+        }
+        ctx.teacher_work.add(
+            teacher_cost["what"],
+            forward_tokens=teacher_cost["forward_tokens"],
+            seconds=teacher_cost["seconds"],
+            parameters=teacher_cost["parameters"],
         )
         s_scores = locate_scores(
             student, inputs, vocab_k=spec.locate_vocab, progress=ctx.progress, what="student", attn_score=spec.attn_score
@@ -817,7 +854,8 @@ class LatenMethod(Method):
             },
             path,
         )
-        write_json(meta, key, indent=None)  # after the scores: the key vouches for a whole file
+        write_json(cost_path, {"teacher": teacher_cost, "seconds": time.perf_counter() - t0}, indent=None)
+        write_json(meta, key, indent=None)  # after the scores and their cost: the key vouches for a whole file
         return t_scores, s_scores, "computed"
 
     def _train(
@@ -871,6 +909,7 @@ class LatenMethod(Method):
 
         history: list[dict[str, Any]] = []
         start, resumed = 0, None
+        t0, earlier_s, attempt = time.perf_counter(), 0.0, 1
         done = (
             sorted(int(p.name.split("-")[1]) for p in steps_dir.glob("step-*") if (p / "done").is_file())
             if steps_dir.is_dir()
@@ -885,6 +924,9 @@ class LatenMethod(Method):
             sched.load_state_dict(saved["scheduler"])
             history = saved["history"]
             start, resumed = last, str(state(last))
+            # the updates' time of the earlier attempts (None: saved before pktransfer kept it)
+            earlier_s, attempt = history[-1].get("seconds"), history[-1].get("attempt", 1) + 1
+            self._earlier_updates = {"step": last, "seconds": earlier_s, "attempts": attempt - 1}
             ctx.progress.log(f"laten: resuming after update {last}")
         else:
             history.append({"step": 0, "loss": None, "val_loss": validate()})
@@ -923,6 +965,9 @@ class LatenMethod(Method):
                         "penalty": penalty.item(),
                         "val_loss": val,
                         "lr": lr,
+                        # training time of the whole run up to this update, all attempts (a resumed run's cost)
+                        "seconds": None if earlier_s is None else round(earlier_s + time.perf_counter() - t0, 2),
+                        "attempt": attempt,
                     }
                 )
                 folder = state(step + 1)
