@@ -468,7 +468,7 @@ def cost_ledger_callback(ctx: MethodContext, method: Any, curve: Any = None) -> 
 
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
+            if folder.is_dir() and state.is_world_process_zero:  # several processes never resume (training.train)
                 write_json(folder / LEDGER, self.totals(state.global_step))
 
     return CostLedger()
