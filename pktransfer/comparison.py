@@ -285,6 +285,24 @@ def remaining_seconds(
     return kept - sum(s for (x, partner), s in (matched or {}).items() if partner in dropped and x not in dropped)
 
 
+def remaining_seconds_of_cells(
+    pending: list[str], finished: dict[str, list[float]], tuned: dict[str, list[float]]
+) -> float | None:
+    """The time the pending cells (one label each) will take: each at its entry's mean wall time over the grid's
+    finished cells, else over its tuning cells (they evaluate fewer items), else the mean of every finished and
+    tuning cell. None when nothing has been measured yet."""
+    every = [x for xs in (*finished.values(), *tuned.values()) for x in xs]
+    if not every:
+        return None
+    fallback = sum(every) / len(every)
+
+    def one(label: str) -> float:
+        measured = finished.get(label) or tuned.get(label)
+        return sum(measured) / len(measured) if measured else fallback
+
+    return sum(one(label) for label in pending)
+
+
 def cut_to_budget(
     per_entry: dict[str, float],
     base_seconds: float,
@@ -1131,6 +1149,20 @@ def compare(
             continue
 
         def run_cell(cell: Cell = cell) -> None:
+            finished: dict[str, list[float]] = {}
+            for c in cells:
+                if _finished(c.folder):
+                    finished.setdefault(c.label, []).append(json.loads((c.folder / "run.json").read_text())["wall_seconds"])
+            pending = [c.label for c in cells if not _finished(c.folder)]
+            tuned: dict[str, list[float]] = {}
+            for t in tuning:
+                tuned.setdefault(t["label"], []).append(t["wall_seconds"])
+            left = remaining_seconds_of_cells(pending, finished, tuned)
+            if left is not None:
+                progress.log(
+                    f"compare: about {left / 3600:.1f} h of cells left ({len(pending)} unfinished, this one included; "
+                    "each at its entry's mean time over the finished cells, else over its tuning cells)"
+                )
             pipeline.run(cell.recipe, progress=progress)
             release_memory()
             record(cell.folder)

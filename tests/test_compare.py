@@ -611,3 +611,28 @@ def test_budget_rule_runs_a_pilot_and_drops_by_the_declared_order(tiny_recipe, t
         grid["compare"]["budget"]["cut_order"] = ["lora"]
         tiny_recipe["output_dir"] = str(tmp_path / "other")
         pktransfer.compare(recipe_from_dict({**grid, "output_dir": str(tmp_path / "other")}), quiet=True)
+
+
+def test_remaining_time_of_a_grid_by_hand():
+    from pktransfer.comparison import remaining_seconds_of_cells
+
+    finished = {"lora": [100.0, 140.0]}
+    tuned = {"lora": [50.0], "gkd": [300.0]}
+    # lora at its finished cells' mean (120), gkd at its tuning cells' (300), laten at the mean of all four (147.5)
+    assert remaining_seconds_of_cells(["lora", "gkd", "laten"], finished, tuned) == 120 + 300 + 147.5
+    assert remaining_seconds_of_cells(["lora"], {}, {}) is None
+
+
+def test_a_grid_logs_the_time_its_unfinished_cells_will_take(tiny_recipe, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from pktransfer.progress import Progress
+
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    out = io.StringIO()
+    grid = recipe_from_dict(_grid(tiny_recipe, ["lora"], seeds=[0, 1]))
+    pktransfer.compare(grid, progress=Progress(console=Console(file=out, width=300)))
+    lines = [line for line in out.getvalue().splitlines() if "of cells left" in line]
+    assert len(lines) == 1 and "(1 unfinished, this one included;" in lines[0]  # nothing measured before cell 1

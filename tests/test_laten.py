@@ -294,9 +294,7 @@ def test_laten_resumes_from_its_last_step_and_reproduces_the_run(tiny_recipe, tm
     assert earlier["step"] == 2 and earlier["attempts"] == 1 and earlier["cost_kept"] is True
     first = m1.training["log_history"]
     assert earlier["train_seconds"] == pytest.approx(m1.report()["locate_seconds"] + first[2]["seconds"], abs=0.05)
-    assert "earlier_attempts" not in m1.training and [h.get("attempt") for h in m2.training["log_history"]] == [
-        None, 1, 1, 2
-    ]
+    assert "earlier_attempts" not in m1.training and [h.get("attempt") for h in m2.training["log_history"]] == [None, 1, 1, 2]
     assert ctxs[1].teacher_work.forward_tokens == ctxs[0].teacher_work.forward_tokens > 0
     assert [h["val_loss"] for h in m1.training["log_history"]] == pytest.approx(
         [h["val_loss"] for h in m2.training["log_history"]], rel=1e-6
