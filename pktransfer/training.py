@@ -110,7 +110,7 @@ def response_ce(model: Any, inputs: dict[str, torch.Tensor], labels: torch.Tenso
     """The plain loss's sum of cross entropies over response tokens, the LM head applied only at the positions that
     predict one (a few of each row's: the head is a [V = 152k] matmul and softmax per position). Returns the sum,
     the number of response tokens and the model outputs (logits at those positions only)."""
-    keep = response_positions(labels).any(0).nonzero().flatten()
+    keep = kept_positions(labels)
     outputs = model(**inputs, logits_to_keep=keep)
     targets = labels[:, keep + 1].to(outputs.logits.device)
     total = torch.nn.functional.cross_entropy(
@@ -155,7 +155,9 @@ class ListDataset(torch.utils.data.Dataset):
 
 
 # A method's own loss: (model outputs, batch with input_ids/attention_mask/labels/index, the number of
-# response tokens in the whole accumulated batch or None) -> loss already divided by that number.
+# response tokens in the whole accumulated batch or None) -> loss already divided by that number. A loss with the
+# attribute ``response_logits = True`` reads response tokens only: the model's logits are then computed at
+# ``batch["logits_positions"]`` alone (``logits_to_keep``; see :func:`response_rows`).
 LossFn = Callable[[Any, dict[str, torch.Tensor], Any], torch.Tensor]
 
 
@@ -170,14 +172,37 @@ def response_positions(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:] != IGNORE_INDEX
 
 
-def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross entropy over response tokens (the standard loss before normalisation).
+def kept_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions whose logits predict a response token in some row: where the LM head must run (``logits_to_keep``)
+    for a loss that reads response tokens only."""
+    return response_positions(labels).any(0).nonzero().flatten()
+
+
+def response_rows(
+    logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits that predict a response token and those tokens, row-major ([N, V] and [N]). ``logits`` are at
+    every position ([B, L, V], shifted here), or at the positions ``keep`` only ([B, K, V], from ``logits_to_keep``):
+    the same rows in the same order either way, so a loss over them is the same to the bit."""
+    if keep is None:
+        mask = response_positions(labels)
+        targets = labels[:, 1:]
+        logits = logits[:, :-1]
+    else:
+        targets = labels[:, keep.to(labels.device) + 1]
+        mask = targets != IGNORE_INDEX
+    return logits[mask.to(logits.device)], targets[mask]
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed next-token cross entropy over response tokens (the standard loss before normalisation); ``keep``: the
+    logits are at those positions only (:func:`response_rows`).
 
     Only the response positions' logits are upcast to float32: a float32 copy of every position's logits (and its
     log-softmax and gradient) is batch x length x vocabulary x 4 bytes each, 2.5 GB for 8 x 512 tokens of a 152k
     vocabulary, where the responses of a multiple-choice task are a few tokens."""
-    mask = response_positions(labels)
-    return torch.nn.functional.cross_entropy(logits[:, :-1][mask].float(), labels[:, 1:][mask], reduction="sum")
+    rows, targets = response_rows(logits, labels, keep)
+    return torch.nn.functional.cross_entropy(rows.float(), targets.to(rows.device), reduction="sum")
 
 
 def _trainer_class() -> Any:
@@ -212,8 +237,16 @@ def _trainer_class() -> Any:
                     self.loss_is_scaled_for_ga = False
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             labels = inputs.pop("labels")
-            outputs = model(**inputs)
-            loss = self.method_loss(outputs, {**inputs, "labels": labels, "index": index}, num_items_in_batch)
+            extra: dict[str, Any] = {}
+            if getattr(self.method_loss, "response_logits", False):
+                # the loss reads the logits that predict response tokens only: the LM head ([V = 152k] per position)
+                # runs at those positions alone, and the batch says which (the GKD grid cells were OOM-killed at
+                # 24 GiB holding the student's and the teacher's logits at every position)
+                extra["logits_positions"] = keep = kept_positions(labels)
+                outputs = model(**inputs, logits_to_keep=keep)
+            else:
+                outputs = model(**inputs)
+            loss = self.method_loss(outputs, {**inputs, "labels": labels, "index": index, **extra}, num_items_in_batch)
             # normalised over the accumulated batch when the trainer told us its size
             self.loss_is_scaled_for_ga = num_items_in_batch is not None
             return (loss, outputs) if return_outputs else loss

@@ -403,3 +403,54 @@ def test_a_resumed_run_reports_the_cost_of_the_whole_run(tiny_recipe, tmp_path, 
     # a run resumed before the ledger existed: its step from the checkpoint's name, its cost marked partial
     old = {"training": {"steps": 32, "resumed_from": "/x/checkpoints/checkpoint-24"}}
     assert resumed_cost(old) == {"step": 24, "cost_kept": False}
+
+
+def test_losses_on_the_logits_at_kept_positions_equal_the_full_ones_to_the_bit():
+    """gkd and hidden_kd compute the LM head only where a response token is predicted (logits_to_keep): the rows
+    the losses read, their order, the loss and its gradient are those of the logits at every position."""
+    from pktransfer.training import IGNORE_INDEX, causal_lm_loss_sum, kept_positions
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(3, 9, 13, generator=g, requires_grad=True)
+    t = torch.randn(3, 9, 13, generator=g)
+    labels = torch.full((3, 9), IGNORE_INDEX)
+    labels[0, 4:7] = torch.tensor([1, 2, 3])
+    labels[1, 6:9] = torch.tensor([4, 5, 6])
+    labels[2, 2:3] = 7
+    keep = kept_positions(labels)
+    assert keep.tolist() == [1, 3, 4, 5, 6, 7]  # positions predicting a response token in some row
+    for fn in (
+        lambda logits, k: gkd_loss(logits, t if k is None else t[:, k], labels, beta=0.5, keep=k),
+        lambda logits, k: causal_lm_loss_sum(logits, labels, k),
+    ):
+        full = fn(s, None)
+        (g_full,) = torch.autograd.grad(full, s)
+        kept = fn(s[:, keep], keep)
+        (g_kept,) = torch.autograd.grad(kept, s)
+        assert torch.equal(full, kept) and torch.equal(g_full, g_kept)
+
+
+def test_gkd_and_hidden_kd_train_on_the_logits_of_response_positions_only(tiny_recipe, tmp_path, monkeypatch):
+    import pktransfer.methods.gkd as gkd
+    import pktransfer.methods.hidden_kd as hidden_kd
+
+    widths: dict[str, list[tuple[int, int]]] = {}
+    for name, module, cls in (("gkd", gkd, gkd.GkdMethod), ("hidden_kd", hidden_kd, hidden_kd.HiddenKdMethod)):
+        real = cls.training_loss
+
+        def spy(self, ctx, real=real, name=name):
+            inner = real(self, ctx)
+
+            def loss(outputs, batch, n):
+                widths.setdefault(name, []).append((outputs.logits.shape[1], batch["input_ids"].shape[1]))
+                return inner(outputs, batch, n)
+
+            loss.response_logits = inner.response_logits
+            return loss
+
+        monkeypatch.setattr(cls, "training_loss", spy)
+        tiny_recipe["output_dir"] = str(tmp_path / name)
+        tiny_recipe["evaluation"].update(teacher=False, student=False)
+        pktransfer.run(_recipe(tiny_recipe, {"name": name}), quiet=True, evaluate=False)
+    for name in ("gkd", "hidden_kd"):
+        assert widths[name] and all(kept < length for kept, length in widths[name]), (name, widths[name])

@@ -46,19 +46,27 @@ from pktransfer.methods.teacher_cache import live_teacher
 from pktransfer.models.pair import check_pair
 from pktransfer.ops.distill import generalized_jsd
 from pktransfer.ops.offload import input_device
-from pktransfer.training import BatchFn, LossFn, response_positions
+from pktransfer.training import BatchFn, LossFn, response_positions, response_rows
 
 # ---- the loss and the sampled batch (pure functions) ----------------------------------------------------
 
 
 def gkd_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *, beta: float, temperature: float = 1.0
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float,
+    temperature: float = 1.0,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean generalized JSD over the positions that predict a label (student/teacher logits [B, L, V], labels
-    [B, L] with −100 elsewhere); TRL's ``generalized_jsd_loss`` with ``reduction="batchmean"`` on shifted logits."""
-    mask = response_positions(labels)
-    jsd = generalized_jsd(student_logits[:, :-1][mask], teacher_logits[:, :-1][mask.to(teacher_logits.device)], beta, temperature)
-    return jsd.sum() / mask.sum().clamp_min(1)
+    [B, L] with −100 elsewhere); TRL's ``generalized_jsd_loss`` with ``reduction="batchmean"`` on shifted logits.
+    ``keep``: the logits are at those positions only ([B, K, V]); the same value to the bit."""
+    s_rows, _ = response_rows(student_logits, labels, keep)
+    t_rows, _ = response_rows(teacher_logits, labels, keep)
+    jsd = generalized_jsd(s_rows, t_rows.to(s_rows.device), beta, temperature)
+    return jsd.sum() / response_positions(labels).sum().clamp_min(1)
 
 
 def prompts_of(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
@@ -206,30 +214,44 @@ class GkdMethod(ObjectiveMethod):
         spec = self.spec
 
         def loss(outputs: Any, batch: dict[str, torch.Tensor], n_tokens: Any) -> torch.Tensor:
+            # both models' logits only where a response token is predicted (None: at every position)
+            keep = batch.get("logits_positions")
             logits = outputs.logits[..., : self.vocab]
             what = "live teacher logits on every training batch (the student's samples included)"
-            t_logits = live_teacher(ctx, self.teacher, batch, what).logits[..., : self.vocab].to(logits.device)
+            t_out = live_teacher(ctx, self.teacher, batch, what, **({} if keep is None else {"logits_to_keep": keep}))
+            t_logits = t_out.logits[..., : self.vocab].to(logits.device)
             if self._sampled and len(self.samples) < 8:
-                self._keep_sample(ctx, batch, logits, t_logits)
+                self._keep_sample(ctx, batch, logits, t_logits, keep)
             self._sampled = False
-            return gkd_loss(logits, t_logits, batch["labels"], beta=spec.beta, temperature=spec.loss_temperature)
+            labels = batch["labels"]
+            return gkd_loss(logits, t_logits, labels, beta=spec.beta, temperature=spec.loss_temperature, keep=keep)
 
+        loss.response_logits = True  # type: ignore[attr-defined]
         return loss
 
     @torch.no_grad()
     def _keep_sample(
-        self, ctx: MethodContext, batch: dict[str, torch.Tensor], logits: torch.Tensor, t_logits: torch.Tensor
+        self,
+        ctx: MethodContext,
+        batch: dict[str, torch.Tensor],
+        logits: torch.Tensor,
+        t_logits: torch.Tensor,
+        keep: torch.Tensor | None,
     ) -> None:
         """The batch's first on-policy sample, for reading by eye: each sampled token with the student's and the
-        teacher's log-probability of it and the token's divergence (what the loss averages)."""
+        teacher's log-probability of it and the token's divergence (what the loss averages). The logits are at the
+        positions ``keep``."""
         tok = ctx.student.tokenizer
-        labels = batch["labels"][0]
-        pos = (labels[1:] != IGNORE_INDEX).nonzero().flatten()  # positions predicting a sampled token
+        labels = batch["labels"]
+        if keep is None:
+            keep = torch.arange(labels.shape[1] - 1)
+        targets = labels[0, keep.to(labels.device) + 1]
+        pos = (targets != IGNORE_INDEX).nonzero().flatten()  # kept positions predicting a sampled token
         s_lp = torch.log_softmax(logits[0, pos].float(), -1)
         t_lp = torch.log_softmax(t_logits[0, pos].float(), -1)
-        ids = labels[1:][pos]
+        ids = targets[pos]
         jsd = generalized_jsd(logits[0, pos], t_logits[0, pos], self.spec.beta, self.spec.loss_temperature)
-        first = int(pos[0]) + 1 if len(pos) else 0
+        first = int(keep[pos[0]]) + 1 if len(pos) else 0
         self.samples.append(
             {
                 "prompt": tok.decode(batch["input_ids"][0, :first]),

@@ -46,13 +46,15 @@ def hidden_kd_loss(
     alpha: float,
     distance: str,
     n_tokens: int | torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(1 − α)·CE + α·mean_pairs d(h_S W, h_T), summed over the response positions and divided by ``n_tokens``
     (default: this batch's count). ``projected`` / ``targets``: per pair, [P, D_T] at the P positions whose
-    logits predict a response token (row-major, as ``response_positions`` orders them)."""
+    logits predict a response token (row-major, as ``response_positions`` orders them). ``keep``: the student's
+    logits are at those positions only."""
     mask = response_positions(labels)
     n = mask.sum() if n_tokens is None else n_tokens
-    ce = causal_lm_loss_sum(student_logits, labels)
+    ce = causal_lm_loss_sum(student_logits, labels, keep)
     if not projected:
         return ce / n
     hidden = torch.stack([hidden_distance(p, t, distance) for p, t in zip(projected, targets, strict=True)]).mean(0).sum()
@@ -135,7 +137,8 @@ class HiddenKdMethod(ObjectiveMethod):
             labels = batch["labels"]
             mask = response_positions(labels)
             what = "live teacher hidden states at every training batch"
-            t_hidden = live_teacher(ctx, self.teacher, batch, what, output_hidden_states=True).hidden_states
+            # the teacher's logits are not read: its LM head runs at one position (it ran at all of them, 1.2 GB)
+            t_hidden = live_teacher(ctx, self.teacher, batch, what, output_hidden_states=True, logits_to_keep=1).hidden_states
             projected, targets = [], []
             for k, (s, t) in enumerate(self.pairs):
                 proj = self.projections[0 if len(self.projections) == 1 else k]
@@ -144,9 +147,17 @@ class HiddenKdMethod(ObjectiveMethod):
                 projected.append(proj(h_s.float()))
                 targets.append(h_t.float().to(h_s.device))
             return hidden_kd_loss(
-                outputs.logits, labels, projected, targets, alpha=spec.alpha, distance=spec.distance, n_tokens=n_tokens
+                outputs.logits,
+                labels,
+                projected,
+                targets,
+                alpha=spec.alpha,
+                distance=spec.distance,
+                n_tokens=n_tokens,
+                keep=batch.get("logits_positions"),
             )
 
+        loss.response_logits = True  # type: ignore[attr-defined]
         return loss
 
     def callbacks(self, ctx: MethodContext) -> list[Any]:
