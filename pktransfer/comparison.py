@@ -1137,8 +1137,12 @@ def compare(
 
         def base() -> None:
             pipeline.evaluate_pair(base_recipe, progress=progress)
+            release_memory()
+            record(base_dir)  # at once, like a cell: a grid resumed elsewhere from its records does not redo it
 
         jobs.append((base_dir, "evaluating the untouched teacher and student once", base))
+    elif wants_base:
+        record(base_dir)  # finished earlier (by this grid or another worker): recorded now, not only with the report
     todo = [c for c in cells if not _finished(c.folder)]
     progress.log(
         f"compare: {len(cells)} cells ({len(cells) - len(todo)} already finished), "

@@ -636,3 +636,21 @@ def test_a_grid_logs_the_time_its_unfinished_cells_will_take(tiny_recipe, tmp_pa
     pktransfer.compare(grid, progress=Progress(console=Console(file=out, width=300)))
     lines = [line for line in out.getvalue().splitlines() if "of cells left" in line]
     assert len(lines) == 1 and "(1 unfinished, this one included;" in lines[0]  # nothing measured before cell 1
+
+
+def test_the_untouched_models_are_recorded_as_soon_as_they_are_evaluated(tiny_recipe, tmp_path, monkeypatch):
+    """A grid stopped after its base/ evaluation (here: its first cell fails) has base/ in its records, so resuming
+    it elsewhere from the records does not evaluate the untouched models again."""
+    import pktransfer.pipeline as pipeline
+
+    class Boom(Exception):
+        pass
+
+    def fail(*a, **k):
+        raise Boom
+
+    monkeypatch.setattr(pipeline, "run", fail)
+    records = tmp_path / "records"
+    with pytest.raises(Boom):
+        pktransfer.compare(recipe_from_dict(_grid(tiny_recipe, ["lora"], seeds=[0])), quiet=True, records=records)
+    assert (records / "base" / "run.json").is_file()

@@ -435,7 +435,7 @@ def test_gkd_and_hidden_kd_train_on_the_logits_of_response_positions_only(tiny_r
     import pktransfer.methods.hidden_kd as hidden_kd
 
     widths: dict[str, list[tuple[int, int]]] = {}
-    for name, module, cls in (("gkd", gkd, gkd.GkdMethod), ("hidden_kd", hidden_kd, hidden_kd.HiddenKdMethod)):
+    for name, cls in (("gkd", gkd.GkdMethod), ("hidden_kd", hidden_kd.HiddenKdMethod)):
         real = cls.training_loss
 
         def spy(self, ctx, real=real, name=name):
