@@ -346,7 +346,7 @@ def apply_budget(
     ``budget.json`` and never re-made. Returns the recipe without the dropped entries and the decision."""
     from pktransfer import pipeline
     from pktransfer.data import get_task
-    from pktransfer.models.loading import release_memory
+    from pktransfer.memory import release_memory
 
     assert recipe.compare is not None and recipe.compare.budget is not None
     spec, budget = recipe.compare, recipe.compare.budget
@@ -1014,7 +1014,7 @@ def compare(
     ``records``: a folder mirroring each finished folder's result without its weights (``save_record``); the
     grid resumes from it on another machine, and the report is copied there too."""
     from pktransfer import pipeline
-    from pktransfer.models.loading import release_memory
+    from pktransfer.memory import release_memory
     from pktransfer.reports import plot_compare, render_compare_csv, render_compare_markdown
 
     progress = progress or Progress(quiet=quiet)

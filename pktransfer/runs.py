@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import shutil
 import sys
 import threading
@@ -27,6 +26,7 @@ from typing import Any
 from pktransfer.claims import Claim
 from pktransfer.errors import OutputError, PktError
 from pktransfer.fileio import honour_umask
+from pktransfer.memory import rss_anon_bytes
 from pktransfer.signals import Stopped
 
 FAILED = "FAILED.json"
@@ -81,18 +81,6 @@ def cpu_identity() -> str:
         f"{fields.get('model name', 'unknown')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}, "
         f"stepping {fields.get('stepping', '?')}; bf16 units: {', '.join(cpu_bf16_units()) or 'none'})"
     )
-
-
-def rss_anon_bytes() -> int:
-    """Anonymous resident memory (excludes reclaimable file-backed pages such as mmapped safetensors)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class MemoryMonitor:

@@ -281,7 +281,7 @@ def test_sigterm_during_a_shared_job_leaves_failed_json_and_releases_the_claim(t
 
 RELEASE = """
 import torch
-from pktransfer.models.loading import release_memory
+from pktransfer.memory import release_memory
 big = torch.ones(4 << 20, dtype=torch.uint8)
 del big  # glibc now keeps freed buffers up to 4 MB in its heap instead of unmapping them
 chunks = [torch.ones(1 << 20, dtype=torch.uint8) for _ in range(200)]

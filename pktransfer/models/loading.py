@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import time
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pktransfer.errors import ModelError
+from pktransfer.memory import release_memory
 from pktransfer.models.arch import ArchitectureDescription, check_family, describe
 from pktransfer.models.builtin import BUILTIN_PREFIX, get_builtin, is_prepared, part_files, prepare_builtin
 from pktransfer.ops.offload import input_device
@@ -38,28 +38,6 @@ class LoadedModel:
         """Drop the weights so their memory can be returned."""
         self.model = None
         release_memory()
-
-
-def release_memory() -> int:
-    """Collect garbage and hand freed memory back to the system: CUDA's cache, and on glibc ``malloc_trim(0)``.
-
-    Without the trim a long ``pkt compare`` process grew from cell to cell: glibc keeps freed tensor buffers of
-    up to 32 MB in its heaps (its mmap threshold rises after each large free), and a gkd cell that peaked at 18 GiB
-    in a fresh process was killed at 24 GiB as the eighth cell of one. Returns the anonymous RSS released, in bytes
-    (0 where it cannot be read)."""
-    from pktransfer.runs import rss_anon_bytes
-
-    before = rss_anon_bytes()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to trim
-        pass
-    return max(0, before - rss_anon_bytes())
 
 
 def resolve_device(name: str) -> torch.device:
