@@ -11,7 +11,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ from pktransfer.errors import DataError, ModelError, PktError, RecipeError
 from pktransfer.evaluation import EvalOptions, EvalResult, evaluate_items, subset
 from pktransfer.fileio import write_json, write_text
 from pktransfer.methods import MethodContext, get_method, registry
-from pktransfer.methods.base import TeacherWork
 from pktransfer.models import LoadedModel, load_config, load_model
 from pktransfer.models.tying import untie_if_targeted
 from pktransfer.progress import Progress
@@ -395,8 +394,8 @@ LEDGER = "pktransfer_cost.json"
 def cost_ledger_callback(ctx: MethodContext, method: Any, curve: Any = None) -> Any:
     """A ``TrainerCallback`` that keeps the run's cost with each checkpoint, so a resumed run reports the cost of
     the whole run, not of its last attempt: the training seconds, the teacher work (``ctx.teacher_work``), the
-    method's own counters (``method.spent()``: tokens the student generated, ...), the learning curve's points and
-    the run's wall time so far, all up to the checkpoint's step (work done after it and redone is counted once).
+    method's own counters (``method.spent()``: tokens the student generated, ...) and the learning curve's points,
+    all up to the checkpoint's step (work done after it and redone is counted once).
     ``totals(step)`` gives the sums; ``earlier`` is the ledger of the checkpoint this attempt resumed from (None for
     a fresh start, or a checkpoint written before the ledger existed: then ``unledgered_from`` names its step)."""
     from transformers import TrainerCallback
@@ -408,25 +407,16 @@ def cost_ledger_callback(ctx: MethodContext, method: Any, curve: Any = None) -> 
             out[k] = out[k] + v if number and isinstance(out.get(k), int | float) else out.get(k, v)
         return out
 
-    def teacher_dict(w: TeacherWork) -> dict[str, Any]:
-        return {
-            "forward_tokens": w.forward_tokens,
-            "backward_tokens": w.backward_tokens,
-            "seconds": w.seconds,
-            "parameters": w.parameters,
-            "what": list(w.what),
-        }
-
     class CostLedger(TrainerCallback):
         def __init__(self) -> None:
             self.earlier: dict[str, Any] | None = None
             self.unledgered_from: int | None = None
             self._t0 = time.perf_counter()
-            self._base = teacher_dict(ctx.teacher_work)  # this attempt's preparation (a resumed one redoes or reuses it)
+            self._base = asdict(ctx.teacher_work)  # this attempt's preparation (a resumed one redoes or reuses it)
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             self._t0 = time.perf_counter()
-            self._base = teacher_dict(ctx.teacher_work)
+            self._base = asdict(ctx.teacher_work)
             if state.global_step:  # resumed: the trainer state is loaded before this call
                 path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / LEDGER
                 if path.is_file():
@@ -437,7 +427,7 @@ def cost_ledger_callback(ctx: MethodContext, method: Any, curve: Any = None) -> 
                     self.unledgered_from = state.global_step
 
         def totals(self, step: int) -> dict[str, Any]:
-            now = teacher_dict(ctx.teacher_work)
+            now = asdict(ctx.teacher_work)
             elapsed = time.perf_counter() - self._t0
             if self.earlier is None:
                 return {"step": step, "attempts": 1, "train_seconds": elapsed, "teacher": now, "spent": method.spent(),

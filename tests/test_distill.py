@@ -238,18 +238,24 @@ def test_a_composed_start_is_the_start_alone_at_step_0(tiny_recipe, tmp_path):
         assert torch.equal(starts["seeking"][k], starts["composed"][k]), k
 
 
-def test_a_composed_run_resumes_to_the_same_adapter(tiny_recipe, tmp_path, monkeypatch):
+class Interrupt(Exception):
+    pass
+
+
+def _stop_at_step_3() -> object:
+    """A callback that crashes training at the end of step 3 (after checkpoint-2): a run to resume."""
     from transformers import TrainerCallback
-
-    import pktransfer.methods.hidden_kd as hidden_kd
-
-    class Interrupt(Exception):
-        pass
 
     class StopAt(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == 3:
                 raise Interrupt
+
+    return StopAt()
+
+
+def test_a_composed_run_resumes_to_the_same_adapter(tiny_recipe, tmp_path, monkeypatch):
+    import pktransfer.methods.hidden_kd as hidden_kd
 
     method = _compose(SEEKING, {"name": "hidden_kd", "distance": "mse"})
     tiny_recipe["evaluation"].update(teacher=False, student=False)
@@ -257,7 +263,7 @@ def test_a_composed_run_resumes_to_the_same_adapter(tiny_recipe, tmp_path, monke
     pktransfer.run(_recipe(tiny_recipe, method), quiet=True, evaluate=False)
     tiny_recipe["output_dir"] = str(tmp_path / "cut")
     real = hidden_kd.HiddenKdMethod.callbacks
-    monkeypatch.setattr(hidden_kd.HiddenKdMethod, "callbacks", lambda self, ctx: [*real(self, ctx), StopAt()])
+    monkeypatch.setattr(hidden_kd.HiddenKdMethod, "callbacks", lambda self, ctx: [*real(self, ctx), _stop_at_step_3()])
     with pytest.raises(Interrupt):
         pktransfer.run(_recipe(tiny_recipe, method), quiet=True, evaluate=False)
     assert (tmp_path / "cut.partial" / "checkpoints" / "checkpoint-2" / hidden_kd.PROJECTION_FILE).is_file()
@@ -359,19 +365,9 @@ def test_a_resumed_run_reports_the_cost_of_the_whole_run(tiny_recipe, tmp_path, 
     teacher's tokens, the student's on-policy samples and the learning curve of every step, the earlier attempt's
     up to the checkpoint kept in its cost ledger. (Before the ledger a resumed gkd cell of the MMLU study counted
     the 8 steps of its last attempt only.)"""
-    from transformers import TrainerCallback
-
     import pktransfer.methods.gkd as gkd
     from pktransfer.comparison import resumed_cost
     from pktransfer.pipeline import LEDGER
-
-    class Interrupt(Exception):
-        pass
-
-    class StopAt(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 3:
-                raise Interrupt
 
     method = {"name": "gkd", "lmbda": 0.5}
     tiny_recipe["task"]["validation"] = 4
@@ -381,7 +377,7 @@ def test_a_resumed_run_reports_the_cost_of_the_whole_run(tiny_recipe, tmp_path, 
     full = pktransfer.run(_recipe(tiny_recipe, method), quiet=True, evaluate=False).run
     tiny_recipe["output_dir"] = str(tmp_path / "cut")
     real = gkd.GkdMethod.callbacks
-    monkeypatch.setattr(gkd.GkdMethod, "callbacks", lambda self, ctx: [*real(self, ctx), StopAt()])
+    monkeypatch.setattr(gkd.GkdMethod, "callbacks", lambda self, ctx: [*real(self, ctx), _stop_at_step_3()])
     with pytest.raises(Interrupt):
         pktransfer.run(_recipe(tiny_recipe, method), quiet=True, evaluate=False)
     kept = json.loads((tmp_path / "cut.partial" / "checkpoints" / "checkpoint-2" / LEDGER).read_text())

@@ -812,10 +812,7 @@ class LatenMethod(Method):
         if path.is_file() and meta.is_file() and json.loads(meta.read_text()) == key:  # a resumed run
             if cost_path.is_file():  # an earlier attempt of this run located: its teacher work is this run's
                 cost = json.loads(cost_path.read_text())
-                t = cost["teacher"]
-                ctx.teacher_work.add(
-                    t["what"], forward_tokens=t["forward_tokens"], seconds=t["seconds"], parameters=t["parameters"]
-                )
+                ctx.teacher_work.add(**cost["teacher"])
                 self._earlier_locate_s = float(cost["seconds"])
             flat = load_file(str(path))
             scores = {
@@ -836,12 +833,7 @@ class LatenMethod(Method):
             "seconds": time.perf_counter() - t0,
             "parameters": teacher.arch.n_parameters,
         }
-        ctx.teacher_work.add(
-            teacher_cost["what"],
-            forward_tokens=teacher_cost["forward_tokens"],
-            seconds=teacher_cost["seconds"],
-            parameters=teacher_cost["parameters"],
-        )
+        ctx.teacher_work.add(**teacher_cost)
         s_scores = locate_scores(
             student, inputs, vocab_k=spec.locate_vocab, progress=ctx.progress, what="student", attn_score=spec.attn_score
         )
