@@ -370,7 +370,7 @@ def apply_budget(
         what = f"pilot: {pilot.label}, seed {pilot.seed} ({where}), to estimate the grid's cost"
 
         def job() -> None:
-            pipeline.run(pilot.recipe, progress=progress)
+            pipeline.run(pilot.recipe, progress=progress, cache_dir=root / "shared")
             release_memory()
 
         run_claimed([(pilot.folder, what, job)], progress)
@@ -1088,7 +1088,7 @@ def compare(
         for i, tc in enumerate(tune_cells, 1):
 
             def tune(tc: TuneCell = tc) -> None:
-                pipeline.run(tc.cell.recipe, progress=progress)
+                pipeline.run(tc.cell.recipe, progress=progress, cache_dir=root / "shared")
                 release_memory()
                 record(tc.cell.folder)
 
@@ -1167,7 +1167,7 @@ def compare(
                     f"compare: about {left / 3600:.1f} h of cells left ({len(pending)} unfinished, this one included; "
                     "each at its entry's mean time over the finished cells, else over its tuning cells)"
                 )
-            pipeline.run(cell.recipe, progress=progress)
+            pipeline.run(cell.recipe, progress=progress, cache_dir=root / "shared")
             release_memory()
             record(cell.folder)
 

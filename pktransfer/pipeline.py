@@ -218,9 +218,18 @@ class Trained:
 
 
 def run(
-    recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, evaluate: bool = True, progress: Progress | None = None
+    recipe: Recipe,
+    *,
+    quiet: bool = False,
+    overwrite: bool = False,
+    evaluate: bool = True,
+    progress: Progress | None = None,
+    cache_dir: str | Path | None = None,
 ) -> RunResult:
     """Run a recipe end to end and return where its outputs are and what it measured.
+
+    ``cache_dir``: a folder of content-keyed caches several runs share (a grid's shared/, e.g. LaTen's neuron
+    location per item); the results are the same with or without it.
 
     Under ``torchrun`` / ``accelerate launch`` (several processes) the student trains data-parallel: every
     process prepares the same start (the method's teacher-side step included), the global batch
@@ -231,10 +240,19 @@ def run(
         check_distributable(recipe)
         if rank > 0:
             return _run_as_worker(recipe)
-    return _run(recipe, overwrite=overwrite, evaluate=evaluate, progress=progress or Progress(quiet=quiet), world=world)
+    return _run(
+        recipe,
+        overwrite=overwrite,
+        evaluate=evaluate,
+        progress=progress or Progress(quiet=quiet),
+        world=world,
+        cache_dir=Path(cache_dir) if cache_dir is not None else None,
+    )
 
 
-def _run(recipe: Recipe, *, overwrite: bool, evaluate: bool, progress: Progress, world: int = 1) -> RunResult:
+def _run(
+    recipe: Recipe, *, overwrite: bool, evaluate: bool, progress: Progress, world: int = 1, cache_dir: Path | None = None
+) -> RunResult:
     """The body of ``run`` (also each worker process's, with ``evaluate`` off)."""
     task, train_items = check_recipe(recipe)
     method = get_method(recipe.method)
@@ -250,7 +268,7 @@ def _run(recipe: Recipe, *, overwrite: bool, evaluate: bool, progress: Progress,
             with log.stage("eval_student"):
                 metrics["student"] = _evaluate_cached(rd, student.model, formatter, task, recipe, "student", progress)
         examples = encode_items(formatter, train_items, recipe.training.max_length, f"task '{task.name}' train split")
-        ctx = MethodContext(recipe, student, task, formatter, rd.work, progress, teacher, examples)
+        ctx = MethodContext(recipe, student, task, formatter, rd.work, progress, teacher, examples, cache_dir=cache_dir)
         trained = _prepare_and_train(method, ctx, rd, log, teacher)
         teacher.release()
         merged, outputs = _save(method, trained, student, recipe, rd)

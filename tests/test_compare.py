@@ -131,9 +131,17 @@ def test_grid_end_to_end_with_shared_work(tiny_recipe, tmp_path, monkeypatch):
             return _real(*a, **k)
 
         monkeypatch.setattr(pipeline, {"eval_pair": "evaluate_pair", "extract": "run_verb"}[name], counted)
+    caches, real_run = [], pipeline.run
+
+    def run(*a, **k):
+        caches.append(k.get("cache_dir"))
+        return real_run(*a, **k)
+
+    monkeypatch.setattr(pipeline, "run", run)
     res = pktransfer.compare(recipe, quiet=True)
     out = res.output_dir
     assert calls == {"eval_pair": 1, "extract": 1}  # base evaluations and sensitivity once for the grid
+    assert caches == [out / "shared"] * 8  # every cell may share content-keyed caches (LaTen's location)
     assert len(list((out / "shared" / "kd-logits").glob("*.safetensors"))) == 1
     for name in ("compare.md", "compare.csv", "compare.json", "compare_scores.png", "compare_loss.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name

@@ -465,3 +465,80 @@ def test_the_recipes_attention_score_reaches_the_location(tiny_recipe, monkeypat
     monkeypatch.setattr(laten, "locate_scores", spy)
     pktransfer.run(_recipe(tiny_recipe, attn_score=attn_score), quiet=True, evaluate=False)
     assert seen == [attn_score, attn_score]  # teacher and student
+
+
+# ---- the grid's location cache ----------------------------------------------------------------------------
+
+
+def test_location_cache_reads_back_each_items_scores_to_the_bit_in_any_order(tiny_models, tmp_path):
+    from pktransfer.data import PromptFormatter, get_task
+    from pktransfer.methods.laten import LocationCache, answer_input
+    from pktransfer.models import load_model
+    from pktransfer.progress import Progress
+    from pktransfer.recipe import ModelSpec
+
+    spec = ModelSpec(model=str(tiny_models["qwen2_teacher"]))
+    loaded = load_model(spec)
+    task = get_task("arithmetic", {"sizes": {"extract": 4, "train": 1, "test": 1}})
+    inputs = [answer_input(PromptFormatter(loaded.tokenizer), it) for it in task.split("extract")]
+    where = {"locate_vocab": 16, "attn_score": "self_subvalue"}
+    plain = LocationCache(None, Progress(quiet=True))
+    alone, n = plain.scores(loaded, spec.identity(), where, inputs, "teacher")
+    assert n == 4 and plain.computed == [True] * 4 and not list(tmp_path.iterdir())
+    cache = LocationCache(tmp_path / "loc", Progress(quiet=True))
+    first, n1 = cache.scores(loaded, spec.identity(), where, inputs[:2], "teacher")  # two items, stored
+    assert n1 == 2 and len(list((tmp_path / "loc").iterdir())) == 2
+    again, n2 = cache.scores(loaded, spec.identity(), where, inputs[::-1], "teacher")  # two read back, two computed
+    assert n2 == 2 and cache.computed == [True, True, False, False]
+    for got, want in [*zip(first, alone[:2], strict=True), *zip(again, alone[::-1], strict=True)]:
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # other settings or another dtype are other entries, never a reuse
+    _, n3 = cache.scores(loaded, spec.identity(), {**where, "locate_vocab": 8}, inputs[:1], "teacher")
+    loaded.model.double()
+    _, n4 = cache.scores(loaded, spec.identity(), where, inputs[:1], "teacher")
+    assert n3 == 1 and n4 == 1 and len(list((tmp_path / "loc").iterdir())) == 6
+
+
+def test_a_corrupt_location_cache_entry_is_located_again(tiny_models, tmp_path):
+    from pktransfer.data import PromptFormatter, get_task
+    from pktransfer.methods.laten import LocationCache, answer_input
+    from pktransfer.models import load_model
+    from pktransfer.progress import Progress
+    from pktransfer.recipe import ModelSpec
+
+    spec = ModelSpec(model=str(tiny_models["qwen2_student"]))
+    loaded = load_model(spec)
+    task = get_task("arithmetic", {"sizes": {"extract": 1, "train": 1, "test": 1}})
+    inputs = [answer_input(PromptFormatter(loaded.tokenizer), task.split("extract")[0])]
+    where = {"locate_vocab": None, "attn_score": "o_input"}
+    cache = LocationCache(tmp_path, Progress(quiet=True))
+    (want,), _ = cache.scores(loaded, spec.identity(), where, inputs, "student")
+    (entry,) = tmp_path.iterdir()
+    entry.write_bytes(entry.read_bytes()[:100])  # a file cut short
+    (got,), n = cache.scores(loaded, spec.identity(), where, inputs, "student")
+    assert n == 1 and all(torch.equal(got[k], want[k]) for k in want)
+    _, n_after = cache.scores(loaded, spec.identity(), where, inputs, "student")
+    assert n_after == 0  # replaced by a whole entry
+
+
+def test_seeds_sharing_a_location_cache_get_the_results_they_get_alone(tiny_recipe, tmp_path):
+    """The grid's cells pass one cache folder: a second seed reads the extract items' location the first stored, and
+    trains to the same numbers as without the cache (its own injection item is located anew)."""
+    runs = {}
+    for name, seed, cache in (("alone", 1, None), ("first", 0, tmp_path / "cache"), ("shared", 1, tmp_path / "cache")):
+        r = _recipe({**tiny_recipe, "output_dir": str(tmp_path / name), "seed": seed}, init_std=0.02, lr=1e-3)
+        runs[name] = pktransfer.run(r, quiet=True, evaluate=False, cache_dir=cache)
+    info = runs["shared"].run["method"]
+    n_ext = 3
+    assert info["location_cache"]["items"] == n_ext + 1
+    assert info["location_cache"]["teacher_from_cache"] == n_ext == info["location_cache"]["student_from_cache"]
+    assert "location_cache" not in runs["alone"].run["method"]
+    assert runs["first"].run["method"]["location_cache"]["teacher_from_cache"] == 0
+    assert info["val_loss"] == runs["alone"].run["method"]["val_loss"]
+    da = load_file(str(runs["alone"].output_dir / "laten" / "delta.safetensors"))
+    db = load_file(str(runs["shared"].output_dir / "laten" / "delta.safetensors"))
+    assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
+    # the teacher work read from the cache is counted where it was spent, in the first seed's run
+    t_shared = runs["shared"].run["budget"]["teacher"]["forward_tokens"]
+    t_alone = runs["alone"].run["budget"]["teacher"]["forward_tokens"]
+    assert 0 < t_shared < t_alone

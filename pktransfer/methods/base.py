@@ -75,6 +75,9 @@ class MethodContext:
     load_teacher: Callable[[], LoadedModel]
     examples: list[Example] = field(default_factory=list)  # the encoded training split
     teacher_work: TeacherWork = field(default_factory=TeacherWork)  # what the method spends on the teacher
+    # a folder for caches keyed by their content, shared by the runs of a grid (``pkt compare`` passes its
+    # shared/ folder); None: the run keeps no cache beyond its own folder. What a run computes never depends on it.
+    cache_dir: Path | None = None
 
 
 def snapshot_lora(model: Any) -> dict[str, Any]:

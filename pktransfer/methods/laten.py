@@ -35,6 +35,7 @@ Reads like methods.md §2 and, where the paper is silent, like the official code
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -127,6 +128,83 @@ def eager_attention(model: Any) -> Iterator[None]:
         yield
     finally:
         model.set_attn_implementation(before)
+
+
+LOCATION_CACHE_VERSION = 1  # bump when locate_scores computes something else for the same inputs
+
+
+class LocationCache:
+    """The location scores of single items, one file per (model, item), in a folder several runs share (a grid's
+    shared/laten-location): the tuning cells and seeds of one LaTen entry locate the same extract items, each
+    item alone (batch of one), so a score read back is the one the run would compute, to the bit (tested).
+
+    A file is named by the SHA-256 of everything its scores depend on: the model as the recipe names it, the dtype
+    it is scored in, the location settings, the tokens and the answer token. An unreadable or misshapen file is
+    computed anew and replaced. ``folder`` None: every item is computed."""
+
+    def __init__(self, folder: Path | None, progress: Progress) -> None:
+        self.folder = folder
+        self.progress = progress
+        self.computed: list[bool] = []  # of the last ``scores`` call: which items were computed (not read back)
+
+    @staticmethod
+    def key(model: dict[str, Any], dtype: torch.dtype, where: dict[str, Any], inp: AnswerInput) -> str:
+        fields = {"version": LOCATION_CACHE_VERSION, "model": model, "dtype": str(dtype), **where}
+        fields.update(ids=list(inp.ids), y=inp.y)
+        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _read(self, path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor] | None:
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            return None
+        try:
+            got = load_file(str(path))
+        except Exception as err:  # a corrupt entry is not reused: it is computed again and replaced
+            self.progress.warn(f"laten: location cache entry {path.name} is unreadable ({err}); locating that item again")
+            return None
+        if {k: tuple(v.shape) for k, v in got.items()} != shapes or any(v.dtype != torch.float64 for v in got.values()):
+            self.progress.warn(f"laten: location cache entry {path.name} has other shapes than this model's; locating again")
+            return None
+        return got
+
+    def scores(
+        self, loaded: Any, model: dict[str, Any], where: dict[str, Any], inputs: list[AnswerInput], what: str
+    ) -> tuple[list[dict[str, torch.Tensor]], int]:
+        """Every input's scores in ``loaded`` (read back, or located and stored) and how many were located."""
+        arch = loaded.arch
+        shapes = {
+            "attn_layer": (arch.n_layers,),
+            "ffn_layer": (arch.n_layers,),
+            "attn": (arch.n_layers, arch.n_heads * arch.head_dim),
+            "ffn": (arch.n_layers, arch.intermediate_size),
+        }
+        dtype = next(loaded.model.parameters()).dtype
+        paths = (
+            [self.folder / f"{self.key(model, dtype, where, inp)}.safetensors" for inp in inputs]
+            if self.folder is not None
+            else [None] * len(inputs)
+        )
+        found = [self._read(p, shapes) if p is not None else None for p in paths]
+        todo = [i for i, f in enumerate(found) if f is None]
+        if todo:
+            located = locate_scores(
+                loaded,
+                [inputs[i] for i in todo],
+                vocab_k=where["locate_vocab"],
+                attn_score=where["attn_score"],
+                progress=self.progress,
+                what=what,
+            )
+            for i, sc in zip(todo, located, strict=True):
+                found[i] = sc
+                if paths[i] is not None:
+                    save_safetensors(sc, paths[i])
+        if self.folder is not None and len(todo) < len(inputs):
+            self.progress.log(f"laten: {len(inputs) - len(todo)} of {len(inputs)} {what} locations read from {self.folder}")
+        computed = set(todo)
+        self.computed = [i in computed for i in range(len(inputs))]
+        return [f for f in found if f is not None], len(todo)
 
 
 @torch.no_grad()
@@ -597,6 +675,7 @@ class LatenMethod(Method):
         self._located_reused = False
         self._earlier_locate_s: float | None = None
         self._earlier_updates: dict[str, Any] | None = None
+        self._location_cache: dict[str, Any] | None = None  # what the grid's location cache gave this run
 
     def prepare(self, ctx: MethodContext) -> Any:
         spec, recipe, student = self.spec, ctx.recipe, ctx.student
@@ -689,6 +768,7 @@ class LatenMethod(Method):
         self._info = {
             "located_from": located_from,
             "locate_seconds": round(locate_s, 2),
+            **({"location_cache": self._location_cache} if self._location_cache else {}),
             "locate": spec.locate,
             "inject_on": spec.inject_on,
             "final_item": final_item.id,
@@ -823,20 +903,27 @@ class LatenMethod(Method):
             }
             return scores["t"], scores["s"], "reused"
         t0 = time.perf_counter()
-        t_scores = locate_scores(
-            teacher, inputs, vocab_k=spec.locate_vocab, progress=ctx.progress, what="teacher", attn_score=spec.attn_score
-        )
+        cache = LocationCache(ctx.cache_dir / "laten-location" if ctx.cache_dir is not None else None, ctx.progress)
+        where = {"locate_vocab": spec.locate_vocab, "attn_score": spec.attn_score}
+        t_scores, t_todo = cache.scores(teacher, ctx.recipe.teacher.identity(), where, inputs, "teacher")
         teacher_cost = {
-            "what": f"neuron location on {len(inputs)} items (forward; the logit-lens scoring of every "
-            "neuron comes on top and is not in the FLOPs)",
-            "forward_tokens": sum(len(i.ids) for i in inputs),
+            "what": f"neuron location on {t_todo if t_todo < len(inputs) else ''}{' of ' if t_todo < len(inputs) else ''}"
+            f"{len(inputs)} items (forward; the logit-lens scoring of every neuron comes on top and is not in the FLOPs)"
+            + (f"; the other {len(inputs) - t_todo} read from the grid's location cache" if t_todo < len(inputs) else ""),
+            "forward_tokens": sum(len(i.ids) for i, done in zip(inputs, cache.computed, strict=True) if done),
             "seconds": time.perf_counter() - t0,
             "parameters": teacher.arch.n_parameters,
         }
-        ctx.teacher_work.add(**teacher_cost)
-        s_scores = locate_scores(
-            student, inputs, vocab_k=spec.locate_vocab, progress=ctx.progress, what="student", attn_score=spec.attn_score
-        )
+        if t_todo:  # the teacher work another run of the grid did is counted in that run
+            ctx.teacher_work.add(**teacher_cost)
+        s_scores, s_todo = cache.scores(student, ctx.recipe.student.identity(), where, inputs, "student")
+        if cache.folder is not None:
+            self._location_cache = {
+                "folder": str(cache.folder),
+                "items": len(inputs),
+                "teacher_from_cache": len(inputs) - t_todo,
+                "student_from_cache": len(inputs) - s_todo,
+            }
         save_safetensors(
             {
                 f"{side}.{n}.{k}": v
