@@ -402,8 +402,9 @@ def test_a_resumed_run_reports_the_cost_of_the_whole_run(tiny_recipe, tmp_path, 
 
 
 def test_losses_on_the_logits_at_kept_positions_equal_the_full_ones_to_the_bit():
-    """gkd and hidden_kd compute the LM head only where a response token is predicted (logits_to_keep): the rows
-    the losses read, their order, the loss and its gradient are those of the logits at every position."""
+    """gkd, hidden_kd and kd compute the LM head only where a response token is predicted (logits_to_keep): the
+    rows the losses read, their order, the loss and its gradient are those of the logits at every position."""
+    from pktransfer.methods.kd import kd_loss
     from pktransfer.training import IGNORE_INDEX, causal_lm_loss_sum, kept_positions
 
     g = torch.Generator().manual_seed(0)
@@ -415,9 +416,12 @@ def test_losses_on_the_logits_at_kept_positions_equal_the_full_ones_to_the_bit()
     labels[2, 2:3] = 7
     keep = kept_positions(labels)
     assert keep.tolist() == [1, 3, 4, 5, 6, 7]  # positions predicting a response token in some row
+    t_rows = torch.randn(7, 4, generator=g)  # the teacher's top-4 logits at the 7 response positions (KD's cache)
+    t_ids = torch.randint(0, 13, (7, 4), generator=g)
     for fn in (
         lambda logits, k: gkd_loss(logits, t if k is None else t[:, k], labels, beta=0.5, keep=k),
         lambda logits, k: causal_lm_loss_sum(logits, labels, k),
+        lambda logits, k: kd_loss(logits, labels, t_rows, t_ids, temperature=2.0, alpha=0.5, keep=k),
     ):
         full = fn(s, None)
         (g_full,) = torch.autograd.grad(full, s)
@@ -426,27 +430,30 @@ def test_losses_on_the_logits_at_kept_positions_equal_the_full_ones_to_the_bit()
         assert torch.equal(full, kept) and torch.equal(g_full, g_kept)
 
 
-def test_gkd_and_hidden_kd_train_on_the_logits_of_response_positions_only(tiny_recipe, tmp_path, monkeypatch):
+def test_distillation_trains_on_the_logits_of_response_positions_only(tiny_recipe, tmp_path, monkeypatch):
     import pktransfer.methods.gkd as gkd
     import pktransfer.methods.hidden_kd as hidden_kd
+    import pktransfer.methods.kd as kd
 
     widths: dict[str, list[tuple[int, int]]] = {}
-    for name, cls in (("gkd", gkd.GkdMethod), ("hidden_kd", hidden_kd.HiddenKdMethod)):
+    for cls in (gkd.GkdMethod, hidden_kd.HiddenKdMethod, kd.KdMethod):
         real = cls.training_loss
 
-        def spy(self, ctx, real=real, name=name):
+        def spy(self, ctx, real=real):
             inner = real(self, ctx)
 
             def loss(outputs, batch, n):
-                widths.setdefault(name, []).append((outputs.logits.shape[1], batch["input_ids"].shape[1]))
+                key = self.name + ("-live" if getattr(self.spec, "cache", True) is False else "")
+                widths.setdefault(key, []).append((outputs.logits.shape[1], batch["input_ids"].shape[1]))
                 return inner(outputs, batch, n)
 
             loss.response_logits = inner.response_logits
             return loss
 
         monkeypatch.setattr(cls, "training_loss", spy)
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    for name, method in (("gkd", {}), ("hidden_kd", {}), ("kd", {}), ("kd-live", {"cache": False})):
         tiny_recipe["output_dir"] = str(tmp_path / name)
-        tiny_recipe["evaluation"].update(teacher=False, student=False)
-        pktransfer.run(_recipe(tiny_recipe, {"name": name}), quiet=True, evaluate=False)
-    for name in ("gkd", "hidden_kd"):
+        pktransfer.run(_recipe(tiny_recipe, {"name": name.split("-")[0], **method}), quiet=True, evaluate=False)
+    for name in ("gkd", "hidden_kd", "kd", "kd-live"):
         assert widths[name] and all(kept < length for kept, length in widths[name]), (name, widths[name])

@@ -29,7 +29,7 @@ from pktransfer.methods.base import MethodContext, ObjectiveMethod, SharedWork
 from pktransfer.methods.teacher_cache import PerExampleCache, live_teacher, teacher_logits_cache
 from pktransfer.models.pair import check_pair
 from pktransfer.ops.distill import kl_to_teacher
-from pktransfer.training import LossFn, causal_lm_loss_sum, response_positions
+from pktransfer.training import LossFn, response_positions, response_rows
 
 # ---- the loss (pure functions) --------------------------------------------------------------------
 
@@ -43,16 +43,18 @@ def kd_loss(
     temperature: float,
     alpha: float,
     n_tokens: int | torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(1 − α)·CE + α·T²·KL over response tokens, divided by ``n_tokens`` (default: this batch's count).
 
-    student_logits [B, L, V]; labels [B, L] (−100 outside responses); teacher_logits [P, K] for the P
-    response positions of the batch in row-major order (see ``response_positions``).
+    student_logits [B, L, V], or [B, K, V] at the positions ``keep`` only (``logits_to_keep``, see
+    ``response_rows``: the same rows, the same value); labels [B, L] (−100 outside responses); teacher_logits
+    [P, K] for the P response positions of the batch in row-major order (see ``response_positions``).
     """
-    mask = response_positions(labels)
-    n = mask.sum() if n_tokens is None else n_tokens
-    ce = causal_lm_loss_sum(student_logits, labels)
-    kl = kl_to_teacher(student_logits[:, :-1][mask], teacher_logits, temperature, teacher_ids).sum()
+    n = response_positions(labels).sum() if n_tokens is None else n_tokens
+    rows, targets = response_rows(student_logits, labels, keep)
+    ce = torch.nn.functional.cross_entropy(rows.float(), targets.to(rows.device), reduction="sum")
+    kl = kl_to_teacher(rows, teacher_logits, temperature, teacher_ids).sum()
     return ((1 - alpha) * ce + alpha * temperature**2 * kl) / n
 
 
@@ -122,15 +124,20 @@ class KdMethod(ObjectiveMethod):
         def loss(outputs: Any, batch: dict[str, torch.Tensor], n_tokens: Any) -> torch.Tensor:
             logits = outputs.logits[..., : self.vocab]
             labels = batch["labels"]
+            keep = batch.get("logits_positions")  # the positions the logits were computed at (response_logits)
             if self.cache is not None:
                 index = batch["index"].tolist()
                 t_vals = self.cache.rows("values", index).to(logits.device)
                 t_ids = self.cache.rows("ids", index).to(logits.device)
             else:
-                t_out = live_teacher(ctx, self.teacher, batch, "live teacher logits at every training batch").logits
-                t_out = t_out[..., : self.vocab]
-                t_vals = t_out[:, :-1][response_positions(labels).to(t_out.device)].to(logits.device)
+                what = "live teacher logits at every training batch"
+                t_out = live_teacher(ctx, self.teacher, batch, what, **({} if keep is None else {"logits_to_keep": keep}))
+                t_vals, _ = response_rows(t_out.logits[..., : self.vocab], labels, keep)
+                t_vals = t_vals.to(logits.device)
                 t_ids = None
-            return kd_loss(logits, labels, t_vals, t_ids, temperature=spec.temperature, alpha=spec.alpha, n_tokens=n_tokens)
+            return kd_loss(
+                logits, labels, t_vals, t_ids, temperature=spec.temperature, alpha=spec.alpha, n_tokens=n_tokens, keep=keep
+            )
 
+        loss.response_logits = True  # type: ignore[attr-defined]  # the LM head runs where the loss reads
         return loss
