@@ -306,10 +306,18 @@ def compare_cmd(
         str | None,
         typer.Option("--devices", help="With --workers: comma-separated devices, e.g. cuda:0,cuda:1 (default: cpu)."),
     ] = None,
+    interim: Annotated[
+        bool,
+        typer.Option(
+            "--interim",
+            help="Run nothing: write the report of the cells finished so far (compare.interim.md/.json, in the grid "
+            "and in --records), marked interim and naming every unfinished cell.",
+        ),
+    ] = False,
 ) -> None:
     """Run the recipe's `compare` grid (methods x seeds at one budget); resumable; writes compare.md/.csv/.json."""
 
-    def report(res: Any) -> None:
+    def report(res: Any, interim: bool = False) -> None:
         s = res.result["summary"]
         table = Table(title=f"comparison: accuracy (%) over seeds, paired Δ vs {s['baseline']}")
         for col in ("method", "split", "seeds", "mean ± std", "95% CI", "Δ vs baseline", "p"):
@@ -324,14 +332,26 @@ def compare_cmd(
                 pv = "" if p is None else "n/a" if p["p_value"] != p["p_value"] else f"{p['p_value']:.3f}"
                 table.add_row(label, metric, str(m["n"]), f"{100 * m['mean']:.1f}{std}", ci, diff, pv)
         console.print(table)
-        console.print(
-            f"outputs: {res.output_dir} (compare.md, compare.csv, compare.json, compare_scores.png, compare_loss.png, cells/)"
-        )
+        if not interim:
+            console.print(
+                f"outputs: {res.output_dir} (compare.md, compare.csv, compare.json, compare_scores.png, compare_loss.png, cells/)"
+            )
 
     def go() -> None:
         import pktransfer
 
         pktransfer.set_threads(threads)
+        if interim:
+            from pktransfer.comparison import interim_report
+
+            res = interim_report(_recipe(recipe, set_, output_dir, None), records=records)
+            info = res.result["interim"]
+            report(res, interim=True)
+            console.print(
+                f"interim: {info['finished']} of {info['cells']} cells finished; compare.interim.md and "
+                f"compare.interim.json written in {res.output_dir}" + (f" and {records}" if records else "")
+            )
+            return
         if workers > 1 or devices:
             from pktransfer.comparison import compare_with_workers
             from pktransfer.progress import Progress

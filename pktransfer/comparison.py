@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -491,6 +491,25 @@ def cell_record(cell: Cell) -> dict[str, Any]:
     return record
 
 
+def tuning_row(tc: TuneCell, cell: Cell) -> dict[str, Any]:
+    """A finished tuning cell's line of the report (``cell``: where it lies, the grid's folder or a record)."""
+    rec = cell_record(cell)
+    return {
+        "label": tc.label,
+        "key": tc.key,
+        "index": tc.index,
+        "value": tc.value,
+        "validation": rec["metrics"]["validation"],
+        "n_validation": rec["n_eval"]["validation"],
+        "seed": tc.cell.seed,
+        "final_loss": rec["final_loss"],
+        "wall_seconds": rec["wall_seconds"],
+        "teacher": rec["teacher"],
+        "resumed": rec["resumed"],
+        "cost_partial": rec["cost_partial"],
+    }
+
+
 def resumed_cost(run: dict[str, Any]) -> dict[str, Any]:
     """A run.json's ``training.earlier_attempts`` (empty for a run trained in one go). Runs resumed before the ledger
     existed recorded only ``resumed_from``: their checkpoint's step is read from its name, ``cost_kept`` False."""
@@ -754,6 +773,49 @@ def summarize(
 
 
 # ---- the grid ---------------------------------------------------------------------------------------
+
+
+def build_result(
+    recipe: Recipe,
+    records: list[dict[str, Any]],
+    *,
+    secondary: list[str],
+    tuning: list[dict[str, Any]],
+    chosen: dict[str, dict[str, Any]],
+    base_info: dict[str, Any] | None,
+    shared: tuple[dict[str, float], dict[str, set[str]], dict[str, dict[str, Any]]],
+    reruns: list[dict[str, Any]],
+    budget: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """compare.json's content from the cells' records: the statistics and everything the report shows.
+    ``shared``: each shared folder's wall seconds, the entries that read it and the teacher work it counted."""
+    assert recipe.compare is not None
+    shared_cost, shared_users, shared_teacher = shared
+    return {
+        "recipe": recipe.dump(),
+        "cells": records,
+        "summary": summarize(
+            records,
+            recipe.compare.baseline,
+            resamples=recipe.compare.bootstrap,
+            seed=recipe.seed,
+            alpha=recipe.compare.alpha,
+            adjustment=recipe.compare.adjustment,
+            margin=recipe.compare.equivalence_margin,
+            secondary=set(secondary),
+        ),
+        "secondary": secondary,
+        "tuning": tuning,
+        "chosen": chosen,
+        "groups": {r["label"]: registry.method_class(r["method"]).teacher_use for r in records},
+        "base": base_info["metrics"] if base_info else {},
+        "shared_work_seconds": shared_cost,
+        "teacher_cost": teacher_cost_per_entry(records, tuning, shared_users, shared_cost, shared_teacher),
+        "reruns": reruns,
+        "base_seconds": base_info.get("wall_seconds", 0.0) if base_info else 0.0,
+        "budget": budget,
+        "task": base_info.get("task") if base_info else None,
+    }
 
 
 @dataclass
@@ -1098,23 +1160,7 @@ def compare(
         run_claimed(tuning_jobs, progress)
         for tc in tune_cells:
             record(tc.cell.folder)
-            rec = cell_record(tc.cell)
-            tuning.append(
-                {
-                    "label": tc.label,
-                    "key": tc.key,
-                    "index": tc.index,
-                    "value": tc.value,
-                    "validation": rec["metrics"]["validation"],
-                    "n_validation": rec["n_eval"]["validation"],
-                    "seed": tc.cell.seed,
-                    "final_loss": rec["final_loss"],
-                    "wall_seconds": rec["wall_seconds"],
-                    "teacher": rec["teacher"],
-                    "resumed": rec["resumed"],
-                    "cost_partial": rec["cost_partial"],
-                }
-            )
+            tuning.append(tuning_row(tc, tc.cell))
     chosen = choose(tuning)
     for label, kv in chosen.items():
         progress.log(f"compare: {label}: chose {', '.join(f'{k} = {v}' for k, v in kv.items())} on validation")
@@ -1180,33 +1226,18 @@ def compare(
     for c in cells:
         record(c.folder)
     records = [cell_record(c) for c in cells]
-    assert recipe.compare is not None
-    result = {
-        "recipe": recipe.dump(),
-        "cells": records,
-        "summary": summarize(
-            records,
-            recipe.compare.baseline,
-            resamples=recipe.compare.bootstrap,
-            seed=recipe.seed,
-            alpha=recipe.compare.alpha,
-            adjustment=recipe.compare.adjustment,
-            margin=recipe.compare.equivalence_margin,
-            secondary=set(secondary),
-        ),
-        "secondary": secondary,
-        "tuning": tuning,
-        "chosen": chosen,
-        "groups": {r["label"]: registry.method_class(r["method"]).teacher_use for r in records},
-        "base": base_info["metrics"] if base_info else {},
-        "shared_work_seconds": shared_cost,
-        "teacher_cost": teacher_cost_per_entry(records, tuning, shared_users, shared_cost, shared_teacher),
-        "reruns": recorded_reruns(records_dir, root, [*(tc.cell for tc in tune_cells), *cells]),
-        "base_seconds": base_info.get("wall_seconds", 0.0) if base_info else 0.0,
-        "budget": budget,
-        "task": base_info.get("task") if base_info else None,
-        "wall_seconds_this_invocation": round(time.time() - started, 1),
-    }
+    result = build_result(
+        recipe,
+        records,
+        secondary=secondary,
+        tuning=tuning,
+        chosen=chosen,
+        base_info=base_info,
+        shared=(shared_cost, shared_users, shared_teacher),
+        reruns=recorded_reruns(records_dir, root, [*(tc.cell for tc in tune_cells), *cells]),
+        budget=budget,
+    )
+    result["wall_seconds_this_invocation"] = round(time.time() - started, 1)
     write_text(root / "compare.json", json.dumps(result, indent=1))
     write_text(root / "compare.csv", render_compare_csv(result))
     plots = plot_compare(result, root)
@@ -1222,6 +1253,100 @@ def compare(
             if (root / name).is_file():
                 shutil.copy2(root / name, records_dir / name)
     return CompareResult(root, result)
+
+
+# ---- 6b. the report of a grid still running ------------------------------------------------------------------
+
+INTERIM_FILES = ("compare.interim.md", "compare.interim.json")
+
+
+def interim_report(recipe: Recipe, *, records: str | Path | None = None) -> CompareResult:
+    """The report of the cells finished so far, running nothing: from the grid's folder, or where a folder is
+    missing there from ``records`` (a fresh clone of a study). Written as compare.interim.md/.json beside the grid
+    (and into ``records``), never as compare.md, with a banner naming every unfinished cell; the statistics pair
+    only the seeds an entry and the baseline both have. Needs the grid's tuning finished (its chosen values decide
+    the cells) and, with ``compare.budget``, its recorded decision."""
+    from pktransfer.reports import render_compare_markdown
+
+    assert recipe.compare is not None
+    root = Path(recipe.output_dir).expanduser().resolve()
+    records_dir = Path(records).expanduser().resolve() if records is not None else None
+
+    def where(folder: Path) -> Path | None:
+        """A finished folder of the grid: in the grid, else in the records; None when neither has it."""
+        if _finished(folder):
+            return folder
+        if records_dir is not None:
+            mirrored = records_dir / folder.resolve().relative_to(root)
+            if (mirrored / "run.json").is_file():
+                return mirrored
+        return None
+
+    budget = None
+    if recipe.compare.budget is not None:
+        found = [d / "budget.json" for d in (root, records_dir) if d is not None and (d / "budget.json").is_file()]
+        if not found:
+            raise OutputError(
+                f"the grid in '{root}' has not decided its budget yet (no budget.json there"
+                + (f" or in '{records_dir}')" if records_dir else ")"),
+                hint="start the grid with `pkt compare RECIPE` first; the interim report comes after its pilot",
+            )
+        budget = json.loads(found[0].read_text())
+        recipe = without_entries(recipe, budget["dropped"])
+    tune_cells = plan_tuning(recipe)
+    unfinished_tuning = [tc for tc in tune_cells if where(tc.cell.folder) is None]
+    if unfinished_tuning:
+        raise OutputError(
+            f"{len(unfinished_tuning)} of {len(tune_cells)} tuning cells are unfinished "
+            f"({', '.join(f'{tc.label} {tc.key}={tc.value}' for tc in unfinished_tuning[:4])}"
+            f"{', ...' if len(unfinished_tuning) > 4 else ''}): the cells of the grid depend on the values tuning chooses",
+            hint="let `pkt compare RECIPE` finish its tuning; the interim report covers the test cells",
+        )
+    tuning = [tuning_row(tc, replace(tc.cell, folder=where(tc.cell.folder))) for tc in tune_cells]
+    chosen = choose(tuning)
+    matched = plan_matched(recipe, chosen) if chosen else []
+    cells = (plan_grid(recipe, chosen) + matched) if chosen else plan_grid(recipe)
+    shared_cost: dict[str, float] = {}
+    shared_users: dict[str, set[str]] = {}
+    shared_teacher: dict[str, dict[str, Any]] = {}
+    for group in ([tc.cell for tc in tune_cells], cells):
+        for folder, _, _, needed in attach_shared_work(group, root):
+            shared_users.setdefault(folder, set()).update(c.label for c in needed)
+            found_at = where(Path(folder))
+            if found_at is not None:
+                info = json.loads((found_at / "run.json").read_text())
+                shared_cost[folder] = info["wall_seconds"]
+                shared_teacher[folder] = info.get("budget", {}).get("teacher", {})
+    done = [replace(c, folder=f) for c in cells if (f := where(c.folder)) is not None]
+    missing = [c for c in cells if where(c.folder) is None]
+    if not done:
+        raise OutputError(
+            f"no test cell of the grid in '{root}' has finished yet", hint="run `pkt compare RECIPE` and try again later"
+        )
+    base_at = where(root / "base")
+    base_info = json.loads((base_at / "run.json").read_text()) if base_at is not None else None
+    result = build_result(
+        recipe,
+        [cell_record(c) for c in done],
+        secondary=sorted({c.label for c in matched}),
+        tuning=tuning,
+        chosen=chosen,
+        base_info=base_info,
+        shared=(shared_cost, shared_users, shared_teacher),
+        reruns=recorded_reruns(records_dir, root, [*(tc.cell for tc in tune_cells), *cells]),
+        budget=budget,
+    )
+    result["interim"] = {
+        "finished": len(done),
+        "cells": len(cells),
+        "unfinished": [{"label": c.label, "seed": c.seed} for c in missing],
+        "written_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    outs = [d for d in (root if root.is_dir() else None, records_dir) if d is not None]
+    for d in outs:
+        write_text(d / "compare.interim.json", json.dumps(result, indent=1))
+        write_text(d / "compare.interim.md", render_compare_markdown(result))
+    return CompareResult(outs[0] if outs else root, result)
 
 
 # ---- 7. several workers on one grid ---------------------------------------------------------------------------

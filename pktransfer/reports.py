@@ -383,10 +383,28 @@ def cost_rule_section(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def interim_banner(result: dict[str, Any]) -> list[str]:
+    """The warning atop a report of a grid still running (``pkt compare --interim``); nothing for a final report."""
+    info = result.get("interim")
+    if not info:
+        return []
+    by_label: dict[str, list[int]] = {}
+    for c in info["unfinished"]:
+        by_label.setdefault(c["label"], []).append(c["seed"])
+    left = "; ".join(f"{label} (seed {', '.join(map(str, seeds))})" for label, seeds in by_label.items())
+    return [
+        f"> **Interim report, written {info['written_at']}: {info['finished']} of {info['cells']} cells finished.** "
+        f"Unfinished: {left or 'none'}. An entry's figures cover its finished seeds, and its comparison with the "
+        "baseline pairs only the seeds both have, so every number here can change as cells finish; the family "
+        "adjustment covers the entries present. The grid's final report is compare.md.",
+        "",
+    ]
+
+
 def render_compare_markdown(result: dict[str, Any]) -> str:
     s = result["summary"]
     base = s["baseline"]
-    lines = ["# pktransfer comparison", "", "## Budget and protocol", "", budget_in_words(result), ""]
+    lines = ["# pktransfer comparison", "", *interim_banner(result), "## Budget and protocol", "", budget_in_words(result), ""]
     for cls in registry.classes():  # what each method wants a reader of the comparison to know
         own = sorted({c["label"] for c in result["cells"] if c["method"] == cls.name})
         if own:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -662,3 +663,43 @@ def test_the_untouched_models_are_recorded_as_soon_as_they_are_evaluated(tiny_re
     with pytest.raises(Boom):
         pktransfer.compare(recipe_from_dict(_grid(tiny_recipe, ["lora"], seeds=[0])), quiet=True, records=records)
     assert (records / "base" / "run.json").is_file()
+
+
+def test_an_interim_report_covers_the_finished_cells_and_names_the_rest(tiny_recipe, tmp_path, monkeypatch):
+    """`pkt compare --interim` runs nothing and writes compare.interim.md/.json (never compare.md), from the grid and,
+    where a folder is missing there, from the records; its statistics pair only the seeds both entries have."""
+    import pktransfer.pipeline as pipeline
+    from pktransfer.comparison import interim_report
+
+    tiny_recipe["evaluation"].update(teacher=False, student=True)
+    tiny_recipe["output_dir"] = str(tmp_path / "grid")
+    recipe = recipe_from_dict(_grid(tiny_recipe, ["lora", "pissa"], seeds=[0, 1]))
+    records = tmp_path / "records"
+    with pytest.raises(OutputError, match="no test cell"):
+        interim_report(recipe)
+    real_run, ran = pipeline.run, []
+
+    def dies_on_fourth(r, **k):
+        ran.append(r.output_dir)
+        if len(ran) == 4:
+            raise KeyboardInterrupt
+        return real_run(r, **k)
+
+    monkeypatch.setattr(pipeline, "run", dies_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        pktransfer.compare(recipe, quiet=True, records=records)
+    monkeypatch.setattr(pipeline, "run", lambda *a, **k: pytest.fail("an interim report ran a cell"))
+    shutil.rmtree(tmp_path / "grid" / "cells" / "lora" / "seed-0")  # a fresh clone: that cell is in the records only
+    res = interim_report(recipe, records=records)
+    info = res.result["interim"]
+    assert (info["finished"], info["cells"]) == (3, 4) and info["unfinished"] == [{"label": "pissa", "seed": 1}]
+    s = res.result["summary"]
+    assert s["by_label"]["lora"]["seeds"] == [0, 1] and s["by_label"]["pissa"]["seeds"] == [0]
+    assert s["by_label"]["pissa"]["paired_vs_baseline"]["test"]["seeds"] == [0]  # paired on the shared seed only
+    assert s["by_label"]["pissa"]["paired_vs_baseline"]["test"]["bootstrap"]["n_seeds"] == 1
+    for folder in (tmp_path / "grid", records):
+        md = (folder / "compare.interim.md").read_text()
+        assert "Interim report" in md and "3 of 4 cells finished" in md and "pissa (seed 1)" in md
+        assert json.loads((folder / "compare.interim.json").read_text())["interim"] == info
+        assert not (folder / "compare.md").exists()
+    assert "student" in res.result["base"]  # the untouched student, evaluated before the cells
