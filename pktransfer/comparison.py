@@ -672,6 +672,24 @@ def teacher_cost_per_entry(
         teacher = shared_teacher.get(folder) or {"seconds": shared_seconds.get(folder, 0.0)}
         for label in users:
             add(label, teacher, 1 / len(users), "shared")
+    for cache in teacher_caches(records, tuning).values():
+        if cache["cost"] is not None:
+            for label in cache["users"]:
+                add(label, cache["cost"], 1 / len(cache["users"]), "shared")
+    return out
+
+
+def teacher_caches(records: list[dict[str, Any]], tuning: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each teacher cache the comparison's runs read (KD's logits, SemAlign's targets): the entries whose cells or
+    tuning cells read it and its build cost as kept beside it (None: built before pktransfer kept that). Runs
+    recorded before caches were counted apart list none; they counted a cache in the run that built it."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in [*records, *tuning]:
+        for c in r.get("teacher", {}).get("caches", []):
+            e = out.setdefault(c["file"], {"users": [], "cost": None})
+            if r["label"] not in e["users"]:
+                e["users"].append(r["label"])
+            e["cost"] = e["cost"] or c.get("cost")
     return out
 
 
@@ -811,6 +829,7 @@ def build_result(
         "base": base_info["metrics"] if base_info else {},
         "shared_work_seconds": shared_cost,
         "teacher_cost": teacher_cost_per_entry(records, tuning, shared_users, shared_cost, shared_teacher),
+        "teacher_caches": teacher_caches(records, tuning),
         "reruns": reruns,
         "base_seconds": base_info.get("wall_seconds", 0.0) if base_info else 0.0,
         "budget": budget,

@@ -22,6 +22,7 @@ from pktransfer.errors import DataError, ModelError, PktError, RecipeError
 from pktransfer.evaluation import EvalOptions, EvalResult, evaluate_items, subset
 from pktransfer.fileio import write_json, write_text
 from pktransfer.methods import MethodContext, get_method, registry
+from pktransfer.methods.base import TeacherWork
 from pktransfer.models import LoadedModel, load_config, load_model
 from pktransfer.models.tying import untie_if_targeted
 from pktransfer.progress import Progress
@@ -455,6 +456,10 @@ def cost_ledger_callback(ctx: MethodContext, method: Any, curve: Any = None) -> 
             teacher = add(e["teacher"], this_training)
             teacher["what"] = [*e["teacher"]["what"], *(w for w in now["what"] if w not in e["teacher"]["what"])]
             teacher["parameters"] = max(e["teacher"]["parameters"], now["parameters"])
+            merged = TeacherWork()  # the caches either attempt read or built
+            for c in [*e["teacher"].get("caches", []), *now["caches"]]:
+                merged.cache_used(c["file"], built=c["built"], cost=c.get("cost"))
+            teacher["caches"] = merged.caches
             return {
                 "step": step,
                 "attempts": e["attempts"] + 1,

@@ -221,24 +221,48 @@ def teacher_cost_table(result: dict[str, Any]) -> list[str]:
     lines = [
         "### Teacher cost per method, whole comparison",
         "",
-        "Every cell of the entry (tuning cells and grid cells; a cache is counted in the cell that built it, whichever "
-        "that was) plus an equal share of each shared job its cells read. Tokens and FLOPs of shared jobs recorded "
-        "before they were counted are missing; their seconds are not.",
+        "Every cell of the entry (tuning cells and grid cells) plus an equal share of each shared job and each teacher "
+        "cache its cells read. A cache keeps its build cost in its own file, so it is counted once, shared by the "
+        "entries reading it, even when the run that built it did not finish; cells recorded before that counted a "
+        "cache in the cell that built it. Tokens and FLOPs of shared jobs recorded before they were counted are "
+        "missing; their seconds are not.",
         "",
-        "| method | teacher fwd tokens | teacher bwd tokens | teacher s | of which shared work s | teacher FLOPs |",
+        "| method | teacher fwd tokens | teacher bwd tokens | teacher s | of which shared work and caches s | teacher FLOPs |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     partial = partial_cost_labels(result)
+    caches = result.get("teacher_caches") or {}
+    unkept = {label for c in caches.values() if c["cost"] is None for label in c["users"]}
     for label in result["summary"]["labels"]:
         c = cost.get(label)
         if c is None:
             continue
+        marks = " †" * (label in partial) + " ‡" * (label in unkept)
         lines.append(
-            f"| {label}{' †' * (label in partial)} | {_count(c['forward_tokens'])} | {_count(c['backward_tokens'])} | "
+            f"| {label}{marks} | {_count(c['forward_tokens'])} | {_count(c['backward_tokens'])} | "
             f"{c['seconds']:.1f} | "
             f"{c['shared_seconds']:.1f} | {_count(c['flops'])} |"
         )
-    return [*lines, ""]
+    lines.append("")
+    if caches:
+        lines += ["Teacher caches read by the cells:", "", "| cache | read by | teacher fwd tokens | teacher s | cost |"]
+        lines.append("|---|---|---:|---:|---|")
+        for name, c in caches.items():
+            k = c["cost"]
+            users = ", ".join(c["users"])
+            if k is None:
+                lines.append(f"| `{name}` | {users} | ? | ? | not kept (‡) |")
+            else:
+                share = f"shared by {len(c['users'])}" if len(c["users"]) > 1 else "one entry"
+                lines.append(f"| `{name}` | {users} | {_count(k['forward_tokens'])} | {k['seconds']:.1f} | kept, {share} |")
+        lines.append("")
+    if unkept:
+        lines += [
+            "‡ reads a cache whose build cost was not kept with it (built before pktransfer kept a cache's cost, by a run "
+            "whose record does not count it, e.g. an attempt that was killed): its teacher totals above are lower bounds.",
+            "",
+        ]
+    return lines
 
 
 def budget_table(result: dict[str, Any]) -> list[str]:
@@ -249,8 +273,8 @@ def budget_table(result: dict[str, Any]) -> list[str]:
         "",
         "Per cell, mean over seeds. Trainable: parameters with gradients when training starts. Steps: optimizer "
         "updates. Tokens: non-padding input tokens of the batches the optimizer saw. Teacher: tokens through "
-        "the teacher's forward and backward passes in this cell (a cache made by an earlier cell costs "
-        "nothing here), their seconds, and FLOPs estimated as 2N per forward and 4N per backward token. "
+        "the teacher's forward and backward passes in this cell (a teacher cache is counted apart, in the "
+        "per-method table below; cells recorded before that count a cache they built), their seconds, and FLOPs estimated as 2N per forward and 4N per backward token. "
         "Student samples: tokens the student generated for on-policy batches (gkd), and their seconds; the "
         "teacher's forward tokens include its scoring of those samples.",
         "",

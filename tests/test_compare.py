@@ -159,9 +159,16 @@ def test_grid_end_to_end_with_shared_work(tiny_recipe, tmp_path, monkeypatch):
     spent = {c["label"]: c["spent"] for c in res.result["cells"] if c["seed"] == 0}
     assert len({json.dumps(v, sort_keys=True) for v in spent.values()}) == 1 and spent["lora"]["training_tokens"] > 0
     kd_cells = [c for c in res.result["cells"] if c["label"] == "kd"]
-    first = kd_cells[0]["teacher"]  # the first KD cell computed the cached logits, the second reused them
-    assert first["forward_tokens"] > 0 and kd_cells[1]["teacher"]["forward_tokens"] == 0
-    assert first["flops"] == 2 * first["parameters"] * first["forward_tokens"]
+    first, second = (c["teacher"] for c in kd_cells)  # the first KD cell computed the cached logits, the second reused them
+    (cache,) = (out / "shared" / "kd-logits").glob("*.safetensors")
+    kept = json.loads(cache.with_name(cache.name.replace(".safetensors", ".cost.json")).read_text())
+    assert kept["forward_tokens"] > 0 and kept["flops"] == 2 * kept["parameters"] * kept["forward_tokens"]
+    assert first["forward_tokens"] == second["forward_tokens"] == 0  # the cache is counted apart, once
+    assert first["caches"] == [{"file": cache.name, "built": True, "cost": kept}]
+    assert second["caches"] == [{"file": cache.name, "built": False, "cost": kept}]
+    assert res.result["teacher_caches"] == {cache.name: {"users": ["kd"], "cost": kept}}
+    assert res.result["teacher_cost"]["kd"]["forward_tokens"] == kept["forward_tokens"]
+    assert f"`{cache.name}` | kd |" in md
     # every seeking cell used the shared sensitivity without copying it
     for seed in (0, 1):
         cell = out / "cells" / "seeking" / f"seed-{seed}"

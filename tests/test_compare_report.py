@@ -41,9 +41,13 @@ def test_a_grid_counts_kds_cache_and_splits_a_shared_sensitivity(tiny_recipe, tm
     res = pktransfer.compare(recipe_from_dict(tiny_recipe), quiet=True)
     cost = res.result["teacher_cost"]
     assert cost["lora"]["forward_tokens"] == 0
-    assert cost["kd"]["forward_tokens"] > 0  # its logits cache, built by a tuning cell, is its cost
+    # KD's logits cache, built by a tuning cell, is read by kd and by seeking+kd's objective: half its cost each
+    (cache,) = res.result["teacher_caches"].values()
+    assert sorted(cache["users"]) == ["kd", "seeking+kd"] and cache["cost"]["forward_tokens"] > 0
+    assert cost["kd"]["forward_tokens"] == pytest.approx(cache["cost"]["forward_tokens"] / 2)
     assert len([f for f in res.result["shared_work_seconds"] if "seeking-" in f]) == 1  # one sensitivity for both
-    assert cost["seeking"]["shared_seconds"] == pytest.approx(cost["seeking+kd"]["shared_seconds"])
+    half_cache = round(cache["cost"]["seconds"], 2) / 2
+    assert cost["seeking+kd"]["shared_seconds"] == pytest.approx(cost["seeking"]["shared_seconds"] + half_cache)
     assert cost["seeking"]["backward_tokens"] > 0  # the sensitivity's backward passes, half of them
     md = (res.output_dir / "compare.md").read_text()
     assert "Teacher cost per method, whole comparison" in md
@@ -192,3 +196,59 @@ def test_a_cell_resumed_before_the_cost_ledger_is_reported_as_a_lower_bound():
     assert "| seeking[lr=0.0001], seed 1 | 11 | not kept (†) |" in lines
     assert "| gkd, seed 0 | 8 | kept: 120 s of training over 1 attempt(s) |" in lines
     assert resumed_section({"cells": [{**rec, "resumed": None}], "tuning": []}) == []
+
+
+def test_a_teacher_cache_is_shared_between_the_entries_that_read_it_and_a_lost_cost_is_flagged():
+    """Its cost, kept beside the cache, is split equally between the entries whose cells read it, counted once
+    whatever the number of cells; a cache without a kept cost makes its readers' totals lower bounds (‡)."""
+    from pktransfer.comparison import teacher_caches
+    from pktransfer.reports import teacher_cost_table
+
+    cost = {"forward_tokens": 1000, "backward_tokens": 0, "seconds": 30.0, "parameters": 10, "flops": 20000.0}
+    built = {"file": "kd-logits-a.safetensors", "built": True, "cost": cost}
+    read = {**built, "built": False}
+    lost = {"file": "semalign-targets-b.safetensors", "built": False, "cost": None}
+    records = [
+        {"label": "kd", "seed": 0, "teacher": {"forward_tokens": 0, "seconds": 0.0, "caches": [built]}},
+        {"label": "kd", "seed": 1, "teacher": {"forward_tokens": 0, "seconds": 0.0, "caches": [read]}},
+        {"label": "sem", "seed": 0, "teacher": {"forward_tokens": 50, "seconds": 2.0, "caches": [read, lost]}},
+        {"label": "lora", "seed": 0, "teacher": {}},
+    ]
+    caches = teacher_caches(records, [])
+    assert caches == {
+        "kd-logits-a.safetensors": {"users": ["kd", "sem"], "cost": cost},
+        "semalign-targets-b.safetensors": {"users": ["sem"], "cost": None},
+    }
+    out = teacher_cost_per_entry(records, [], {}, {}, {})
+    assert out["kd"]["forward_tokens"] == 500 and out["kd"]["shared_seconds"] == 15.0  # half of the cache
+    assert out["sem"]["forward_tokens"] == 50 + 500 and out["sem"]["seconds"] == 2.0 + 15.0
+    assert out["lora"]["forward_tokens"] == 0
+    result = {"teacher_cost": out, "teacher_caches": caches, "summary": {"labels": ["lora", "kd", "sem"]}, "cells": records}
+    lines = teacher_cost_table(result)
+    assert "| sem ‡ | 550 |" in "\n".join(lines) and "| kd | 500 |" in "\n".join(lines)
+    assert "| `semalign-targets-b.safetensors` | sem | ? | ? | not kept (‡) |" in lines
+
+
+def test_cached_file_keeps_the_build_cost_beside_the_cache_and_out_of_the_runs_counts(tmp_path):
+    from pktransfer.methods.base import TeacherWork
+    from pktransfer.methods.teacher_cache import cached_file, cost_file
+    from pktransfer.progress import Progress
+
+    work = TeacherWork(forward_tokens=7, seconds=1.0, parameters=5, what=["earlier work"])
+
+    def compute():
+        work.add("the cache's build", forward_tokens=100, seconds=4.0, parameters=9)
+        return {"x": torch.ones(2)}
+
+    path = cached_file(tmp_path, "kd-logits", "k1", compute, Progress(quiet=True), work)
+    kept = json.loads(cost_file(path).read_text())
+    assert kept["forward_tokens"] == 100 and kept["seconds"] == 4.0 and kept["what"] == ["the cache's build"]
+    assert (work.forward_tokens, work.seconds, work.parameters, work.what) == (7, 1.0, 5, ["earlier work"])
+    assert work.caches == [{"file": path.name, "built": True, "cost": kept}]
+    again = TeacherWork()
+    cached_file(tmp_path, "kd-logits", "k1", lambda: pytest.fail("recomputed"), Progress(quiet=True), again)
+    assert again.forward_tokens == 0 and again.caches == [{"file": path.name, "built": False, "cost": kept}]
+    cost_file(path).unlink()  # a cache built before its cost was kept
+    old = TeacherWork()
+    cached_file(tmp_path, "kd-logits", "k1", lambda: pytest.fail("recomputed"), Progress(quiet=True), old)
+    assert old.caches == [{"file": path.name, "built": False, "cost": None}]

@@ -40,17 +40,40 @@ class TeacherWork:
     seconds: float = 0.0
     parameters: int = 0
     what: list[str] = field(default_factory=list)
+    # the teacher caches this run read or built ({file, built, cost}): their cost is not in the counts above but in
+    # the cache's own cost file, shared by every run that reads the cache (see ``teacher_cache.cached_file``)
+    caches: list[dict[str, Any]] = field(default_factory=list)
 
-    def add(self, what: str, *, forward_tokens: int, backward_tokens: int = 0, seconds: float = 0.0, parameters: int = 0) -> None:
+    def add(
+        self,
+        what: str,
+        *,
+        forward_tokens: int,
+        backward_tokens: int = 0,
+        seconds: float = 0.0,
+        parameters: int = 0,
+        caches: list[dict[str, Any]] | None = None,
+    ) -> None:
         if what not in self.what:
             self.what.append(what)
         self.forward_tokens += int(forward_tokens)
         self.backward_tokens += int(backward_tokens)
         self.seconds += float(seconds)
         self.parameters = max(self.parameters, int(parameters))
+        for c in caches or []:
+            self.cache_used(c["file"], built=c["built"], cost=c.get("cost"))
+
+    def cache_used(self, file: str, *, built: bool, cost: dict[str, Any] | None) -> None:
+        """Note a teacher cache this run read (``built``: this run computed it) and the cost its file records."""
+        for c in self.caches:
+            if c["file"] == file:
+                c["built"] = c["built"] or built
+                c["cost"] = c["cost"] or cost
+                return
+        self.caches.append({"file": file, "built": built, "cost": cost})
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "forward_tokens": self.forward_tokens,
             "backward_tokens": self.backward_tokens,
             "seconds": round(self.seconds, 2),
@@ -58,6 +81,9 @@ class TeacherWork:
             "flops": 2.0 * self.parameters * self.forward_tokens + 4.0 * self.parameters * self.backward_tokens,
             "what": self.what,
         }
+        if self.caches:  # absent for a run that used none, as in records made before caches were counted apart
+            out["caches"] = self.caches
+        return out
 
 
 def n_tokens(examples: list[Example]) -> int:

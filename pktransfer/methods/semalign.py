@@ -500,7 +500,7 @@ class SemAlignMethod(Method):
                 )
                 return out
 
-            path = cached_file(folder, "semalign-targets", key, compute, ctx.progress)
+            path = cached_file(folder, "semalign-targets", key, compute, ctx.progress, ctx.teacher_work)
             self.targets = PerExampleCache(path, len(ctx.examples), "semalign")
         else:
             self.teacher = teacher

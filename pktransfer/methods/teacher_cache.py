@@ -12,6 +12,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
+from copy import deepcopy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ import torch
 
 from pktransfer.data import Example
 from pktransfer.errors import DataError
-from pktransfer.methods.base import n_tokens
+from pktransfer.methods.base import TeacherWork, n_tokens
 from pktransfer.ops.offload import input_device
 from pktransfer.progress import Progress
 from pktransfer.training import collate_examples, response_positions
@@ -47,14 +48,30 @@ def cache_key(teacher: str, extra: str, examples: list[Example]) -> str:
     return h.hexdigest()[:20]
 
 
-def cached_file(folder: Path, prefix: str, key: str, compute: Callable[[], dict[str, Any]], progress: Progress) -> Path:
+def cost_file(path: Path) -> Path:
+    """Where a cache file's build cost is kept: ``prefix-key.cost.json`` beside ``prefix-key.safetensors``."""
+    return path.with_name(path.name.removesuffix(".safetensors") + ".cost.json")
+
+
+def cached_file(
+    folder: Path,
+    prefix: str,
+    key: str,
+    compute: Callable[[], dict[str, Any]],
+    progress: Progress,
+    work: TeacherWork | None = None,
+) -> Path:
     """``folder/prefix-key.safetensors``, computed by ``compute()`` unless a readable copy exists.
 
     Written to a temporary name and renamed, so runs sharing the folder never see a half-written file.
-    """
+
+    ``work``: the run's teacher work. What ``compute()`` adds to it is taken out again and kept in the cache's own
+    cost file (:func:`cost_file`), and the run notes the cache (``work.caches``) whether it built or reused it: a
+    report shares the cost between the entries whose runs read the cache, so it is counted once even when the run
+    that built it never finished (a killed attempt whose successor found the cache)."""
     from safetensors import SafetensorError, safe_open
 
-    from pktransfer.fileio import save_safetensors
+    from pktransfer.fileio import save_safetensors, write_json
 
     path = folder / f"{prefix}-{key}.safetensors"
     if path.is_file():
@@ -62,11 +79,28 @@ def cached_file(folder: Path, prefix: str, key: str, compute: Callable[[], dict[
             with safe_open(str(path), framework="pt") as f:
                 f.keys()
             progress.log(f"{prefix}: reusing {path}")
+            if work is not None:
+                kept = cost_file(path)
+                work.cache_used(path.name, built=False, cost=json.loads(kept.read_text()) if kept.is_file() else None)
             return path
         except (SafetensorError, OSError, RuntimeError):
             progress.log(f"{prefix}: {path} is unreadable; recomputing it")
+    before = deepcopy(work) if work is not None else None
     tensors = compute()
-    return save_safetensors(tensors, path)
+    save_safetensors(tensors, path)
+    if work is not None and before is not None:
+        spent = TeacherWork(
+            forward_tokens=work.forward_tokens - before.forward_tokens,
+            backward_tokens=work.backward_tokens - before.backward_tokens,
+            seconds=work.seconds - before.seconds,
+            parameters=work.parameters,
+            what=[w for w in work.what if w not in before.what],
+        ).to_dict()
+        write_json(cost_file(path), spent)
+        work.forward_tokens, work.backward_tokens = before.forward_tokens, before.backward_tokens
+        work.seconds, work.parameters, work.what = before.seconds, before.parameters, before.what
+        work.cache_used(path.name, built=True, cost=spent)
+    return path
 
 
 def pack_per_example(counts: Sequence[int], parts: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -154,7 +188,8 @@ def teacher_logits_cache(
         )
         return out
 
-    return PerExampleCache(cached_file(folder, "kd-logits", key, compute, ctx.progress), len(examples), "teacher logits")
+    path = cached_file(folder, "kd-logits", key, compute, ctx.progress, ctx.teacher_work)
+    return PerExampleCache(path, len(examples), "teacher logits")
 
 
 # ---- the teacher run live at every training batch (kd without a cache, gkd, hidden_kd) ------------------------------
