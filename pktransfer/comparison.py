@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pktransfer.errors import OutputError, RecipeError
+from pktransfer.errors import OutputError, PktError, RecipeError
 from pktransfer.fileio import write_text
 from pktransfer.methods import registry
 from pktransfer.ops.statistics import (
@@ -847,17 +847,28 @@ def _finished(folder: Path) -> bool:
     return (folder / "run.json").is_file()
 
 
-def run_claimed(jobs: list[tuple[Path, str, Callable[[], Any]]], progress: Progress, poll: float | None = None) -> None:
+def run_claimed(
+    jobs: list[tuple[Path, str, Callable[[], Any]]],
+    progress: Progress,
+    poll: float | None = None,
+    *,
+    keep_going: bool = False,
+) -> None:
     """Run every job ``(folder, what, fn)`` whose folder is unfinished, each under its folder's claim
     (``pktransfer.claims``): a job another worker holds is skipped and waited for once the rest are done, so several
     workers (terminals, machines on a shared filesystem, a job array, ``--workers``) share one grid and each job runs
     exactly once. A job whose owner died is taken over (its claim goes stale) and resumes from its checkpoint.
-    ``what`` is logged when this worker starts the job. Returns when every job is finished."""
+    ``what`` is logged when this worker starts the job. Returns when every job is finished.
+
+    ``keep_going``: a job that fails (an error, not a stop signal) is reported and left unfinished, and the others
+    still run (a grid left overnight does not stop at its first broken cell); then one error names every failed
+    job."""
     from pktransfer.claims import Claim, ClaimBusy
 
     poll = float(os.environ.get("PKT_WORKER_POLL_SECONDS", "2")) if poll is None else poll
     pending = list(jobs)
     announced: set[str] = set()
+    failed: list[tuple[str, str]] = []
     while pending:
         waiting = []
         for folder, what, fn in pending:
@@ -875,11 +886,23 @@ def run_claimed(jobs: list[tuple[Path, str, Callable[[], Any]]], progress: Progr
                 if not _finished(folder):  # finished by another worker between the check and the claim
                     progress.log(f"compare: {what}")
                     fn()
+            except Exception as err:
+                if not keep_going:
+                    raise
+                reason = (f"{type(err).__name__}: {err}" if str(err) else type(err).__name__).splitlines()[0][:300]
+                failed.append((what, reason))
+                progress.warn(f"compare: {what} failed ({reason}); the other cells go on")
             finally:
                 claim.release()
         pending = [j for j in waiting if not _finished(j[0])]
         if pending:
             time.sleep(poll)
+    if failed:
+        raise PktError(
+            f"{len(failed)} job(s) of the grid failed: " + "; ".join(f"{what}: {reason}" for what, reason in failed),
+            hint="a failed cell's OUTPUT.partial/FAILED.json says why; fix the cause and rerun the same command: "
+            "finished cells are kept and the failed ones start again or resume from their checkpoint",
+        )
 
 
 def _reusable(folder: Path, recipe: Recipe, what: str) -> bool:
@@ -1176,7 +1199,7 @@ def compare(
             what = f"tuning {i}/{len(tune_cells)}: {tc.label}, {tc.key} = {tc.value} (validation)"
             tuning_jobs.append((tc.cell.folder, what, tune))
         # every tuning cell is finished (by this worker or another) before any test evaluation starts
-        run_claimed(tuning_jobs, progress)
+        run_claimed(tuning_jobs, progress, keep_going=True)
         for tc in tune_cells:
             record(tc.cell.folder)
             tuning.append(tuning_row(tc, tc.cell))
@@ -1237,7 +1260,7 @@ def compare(
             record(cell.folder)
 
         jobs.append((cell.folder, f"cell {i}/{len(cells)}: {cell.label}, seed {cell.seed}", run_cell))
-    run_claimed(jobs, progress)  # the report needs every cell, whichever worker ran it
+    run_claimed(jobs, progress, keep_going=True)  # the report needs every cell, whichever worker ran it
     base_info = None
     if wants_base:
         record(base_dir)

@@ -274,7 +274,8 @@ def budget_table(result: dict[str, Any]) -> list[str]:
         "Per cell, mean over seeds. Trainable: parameters with gradients when training starts. Steps: optimizer "
         "updates. Tokens: non-padding input tokens of the batches the optimizer saw. Teacher: tokens through "
         "the teacher's forward and backward passes in this cell (a teacher cache is counted apart, in the "
-        "per-method table below; cells recorded before that count a cache they built), their seconds, and FLOPs estimated as 2N per forward and 4N per backward token. "
+        "per-method table below; cells recorded before that count a cache they built), their seconds, and FLOPs "
+        "estimated as 2N per forward and 4N per backward token. "
         "Student samples: tokens the student generated for on-policy batches (gkd), and their seconds; the "
         "teacher's forward tokens include its scoring of those samples.",
         "",

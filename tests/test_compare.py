@@ -17,7 +17,7 @@ import yaml
 
 import pktransfer
 from pktransfer.comparison import describe, paired_difference, plan_grid
-from pktransfer.errors import DataError, OutputError, RecipeError
+from pktransfer.errors import DataError, OutputError, PktError, RecipeError
 from pktransfer.recipe import recipe_from_dict
 
 
@@ -667,9 +667,34 @@ def test_the_untouched_models_are_recorded_as_soon_as_they_are_evaluated(tiny_re
 
     monkeypatch.setattr(pipeline, "run", fail)
     records = tmp_path / "records"
-    with pytest.raises(Boom):
+    with pytest.raises(PktError, match=r"1 job\(s\) of the grid failed: cell 1/1: lora, seed 0: Boom\n"):
         pktransfer.compare(recipe_from_dict(_grid(tiny_recipe, ["lora"], seeds=[0])), quiet=True, records=records)
     assert (records / "base" / "run.json").is_file()
+
+
+def test_a_failing_cell_does_not_stop_the_others_and_a_rerun_finishes_the_grid(tiny_recipe, tmp_path, monkeypatch):
+    import pktransfer.pipeline as pipeline
+
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    tiny_recipe["output_dir"] = str(tmp_path / "grid")
+    recipe = recipe_from_dict(_grid(tiny_recipe, ["lora", "pissa"], seeds=[0, 1]))
+    real_run, ran = pipeline.run, []
+
+    def broken_pissa_seed_0(r, **k):
+        ran.append(r.output_dir)
+        if r.output_dir.endswith("pissa/seed-0"):
+            raise RuntimeError("a bug in one cell")
+        return real_run(r, **k)
+
+    monkeypatch.setattr(pipeline, "run", broken_pissa_seed_0)
+    with pytest.raises(PktError, match=r"1 job\(s\) of the grid failed: cell 2/4: pissa, seed 0: RuntimeError: a bug"):
+        pktransfer.compare(recipe, quiet=True)
+    assert len(ran) == 4 and _cells_done(tmp_path / "grid") == 3  # the cells after it ran
+    assert not (tmp_path / "grid" / "compare.md").exists()
+    ran.clear()
+    monkeypatch.setattr(pipeline, "run", lambda r, **k: ran.append(r.output_dir) or real_run(r, **k))
+    res = pktransfer.compare(recipe, quiet=True)
+    assert [Path(p).name for p in ran] == ["seed-0"] and res.result["summary"]["by_label"]["pissa"]["seeds"] == [0, 1]
 
 
 def test_an_interim_report_covers_the_finished_cells_and_names_the_rest(tiny_recipe, tmp_path, monkeypatch):
