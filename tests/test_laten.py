@@ -492,6 +492,13 @@ def test_location_cache_reads_back_each_items_scores_to_the_bit_in_any_order(tin
     assert n2 == 2 and cache.computed == [True, True, False, False]
     for got, want in [*zip(first, alone[:2], strict=True), *zip(again, alone[::-1], strict=True)]:
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # each item is stored as soon as it is located: a run stopped half-way keeps the items before the stop
+    from pktransfer.methods.laten import AnswerInput
+
+    stopped = LocationCache(tmp_path / "stopped", Progress(quiet=True))
+    with pytest.raises(Exception):  # noqa: B017 - the second input has no tokens: the model refuses it
+        stopped.scores(loaded, spec.identity(), where, [inputs[0], AnswerInput((), 3)], "teacher")
+    assert len(list((tmp_path / "stopped").iterdir())) == 1
     # other settings or another dtype are other entries, never a reuse
     _, n3 = cache.scores(loaded, spec.identity(), {**where, "locate_vocab": 8}, inputs[:1], "teacher")
     loaded.model.double()

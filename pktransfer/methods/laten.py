@@ -39,7 +39,7 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -188,18 +188,22 @@ class LocationCache:
         found = [self._read(p, shapes) if p is not None else None for p in paths]
         todo = [i for i, f in enumerate(found) if f is None]
         if todo:
-            located = locate_scores(
+
+            def store(n: int, sc: dict[str, torch.Tensor]) -> None:  # each item as soon as it is located
+                i = todo[n]
+                found[i] = sc
+                if paths[i] is not None:
+                    save_safetensors(sc, paths[i])
+
+            locate_scores(
                 loaded,
                 [inputs[i] for i in todo],
                 vocab_k=where["locate_vocab"],
                 attn_score=where["attn_score"],
                 progress=self.progress,
                 what=what,
+                on_item=store,
             )
-            for i, sc in zip(todo, located, strict=True):
-                found[i] = sc
-                if paths[i] is not None:
-                    save_safetensors(sc, paths[i])
         if self.folder is not None and len(todo) < len(inputs):
             self.progress.log(f"laten: {len(inputs) - len(todo)} of {len(inputs)} {what} locations read from {self.folder}")
         computed = set(todo)
@@ -216,6 +220,7 @@ def locate_scores(
     progress: Progress,
     what: str,
     attn_score: str = "self_subvalue",
+    on_item: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Per input: ``attn_layer`` [L], ``ffn_layer`` [L], ``attn`` [L, H·hd], ``ffn`` [L, F] (float64, CPU).
 
@@ -297,6 +302,8 @@ def locate_scores(
                     out["attn"][i] = neuron_scores(h_in, at["o"], o_dirs, norm, head, yi, softcap=cap).double().cpu()
                 seen.clear()
                 results.append(out)
+                if on_item is not None:  # e.g. stored at once, so a stopped run keeps what it located
+                    on_item(len(results) - 1, out)
                 advance(1)
     finally:
         for h in handles:
