@@ -421,7 +421,9 @@ def interim_banner(result: dict[str, Any]) -> list[str]:
         f"> **Interim report, written {info['written_at']}: {info['finished']} of {info['cells']} cells finished.** "
         f"Unfinished: {left or 'none'}. An entry's figures cover its finished seeds, and its comparison with the "
         "baseline pairs only the seeds both have, so every number here can change as cells finish; the family "
-        "adjustment covers the entries present. The grid's final report is compare.md.",
+        "adjustment covers the entries present. An entry with one finished seed is compared by resampling items "
+        "only, which leaves out how much results vary between seeds: no such comparison is a finding. The grid's "
+        "final report is compare.md.",
         "",
     ]
 
