@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -793,6 +793,25 @@ def summarize(
 # ---- the grid ---------------------------------------------------------------------------------------
 
 
+@dataclass
+class SharedWork:
+    """What the report needs of a grid's shared jobs (Seeking's sensitivity, KD's logits, ...), by shared folder:
+    its wall seconds and the teacher work its run.json counted (once it has finished), and the entries whose cells
+    (tuning or grid) read it."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    users: dict[str, set[str]] = field(default_factory=dict)
+    teacher: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def note(self, folder: str, needed: list[Cell], run_json: Path | None) -> None:
+        """Count the cells in ``needed`` as users of ``folder``, and its cost from ``run_json`` when that exists."""
+        self.users.setdefault(folder, set()).update(c.label for c in needed)
+        if run_json is not None and run_json.is_file():
+            info = json.loads(run_json.read_text())
+            self.seconds[folder] = info["wall_seconds"]
+            self.teacher[folder] = info.get("budget", {}).get("teacher", {})
+
+
 def build_result(
     recipe: Recipe,
     records: list[dict[str, Any]],
@@ -801,14 +820,12 @@ def build_result(
     tuning: list[dict[str, Any]],
     chosen: dict[str, dict[str, Any]],
     base_info: dict[str, Any] | None,
-    shared: tuple[dict[str, float], dict[str, set[str]], dict[str, dict[str, Any]]],
+    shared: SharedWork,
     reruns: list[dict[str, Any]],
     budget: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """compare.json's content from the cells' records: the statistics and everything the report shows.
-    ``shared``: each shared folder's wall seconds, the entries that read it and the teacher work it counted."""
+    """compare.json's content from the cells' records: the statistics and everything the report shows."""
     assert recipe.compare is not None
-    shared_cost, shared_users, shared_teacher = shared
     return {
         "recipe": recipe.dump(),
         "cells": records,
@@ -827,8 +844,8 @@ def build_result(
         "chosen": chosen,
         "groups": {r["label"]: registry.method_class(r["method"]).teacher_use for r in records},
         "base": base_info["metrics"] if base_info else {},
-        "shared_work_seconds": shared_cost,
-        "teacher_cost": teacher_cost_per_entry(records, tuning, shared_users, shared_cost, shared_teacher),
+        "shared_work_seconds": shared.seconds,
+        "teacher_cost": teacher_cost_per_entry(records, tuning, shared.users, shared.seconds, shared.teacher),
         "teacher_caches": teacher_caches(records, tuning),
         "reruns": reruns,
         "base_seconds": base_info.get("wall_seconds", 0.0) if base_info else 0.0,
@@ -1151,9 +1168,7 @@ def compare(
         tune_cells, untuned = plan_tuning(recipe), plan_grid(recipe)
 
     started = time.time()
-    shared_cost: dict[str, float] = {}
-    shared_users: dict[str, set[str]] = {}  # shared folder -> the entries whose cells (tuning or grid) read it
-    shared_teacher: dict[str, dict[str, Any]] = {}  # shared folder -> the teacher work its run.json counted
+    shared_ledger = SharedWork()
 
     def shared_work(cs: list[Cell]) -> None:
         jobs = []
@@ -1171,16 +1186,12 @@ def compare(
                 jobs.append((Path(folder), f"running `{verb}` once for the cells of '{r.method.name}' ({folder})", job))
         run_claimed(jobs, progress)  # other workers wait for shared work another one is doing
         for folder, _, _, needed in shared:
-            shared_users.setdefault(folder, set()).update(c.label for c in needed)
-            run_json = Path(folder) / "run.json"
+            run_json: Path | None = Path(folder) / "run.json"
             if _finished(Path(folder)):
                 record(Path(folder))  # its run.json (the cost), not its caches
-            elif records_dir is not None:
-                run_json = records_dir / Path(folder).relative_to(root) / "run.json"
-            if run_json.is_file():
-                info = json.loads(run_json.read_text())
-                shared_cost[folder] = info["wall_seconds"]
-                shared_teacher[folder] = info.get("budget", {}).get("teacher", {})
+            else:
+                run_json = records_dir / Path(folder).relative_to(root) / "run.json" if records_dir else None
+            shared_ledger.note(folder, needed, run_json)
 
     # 1b. tuning: validation only, one seed; the test split is not read until every value is chosen
     tuning: list[dict[str, Any]] = []
@@ -1275,7 +1286,7 @@ def compare(
         tuning=tuning,
         chosen=chosen,
         base_info=base_info,
-        shared=(shared_cost, shared_users, shared_teacher),
+        shared=shared_ledger,
         reruns=recorded_reruns(records_dir, root, [*(tc.cell for tc in tune_cells), *cells]),
         budget=budget,
     )
@@ -1348,19 +1359,14 @@ def interim_report(recipe: Recipe, *, records: str | Path | None = None) -> Comp
     chosen = choose(tuning)
     matched = plan_matched(recipe, chosen) if chosen else []
     cells = (plan_grid(recipe, chosen) + matched) if chosen else plan_grid(recipe)
-    shared_cost: dict[str, float] = {}
-    shared_users: dict[str, set[str]] = {}
-    shared_teacher: dict[str, dict[str, Any]] = {}
+    shared_ledger = SharedWork()
     for group in ([tc.cell for tc in tune_cells], cells):
         for folder, _, _, needed in attach_shared_work(group, root):
-            shared_users.setdefault(folder, set()).update(c.label for c in needed)
             found_at = where(Path(folder))
-            if found_at is not None:
-                info = json.loads((found_at / "run.json").read_text())
-                shared_cost[folder] = info["wall_seconds"]
-                shared_teacher[folder] = info.get("budget", {}).get("teacher", {})
-    done = [replace(c, folder=f) for c in cells if (f := where(c.folder)) is not None]
-    missing = [c for c in cells if where(c.folder) is None]
+            shared_ledger.note(folder, needed, found_at / "run.json" if found_at is not None else None)
+    found = {c.folder: where(c.folder) for c in cells}
+    done = [replace(c, folder=f) for c in cells if (f := found[c.folder]) is not None]
+    missing = [c for c in cells if found[c.folder] is None]
     if not done:
         raise OutputError(
             f"no test cell of the grid in '{root}' has finished yet", hint="run `pkt compare RECIPE` and try again later"
@@ -1374,7 +1380,7 @@ def interim_report(recipe: Recipe, *, records: str | Path | None = None) -> Comp
         tuning=tuning,
         chosen=chosen,
         base_info=base_info,
-        shared=(shared_cost, shared_users, shared_teacher),
+        shared=shared_ledger,
         reruns=recorded_reruns(records_dir, root, [*(tc.cell for tc in tune_cells), *cells]),
         budget=budget,
     )
