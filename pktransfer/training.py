@@ -311,6 +311,20 @@ def _progress_callback(progress: Progress) -> Any:
     return RichProgressCallback()
 
 
+def _heap_trim_callback() -> Any:
+    """After every optimizer step on CPU, glibc's heaps hand their free pages back (:func:`pktransfer.memory.trim_heap`):
+    a step's freed activations otherwise stay in the process from step to step."""
+    from transformers import TrainerCallback
+
+    from pktransfer.memory import trim_heap
+
+    class HeapTrimCallback(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            trim_heap()
+
+    return HeapTrimCallback()
+
+
 def warmup_kwargs(ratio: float) -> dict[str, float]:
     """A warmup given as a share of the steps, under this transformers version's name: 4.x has
     ``warmup_ratio`` (its ``warmup_steps`` is a step count: a float there would silently mean ~0 steps);
@@ -431,6 +445,8 @@ def train(
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_progress_callback(progress))
+    if device.type == "cpu":
+        trainer.add_callback(_heap_trim_callback())
     resume_from = last_checkpoint(output_dir) if resume else None
     if resume_from:
         progress.log(f"resuming training from {resume_from}")

@@ -128,3 +128,13 @@ def test_the_installed_trainer_warms_up_over_the_given_share_of_steps():
 
     args = TrainingArguments(output_dir="/tmp/pkt-warmup-check", max_steps=100, report_to=[], **warmup_kwargs(0.1))
     assert args.get_warmup_steps(100) == 10
+
+
+def test_cpu_training_trims_the_heap_after_every_step(tiny_models, tmp_path, monkeypatch):
+    """glibc keeps a step's freed activations in its heaps unless trimmed: a long CPU cell grew until killed."""
+    import pktransfer.memory
+
+    calls = []
+    monkeypatch.setattr(pktransfer.memory, "trim_heap", lambda: calls.append(1))
+    res, _, _ = _train(tiny_models, tmp_path)
+    assert res.steps == SPEC.max_steps and len(calls) == SPEC.max_steps
