@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import resource
+from typing import Any
 
 
 def rss_anon_bytes() -> int:
@@ -42,9 +44,17 @@ def trim_heap() -> None:
     stay in the heaps for the next. Why: the MMLU study's seeking+gkd seed-1 cell was killed for memory at
     24.3 GiB in its 11th step (its seed-0 cell had peaked at 22.5 GiB); resumed in a fresh process, the same steps
     swung between 9 and 13 GiB, and the low point between steps rose by about 0.2 GiB a step."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, looked up once (it now runs after every training step); None where there is none."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to trim
-        pass
+        return None
