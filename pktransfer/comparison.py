@@ -844,7 +844,8 @@ def build_result(
         "chosen": chosen,
         "groups": {r["label"]: registry.method_class(r["method"]).teacher_use for r in records},
         "base": base_info["metrics"] if base_info else {},
-        "shared_work_seconds": shared.seconds,
+        # by the folder's name under the output root (shared/<job>), so the report is the same on every machine
+        "shared_work_seconds": {f"shared/{Path(f).name}": sec for f, sec in shared.seconds.items()},
         "teacher_cost": teacher_cost_per_entry(records, tuning, shared.users, shared.seconds, shared.teacher),
         "teacher_caches": teacher_caches(records, tuning),
         "reruns": reruns,

@@ -51,6 +51,10 @@ def test_a_grid_counts_kds_cache_and_splits_a_shared_sensitivity(tiny_recipe, tm
     assert cost["seeking"]["backward_tokens"] > 0  # the sensitivity's backward passes, half of them
     md = (res.output_dir / "compare.md").read_text()
     assert "Teacher cost per method, whole comparison" in md
+    # the report names shared work by its folder under the output root, never by this machine's path
+    assert all(f.startswith("shared/seeking-") for f in res.result["shared_work_seconds"])
+    shared_path = str(res.output_dir / "shared")
+    assert shared_path not in md and shared_path not in (res.output_dir / "compare.json").read_text()
 
 
 def test_a_rerun_after_results_were_recorded_is_kept_in_the_record_and_reported(tiny_recipe, tmp_path):
