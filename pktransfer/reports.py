@@ -537,10 +537,12 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
         f"{(cells_s + tune_s + shared_s + base_s) / 3600:.2f} h "
         f"(cells {cells_s:.0f} s, tuning {tune_s:.0f} s, shared work {shared_s:.0f} s, untouched models {base_s:.0f} s)."
     )
+    plots = result.get("plots", [])
     lines += [
         "",
-        "Plots: " + ", ".join(f"`{p}`" for p in result.get("plots", [])) + ". Cells: `cells/LABEL/seed-N/` "
-        "(each a full run folder). Machine-readable: `compare.json`, `compare.csv`.",
+        ("Plots: " + ", ".join(f"`{p}`" for p in plots) + ". " if plots else "")
+        + "Cells: `cells/LABEL/seed-N/` (each a full run folder). Machine-readable: "
+        + ("`compare.interim.json`." if result.get("interim") else "`compare.json`, `compare.csv`."),
         "",
     ]
     return "\n".join(lines)

@@ -732,6 +732,7 @@ def test_an_interim_report_covers_the_finished_cells_and_names_the_rest(tiny_rec
     for folder in (tmp_path / "grid", records):
         md = (folder / "compare.interim.md").read_text()
         assert "Interim report" in md and "3 of 4 cells finished" in md and "pissa (seed 1)" in md
+        assert "Plots:" not in md and "Machine-readable: `compare.interim.json`." in md  # no plots, no csv yet
         assert json.loads((folder / "compare.interim.json").read_text())["interim"] == info
         assert not (folder / "compare.md").exists()
     assert "student" in res.result["base"]  # the untouched student, evaluated before the cells
