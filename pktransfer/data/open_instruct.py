@@ -73,6 +73,7 @@ GSM_EXEMPLARS: tuple[dict[str, str], ...] = (
 GSM_MAX_NEW_TOKENS = 512  # eval/gsm/run_eval.py: max_new_tokens=512
 GSM_ANSWER_CUE = "Answer:"  # appended after the chat prompt (run_eval.py L66)
 MMLU_ANSWER_CUE = "The answer is:"  # eval/mmlu/run_eval.py L57-60
+MMLU_MAX_PROMPT_TOKENS = 2048  # eval/mmlu/run_eval.py L62-75: shots are dropped, one at a time, while a prompt is longer
 HUMANEVAL_INSTRUCTION = "Complete the following python function.\n\n\n"  # eval/codex_humaneval/run_eval.py L29
 HUMANEVAL_CUE = "Here is the completed function:\n\n\n"  # ... L31-33, followed by the problem's prompt
 CODEX_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # the Codex paper's stop sequences (run_eval.py L52)
@@ -134,7 +135,12 @@ def mmlu_example(row: dict[str, Any], include_answer: bool) -> str:
     return prompt + (f" {row['answer']}\n\n" if include_answer else "")
 
 
+def mmlu_prompt_head(subject: str, shots: list[dict[str, Any]]) -> str:
+    """eval/mmlu/run_eval.py gen_prompt: the header, then the dev examples with their answers."""
+    head = f"The following are multiple choice questions (with answers) about {mmlu_subject(subject)}.\n\n"
+    return head + "".join(mmlu_example(s, True) for s in shots)
+
+
 def mmlu_prompt(row: dict[str, Any], shots: list[dict[str, Any]]) -> str:
     """eval/mmlu/run_eval.py gen_prompt + format_example: header, ``ntrain`` dev examples, the question."""
-    head = f"The following are multiple choice questions (with answers) about {mmlu_subject(row['subject'])}.\n\n"
-    return head + "".join(mmlu_example(s, True) for s in shots) + mmlu_example(row, False)
+    return mmlu_prompt_head(row["subject"], shots) + mmlu_example(row, False)

@@ -77,6 +77,15 @@ class Task(ABC):
         Open-Instruct's "Answer:"; empty for most protocols."""
         return ""
 
+    def input_token_limit(self, mode: str) -> int | None:
+        """The most tokens a model input may have (the formatted prompt with its cue, counted without added special
+        tokens); a longer one is replaced by the first of :meth:`fewer_shot_prompts` that fits. None: no limit."""
+        return None
+
+    def fewer_shot_prompts(self, item: Item, mode: str) -> list[str]:
+        """The item's evaluation prompt with one demonstration fewer, two fewer, ... down to none; [] without any."""
+        return []
+
     def format_protocol(self, mode: str) -> dict[str, Any]:
         """The format-dependent part of :meth:`protocol` (stop strings, template)."""
         return {"stop_strings": list(self.stop_strings_for(mode))}

@@ -87,11 +87,20 @@ def subset(items: list[Item], limit: int | None, seed: int | None) -> list[Item]
 
 def model_input(formatter: PromptFormatter, task: Task, item: Item) -> str:
     """The exact text the model reads for ``item``: the formatted evaluation prompt, then the task's answer cue for
-    this format joined as Open-Instruct joins it (no space after a newline or space, one space otherwise)."""
-    text = formatter.prompt_text(task.eval_prompt(item, formatter.mode))
-    cue = task.answer_cue(item, formatter.mode)
-    if cue:
-        text += cue if text[-1:] in ("\n", " ") else " " + cue
+    this format joined as Open-Instruct joins it (no space after a newline or space, one space otherwise). Where the
+    task limits an input's tokens (Open-Instruct's MMLU: 2,048), demonstrations are dropped one at a time, as the
+    official loop drops them, until the text fits; a prompt over the limit even without any is kept."""
+    limit = task.input_token_limit(formatter.mode)
+    prompts = [task.eval_prompt(item, formatter.mode)]
+    if limit is not None:
+        prompts += task.fewer_shot_prompts(item, formatter.mode)
+    for prompt in prompts:
+        text = formatter.prompt_text(prompt)
+        cue = task.answer_cue(item, formatter.mode)
+        if cue:
+            text += cue if text[-1:] in ("\n", " ") else " " + cue
+        if limit is None or len(formatter.tokenizer(text, add_special_tokens=False)["input_ids"]) <= limit:
+            break
     return text
 
 
