@@ -296,3 +296,18 @@ def test_release_memory_returns_freed_buffers_to_the_system() -> None:
     # What each grid cell does after it finishes, so a long `pkt compare` does not grow from cell to cell.
     out = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, check=True, timeout=120)
     assert int(out.stdout.split()[-1]) > 150 << 20
+
+
+def test_the_worker_plan_gives_each_worker_one_device_or_its_share_of_the_cores():
+    from pktransfer.comparison import worker_plan
+
+    gpus = worker_plan(3, ["cuda:0", "cuda:1"])  # fewer devices than workers: they cycle
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in gpus] == ["0", "1", "0"]
+    assert [e["PKT_WORKER_INDEX"] for e in gpus] == ["0", "1", "2"] and "OMP_NUM_THREADS" not in gpus[0]
+    assert worker_plan(1, ["cuda"])[0]["CUDA_VISIBLE_DEVICES"] == "0"
+    cpus = worker_plan(2, None, cpu_count=16)  # CPU workers hide the GPUs and split the cores
+    assert all(e["CUDA_VISIBLE_DEVICES"] == "" and e["OMP_NUM_THREADS"] == e["PKT_THREADS"] == "8" for e in cpus)
+    assert worker_plan(3, ["cpu"], cpu_count=2)[0]["OMP_NUM_THREADS"] == "1"  # never 0 threads
+    for bad, what in ((["cuda:x"], "not cuda:N"), (["tpu:0"], "unknown device"), (None, "at least one")):
+        with pytest.raises(pktransfer.RecipeError, match=what):
+            worker_plan(0 if bad is None else 2, bad)
