@@ -372,6 +372,39 @@ def test_dual_decomposition_and_kl_output_loss_cached_equals_live_and_share_kds_
         teacher_cache.teacher_logits_at_responses = real
 
 
+@pytest.mark.parametrize(("output_loss", "cache"), [("onehot_cosine", True), ("kl", True), ("kl", False)])
+def test_the_loss_on_logits_at_response_positions_only_equals_the_full_one(tiny_recipe, tmp_path, output_loss, cache):
+    """The LM head runs only where a response token is predicted (``logits_to_keep``, as KD's losses; with live
+    teacher logits the teacher's head too): the same loss and the same LoRA gradients as with the logits at every
+    position."""
+    from conftest import tiny_method_context
+
+    from pktransfer.training import collate_examples, kept_positions
+
+    recipe = _recipe(
+        tiny_recipe, critical_layers="all", output_loss=output_loss, top_k=None, cache=cache, cache_dir=str(tmp_path / "c")
+    )
+    method, ctx = tiny_method_context(recipe, tmp_path / "run")
+    model = method.prepare(ctx)
+    model.train()
+    batch = collate_examples(ctx.examples[2:6], ctx.student.tokenizer.pad_token_id, first_index=2)
+    loss_fn = method.training_loss(ctx)
+    assert loss_fn.response_logits
+    keep = kept_positions(batch["labels"])
+    assert 0 < len(keep) < batch["input_ids"].shape[1] - 1  # some positions are left out
+    results = []
+    for extra in ({}, {"logits_to_keep": keep}):
+        torch.manual_seed(0)  # the same dropout masks
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
+        assert out.logits.shape[1] == (len(keep) if extra else batch["input_ids"].shape[1])
+        loss = loss_fn(out, {**batch, **({"logits_positions": keep} if extra else {})}, None)
+        lora = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+        results.append((loss.detach(), torch.autograd.grad(loss, lora)))
+    (full, g_full), (kept, g_kept) = results
+    assert torch.equal(full, kept) and all(torch.equal(a, b) for a, b in zip(g_full, g_kept, strict=True))
+    method.finish_training()
+
+
 @pytest.mark.parametrize("point", ["mlp", "attention", "layer"])
 def test_targets_at_every_point_match_a_full_forward(tiny_models, point):
     """Targets from the early-stopped teacher forward equal those computed from a whole forward pass."""

@@ -43,6 +43,7 @@ from pktransfer.methods.teacher_cache import (
     PerExampleCache,
     cache_key,
     cached_file,
+    live_teacher,
     pack_per_example,
     teacher_identity,
     teacher_logits_cache,
@@ -63,7 +64,7 @@ from pktransfer.ops.semantic import (
     top_layers,
 )
 from pktransfer.progress import Progress
-from pktransfer.training import LossFn, check_targets, collate_examples, lora_config, response_positions
+from pktransfer.training import LossFn, check_targets, collate_examples, lora_config, response_positions, response_rows
 
 # ---- activation capture (forward hooks) -----------------------------------------------------------
 
@@ -587,35 +588,34 @@ class SemAlignMethod(Method):
                     seconds=time.perf_counter() - t0,
                     parameters=self.teacher.arch.n_parameters,
                 )
-            logits = outputs.logits[:, :-1][mask][..., : self.vocab]
+            # the logits that predict response tokens, in mask order: computed at those positions only (the LM head,
+            # [V = 152k] per position, runs where the loss reads; ``response_logits`` below) or picked from all
+            logits = response_rows(outputs.logits, labels, batch.get("logits_positions"))[0][..., : self.vocab]
             act, logit = alignment_terms(acts, targets, logits, batch["input_ids"][:, 1:].to(mask.device)[mask])
             if spec.output_loss == "kl":
-                t_vals, t_ids = self._teacher_logits(ctx, batch, mask)
+                t_vals, t_ids = self._teacher_logits(ctx, batch, mask.device)
                 logit = spec.temperature**2 * kl_to_teacher(logits, t_vals, spec.temperature, t_ids).sum()
             self._acts.clear()
             return (spec.activation_weight * act + spec.logit_weight * logit) / n
 
+        loss.response_logits = True  # type: ignore[attr-defined]
         return loss
 
     def _teacher_logits(
-        self, ctx: MethodContext, batch: dict[str, torch.Tensor], mask: torch.Tensor
+        self, ctx: MethodContext, batch: dict[str, torch.Tensor], device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """output_loss kl: the teacher's (top-k) logits and their ids at the batch's response positions."""
+        """output_loss kl: the teacher's (top-k) logits and their ids at the batch's response positions, in the order
+        of :func:`response_rows` (live: the teacher's LM head runs at the positions the student's logits were
+        computed at, ``batch["logits_positions"]``, or at every position without them)."""
         if self.logits is not None:
             index = batch["index"].tolist()
-            return self.logits.rows("values", index).to(mask.device), self.logits.rows("ids", index).to(mask.device)
-        model = self.teacher.model
-        dev = input_device(model)
-        t0 = time.perf_counter()
+            return self.logits.rows("values", index).to(device), self.logits.rows("ids", index).to(device)
+        keep = batch.get("logits_positions")
+        what = "live teacher logits at every training batch (output_loss kl)"
         with torch.no_grad():
-            z = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
-        ctx.teacher_work.add(
-            "live teacher logits at every training batch (output_loss kl)",
-            forward_tokens=int(batch["attention_mask"].sum()),
-            seconds=time.perf_counter() - t0,
-            parameters=self.teacher.arch.n_parameters,
-        )
-        return z[:, :-1][mask.to(dev)][..., : self.vocab].to(mask.device), None
+            out = live_teacher(ctx, self.teacher, batch, what, **({} if keep is None else {"logits_to_keep": keep}))
+        rows, _ = response_rows(out.logits[..., : self.vocab], batch["labels"], keep)
+        return rows.to(device), None
 
     def callbacks(self, ctx: MethodContext) -> list[Any]:
         if self.spec.schedule != "shallow_to_deep" or len(self.pairs) < 2:
