@@ -462,8 +462,8 @@ def diagnose_pair(
     }
     result["best_teacher_layer_per_student_layer"] = [int(top_k(cka[:, j], 1)[0]) + 1 for j in range(s_arch.n_layers)]
     result["verdicts"] = verdicts(result)
-    result["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
-    result["seconds"]["total"] = round(sum(seconds.values()), 1)
+    result["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    result["seconds"]["total"] = round(sum(seconds.values()), 3)
 
     from pktransfer.plots import plot_cka, plot_fidelity
 
