@@ -60,7 +60,7 @@ def step(model, batch, opt, fast: bool) -> None:
 
     if fast and next(model.parameters()).dtype == torch.bfloat16:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        with cpu_bf16_training(model):
+        with cpu_bf16_training(model, "auto", int(batch["input_ids"].shape[1])):
             total, n, _ = response_ce(model, inputs, batch["labels"])
             loss = total / n
     else:

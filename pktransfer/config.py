@@ -131,9 +131,9 @@ class TrainingSpec(Strict):
     fast_path: bool = Field(
         default=True,
         description="on CPU: LoRA dropout masks drawn through geometric gaps (same distribution, ~p·n random numbers), "
-        "and with a bfloat16 student bf16 autocast (no fp32 copies of activations for the fp32 LoRA weights), the math "
-        "attention kernel, and logits only where the plain loss reads them; false: the plain path (records made "
-        "before this option ran it)",
+        "and with a bfloat16 student bf16 autocast (no fp32 copies of activations for the fp32 LoRA weights), the "
+        "attention kernel of cpu_attention, and logits only where the plain loss reads them; false: the plain path "
+        "(records made before this option ran it)",
     )
     fused_step: bool = Field(
         default=True,
@@ -142,6 +142,13 @@ class TrainingSpec(Strict):
         "matrix products; same function, same dropout mask) and AdamW's update as torch's fused kernel (same "
         "update); only the rounding order differs; false: peft's separate operators and the per-tensor AdamW "
         "(records made before this option ran them)",
+    )
+    cpu_attention: Literal["auto", "math", "flash"] = Field(
+        default="auto",
+        description="with fast_path on a bfloat16 student on CPU: the attention kernel of training; auto: torch's math "
+        "kernel for batches of up to 192 tokens (faster there) and its flash kernel above (faster and smaller: a batch "
+        "of 8 x 512 took 20.5 s and 9.2 GiB against 30.7 s and 11.9 GiB); math: every batch (records made before this "
+        "option ran it); flash: every batch. Same function, other rounding order",
     )
     save_merged: bool = Field(default=False, description="also write a merged full model")
 

@@ -42,6 +42,7 @@ MethodSpec = configs.config_union()
 LEGACY_DEFAULTS: dict[str, Any] = {
     "training.fast_path": False,
     "training.fused_step": False,
+    "training.cpu_attention": "math",
     "method[laten].data_order": "file",
     "method[laten].attn_score": "o_input",
     "method[laten].neuron_count": "round",

@@ -93,16 +93,39 @@ def fast_path(model: Any) -> int:
     return n
 
 
+# the fast path's attention kernel on CPU in bfloat16 (training.cpu_attention: auto): the math kernel up to this padded
+# batch length, torch's flash kernel above. Measured on the offline student (LoRA step, batch 8, 2 cores, 2026-12-02):
+# math 3.8 s and flash 4.2 s a step at 128 tokens, math 8.9 s / 6.7 GiB and flash 8.2 s / 5.9 GiB at 256, math
+# 30.7 s / 11.9 GiB and flash 20.5 s / 9.2 GiB at 512; at the quickstart's ~50 tokens the flash backward was 8x its
+# fp32 time (bench/train_step.py)
+CPU_MATH_ATTENTION_MAX_LENGTH = 192
+
+
+def cpu_attention_backends(setting: str, length: int) -> list[Any]:
+    """The scaled-dot-product attention kernels the fast path allows for a bf16 training batch of ``length`` tokens
+    (padded): ``math``, ``flash`` (with math as torch's fallback where flash cannot run), or ``auto`` by length."""
+    from torch.nn.attention import SDPBackend
+
+    if setting == "auto":
+        setting = "math" if length <= CPU_MATH_ATTENTION_MAX_LENGTH else "flash"
+    if setting == "math":
+        return [SDPBackend.MATH]
+    if setting == "flash":
+        return [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    raise ValueError(f"training.cpu_attention: unknown setting {setting!r}")
+
+
 @contextlib.contextmanager
-def cpu_bf16_training(model: Any) -> Iterator[None]:
+def cpu_bf16_training(model: Any, attention: str = "auto", length: int = 0) -> Iterator[None]:
     """The training forward of a bfloat16 student on CPU, as mixed precision runs on a GPU: the fp32 LoRA weights
     are cast to bf16 per matmul (small) instead of every activation to fp32 (large, peft's default), and attention
-    goes through the math kernel (torch's bf16 flash kernel on CPU was 8x slower than fp32, bench/train_step.py;
-    same function, other rounding order)."""
+    goes through the kernel :func:`cpu_attention_backends` picks for the batch's ``length`` (same function, other
+    rounding order)."""
     from peft.helpers import disable_input_dtype_casting
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
-    with torch.autocast("cpu", dtype=torch.bfloat16), disable_input_dtype_casting(model), sdpa_kernel([SDPBackend.MATH]):
+    backends = cpu_attention_backends(attention, length)
+    with torch.autocast("cpu", dtype=torch.bfloat16), disable_input_dtype_casting(model), sdpa_kernel(backends):
         yield
 
 
@@ -214,13 +237,16 @@ def _trainer_class() -> Any:
         method_loss: LossFn | None = None
         method_batch: BatchFn | None = None
         cpu_bf16_fast = False  # training.fast_path on a bfloat16 student on CPU
+        cpu_attention = "auto"  # training.cpu_attention
 
         def compute_loss(
             self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
         ) -> Any:
             if not self.cpu_bf16_fast:
                 return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            with cpu_bf16_training(model):
+            # the kernel is chosen by the length of the batch as it comes (a method's batch rewrite, e.g. GKD's samples,
+            # is bounded by it plus the sampled tokens)
+            with cpu_bf16_training(model, self.cpu_attention, int(inputs["input_ids"].shape[1])):
                 return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool, num_items_in_batch: Any) -> Any:
@@ -442,6 +468,7 @@ def train(
 
             fuse_lora_layers(model)
         trainer.cpu_bf16_fast = any(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
+        trainer.cpu_attention = spec.cpu_attention
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_progress_callback(progress))

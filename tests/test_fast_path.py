@@ -95,6 +95,54 @@ def test_a_bf16_student_trains_on_the_fast_path_and_on_the_plain_one(tiny_recipe
     assert final["fast"] == pytest.approx(final["plain"], rel=0.05)
 
 
+def test_the_attention_kernel_is_math_for_short_batches_and_flash_for_long_ones():
+    from torch.nn.attention import SDPBackend
+
+    from pktransfer.training import CPU_MATH_ATTENTION_MAX_LENGTH, cpu_attention_backends
+
+    assert CPU_MATH_ATTENTION_MAX_LENGTH == 192
+    assert cpu_attention_backends("auto", 50) == cpu_attention_backends("auto", 192) == [SDPBackend.MATH]
+    assert cpu_attention_backends("auto", 193) == [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]  # math: the fallback
+    assert cpu_attention_backends("math", 4096) == [SDPBackend.MATH]
+    assert cpu_attention_backends("flash", 8) == [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    with pytest.raises(ValueError, match="cpu_attention"):
+        cpu_attention_backends("fast", 8)
+
+
+@pytest.mark.parametrize(("setting", "length", "flash"), [("auto", 8, False), ("auto", 200, True), ("math", 200, False)])
+def test_the_bf16_forward_runs_the_kernel_chosen(tiny_models, setting, length, flash):
+    """What torch actually runs under the choice (torch.profiler), on a padded bf16 batch."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForCausalLM
+
+    from pktransfer.training import cpu_bf16_training
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2_student"], torch_dtype=torch.bfloat16)
+    ids = torch.randint(3, 50, (2, length))
+    mask = torch.ones_like(ids)
+    mask[1, length // 2 :] = 0
+    with profile(activities=[ProfilerActivity.CPU]) as prof, cpu_bf16_training(model, setting, length):
+        model(input_ids=ids, attention_mask=mask).logits.float().sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert any("flash_attention" in n for n in names) is flash, sorted(n for n in names if "attention" in n)
+
+
+def test_the_recipe_option_reaches_the_trainer_and_old_records_read_as_math(tiny_recipe, tmp_path, monkeypatch):
+    from conftest import bf16_training_runs
+
+    import pktransfer.training as training
+    from pktransfer.runs import as_current_schema
+
+    seen = []
+    real = training.cpu_attention_backends
+    monkeypatch.setattr(training, "cpu_attention_backends", lambda s, n: seen.append((s, n)) or real(s, n))
+    runs = bf16_training_runs(tiny_recipe, tmp_path, "cpu_attention", [("flash", "flash"), ("auto", "auto")])
+    assert runs["flash"]["recipe"]["training"]["cpu_attention"] == "flash"
+    assert {s for s, _ in seen} == {"flash", "auto"} and all(n > 0 for _, n in seen)
+    upgraded = as_current_schema({"training": {"fast_path": True, "lr": 1e-4}})
+    assert upgraded is not None and upgraded["training"]["cpu_attention"] == "math"
+
+
 # every method of the MMLU study, as the study runs it: a bfloat16 student on the CPU fast path (autocast, fused step).
 # SemAlign once failed here at its first step: autocast refused to concatenate its float16 targets.
 STUDY_METHODS = [
