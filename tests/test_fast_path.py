@@ -160,7 +160,9 @@ STUDY_METHODS = [
 ]
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "peft"])
+# the second variant also forces the flash attention kernel (tiny batches take math under auto): every method's
+# forward, hooks and sampling run under both kernels
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-math", "peft-flash"])
 @pytest.mark.parametrize(
     "method",
     STUDY_METHODS,
@@ -174,7 +176,7 @@ def test_every_study_method_trains_a_bf16_student_on_the_fast_path(tiny_recipe, 
     tiny_recipe["teacher"]["dtype"] = "bfloat16"
     tiny_recipe["method"] = method
     tiny_recipe["lora"]["dropout"] = 0.05
-    tiny_recipe["training"].update(max_steps=2, fast_path=True, fused_step=fused)
+    tiny_recipe["training"].update(max_steps=2, fast_path=True, fused_step=fused, cpu_attention="auto" if fused else "flash")
     tiny_recipe["evaluation"].update(teacher=False, student=False)
     res = pktransfer.run(recipe_from_dict(tiny_recipe), quiet=True, evaluate=False)
     if method["name"] == "laten":  # its hypernetwork trains in its own loop (one update per extract item)
