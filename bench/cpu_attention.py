@@ -3,8 +3,9 @@
     PKT_DATA_DIR=../shared/data python bench/cpu_attention.py                  # lengths 128, 256, 512
     PKT_DATA_DIR=../shared/data python bench/cpu_attention.py --lengths 512 --steps 3
 
-One LoRA training step of the offline student as the trainer takes it on the fast path (bf16 autocast, fp32 LoRA
-r 16 on all projections, dropout 0.05, logits only where the loss reads), on a batch of the 8 longest training
+One LoRA training step of the offline student as the trainer takes it on the fast path with the MMLU study's
+``fused_step: false`` (bf16 autocast, fp32 LoRA r 16 on all projections, dropout 0.05, logits only where the loss
+reads; the model, batch assembly and step of bench/train_step.py), on a batch of the 8 longest training
 examples of the MMLU study's task (Open-Instruct chat prompts, LaTen's training split) cut at each length, under
 torch's math kernel and under its flash kernel. Each setting runs in its own process, so that its peak anonymous
 memory (sampled every 20 ms during the steps) is its own; printed per length: the median step of each kernel, its
@@ -24,27 +25,28 @@ import time
 from pathlib import Path
 
 
+def mmlu_longest(length: int):
+    """The batch: the 8 longest of the MMLU study's first 256 training examples, cut at ``length`` tokens."""
+
+    def examples(tokenizer):
+        from pktransfer.data import PromptFormatter, encode_items, get_task
+
+        task = get_task("mmlu", {"style": "open-instruct", "train_source": "laten"})
+        encoded = encode_items(PromptFormatter(tokenizer), task.split("train")[:256], length, "train")
+        return sorted(encoded, key=lambda e: -len(e.input_ids))[:8]
+
+    return examples
+
+
 def one(kernel: str, length: int, steps: int) -> dict:
     """One setting, in this process: the median step and the peak anonymous memory of the steps."""
     import torch
-    from peft import get_peft_model
+    from train_step import build, step  # this folder's train-step benchmark: the same student, LoRA and step
 
-    from pktransfer.config import LoraSpec, ModelSpec
-    from pktransfer.data import PromptFormatter, encode_items, get_task
     from pktransfer.memory import rss_anon_bytes, trim_heap
-    from pktransfer.models import load_model
-    from pktransfer.training import collate_examples, cpu_bf16_training, fast_path, lora_config, response_ce
 
     torch.manual_seed(0)
-    loaded = load_model(ModelSpec(model="builtin:qwen2.5-coder-0.5b-instruct", dtype="bfloat16", device="cpu"))
-    model = get_peft_model(loaded.model, lora_config(LoraSpec(r=16, alpha=16, dropout=0.05), loaded.arch))
-    fast_path(model)
-    task = get_task("mmlu", {"style": "open-instruct", "train_source": "laten"})
-    examples = encode_items(PromptFormatter(loaded.tokenizer), task.split("train")[:256], length, "train")
-    batch = collate_examples(sorted(examples, key=lambda e: -len(e.input_ids))[:8], loaded.tokenizer.pad_token_id)
-    batch.pop("index")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    model.train()
+    model, batch, opt = build("bfloat16", "fast-peft", mmlu_longest(length))  # the MMLU study's step (fused_step: false)
     peak, running = [0], [True]
 
     def sample() -> None:
@@ -54,15 +56,9 @@ def one(kernel: str, length: int, steps: int) -> dict:
 
     threading.Thread(target=sample, daemon=True).start()
     times = []
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
     for _ in range(steps):
         t0 = time.perf_counter()
-        with cpu_bf16_training(model, kernel, int(batch["input_ids"].shape[1])):
-            total, n, _ = response_ce(model, inputs, batch["labels"])
-            loss = total / n
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step(model, batch, opt, True, kernel)
         trim_heap()  # as the trainer does after every CPU step
         times.append(time.perf_counter() - t0)
     running[0] = False

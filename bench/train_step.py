@@ -27,9 +27,17 @@ from pathlib import Path
 import torch
 
 
-def build(dtype: str, setting: str):
-    from pktransfer.config import LoraSpec, ModelSpec
+def arithmetic_examples(tokenizer):
+    """The quickstart's batch: the first 8 arithmetic training examples (about 50 tokens each)."""
     from pktransfer.data import PromptFormatter, encode_items, get_task
+
+    return encode_items(PromptFormatter(tokenizer), get_task("arithmetic").split("train")[:8], 128, "train")
+
+
+def build(dtype: str, setting: str, examples=arithmetic_examples):
+    """The offline student with the quickstart's LoRA set up for ``setting``, a batch of ``examples(tokenizer)`` and
+    the trainer's optimizer."""
+    from pktransfer.config import LoraSpec, ModelSpec
     from pktransfer.models import load_model
     from pktransfer.training import collate_examples, fast_path, lora_config
 
@@ -44,9 +52,7 @@ def build(dtype: str, setting: str):
         from pktransfer.ops.fused_lora import fuse_lora_layers
 
         fuse_lora_layers(model)
-    fmt = PromptFormatter(loaded.tokenizer)
-    examples = encode_items(fmt, get_task("arithmetic").split("train")[:8], 128, "train")
-    batch = collate_examples(examples, loaded.tokenizer.pad_token_id)
+    batch = collate_examples(examples(loaded.tokenizer), loaded.tokenizer.pad_token_id)
     batch.pop("index")
     # the trainer's optimizer: torch's fused AdamW on the fused step (training.fused_step), the per-tensor loop otherwise
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=setting == "fast")
@@ -54,13 +60,14 @@ def build(dtype: str, setting: str):
     return model, batch, opt
 
 
-def step(model, batch, opt, fast: bool) -> None:
-    """One optimizer step as the trainer takes it (pktransfer.training's fast path, or the model's own loss)."""
+def step(model, batch, opt, fast: bool, attention: str = "auto") -> None:
+    """One optimizer step as the trainer takes it (pktransfer.training's fast path, its attention kernel chosen by
+    ``attention`` as training.cpu_attention, or the model's own loss)."""
     from pktransfer.training import cpu_bf16_training, response_ce
 
     if fast and next(model.parameters()).dtype == torch.bfloat16:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        with cpu_bf16_training(model, "auto", int(batch["input_ids"].shape[1])):
+        with cpu_bf16_training(model, attention, int(batch["input_ids"].shape[1])):
             total, n, _ = response_ce(model, inputs, batch["labels"])
             loss = total / n
     else:

@@ -211,12 +211,9 @@ class MmluTask(Task):
                 continue
             subject = r["subject"]
             head = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-            shots = "".join(mmlu_question(x, True) + "\n\n" for x in dev.get(subject, [])[: self.shots])
-            prompt = (
-                oi.mmlu_prompt(r, dev.get(subject, [])[: self.shots])
-                if self.style == "open-instruct"
-                else head + shots + mmlu_question(r, False)
-            )
+            shot_rows = dev.get(subject, [])[: self.shots]
+            shots = "".join(mmlu_question(x, True) + "\n\n" for x in shot_rows)
+            prompt = oi.mmlu_prompt(r, shot_rows) if self.style == "open-instruct" else head + shots + mmlu_question(r, False)
             items.append(
                 Item(
                     id=f"mmlu-{split}-{i}",

@@ -94,9 +94,9 @@ def model_input(formatter: PromptFormatter, task: Task, item: Item) -> str:
     prompts = [task.eval_prompt(item, formatter.mode)]
     if limit is not None:
         prompts += task.fewer_shot_prompts(item, formatter.mode)
+    cue = task.answer_cue(item, formatter.mode)
     for prompt in prompts:
         text = formatter.prompt_text(prompt)
-        cue = task.answer_cue(item, formatter.mode)
         if cue:
             text += cue if text[-1:] in ("\n", " ") else " " + cue
         if limit is None or len(formatter.tokenizer(text, add_special_tokens=False)["input_ids"]) <= limit:
