@@ -146,9 +146,10 @@ class TrainingSpec(Strict):
     cpu_attention: Literal["auto", "math", "flash"] = Field(
         default="auto",
         description="with fast_path on a bfloat16 student on CPU: the attention kernel of training; auto: torch's math "
-        "kernel for batches of up to 192 tokens (faster there) and its flash kernel above (faster and smaller: a batch "
-        "of 8 x 512 took 20.5 s and 9.2 GiB against 30.7 s and 11.9 GiB); math: every batch (records made before this "
-        "option ran it); flash: every batch. Same function, other rounding order",
+        "kernel for batches of up to 192 tokens (faster at ~50; not distinguishable at 128-256) and its flash kernel above "
+        "(faster and smaller: a batch of 8 x 512 took 21.1 s and 9.1 GiB against 32.7 s and 11.8 GiB, "
+        "bench/cpu_attention.py); math: every batch (records made before this option ran it); flash: every batch. "
+        "Same function, other rounding order",
     )
     save_merged: bool = Field(default=False, description="also write a merged full model")
 

@@ -94,10 +94,10 @@ def fast_path(model: Any) -> int:
 
 
 # the fast path's attention kernel on CPU in bfloat16 (training.cpu_attention: auto): the math kernel up to this padded
-# batch length, torch's flash kernel above. Measured on the offline student (LoRA step, batch 8, 2 cores, 2026-12-02):
-# math 3.8 s and flash 4.2 s a step at 128 tokens, math 8.9 s / 6.7 GiB and flash 8.2 s / 5.9 GiB at 256, math
-# 30.7 s / 11.9 GiB and flash 20.5 s / 9.2 GiB at 512; at the quickstart's ~50 tokens the flash backward was 8x its
-# fp32 time (bench/train_step.py)
+# batch length, torch's flash kernel above. Measured on the offline student (bench/cpu_attention.py: LoRA step, batch
+# 8, 2 cores, 2026-12-02): math 4.1 s / 2.8 GiB and flash 3.9 s / 2.7 GiB a step at 128 tokens, math 8.6 s / 6.0 GiB
+# and flash 8.8 s / 5.3 GiB at 256, math 32.7 s / 11.8 GiB and flash 21.1 s / 9.1 GiB at 512; at the quickstart's
+# ~50 tokens the flash backward was 8x its fp32 time (bench/train_step.py)
 CPU_MATH_ATTENTION_MAX_LENGTH = 192
 
 
