@@ -372,20 +372,26 @@ def test_dual_decomposition_and_kl_output_loss_cached_equals_live_and_share_kds_
         teacher_cache.teacher_logits_at_responses = real
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize(("output_loss", "cache"), [("onehot_cosine", True), ("kl", True), ("kl", False)])
-def test_the_loss_on_logits_at_response_positions_only_equals_the_full_one(tiny_recipe, tmp_path, output_loss, cache):
+def test_the_loss_on_logits_at_response_positions_only_equals_the_full_one(tiny_recipe, tmp_path, output_loss, cache, tied):
     """The LM head runs only where a response token is predicted (``logits_to_keep``, as KD's losses; with live
     teacher logits the teacher's head too): the same loss and the same LoRA gradients as with the logits at every
-    position."""
-    from conftest import tiny_method_context
+    position, on an untied pair and on a tied one (the head is the embedding matrix, as in the offline pair)."""
+    from conftest import STUDENT_SHAPE, TEACHER_SHAPE, save_tiny, tiny_method_context
 
     from pktransfer.training import collate_examples, kept_positions
 
+    if tied:
+        tiny_recipe["teacher"]["model"] = str(save_tiny(tmp_path, "t", "qwen2", seed=1, tied=True, **TEACHER_SHAPE))
+        tiny_recipe["student"]["model"] = str(save_tiny(tmp_path, "s", "qwen2", seed=2, tied=True, **STUDENT_SHAPE))
     recipe = _recipe(
         tiny_recipe, critical_layers="all", output_loss=output_loss, top_k=None, cache=cache, cache_dir=str(tmp_path / "c")
     )
     method, ctx = tiny_method_context(recipe, tmp_path / "run")
     model = method.prepare(ctx)
+    head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    assert (head.data_ptr() == embed.data_ptr()) is tied
     model.train()
     batch = collate_examples(ctx.examples[2:6], ctx.student.tokenizer.pad_token_id, first_index=2)
     loss_fn = method.training_loss(ctx)
