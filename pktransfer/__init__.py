@@ -36,6 +36,13 @@ def diagnose(recipe: Recipe, **kwargs: Any) -> RunResult:
     return _diagnose(recipe, **kwargs)
 
 
+def plant(recipe: Recipe, **kwargs: Any) -> RunResult:
+    """Fine-tune the teacher on every fact of a planted task (pkt plant): adapter, merged teacher and recall."""
+    from pktransfer.planting import plant as _plant
+
+    return _plant(recipe, **kwargs)
+
+
 def train(recipe: Recipe, **kwargs: Any) -> RunResult:
     """Apply the recipe's method and train the student, without evaluations."""
     return run(recipe, evaluate=False, **kwargs)
@@ -57,6 +64,7 @@ __all__ = [
     "inject",
     "load_model",
     "load_recipe",
+    "plant",
     "prepare_builtin",
     "recipe_from_dict",
     "run",

@@ -227,6 +227,66 @@ def inject_cmd(
     _recipe_verb("inject", recipe, set_, output_dir, seed, overwrite, quiet, threads, report)
 
 
+@app.command("plant")
+def plant_cmd(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    output_dir: Annotated[str | None, typer.Option("--output-dir", "-o", help="Override plant.output_dir.")] = None,
+    seed: SeedOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Plant a planted task's facts in the teacher: its adapter (the delta), the merged teacher, recall per split."""
+    import pktransfer
+
+    def go() -> None:
+        pktransfer.set_threads(threads)
+        sets = [*(set_ or []), *([f"plant.output_dir={output_dir}"] if output_dir is not None else [])]
+        res = pktransfer.plant(_recipe(recipe, sets, None, seed), quiet=quiet, overwrite=overwrite)
+        table = Table(title="recall on held-out templates")
+        splits = list(next(iter(res.run["metrics"].values())))
+        for col in ("model", *splits):
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for label, by_split in res.run["metrics"].items():
+            table.add_row(label, *(f"{100 * by_split[s]['accuracy']:.1f}%" for s in splits))
+        console.print(table)
+        console.print(f"planted teacher: {res.output_dir / 'merged'}; its delta (PEFT adapter): {res.output_dir / 'adapter'}")
+
+    guarded(go)
+
+
+@app.command("facts")
+def facts_cmd(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    jsonl: Annotated[Path | None, typer.Option("--jsonl", help="Write the fact table as JSON lines to this file.")] = None,
+) -> None:
+    """Print a planted task's fact table (every person, attribute, answer and group), or export it as JSONL."""
+    from pktransfer.data import get_task
+
+    def go() -> None:
+        rec = _recipe(recipe, set_, None, None)
+        task = get_task(rec.task.name, rec.task.params, rec.task.data_dir)
+        if not hasattr(task, "fact_rows"):
+            raise RecipeError(f"task '{task.name}' has no fact table", hint="set task.name: planted")
+        if jsonl is not None:
+            from pktransfer.fileio import write_text
+
+            write_text(jsonl, task.fact_jsonl())
+            console.print(f"{len(task.fact_rows())} facts written to {jsonl}")
+            return
+        table = Table(title=f"planted facts (data_seed {task.data_seed})")
+        for col in ("group", "person", "attribute", "answer"):
+            table.add_column(col)
+        for row in task.fact_rows():
+            table.add_row(row["group"], row["person"], row["attribute"], row["answer"])
+        console.print(table)
+        console.print("candidates: " + "; ".join(f"{a}: {', '.join(c)}" for a, c in task.table.candidates.items()))
+
+    guarded(go)
+
+
 @app.command("diagnose")
 def diagnose_cmd(
     recipe: RecipeArg,

@@ -179,6 +179,47 @@ class EvaluationSpec(Strict):
     student: bool = Field(default=True, description="also evaluate the untouched student")
 
 
+def _plant_lora() -> LoraSpec:
+    return LoraSpec(r=16, alpha=32.0, dropout=0.0)
+
+
+def _plant_training() -> TrainingSpec:
+    return TrainingSpec(epochs=8, lr=5e-4, batch_size=8, max_length=128, warmup_ratio=0.03, scheduler="cosine")
+
+
+class PlantSpec(Strict):
+    """``pkt plant``: fine-tune the teacher on every fact of a planted task (training templates only), so that the B
+    facts live in the teacher's weights alone. The feasibility pilot on the offline 0.5B student (40 facts, LoRA r 16
+    on all projections, lr 5e-4, batch 8) reached 98% on held-out templates after 4 epochs; the defaults double that."""
+
+    output_dir: str = Field(default="runs/planted-teacher", description="where the planted teacher is written")
+    base: ModelSpec | None = Field(
+        default=None,
+        description="the teacher to plant (default: the recipe's teacher); a study names the planted teacher "
+        "(OUTPUT/merged) as its teacher and the untouched one here, so one recipe describes both",
+    )
+    lora: LoraSpec = Field(default_factory=_plant_lora, description="the teacher's adapter (its delta)")
+    training: TrainingSpec = Field(default_factory=_plant_training, description="the planting budget")
+    min_recall: float = Field(
+        default=0.9,
+        ge=0,
+        le=1,
+        description="refuse a planted teacher whose recall on the test facts (held-out templates) is lower (0: never)",
+    )
+    splits: list[str] = Field(
+        default_factory=lambda: ["a_test", "validation", "test"],
+        min_length=1,
+        description="the splits recall is measured on, each with held-out templates (the untouched models too)",
+    )
+    chance_alpha: float = Field(
+        default=0.05,
+        gt=0,
+        lt=1,
+        description="refuse when an untouched model is above chance on a split: one-sided exact binomial test, "
+        "Bonferroni over the models x splits",
+    )
+
+
 class MethodConfig(Strict):
     """Base of every method's config: ``name`` is the method's registered name (a Literal in each subclass).
 

@@ -21,6 +21,7 @@ from pktransfer.data import Item, PromptFormatter, Task, encode_items, get_task,
 from pktransfer.errors import DataError, ModelError, PktError, RecipeError
 from pktransfer.evaluation import EvalOptions, EvalResult, evaluate_items, subset
 from pktransfer.fileio import write_json, write_text
+from pktransfer.leakguard import LeakGuard, guard_for
 from pktransfer.methods import MethodContext, get_method, registry
 from pktransfer.methods.base import TeacherWork
 from pktransfer.models import LoadedModel, load_config, load_model
@@ -132,12 +133,15 @@ def _evaluate_cached(
 
 
 @contextmanager
-def run_folder(recipe: Recipe, overwrite: bool, progress: Progress) -> Iterator[tuple[RunDir, StageLog]]:
+def run_folder(
+    recipe: Recipe, overwrite: bool, progress: Progress, extra_fields: dict[str, Any] | None = None, kind: str = "run"
+) -> Iterator[tuple[RunDir, StageLog]]:
     """An output folder that is finished atomically (or marked FAILED), with stage timing and memory. While it is
     held, SIGTERM / SIGINT stop cleanly: FAILED.json with the reason, the claim released, and during training a
-    checkpoint at the end of the current step (``pktransfer.signals``)."""
+    checkpoint at the end of the current step (``pktransfer.signals``). ``extra_fields``: more of what the folder's
+    results depend on (it is resumed only when they match too)."""
     with stop_cleanly():
-        rd = RunDir(recipe.output_dir, overwrite=overwrite, recipe=recipe.dump())
+        rd = RunDir(recipe.output_dir, overwrite=overwrite, recipe={**recipe.dump(), **(extra_fields or {})}, kind=kind)
         if rd.claim.took_over is not None:
             progress.log(f"taking over {rd.final} from a process that is gone ({rd.claim.took_over.describe()})")
         if rd.resumed:
@@ -189,14 +193,16 @@ def check_recipe(recipe: Recipe) -> tuple[Task, list[Item]]:
 class TeacherHandle:
     """The teacher for one run: loaded on first use, released once, whatever happens (a context manager)."""
 
-    def __init__(self, spec: ModelSpec, log: StageLog, progress: Progress) -> None:
-        self.spec, self.log, self.progress = spec, log, progress
+    def __init__(self, spec: ModelSpec, log: StageLog, progress: Progress, guard: LeakGuard | None = None) -> None:
+        self.spec, self.log, self.progress, self.guard = spec, log, progress, guard
         self._loaded: LoadedModel | None = None
 
     def __call__(self) -> LoadedModel:
         if self._loaded is None:
             with self.log.stage("load_teacher"):
                 self._loaded = load_model(self.spec, log=self.progress.log)
+            if self.guard is not None:
+                self.guard.watch(self._loaded.model, self._loaded.tokenizer, "teacher")
         return self._loaded
 
     def release(self) -> None:
@@ -257,20 +263,25 @@ def _run(
     """The body of ``run`` (also each worker process's, with ``evaluate`` off)."""
     task, train_items = check_recipe(recipe)
     method = get_method(recipe.method)
+    guard = guard_for(task)
     started = time.time()
-    with run_folder(recipe, overwrite, progress) as (rd, log), TeacherHandle(recipe.teacher, log, progress) as teacher:
+    with (
+        run_folder(recipe, overwrite, progress) as (rd, log),
+        TeacherHandle(recipe.teacher, log, progress, guard) as teacher,
+    ):
         metrics: dict[str, dict[str, Any]] = {}
         if evaluate and recipe.evaluation.teacher:
             metrics["teacher"] = _evaluate_teacher(rd, log, teacher, task, recipe, progress)
             if not method.needs_teacher:
                 teacher.release()
-        student, formatter = _load_student(recipe, task, log, progress)
+        student, formatter = _load_student(recipe, task, log, progress, guard)
         if evaluate and recipe.evaluation.student:
             with log.stage("eval_student"):
                 metrics["student"] = _evaluate_cached(rd, student.model, formatter, task, recipe, "student", progress)
         examples = encode_items(formatter, train_items, recipe.training.max_length, f"task '{task.name}' train split")
         ctx = MethodContext(recipe, student, task, formatter, rd.work, progress, teacher, examples, cache_dir=cache_dir)
-        trained = _prepare_and_train(method, ctx, rd, log, teacher)
+        with guard.active("preparation and training"):
+            trained = _prepare_and_train(method, ctx, rd, log, teacher, guard)
         teacher.release()
         merged, outputs = _save(method, trained, student, recipe, rd)
         if evaluate:
@@ -295,6 +306,7 @@ def _run(
             metrics=metric_table(metrics),
             method=method.report(),
             outputs=outputs,
+            **({"leak_guard": guard.report()} if guard.report() else {}),
         )
         rd.write_json("run.json", info)
         write_text(rd.path("report.md"), render_markdown(info))
@@ -339,14 +351,19 @@ def _evaluate_teacher(
         return _evaluate_cached(rd, loaded.model, formatter_for(loaded, task, recipe), task, recipe, "teacher", progress)
 
 
-def _load_student(recipe: Recipe, task: Task, log: StageLog, progress: Progress) -> tuple[LoadedModel, PromptFormatter]:
+def _load_student(
+    recipe: Recipe, task: Task, log: StageLog, progress: Progress, guard: LeakGuard
+) -> tuple[LoadedModel, PromptFormatter]:
     with log.stage("load_student"):
         student = load_model(recipe.student, log=progress.log)
         untie_if_targeted(student, recipe.lora.target_modules, progress.log)  # merging must not move lm_head
+    guard.watch(student.model, student.tokenizer, "student")
     return student, formatter_for(student, task, recipe)
 
 
-def _prepare_and_train(method: Any, ctx: MethodContext, rd: RunDir, log: StageLog, teacher: TeacherHandle) -> Trained:
+def _prepare_and_train(
+    method: Any, ctx: MethodContext, rd: RunDir, log: StageLog, teacher: TeacherHandle, guard: LeakGuard
+) -> Trained:
     """The method's preparation, then the shared LoRA training (unless the method trained what it trains)."""
     recipe = ctx.recipe
     seed_everything(recipe.seed)
@@ -366,7 +383,7 @@ def _prepare_and_train(method: Any, ctx: MethodContext, rd: RunDir, log: StageLo
                 "training_tokens": t.get("tokens_seen"),
             },
         )
-    curve = learning_curve_callback(ctx, method)
+    curve = learning_curve_callback(ctx, method, guard)
     ledger = cost_ledger_callback(ctx, method, curve)
     with log.stage("train"):
         try:
@@ -487,7 +504,7 @@ def cost_ledger_callback(ctx: MethodContext, method: Any, curve: Any = None) -> 
     return CostLedger()
 
 
-def learning_curve_callback(ctx: MethodContext, method: Any) -> Any:
+def learning_curve_callback(ctx: MethodContext, method: Any, guard: LeakGuard) -> Any:
     """``evaluation.learning_curve: N``: a ``TrainerCallback`` that scores the validation items with the adapter as it
     stands at every 1/N of the training steps (eval mode, greedy: it draws no random numbers, so training is unchanged),
     kept in ``points`` as {step, fraction, validation}. None when the recipe asks for no curve."""
@@ -510,9 +527,10 @@ def learning_curve_callback(ctx: MethodContext, method: Any) -> Any:
                 return
             model.eval()
             try:
-                res = evaluate_items(
-                    model, ctx.formatter, items, label="curve", task=ctx.task, split="validation", options=options
-                )
+                with guard.active(None):  # evaluation may ask what the student side never reads
+                    res = evaluate_items(
+                        model, ctx.formatter, items, label="curve", task=ctx.task, split="validation", options=options
+                    )
             finally:
                 model.train()
             self.points.append({"step": state.global_step, "fraction": state.global_step / total, "validation": res.accuracy})
@@ -596,11 +614,17 @@ def run_verb(
     v = method_verb(recipe, verb)  # fail fast, before any output folder exists
     task, _ = check_recipe(recipe)
     v.check(recipe, task)  # check_recipe above already checked the teacher of a method that needs one
+    guard = guard_for(task)
     started = time.time()
-    with run_folder(recipe, overwrite, progress) as (rd, log), TeacherHandle(recipe.teacher, log, progress) as teacher:
-        student, formatter = _load_student(recipe, task, log, progress)
+    with (
+        run_folder(recipe, overwrite, progress) as (rd, log),
+        TeacherHandle(recipe.teacher, log, progress, guard) as teacher,
+    ):
+        student, formatter = _load_student(recipe, task, log, progress, guard)
         ctx = MethodContext(recipe, student, task, formatter, rd.work, progress, teacher)
-        info = run_info(recipe, log, started, verb=verb, **v.run(get_method(recipe.method), ctx, log))
+        with guard.active(verb):
+            done = v.run(get_method(recipe.method), ctx, log)
+        info = run_info(recipe, log, started, verb=verb, **done, **({"leak_guard": guard.report()} if guard.report() else {}))
         info["budget"] = {"teacher": ctx.teacher_work.to_dict()}  # what the grid's cells share, counted once
         rd.write_json("run.json", info)
     return RunResult(rd.finish(), info)

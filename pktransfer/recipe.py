@@ -24,6 +24,7 @@ from pktransfer.config import (  # noqa: F401  (re-exported: recipes are built f
     LoraSpec,
     MethodConfig,
     ModelSpec,
+    PlantSpec,
     Strict,
     TaskSpec,
     TrainingSpec,
@@ -180,6 +181,9 @@ class Recipe(Strict):
     seed: int = Field(default=0, ge=0)
     output_dir: str = "runs/run"
     compare: CompareSpec | None = Field(default=None, description="the grid `pkt compare` runs (ignored by `pkt run`)")
+    plant: PlantSpec | None = Field(
+        default=None, description="`pkt plant`: how the teacher is given a planted task's facts (ignored by `pkt run`)"
+    )
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Recipe:
@@ -193,7 +197,10 @@ class Recipe(Strict):
         return self
 
     def dump(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        data = self.model_dump(mode="json")
+        if data["plant"] is None:  # absent unless set: recipes and records made before the section existed read the same
+            del data["plant"]
+        return data
 
 
 def _rebuild_method_union() -> None:

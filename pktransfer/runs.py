@@ -145,7 +145,7 @@ class StageLog:
 
 MARKER = ".pktransfer.json"  # in every folder pktransfer creates: only such folders may be replaced or resumed
 # recipe fields that do not change a run's results (a resumed run may differ in these)
-NOT_RESULT_FIELDS = ("output_dir", "compare")
+NOT_RESULT_FIELDS = ("output_dir", "compare", "plant")
 
 
 def result_fields(recipe: dict[str, Any], ignore: tuple[str, ...] = NOT_RESULT_FIELDS) -> dict[str, Any]:

@@ -354,3 +354,30 @@ def test_super_ni_answer_is_normalised_before_exact_match():
     task = get_task("super_ni")
     item = Item(id="x", prompt="Classify", response="Positive", reference="Positive")
     assert task.score("positive.", item)["correct"] and not task.score("The answer is negative", item)["correct"]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "gemma2"])
+def test_shared_context_scoring_equals_scoring_each_continuation_alone(tmp_path, family):
+    """Multi-token choices are scored from one cached read of each context (the planted-facts task's candidates):
+    the sums must be those of scoring every (context + continuation) alone, for contexts of different lengths in one
+    batch (right padding, positions after the real length) and continuations of different lengths (one token too).
+    Gemma 2's short sliding window takes the separate path, which must give the same sums."""
+    from conftest import STUDENT_SHAPE, make_model
+
+    from pktransfer.evaluation import generation
+
+    model = make_model(family, vocab=40, seed=3, **STUDENT_SHAPE).eval()
+    g = torch.Generator().manual_seed(0)
+    contexts = [torch.randint(4, 40, (n,), generator=g).tolist() for n in (9, 3, 6, 12)]
+    conts = [
+        [torch.randint(4, 40, (m,), generator=g).tolist() for m in lengths]
+        for lengths in ([3, 2, 4], [1, 3], [2, 2, 2, 5], [4, 1])
+    ]
+    got = continuation_logliks(model, contexts, conts, batch_size=3, pad_id=0)
+    assert generation._shared_context_fits(model, 17) == (family != "gemma2")  # the tiny Gemma 2 has a 16-token window
+    with torch.no_grad():
+        for i, ctx in enumerate(contexts):
+            for j, cont in enumerate(conts[i]):
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits.float(), -1)[0]
+                want = sum(float(logp[len(ctx) - 1 + k, t]) for k, t in enumerate(cont))
+                assert got[i][j] == pytest.approx(want, abs=1e-4), (i, j)

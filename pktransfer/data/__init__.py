@@ -1,6 +1,6 @@
 """Tasks, items, splits and prompt formatting."""
 
-from pktransfer.data import arithmetic, benchmarks, local  # noqa: F401  (register the built-in tasks)
+from pktransfer.data import arithmetic, benchmarks, local, planted  # noqa: F401  (register the built-in tasks)
 from pktransfer.data.formatting import IGNORE_INDEX, TULU_VARIANTS, Example, PromptFormatter, encode_items, recipe_formatter
 from pktransfer.data.tasks import SPLITS, Item, Task, get_task, register_task, resolve_data_dir, task_names, train_and_validation
 

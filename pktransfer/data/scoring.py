@@ -105,8 +105,16 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - prod
 
 
+def exact_match_word(output: str, reference: str) -> tuple[str | None, bool]:
+    """A one-word answer: the output's first line without surrounding spaces and final '.' / '!', compared with the
+    reference ignoring case ('Zorvel.' matches 'Zorvel'; 'Zorvel is' does not)."""
+    word = output.strip().split("\n", 1)[0].strip().rstrip(".!").strip()
+    return word, word.casefold() == reference.strip().casefold()
+
+
 SCORERS: dict[str, Callable[[str, str], tuple[str | None, bool]]] = {
     "exact_match_number": exact_match_number,
     "exact_match": exact_match,
+    "exact_match_word": exact_match_word,
     "gsm8k_strict": gsm8k_strict,
 }

@@ -52,6 +52,18 @@ class Task(ABC):
     kind: str = "generate"
     stop_strings: tuple[str, ...] = ()  # generation stops at the first of these (cut from the output)
     plain_separator: str = "\n"  # between prompt and response in the plain format ("" for "...Answer:")
+    # choice tasks: also record a short greedy answer (scored by ``score``), the length-normalised prediction and the
+    # gold choice's log-likelihood margin over the best other choice
+    choice_generates: bool = False
+
+    def primary_metric(self) -> str | None:
+        """The summary metric that is the task's accuracy (None: the kind's own, e.g. choice tasks' acc,micro)."""
+        return None
+
+    def held_out_strings(self) -> list[str]:
+        """Strings no text a method hands to a model while it prepares or trains may contain (``pktransfer.leakguard``);
+        [] for tasks that hold nothing back from the student side."""
+        return []
 
     def score(self, output: str, item: Item) -> dict[str, Any]:
         """Per-item scores: ``extracted``, ``correct`` (the primary metric) and optional other ``metrics``."""

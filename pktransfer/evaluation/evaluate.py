@@ -181,34 +181,60 @@ def _choice_kind(
         contexts.append(pairs[0][0])
         conts.append([p[1] for p in pairs])
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    steps = 2 if task.choice_generates else 1  # progress: scoring, then the greedy answers
     ll, used = run_batched(
         model,
         opts.batch_size,
-        lambda bs: continuation_logliks(model, contexts, conts, batch_size=bs, pad_id=pad, on_batch=advance),
+        lambda bs: continuation_logliks(model, contexts, conts, batch_size=bs, pad_id=pad, on_batch=lambda k: advance(k / steps)),
         start=32,
     )
+    greedy: list[str] | None = None
+    if task.choice_generates:
+        (greedy, _n), _used = _generate_outputs(model, formatter, texts, task, opts, lambda k: advance(k / steps))
+    normed = task.primary_metric() == "acc_norm"
     records, by_subject = [], defaultdict(list)
-    for it, text, scores in zip(items, texts, ll, strict=True):
+    for k, (it, text, scores) in enumerate(zip(items, texts, ll, strict=True)):
         letters = [c.strip() for c in it.metadata["choices"]]
         pred = letters[max(range(len(scores)), key=lambda j: scores[j])]
+        rec: dict[str, Any] = {
+            "id": it.id,
+            "prompt": it.prompt,
+            "model_input": text,
+            "output": None,
+            "loglik": dict(zip(letters, scores, strict=True)),
+        }
+        if task.choice_generates:
+            pred_norm = letters[max(range(len(scores)), key=lambda j: scores[j] / len(letters[j].encode()))]
+            gold = scores[letters.index(it.reference)]
+            s = task.score(greedy[k], it)  # type: ignore[index]
+            rec.update(
+                output=greedy[k],  # type: ignore[index]
+                extracted_sum=pred,
+                extracted_norm=pred_norm,
+                correct_sum=pred == it.reference,
+                correct_norm=pred_norm == it.reference,
+                margin=gold - max(v for j, v in enumerate(scores) if letters[j] != it.reference),
+                greedy=s["extracted"],
+                greedy_correct=bool(s["correct"]),
+            )
+            pred = pred_norm if normed else pred
         ok = pred == it.reference
         subject = it.metadata.get("subject", "all")
         by_subject[subject].append(float(ok))
-        records.append(
-            {
-                "id": it.id,
-                "prompt": it.prompt,
-                "model_input": text,
-                "output": None,
-                "loglik": dict(zip(letters, scores, strict=True)),
-                "extracted": pred,
-                "reference": it.reference,
-                "correct": ok,
-                "subject": subject,
-            }
-        )
+        rec.update(extracted=pred, reference=it.reference, correct=ok, subject=subject)
+        records.append(rec)
     per_subject = {s: {"n": len(v), "accuracy": _mean(v)} for s, v in sorted(by_subject.items())}
-    letters = [c.strip() for c in items[0].metadata["choices"]] if items else []
+    letters = list(dict.fromkeys(c.strip() for it in items for c in it.metadata["choices"]))
+    extra_metrics: dict[str, float] = {}
+    extra: dict[str, Any] = {}
+    if task.choice_generates:
+        extra_metrics = {
+            "acc": _mean([float(r["correct_sum"]) for r in records]),
+            "acc_norm": _mean([float(r["correct_norm"]) for r in records]),
+            "exact_match": _mean([float(r["greedy_correct"]) for r in records]),
+        }
+        margins = sorted(r["margin"] for r in records)
+        extra["margin"] = {"mean": _mean(margins), "median": margins[len(margins) // 2] if margins else 0.0}
     return records, {
         # how often each answer is predicted and is right: a model that leans on one letter shows it here
         "predicted": {L: sum(r["extracted"] == L for r in records) for L in letters},
@@ -216,7 +242,9 @@ def _choice_kind(
         "metrics": {
             "acc,micro": _mean([float(r["correct"]) for r in records]),
             "acc,macro": _mean([v["accuracy"] for v in per_subject.values()]),
+            **extra_metrics,
         },
+        **extra,
         "per_subject": per_subject,
         "batch_size_used": used,
     }
@@ -308,7 +336,7 @@ def evaluate_items(
             records, extra = _generate_kind(model, formatter, items, task, opts, advance)
     seconds = time.perf_counter() - t0
     n_correct = sum(bool(r["correct"]) for r in records)
-    primary = {"choice": "acc,micro", "code": "pass@1"}.get(task.kind)
+    primary = task.primary_metric() or {"choice": "acc,micro", "code": "pass@1"}.get(task.kind)
     accuracy = extra["metrics"][primary] if primary in extra.get("metrics", {}) else n_correct / len(items)
     tokens = extra.pop("generated_tokens", None)
     summary = {
@@ -323,7 +351,7 @@ def evaluate_items(
         **extra,
         "protocol": {
             "decoding": "greedy" if task.kind != "code" or opts.n_samples == 1 else "sampled",
-            "max_new_tokens": opts.max_new_tokens if task.kind != "choice" else None,
+            "max_new_tokens": opts.max_new_tokens if task.kind != "choice" or task.choice_generates else None,
             "batch_size": opts.batch_size,
             "prompt_format": formatter.describe(),
             "limit": opts.limit,
