@@ -117,7 +117,9 @@ class LoraSpec(Strict):
 
 class TrainingSpec(Strict):
     epochs: float = Field(default=1.0, gt=0)
-    max_steps: int | None = Field(default=None, ge=1, description="overrides epochs when set")
+    max_steps: int | None = Field(
+        default=None, ge=0, description="overrides epochs when set; 0: no training (a start evaluated as it is built)"
+    )
     lr: float = Field(default=3e-4, gt=0, le=1)
     batch_size: int = Field(default=8, ge=1)
     grad_accum: int = Field(default=1, ge=1)

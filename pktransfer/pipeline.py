@@ -383,6 +383,13 @@ def _prepare_and_train(
                 "training_tokens": t.get("tokens_seen"),
             },
         )
+    if recipe.training.max_steps == 0:  # the start as it is (e.g. a training-free transfer): nothing to train
+        return Trained(
+            model,
+            {"steps": 0, "seconds": 0.0, "final_loss": None, "resumed_from": None},
+            {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad), "optimizer_steps": 0,
+             "training_tokens": 0, **method.spent()},
+        )  # fmt: skip
     curve = learning_curve_callback(ctx, method, guard)
     ledger = cost_ledger_callback(ctx, method, curve)
     with log.stage("train"):
@@ -547,7 +554,7 @@ def _save(method: Any, trained: Trained, student: LoadedModel, recipe: Recipe, r
         merged = trained.model.merge_and_unload()
     else:
         merged = trained.model
-    save_merged = recipe.training.save_merged or not method.post_training
+    save_merged = recipe.training.save_merged or not method.post_training or method.saves_merged()
     return merged, {
         "adapter": "adapter" if method.post_training else None,
         "merged": "merged" if save_merged else None,

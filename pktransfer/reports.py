@@ -68,7 +68,7 @@ def budget_in_words(result: dict[str, Any]) -> str:
     r = result["recipe"]
     t, lo, ev, task = r["training"], r["lora"], r["evaluation"], r["task"]
     steps = sorted({c["steps"] for c in result["cells"]})
-    length = f"{t['max_steps']} optimiser steps" if t["max_steps"] else f"{t['epochs']:g} epoch(s)"
+    length = f"{t['max_steps']} optimiser steps" if t["max_steps"] is not None else f"{t['epochs']:g} epoch(s)"
     n_eval = sorted({n for c in result["cells"] for n in c["n_eval"].values()})
     return (
         f"Every cell trains the student `{r['student']['model']}` on task `{task['name']}` "

@@ -15,6 +15,13 @@ from pktransfer.data.planted import ATTRIBUTES, GROUPS, make_fact_table
 from pktransfer.data.scoring import exact_match_word
 from pktransfer.errors import DataError, RecipeError
 
+# every method of the MMLU study, and the teacher-delta start alone and composed (it trains its own teacher delta on the
+# task's train split here, which must hold A's facts only too)
+METHODS = [
+    *STUDY_METHODS,
+    {"name": "delta", "teacher_training": {"epochs": 1, "r": 2}},
+    {"name": "compose", "start": {"name": "delta", "teacher_training": {"epochs": 1, "r": 2}}, "objective": {"name": "gkd"}},
+]
 SMALL = {
     "people": {"A": 4, "B_val": 2, "B_test": 3},
     "attributes": ["city", "pet"],
@@ -133,7 +140,13 @@ def test_a_planted_evaluation_records_both_rankings_the_margin_and_a_greedy_answ
     assert res.run["leak_guard"]["model_inputs_checked"] > 0 and res.run["leak_guard"]["found"] == 0
 
 
-@pytest.mark.parametrize("method", STUDY_METHODS, ids=lambda m: m["name"] + ("-" + m["structure"] if "structure" in m else ""))
+def _method_id(m: dict) -> str:
+    if m["name"] == "compose":
+        return f"{m['start']['name']}+{m['objective']['name']}"
+    return m["name"] + ("-" + m["structure"] if "structure" in m else "")
+
+
+@pytest.mark.parametrize("method", METHODS, ids=_method_id)
 def test_no_b_name_reaches_any_model_call_of_any_method(tiny_recipe, method, monkeypatch):
     """Every text a method hands to any model while it prepares and trains (decoded from the token ids the model's
     input embedding reads) is recorded; none may hold a B person's name, and the A people must be there (the scan
@@ -159,8 +172,8 @@ def test_no_b_name_reaches_any_model_call_of_any_method(tiny_recipe, method, mon
     assert seen and not [(role, n) for role, t in seen for n in _names_in(t, b_names)]
     assert {n for _, t in seen for n in _names_in(t, a_names)}
     assert res.run["leak_guard"] == {"held_out_strings": len(b_names), "model_inputs_checked": len(seen), "found": 0}
-    if method["name"] in ("kd", "gkd", "hidden_kd", "semalign", "seeking", "compose", "weight_selection", "laten"):
-        assert "teacher" in {role for role, _ in seen} or method["name"] == "weight_selection"
+    if method["name"] not in ("lora", "pissa", "weight_selection"):  # these read no teacher output
+        assert "teacher" in {role for role, _ in seen}
 
 
 def test_a_b_name_in_a_training_text_fails_the_run_with_one_clear_error(tiny_recipe, monkeypatch):

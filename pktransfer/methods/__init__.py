@@ -5,6 +5,7 @@ from __future__ import annotations
 from pktransfer.methods import registry
 from pktransfer.methods.base import Method, MethodContext
 from pktransfer.methods.compose import ComposeMethod
+from pktransfer.methods.delta import DeltaMethod
 from pktransfer.methods.gkd import GkdMethod
 from pktransfer.methods.hidden_kd import HiddenKdMethod
 from pktransfer.methods.kd import KdMethod
@@ -23,6 +24,7 @@ registry.register(SemAlignMethod)
 registry.register(LatenMethod)
 registry.register(GkdMethod)
 registry.register(HiddenKdMethod)
+registry.register(DeltaMethod)
 registry.register(ComposeMethod)
 
 

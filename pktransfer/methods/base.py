@@ -245,6 +245,10 @@ class Method(ABC, Generic[C]):
         """Lines the comparison report adds for this method's entries (``labels``)."""
         return []
 
+    def saves_merged(self) -> bool:
+        """Whether the run must also write the merged student (the adapter alone does not reproduce it)."""
+        return False
+
     def save_adapter(self, model: Any, folder: Path) -> None:
         """Write a standard PEFT adapter folder loadable on the *unmodified* student."""
         if self.initial_lora is not None:

@@ -83,6 +83,9 @@ class ComposeMethod(Method):
             "objective": {"name": self.objective.name, **self.objective.report()},
         }
 
+    def saves_merged(self) -> bool:
+        return self.start.saves_merged()
+
     def save_adapter(self, model: Any, folder: Path) -> None:
         self.start.save_adapter(model, folder)
 
