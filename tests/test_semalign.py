@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -470,3 +471,131 @@ def test_semalign_refuses_a_pair_with_different_vocabularies(tiny_recipe, tmp_pa
     with pytest.raises(IncompatiblePairError, match="vocabularies"):
         pktransfer.run(_recipe(tiny_recipe), quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+# ---- SemAlign v2 (arXiv 2510.24208 v2; ACL 2026 Findings) ----------------------------------------------------
+
+
+def test_v2_picks_exactly_one_source_per_target_within_its_depth_window():
+    from pktransfer.ops.semantic import one_source_per_target
+
+    # L_T 6, L_S 4: grid l_k = 1, 3, 4, 6 -> windows {1}, {2, 3}, {4}, {5, 6}
+    assert one_source_per_target([0.1, 0.5, 0.2, 0.3, 0.9, 0.1], 6, 4) == [1, 2, 4, 5]
+    assert one_source_per_target([0.0] * 6, 6, 4) == [1, 3, 4, 6]  # ties: the deepest, the grid layer
+    assert one_source_per_target([3, 2, 1], 3, 3) == [1, 2, 3]  # equal depths: layer to layer
+    # 28 -> 24 (the offline pair): one source per target, strictly deeper each time, every source in its window
+    scores = [float((7 * j) % 11) for j in range(28)]
+    sources = one_source_per_target(scores, 28, 24)
+    assert len(sources) == 24 and all(a < b for a, b in itertools.pairwise(sources))
+    with pytest.raises(ValueError):
+        one_source_per_target([0.0] * 3, 3, 4)
+
+
+def test_relation_geometry_is_invariant_to_rotation_translation_and_scale_of_either_side():
+    from pktransfer.ops.semantic import centred_gram, relation_distance
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
+    shift = torch.randn(1, 5, generator=g, dtype=torch.float64)
+    gram = centred_gram(x)
+    assert torch.allclose(gram.norm(), torch.tensor(1.0, dtype=gram.dtype))
+    for same in (x @ q, x + shift, 3.0 * x, 3.0 * (x @ q) + shift):
+        assert torch.allclose(centred_gram(same), gram, atol=1e-6)
+        assert float(relation_distance(same, gram)) == pytest.approx(0.0, abs=1e-10)
+    # the student side may be narrower: only the token-token geometry is compared
+    wide = torch.cat([x @ q, torch.zeros(7, 3, dtype=x.dtype)], dim=1) + 1.0
+    assert float(relation_distance(wide, gram)) == pytest.approx(0.0, abs=1e-10)
+    # by hand: centred rows [-1], [1] -> G = [[1, -1], [-1, 1]] / 2
+    assert torch.allclose(centred_gram(torch.tensor([[0.0], [2.0]])), torch.tensor([[1.0, -1.0], [-1.0, 1.0]]) / 2)
+    other = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    assert 0 < float(relation_distance(other, gram)) <= 4
+
+
+def test_the_fisher_quadratic_is_the_second_order_term_of_the_kl():
+    from pktransfer.ops.semantic import fisher_quadratic
+
+    g = torch.Generator().manual_seed(1)
+    z_t = torch.randn(3, 9, generator=g, dtype=torch.float64)
+    d = torch.randn(3, 9, generator=g, dtype=torch.float64)
+    p = torch.softmax(z_t, -1)
+    fisher = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    explicit = 0.5 * torch.einsum("ni,nij,nj->n", d, fisher, d)
+    assert torch.allclose(fisher_quadratic(z_t + d, z_t).double(), explicit, atol=1e-6)
+    eps = 1e-3  # KL(p_T ‖ softmax(z_T + ε d)) = ε²·½ dᵀFd + O(ε³)
+    kl = (p * (torch.log_softmax(z_t, -1) - torch.log_softmax(z_t + eps * d, -1))).sum(-1)
+    assert torch.allclose(kl, eps**2 * explicit, rtol=1e-2)
+    assert torch.allclose(fisher_quadratic(z_t + 5.0, z_t).double(), torch.zeros(3, dtype=torch.float64), atol=1e-5)
+
+
+def test_v2_settings_are_checked():
+    spec = recipe_from_dict({"method": {"name": "semalign", "version": "v2"}}).method
+    assert (spec.schedule, spec.output_loss, spec.point) == ("shallow_to_deep", "kl", "layer")
+    for bad, match in (
+        ({"version": "v2", "schedule": "joint"}, "v2 uses schedule: shallow_to_deep"),
+        ({"version": "v2", "critical_layers": 2}, "leave critical_layers unset"),
+        ({"version": "v2", "output_loss": "onehot_cosine"}, "v2 uses output_loss: kl"),
+        ({"layer_objective": "fisher"}, "set version: v2"),
+    ):
+        with pytest.raises(RecipeError, match=match):
+            recipe_from_dict({"method": {"name": "semalign", **bad}})
+
+
+@pytest.mark.parametrize("objective", ["relation", "fisher"])
+def test_v2_cached_and_live_targets_give_the_same_loss(tiny_recipe, tmp_path, objective):
+    from conftest import tiny_method_context
+
+    from pktransfer.training import collate_examples
+
+    losses = {}
+    for name, cache in (("live", False), ("cached", True)):
+        recipe = _recipe(
+            tiny_recipe, version="v2", layer_objective=objective, cache=cache, cache_dir=str(tmp_path / "c"), top_k=None
+        )
+        method, ctx = tiny_method_context(recipe, tmp_path / name)
+        model = method.prepare(ctx)
+        assert [(p.student, p.a) for p in method.pairs] == [(1, method.pairs[0].a), (2, method.pairs[1].a)]
+        assert method.pairs[0].a in (1, 2) and method.pairs[1].a in (3, 4)  # one source per target, in its window
+        method.set_phase(1)  # the deeper frontier
+        model.train()
+        batch = collate_examples(ctx.examples[2:6], ctx.student.tokenizer.pad_token_id, first_index=2)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss = method.training_loss(ctx)(out, batch, None)
+        loss.backward()
+        grads = {
+            int(n.split("layers.")[1].split(".")[0])
+            for n, p in model.named_parameters()
+            if "lora_" in n and p.grad is not None and p.grad.abs().sum() > 0
+        }
+        assert grads == {1}  # only the frontier layer's LoRA receives gradients
+        losses[name] = loss.item()
+        method.finish_training()
+    assert losses["live"] == pytest.approx(losses["cached"], rel=2e-3) and losses["live"] > 0
+
+
+def test_v2_trains_only_the_frontier_layer_in_each_stage(tiny_recipe, monkeypatch):
+    from transformers import TrainerCallback
+
+    from pktransfer.methods.semalign import SemAlignMethod
+
+    snapshots: list[dict[str, torch.Tensor]] = []
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            snapshots.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            snapshots.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
+
+    callbacks = SemAlignMethod.callbacks
+    monkeypatch.setattr(SemAlignMethod, "callbacks", lambda self, ctx: [*callbacks(self, ctx), Snapshot()])
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    tiny_recipe["training"].update(max_steps=4, save_steps=50, warmup_ratio=0.0)  # no zero-rate first step
+    res = pktransfer.run(_recipe(tiny_recipe, version="v2"), quiet=True, evaluate=False)
+    assert res.run["method"]["version"] == "v2" and len(res.run["method"]["pairs"]) == 2
+    assert len(snapshots) == 5  # before training, then after each of the 4 steps (2 per stage)
+
+    def changed(a: dict, b: dict) -> set[int]:
+        return {int(n.split("layers.")[1].split(".")[0]) for n in a if not torch.equal(a[n], b[n])}
+
+    assert [changed(snapshots[i], snapshots[i + 1]) for i in range(4)] == [{0}, {0}, {1}, {1}]

@@ -19,6 +19,13 @@ vocabulary-based semantic bases, supervise paired student layers. Reads like met
    one-hot cosine by T²·KL(teacher_T ‖ student_T) on the teacher's cached top-k logits (KD's cache).
 
 Positions are the ones the plain loss uses: those whose next token belongs to the response.
+
+``version: v2`` (the authors' revision, arXiv v2 / ACL 2026; every detail the text leaves open is "our reading" in
+docs/methods/semalign.md): exactly one source teacher layer per student layer (``ops.semantic.one_source_per_target``),
+a shallow-to-deep frontier schedule over every student layer (only the frontier layer's LoRA trains), and per stage
+the frontier layer's objective plus output KL: ``relation``, ‖G(r_S) − G(M r_T)‖² between the centred, normalised
+token-token Grams of the layer's residual contribution and the aligned source residual; or ``fisher``, ½dᵀFd on the
+target-space aligned logits.
 """
 
 from __future__ import annotations
@@ -55,12 +62,17 @@ from pktransfer.ops.offload import input_device, stored_value
 from pktransfer.ops.semantic import (
     LayerPair,
     alignment_terms,
+    centred_gram,
     dual_map,
+    fisher_quadratic,
     gram_pinv,
+    grid_layer,
     interpolate,
     layer_pairs,
     map_activations,
+    one_source_per_target,
     recompose_map,
+    relation_distance,
     top_layers,
 )
 from pktransfer.progress import Progress
@@ -91,6 +103,28 @@ def capture(modules: dict[int, Any], store: dict[int, torch.Tensor], when: Any =
         return hook
 
     handles = [m.register_forward_hook(hook_for(k)) for k, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def capture_residuals(
+    modules: dict[int, Any], store: dict[int, tuple[torch.Tensor, torch.Tensor]], when: Any = None
+) -> Iterator[None]:
+    """Forward hooks writing each decoder layer's (input, output) hidden states (graph kept) into ``store[key]``: the
+    layer's residual contribution is output − input."""
+
+    def hook_for(key: int) -> Any:
+        def hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
+            if when is None or when(key):
+                store[key] = (args[0] if args else kwargs["hidden_states"], _first(output))
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(k), with_kwargs=True) for k, m in modules.items()]
     try:
         yield
     finally:
@@ -279,6 +313,75 @@ def precompute_targets(
     return pack_per_example(counts, {f"pair.{k}": v for k, v in parts.items()})
 
 
+# ---- 4'. v2 targets: the aligned supervisory residual's relation geometry, or aligned hidden states ---------
+
+
+def v2_positions(batch: dict[str, torch.Tensor], which: str) -> torch.Tensor:
+    """[B, L] bool: the tokens whose relation geometry is matched (every real token, or the response positions)."""
+    if which == "all":
+        return batch["attention_mask"].bool()
+    mask = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    mask[:, :-1] = response_positions(batch["labels"])
+    return mask
+
+
+@torch.no_grad()
+def teacher_targets_v2(
+    teacher: Any, pairs: list[LayerPair], m: torch.Tensor, batch: dict[str, torch.Tensor], objective: str, positions: str
+) -> list[list[torch.Tensor]]:
+    """Per pair, per example: ``relation``: the centred, normalised Gram [T, T] of the aligned supervisory residual
+    M·(h_T^(j) − h_T^(j−1)) over the example's positions; ``fisher``: the aligned hidden states M·h_T^(j) [P, D_S] at
+    its response positions."""
+    model, arch = teacher.model, teacher.arch
+    device = input_device(model)
+    sources = sorted({p.a - 1 for p in pairs})
+    acts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    layers = {i: model.get_submodule(f"{arch.layers_path}.{i}") for i in sources}
+    with capture_residuals(layers, acts):
+        stop = layers[sources[-1]].register_forward_hook(_stop_forward)
+        try:
+            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        except _StopForward:
+            pass
+        finally:
+            stop.remove()
+    keep = v2_positions(batch, positions) if objective == "relation" else v2_positions(batch, "response")
+    out: list[list[torch.Tensor]] = []
+    for p in pairs:
+        h_in, h_out = (t.float() for t in acts[p.a - 1])
+        x = h_out - h_in if objective == "relation" else h_out
+        per_example = []
+        for b in range(x.shape[0]):
+            aligned = x[b][keep[b].to(x.device)] @ m.T.to(x.device)
+            per_example.append(centred_gram(aligned).flatten().cpu() if objective == "relation" else aligned.half().cpu())
+        out.append(per_example)
+    return out
+
+
+def precompute_targets_v2(
+    teacher: Any,
+    pairs: list[LayerPair],
+    m: torch.Tensor,
+    examples: list[Example],
+    batch_size: int,
+    objective: str,
+    positions: str,
+    progress: Progress,
+) -> dict[str, torch.Tensor]:
+    """v2 targets for every training example, packed per example (a relation Gram is stored flattened)."""
+    parts: dict[int, list[torch.Tensor]] = {p.student: [] for p in pairs}
+    counts: list[int] = []
+    with progress.task("semalign v2: teacher targets", total=len(examples)) as advance:
+        for start in range(0, len(examples), batch_size):
+            batch = collate_examples(examples[start : start + batch_size])
+            per_pair = teacher_targets_v2(teacher, pairs, m, batch, objective, positions)
+            for p, rows in zip(pairs, per_pair, strict=True):
+                parts[p.student].extend(rows)
+            counts.extend(int(r.shape[0]) for r in per_pair[0])
+            advance(len(batch["input_ids"]))
+    return pack_per_example(counts, {f"pair.{k}": v for k, v in parts.items()})
+
+
 # ---- the method -----------------------------------------------------------------------------------
 
 
@@ -286,6 +389,23 @@ class SemAlignConfig(MethodConfig):
     """SemAlign (methods.md §3): teacher activations mapped through semantic bases supervise paired student layers."""
 
     name: Literal["semalign"] = "semalign"
+    version: Literal["v1", "v2"] = Field(
+        default="v1",
+        description="v1: the seed's version (critical layers, cosine to recomposed activations); v2: the authors' "
+        "revision (arXiv 2510.24208 v2 / ACL 2026 Findings): one source layer per target layer, a shallow-to-deep "
+        "frontier schedule training one target layer at a time, a relation-geometry (or Fisher) layer objective and "
+        "output KL (docs/methods/semalign.md)",
+    )
+    layer_objective: Literal["relation", "fisher"] = Field(
+        default="relation",
+        description="v2's layer objective: relation (arXiv v2): ||G(r_S) − G(M r_T)||² between centred, normalised "
+        "token-token Grams of the frontier layer's residual contribution and the aligned teacher residual; fisher "
+        "(ACL 2026): ½ dᵀ F d on target-space aligned logits (d = z_S − z_T, F the softmax Fisher at z_T)",
+    )
+    relation_positions: Literal["all", "response"] = Field(
+        default="all",
+        description="v2 relation: the tokens whose geometry is matched (every real token, our reading; or the response)",
+    )
     n_seed: int = Field(default=32, ge=1, description="seed-split samples for the teacher's layer attribution")
     critical_layers: int | Literal["all"] = Field(
         default=4, description="how many top-attributed teacher layers to transfer ('all': pair every student layer)"
@@ -333,6 +453,16 @@ class SemAlignConfig(MethodConfig):
 
     @model_validator(mode="after")
     def _check(self) -> SemAlignConfig:
+        if self.version == "v2":  # v2 fixes what v1 leaves open: every target layer, frontier schedule, output KL
+            fixed = {"schedule": "shallow_to_deep", "output_loss": "kl", "point": "layer", "lora_layers": "paired"}
+            for key, value in fixed.items():
+                if key in self.model_fields_set and getattr(self, key) != value:
+                    raise ValueError(f"version v2 uses {key}: {value} (the authors' revision); leave {key} unset")
+                object.__setattr__(self, key, value)  # bypasses validate_assignment: this validator would run again
+            if "critical_layers" in self.model_fields_set:
+                raise ValueError("version v2 pairs every target layer with one source layer: leave critical_layers unset")
+        elif {"layer_objective", "relation_positions"} & self.model_fields_set:
+            raise ValueError("layer_objective and relation_positions are version v2 settings (set version: v2)")
         if isinstance(self.critical_layers, int) and self.critical_layers < 1:
             raise ValueError("critical_layers must be at least 1 (or 'all')")
         if self.activation_weight == 0 and self.logit_weight == 0:
@@ -359,6 +489,7 @@ class SemAlignMethod(Method):
         self._hooks: Any = None
         self._lora_params: dict[int, list[torch.nn.Parameter]] = {}
         self._info: dict[str, Any] = {}
+        self._head: Any = None  # v2 fisher: (a layer, the final norm, the LM head) of the student
 
     @property
     def teacher_during_training(self) -> bool:
@@ -426,11 +557,18 @@ class SemAlignMethod(Method):
 
         # 2. critical layers and pairs
         ranked = [abs(s) for s in scores] if spec.rank_by == "abs" else scores
-        if spec.critical_layers == "all":
-            critical = [max(1, (t_arch.n_layers * k) // s_arch.n_layers) for k in range(1, s_arch.n_layers + 1)]
+        if spec.version == "v2":  # exactly one source layer per target layer, in depth order
+            critical = one_source_per_target(ranked, t_arch.n_layers, s_arch.n_layers)
+            self.pairs = [
+                LayerPair(k, grid_layer(t_arch.n_layers, s_arch.n_layers, k), j, j, 0.0, (j,))
+                for k, j in enumerate(critical, start=1)
+            ]
         else:
-            critical = top_layers(ranked, min(spec.critical_layers, t_arch.n_layers))
-        self.pairs = layer_pairs(critical, t_arch.n_layers, s_arch.n_layers)
+            if spec.critical_layers == "all":
+                critical = [max(1, (t_arch.n_layers * k) // s_arch.n_layers) for k in range(1, s_arch.n_layers + 1)]
+            else:
+                critical = top_layers(ranked, min(spec.critical_layers, t_arch.n_layers))
+            self.pairs = layer_pairs(critical, t_arch.n_layers, s_arch.n_layers)
         write_json(
             out / "attribution.json",
             {
@@ -472,6 +610,11 @@ class SemAlignMethod(Method):
                     "point": spec.point,
                     "map": [map_info["teacher_head"], map_info["student_head"]],
                     "decomposition": spec.decomposition,
+                    **(
+                        {"version": "v2", "objective": spec.layer_objective, "positions": spec.relation_positions}
+                        if spec.version == "v2"
+                        else {}
+                    ),
                 },
                 sort_keys=True,
             )
@@ -483,15 +626,20 @@ class SemAlignMethod(Method):
 
             def compute() -> dict[str, torch.Tensor]:
                 t1 = time.perf_counter()
-                out = precompute_targets(
-                    teacher,
-                    self.pairs,
-                    spec.point,
-                    self.map,
-                    ctx.examples,
-                    ctx.recipe.training.batch_size,
-                    ctx.progress,
-                )
+                batch_size = ctx.recipe.training.batch_size
+                if spec.version == "v2":
+                    out = precompute_targets_v2(
+                        teacher,
+                        self.pairs,
+                        self.map,
+                        ctx.examples,
+                        batch_size,
+                        spec.layer_objective,
+                        spec.relation_positions,
+                        ctx.progress,
+                    )
+                else:
+                    out = precompute_targets(teacher, self.pairs, spec.point, self.map, ctx.examples, batch_size, ctx.progress)
                 ctx.teacher_work.add(
                     f"targets for {len(ctx.examples)} training examples (forward up to the deepest "
                     "paired layer; FLOPs counted as a full forward, an upper bound)",
@@ -501,7 +649,8 @@ class SemAlignMethod(Method):
                 )
                 return out
 
-            path = cached_file(folder, "semalign-targets", key, compute, ctx.progress, ctx.teacher_work)
+            prefix = "semalign-targets" if spec.version == "v1" else "semalign-v2-targets"
+            path = cached_file(folder, prefix, key, compute, ctx.progress, ctx.teacher_work)
             self.targets = PerExampleCache(path, len(ctx.examples), "semalign")
         else:
             self.teacher = teacher
@@ -517,7 +666,12 @@ class SemAlignMethod(Method):
         model = get_peft_model(student.model, config)
         base = model.base_model.model
         modules = {p.student: sublayer(base, s_arch, p.student - 1, spec.point) for p in self.pairs}
-        self._hooks = capture(modules, self._acts, when=lambda: self._capturing)
+        if spec.version == "v2":  # the frontier layer's input and output (its residual contribution)
+            active = lambda key: self._capturing and key in {p.student for p in self.active_pairs()}  # noqa: E731
+            self._hooks = capture_residuals(modules, self._acts, when=active)
+            self._head = (base.get_submodule(s_arch.final_norm_module), base.get_output_embeddings())
+        else:
+            self._hooks = capture(modules, self._acts, when=lambda: self._capturing)
         self._hooks.__enter__()
         self._capturing = True
         prefix = f"{s_arch.layers_path}."
@@ -526,6 +680,7 @@ class SemAlignMethod(Method):
                 layer = int(name.split(prefix, 1)[1].split(".", 1)[0])
                 self._lora_params.setdefault(layer, []).append(param)
         self._info = {
+            **({"version": "v2", "layer_objective": spec.layer_objective} if spec.version == "v2" else {}),
             "critical_teacher_layers": critical,
             "pairs": [p.to_dict() for p in self.pairs],
             "point": spec.point,
@@ -561,6 +716,8 @@ class SemAlignMethod(Method):
 
     def training_loss(self, ctx: MethodContext) -> LossFn:
         spec = self.spec
+        if spec.version == "v2":
+            return self._loss_v2(ctx)
 
         def loss(outputs: Any, batch: dict[str, torch.Tensor], n_tokens: Any) -> torch.Tensor:
             labels = batch["labels"]
@@ -597,6 +754,61 @@ class SemAlignMethod(Method):
                 logit = spec.temperature**2 * kl_to_teacher(logits, t_vals, spec.temperature, t_ids).sum()
             self._acts.clear()
             return (spec.activation_weight * act + spec.logit_weight * logit) / n
+
+        loss.response_logits = True  # type: ignore[attr-defined]
+        return loss
+
+    def _loss_v2(self, ctx: MethodContext) -> LossFn:
+        """v2: the frontier layer's objective (relation geometry of its residual contribution, or the Fisher quadratic
+        on aligned logits) plus output KL. Each example's relation term is weighted by its response tokens, so the
+        sum over a batch divided by the token count is a token-weighted mean, as every other loss here."""
+        spec = self.spec
+
+        def loss(outputs: Any, batch: dict[str, torch.Tensor], n_tokens: Any) -> torch.Tensor:
+            labels = batch["labels"]
+            device = outputs.logits.device
+            mask = response_positions(labels).to(device)
+            n = mask.sum() if n_tokens is None else n_tokens
+            pairs = self.active_pairs()
+            index = batch["index"].tolist()
+            live = None
+            if self.targets is None:
+                t0 = time.perf_counter()
+                live = teacher_targets_v2(self.teacher, pairs, self.map, batch, spec.layer_objective, spec.relation_positions)
+                ctx.teacher_work.add(
+                    "live v2 targets at every training batch (forward up to the deepest source layer)",
+                    forward_tokens=int(batch["attention_mask"].sum()),
+                    seconds=time.perf_counter() - t0,
+                    parameters=self.teacher.arch.n_parameters,
+                )
+            layer = torch.zeros((), device=device)
+            for k, p in enumerate(pairs):
+                h_in, h_out = self._acts[p.student]
+
+                def target(b: int, k: int = k, p: LayerPair = p) -> torch.Tensor:
+                    return live[k][b] if live is not None else self.targets.rows(f"pair.{p.student}", [index[b]])  # type: ignore[union-attr]
+
+                if spec.layer_objective == "relation":
+                    keep = v2_positions(batch, spec.relation_positions).to(device)
+                    residual = h_out - h_in
+                    weight = mask.sum(1)
+                    for b in range(residual.shape[0]):
+                        t = int(keep[b].sum())
+                        gram = target(b).float().reshape(t, t)
+                        layer = layer + weight[b] * relation_distance(residual[b][keep[b]], gram)
+                else:
+                    norm, head = self._head
+                    w = head.weight[: self.vocab]
+                    z_s = torch.nn.functional.linear(norm(h_out[:, :-1][mask]).float(), w.float())
+                    aligned = torch.cat([target(b) for b in range(h_out.shape[0])]).to(device)
+                    with torch.no_grad():
+                        z_t = torch.nn.functional.linear(norm(aligned.to(h_out.dtype)).float(), w.float())
+                    layer = layer + fisher_quadratic(z_s, z_t).sum()
+            logits = response_rows(outputs.logits, labels, batch.get("logits_positions"))[0][..., : self.vocab]
+            t_vals, t_ids = self._teacher_logits(ctx, batch, device)
+            logit = spec.temperature**2 * kl_to_teacher(logits, t_vals, spec.temperature, t_ids).sum()
+            self._acts.clear()
+            return (spec.activation_weight * layer / max(1, len(pairs)) + spec.logit_weight * logit) / n
 
         loss.response_logits = True  # type: ignore[attr-defined]
         return loss

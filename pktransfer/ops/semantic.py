@@ -219,3 +219,48 @@ def alignment_terms(
         act = logits.new_zeros((), dtype=torch.float32)
     logit = (1.0 - cosine_to_onehot(logits, labels)).sum()
     return act, logit
+
+
+# ---- SemAlign v2 (arXiv 2510.24208 v2; ACL 2026 Findings) ------------------------------------------------
+
+
+def one_source_per_target(scores: Sequence[float], n_teacher: int, n_student: int) -> list[int]:
+    """Exactly one teacher layer (1-based) for each student layer k = 1..L_S (our reading of v2's layer attribution):
+    the highest-scoring teacher layer in k's depth window (l_{k−1}, l_k] of the paper's pairing grid
+    (l_k = max(1, floor(L_T/L_S·k)), l_0 = 0), ties to the deepest (the grid layer itself). The windows tile the
+    teacher's depth, so the sources keep depth order and every teacher layer is a candidate for one target."""
+    if n_teacher < n_student:
+        raise ValueError(f"cannot pick a source for each of {n_student} student layers among {n_teacher} teacher layers")
+    if len(scores) != n_teacher:
+        raise ValueError(f"{len(scores)} scores for {n_teacher} teacher layers")
+    out, low = [], 0
+    for k in range(1, n_student + 1):
+        high = grid_layer(n_teacher, n_student, k)
+        window = range(low + 1, high + 1) if high > low else range(high, high + 1)
+        out.append(max(window, key=lambda j: (scores[j - 1], j)))
+        low = high
+    return out
+
+
+def centred_gram(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """The token-token relation geometry of rows x [T, D]: the Gram matrix of the centred rows (each row minus the
+    rows' mean), divided by its Frobenius norm. Invariant to any orthogonal map of the D dimensions, to adding one
+    vector to every row, and to scale; [T, T]."""
+    xc = x.float() - x.float().mean(0, keepdim=True)
+    g = xc @ xc.T
+    return g / g.norm().clamp_min(eps)
+
+
+def relation_distance(student: torch.Tensor, teacher_gram: torch.Tensor) -> torch.Tensor:
+    """||G(student) − G_T||²_F between the student rows' centred, normalised Gram and the teacher's (0 to 4)."""
+    return (centred_gram(student) - teacher_gram.to(student.device).float()).pow(2).sum()
+
+
+def fisher_quadratic(z_student: torch.Tensor, z_teacher: torch.Tensor) -> torch.Tensor:
+    """½·dᵀ F d per position with d = z_S − z_T and F = diag(p) − p pᵀ, p = softmax(z_T): the Fisher-weighted
+    quadratic surrogate of KL(p_T ‖ softmax(z_S)) around z_S = z_T (its second-order Taylor term; the ACL version's
+    layer objective). Computed without forming F: Σ p d² − (Σ p d)². [N, V] -> [N]."""
+    d = z_student.float() - z_teacher.float()
+    p = torch.softmax(z_teacher.float(), dim=-1)
+    pd = (p * d).sum(-1)
+    return 0.5 * ((p * d * d).sum(-1) - pd * pd)
