@@ -459,9 +459,9 @@ class SemAlignConfig(MethodConfig):
                 if key in self.model_fields_set and getattr(self, key) != value:
                     raise ValueError(f"version v2 uses {key}: {value} (the authors' revision); leave {key} unset")
                 object.__setattr__(self, key, value)  # bypasses validate_assignment: this validator would run again
-            if "critical_layers" in self.model_fields_set:
+            if self.critical_layers != 4:  # (a dumped and re-read v2 config holds the default)
                 raise ValueError("version v2 pairs every target layer with one source layer: leave critical_layers unset")
-        elif {"layer_objective", "relation_positions"} & self.model_fields_set:
+        elif (self.layer_objective, self.relation_positions) != ("relation", "all"):
             raise ValueError("layer_objective and relation_positions are version v2 settings (set version: v2)")
         if isinstance(self.critical_layers, int) and self.critical_layers < 1:
             raise ValueError("critical_layers must be at least 1 (or 'all')")
