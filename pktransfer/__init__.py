@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 
 def compare(recipe: Recipe, **kwargs: Any) -> Any:
     """Run (or resume) the recipe's methods x seeds grid; writes compare.md/.csv/.json and plots."""
-    from pktransfer.comparison import compare as _compare
+    from pktransfer.study.grid import compare as _compare
 
     return _compare(recipe, **kwargs)
 

@@ -8,7 +8,7 @@ serialised, and exactly one of them wins; the other is told who owns it.
 A claim whose owner is gone is taken over: on the owner's host when its pid no longer runs (or runs another
 program: the start time differs), from another host when its heartbeat is older than ``stale_after`` seconds
 (``$PKT_CLAIM_STALE_SECONDS``, default 120; the owner beats every ``stale_after / 6`` seconds). A comparison grid
-shared by several workers claims each cell, tuning cell and shared job this way (``pktransfer.comparison``).
+shared by several workers claims each cell, tuning cell and shared job this way (``pktransfer.study.schedule``).
 """
 
 from __future__ import annotations

@@ -402,7 +402,7 @@ def compare_cmd(
 
         pktransfer.set_threads(threads)
         if interim:
-            from pktransfer.comparison import interim_report
+            from pktransfer.study.interim import interim_report
 
             res = interim_report(_recipe(recipe, set_, output_dir, None), records=records)
             info = res.result["interim"]
@@ -413,8 +413,8 @@ def compare_cmd(
             )
             return
         if workers > 1 or devices:
-            from pktransfer.comparison import compare_with_workers
             from pktransfer.progress import Progress
+            from pktransfer.study.workers import compare_with_workers
 
             if overwrite:
                 raise RecipeError(
@@ -440,7 +440,7 @@ def contrast_cmd(
     x seeds with its 95% interval and MDE, as the report does against its baseline."""
 
     def go() -> None:
-        from pktransfer.comparison import contrast
+        from pktransfer.study.analysis import contrast
 
         r = contrast(folder, a, b, split)
         bt = r["bootstrap"]

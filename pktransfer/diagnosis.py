@@ -39,7 +39,7 @@ from pktransfer.data import IGNORE_INDEX, Example, PromptFormatter, Task, encode
 from pktransfer.errors import DataError
 from pktransfer.fileio import write_json, write_text
 from pktransfer.methods.injection import group_roles
-from pktransfer.methods.laten import answer_input, locate_scores, mean_scores, plan_transfer
+from pktransfer.methods.laten import answer_input
 from pktransfer.methods.seeking import SeekingConfig, compute_sensitivity
 from pktransfer.methods.semalign import (
     capture,
@@ -54,6 +54,7 @@ from pktransfer.methods.teacher_cache import cached_file
 from pktransfer.models import LoadedModel
 from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES
 from pktransfer.models.tying import parameter_key
+from pktransfer.ops.location import locate_scores, mean_scores, plan_transfer
 from pktransfer.ops.offload import stored_value
 from pktransfer.ops.ranking import top_k
 from pktransfer.ops.selection import max_sum_submatrix, select_layers, uniform_indices
@@ -290,7 +291,12 @@ def laten_measures(
             student, [answer_input(s_fmt, it) for it in items], vocab_k=settings.locate_vocab, progress=progress, what="student"
         )
     )
-    plan = plan_transfer(t_scores, s_scores, teacher.arch, student.arch, settings.transfer_rate)
+    try:
+        plan = plan_transfer(t_scores, s_scores, teacher.arch, student.arch, settings.transfer_rate)
+    except ValueError as err:
+        from pktransfer.errors import IncompatiblePairError
+
+        raise IncompatiblePairError(f"diagnose (laten): {err}", hint="lower method.transfer_rate") from None
     t_arch, s_arch = teacher.arch, student.arch
     keep = uniform_indices(t_arch.hidden_size, s_arch.hidden_size)
     g = torch.Generator().manual_seed(settings.seed)

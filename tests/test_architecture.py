@@ -86,7 +86,8 @@ def test_the_registry_refuses_a_duplicate_name_and_unknown_methods_are_recipe_er
 
 def test_generic_layers_name_no_method():
     names = set(registry.names())
-    for module in ("pipeline", "comparison", "reports", "training", "cli"):
+    study = [f"study/{p.stem}" for p in sorted((PKG / "study").glob("*.py"))]
+    for module in ("pipeline", *study, "reports", "training", "cli"):
         tree = ast.parse((PKG / f"{module}.py").read_text())
         code_strings = [
             n.value
@@ -172,3 +173,26 @@ def test_a_method_module_imports_no_other_method_and_ops_only_math():
     for f in (PKG / "ops").glob("*.py"):
         deps = _imports(f, f"pktransfer.ops.{f.stem}")
         assert all(d.startswith("pktransfer.ops") for d in deps), (f.stem, deps)
+
+
+STUDY_LAYERS = ("plan", "schedule", "budget", "records", "analysis", "grid", "interim", "workers")
+
+
+def test_the_study_package_reads_in_small_rooms_that_import_only_downward():
+    """pktransfer/study/: each module one concern, at most 500 lines, no function over 60 lines, and each imports only
+    the modules before it in ``STUDY_LAYERS`` (no cycles, a reader can stop at any layer)."""
+    folder = PKG / "study"
+    assert {p.stem for p in folder.glob("*.py")} == {*STUDY_LAYERS, "__init__"}
+    for i, name in enumerate(STUDY_LAYERS):
+        src = (folder / f"{name}.py").read_text()
+        tree = ast.parse(src)
+        assert len(src.splitlines()) <= 500, name
+        for f in ast.walk(tree):
+            if isinstance(f, ast.FunctionDef):
+                assert f.end_lineno - f.lineno + 1 <= 60, (name, f.name)
+        imported = {
+            n.module.rsplit(".", 1)[-1]
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("pktransfer.study.")
+        }
+        assert imported <= set(STUDY_LAYERS[:i]), (name, imported - set(STUDY_LAYERS[:i]))

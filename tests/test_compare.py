@@ -16,9 +16,10 @@ import pytest
 import yaml
 
 import pktransfer
-from pktransfer.comparison import describe, paired_difference, plan_grid
 from pktransfer.errors import DataError, OutputError, PktError, RecipeError
+from pktransfer.ops.statistics import describe, paired_difference
 from pktransfer.recipe import recipe_from_dict
+from pktransfer.study.plan import plan_grid
 
 
 def _grid(base: dict, methods: list, seeds=(0, 1), **extra) -> dict:
@@ -284,7 +285,7 @@ def test_a_grid_whose_methods_train_different_parameters_is_not_called_equal(tin
 
 
 def test_paired_bootstrap_against_a_hand_computed_case():
-    from pktransfer.comparison import minimum_detectable_effect, paired_bootstrap
+    from pktransfer.ops.statistics import minimum_detectable_effect, paired_bootstrap
 
     # one seed, two items: differences [1, 0]. Resampling 2 items with replacement gives a mean of 0, 0.5 or 1
     # with probabilities 1/4, 1/2, 1/4: the 95% interval is [0, 1], P(Δ <= 0) = 1/4, SE = sqrt(1/8).
@@ -302,7 +303,7 @@ def test_paired_bootstrap_against_a_hand_computed_case():
 
 
 def test_design_mde_by_hand():
-    from pktransfer.comparison import design_mde
+    from pktransfer.ops.statistics import design_mde
 
     # p 0.5, 100 items x 2 seeds: SE = sqrt(2 · 0.25 / 200) = 0.05, MDE = 2.8016 · 0.05
     assert design_mde(0.5, 100, 2) == pytest.approx(2.801585 * 0.05, rel=1e-5)
@@ -538,7 +539,7 @@ def test_contrast_pairs_two_entries_and_the_untouched_student(tmp_path):
     from typer.testing import CliRunner
 
     from pktransfer.cli import app
-    from pktransfer.comparison import contrast
+    from pktransfer.study.analysis import contrast
 
     grid = _finished_grid(tmp_path / "grid")
     r = contrast(grid, "x", "y")
@@ -563,7 +564,7 @@ def test_contrast_pairs_two_entries_and_the_untouched_student(tmp_path):
 
 
 def test_estimate_and_cut_hand_computed():
-    from pktransfer.comparison import cut_to_budget, estimate_grid
+    from pktransfer.study.budget import cut_to_budget, estimate_grid
 
     per_entry, base, matched = estimate_grid(
         {"lora": (2, 3), "gkd": (2, 3), "pissa": (0, 3)},
@@ -585,7 +586,7 @@ def test_estimate_and_cut_hand_computed():
 
 
 def test_dropping_one_of_a_matched_pair_drops_its_partners_matched_cells():
-    from pktransfer.comparison import cut_to_budget, estimate_grid
+    from pktransfer.study.budget import cut_to_budget, estimate_grid
 
     per_entry, base, matched = estimate_grid(
         {"a": (0, 2), "b": (0, 2), "c": (0, 2)},
@@ -630,7 +631,7 @@ def test_budget_rule_runs_a_pilot_and_drops_by_the_declared_order(tiny_recipe, t
 
 
 def test_remaining_time_of_a_grid_by_hand():
-    from pktransfer.comparison import remaining_seconds_of_cells
+    from pktransfer.study.budget import remaining_seconds_of_cells
 
     finished = {"lora": [100.0, 140.0]}
     tuned = {"lora": [50.0], "gkd": [300.0]}
@@ -701,7 +702,7 @@ def test_an_interim_report_covers_the_finished_cells_and_names_the_rest(tiny_rec
     """`pkt compare --interim` runs nothing and writes compare.interim.md/.json (never compare.md), from the grid and,
     where a folder is missing there, from the records; its statistics pair only the seeds both entries have."""
     import pktransfer.pipeline as pipeline
-    from pktransfer.comparison import interim_report
+    from pktransfer.study.interim import interim_report
 
     tiny_recipe["evaluation"].update(teacher=False, student=True)
     tiny_recipe["output_dir"] = str(tmp_path / "grid")

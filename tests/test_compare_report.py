@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import pktransfer
-from pktransfer.comparison import teacher_cost_per_entry
 from pktransfer.recipe import recipe_from_dict
+from pktransfer.study.analysis import teacher_cost_per_entry
 
 
 def test_cells_tuning_and_an_equal_share_of_shared_work_by_hand():
@@ -107,7 +107,7 @@ def test_the_learning_curve_scores_validation_at_each_third_without_changing_tra
 
 
 def test_matched_pairs_run_each_entry_at_the_others_tuned_values_outside_the_family(tiny_recipe, tmp_path):
-    from pktransfer.comparison import contrast
+    from pktransfer.study.analysis import contrast
 
     tiny_recipe["task"]["validation"] = 4
     tiny_recipe["evaluation"].update(teacher=False, student=False)
@@ -185,8 +185,9 @@ def test_a_cell_resumed_before_the_cost_ledger_is_reported_as_a_lower_bound():
     attempts' training to the cell's time."""
     from pathlib import Path
 
-    from pktransfer.comparison import Cell, cell_record
     from pktransfer.reports import partial_cost_labels, resumed_section
+    from pktransfer.study.plan import Cell
+    from pktransfer.study.records import cell_record
 
     folder = Path(__file__).parent.parent / "docs" / "study" / "arithmetic-study" / "cells" / "seeking[lr=0.0001]" / "seed-1"
     rec = cell_record(Cell("seeking[lr=0.0001]", 1, None, folder))  # type: ignore[arg-type]
@@ -205,8 +206,8 @@ def test_a_cell_resumed_before_the_cost_ledger_is_reported_as_a_lower_bound():
 def test_a_teacher_cache_is_shared_between_the_entries_that_read_it_and_a_lost_cost_is_flagged():
     """Its cost, kept beside the cache, is split equally between the entries whose cells read it, counted once
     whatever the number of cells; a cache without a kept cost makes its readers' totals lower bounds (‡)."""
-    from pktransfer.comparison import teacher_caches
     from pktransfer.reports import teacher_cost_table
+    from pktransfer.study.analysis import teacher_caches
 
     cost = {"forward_tokens": 1000, "backward_tokens": 0, "seconds": 30.0, "parameters": 10, "flops": 20000.0}
     built = {"file": "kd-logits-a.safetensors", "built": True, "cost": cost}

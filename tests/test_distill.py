@@ -366,8 +366,8 @@ def test_a_resumed_run_reports_the_cost_of_the_whole_run(tiny_recipe, tmp_path, 
     up to the checkpoint kept in its cost ledger. (Before the ledger a resumed gkd cell of the MMLU study counted
     the 8 steps of its last attempt only.)"""
     import pktransfer.methods.gkd as gkd
-    from pktransfer.comparison import resumed_cost
     from pktransfer.pipeline import LEDGER
+    from pktransfer.study.records import resumed_cost
 
     method = {"name": "gkd", "lmbda": 0.5}
     tiny_recipe["task"]["validation"] = 4

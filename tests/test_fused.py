@@ -189,7 +189,8 @@ def test_weight_selection_on_the_fused_model_selects_the_unfused_models_blocks(t
 
 def test_laten_injects_into_the_roles_own_rows(twins):
     """The same located neurons and deltas, hooked and merged: the fused student equals the unfused one."""
-    from pktransfer.methods.laten import ROLES, Injection
+    from pktransfer.ops.hypernet import Injection
+    from pktransfer.ops.location import ROLES
 
     g = torch.Generator().manual_seed(0)
     a = STUDENT_SHAPE

@@ -11,16 +11,9 @@ from safetensors.torch import load_file
 
 import pktransfer
 from pktransfer.errors import DataError
-from pktransfer.methods.laten import (
-    HyperNet,
-    Injection,
-    choose_step,
-    delta_penalty,
-    locate_scores,
-    mapped_deltas,
-    plan_transfer,
-    step_batch,
-)
+from pktransfer.methods.laten import step_batch
+from pktransfer.ops.hypernet import HyperNet, Injection, choose_step, delta_penalty, mapped_deltas
+from pktransfer.ops.location import locate_scores, plan_transfer
 from pktransfer.ops.neurons import candidate_vocab, kv_rows, neuron_scores, restrict, sublayer_score
 from pktransfer.ops.ranking import top_k
 from pktransfer.recipe import recipe_from_dict
@@ -111,7 +104,7 @@ def test_locate_finds_a_planted_neuron_in_a_tiny_model(tiny_models, attn_score):
 
 
 def test_self_subvalue_hand_computed():
-    from pktransfer.methods.laten import self_subvalue
+    from pktransfer.ops.location import self_subvalue
 
     # 4 heads of dim 2 over 2 kv heads: heads 0,1 read kv head 0, heads 2,3 kv head 1
     v = torch.tensor([1.0, -2.0, 3.0, 4.0])
@@ -139,7 +132,7 @@ def test_official_orders_match_datasets_and_the_partner_draw():
 
 
 def test_neuron_counts_floor_as_the_official_int():
-    from pktransfer.methods.laten import plan_transfer
+    from pktransfer.ops.location import plan_transfer
 
     class A:
         n_layers, intermediate_size, n_heads, head_dim = 1, 11008, 32, 128
@@ -193,8 +186,8 @@ def test_plan_pairs_top_teacher_layers_in_order_and_ranks_neurons(tiny_models):
 
 
 def test_hooked_injection_equals_the_merged_weights_and_merge_adds_exactly_the_delta(tiny_models):
-    from pktransfer.methods.laten import extract
     from pktransfer.models import load_model
+    from pktransfer.ops.location import extract
     from pktransfer.recipe import ModelSpec
 
     t = load_model(ModelSpec(model=str(tiny_models["qwen2_teacher"])))
@@ -359,8 +352,8 @@ def test_learning_rates_follow_the_official_one_cycle(tiny_recipe):
 def test_each_update_relocates_on_its_own_extract_item(tiny_recipe, tmp_path):
     from safetensors.torch import load_file
 
-    from pktransfer.methods.laten import mean_scores
     from pktransfer.models import load_model
+    from pktransfer.ops.location import mean_scores
 
     recipe = _recipe(tiny_recipe, init_std=0.02, transfer_rate=0.2)
     res = pktransfer.run(recipe, quiet=True, evaluate=False)
@@ -493,7 +486,7 @@ def test_location_cache_reads_back_each_items_scores_to_the_bit_in_any_order(tin
     for got, want in [*zip(first, alone[:2], strict=True), *zip(again, alone[::-1], strict=True)]:
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     # each item is stored as soon as it is located: a run stopped half-way keeps the items before the stop
-    from pktransfer.methods.laten import AnswerInput
+    from pktransfer.ops.location import AnswerInput
 
     stopped = LocationCache(tmp_path / "stopped", Progress(quiet=True))
     with pytest.raises(Exception):  # noqa: B017 - the second input has no tokens: the model refuses it

@@ -85,7 +85,7 @@ def test_paired_bootstrap_keeps_its_distribution_for_the_family_and_its_p_matche
 
 
 def test_the_report_adjusts_the_family_and_calls_equivalence_only_with_a_margin():
-    from pktransfer.comparison import summarize
+    from pktransfer.study.analysis import summarize
 
     def rec(label, seed, scores):
         items = {f"i{k}": s for k, s in enumerate(scores)}

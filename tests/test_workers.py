@@ -203,7 +203,7 @@ def _without_timings(csv_text: str) -> list[dict[str, str]]:
 
 
 def test_three_workers_run_every_cell_once_and_reproduce_the_one_process_report(tiny_recipe, tmp_path):
-    from pktransfer.comparison import compare_with_workers
+    from pktransfer.study.workers import compare_with_workers
 
     for name in ("workers", "single"):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(_grid_recipe(tiny_recipe, tmp_path / name)))
@@ -299,7 +299,7 @@ def test_release_memory_returns_freed_buffers_to_the_system() -> None:
 
 
 def test_the_worker_plan_gives_each_worker_one_device_or_its_share_of_the_cores():
-    from pktransfer.comparison import worker_plan
+    from pktransfer.study.schedule import worker_plan
 
     gpus = worker_plan(3, ["cuda:0", "cuda:1"])  # fewer devices than workers: they cycle
     assert [e["CUDA_VISIBLE_DEVICES"] for e in gpus] == ["0", "1", "0"]

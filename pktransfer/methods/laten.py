@@ -39,12 +39,8 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -54,17 +50,13 @@ from pktransfer.data import IGNORE_INDEX, Example, encode_items, train_and_valid
 from pktransfer.errors import DataError, IncompatiblePairError, RecipeError
 from pktransfer.fileio import save_safetensors, torch_save, write_json
 from pktransfer.methods.base import Method, MethodContext, n_tokens
-from pktransfer.models.arch import ArchitectureDescription
 from pktransfer.models.pair import check_pair
-from pktransfer.ops.neurons import candidate_vocab, kv_rows, neuron_scores, post_norm_gain, restrict, sublayer_score
-from pktransfer.ops.offload import input_device, stored_value
-from pktransfer.ops.ranking import top_k
+from pktransfer.ops.hypernet import HyperNet, Injection, choose_step, delta_penalty, mapped_deltas, one_cycle
+from pktransfer.ops.location import ROLES, AnswerInput, extract, locate_scores, mean_scores, plan_transfer
 from pktransfer.progress import Progress
 from pktransfer.training import causal_lm_loss_sum, collate_examples
 
-ROLES = ("up", "down", "v", "o")
-
-# ---- 1. locate --------------------------------------------------------------------------------------
+# ---- 1. locate: the answer token, and the located items a grid shares ----------------------------------
 
 
 # the official code strips these from the end of the response before taking its last token as y (so a GSM8K
@@ -76,14 +68,6 @@ def strip_answer(text: str) -> str:
     while text and text[-1] in ANSWER_STRIP:
         text = text[:-1]
     return text
-
-
-@dataclass(frozen=True)
-class AnswerInput:
-    """What the logit lens looks at: the tokens before the answer token y, and y."""
-
-    ids: tuple[int, ...]
-    y: int
 
 
 def answer_input(formatter: Any, item: Any) -> AnswerInput:
@@ -104,30 +88,6 @@ def answer_input(formatter: Any, item: Any) -> AnswerInput:
         )
     ids = prompt + resp
     return AnswerInput(tuple(ids[:-1]), int(ids[-1]))
-
-
-def self_subvalue(attn_self: torch.Tensor, v_last: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
-    """The official attention-neuron coefficient [H·hd]: the answer position's own value vector weighted by its
-    attention to itself, per head (``attn_subvalues = a[:, :, -1, :] * v`` in the patched modeling_llama.py L445-447,
-    of which knowledge_neurons.py L246 keeps source position -1 by ``.permute(1, 0, 2)[-1]``). ``attn_self`` [H]:
-    a[h, last, last]; ``v_last`` [kvH·hd]: v_proj's output at the last position (repeated over the heads of a group)."""
-    v = v_last.reshape(-1, head_dim)
-    v = v.repeat_interleave(n_heads // v.shape[0], dim=0)
-    return (attn_self.to(v.dtype)[:, None] * v).reshape(n_heads * head_dim)
-
-
-@contextmanager
-def eager_attention(model: Any) -> Iterator[None]:
-    """Run ``model`` with the eager attention kernel (the one that returns attention probabilities), then restore."""
-    before = getattr(model.config, "_attn_implementation", None)
-    if before in (None, "eager"):
-        yield
-        return
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(before)
 
 
 LOCATION_CACHE_VERSION = 1  # bump when locate_scores computes something else for the same inputs
@@ -211,306 +171,10 @@ class LocationCache:
         return [f for f in found if f is not None], len(todo)
 
 
-@torch.no_grad()
-def locate_scores(
-    loaded: Any,
-    inputs: list[AnswerInput],
-    *,
-    vocab_k: int | None,
-    progress: Progress,
-    what: str,
-    attn_score: str = "self_subvalue",
-    on_item: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
-) -> list[dict[str, torch.Tensor]]:
-    """Per input: ``attn_layer`` [L], ``ffn_layer`` [L], ``attn`` [L, H·hd], ``ffn`` [L, F] (float64, CPU).
+# The location, extraction, hypernetwork and injection math lives in ``ops.location`` and ``ops.hypernet``; this file
+# holds the training loop's data order and the method itself.
 
-    ``attn_score``: an attention neuron (head, dim) is scored through o_proj by ``self_subvalue`` (official: the answer
-    position's own attention sub-value, :func:`self_subvalue`) or ``o_input`` (the whole attention output at the answer
-    position, every source position's contribution)."""
-    model, arch = loaded.model, loaded.arch
-    device = input_device(model)
-    norm = model.get_submodule(arch.final_norm_module)
-    head_w = stored_value(model.get_output_embeddings()).detach().to(device)
-    n_layers = arch.n_layers
-    cap = arch.logit_softcap
-    seen: dict[str, Any] = {}
-    handles = []
-    for i in range(n_layers):
-        block = model.get_submodule(f"{arch.layers_path}.{i}")
-
-        def pre(key: str) -> Any:
-            def hook(mod: Any, args: Any, kwargs: Any) -> None:
-                seen[key] = args[0] if args else kwargs["hidden_states"]
-
-            return hook
-
-        def post(key: str) -> Any:
-            def hook(mod: Any, args: Any, out: Any) -> None:
-                seen[key] = out[0] if isinstance(out, tuple) else out
-
-            return hook
-
-        handles += [
-            block.register_forward_pre_hook(pre(f"in{i}"), with_kwargs=True),
-            block.self_attn.register_forward_hook(post(f"attn_raw{i}")),
-            model.get_submodule(arch.sublayer_name(i, "attention")).register_forward_hook(post(f"attn{i}")),
-            block.self_attn.o_proj.register_forward_pre_hook(pre(f"o{i}"), with_kwargs=True),
-            block.mlp.down_proj.register_forward_pre_hook(pre(f"down{i}"), with_kwargs=True),
-            block.mlp.register_forward_hook(post(f"mlp_raw{i}")),
-            model.get_submodule(arch.sublayer_name(i, "mlp")).register_forward_hook(post(f"mlp{i}")),
-        ]
-        if attn_score == "self_subvalue":
-            handles.append(model.get_submodule(arch.module_name(i, "v")).register_forward_hook(post(f"v{i}")))
-    v_rows = arch.role_rows("v")
-    f_size, a_size = arch.intermediate_size, arch.n_heads * arch.head_dim
-    results = []
-    try:
-        with progress.task(f"laten: locate in the {what}", total=len(inputs)) as advance:
-            for inp in inputs:
-                out = {
-                    "attn_layer": torch.zeros(n_layers, dtype=torch.float64),
-                    "ffn_layer": torch.zeros(n_layers, dtype=torch.float64),
-                    "attn": torch.zeros(n_layers, a_size, dtype=torch.float64),
-                    "ffn": torch.zeros(n_layers, f_size, dtype=torch.float64),
-                }
-                y, pos = inp.y, len(inp.ids) - 1
-                ids = torch.tensor([list(inp.ids)], device=device)
-                if attn_score == "self_subvalue":
-                    with eager_attention(model):
-                        attentions = model(input_ids=ids, output_attentions=True).attentions
-                else:
-                    model(input_ids=ids)
-                for i in range(n_layers):
-                    # this layer's captures at the answer position, on one device (a sharded teacher's layers
-                    # sit on several)
-                    at = {k: seen[f"{k}{i}"][0, pos].to(device) for k in CAPTURES}
-                    if attn_score == "self_subvalue":
-                        v_last = seen[f"v{i}"][0, pos, v_rows].to(device).float()
-                        a_self = attentions[i][0, :, pos, pos].to(device).float()
-                        at["o"] = self_subvalue(a_self, v_last, arch.n_heads, arch.head_dim)
-                    h_in = at["in"].float()
-                    h_mid = h_in + at["attn"].float()
-                    vocab = candidate_vocab([h_in, h_mid], norm, head_w, y, vocab_k, cap)
-                    head, yi = restrict(head_w, y, vocab)
-                    layer = model.get_submodule(f"{arch.layers_path}.{i}")
-                    down_w, o_w = stored_value(layer.mlp.down_proj), stored_value(layer.self_attn.o_proj)
-                    down_dirs = _through_post_norm(model, arch, i, "mlp", down_w.T.to(device), at["mlp_raw"])
-                    o_dirs = _through_post_norm(model, arch, i, "attention", o_w.T.to(device), at["attn_raw"])
-                    out["attn_layer"][i] = sublayer_score(h_in, at["attn"].float(), norm, head, yi, cap)
-                    out["ffn_layer"][i] = sublayer_score(h_mid, at["mlp"].float(), norm, head, yi, cap)
-                    out["ffn"][i] = neuron_scores(h_mid, at["down"], down_dirs, norm, head, yi, softcap=cap).double().cpu()
-                    out["attn"][i] = neuron_scores(h_in, at["o"], o_dirs, norm, head, yi, softcap=cap).double().cpu()
-                seen.clear()
-                results.append(out)
-                if on_item is not None:  # e.g. stored at once, so a stopped run keeps what it located
-                    on_item(len(results) - 1, out)
-                advance(1)
-    finally:
-        for h in handles:
-            h.remove()
-    return results
-
-
-CAPTURES = ("in", "attn", "attn_raw", "mlp", "mlp_raw", "down", "o")  # what locate_scores hooks, per layer
-
-
-def _through_post_norm(
-    model: Any, arch: Any, layer: int, point: str, directions: torch.Tensor, raw: torch.Tensor
-) -> torch.Tensor:
-    """A sublayer's neuron directions [F, D] as they enter the residual stream: unchanged for pre-norm families,
-    scaled by the post-norm's gain at this token (``ops.neurons.post_norm_gain``) for Gemma 2/3 and OLMo-2."""
-    if not arch.post_norms:
-        return directions
-    norm = model.get_submodule(arch.sublayer_name(layer, point))
-    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
-    gain = post_norm_gain(raw, stored_value(norm).detach().to(raw.device), eps, arch.spec.post_norm_offset)
-    return directions * gain.to(directions.dtype)
-
-
-def mean_scores(scores: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([s[k] for s in scores]).mean(0) for k in scores[0]}
-
-
-def plan_transfer(
-    t_scores: dict[str, torch.Tensor],
-    s_scores: dict[str, torch.Tensor],
-    t_arch: ArchitectureDescription,
-    s_arch: ArchitectureDescription,
-    rate: float,
-    count: str = "floor",
-) -> dict[str, Any]:
-    """Which teacher layer and neurons feed which student layer and neurons (``count``: the neurons per layer,
-    ``rate`` x the student's size, ``floor``-ed as the official ``int()`` or ``round``-ed; at least one).
-
-    Returns per role family (``ffn``, ``attn``): ``teacher_layers`` [L_S] (0-based, in order) and per student
-    layer k the teacher / student neuron indices, paired by rank.
-    """
-    plan: dict[str, Any] = {}
-    for fam, size_s, size_t in (
-        ("ffn", s_arch.intermediate_size, t_arch.intermediate_size),
-        ("attn", s_arch.n_heads * s_arch.head_dim, t_arch.n_heads * t_arch.head_dim),
-    ):
-        n = max(1, int(rate * size_s) if count == "floor" else round(rate * size_s))
-        if n > size_t:
-            raise IncompatiblePairError(
-                f"laten: {n} {fam} neurons per layer asked for, the teacher has {size_t}", hint="lower method.transfer_rate"
-            )
-        layers = top_k(t_scores[f"{fam}_layer"], s_arch.n_layers, in_index_order=True).tolist()
-        plan[fam] = {
-            "teacher_layers": layers,
-            "n": n,
-            "teacher": [top_k(t_scores[fam][t], n) for t in layers],
-            "student": [top_k(s_scores[fam][k], n) for k in range(s_arch.n_layers)],
-        }
-    return plan
-
-
-# ---- 2. extract ---------------------------------------------------------------------------------------
-
-
-def _rows(weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows ``idx`` of a teacher weight (resident or offloaded), as float32 on the CPU."""
-    return weight.detach()[idx.to(weight.device)].float().cpu()
-
-
-def extract(teacher: Any, plan: dict[str, Any]) -> dict[str, list[torch.Tensor]]:
-    """Per role, per student layer, the teacher vectors on its hidden axis [n, D_T] (float32, CPU)."""
-    arch: ArchitectureDescription = teacher.arch
-    weight = partial(arch.role_weight, teacher.model)  # a fused module's rows of that role (Phi-3)
-    out: dict[str, list[torch.Tensor]] = {r: [] for r in ROLES}
-    for k, t in enumerate(plan["ffn"]["teacher_layers"]):
-        idx = plan["ffn"]["teacher"][k]
-        out["up"].append(_rows(weight(t, "up"), idx))
-        out["down"].append(_rows(weight(t, "down").T, idx))
-    for k, t in enumerate(plan["attn"]["teacher_layers"]):
-        pos = plan["attn"]["teacher"][k]
-        rows = kv_rows(pos, arch.n_heads, arch.n_kv_heads, arch.head_dim)
-        out["v"].append(_rows(weight(t, "v"), rows))
-        out["o"].append(_rows(weight(t, "o").T, pos))
-    return out
-
-
-# ---- 3. align -----------------------------------------------------------------------------------------
-
-
-class HyperNet(torch.nn.Module):
-    """Linear(D_T -> D_T) -> ReLU -> Linear(D_T -> D_S), no bias, weights drawn from N(0, init_std²)."""
-
-    def __init__(self, d_teacher: int, d_student: int, init_std: float = 1e-5) -> None:
-        super().__init__()
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(d_teacher, d_teacher, bias=False), torch.nn.ReLU(), torch.nn.Linear(d_teacher, d_student, bias=False)
-        )
-        for layer in (self.net[0], self.net[2]):
-            torch.nn.init.normal_(layer.weight, std=init_std)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-# ---- 4. inject ----------------------------------------------------------------------------------------
-
-
-class Injection:
-    """Where the mapped vectors go in the student: per role and layer, the module and its row/column indices.
-
-    up: rows of up_proj; down: columns of down_proj; v: rows of v_proj; o: columns of o_proj. A student v row
-    shared by several located attention positions (grouped kv heads) receives only the best-ranked pair's.
-    In a fused module (Phi-3's gate_up_proj, qkv_proj) the row indices are offset to the role's own block.
-    """
-
-    AXIS: ClassVar[dict[str, str]] = {"up": "rows", "down": "cols", "v": "rows", "o": "cols"}
-
-    def __init__(self, student: Any, plan: dict[str, Any]) -> None:
-        arch: ArchitectureDescription = student.arch
-        self.modules: dict[str, list[str]] = {r: [] for r in ROLES}
-        self.index: dict[str, list[torch.Tensor]] = {r: [] for r in ROLES}
-        self.keep: dict[str, list[torch.Tensor]] = {r: [] for r in ROLES}  # which extracted vectors are used
-        for k in range(arch.n_layers):
-            idx = plan["ffn"]["student"][k]
-            for role in ("up", "down"):
-                self.modules[role].append(arch.module_name(k, role))
-                self.index[role].append(idx + (arch.role_rows(role).start or 0) if role == "up" else idx)
-                self.keep[role].append(torch.arange(len(idx)))
-            pos = plan["attn"]["student"][k]
-            rows = kv_rows(pos, arch.n_heads, arch.n_kv_heads, arch.head_dim)
-            keep: list[int] = []  # the first (best-ranked) located position of each distinct kv row
-            seen: set[int] = set()
-            for i, r in enumerate(rows.tolist()):
-                if r not in seen:
-                    seen.add(r)
-                    keep.append(i)
-            first = torch.tensor(keep, dtype=torch.long)
-            self.modules["v"].append(arch.module_name(k, "v"))
-            self.index["v"].append(rows[first] + (arch.role_rows("v").start or 0))
-            self.keep["v"].append(first)
-            self.modules["o"].append(arch.module_name(k, "o"))
-            self.index["o"].append(pos)
-            self.keep["o"].append(torch.arange(len(pos)))
-
-    def hooks(self, model: Any, deltas: dict[str, list[torch.Tensor]]) -> list[Any]:
-        """Forward hooks adding x·Δᵀ for the current ``deltas`` (read at call time), without a dense Δ."""
-        handles = []
-        for role in ROLES:
-            for k, name in enumerate(self.modules[role]):
-                handles.append(model.get_submodule(name).register_forward_hook(self._hook(role, k, deltas)))
-        return handles
-
-    def _hook(self, role: str, k: int, deltas: dict[str, list[torch.Tensor]]) -> Any:
-        idx = self.index[role][k]
-
-        def hook(mod: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
-            x, d = args[0], deltas[role][k]
-            i = idx.to(out.device)
-            if self.AXIS[role] == "rows":  # Δ[idx] = d: output channels idx gain x·dᵀ
-                return out.index_add(-1, i, (x @ d.to(x.dtype).T).to(out.dtype))
-            return out + (x[..., i] @ d.to(x.dtype)).to(out.dtype)  # Δ[:, idx] = dᵀ
-
-        return hook
-
-    @torch.no_grad()
-    def merge(self, model: Any, deltas: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Add the deltas into the weights; return them as tensors (``MODULE::rows|cols`` and ``MODULE::values``)."""
-        saved = {}
-        for role in ROLES:
-            for k, name in enumerate(self.modules[role]):
-                w = model.get_submodule(name).weight
-                idx, d = self.index[role][k].to(w.device), deltas[role][k].detach().to(w.device, w.dtype)
-                if self.AXIS[role] == "rows":
-                    w[idx] += d
-                else:
-                    w[:, idx] += d.T
-                saved[f"{name}::{self.AXIS[role]}"] = idx.cpu().clone()  # up and down share their indices
-                saved[f"{name}::values"] = d.cpu().contiguous()
-        return saved
-
-
-def mapped_deltas(
-    hyper: dict[str, HyperNet], vectors: dict[str, list[torch.Tensor]], injection: Injection, device: torch.device
-) -> dict[str, list[torch.Tensor]]:
-    """Every layer's extracted teacher vectors through its role's hypernetwork (one call per role) -> [n, D_S]."""
-    out: dict[str, list[torch.Tensor]] = {}
-    for role in ROLES:
-        used = [v[keep] for v, keep in zip(vectors[role], injection.keep[role], strict=True)]
-        mapped = hyper[role](torch.cat(used).to(device))
-        out[role] = list(mapped.split([len(u) for u in used]))
-    return out
-
-
-def delta_penalty(deltas: dict[str, list[torch.Tensor]]) -> torch.Tensor:
-    """Σ over module types of MSE(Δ, 0), each over that type's deltas of every layer together (the official
-    code stacks the layers of a module type and takes one mean)."""
-    return torch.stack([torch.cat([d.flatten() for d in ds]).pow(2).mean() for ds in deltas.values()]).sum()
-
-
-# ---- 5. train -------------------------------------------------------------------------------------------
-
-
-def one_cycle(opt: torch.optim.Optimizer, max_lr: float, total_steps: int, pct_start: float) -> Any:
-    """The official schedule: OneCycleLR(max_lr, total_steps, pct_start, final_div_factor=1, cosine)."""
-    return torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start, final_div_factor=1, anneal_strategy="cos"
-    )
+# ---- 5. train: the data order of the official loop, and the hypernetworks on disk ------------------------------
 
 
 def mean_ce(model: Any, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -563,13 +227,6 @@ def load_hypernets(hyper: dict[str, HyperNet], folder: Path, device: torch.devic
     weights = load_file(str(folder / "hyper.safetensors"))
     for r, h in hyper.items():
         h.load_state_dict({k[len(r) + 1 :]: v.to(device) for k, v in weights.items() if k.startswith(r + ".")})
-
-
-def choose_step(val_losses: dict[int, float]) -> int:
-    """The documented rule: the step with the lowest validation CE on the held-out align items; ties go to
-    the earlier step. Step 0 (the untrained hypernetworks) is not a candidate."""
-    candidates = {s: v for s, v in val_losses.items() if s > 0}
-    return min(candidates, key=lambda s: (candidates[s], s))
 
 
 class LatenConfig(MethodConfig):
@@ -710,23 +367,20 @@ class LatenMethod(Method):
         t_scores, s_scores, located_from = self._locate(ctx, teacher, inputs, out)
         self._located_reused = located_from == "reused"
         locate_s = time.perf_counter() - t0
-        rate, n_ext = spec.transfer_rate, len(extract_items)
-        count = spec.neuron_count
-        averaged = plan_transfer(
-            mean_scores(t_scores[:n_ext]), mean_scores(s_scores[:n_ext]), teacher.arch, student.arch, rate, count
-        )
+        n_ext = len(extract_items)
+
+        def plan(t: dict[str, torch.Tensor], s: dict[str, torch.Tensor]) -> dict[str, Any]:
+            try:
+                return plan_transfer(t, s, teacher.arch, student.arch, spec.transfer_rate, spec.neuron_count)
+            except ValueError as err:
+                raise IncompatiblePairError(f"laten: {err}", hint="lower method.transfer_rate") from None
+
+        averaged = plan(mean_scores(t_scores[:n_ext]), mean_scores(s_scores[:n_ext]))
         if spec.locate == "per_example":
-            step_plans = [
-                plan_transfer(t_scores[s % n_ext], s_scores[s % n_ext], teacher.arch, student.arch, rate, count)
-                for s in range(n_updates)
-            ]
+            step_plans = [plan(t_scores[s % n_ext], s_scores[s % n_ext]) for s in range(n_updates)]
         else:
             step_plans = [averaged] * n_updates
-        final_plan = (
-            averaged
-            if spec.inject_on == "extract_mean"
-            else plan_transfer(t_scores[-1], s_scores[-1], teacher.arch, student.arch, rate, count)
-        )
+        final_plan = averaged if spec.inject_on == "extract_mean" else plan(t_scores[-1], s_scores[-1])
         # 2. extract the teacher's vectors for every plan, then free the teacher
         cache: dict[int, dict[str, list[torch.Tensor]]] = {}
         step_vectors = [cache.setdefault(id(p), extract(teacher, p)) for p in step_plans]
@@ -1005,7 +659,7 @@ class LatenMethod(Method):
         if done:
             last = done[-1]
             load_hypernets(hyper, state(last), device)
-            saved = torch.load(state(last) / "optim.pt", weights_only=False)
+            saved = torch.load(state(last) / "optim.pt", weights_only=True)  # tensors and plain data, no pickle
             opt.load_state_dict(saved["optimizer"])
             sched.load_state_dict(saved["scheduler"])
             history = saved["history"]
