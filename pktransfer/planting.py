@@ -25,7 +25,17 @@ from pktransfer.data import encode_items, get_task
 from pktransfer.errors import PktError, RecipeError
 from pktransfer.evaluation import evaluate_items
 from pktransfer.models import load_config, load_model
-from pktransfer.pipeline import RunResult, _eval_items, eval_options, formatter_for, run_folder, run_info, seed_everything
+from pktransfer.models.loading import weights_sha256
+from pktransfer.pipeline import (
+    RunResult,
+    _eval_items,
+    eval_options,
+    formatter_for,
+    model_identity,
+    run_folder,
+    run_info,
+    seed_everything,
+)
 from pktransfer.progress import Progress
 from pktransfer.recipe import PlantSpec, Recipe
 from pktransfer.runs import StageLog
@@ -167,6 +177,7 @@ def plant(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, progr
             },
             untouched_at_chance=untouched,
             metrics=metrics,
+            models={"student": model_identity(student), "teacher": model_identity(teacher)},
             outputs={"adapter": "adapter", "merged": "merged", "eval": "eval", "checkpoints": "checkpoints"},
         )
         rd.write_json("run.json", info)
@@ -182,6 +193,7 @@ def plant(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, progr
         with log.stage("save_merged"):
             merged.save_pretrained(str(rd.path("merged")), safe_serialization=True)
             teacher.tokenizer.save_pretrained(str(rd.path("merged")))
+            info["models"]["planted"] = {"model": "merged", "weights_sha256": weights_sha256(rd.path("merged"))}
         info["stages"] = log.stages
         rd.write_json("run.json", info)
         from pktransfer.fileio import write_text

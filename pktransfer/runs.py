@@ -8,6 +8,7 @@ from its last checkpoint). An existing finished ``OUT`` is never overwritten unl
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -33,8 +34,30 @@ FAILED = "FAILED.json"
 RUN_JSON = "run.json"
 
 
+@functools.cache
+def code_commit() -> str:
+    """The git commit of the pktransfer code this process runs, ``+dirty`` when tracked files of the package differ
+    from it; ``unknown`` outside a git checkout (an installed wheel: its version says what it is)."""
+    import subprocess
+
+    pkg = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(pkg), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "-C", str(pkg), "status", "--porcelain", "--untracked-files=no", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    out = {"python": sys.version.split()[0], "platform": platform.platform(), "pktransfer_commit": code_commit()}
     for pkg in (
         "pktransfer",
         "torch",

@@ -237,9 +237,12 @@ def extract_matrices(
     seed: int,
     grow: str,
     progress: Progress | None = None,
+    selection: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Student module name -> student-shaped matrix cut from the teacher (float32). A fused module's matrix
-    stacks its roles' blocks, each cut from the teacher's block of the same role with that role's sensitivity."""
+    stacks its roles' blocks, each cut from the teacher's block of the same role with that role's sensitivity.
+    ``selection``: filled with each student weight's teacher module and the teacher rows and columns it was cut from
+    (``index_ranges``), so a run keeps which submatrix it chose."""
     t_arch: ArchitectureDescription = teacher.arch
     parts: list[tuple[str, torch.Tensor]] = []
     jobs: list[tuple[str, str, str, slice, tuple[int, ...]]] = []  # (student module, teacher module, role, rows, shape)
@@ -257,7 +260,10 @@ def extract_matrices(
                 jobs.append((smod, tmod, role, t_arch.role_rows(role), s_shapes[role]))
     with (progress or Progress(quiet=True)).task("seeking: extract per module", total=len(jobs)) as advance:
         for smod, tmod, role, rows, shape in jobs:
-            parts.append((smod, _extract_one(sens, teacher.model, smod, tmod, role, rows, shape, structure, seed, grow)))
+            block, (r_idx, c_idx) = _extract_one(sens, teacher.model, smod, tmod, role, rows, shape, structure, seed, grow)
+            parts.append((smod, block))
+            if selection is not None:
+                selection[f"{smod}:{role}"] = {"teacher": tmod, "rows": index_ranges(r_idx), "cols": index_ranges(c_idx)}
             advance(1)
     return stack_roles(parts)
 
@@ -273,9 +279,9 @@ def _extract_one(
     structure: str,
     seed: int,
     grow: str,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """One student-shaped matrix cut from ``role``'s rows of the teacher weight ``tmod`` (zero-padded where
-    it grows).
+    it grows), and the teacher row and column indices it was cut from.
 
     A tied teacher's ``lm_head`` is its embedding matrix: weight and sensitivity come from that one
     parameter (its gradient sums both uses)."""
@@ -308,6 +314,7 @@ def _extract_one(
             seed=seed,
         )
         block = w_t[:, c_idx]
+        r_idx = torch.arange(src[0])
     else:
         if structure == "submatrix" and p.full is None:
             raise DataError(
@@ -321,7 +328,18 @@ def _extract_one(
         block = w_t[r_idx][:, c_idx]
     mat = torch.zeros(target, dtype=torch.float32)
     mat[: block.shape[0], : block.shape[1]] = block.float().cpu()
-    return mat
+    return mat, (r_idx, c_idx)
+
+
+def index_ranges(idx: torch.Tensor) -> list[list[int]]:
+    """Indices as [start, stop) ranges in their order: one range for a contiguous block (the submatrix)."""
+    out: list[list[int]] = []
+    for i in idx.flatten().tolist():
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return out
 
 
 class SeekingConfig(MethodConfig):
@@ -352,8 +370,9 @@ class SeekingMethod(Method):
         teacher = teacher_for_injection(ctx, self.name)
         sens, layers = locate(teacher, ctx.student.arch, ctx, spec, ctx.workdir)
         targets = targeted_roles(resolved_lora(recipe.lora, ctx.student.arch).target_modules) & roles
+        selection: dict[str, dict[str, Any]] = {}
         matrices = extract_matrices(
-            sens, teacher, ctx.student.arch, layers, targets, spec.structure, recipe.seed, spec.grow, ctx.progress
+            sens, teacher, ctx.student.arch, layers, targets, spec.structure, recipe.seed, spec.grow, ctx.progress, selection
         )
         write_json(
             ctx.workdir / "seeking.json",
@@ -365,6 +384,9 @@ class SeekingMethod(Method):
                 "groups": spec.modules,
                 "roles_injected": sorted(t for t in targets if t),
                 "n_seed": sens.n_samples,
+                # the teacher rows and columns each student weight was cut from ([start, stop) ranges; a record of the
+                # cell carries this file, so which submatrix was chosen survives without the weights)
+                "selection": selection,
             },
         )
         model, self.initial_lora = lora_started_at(ctx, matrices)

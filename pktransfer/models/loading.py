@@ -33,6 +33,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     load_seconds: float
+    weights_sha256: str | None = None  # of a local folder's weight files (None for a hub id: its revision says it)
 
     def unload(self) -> None:
         """Drop the weights so their memory can be returned."""
@@ -217,4 +218,40 @@ def load_model(spec: ModelSpec, log: Callable[[str], None] | None = None) -> Loa
     if log:
         picked = dtype_choice(spec.dtype, device, dtype)
         log(f"loaded {spec.model} in {time.perf_counter() - t0:.1f}s ({picked}): {arch.summary()}")
-    return LoadedModel(spec.model, source, model, tokenizer, arch, device, dtype, time.perf_counter() - t0)
+    digest = weights_sha256(Path(source)) if Path(source).is_dir() else None
+    return LoadedModel(spec.model, source, model, tokenizer, arch, device, dtype, time.perf_counter() - t0, digest)
+
+
+WEIGHTS_DIGEST = ".pktransfer-weights.json"  # beside a model's weight files: their sha256, keyed by size and mtime
+
+
+def weights_sha256(folder: Path) -> str:
+    """SHA-256 over a model folder's weight files (``*.safetensors``, ``*.bin``, by name): what the weights a run read
+    were, e.g. the offline pair's dequantised GGUF or a planted teacher. Hashed once and kept beside the files with
+    their sizes and modification times (recomputed when any changed); a read-only folder is hashed on every load."""
+    import hashlib
+    import json as _json
+
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    cache = folder / WEIGHTS_DIGEST
+    try:
+        kept = _json.loads(cache.read_text())
+        if kept.get("files") == stamp:
+            return str(kept["sha256"])
+    except (OSError, ValueError, KeyError):
+        pass
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        with p.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    digest = h.hexdigest()
+    try:
+        from pktransfer.fileio import write_text
+
+        write_text(cache, _json.dumps({"files": stamp, "sha256": digest}))
+    except OSError:
+        pass
+    return digest

@@ -111,6 +111,9 @@ def adjust_family(
         b["p_adjusted"] = p_adj
         b["survives"] = bool(p_adj < alpha)
         b["sim_ci_low"], b["sim_ci_high"] = percentile_interval(dist, 1 - alpha / m)
+        # the MDE at the level the adjusted test first needs (Holm's first step, Bonferroni's α/m): the unadjusted MDE
+        # beside an adjusted p-value would overstate what the family can detect
+        b["mde_adjusted"] = minimum_detectable_effect(b["se"], alpha=alpha / m if adjustment == "holm" else alpha)
         if margin is not None:
             b["equivalence"] = equivalent(dist, margin, alpha)
     return {

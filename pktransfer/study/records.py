@@ -117,7 +117,8 @@ def item_scores(folder: Path, run: dict[str, Any], split: str) -> dict[str, floa
 
 
 # what a finished folder's result is (its weights, checkpoints and caches are not: they can be rebuilt)
-RECORD_FILES = ("run.json", "recipe.yaml", "report.md", "checkpoints/log_history.json")
+# (seeking.json: which teacher submatrix a Seeking cell chose; absent for other methods)
+RECORD_FILES = ("run.json", "recipe.yaml", "report.md", "checkpoints/log_history.json", "seeking.json")
 
 
 ORIGIN = "record.json"  # in each record: the grid folder it was made in (paths into it are relocated on restore)
@@ -167,7 +168,7 @@ REPORT_FILES = (
 
 
 # packages whose versions change what a cell computes (run.json's ``versions``), pinned in a grid's constraints.txt
-PINNED = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "numpy", "scipy")
+PINNED = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "numpy", "scipy", "gguf")
 
 
 def grid_constraints(runs: list[dict[str, Any]]) -> tuple[str, list[str]]:
