@@ -155,6 +155,13 @@ def run_folder(
             raise
 
 
+def model_identity(loaded: LoadedModel) -> dict[str, Any]:
+    """What run.json keeps of a loaded model: its name, where its weights were read, their dtype and SHA-256 (a local
+    folder's weight files; the offline pair's dequantised weights are such a folder)."""
+    return {"model": loaded.name, "source": loaded.source, "dtype": str(loaded.dtype).removeprefix("torch."),
+            "weights_sha256": loaded.weights_sha256}  # fmt: skip
+
+
 def run_info(recipe: Recipe, log: StageLog, started: float, **extra: Any) -> dict[str, Any]:
     return {
         "status": "finished",
@@ -196,6 +203,7 @@ class TeacherHandle:
     def __init__(self, spec: ModelSpec, log: StageLog, progress: Progress, guard: LeakGuard | None = None) -> None:
         self.spec, self.log, self.progress, self.guard = spec, log, progress, guard
         self._loaded: LoadedModel | None = None
+        self.identity: dict[str, Any] | None = None  # what was loaded, once it was
 
     def __call__(self) -> LoadedModel:
         if self._loaded is None:
@@ -203,6 +211,7 @@ class TeacherHandle:
                 self._loaded = load_model(self.spec, log=self.progress.log)
             if self.guard is not None:
                 self.guard.watch(self._loaded.model, self._loaded.tokenizer, "teacher")
+            self.identity = model_identity(self._loaded)
         return self._loaded
 
     def release(self) -> None:
@@ -306,6 +315,7 @@ def _run(
             metrics=metric_table(metrics),
             method=method.report(),
             outputs=outputs,
+            models={"student": model_identity(student), **({"teacher": teacher.identity} if teacher.identity else {})},
             **({"leak_guard": guard.report()} if guard.report() else {}),
         )
         rd.write_json("run.json", info)
@@ -326,12 +336,15 @@ def check_distributable(recipe: Recipe) -> None:
             hint="launch data-parallel instead (examples/accelerate-ddp.yaml or torchrun); shard the teacher with "
             "teacher.device_map when it is the model that does not fit",
         )
-    if not get_method(recipe.method).post_training:
+    method = get_method(recipe.method)
+    if not method.post_training:
         raise RecipeError(
             f"method '{recipe.method.name}' does not train the student with the LoRA trainer, so it cannot run on "
             "several processes",
             hint="run it as one process (python -m pktransfer.cli run ..., without torchrun / accelerate launch)",
         )
+    if (why := method.single_process_only()) is not None:
+        raise RecipeError(f"method '{recipe.method.name}' cannot run on several processes: {why[0]}", hint=why[1])
 
 
 def _run_as_worker(recipe: Recipe) -> RunResult:
@@ -573,6 +586,7 @@ def evaluate_pair(recipe: Recipe, *, quiet: bool = False, overwrite: bool = Fals
     started = time.time()
     with run_folder(recipe, overwrite, progress) as (rd, log):
         metrics: dict[str, dict[str, Any]] = {}
+        identities: dict[str, dict[str, Any]] = {}
         fmt_info = None
         for label, spec, wanted in (
             ("teacher", recipe.teacher, recipe.evaluation.teacher),
@@ -584,6 +598,7 @@ def evaluate_pair(recipe: Recipe, *, quiet: bool = False, overwrite: bool = Fals
                 loaded = load_model(spec, log=progress.log)
             formatter = formatter_for(loaded, task, recipe)
             fmt_info = formatter.describe()
+            identities[label] = model_identity(loaded)
             with log.stage(f"eval_{label}"):
                 metrics[label] = _evaluate_cached(rd, loaded.model, formatter, task, recipe, label, progress)
             loaded.unload()
@@ -595,6 +610,7 @@ def evaluate_pair(recipe: Recipe, *, quiet: bool = False, overwrite: bool = Fals
             prompt_format=fmt_info,
             metrics=metric_table(metrics),
             outputs={"eval": "eval"},
+            models=identities,
         )
         rd.write_json("run.json", info)
     return RunResult(rd.finish(), info)

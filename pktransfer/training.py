@@ -252,9 +252,10 @@ def _trainer_class() -> Any:
         def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool, num_items_in_batch: Any) -> Any:
             if self.method_batch is not None:
                 inputs = self.method_batch(model, inputs)
-                # the rewritten batch holds other tokens than the ones the trainer counted: the loss normalises
-                # over its own tokens, and the trainer divides by the accumulation steps
-                num_items_in_batch = None
+                if not getattr(self.method_batch, "keeps_tokens", False):
+                    # the rewritten batch holds other tokens than the ones the trainer counted: the loss normalises
+                    # over its own tokens, and the trainer divides by the accumulation steps
+                    num_items_in_batch = None
             index = inputs.pop("index", None)
             if self.method_loss is None and self.cpu_bf16_fast:
                 return self._response_ce(model, inputs, return_outputs, num_items_in_batch)
@@ -275,7 +276,16 @@ def _trainer_class() -> Any:
             loss = self.method_loss(outputs, {**inputs, "labels": labels, "index": index, **extra}, num_items_in_batch)
             # normalised over the accumulated batch when the trainer told us its size
             self.loss_is_scaled_for_ga = num_items_in_batch is not None
+            loss = self._across_processes(loss, num_items_in_batch)
             return (loss, outputs) if return_outputs else loss
+
+        def _across_processes(self, loss: Any, num_items_in_batch: Any) -> Any:
+            """Several processes: the trainer counts ``num_items_in_batch`` over all of them and DDP averages their
+            gradients, so a loss normalised by that count is scaled by the number of processes, as the trainer's own
+            ``compute_loss`` does (without it every process's gradient is 1/N of the one-process gradient)."""
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                return loss * self.accelerator.num_processes
+            return loss
 
         def _response_ce(self, model: Any, inputs: dict[str, Any], return_outputs: bool, num_items_in_batch: Any) -> Any:
             labels = inputs.pop("labels")
@@ -283,7 +293,7 @@ def _trainer_class() -> Any:
             self.loss_is_scaled_for_ga = num_items_in_batch is not None  # None after a batch rewrite (see above)
             if num_items_in_batch is not None:
                 n = num_items_in_batch
-            loss = total / (n.to(total.device) if torch.is_tensor(n) else n)
+            loss = self._across_processes(total / (n.to(total.device) if torch.is_tensor(n) else n), num_items_in_batch)
             return (loss, outputs) if return_outputs else loss
 
     return MethodTrainer
@@ -379,6 +389,14 @@ def _checkpointing_kwargs(enabled: bool) -> dict[str, bool]:
         return {}
     fields = TrainingArguments.__dataclass_fields__
     return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": True}
+
+
+def unwrapped(model: Any) -> Any:
+    """The model inside a ``DistributedDataParallel`` wrapper (the trainer hands methods the wrapped model when several
+    processes train), else the model itself: generation and a method's own modules live on the inner one."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def rank_and_world() -> tuple[int, int]:

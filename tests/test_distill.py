@@ -157,6 +157,50 @@ def test_gkd_with_lmbda_zero_and_no_seq_kd_trains_on_the_gold_responses_only(tin
     assert res.run["method"]["batches"] == 4
 
 
+def test_gkd_warns_when_no_batch_was_sampled_on_policy(tiny_recipe, tmp_path):
+    from pktransfer.progress import Progress
+
+    warnings: list[str] = []
+    progress = Progress(quiet=True)
+    progress.warn = warnings.append  # type: ignore[method-assign]
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    res = pktransfer.run(_recipe(tiny_recipe, {"name": "gkd", "lmbda": 1e-9}), progress=progress, evaluate=False)
+    assert res.run["budget"]["on_policy_batches"] == 0
+    assert any("none of the 4 training batches was sampled on-policy" in w for w in warnings), warnings
+    assert res.run["method"]["sampling"]["repetition_penalty"] == 1.0 and res.run["method"]["sampling"]["top_k"] == 0
+
+
+def test_gkd_samples_the_pure_policy_whatever_the_students_generation_config_says(tiny_models):
+    """A checkpoint's generation_config (a repetition penalty, top-k) must not reshape the on-policy samples: with the
+    same seed, samples are the same with a plain config and with one that sets them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from pktransfer.methods.gkd import pure_policy
+
+    path = str(tiny_models["qwen2_student"])
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    ids = torch.tensor([tok("What is 12 + 30?")["input_ids"]])
+    kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=24, pad_token_id=0)
+
+    def sample(config: GenerationConfig) -> list[int]:
+        model.generation_config = config
+        torch.manual_seed(0)
+        with torch.no_grad(), pure_policy(model):
+            out = model.generate(input_ids=ids, **kwargs)[0].tolist()
+        assert model.generation_config is config  # restored
+        return out
+
+    banned = list(range(4, len(tok), 2))  # a config that forbids half the vocabulary
+    plain = sample(GenerationConfig())
+    shaped = sample(GenerationConfig(repetition_penalty=1.5, top_k=3, no_repeat_ngram_size=2, suppress_tokens=banned))
+    assert plain == shaped
+    # without the guard the same config changes the samples (so the test can fail)
+    model.generation_config = GenerationConfig(repetition_penalty=1.5, no_repeat_ngram_size=2, suppress_tokens=banned)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert model.generate(input_ids=ids, **kwargs)[0].tolist() != plain
+
+
 def test_seq_kd_trains_on_the_teachers_samples(tiny_recipe, tmp_path):
     tiny_recipe["evaluation"].update(teacher=False, student=False)
     res = pktransfer.run(_recipe(tiny_recipe, {"name": "gkd", "lmbda": 0.0, "seq_kd": True}), quiet=True, evaluate=False)
@@ -342,10 +386,11 @@ def padded_teachers(tmp_path_factory):
         {"name": "kd", "cache": False},
         {"name": "gkd", "lmbda": 1.0},
         {"name": "semalign", "critical_layers": "all", "output_loss": "kl"},
+        {"name": "hidden_kd"},  # never reads the teacher's logits at all
     ],
-    ids=["kd", "kd-live", "gkd", "semalign-kl"],
+    ids=["kd", "kd-live", "gkd", "semalign-kl", "hidden_kd"],
 )
-def test_logit_objectives_accept_a_teacher_padded_beyond_the_shared_tokenizer(tiny_recipe, padded_teachers, method):
+def test_objectives_accept_a_teacher_padded_beyond_the_shared_tokenizer(tiny_recipe, padded_teachers, method):
     tiny_recipe["teacher"]["model"] = str(padded_teachers["padded"])
     tiny_recipe["evaluation"].update(teacher=False, student=False)
     res = pktransfer.run(_recipe(tiny_recipe, method), quiet=True, evaluate=False)
@@ -457,3 +502,28 @@ def test_distillation_trains_on_the_logits_of_response_positions_only(tiny_recip
         pktransfer.run(_recipe(tiny_recipe, {"name": name.split("-")[0], **method}), quiet=True, evaluate=False)
     for name in ("gkd", "hidden_kd", "kd", "kd-live"):
         assert widths[name] and all(kept < length for kept, length in widths[name]), (name, widths[name])
+
+
+def test_hidden_kd_accumulates_exactly_and_distils_every_token_on_request(tiny_recipe, tmp_path, monkeypatch):
+    """With grad_accum 2 the loss is normalised by the accumulated batch's token count (the trainer's), not each
+    micro-batch's own: its rewrite that asks for hidden states keeps the trainer's count."""
+    from pktransfer.methods import hidden_kd
+
+    seen = []
+    real = hidden_kd.hidden_kd_loss
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["n_tokens"], kwargs["weight"], len(args[2][0]) if args[2] else 0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hidden_kd, "hidden_kd_loss", spy)
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    tiny_recipe["training"].update(batch_size=4, grad_accum=2, max_steps=1)
+    pktransfer.run(_recipe(tiny_recipe, {"name": "hidden_kd"}), quiet=True, evaluate=False)
+    assert len(seen) == 2 and all(n is not None for n, _, _ in seen)  # both micro-batches: the trainer's count
+    assert seen[0][0] == seen[1][0] and all(w == 1.0 for _, w, _ in seen)
+    seen.clear()
+    tiny_recipe["output_dir"] = str(tmp_path / "all")
+    res = pktransfer.run(_recipe(tiny_recipe, {"name": "hidden_kd", "positions": "all"}), quiet=True, evaluate=False)
+    assert res.run["method"]["positions"] == "all"
+    assert all(w < 1.0 for _, w, _ in seen)  # more distilled tokens than response tokens, weighted as the response

@@ -245,6 +245,10 @@ class Method(ABC, Generic[C]):
         """Lines the comparison report adds for this method's entries (``labels``)."""
         return []
 
+    def single_process_only(self) -> tuple[str, str] | None:
+        """Why this configuration cannot train data-parallel on several processes, and the fix (None: it can)."""
+        return None
+
     def saves_merged(self) -> bool:
         """Whether the run must also write the merged student (the adapter alone does not reproduce it)."""
         return False

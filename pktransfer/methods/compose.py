@@ -86,6 +86,9 @@ class ComposeMethod(Method):
     def saves_merged(self) -> bool:
         return self.start.saves_merged()
 
+    def single_process_only(self) -> tuple[str, str] | None:
+        return self.start.single_process_only() or self.objective.single_process_only()
+
     def save_adapter(self, model: Any, folder: Path) -> None:
         self.start.save_adapter(model, folder)
 

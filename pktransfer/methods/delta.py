@@ -458,6 +458,15 @@ class DeltaMethod(Method):
     def report(self) -> dict[str, Any]:
         return dict(self.info)
 
+    def single_process_only(self) -> tuple[str, str] | None:
+        if self.spec.teacher_adapter is None and self.spec.teacher_model is None:
+            return (
+                "it would train the teacher's delta inside every process's preparation",
+                "train the teacher's delta first in one process (e.g. `pkt plant`, or a LoRA run with the teacher as "
+                "student) and pass it as method.teacher_adapter",
+            )
+        return None
+
     def saves_merged(self) -> bool:
         return bool(self.residual)
 

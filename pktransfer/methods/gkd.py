@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -46,7 +48,24 @@ from pktransfer.methods.teacher_cache import live_teacher
 from pktransfer.models.pair import check_pair
 from pktransfer.ops.distill import generalized_jsd
 from pktransfer.ops.offload import input_device
-from pktransfer.training import BatchFn, LossFn, response_positions, response_rows
+from pktransfer.training import BatchFn, LossFn, response_positions, response_rows, unwrapped
+
+
+@contextmanager
+def pure_policy(model: Any) -> Iterator[None]:
+    """Sample from the model's own distribution: while decoding, the model's ``generation_config`` (a checkpoint's
+    repetition penalty, top-k, suppressed tokens, ...) is replaced by transformers' global defaults, so only the
+    settings the call passes apply (``generate`` fills every setting the call leaves unset from it)."""
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel's transformers model
+    saved = inner.generation_config
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
+
 
 # ---- the loss and the sampled batch (pure functions) ----------------------------------------------------
 
@@ -130,6 +149,7 @@ class GkdMethod(ObjectiveMethod):
         self.generated = {"student": [0, 0.0], "teacher": [0, 0.0]}  # tokens, seconds
         self.samples: list[dict[str, Any]] = []  # the first few on-policy samples, for reading by eye
         self._sampled = False  # the batch the loss sees was sampled by the student
+        self._progress: Any = None
 
     @property
     def teacher_during_training(self) -> bool:
@@ -159,15 +179,11 @@ class GkdMethod(ObjectiveMethod):
         model.eval()
         t0 = time.perf_counter()
         try:
-            with torch.no_grad(), contiguous_head_input(model):  # the LM head's slow path on CPU (see there)
+            with torch.no_grad(), contiguous_head_input(model), pure_policy(model):  # the LM head: see there
                 out = model.generate(
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),
-                    do_sample=True,
-                    temperature=self.spec.temperature,
-                    top_k=0,
-                    top_p=1.0,
-                    max_new_tokens=self.max_new_tokens,
+                    **self.sampling(),
                     eos_token_id=list(stop),
                     pad_token_id=pad_id,
                 )
@@ -186,9 +202,26 @@ class GkdMethod(ObjectiveMethod):
             )
         return completions
 
+    def sampling(self) -> dict[str, Any]:
+        """Every setting of the samplers' decoding, explicit (recorded in run.json under ``method.sampling``): the
+        policy itself at ``temperature``, nothing else reshaping it."""
+        return {
+            "do_sample": True,
+            "temperature": self.spec.temperature,
+            "top_k": 0,
+            "top_p": 1.0,
+            "min_p": None,
+            "repetition_penalty": 1.0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "max_new_tokens": self.max_new_tokens,
+            "min_new_tokens": 0,
+        }
+
     def training_batch(self, ctx: MethodContext) -> BatchFn:
         spec = self.spec
         self.max_new_tokens = spec.max_new_tokens or ctx.task.max_new_tokens or 16
+        self._progress = ctx.progress
         max_length = ctx.recipe.training.max_length
         tok = ctx.student.tokenizer
 
@@ -198,7 +231,7 @@ class GkdMethod(ObjectiveMethod):
             if not on_policy and not spec.seq_kd:
                 return batch
             who = "student" if on_policy else "teacher"
-            sampler = model if on_policy else self.teacher.model
+            sampler = unwrapped(model) if on_policy else self.teacher.model  # DDP's wrapper cannot generate
             prompts = prompts_of(batch["input_ids"], batch["labels"], batch["attention_mask"])
             completions = self._sample(sampler, prompts, ctx, who)
             self.stats[f"{who}_sampled_batches"] += 1
@@ -270,6 +303,16 @@ class GkdMethod(ObjectiveMethod):
 
     def finish_training(self) -> None:
         self.teacher = None
+        if (
+            self._progress is not None
+            and self.spec.lmbda > 0
+            and self.stats["batches"]
+            and not self.stats["student_sampled_batches"]
+        ):
+            self._progress.warn(
+                f"gkd: none of the {self.stats['batches']} training batches was sampled on-policy (lmbda "
+                f"{self.spec.lmbda}): this run distilled on the gold responses only (run.json: on_policy_batches 0)"
+            )
 
     def spent(self) -> dict[str, Any]:
         tokens, seconds = self.generated["student"]
@@ -286,5 +329,8 @@ class GkdMethod(ObjectiveMethod):
             "teacher_generated_tokens": t_tokens,
             "teacher_generation_seconds": round(t_seconds, 2),
             "max_new_tokens": getattr(self, "max_new_tokens", None),
+            "sampling": {**self.sampling(), "model_generation_config": "ignored: sampled from a fresh GenerationConfig"}
+            if hasattr(self, "max_new_tokens")
+            else None,
             "first_samples": self.samples,
         }
