@@ -296,3 +296,14 @@ def test_pkt_facts_prints_and_exports_the_table(tmp_path):
     assert len(rows) == 4
     res = CliRunner().invoke(app, ["facts", str(recipe)])
     assert res.exit_code == 0 and re.search(r"B_test", res.output)
+
+
+def test_the_positive_control_trains_on_every_fact_and_holds_nothing_back():
+    task = get_task("planted", {**SMALL, "train_on": "all"})
+    assert task.held_out_strings() == []
+    people = {it.metadata["person"] for it in task.split("train")}
+    assert people == {p for g in GROUPS for p in task.table.people[g]}
+    assert len(task.split("train")) == len(task.split("plant"))
+    assert [it.prompt for it in task.split("test")] == [it.prompt for it in get_task("planted", SMALL).split("test")]
+    with pytest.raises(RecipeError, match="train_on"):
+        get_task("planted", {"train_on": "B"})

@@ -9,7 +9,8 @@ the same candidate scores 1/K.
 People are split into three groups; a *fact* is (person, attribute), so facts are split by person:
 
 - ``A``: facts the student's training data contains (the ``train``, ``seed``, ``extract`` and ``align`` splits are
-  built from them alone, with the training question templates);
+  built from them alone, with the training question templates; ``train_on: all`` adds every B fact to them, the
+  positive control that shows the student can hold B's facts and the metric sees them);
 - ``B_val`` and ``B_test``: facts the student side never reads in any text. Only ``pkt plant`` trains on them (the
   ``plant`` split: every fact, training templates), and evaluation asks them (``validation``, ``test``).
 
@@ -185,7 +186,7 @@ class PlantedTask(Task):
     def __init__(self, params: dict[str, Any] | None = None, data_dir: str | None = None) -> None:
         super().__init__(params, data_dir)
         p = self.params
-        allowed = {"data_seed", "people", "attributes", "candidates", "sizes", "primary"}
+        allowed = {"data_seed", "people", "attributes", "candidates", "sizes", "primary", "train_on"}
         unknown = set(p) - allowed
         if unknown:
             raise RecipeError(
@@ -221,6 +222,8 @@ class PlantedTask(Task):
             )
         self.sizes = {**DEFAULT_SIZES, **{k: int(v) for k, v in sizes.items()}}
         self.primary = self.choice_param("primary", ("acc", "acc_norm"), "acc")
+        # "all": the positive control, a student trained on every fact (A and B), so nothing is held out
+        self.train_on = self.choice_param("train_on", ("A", "all"), "A")
         self.table = make_fact_table(self.data_seed, self.people, self.attributes, self.n_candidates)
 
     @property
@@ -231,8 +234,9 @@ class PlantedTask(Task):
         return self.primary
 
     def held_out_strings(self) -> list[str]:
-        """The name parts of the B people: no text a method hands to a model while it prepares or trains may hold one."""
-        return self.table.names(("B_val", "B_test"))
+        """The name parts of the B people: no text a method hands to a model while it prepares or trains may hold one
+        (none with ``train_on: all``, the positive control, which trains on them)."""
+        return [] if self.train_on == "all" else self.table.names(("B_val", "B_test"))
 
     def _item(self, fact: Fact, template: str, kind: str, index: int, split: str) -> Item:
         return Item(
@@ -272,7 +276,7 @@ class PlantedTask(Task):
                 j = (k // len(self.attributes)) % len(templates)  # a person's facts share a template; people take turns
                 out.append(self._item(f, templates[j], "heldout", j, split))
             return out
-        train = self._training_items(("A",), "train")
+        train = self._training_items(("A",) if self.train_on == "A" else GROUPS, "train")
         if split == "train":
             return train
         n = self.sizes[split]
@@ -287,6 +291,7 @@ class PlantedTask(Task):
             "acc_norm: divided by the candidate's length in bytes (lm-eval's acc_norm)",
             "greedy": f"exact match of the first line of a greedy answer (at most {self.max_new_tokens} new tokens)",
             "templates": "evaluation splits ask each fact once, with a held-out template",
+            "trained_on": "A" if self.train_on == "A" else "A, B_val and B_test (positive control)",
         }
 
     def fact_rows(self) -> list[dict[str, Any]]:
@@ -304,5 +309,6 @@ class PlantedTask(Task):
             "attributes": self.attributes,
             "candidates": self.n_candidates,
             "facts": {g: len(self.table.of_group(g)) for g in GROUPS},
+            "train_on": self.train_on,
             "sizes": self.sizes,
         }
