@@ -130,17 +130,22 @@ def adapter_deltas(model: Any, arch: ArchitectureDescription, adapter: str) -> d
             f"method.teacher_adapter '{adapter}' does not fit the untouched teacher: {str(err).splitlines()[0][:200]}",
             hint="use the adapter trained on this teacher, or set method.teacher_base to the model it was trained on",
         ) from None
-    out: dict[tuple[int, str], torch.Tensor] = {}
     try:
-        inner = peft_model.base_model.model
-        for layer, role in layer_roles(arch):
-            module = inner.get_submodule(arch.module_name(layer, role))
-            if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
-                with torch.no_grad():
-                    delta = module.get_delta_weight("default").detach().float().cpu()
-                out[(layer, role)] = delta[arch.role_rows(role)]
+        return peft_deltas(peft_model, arch)
     finally:
         peft_model.unload()
+
+
+@torch.no_grad()
+def peft_deltas(peft_model: Any, arch: ArchitectureDescription) -> dict[tuple[int, str], torch.Tensor]:
+    """(layer, role) -> the dense update of every LoRA-wrapped projection of a PEFT model (peft's
+    ``get_delta_weight``), its role's rows of a fused module, float32 on the CPU."""
+    out: dict[tuple[int, str], torch.Tensor] = {}
+    inner = peft_model.base_model.model
+    for layer, role in layer_roles(arch):
+        module = inner.get_submodule(arch.module_name(layer, role))
+        if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
+            out[(layer, role)] = module.get_delta_weight("default").detach().float().cpu()[arch.role_rows(role)]
     return out
 
 
@@ -377,12 +382,7 @@ class DeltaMethod(Method):
             seconds=time.perf_counter() - t0,
             parameters=teacher.arch.n_parameters,
         )
-        out: dict[tuple[int, str], torch.Tensor] = {}
-        for layer, role in layer_roles(teacher.arch):
-            module = model.base_model.model.get_submodule(teacher.arch.module_name(layer, role))
-            if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
-                with torch.no_grad():
-                    out[(layer, role)] = module.get_delta_weight("default").float().cpu()[teacher.arch.role_rows(role)]
+        out = peft_deltas(model, teacher.arch)
         model.unload()
         return out
 
