@@ -292,3 +292,43 @@ def test_the_recorded_step0_check_is_not_blurred_by_lora_dropout(tiny_recipe, tm
     recipe = _seeking(tiny_recipe)
     recipe.output_dir = str(tmp_path / "inj")
     assert pktransfer.inject(recipe, quiet=True).run["step0_max_logit_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("layers", ["sensitivity", "last"])
+def test_maps_of_the_selected_layers_only_give_the_same_sensitivity_and_start(tiny_recipe, tmp_path, monkeypatch, layers):
+    """maps: selected_layers (default) keeps per-element maps only for the layers selection picks (two passes when the
+    scores pick them, one when the strategy does not read them) and gives the same layer scores, maps and adapter
+    start as the official one pass with a map for every layer; no pass holds a map of an unselected layer."""
+    import pktransfer.methods.seeking as seeking
+    from pktransfer.ops import sensitivity as sensitivity_ops
+
+    held: list[set[str]] = []
+    real = sensitivity_ops.StreamingSensitivity.__exit__
+
+    def spy(self, *exc):
+        held.append({n for n, p in self.params.items() if p.full is not None})
+        return real(self, *exc)
+
+    monkeypatch.setattr(sensitivity_ops.StreamingSensitivity, "__exit__", spy)
+    starts, sens = {}, {}
+    for maps in ("all_layers", "selected_layers"):
+        held.clear()
+        recipe = _seeking(tiny_recipe, maps=maps, layers=layers)
+        method, model, _, _ = _prepare(recipe, tmp_path / maps)
+        starts[maps] = {k: v.clone() for k, v in method.initial_lora.items()}
+        sens[maps] = load_sensitivity(tmp_path / maps / "sensitivity")
+        selected = json.loads((tmp_path / maps / "seeking.json").read_text())["selected_layers"]
+        kept = {int(n.split(".")[2]) for h in held for n in h if n.startswith("model.layers.")}
+        if maps == "all_layers":
+            assert len(held) == 1 and kept == {0, 1, 2, 3}
+        else:
+            assert len(held) == (2 if layers == "sensitivity" else 1) and kept == set(selected)
+    assert starts["all_layers"].keys() == starts["selected_layers"].keys()
+    for k in starts["all_layers"]:
+        assert torch.equal(starts["all_layers"][k], starts["selected_layers"][k]), k
+    a, b = sens["all_layers"], sens["selected_layers"]
+    for name, p in a.params.items():
+        assert torch.equal(p.total, b.params[name].total), name
+        if p.full is not None:
+            assert torch.equal(p.full, b.params[name].full), name
+    assert seeking  # the module under test

@@ -79,9 +79,13 @@ def load_sensitivity(folder: Path) -> Sensitivity:
     return Sensitivity(params, info["n_samples"], info.get("meta", {}))
 
 
-def accumulator_modes(arch: ArchitectureDescription, structure: str, roles: set[str]) -> Any:
-    """What each teacher parameter must keep across seed samples (the streaming memory floor)."""
+def accumulator_modes(arch: ArchitectureDescription, structure: str, roles: set[str], map_layers: set[int] | None = None) -> Any:
+    """What each teacher parameter must keep across seed samples (the streaming memory floor). ``map_layers``: the
+    layers whose weights keep their per-element map (the submatrix structure); the others keep row and column sums
+    (what a map dropped after selection leaves, so a saved sensitivity serves the reduced structures for any layer)
+    (None: every layer)."""
     embed_names = {arch.embed_module + ".weight", arch.lm_head_module + ".weight"}
+    prefix = arch.layers_path + "."
 
     def mode_for(name: str, shape: tuple[int, ...]) -> str:
         if len(shape) != 2:
@@ -91,7 +95,11 @@ def accumulator_modes(arch: ArchitectureDescription, structure: str, roles: set[
         leaf = name.rsplit(".", 2)[-2]
         if not set(ROLES_OF_LEAF.get(leaf, ())) & roles:
             return "total"  # only counts towards the layer score
-        return "full" if structure == "submatrix" else "reduced"
+        if structure != "submatrix":
+            return "reduced"
+        if map_layers is not None and name.startswith(prefix) and int(name[len(prefix) :].split(".", 1)[0]) not in map_layers:
+            return "reduced"  # not (or cannot be) selected: row and column sums, as a dropped map leaves behind
+        return "full"
 
     return mode_for
 
@@ -114,9 +122,10 @@ def compute_sensitivity(
     max_length: int,
     progress: Progress,
     what: str,
+    map_layers: set[int] | None = None,
 ) -> Sensitivity:
     """``formatter``: the teacher's; in tulu mode it is the ``seeking-extract`` variant, as the official extraction
-    script assembles its samples."""
+    script assembles its samples. ``map_layers``: see :func:`accumulator_modes`."""
     examples = encode_items(formatter, items[: spec.n_seed], max_length, what)
     device = teacher.device
     batches = (
@@ -128,7 +137,7 @@ def compute_sensitivity(
         sens = sensitivity_over(
             teacher.model,
             batches,
-            accumulator_modes(teacher.arch, spec.structure, roles),
+            accumulator_modes(teacher.arch, spec.structure, roles, map_layers),
             map_dtype=map_dtype,
             vocab_modules=vocab_modules(teacher.arch),
             row_parts=teacher.arch.fused_parts(),
@@ -178,25 +187,7 @@ def locate(
         sens = load_sensitivity(folder)
         ctx.progress.log(f"seeking: reusing sensitivity from {folder} ({sens.n_samples} samples)")
     else:
-        t0 = time.perf_counter()
-        sens = compute_sensitivity(
-            teacher,
-            ctx.task.split("seed"),
-            spec,
-            roles,
-            formatter=recipe_formatter(teacher.tokenizer, ctx.task, ctx.recipe.task, variant="seeking-extract"),
-            max_length=ctx.recipe.training.max_length,
-            progress=ctx.progress,
-            what=f"task '{ctx.task.name}' seed split",
-        )
-        tokens = sens.meta["tokens"]
-        ctx.teacher_work.add(
-            f"sensitivity: {sens.n_samples} seed samples, forward + backward",
-            forward_tokens=tokens,
-            backward_tokens=tokens,
-            seconds=time.perf_counter() - t0,
-            parameters=teacher.arch.n_parameters,
-        )
+        sens = measured_sensitivity(teacher, student_arch, ctx, spec, roles)
     scores = sens.block_scores(teacher.arch.layers_path, teacher.arch.n_layers)
     try:
         layers = select_layers(scores, student_arch.n_layers, spec.layers, seed=ctx.recipe.seed)
@@ -222,6 +213,54 @@ def locate(
     write_json(own / "summary.json", summary)
     ctx.progress.log(f"seeking: teacher layers {layers} -> student layers 0..{len(layers) - 1}")
     return sens, layers
+
+
+def measured_sensitivity(
+    teacher: Any, student_arch: ArchitectureDescription, ctx: MethodContext, spec: Any, roles: set[str]
+) -> Sensitivity:
+    """Step 1 over the seed split, with the submatrix structure's per-element maps kept as ``spec.maps`` says.
+
+    ``all_layers`` (the official code's way): one pass, a map for every teacher layer (for Llama-2 13B: 40 layers of
+    float32 maps, 50.8 GB). ``selected_layers``: the maps of the layers selection picks only. Where the layer strategy
+    does not read the scores (first, uniform, last, random, a list) the layers are known before the pass and one pass
+    keeps their maps; with ``sensitivity`` a first pass gives the layer scores, selection picks the layers, and a
+    second pass over the same samples keeps those layers' maps. Exact: the scores are the same sums either way (the
+    totals are accumulated alike whatever else a weight keeps) and the second pass's maps are the first's gradients
+    again; it costs a second forward and backward over the seed samples (counted as teacher work)."""
+    seed_items = ctx.task.split("seed")
+    formatter = recipe_formatter(teacher.tokenizer, ctx.task, ctx.recipe.task, variant="seeking-extract")
+    max_length, what = ctx.recipe.training.max_length, f"task '{ctx.task.name}' seed split"
+
+    def one_pass(map_layers: set[int] | None, label: str) -> Sensitivity:
+        t0 = time.perf_counter()
+        sens = compute_sensitivity(
+            teacher, seed_items, spec, roles, formatter=formatter, max_length=max_length, progress=ctx.progress,
+            what=what, map_layers=map_layers,
+        )  # fmt: skip
+        tokens = sens.meta["tokens"]
+        ctx.teacher_work.add(
+            f"sensitivity{label}: {sens.n_samples} seed samples, forward + backward",
+            forward_tokens=tokens,
+            backward_tokens=tokens,
+            seconds=time.perf_counter() - t0,
+            parameters=teacher.arch.n_parameters,
+        )
+        return sens
+
+    if spec.maps == "all_layers" or spec.structure != "submatrix":
+        return one_pass(None, "")
+    n_t, n_s = teacher.arch.n_layers, student_arch.n_layers
+    if spec.layers != "sensitivity":  # the layers do not depend on the scores: their maps alone, in one pass
+        try:
+            known = set(select_layers([0.0] * n_t, n_s, spec.layers, seed=ctx.recipe.seed))
+        except ValueError as err:
+            raise RecipeError(f"method.layers: {err}", hint=f"the student has {n_s} layers, the teacher {n_t}") from None
+        return one_pass(known, "")
+    scored = one_pass(set(), " (pass 1 of 2: layer scores)")
+    chosen = select_layers(scored.block_scores(teacher.arch.layers_path, n_t), n_s, spec.layers, seed=ctx.recipe.seed)
+    mapped = one_pass(set(chosen), " (pass 2 of 2: the selected layers' maps)")
+    mapped.meta["passes"] = 2
+    return mapped
 
 
 # ---- 2-3. selection and extraction ----------------------------------------------------------------
@@ -351,6 +390,12 @@ class SeekingConfig(MethodConfig):
     structure: Literal["submatrix", "row_column", "neuron", "random", "uniform"] = "submatrix"
     modules: list[Literal["embed", "attention", "ffn", "all"]] = Field(default_factory=lambda: ["all"], min_length=1)
     map_dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="dtype of the submatrix map")
+    maps: Literal["selected_layers", "all_layers"] = Field(
+        default="selected_layers",
+        description="submatrix structure: keep per-element maps for the selected teacher layers only (a second pass "
+        "over the seed samples when the layers are chosen by sensitivity; the same maps and layers) or for every layer "
+        "in one pass, as the official code (Llama-2 13B in float32: 50.8 GB of maps)",
+    )
     sensitivity: str | None = Field(default=None, description="reuse a saved sensitivity folder (pkt extract)")
     gradient_checkpointing: bool = False
     grow: Literal["error", "pad"] = Field(
