@@ -314,7 +314,7 @@ def test_maps_of_the_selected_layers_only_give_the_same_sensitivity_and_start(ti
     for maps in ("all_layers", "selected_layers"):
         held.clear()
         recipe = _seeking(tiny_recipe, maps=maps, layers=layers)
-        method, model, _, _ = _prepare(recipe, tmp_path / maps)
+        method, _model, _, _ = _prepare(recipe, tmp_path / maps)
         starts[maps] = {k: v.clone() for k, v in method.initial_lora.items()}
         sens[maps] = load_sensitivity(tmp_path / maps / "sensitivity")
         selected = json.loads((tmp_path / maps / "seeking.json").read_text())["selected_layers"]
