@@ -450,7 +450,8 @@ class SeekingMethod(Method):
             "teacher": recipe.teacher.identity(),
             "task": hash_view("task", recipe.task.model_dump()),
             "max_length": recipe.training.max_length,
-            "method": m.model_dump(exclude={"sensitivity"}),
+            # (maps changes which pass holds which map, not the sensitivity saved: both give the same file's content)
+            "method": m.model_dump(exclude={"sensitivity", "maps"}),
             "seed": recipe.seed if m.layers == "random" else None,
         }
         key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
