@@ -107,6 +107,8 @@ def test_user_supplied_super_ni_test_file(tmp_path):
     f.write_text(json.dumps({"id": "u1", "prompt": "Say hi", "response": "hi"}) + "\n")
     task = get_task("super_ni", {"test_file": str(f)})
     assert [it.id for it in task.split("test")] == ["u1"] and task.eval_name == "super_ni-user-test"
+    # nothing of the Seeking file is held out for a user test set: training reads all 1,000 rows (official)
+    assert len(task.split("train")) == 1000 and len(task.split("seed")) == 32
 
 
 def test_missing_data_file_names_the_file(tmp_path):
