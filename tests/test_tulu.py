@@ -163,6 +163,22 @@ def test_bos_is_the_tokenizers_own():
     assert f.encode_prompt(SUPER_NI.prompt)[0] == 0
 
 
+def test_latens_training_text_has_no_bos_even_on_a_tokenizer_that_adds_one():
+    """train_LaTen.py L123-128 sets add_bos_token = add_eos_token = False on both tokenizers: LaTen's training text and
+    its location inputs carry no BOS (Llama's <s>), where Seeking's do; evaluation (Open-Instruct) keeps the BOS."""
+    from tokenizers import processors
+
+    tok = make_tokenizer(True)
+    tok.add_special_tokens({"bos_token": "<unk>"})
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<unk> $A", special_tokens=[("<unk>", 0)])
+    laten, seeking = PromptFormatter(tok, "tulu", tulu="laten"), PromptFormatter(tok, "tulu", tulu="seeking")
+    ex_l, ex_s = laten.encode_example(MMLU, 2048), seeking.encode_example(MMLU, 2048)
+    assert ex_s.input_ids[0] == 0 and ex_s.input_ids[1:] == ex_l.input_ids  # the same text, one BOS fewer
+    assert ex_l.input_ids == tok(MMLU_LATEN, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert laten.encode_prompt(MMLU.prompt)[0] != 0 and seeking.encode_prompt(MMLU.prompt)[0] == 0
+    assert laten.for_evaluation().encode_prompt(MMLU.prompt)[0] == 0
+
+
 def test_evaluation_uses_the_open_instruct_variant_and_describes_both():
     f = fmt("seeking")
     ev = f.for_evaluation()

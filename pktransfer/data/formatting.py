@@ -35,8 +35,8 @@ class TuluVariant:
     text). ``eos_id``: after tokenising, the EOS id is appended when the text does not already end with it and is
     shorter than the cutoff (the official ``tokenize(..., add_eos_token=True)``). ``mask_extra``: the loss mask covers
     this many tokens beyond the tokenised prompt (LaTen tokenises the prompt with its EOS appended, so the first
-    response token is masked too). BOS is the tokenizer's own (``add_special_tokens=True`` throughout the official
-    code: Llama gets ``<s>``, Qwen nothing).
+    response token is masked too). ``bos``: the tokenizer's own BOS (``add_special_tokens=True`` in Seeking's and
+    Open-Instruct's code: Llama gets ``<s>``, Qwen nothing), or none (LaTen's training turns it off).
     """
 
     name: str
@@ -46,6 +46,7 @@ class TuluVariant:
     response_end: str
     eos_id: bool
     mask_extra: int = 0
+    bos: bool = True  # the tokenizer's own BOS (Llama: <s>); False: none (LaTen's training sets add_bos_token=False)
 
 
 TULU_VARIANTS: dict[str, TuluVariant] = {
@@ -71,12 +72,14 @@ TULU_VARIANTS: dict[str, TuluVariant] = {
         TuluVariant(
             "laten",
             "Neural_Incompatibility bba32ea utils/utils.py generate_chat_prompt (L26-41) and "
-            "generate_and_tokenize_prompt (L55-110): the prompt is tokenised with its EOS appended",
+            "generate_and_tokenize_prompt (L55-110): the prompt is tokenised with its EOS appended; train_LaTen.py "
+            "L123-128 sets add_bos_token = add_eos_token = False on both tokenizers, so no BOS",
             turn_end="\n\n",
             strip_user=True,
             response_end="\n\n",
             eos_id=True,
             mask_extra=1,
+            bos=False,
         ),
         TuluVariant(
             "open-instruct",
@@ -156,7 +159,7 @@ class PromptFormatter:
         return text
 
     def _tulu_tokens(self, text: str, max_length: int, add_eos: bool) -> list[int]:
-        ids = list(self.tokenizer(text, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"])
+        ids = list(self.tokenizer(text, truncation=True, max_length=max_length, add_special_tokens=self.tulu.bos)["input_ids"])
         eos = self.tokenizer.eos_token_id
         if add_eos and eos is not None and (not ids or ids[-1] != eos) and len(ids) < max_length:
             ids.append(int(eos))
@@ -184,8 +187,10 @@ class PromptFormatter:
 
     def encode_text(self, text: str) -> list[int]:
         """Tokens of an assembled text: chat text already carries its special tokens; plain and tulu text get the
-        tokenizer's BOS if it uses one (as the official Tulu code's ``add_special_tokens=True`` does)."""
-        return list(self.tokenizer(text, add_special_tokens=self.mode != "chat")["input_ids"])
+        tokenizer's BOS if it uses one (as the official Tulu code's ``add_special_tokens=True`` does), except in a
+        variant without one (LaTen's training)."""
+        special = self.mode == "plain" or (self.mode == "tulu" and self.tulu.bos)
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return self.encode_text(self.prompt_text(prompt))
