@@ -324,8 +324,8 @@ def test_a_grid_composes_shares_the_start_and_tunes_an_objective_key(tiny_recipe
     import pktransfer.methods.seeking as seeking
 
     calls = []
-    real = seeking.compute_sensitivity
-    monkeypatch.setattr(seeking, "compute_sensitivity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = seeking.measured_sensitivity
+    monkeypatch.setattr(seeking, "measured_sensitivity", lambda *a, **k: calls.append(1) or real(*a, **k))
     tiny_recipe["task"]["validation"] = 4
     tiny_recipe["compare"] = {
         "methods": [

@@ -207,7 +207,7 @@ class StreamingSensitivity:
         self.chunk_elems = chunk_elems
         self.params: dict[str, ParamSensitivity] = {}
         self._handles: list[Any] = []
-        self._frozen: list[torch.nn.Parameter] = []
+        self._frozen: list[torch.nn.Module] = []
         self.vocab_modules = dict(vocab_modules or {})
         self._patched: list[Any] = []
         for name, p in model.named_parameters():
@@ -222,7 +222,7 @@ class StreamingSensitivity:
         acc = self.params[name + ".weight"]
         if weight.requires_grad:
             weight.requires_grad_(False)  # no dense [vocab x hidden] gradient
-            self._frozen.append(weight)
+            self._frozen.append(module)
         if kind == "linear":
             saved: dict[str, torch.Tensor] = {}
 
@@ -292,8 +292,8 @@ class StreamingSensitivity:
         for hook in self._patched:
             del hook.pre_forward  # back to the class's method
         self._patched.clear()
-        for p in self._frozen:
-            p.requires_grad_(True)
+        for module in self._frozen:  # the module's weight now: an offloaded module's is a new object after each forward
+            module.weight.requires_grad_(True)
         self._frozen.clear()
 
 
