@@ -1,7 +1,7 @@
 """Benchmark: the fast path's attention kernel on CPU in bfloat16, math against flash, by batch length.
 
-    PKT_DATA_DIR=../shared/data python bench/cpu_attention.py                  # lengths 128, 256, 512
-    PKT_DATA_DIR=../shared/data python bench/cpu_attention.py --lengths 512 --steps 3
+    PKT_DATA_DIR=/path/to/data python bench/cpu_attention.py                  # lengths 128, 256, 512
+    PKT_DATA_DIR=/path/to/data python bench/cpu_attention.py --lengths 512 --steps 3
 
 One LoRA training step of the offline student as the trainer takes it on the fast path with the MMLU study's
 ``fused_step: false`` (bf16 autocast, fp32 LoRA r 16 on all projections, dropout 0.05, logits only where the loss

@@ -1,8 +1,8 @@
 """Benchmark: gkd, hidden_kd, kd and SemAlign with the LM head at response positions only, against every position.
 
-    PKT_DATA_DIR=../shared/data python bench/kept_logits.py               # gkd, hidden_kd, kd, semalign, 2 steps each
-    PKT_DATA_DIR=../shared/data python bench/kept_logits.py --methods gkd --steps 3
-    PKT_DATA_DIR=../shared/data python bench/kept_logits.py --methods kd --logits-cache runs/mmlu-study/shared/kd-logits
+    PKT_DATA_DIR=/path/to/data python bench/kept_logits.py               # gkd, hidden_kd, kd, semalign, 2 steps each
+    PKT_DATA_DIR=/path/to/data python bench/kept_logits.py --methods gkd --steps 3
+    PKT_DATA_DIR=/path/to/data python bench/kept_logits.py --methods kd --logits-cache runs/mmlu-study/shared/kd-logits
 
 KD reads the teacher's cached top-k logits: computed once for both settings (about a quarter of an hour for the
 1,000 training items on 2 cores), or read from ``--logits-cache``, e.g. the MMLU grid's (its key is the teacher, the

@@ -14,32 +14,20 @@ import torch
 
 
 def benchmark_data() -> Path | None:
-    """The shared benchmark data: $PKT_DATA_DIR, or shared/data beside or inside the checkout, if present."""
-    root = Path(__file__).resolve().parents[1]
+    """The benchmark data the data-reading tests use: $PKT_DATA_DIR (CI sets it), if it holds the benchmarks."""
     env = os.environ.get("PKT_DATA_DIR")
-    for cand in (Path(env) if env else None, root.parent / "shared" / "data", root / "shared" / "data"):
-        if cand is not None and (cand / "mmlu").is_dir():
-            return cand
-    return None
+    return Path(env) if env and (Path(env) / "mmlu").is_dir() else None
 
 
 DATA = benchmark_data()
 if DATA is None and os.environ.get("PKT_REQUIRE_DATA") == "1":  # CI: data it is meant to have must not be skipped
     raise pytest.UsageError(f"PKT_REQUIRE_DATA=1 but no benchmark data at PKT_DATA_DIR={os.environ.get('PKT_DATA_DIR')}")
-needs_data = pytest.mark.skipif(DATA is None, reason="benchmark data (shared/data) not found; set PKT_DATA_DIR")
+needs_data = pytest.mark.skipif(DATA is None, reason="benchmark data not found: set PKT_DATA_DIR")
 
 
 # Tests on tiny random models check exact references in float32: ``dtype: auto`` would pick bfloat16 on a CPU with
 # native bf16 (tests/test_dtype.py tests that choice itself)
 os.environ.setdefault("PKT_CPU_AUTO_DTYPE", "float32")
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _benchmark_data_env():
-    """Let every test find the benchmark data whatever the working directory."""
-    if DATA is not None and not os.environ.get("PKT_DATA_DIR"):
-        os.environ["PKT_DATA_DIR"] = str(DATA)
-    yield
 
 
 SPECIALS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -70,7 +70,7 @@ def hub_mirror(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
     monkeypatch.setenv("PKT_CACHE", str(tmp_path / "pkt-cache"))
     monkeypatch.delenv("PKT_DATA_DIR", raising=False)
-    monkeypatch.chdir(tmp_path)  # no shared/data beside the working directory: the cache is used
+    monkeypatch.chdir(tmp_path)
     return tmp_path
 
 

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from conftest import DATA, needs_data
 
 from pktransfer.data import get_task, resolve_data_dir
 from pktransfer.errors import DataError, RecipeError
@@ -104,12 +104,9 @@ def test_data_dir_without_the_files_names_the_file(tmp_path):
         get_task("gsm8k", data_dir=str(tmp_path)).split("test")
 
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-@pytest.mark.skipif(not SHARED.is_dir(), reason="shared/data not beside the checkout")
-def test_gsm8k_from_shared_data():
-    t = get_task("gsm8k", data_dir=str(SHARED))
+@needs_data
+def test_gsm8k_from_the_benchmark_data():
+    t = get_task("gsm8k", data_dir=str(DATA))
     test = t.split("test")
     assert len(test) == 1319 and test[0].reference == "18"
     assert len(t.split("seed")) == 32 and len(t.split("extract")) == 20 and len(t.split("align")) == 80

@@ -1,4 +1,4 @@
-"""Tasks read from local JSONL files: the layouts under ``shared/data`` and user-supplied files.
+"""Tasks read from local JSONL files: the benchmark data layout (``$PKT_DATA_DIR``) and user-supplied files.
 
 Two row layouts are understood: chat rows ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}``
 (the Seeking and LaTen paper data) and flat rows ``{"prompt": ..., "response": ..., "reference": ...}``.
@@ -80,7 +80,7 @@ class Gsm8kTask(Task):
     """
 
     name = "gsm8k"
-    description = "GSM8K (shared/data): paper train subsets, official test; 0/8-shot, strict + flexible match"
+    description = "GSM8K: paper train subsets, official test; 0/8-shot, strict + flexible match"
     scorer = "exact_match_number"
     max_new_tokens = 256
     FILES: ClassVar[dict[str, str]] = {

@@ -1,9 +1,9 @@
 """Where every benchmark data file comes from, and how a user without a local copy gets it.
 
 Benchmark tasks read JSONL files in one layout (``gsm8k/test.jsonl``, ``mmlu/dev.jsonl``,
-``seeking/gsm/...``). The folder is, in this order: ``task.data_dir``, ``$PKT_DATA_DIR``, ``shared/data``
-beside the working directory, else pktransfer's cache (``$PKT_CACHE/data``). A local folder always
-wins. In the cache, a missing file is prepared from its public source:
+``seeking/gsm/...``). The folder is, in this order: ``task.data_dir``, ``$PKT_DATA_DIR``, else
+pktransfer's cache (``$PKT_CACHE/data``). A local folder always wins. In the cache, a missing file is
+prepared from its public source:
 
 - evaluation sets from the Hugging Face hub through ``datasets`` (the ``hub`` extra), converted row by
   row to the layout's fields, so items and their sha256 are the same whichever way a split was loaded;

@@ -191,8 +191,8 @@ def get_task(name: str, params: dict[str, Any] | None = None, data_dir: str | No
 
 
 def resolve_data_dir(explicit: str | None = None) -> Path:
-    """The benchmark data folder: explicit option, ``$PKT_DATA_DIR``, ``./shared/data`` or ``../shared/data``,
-    else pktransfer's data cache (filled from public sources, see :mod:`pktransfer.data.sources`)."""
+    """The benchmark data folder: the explicit option (``task.data_dir``), ``$PKT_DATA_DIR``, else pktransfer's data
+    cache (filled from public sources, see :mod:`pktransfer.data.sources`)."""
     env = os.environ.get("PKT_DATA_DIR")
     for cand, label in ((explicit, "task.data_dir"), (env, "$PKT_DATA_DIR")):
         if cand:
@@ -203,9 +203,6 @@ def resolve_data_dir(explicit: str | None = None) -> Path:
                 f"data folder '{p}' (from {label}) does not exist",
                 hint=f"point {label} at the folder holding gsm8k/, mmlu/, seeking/, laten/",
             )
-    for cand in (Path("shared/data"), Path("../shared/data")):
-        if cand.is_dir():
-            return cand.resolve()
     from pktransfer.data.sources import data_cache
 
     return data_cache()
