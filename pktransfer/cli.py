@@ -489,6 +489,9 @@ def eval_cmd(
     ] = False,
     data_dir: Annotated[str | None, typer.Option(help="Benchmark data folder (default $PKT_DATA_DIR).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    backend: Annotated[
+        str, typer.Option(help="Generation engine: auto (vLLM on CUDA where installed), hf, or vllm (needs the vllm extra).")
+    ] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     output_dir: OutOpt = None,
     quiet: QuietOpt = False,
@@ -527,6 +530,7 @@ def eval_cmd(
             allow_code_execution=allow_code_execution,
             output_dir=output_dir,
             quiet=quiet,
+            backend=backend,
         )
         s = res.summary
         table = Table(title=f"{model}{' + ' + adapter if adapter else ''} on {s['eval_name']}/{s['split']}")
@@ -563,9 +567,7 @@ def tasks_cmd() -> None:
 
 @data_app.command("list")
 def data_list_cmd(
-    data_dir: Annotated[
-        str | None, typer.Option(help="Data folder (default: $PKT_DATA_DIR, shared/data, else pktransfer's cache).")
-    ] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Data folder (default: $PKT_DATA_DIR, else pktransfer's cache).")] = None,
 ) -> None:
     """Each benchmark's splits and files: where each comes from and whether it is present here."""
     from pktransfer.data import get_task

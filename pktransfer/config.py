@@ -75,7 +75,7 @@ class TaskSpec(Strict):
 
     name: str = "arithmetic"
     data_dir: str | None = Field(
-        default=None, description="folder with the benchmark data (default: $PKT_DATA_DIR or ../shared/data)"
+        default=None, description="folder with the benchmark data (default: $PKT_DATA_DIR, else pktransfer's cache)"
     )
     n_train: int | None = Field(default=None, ge=1, description="cap on training items (None: the whole split)")
     n_test: int | None = Field(default=None, ge=1, description="cap on test items (None: the whole split)")
@@ -95,10 +95,11 @@ class TaskSpec(Strict):
         description="with prompt_format tulu: the official assembly of training text (None: the method's own -- laten "
         "for LaTen, seeking otherwise; Seeking's sensitivity always uses seeking-extract, as its extraction script does)",
     )
-    tulu_eval_variant: TuluVariantName | Literal["plain"] = Field(
+    tulu_eval_variant: TuluVariantName | Literal["plain", "chat"] = Field(
         default="open-instruct",
-        description="with prompt_format tulu: the assembly of evaluation prompts (Open-Instruct's), or plain: the raw "
-        "prompt (Open-Instruct evaluates HumanEval without the chat format)",
+        description="with prompt_format tulu: the assembly of evaluation prompts (Open-Instruct's Tulu format), plain: "
+        "the raw prompt (Open-Instruct evaluates HumanEval without the chat format), or chat: the model's own chat "
+        "template (Open-Instruct's Llama-2-Chat format for a Llama-2-Chat model; docs/reproduce.md)",
     )
     params: dict[str, Any] = Field(default_factory=dict, description="task-specific options")
 
@@ -123,6 +124,18 @@ class TrainingSpec(Strict):
     lr: float = Field(default=3e-4, gt=0, le=1)
     batch_size: int = Field(default=8, ge=1)
     grad_accum: int = Field(default=1, ge=1)
+    steps_per_epoch: Literal["ceil", "floor"] = Field(
+        default="ceil",
+        description="with epochs: ceil: an epoch's last, partial accumulation window makes a step of its own "
+        "(transformers today); floor: it does not, as in the 2023 Trainer: max(ceil(n / batch_size) // grad_accum, 1) "
+        "steps per epoch, epochs x that in all (the Seeking recipes: 45 steps for 1,000 items at 64, not 48)",
+    )
+    loss_averaging: Literal["tokens", "micro_batch"] = Field(
+        default="tokens",
+        description="with grad_accum > 1: tokens: the cross entropy averaged over every response token of the "
+        "accumulated batch (transformers' exact accumulation); micro_batch: each micro-batch's token mean, averaged "
+        "over the micro-batches (the Trainer of 2023, which the Seeking recipes reproduce)",
+    )
     max_length: int = Field(default=512, ge=8, description="cutoff in tokens (prompt + response)")
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
@@ -176,6 +189,20 @@ class EvaluationSpec(Strict):
         le=20,
         description="score the validation split at every 1/N of the training steps while training (N points, the last "
         "at the end; 0: off), e.g. 3 for the accuracy at each third of the budget; needs task.validation",
+    )
+    backend: Literal["auto", "hf", "vllm"] = Field(
+        default="auto",
+        description="generation engine: hf (transformers' generate), vllm (vLLM's engine: install the vllm extra; a "
+        "trained student is evaluated from a merged copy, kept as merged/), or auto: vllm on CUDA where it is "
+        "installed, else hf. Log-likelihood scoring (multiple choice) always runs on hf",
+    )
+    dtype: Literal["auto", "as-is", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="the dtype models are scored in. auto: the teacher and the untouched student in their recipe "
+        "dtype, the trained student in the untouched student's (a method that works in another dtype, LaTen's "
+        "float32, is cast back, so before and after are scored alike); a dtype: every evaluated model in it "
+        "(float16: Open-Instruct's, the paper recipes' setting). Parameters are cast, buffers kept. as-is: each model "
+        "in the dtype it holds (what runs before this field did: LaTen's trained student in float32)",
     )
     teacher: bool = Field(default=True, description="also evaluate the teacher")
     student: bool = Field(default=True, description="also evaluate the untouched student")

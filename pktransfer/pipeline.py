@@ -67,8 +67,16 @@ def _eval_items(task: Task, split: str, recipe: Recipe) -> list[Item]:
     return subset(items, recipe.evaluation.limit, recipe.evaluation.subset_seed)
 
 
-def eval_options(recipe: Recipe, task: Task) -> EvalOptions:
+def eval_options(
+    recipe: Recipe, task: Task, source: str | None = None, device_type: str = "cpu", dtype: str = "auto"
+) -> EvalOptions:
+    """The evaluation settings of a recipe; ``source``: the folder the evaluated weights are in (vLLM loads it),
+    ``device_type``: where the model is (``backend: auto`` takes vLLM on CUDA only), ``dtype``: the model's, which
+    the vLLM engine keeps."""
+    from pktransfer.evaluation import vllm_backend
+
     ev = recipe.evaluation
+    backend = vllm_backend.resolve(ev.backend, device_type) if source is not None else "hf"
     return EvalOptions(
         batch_size=ev.batch_size,
         max_new_tokens=generation_budget(ev.max_new_tokens, task),
@@ -77,7 +85,17 @@ def eval_options(recipe: Recipe, task: Task) -> EvalOptions:
         top_p=ev.top_p,
         seed=recipe.seed,
         allow_code_execution=ev.allow_code_execution,
+        backend=backend,
+        vllm_source=source if backend == "vllm" else None,
+        vllm_dtype=dtype,
+        vllm_max_model_len=recipe.training.max_length + generation_budget(ev.max_new_tokens, task) + 2048,
     )
+
+
+def uses_vllm(recipe: Recipe, device_type: str) -> bool:
+    from pktransfer.evaluation import vllm_backend
+
+    return vllm_backend.resolve(recipe.evaluation.backend, device_type) == "vllm"
 
 
 def generation_budget(explicit: int | None, task: Task) -> int:
@@ -109,8 +127,45 @@ def formatter_for(loaded: LoadedModel, task: Task, recipe: Recipe) -> PromptForm
 
 
 def _evaluate_cached(
-    rd: RunDir, model: Any, formatter: PromptFormatter, task: Task, recipe: Recipe, label: str, progress: Progress
+    rd: RunDir,
+    model: Any,
+    formatter: PromptFormatter,
+    task: Task,
+    recipe: Recipe,
+    label: str,
+    progress: Progress,
+    source: str | None = None,
+    dtype: torch.dtype | None = None,
+    restore: bool = True,
 ) -> dict[str, dict[str, Any]]:
+    """Evaluate ``model`` on every split the recipe names (reusing finished ones); ``source``: where its weights are on
+    disk, for the vLLM backend; ``dtype``: the dtype to score it in (None: ``evaluation.dtype``, else as it is), its
+    parameters given back afterwards with ``restore``."""
+    from pktransfer.models.precision import DTYPES, scored_in
+
+    if recipe.evaluation.dtype == "as-is":
+        dtype = None
+    elif recipe.evaluation.dtype != "auto":
+        dtype = DTYPES[recipe.evaluation.dtype]
+    with scored_in(model, dtype, restore):
+        return _evaluate_splits(rd, model, formatter, task, recipe, label, progress, source)
+
+
+def _evaluate_splits(
+    rd: RunDir,
+    model: Any,
+    formatter: PromptFormatter,
+    task: Task,
+    recipe: Recipe,
+    label: str,
+    progress: Progress,
+    source: str | None,
+) -> dict[str, dict[str, Any]]:
+    from pktransfer.models.precision import params_dtype
+    from pktransfer.ops.offload import input_device
+
+    dtype_name = str(params_dtype(model)).removeprefix("torch.")
+    options = eval_options(recipe, task, source, input_device(model).type, dtype_name)
     out = {}
     for split in recipe.evaluation.splits:
         items = _eval_items(task, split, recipe)
@@ -120,9 +175,8 @@ def _evaluate_cached(
             out[split] = json.loads(summary_path.read_text())
             progress.log(f"{label} on {split}: reusing finished evaluation ({100 * out[split]['accuracy']:.1f}%)")
             continue
-        res = evaluate_items(
-            model, formatter, items, label=label, task=task, split=split, options=eval_options(recipe, task), progress=progress
-        )
+        res = evaluate_items(model, formatter, items, label=label, task=task, split=split, options=options, progress=progress)
+        res.summary["dtype"] = dtype_name  # what the weights were scored in (evaluation.dtype)
         res.save(rd.work / "eval")
         progress.log(
             f"{label} on {task.name}/{split}: {100 * res.accuracy:.1f}% ({res.summary['correct']}/{len(items)})"
@@ -134,14 +188,22 @@ def _evaluate_cached(
 
 @contextmanager
 def run_folder(
-    recipe: Recipe, overwrite: bool, progress: Progress, extra_fields: dict[str, Any] | None = None, kind: str = "run"
+    recipe: Recipe,
+    overwrite: bool,
+    progress: Progress,
+    extra_fields: dict[str, Any] | None = None,
+    kind: str = "run",
+    only: tuple[str, ...] | None = None,
 ) -> Iterator[tuple[RunDir, StageLog]]:
     """An output folder that is finished atomically (or marked FAILED), with stage timing and memory. While it is
     held, SIGTERM / SIGINT stop cleanly: FAILED.json with the reason, the claim released, and during training a
     checkpoint at the end of the current step (``pktransfer.signals``). ``extra_fields``: more of what the folder's
-    results depend on (it is resumed only when they match too)."""
+    results depend on (it is resumed only when they match too); ``only``: the recipe's sections they depend on (None:
+    every section that is a result field)."""
+    dump = recipe.dump()
+    fields = {k: v for k, v in dump.items() if only is None or k in only}
     with stop_cleanly():
-        rd = RunDir(recipe.output_dir, overwrite=overwrite, recipe={**recipe.dump(), **(extra_fields or {})}, kind=kind)
+        rd = RunDir(recipe.output_dir, overwrite=overwrite, recipe={**fields, **(extra_fields or {})}, kind=kind)
         if rd.claim.took_over is not None:
             progress.log(f"taking over {rd.final} from a process that is gone ({rd.claim.took_over.describe()})")
         if rd.resumed:
@@ -191,6 +253,10 @@ def check_recipe(recipe: Recipe) -> tuple[Task, list[Item]]:
     if recipe.evaluation.learning_curve:
         _eval_items(task, "validation", recipe)  # the curve scores validation items: fail before any model loads
     check_code_opt_in(task, recipe.evaluation.allow_code_execution)
+    if recipe.evaluation.backend == "vllm":
+        from pktransfer.evaluation import vllm_backend
+
+        vllm_backend.require()  # not an hour later, at the first evaluation
     load_config(recipe.student.model, recipe.student.revision)
     if recipe.evaluation.teacher or get_method(recipe.method).needs_teacher:
         load_config(recipe.teacher.model, recipe.teacher.revision)
@@ -284,21 +350,31 @@ def _run(
             if not method.needs_teacher:
                 teacher.release()
         student, formatter = _load_student(recipe, task, log, progress, guard)
+        student_dtype = student.dtype  # the trained student is scored in it (evaluation.dtype: auto)
         if evaluate and recipe.evaluation.student:
             with log.stage("eval_student"):
-                metrics["student"] = _evaluate_cached(rd, student.model, formatter, task, recipe, "student", progress)
+                metrics["student"] = _evaluate_cached(
+                    rd, student.model, formatter, task, recipe, "student", progress, student.source
+                )
         examples = encode_items(formatter, train_items, recipe.training.max_length, f"task '{task.name}' train split")
         ctx = MethodContext(recipe, student, task, formatter, rd.work, progress, teacher, examples, cache_dir=cache_dir)
         with guard.active("preparation and training"):
             trained = _prepare_and_train(method, ctx, rd, log, teacher, guard)
         teacher.release()
         merged, outputs = _save(method, trained, student, recipe, rd)
-        if evaluate:
-            with log.stage("eval_trained"):
-                metrics["trained"] = _evaluate_cached(rd, merged, formatter, task, recipe, "trained", progress)
-        if outputs["merged"]:
+        from pktransfer.ops.offload import input_device
+
+        vllm = evaluate and uses_vllm(recipe, input_device(merged).type)
+        if outputs["merged"] or vllm:  # vLLM reads the trained weights from the merged copy (kept as merged/)
             merged.save_pretrained(str(rd.path("merged")), safe_serialization=True)
             student.tokenizer.save_pretrained(str(rd.path("merged")))
+            outputs["merged"] = "merged"
+        if evaluate:
+            with log.stage("eval_trained"):
+                source = str(rd.path("merged")) if vllm else None
+                metrics["trained"] = _evaluate_cached(
+                    rd, merged, formatter, task, recipe, "trained", progress, source, dtype=student_dtype, restore=False
+                )
         info = run_info(
             recipe,
             log,
@@ -361,7 +437,9 @@ def _evaluate_teacher(
 ) -> dict[str, Any]:
     loaded = teacher()
     with log.stage("eval_teacher"):
-        return _evaluate_cached(rd, loaded.model, formatter_for(loaded, task, recipe), task, recipe, "teacher", progress)
+        return _evaluate_cached(
+            rd, loaded.model, formatter_for(loaded, task, recipe), task, recipe, "teacher", progress, loaded.source
+        )
 
 
 def _load_student(
@@ -600,7 +678,9 @@ def evaluate_pair(recipe: Recipe, *, quiet: bool = False, overwrite: bool = Fals
             fmt_info = formatter.describe()
             identities[label] = model_identity(loaded)
             with log.stage(f"eval_{label}"):
-                metrics[label] = _evaluate_cached(rd, loaded.model, formatter, task, recipe, label, progress)
+                metrics[label] = _evaluate_cached(
+                    rd, loaded.model, formatter, task, recipe, label, progress, loaded.source, restore=False
+                )
             loaded.unload()
         info = run_info(
             recipe,
@@ -683,9 +763,12 @@ def evaluate(
     output_dir: str | None = None,
     quiet: bool = False,
     progress: Progress | None = None,
+    backend: str = "auto",
 ) -> EvalResult:
     """Evaluate a model (hub id, folder, builtin:NAME; a merged model is a folder; optionally with a PEFT
-    adapter on top) on a task split. ``limit`` takes the first N items, or N drawn with ``subset_seed``."""
+    adapter on top) on a task split. ``limit`` takes the first N items, or N drawn with ``subset_seed``.
+    ``backend``: hf, vllm or auto (vLLM on CUDA where installed); with vLLM and an adapter, the merged model is saved
+    to a temporary folder for the engine."""
     progress = progress or Progress(quiet=quiet)
     for name, value in (("limit", limit), ("n_samples", n_samples)) + (
         (("batch_size", batch_size),) if batch_size != "auto" else ()
@@ -708,6 +791,12 @@ def evaluate(
             f"adapter folder '{adapter}' has no adapter_config.json",
             hint="pass a folder written by PeftModel.save_pretrained (a run's adapter/ folder)",
         )
+    from pktransfer.evaluation import vllm_backend
+
+    if backend not in ("auto", "hf", "vllm"):
+        raise RecipeError(f"backend {backend!r} is not known", hint="use auto, hf or vllm")
+    if backend == "vllm":
+        vllm_backend.require()  # before any model loads
     loaded = load_model(spec, log=progress.log)
     net = loaded.model
     if adapter is not None:
@@ -730,8 +819,16 @@ def evaluate(
         temperature=temperature,
         seed=seed,
         allow_code_execution=allow_code_execution,
+        backend=vllm_backend.resolve(backend, loaded.device.type),
     )
-    res = evaluate_items(net, formatter, items, label="model", task=t, split=split, options=opts, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="pktransfer-vllm-") as tmp:
+        if opts.backend == "vllm":
+            opts.vllm_source, opts.vllm_dtype = loaded.source, str(loaded.dtype).removeprefix("torch.")
+            if adapter is not None:  # the engine reads the merged weights (the ones hf would evaluate)
+                net.save_pretrained(tmp, safe_serialization=True)
+                loaded.tokenizer.save_pretrained(tmp)
+                opts.vllm_source = tmp
+        res = evaluate_items(net, formatter, items, label="model", task=t, split=split, options=opts, progress=progress)
     res.summary.update({"model": spec.model, "adapter": adapter})
     if output_dir:
         res.save(Path(output_dir))

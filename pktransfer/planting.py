@@ -18,6 +18,7 @@ finished folder.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -91,7 +92,9 @@ def plant(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, progr
     out_recipe = recipe.model_copy(update={"output_dir": spec.output_dir, "teacher": base})
     started = time.time()
     planting = {"planting": spec.model_dump(mode="json", exclude={"output_dir"})}
-    with run_folder(out_recipe, overwrite, progress, planting, kind="plant") as (rd, log):
+    # what a planting's results depend on: the teacher, the student (its chance check), the facts and the planting
+    only = ("teacher", "student", "task", "seed")
+    with run_folder(out_recipe, overwrite, progress, planting, kind="plant", only=only) as (rd, log):
         metrics: dict[str, dict[str, dict[str, Any]]] = {}
 
         def score(label: str, model: Any, loaded: Any, stage: StageLog) -> None:
@@ -99,6 +102,12 @@ def plant(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, progr
             metrics[label] = {}
             with stage.stage(f"eval_{label}"):
                 for split in spec.splits:
+                    done = rd.path("eval") / f"{label}.{task.name}.{split}.summary.json"
+                    if done.is_file():  # a resumed planting: this evaluation already finished
+                        summary = json.loads(done.read_text())
+                        metrics[label][split] = {k: summary[k] for k in ("n", "correct", "accuracy", "metrics")}
+                        progress.log(f"{label} on {split}: reusing finished evaluation ({100 * summary['accuracy']:.1f}%)")
+                        continue
                     res = evaluate_items(
                         model,
                         formatter,

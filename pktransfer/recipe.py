@@ -48,6 +48,8 @@ LEGACY_DEFAULTS: dict[str, Any] = {
     "method[laten].attn_score": "o_input",
     "method[laten].neuron_count": "round",
     "method[laten].n_val": 16,
+    "method[laten].score_decimals": None,
+    "evaluation.dtype": "as-is",  # every model was scored in the dtype it held (LaTen's trained student in float32)
     # (method[seeking].maps is not here: selected_layers computes the same layers and maps as the all_layers records did,
     # to the bit, tests/test_seeking.py; only its memory and its second pass differ)
 }

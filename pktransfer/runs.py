@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -244,17 +245,31 @@ def as_current_schema(fields: dict[str, Any]) -> dict[str, Any] | None:
     from pktransfer.recipe import LEGACY_DEFAULTS, recipe_from_dict
 
     fields = json.loads(json.dumps(fields))
+    method = fields.get("method")
+    method_name = method.get("name") if isinstance(method, dict) else None
     for dotted, value in LEGACY_DEFAULTS.items():
         section, key = dotted.split(".", 1)
         section, _, only = section.rstrip("]").partition("[")
         target = fields.get(section)
-        if isinstance(target, dict) and key not in target and (not only or target.get("name") == only):
+        if isinstance(target, dict) and key not in target and (not only or method_name == only):
             target[key] = value
+    extras = {k: fields.pop(k) for k in list(fields) if k in EXTRA_FIELDS}
     try:
         current = recipe_from_dict(fields, "recorded recipe").dump()
-    except PktError:
+        upgraded = {k: EXTRA_FIELDS[k](v) for k, v in extras.items()}
+    except (PktError, ValueError):
         return None
-    return {k: current[k] for k in fields if k in current}
+    return {**{k: current[k] for k in fields if k in current}, **upgraded}
+
+
+def _planting(fields: dict[str, Any]) -> dict[str, Any]:
+    from pktransfer.config import PlantSpec
+
+    return PlantSpec.model_validate(fields).model_dump(mode="json", exclude={"output_dir"})
+
+
+# what a folder records beside the recipe (``run_folder``'s ``extra_fields``), read as this version reads it
+EXTRA_FIELDS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"planting": _planting}
 
 
 def check_matches(folder: Path, fields: dict[str, Any], what: str) -> None:
@@ -269,8 +284,10 @@ def check_matches(folder: Path, fields: dict[str, Any], what: str) -> None:
     if marker.get("recipe_sha256") != recipe_sha256(fields):
         old = marker.get("recipe") or {}
         upgraded = as_current_schema(old)
-        if upgraded is not None and recipe_sha256(upgraded) == recipe_sha256(fields):
-            return  # the same recipe; it was recorded before some fields existed (they are at their defaults)
+        if upgraded is not None and recipe_sha256({k: upgraded.get(k) for k in fields}) == recipe_sha256(fields):
+            # the same recipe, recorded before some fields existed (they read as what the record computed), or with
+            # fields this version no longer counts among what the folder's results depend on
+            return
         diff = recipe_differences(upgraded or old, fields)
         raise OutputError(
             f"{what} '{folder}' was made with a different recipe ({diff})",

@@ -9,6 +9,7 @@ the loss (``Method.training_loss``, run by ``MethodTrainer``).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -238,6 +239,7 @@ def _trainer_class() -> Any:
         method_batch: BatchFn | None = None
         cpu_bf16_fast = False  # training.fast_path on a bfloat16 student on CPU
         cpu_attention = "auto"  # training.cpu_attention
+        micro_batch_mean = False  # training.loss_averaging: micro_batch
 
         def compute_loss(
             self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -250,6 +252,8 @@ def _trainer_class() -> Any:
                 return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool, num_items_in_batch: Any) -> Any:
+            if self.micro_batch_mean:  # each micro-batch normalises over its own tokens; the trainer divides by GA
+                num_items_in_batch = None
             if self.method_batch is not None:
                 inputs = self.method_batch(model, inputs)
                 if not getattr(self.method_batch, "keeps_tokens", False):
@@ -260,7 +264,7 @@ def _trainer_class() -> Any:
             if self.method_loss is None and self.cpu_bf16_fast:
                 return self._response_ce(model, inputs, return_outputs, num_items_in_batch)
             if self.method_loss is None:
-                if self.method_batch is not None:
+                if self.method_batch is not None or self.micro_batch_mean:
                     self.loss_is_scaled_for_ga = False
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             labels = inputs.pop("labels")
@@ -419,6 +423,17 @@ def per_device_batch(spec: TrainingSpec, world: int) -> int:
     return spec.batch_size // world
 
 
+def total_steps(spec: TrainingSpec, n_examples: int) -> int | None:
+    """The optimiser steps to take when the recipe fixes them (``max_steps``, or ``steps_per_epoch: floor``), else
+    None (the trainer counts ``epochs`` with a partial last window per epoch)."""
+    if spec.max_steps is not None:
+        return spec.max_steps
+    if spec.steps_per_epoch == "floor":
+        per_epoch = max(math.ceil(n_examples / spec.batch_size) // spec.grad_accum, 1)
+        return math.ceil(spec.epochs * per_epoch)
+    return None
+
+
 def train(
     model: Any,
     tokenizer: Any,
@@ -448,7 +463,7 @@ def train(
         per_device_train_batch_size=per_device_batch(spec, world),
         gradient_accumulation_steps=spec.grad_accum,
         num_train_epochs=spec.epochs,
-        max_steps=spec.max_steps or -1,
+        max_steps=total_steps(spec, len(examples)) or -1,
         learning_rate=spec.lr,
         weight_decay=spec.weight_decay,
         **warmup_kwargs(spec.warmup_ratio),
@@ -479,6 +494,7 @@ def train(
     )
     trainer.method_loss = loss
     trainer.method_batch = batch
+    trainer.micro_batch_mean = spec.loss_averaging == "micro_batch"
     if cpu_fast:
         fast_path(model)
         if fused:

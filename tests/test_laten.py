@@ -142,6 +142,24 @@ def test_neuron_counts_floor_as_the_official_int():
     assert plan_transfer(t, t, A, A, 0.1, "round")["ffn"]["n"] == 1101
 
 
+def test_scores_are_rounded_to_four_decimals_before_ranking_as_the_official_code():
+    """knowledge_neurons.py L202/L271: round(score, 4) into a float32 table, then argsort: 0.12341 and 0.12344 tie."""
+    from pktransfer.ops.location import plan_transfer, rounded_scores
+    from pktransfer.ops.ranking import top_k
+
+    s = torch.tensor([0.12341, 0.12344, 0.5, -0.00004], dtype=torch.float64)
+    assert rounded_scores(s, 4).tolist() == torch.tensor([0.1234, 0.1234, 0.5, -0.0], dtype=torch.float32).tolist()
+    assert rounded_scores(s, None) is s
+    assert top_k(s, 2).tolist() == [2, 1] and top_k(rounded_scores(s, 4), 2).tolist() == [2, 0]  # the tie: lower index
+
+    class A:
+        n_layers, intermediate_size, n_heads, head_dim = 1, 40, 1, 4
+
+    t = {"ffn_layer": torch.ones(1), "attn_layer": torch.ones(1), "ffn": torch.zeros(1, 40), "attn": s[None]}
+    assert plan_transfer(t, t, A, A, 0.5, decimals=4)["attn"]["student"][0].tolist() == [2, 0]
+    assert plan_transfer(t, t, A, A, 0.5)["attn"]["student"][0].tolist() == [2, 1]
+
+
 # ---- align / inject ------------------------------------------------------------------------------------
 
 

@@ -307,3 +307,34 @@ def test_the_positive_control_trains_on_every_fact_and_holds_nothing_back():
     assert [it.prompt for it in task.split("test")] == [it.prompt for it in get_task("planted", SMALL).split("test")]
     with pytest.raises(RecipeError, match="train_on"):
         get_task("planted", {"train_on": "B"})
+
+
+def test_a_resumed_planting_reuses_its_evaluations_and_an_older_record_of_the_same_recipe(tiny_recipe, tmp_path, monkeypatch):
+    """A planting stopped after scoring resumes: the untouched models are not scored again, and a folder recorded
+    before fields were added (at the defaults that compute what it computed) still matches its recipe."""
+    import json
+
+    import pktransfer
+    import pktransfer.planting as planting
+    from pktransfer.errors import PktError
+    from pktransfer.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(_plant_recipe(tiny_recipe, tmp_path, min_recall=0.99))
+    with pytest.raises(PktError, match=r"under plant\.min_recall"):
+        pktransfer.plant(recipe, quiet=True)
+    marker_path = tmp_path / "planted.partial" / ".pktransfer.json"
+    marker = json.loads(marker_path.read_text())
+    assert set(marker["recipe"]) == {"teacher", "student", "task", "seed", "planting"}  # what a planting depends on
+    del marker["recipe"]["planting"]["training"]["loss_averaging"]  # as recorded before this field existed
+    marker["recipe"]["training"] = {"lr": 0.5}  # older versions recorded every section: no longer counted
+    marker["recipe_sha256"] = "recorded-by-an-older-version"
+    marker_path.write_text(json.dumps(marker))
+    for done in (tmp_path / "planted.partial" / "eval").glob("planted.*"):
+        done.unlink()  # as if stopped before the planted teacher was scored
+
+    labels = []
+    real = planting.evaluate_items
+    monkeypatch.setattr(planting, "evaluate_items", lambda *a, **k: labels.append(k["label"]) or real(*a, **k))
+    with pytest.raises(PktError, match=r"under plant\.min_recall"):  # resumed, not refused as another recipe
+        pktransfer.plant(recipe, quiet=True)
+    assert set(labels) == {"planted"}

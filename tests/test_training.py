@@ -138,3 +138,72 @@ def test_cpu_training_trims_the_heap_after_every_step(tiny_models, tmp_path, mon
     monkeypatch.setattr(pktransfer.memory, "trim_heap", lambda: calls.append(1))
     res, _, _ = _train(tiny_models, tmp_path)
     assert res.steps == SPEC.max_steps and len(calls) == SPEC.max_steps
+
+
+@pytest.mark.parametrize("averaging", ["tokens", "micro_batch"])
+def test_loss_averaging_over_the_accumulated_micro_batches(tiny_models, tmp_path, monkeypatch, averaging):
+    """grad_accum 2: the first step's gradient is that of the token mean over both micro-batches (tokens) or of the
+    mean of each micro-batch's token mean (micro_batch, the 2023 Trainer's), recomputed here by hand."""
+    from peft import get_peft_model
+    from transformers import TrainerCallback
+
+    import pktransfer.training as tr
+
+    batches: list[dict[str, torch.Tensor]] = []
+
+    class Recording(tr.Collator):
+        def __call__(self, batch):
+            out = super().__call__(batch)
+            batches.append({k: out[k].clone() for k in ("input_ids", "attention_mask", "labels")})
+            return out
+
+    monkeypatch.setattr(tr, "Collator", Recording)
+    grads: dict[str, torch.Tensor] = {}
+
+    class Grab(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            if not grads:
+                grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+
+    def fresh():
+        student = load_model(ModelSpec(model=str(tiny_models["qwen2_student"]), device="cpu"))
+        seed_everything(0)
+        return student, get_peft_model(student.model, tr.lora_config(LoraSpec(r=4, alpha=8, dropout=0.0), student.arch))
+
+    student, model = fresh()
+    task = get_task("arithmetic", {"sizes": {"test": 4, "seed": 2, "extract": 2, "align": 2, "train": 24}})
+    examples = encode_items(PromptFormatter(student.tokenizer), task.split("train"), 64, "train")
+    examples = examples[:2]  # one step of two micro-batches: both examples, with unequal target counts
+    masked = [j for j, t in enumerate(examples[0].labels) if t != -100][:-1]
+    examples[0].labels = [-100 if j in masked else t for j, t in enumerate(examples[0].labels)]
+    spec = TrainingSpec(max_steps=1, batch_size=1, grad_accum=2, lr=1e-3, max_length=64, warmup_ratio=0, loss_averaging=averaging)
+    train(model, student.tokenizer, examples, spec, output_dir=tmp_path / "ckpt", seed=0, callbacks=[Grab()])
+    _, ref = fresh()  # the same starting weights
+    sums, counts = [], []
+    for b in batches[:2]:
+        logits = ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+        target = b["labels"][:, 1:]
+        keep = target != -100
+        sums.append(torch.nn.functional.cross_entropy(logits[keep].float(), target[keep], reduction="sum"))
+        counts.append(int(keep.sum()))
+    assert counts[0] != counts[1]  # otherwise both averagings agree and this test could not tell them apart
+    token_mean = (sums[0] + sums[1]) / (counts[0] + counts[1])
+    batch_mean = (sums[0] / counts[0] + sums[1] / counts[1]) / 2
+    (token_mean if averaging == "tokens" else batch_mean).backward()
+    got = torch.cat([grads[n].flatten() for n in sorted(grads)])
+    want = torch.cat([p.grad.flatten() for n, p in sorted(ref.named_parameters()) if p.requires_grad])
+    # gradient clipping may scale the whole vector: compare directions
+    assert torch.allclose(got / got.norm(), want / want.norm(), atol=1e-5), (got / got.norm() - want / want.norm()).abs().max()
+
+
+def test_steps_per_epoch_floor_counts_as_the_2023_trainer():
+    """ParaKnowTransfer: 1,000 items, 8 per GPU x 2 GPUs x 4 accumulation, 3 epochs: 63 micro-batches per GPU per
+    epoch, 63 // 4 = 15 steps, 45 in all (today's count: 48); here the same global batch 8 x 8 on one device."""
+    from pktransfer.training import total_steps
+
+    spec = TrainingSpec(epochs=3, batch_size=8, grad_accum=8, steps_per_epoch="floor")
+    assert total_steps(spec, 1000) == 45 and total_steps(spec, 800) == 36
+    assert total_steps(TrainingSpec(epochs=3, batch_size=16, grad_accum=4, steps_per_epoch="floor"), 1000) == 45
+    assert total_steps(TrainingSpec(epochs=3, batch_size=8, grad_accum=8), 1000) is None  # ceil: the trainer's own 48
+    assert total_steps(TrainingSpec(epochs=0.5, batch_size=8, steps_per_epoch="floor"), 3) == 1  # at least one
+    assert total_steps(TrainingSpec(max_steps=7, steps_per_epoch="floor"), 1000) == 7

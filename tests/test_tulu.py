@@ -189,6 +189,40 @@ def test_evaluation_uses_the_open_instruct_variant_and_describes_both():
     assert d["mode"] == "tulu" and d["tulu"]["name"] == "seeking" and d["tulu_eval"]["name"] == "open-instruct"
 
 
+# the Llama-2-Chat tokenizer's chat template (meta-llama/Llama-2-7b-chat-hf tokenizer_config.json)
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+    "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + "
+    "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def open_instruct_llama2_chat(user: str, bos: str = "<s>") -> str:
+    """open-instruct eval/templates.py create_prompt_with_llama2_chat_format for one user turn, add_bos=True."""
+    return bos + f"[INST] {user.strip()} [/INST]"
+
+
+def test_a_tulu_trained_model_can_be_evaluated_in_its_own_chat_template():
+    """tulu_eval_variant chat: evaluation prompts are the tokenizer's chat template, which for Llama-2-Chat is
+    Open-Instruct's Llama-2 chat format (the text; the first BOS as a special token)."""
+    tok = make_tokenizer(True)
+    tok.chat_template = LLAMA2_CHAT_TEMPLATE
+    tok.bos_token = "<unk>"  # a special token of the tiny vocabulary standing in for <s>
+    f = PromptFormatter(tok, "tulu", tulu="laten", tulu_eval="chat")
+    ev = f.for_evaluation()
+    assert ev.mode == "chat" and f.mode == "tulu" and f.describe()["tulu_eval"] == "chat"
+    q = "  Answer the following question.\n\nQuestion: 2+2?\n"
+    assert ev.prompt_text(q) == open_instruct_llama2_chat(q, bos="<unk>")
+    assert f.example_text(Item("x", "Q?", "A", "A")).startswith("<|user|>\nQ?")  # training stays Tulu text
+    with pytest.raises(Exception, match="no chat template"):
+        PromptFormatter(make_tokenizer(False), "tulu", tulu_eval="chat")
+
+
 # ---- evaluation prompts (Open-Instruct) -----------------------------------------------------------------------
 
 GSM_TEST0_Q = (
@@ -254,6 +288,34 @@ def test_mmlu_open_instruct_prompts():
     assert plain == MMLU_TEST0_CHAT_0SHOT[len("<|user|>\n") : -len("\n<|assistant|>\nThe answer is:")]
     t5 = get_task("mmlu", {"style": "open-instruct", "shots": 5})
     assert t5.split("test")[0].prompt.startswith(MMLU_5SHOT_HEAD)
+
+
+def test_pandas_cells_print_missing_values_as_nan():
+    from pktransfer.data import open_instruct as oi
+
+    assert [oi.pandas_cell(c) for c in ("None", "NA", "", "None of these", "none", "0")] == [
+        "nan",
+        "nan",
+        "nan",
+        "None of these",
+        "none",
+        "0",
+    ]
+    row = {"question": "Which?", "choices": ["None", "I only", "II only", "III only"], "answer": "A"}
+    assert oi.mmlu_example(row, False) == "Which?\nA. None\nB. I only\nC. II only\nD. III only\nAnswer:"
+    assert oi.mmlu_example(row, True, pandas_na=True).startswith("Which?\nA. nan\nB. I only")
+
+
+@needs_data
+def test_mmlu_na_choices_pandas_changes_exactly_the_questions_with_a_missing_value_choice():
+    """run_eval.py reads MMLU with pd.read_csv: under pandas >= 2 a choice "None" is NaN and prints "nan" (10 test
+    questions). ``na_choices: pandas`` matches that; the default keeps the data's text (and the protocol unchanged)."""
+    as_is = get_task("mmlu", {"style": "open-instruct", "exclude_seen": False}).split("test")
+    pandas = get_task("mmlu", {"style": "open-instruct", "exclude_seen": False, "na_choices": "pandas"})
+    changed = [a.id for a, b in zip(as_is, pandas.split("test"), strict=True) if a.prompt != b.prompt]
+    assert len(changed) == 10
+    assert pandas.protocol()["na_choices"] == "pandas"
+    assert "na_choices" not in get_task("mmlu", {"style": "open-instruct"}).protocol()
 
 
 @needs_data

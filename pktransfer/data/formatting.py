@@ -112,22 +112,31 @@ class PromptFormatter:
         system_prompt: str | None = None,
         plain_separator: str = "\n",
         tulu: TuluVariantName = "seeking",
-        tulu_eval: TuluVariantName | Literal["plain"] = "open-instruct",
+        tulu_eval: TuluVariantName | Literal["plain", "chat"] = "open-instruct",
     ) -> None:
         self.tokenizer = tokenizer
         self.plain_separator = plain_separator
         if tulu not in TULU_VARIANTS:
             raise DataError(f"unknown Tulu variant '{tulu}'", hint=f"use one of {', '.join(TULU_VARIANTS)}")
-        if tulu_eval not in TULU_VARIANTS and tulu_eval != "plain":
+        if tulu_eval not in TULU_VARIANTS and tulu_eval not in ("plain", "chat"):
             raise DataError(
-                f"unknown Tulu evaluation variant '{tulu_eval}'", hint=f"use one of {', '.join(TULU_VARIANTS)} or plain"
+                f"unknown Tulu evaluation variant '{tulu_eval}'",
+                hint=f"use one of {', '.join(TULU_VARIANTS)}, plain or chat",
             )
         self.tulu = TULU_VARIANTS[tulu]
         # "plain": a tulu-trained model evaluated on the raw prompt (Open-Instruct's HumanEval: "We don't use chat
-        # format for codex_humaneval, since it's not a chat dataset", scripts/eval/codex_humaneval.sh)
+        # format for codex_humaneval, since it's not a chat dataset", scripts/eval/codex_humaneval.sh); "chat": on the
+        # model's own chat template (Open-Instruct's --chat_formatting_function for Llama-2-Chat,
+        # create_prompt_with_llama2_chat_format, is the Llama-2-Chat template for one user turn)
         self.eval_plain = tulu_eval == "plain"
-        self.tulu_eval = TULU_VARIANTS["open-instruct" if self.eval_plain else tulu_eval]
+        self.eval_chat = tulu_eval == "chat"
+        self.tulu_eval = TULU_VARIANTS["open-instruct" if tulu_eval in ("plain", "chat") else tulu_eval]
         has_template = bool(getattr(tokenizer, "chat_template", None))
+        if mode == "tulu" and self.eval_chat and not has_template:
+            raise DataError(
+                "task.tulu_eval_variant 'chat' was asked for but the tokenizer has no chat template",
+                hint="use the open-instruct variant (Tulu text) or plain",
+            )
         if mode == "chat" and not has_template:
             raise DataError(
                 "prompt_format 'chat' was asked for but the tokenizer has no chat template",
@@ -143,6 +152,8 @@ class PromptFormatter:
         """The formatter evaluation prompts are assembled with: in tulu mode the evaluation variant (or plain text)."""
         if self.mode == "tulu" and self.eval_plain:
             return PromptFormatter(self.tokenizer, "plain", None, self.plain_separator)
+        if self.mode == "tulu" and self.eval_chat:
+            return PromptFormatter(self.tokenizer, "chat", self.system_prompt, self.plain_separator)
         if self.mode != "tulu" or self.tulu_eval == self.tulu:
             return self
         out = copy.copy(self)
@@ -226,7 +237,7 @@ class PromptFormatter:
         out: dict[str, Any] = {"mode": self.mode, "system_prompt": self.system_prompt, "end_of_response": self.end_of_response}
         if self.mode == "tulu":
             out["tulu"] = asdict(self.tulu)
-            out["tulu_eval"] = "plain" if self.eval_plain else asdict(self.tulu_eval)
+            out["tulu_eval"] = "plain" if self.eval_plain else "chat" if self.eval_chat else asdict(self.tulu_eval)
         return out
 
 

@@ -128,19 +128,34 @@ def mmlu_subject(subject: str) -> str:
     return "".join(" " + w for w in subject.split("_"))
 
 
-def mmlu_example(row: dict[str, Any], include_answer: bool) -> str:
-    """eval/mmlu/run_eval.py format_example: question as stored, '\\nA. ...' per choice, '\\nAnswer:'."""
-    prompt = row["question"] + "".join(f"\n{L}. {c}" for L, c in zip("ABCD", row["choices"], strict=True))
+# pandas' default missing-value strings (pandas >= 2.0 added "None"): run_eval.py reads MMLU with pd.read_csv, so a
+# choice that is one of them prints as "nan" (10 of the 14,042 test questions have a choice "None")
+PANDAS_NA = frozenset(
+    {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA"}
+    | {"NULL", "NaN", "None", "n/a", "nan", "null"}
+)
+
+
+def pandas_cell(value: str) -> str:
+    """A CSV cell as ``pd.read_csv`` (pandas >= 2) and then ``str.format`` print it: "nan" for a missing-value string."""
+    return "nan" if value in PANDAS_NA else value
+
+
+def mmlu_example(row: dict[str, Any], include_answer: bool, pandas_na: bool = False) -> str:
+    """eval/mmlu/run_eval.py format_example: question as stored, '\\nA. ...' per choice, '\\nAnswer:'.
+    ``pandas_na``: a choice pandas reads as missing prints "nan", as the official code prints it under pandas >= 2."""
+    choices = [pandas_cell(c) if pandas_na else c for c in row["choices"]]
+    prompt = row["question"] + "".join(f"\n{L}. {c}" for L, c in zip("ABCD", choices, strict=True))
     prompt += "\nAnswer:"
     return prompt + (f" {row['answer']}\n\n" if include_answer else "")
 
 
-def mmlu_prompt_head(subject: str, shots: list[dict[str, Any]]) -> str:
+def mmlu_prompt_head(subject: str, shots: list[dict[str, Any]], pandas_na: bool = False) -> str:
     """eval/mmlu/run_eval.py gen_prompt: the header, then the dev examples with their answers."""
     head = f"The following are multiple choice questions (with answers) about {mmlu_subject(subject)}.\n\n"
-    return head + "".join(mmlu_example(s, True) for s in shots)
+    return head + "".join(mmlu_example(s, True, pandas_na) for s in shots)
 
 
-def mmlu_prompt(row: dict[str, Any], shots: list[dict[str, Any]]) -> str:
+def mmlu_prompt(row: dict[str, Any], shots: list[dict[str, Any]], pandas_na: bool = False) -> str:
     """eval/mmlu/run_eval.py gen_prompt + format_example: header, ``ntrain`` dev examples, the question."""
-    return mmlu_prompt_head(row["subject"], shots) + mmlu_example(row, False)
+    return mmlu_prompt_head(row["subject"], shots, pandas_na) + mmlu_example(row, False, pandas_na)

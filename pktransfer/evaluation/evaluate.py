@@ -66,6 +66,10 @@ class EvalOptions:
     seed: int = 0
     allow_code_execution: bool = False
     sandbox_timeout: float = 10.0
+    backend: str = "hf"  # hf or vllm (resolved: pktransfer.evaluation.vllm_backend.resolve)
+    vllm_source: str | None = None  # with vllm: the folder (or hub id) the engine loads: the evaluated weights
+    vllm_dtype: str = "auto"
+    vllm_max_model_len: int = 4096
 
 
 def items_sha256(items: list[Item]) -> str:
@@ -121,6 +125,23 @@ def _generate_outputs(
     """Batched generation of ``n`` outputs per model input (each tokenised once) with the task's stop strings for this
     format; progress advances in items. Returns ((outputs, generated tokens), batch size used)."""
     prompts = [ids for text in texts for ids in [formatter.encode_text(text)] * n]
+    if opts.backend == "vllm" and task.kind != "choice":  # a choice task's side answer stays with its scoring (hf)
+        from pktransfer.evaluation import vllm_backend
+
+        if opts.vllm_source is None:
+            raise ValueError("backend vllm needs the folder of the evaluated weights (EvalOptions.vllm_source)")
+        eng = vllm_backend.engine(opts.vllm_source, opts.vllm_dtype, opts.vllm_max_model_len, opts.seed)
+        out = vllm_backend.generate(
+            eng,
+            prompts,
+            max_new_tokens=opts.max_new_tokens,
+            stop_token_ids=formatter.stop_token_ids(),
+            stop_strings=task.stop_strings_for(formatter.mode),
+            temperature=temperature,
+            top_p=opts.top_p,
+        )
+        advance(len(texts))
+        return out, len(prompts)
     return run_batched(
         model,
         opts.batch_size,
@@ -351,6 +372,7 @@ def evaluate_items(
         **extra,
         "protocol": {
             "decoding": "greedy" if task.kind != "code" or opts.n_samples == 1 else "sampled",
+            **({"backend": "vllm", "vllm_source": opts.vllm_source} if opts.backend == "vllm" and task.kind != "choice" else {}),
             "max_new_tokens": opts.max_new_tokens if task.kind != "choice" or task.choice_generates else None,
             "batch_size": opts.batch_size,
             "prompt_format": formatter.describe(),

@@ -323,6 +323,14 @@ class LatenConfig(MethodConfig):
         description="neurons per layer = transfer_rate x the student's size, floored as the official int() (at least 1), "
         "or rounded (pktransfer before 2026-12)",
     )
+    score_decimals: int | None = Field(
+        default=4,
+        ge=0,
+        le=12,
+        description="neuron scores are rounded to this many decimals before ranking, as the official code's "
+        "round(score, 4) into a float32 table (knowledge_neurons.py L202, L271): near-ties become ties, broken by the "
+        "lower index; None: unrounded float64 scores (pktransfer before 2026-12-06)",
+    )
 
 
 class LatenMethod(Method):
@@ -371,7 +379,7 @@ class LatenMethod(Method):
 
         def plan(t: dict[str, torch.Tensor], s: dict[str, torch.Tensor]) -> dict[str, Any]:
             try:
-                return plan_transfer(t, s, teacher.arch, student.arch, spec.transfer_rate, spec.neuron_count)
+                return plan_transfer(t, s, teacher.arch, student.arch, spec.transfer_rate, spec.neuron_count, spec.score_decimals)
             except ValueError as err:
                 raise IncompatiblePairError(f"laten: {err}", hint="lower method.transfer_rate") from None
 

@@ -177,6 +177,15 @@ def mean_scores(scores: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
     return {k: torch.stack([s[k] for s in scores]).mean(0) for k in scores[0]}
 
 
+def rounded_scores(scores: torch.Tensor, decimals: int | None) -> torch.Tensor:
+    """Scores as the official code ranks them: ``round(score, decimals)`` stored in a float32 table (None: as they
+    are). Rounded half to even on the float64 value scaled by 10^decimals."""
+    if decimals is None:
+        return scores
+    scale = 10.0**decimals
+    return (torch.round(scores.double() * scale) / scale).float()
+
+
 def plan_transfer(
     t_scores: dict[str, torch.Tensor],
     s_scores: dict[str, torch.Tensor],
@@ -184,9 +193,11 @@ def plan_transfer(
     s_arch: ArchitectureDescription,
     rate: float,
     count: str = "floor",
+    decimals: int | None = None,
 ) -> dict[str, Any]:
     """Which teacher layer and neurons feed which student layer and neurons (``count``: the neurons per layer,
-    ``rate`` x the student's size, ``floor``-ed as the official ``int()`` or ``round``-ed; at least one).
+    ``rate`` x the student's size, ``floor``-ed as the official ``int()`` or ``round``-ed; at least one;
+    ``decimals``: neuron scores rounded first, :func:`rounded_scores`).
 
     Returns per role family (``ffn``, ``attn``): ``teacher_layers`` [L_S] (0-based, in order) and per student
     layer k the teacher / student neuron indices, paired by rank.
@@ -203,8 +214,8 @@ def plan_transfer(
         plan[fam] = {
             "teacher_layers": layers,
             "n": n,
-            "teacher": [top_k(t_scores[fam][t], n) for t in layers],
-            "student": [top_k(s_scores[fam][k], n) for k in range(s_arch.n_layers)],
+            "teacher": [top_k(rounded_scores(t_scores[fam][t], decimals), n) for t in layers],
+            "student": [top_k(rounded_scores(s_scores[fam][k], decimals), n) for k in range(s_arch.n_layers)],
         }
     return plan
 
