@@ -83,7 +83,7 @@ def test_a_trained_student_is_scored_by_vllm_from_its_merged_copy(tmp_path):
     """Two LoRA steps on the offline student (vLLM's CPU attention has no kernel for the tiny models' head size):
     the trained student is generated from merged/, and the verdicts equal those of hf on the same merged weights."""
     recipe = {
-        "teacher": {"model": "builtin:qwen2.5-coder-0.5b-instruct"},
+        "teacher": {"model": "builtin:qwen2.5-coder-1.5b-instruct"},  # not loaded: LoRA needs no teacher
         "student": {"model": "builtin:qwen2.5-coder-0.5b-instruct", "dtype": "bfloat16"},
         "task": {"name": "arithmetic", "n_train": 16, "n_test": 12},
         "method": {"name": "lora"},
