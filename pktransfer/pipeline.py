@@ -169,11 +169,10 @@ def _evaluate_splits(
     out = {}
     for split in recipe.evaluation.splits:
         items = _eval_items(task, split, recipe)
-        stem = f"{label}.{task.name}.{split}"
-        summary_path = rd.work / "eval" / f"{stem}.summary.json"
-        if summary_path.is_file():  # resumed run: this evaluation already finished
-            out[split] = json.loads(summary_path.read_text())
-            progress.log(f"{label} on {split}: reusing finished evaluation ({100 * out[split]['accuracy']:.1f}%)")
+        done = EvalResult.finished(rd.work / "eval", label, task.name, split)
+        if done is not None:  # resumed run: this evaluation already finished
+            out[split] = done
+            progress.log(f"{label} on {split}: reusing finished evaluation ({100 * done['accuracy']:.1f}%)")
             continue
         res = evaluate_items(model, formatter, items, label=label, task=task, split=split, options=options, progress=progress)
         res.summary["dtype"] = dtype_name  # what the weights were scored in (evaluation.dtype)

@@ -18,13 +18,12 @@ finished folder.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 from pktransfer.data import encode_items, get_task
 from pktransfer.errors import PktError, RecipeError
-from pktransfer.evaluation import evaluate_items
+from pktransfer.evaluation import EvalResult, evaluate_items
 from pktransfer.models import load_config, load_model
 from pktransfer.models.loading import weights_sha256
 from pktransfer.pipeline import (
@@ -102,11 +101,10 @@ def plant(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, progr
             metrics[label] = {}
             with stage.stage(f"eval_{label}"):
                 for split in spec.splits:
-                    done = rd.path("eval") / f"{label}.{task.name}.{split}.summary.json"
-                    if done.is_file():  # a resumed planting: this evaluation already finished
-                        summary = json.loads(done.read_text())
-                        metrics[label][split] = {k: summary[k] for k in ("n", "correct", "accuracy", "metrics")}
-                        progress.log(f"{label} on {split}: reusing finished evaluation ({100 * summary['accuracy']:.1f}%)")
+                    done = EvalResult.finished(rd.path("eval"), label, task.name, split)
+                    if done is not None:  # a resumed planting: this evaluation already finished
+                        metrics[label][split] = {k: done[k] for k in ("n", "correct", "accuracy", "metrics")}
+                        progress.log(f"{label} on {split}: reusing finished evaluation ({100 * done['accuracy']:.1f}%)")
                         continue
                     res = evaluate_items(
                         model,

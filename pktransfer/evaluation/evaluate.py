@@ -53,6 +53,12 @@ class EvalResult:
         write_jsonl(folder / f"{stem}.items.jsonl", self.records)
         write_json(folder / f"{stem}.summary.json", self.summary, indent=2)  # last: it marks the evaluation done
 
+    @staticmethod
+    def finished(folder: Path, label: str, task: str, split: str) -> dict[str, Any] | None:
+        """The summary :meth:`save` left in ``folder`` for this evaluation (a resumed run's), or None."""
+        path = folder / f"{label}.{task}.{split}.summary.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
 
 @dataclass
 class EvalOptions:
@@ -70,6 +76,11 @@ class EvalOptions:
     vllm_source: str | None = None  # with vllm: the folder (or hub id) the engine loads: the evaluated weights
     vllm_dtype: str = "auto"
     vllm_max_model_len: int = 4096
+
+
+def vllm_generates(opts: EvalOptions, task: Task) -> bool:
+    """Whether vLLM generates this evaluation's outputs: a choice task's side answer stays with its scoring (hf)."""
+    return opts.backend == "vllm" and task.kind != "choice"
 
 
 def items_sha256(items: list[Item]) -> str:
@@ -125,7 +136,7 @@ def _generate_outputs(
     """Batched generation of ``n`` outputs per model input (each tokenised once) with the task's stop strings for this
     format; progress advances in items. Returns ((outputs, generated tokens), batch size used)."""
     prompts = [ids for text in texts for ids in [formatter.encode_text(text)] * n]
-    if opts.backend == "vllm" and task.kind != "choice":  # a choice task's side answer stays with its scoring (hf)
+    if vllm_generates(opts, task):
         from pktransfer.evaluation import vllm_backend
 
         if opts.vllm_source is None:
@@ -372,7 +383,7 @@ def evaluate_items(
         **extra,
         "protocol": {
             "decoding": "greedy" if task.kind != "code" or opts.n_samples == 1 else "sampled",
-            **({"backend": "vllm", "vllm_source": opts.vllm_source} if opts.backend == "vllm" and task.kind != "choice" else {}),
+            **({"backend": "vllm", "vllm_source": opts.vllm_source} if vllm_generates(opts, task) else {}),
             "max_new_tokens": opts.max_new_tokens if task.kind != "choice" or task.choice_generates else None,
             "batch_size": opts.batch_size,
             "prompt_format": formatter.describe(),
