@@ -248,6 +248,10 @@ class PlantSpec(Strict):
         "Bonferroni over the models x splits",
     )
 
+    def result_fields(self) -> dict[str, Any]:
+        """What a planting's results depend on (its folder's marker records these): everything but where it goes."""
+        return self.model_dump(mode="json", exclude={"output_dir"})
+
 
 class MethodConfig(Strict):
     """Base of every method's config: ``name`` is the method's registered name (a Literal in each subclass).

@@ -69,11 +69,12 @@ class LeakGuard:
         finally:
             self._on = before
 
-    def report(self) -> dict[str, Any] | None:
-        """What run.json records: how many held-out strings were watched for, in how many model inputs."""
+    def report(self) -> dict[str, Any]:
+        """What run.json records (``leak_guard``: how many held-out strings were watched for, in how many model
+        inputs); nothing for a guard that watches nothing."""
         if self._pattern is None:
-            return None
-        return {"held_out_strings": len(self.held_out), "model_inputs_checked": self.inputs_checked, "found": 0}
+            return {}
+        return {"leak_guard": {"held_out_strings": len(self.held_out), "model_inputs_checked": self.inputs_checked, "found": 0}}
 
 
 def guard_for(task: Any) -> LeakGuard:

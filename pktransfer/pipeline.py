@@ -391,7 +391,7 @@ def _run(
             method=method.report(),
             outputs=outputs,
             models={"student": model_identity(student), **({"teacher": teacher.identity} if teacher.identity else {})},
-            **({"leak_guard": guard.report()} if guard.report() else {}),
+            **guard.report(),
         )
         rd.write_json("run.json", info)
         write_text(rd.path("report.md"), render_markdown(info))
@@ -726,7 +726,7 @@ def run_verb(
         ctx = MethodContext(recipe, student, task, formatter, rd.work, progress, teacher)
         with guard.active(verb):
             done = v.run(get_method(recipe.method), ctx, log)
-        info = run_info(recipe, log, started, verb=verb, **done, **({"leak_guard": guard.report()} if guard.report() else {}))
+        info = run_info(recipe, log, started, verb=verb, **done, **guard.report())
         info["budget"] = {"teacher": ctx.teacher_work.to_dict()}  # what the grid's cells share, counted once
         rd.write_json("run.json", info)
     return RunResult(rd.finish(), info)

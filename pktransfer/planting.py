@@ -90,7 +90,7 @@ def plant(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, progr
     base = spec.base or recipe.teacher
     out_recipe = recipe.model_copy(update={"output_dir": spec.output_dir, "teacher": base})
     started = time.time()
-    planting = {"planting": spec.model_dump(mode="json", exclude={"output_dir"})}
+    planting = {"planting": spec.result_fields()}
     # what a planting's results depend on: the teacher, the student (its chance check), the facts and the planting
     only = ("teacher", "student", "task", "seed")
     with run_folder(out_recipe, overwrite, progress, planting, kind="plant", only=only) as (rd, log):

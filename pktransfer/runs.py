@@ -245,13 +245,11 @@ def as_current_schema(fields: dict[str, Any]) -> dict[str, Any] | None:
     from pktransfer.recipe import LEGACY_DEFAULTS, recipe_from_dict
 
     fields = json.loads(json.dumps(fields))
-    method = fields.get("method")
-    method_name = method.get("name") if isinstance(method, dict) else None
     for dotted, value in LEGACY_DEFAULTS.items():
         section, key = dotted.split(".", 1)
         section, _, only = section.rstrip("]").partition("[")
         target = fields.get(section)
-        if isinstance(target, dict) and key not in target and (not only or method_name == only):
+        if isinstance(target, dict) and key not in target and (not only or target.get("name") == only):
             target[key] = value
     extras = {k: fields.pop(k) for k in list(fields) if k in EXTRA_FIELDS}
     try:
@@ -265,7 +263,7 @@ def as_current_schema(fields: dict[str, Any]) -> dict[str, Any] | None:
 def _planting(fields: dict[str, Any]) -> dict[str, Any]:
     from pktransfer.config import PlantSpec
 
-    return PlantSpec.model_validate(fields).model_dump(mode="json", exclude={"output_dir"})
+    return PlantSpec.model_validate(fields).result_fields()
 
 
 # what a folder records beside the recipe (``run_folder``'s ``extra_fields``), read as this version reads it

@@ -128,11 +128,10 @@ class PromptFormatter:
         # format for codex_humaneval, since it's not a chat dataset", scripts/eval/codex_humaneval.sh); "chat": on the
         # model's own chat template (Open-Instruct's --chat_formatting_function for Llama-2-Chat,
         # create_prompt_with_llama2_chat_format, is the Llama-2-Chat template for one user turn)
-        self.eval_plain = tulu_eval == "plain"
-        self.eval_chat = tulu_eval == "chat"
-        self.tulu_eval = TULU_VARIANTS["open-instruct" if tulu_eval in ("plain", "chat") else tulu_eval]
+        self.eval_in = tulu_eval if tulu_eval in ("plain", "chat") else None  # another format than Tulu text
+        self.tulu_eval = TULU_VARIANTS["open-instruct" if self.eval_in else tulu_eval]
         has_template = bool(getattr(tokenizer, "chat_template", None))
-        if mode == "tulu" and self.eval_chat and not has_template:
+        if mode == "tulu" and self.eval_in == "chat" and not has_template:
             raise DataError(
                 "task.tulu_eval_variant 'chat' was asked for but the tokenizer has no chat template",
                 hint="use the open-instruct variant (Tulu text) or plain",
@@ -150,10 +149,9 @@ class PromptFormatter:
 
     def for_evaluation(self) -> PromptFormatter:
         """The formatter evaluation prompts are assembled with: in tulu mode the evaluation variant (or plain text)."""
-        if self.mode == "tulu" and self.eval_plain:
-            return PromptFormatter(self.tokenizer, "plain", None, self.plain_separator)
-        if self.mode == "tulu" and self.eval_chat:
-            return PromptFormatter(self.tokenizer, "chat", self.system_prompt, self.plain_separator)
+        if self.mode == "tulu" and self.eval_in is not None:  # plain: no system prompt, as Open-Instruct's HumanEval
+            system = self.system_prompt if self.eval_in == "chat" else None
+            return PromptFormatter(self.tokenizer, self.eval_in, system, self.plain_separator)
         if self.mode != "tulu" or self.tulu_eval == self.tulu:
             return self
         out = copy.copy(self)
@@ -237,7 +235,7 @@ class PromptFormatter:
         out: dict[str, Any] = {"mode": self.mode, "system_prompt": self.system_prompt, "end_of_response": self.end_of_response}
         if self.mode == "tulu":
             out["tulu"] = asdict(self.tulu)
-            out["tulu_eval"] = "plain" if self.eval_plain else "chat" if self.eval_chat else asdict(self.tulu_eval)
+            out["tulu_eval"] = self.eval_in or asdict(self.tulu_eval)
         return out
 
 
