@@ -166,6 +166,42 @@ def run_cmd(
     _recipe_verb("run", recipe, set_, output_dir, seed, overwrite, quiet, threads, report)
 
 
+@app.command("plan")
+def plan_cmd(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="plan for cpu or cuda (default: where the recipe's student runs)")
+    ] = None,
+    gpu: Annotated[
+        str | None, typer.Option("--gpu", help="with --device cuda on a machine without one: H100, H200, A100, L40S, A10")
+    ] = None,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            "--tokenizer", help="measure the data's lengths with this model's tokenizer (where the student's is unreachable)"
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+) -> None:
+    """Each stage's peak memory and time, from the recipe and the models' configs alone (no weights are loaded)."""
+
+    def go() -> None:
+        from pktransfer.plan import make_plan, render_plan
+
+        if device not in (None, "cpu", "cuda"):
+            raise RecipeError(f"--device {device!r}", hint="use --device cpu or --device cuda")
+        plan = make_plan(_recipe(recipe, set_, None, None), device, gpu, tokenizer)
+        if as_json:
+            console.print_json(json.dumps(plan.to_dict()))
+            return
+        console.print(render_plan(plan))
+        for note in plan.notes:
+            console.print(f"note: {note}", soft_wrap=True)
+
+    guarded(go)
+
+
 @app.command("train")
 def train_cmd(
     recipe: RecipeArg,

@@ -20,6 +20,20 @@ def rss_anon_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def rss_bytes() -> int:
+    """Resident memory, file-backed pages included: a model loaded from safetensors in its file's dtype on a CPU is
+    mapped from the file, so its weights are resident pages that :func:`rss_anon_bytes` leaves out (0 where
+    /proc cannot be read)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def release_memory() -> int:
     """Collect garbage and hand freed memory back to the system: CUDA's cache, and on glibc ``malloc_trim(0)``.
 

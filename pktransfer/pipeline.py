@@ -19,7 +19,8 @@ import torch
 
 from pktransfer.data import Item, PromptFormatter, Task, encode_items, get_task, recipe_formatter, train_and_validation
 from pktransfer.errors import DataError, ModelError, PktError, RecipeError
-from pktransfer.evaluation import EvalOptions, EvalResult, evaluate_items, subset
+from pktransfer.evaluation import EvalOptions, EvalResult, evaluate_items
+from pktransfer.evaluation.recipe_eval import _eval_items, eval_options, generation_budget
 from pktransfer.fileio import write_json, write_text
 from pktransfer.leakguard import LeakGuard, guard_for
 from pktransfer.methods import MethodContext, get_method, registry
@@ -50,57 +51,10 @@ def seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
-def _eval_items(task: Task, split: str, recipe: Recipe) -> list[Item]:
-    """The items a recipe evaluates: task.n_test caps the test split (its first N); evaluation.limit
-    (with subset_seed, a seeded draw) applies to every split."""
-    if split == "validation":
-        if not recipe.task.validation:
-            raise RecipeError(
-                "evaluation.splits names 'validation' but task.validation is not set",
-                hint="set task.validation: N (carved from the train split when the task has no validation split)",
-            )
-        items = train_and_validation(task, recipe.task.n_train, recipe.task.validation)[1]
-        return subset(items, recipe.evaluation.limit, recipe.evaluation.subset_seed)
-    items = task.split(split)
-    if split == "test" and recipe.task.n_test:
-        items = items[: recipe.task.n_test]
-    return subset(items, recipe.evaluation.limit, recipe.evaluation.subset_seed)
-
-
-def eval_options(
-    recipe: Recipe, task: Task, source: str | None = None, device_type: str = "cpu", dtype: str = "auto"
-) -> EvalOptions:
-    """The evaluation settings of a recipe; ``source``: the folder the evaluated weights are in (vLLM loads it),
-    ``device_type``: where the model is (``backend: auto`` takes vLLM on CUDA only), ``dtype``: the model's, which
-    the vLLM engine keeps."""
-    from pktransfer.evaluation import vllm_backend
-
-    ev = recipe.evaluation
-    backend = vllm_backend.resolve(ev.backend, device_type) if source is not None else "hf"
-    return EvalOptions(
-        batch_size=ev.batch_size,
-        max_new_tokens=generation_budget(ev.max_new_tokens, task),
-        n_samples=ev.n_samples,
-        temperature=ev.temperature,
-        top_p=ev.top_p,
-        seed=recipe.seed,
-        allow_code_execution=ev.allow_code_execution,
-        backend=backend,
-        vllm_source=source if backend == "vllm" else None,
-        vllm_dtype=dtype,
-        vllm_max_model_len=recipe.training.max_length + generation_budget(ev.max_new_tokens, task) + 2048,
-    )
-
-
 def uses_vllm(recipe: Recipe, device_type: str) -> bool:
     from pktransfer.evaluation import vllm_backend
 
     return vllm_backend.resolve(recipe.evaluation.backend, device_type) == "vllm"
-
-
-def generation_budget(explicit: int | None, task: Task) -> int:
-    """New tokens to generate: the explicit setting, else the task's own budget, else 16."""
-    return explicit or task.max_new_tokens or 16
 
 
 def check_code_opt_in(task: Task, allowed: bool) -> None:
@@ -337,6 +291,10 @@ def _run(
     """The body of ``run`` (also each worker process's, with ``evaluate`` off)."""
     task, train_items = check_recipe(recipe)
     method = get_method(recipe.method)
+    if world == 1:
+        from pktransfer.plan import check_recipe_fits
+
+        check_recipe_fits(recipe)  # on a GPU: refused now, not at an out-of-memory error an hour in
     guard = guard_for(task)
     started = time.time()
     with (

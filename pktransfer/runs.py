@@ -28,7 +28,7 @@ from typing import Any
 from pktransfer.claims import Claim
 from pktransfer.errors import OutputError, PktError
 from pktransfer.fileio import honour_umask
-from pktransfer.memory import rss_anon_bytes
+from pktransfer.memory import rss_anon_bytes, rss_bytes
 from pktransfer.signals import Stopped
 
 FAILED = "FAILED.json"
@@ -113,12 +113,14 @@ class MemoryMonitor:
     def __init__(self, interval: float = 0.05) -> None:
         self.interval = interval
         self._peak = 0
+        self._peak_total = 0  # file-backed pages included (mapped weights; pkt plan's CPU check reads it)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self._peak = max(self._peak, rss_anon_bytes())
+            self._peak_total = max(self._peak_total, rss_bytes())
             self._stop.wait(self.interval)
 
     def __enter__(self) -> MemoryMonitor:
@@ -131,6 +133,7 @@ class MemoryMonitor:
 
     def reset(self) -> None:
         self._peak = rss_anon_bytes()
+        self._peak_total = rss_bytes()
         try:
             import torch
 
@@ -141,7 +144,10 @@ class MemoryMonitor:
 
     def peak(self) -> dict[str, float]:
         self._peak = max(self._peak, rss_anon_bytes())
+        self._peak_total = max(self._peak_total, rss_bytes())
         out = {"peak_rss_anon_gib": round(self._peak / 2**30, 3)}
+        if self._peak_total:
+            out["peak_rss_gib"] = round(self._peak_total / 2**30, 3)
         try:
             import torch
 

@@ -36,7 +36,7 @@ from pktransfer.methods.injection import group_roles, lora_started_at, stack_rol
 from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES, ROLES_OF_LEAF, ArchitectureDescription
 from pktransfer.models.pair import check_pair
 from pktransfer.models.tying import parameter_key
-from pktransfer.ops.offload import stored_value
+from pktransfer.ops.offload import parked, stored_value
 from pktransfer.ops.selection import reduce_dims, select_layers
 from pktransfer.ops.sensitivity import ParamSensitivity, Sensitivity, sensitivity_over
 from pktransfer.progress import Progress
@@ -413,12 +413,14 @@ class SeekingMethod(Method):
         spec, recipe = self.spec, ctx.recipe
         roles = group_roles(spec.modules)
         teacher = teacher_for_injection(ctx, self.name)
-        sens, layers = locate(teacher, ctx.student.arch, ctx, spec, ctx.workdir)
         targets = targeted_roles(resolved_lora(recipe.lora, ctx.student.arch).target_modules) & roles
         selection: dict[str, dict[str, Any]] = {}
-        matrices = extract_matrices(
-            sens, teacher, ctx.student.arch, layers, targets, spec.structure, recipe.seed, spec.grow, ctx.progress, selection
-        )
+        with parked(ctx.student.model):  # steps 1-3 read only the student's shape: its weights wait off the GPU
+            sens, layers = locate(teacher, ctx.student.arch, ctx, spec, ctx.workdir)
+            matrices = extract_matrices(
+                sens, teacher, ctx.student.arch, layers, targets, spec.structure, recipe.seed, spec.grow, ctx.progress,
+                selection,
+            )  # fmt: skip
         write_json(
             ctx.workdir / "seeking.json",
             {
