@@ -206,10 +206,13 @@ def check_recipe(recipe: Recipe) -> tuple[Task, list[Item]]:
     if recipe.evaluation.learning_curve:
         _eval_items(task, "validation", recipe)  # the curve scores validation items: fail before any model loads
     check_code_opt_in(task, recipe.evaluation.allow_code_execution)
-    if recipe.evaluation.backend == "vllm":
-        from pktransfer.evaluation import vllm_backend
+    from pktransfer.evaluation import vllm_backend
 
+    if recipe.evaluation.backend == "vllm":
         vllm_backend.require()  # not an hour later, at the first evaluation
+    objective = getattr(recipe.method, "objective", None)  # a composed transfer's objective
+    if getattr(objective or recipe.method, "sampler", None) == "vllm":
+        vllm_backend.require("objective.sampler" if objective is not None else "method.sampler")
     load_config(recipe.student.model, recipe.student.revision)
     if recipe.evaluation.teacher or get_method(recipe.method).needs_teacher:
         load_config(recipe.teacher.model, recipe.teacher.revision)

@@ -103,3 +103,118 @@ def test_a_trained_student_is_scored_by_vllm_from_its_merged_copy(tmp_path):
     assert [a["model_input"] for a in vllm_items] == [b["model_input"] for b in hf_items]
     same = sum(a["output"] == b["output"] for a, b in zip(vllm_items, hf_items, strict=True))
     assert same >= 0.9 * len(hf_items)
+
+
+def test_gkd_sampler_vllm_where_it_is_missing_fails_before_any_model_loads(tiny_recipe, monkeypatch):
+    import pktransfer.models as models
+
+    monkeypatch.setattr(vllm_backend, "available", lambda: False)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    tiny_recipe["method"] = {"name": "gkd", "sampler": "vllm"}
+    with pytest.raises(PktError, match=r"method\.sampler is vllm, but vLLM is not installed here") as err:
+        pktransfer.run(recipe_from_dict(tiny_recipe), quiet=True)
+    assert "method.sampler: hf" in err.value.hint
+    tiny_recipe["method"] = {"name": "compose", "start": {"name": "lora"}, "objective": {"name": "gkd", "sampler": "vllm"}}
+    with pytest.raises(PktError, match=r"objective\.sampler is vllm"):
+        pktransfer.run(recipe_from_dict(tiny_recipe), quiet=True)
+    assert not Path(tiny_recipe["output_dir"]).exists() and not Path(tiny_recipe["output_dir"] + ".partial").exists()
+
+
+def test_gkd_samples_with_hf_on_the_cpu_and_says_so(tiny_recipe):
+    tiny_recipe["method"] = {"name": "gkd", "lmbda": 1.0}
+    tiny_recipe["training"]["max_steps"] = 2
+    res = pktransfer.run(recipe_from_dict(tiny_recipe), quiet=True)
+    assert res.run["method"]["sampler"] == "hf" and res.run["method"]["student_sampled_batches"] == 2
+
+
+def _lora_student(r: int = 8):
+    from peft import get_peft_model
+
+    from pktransfer.models import load_model
+    from pktransfer.recipe import LoraSpec
+    from pktransfer.training import lora_config
+
+    student = load_model(ModelSpec(model="builtin:qwen2.5-coder-0.5b-instruct", dtype="bfloat16", device="cpu"))
+    spec = LoraSpec(r=r, alpha=2 * r, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    return student, get_peft_model(student.model, lora_config(spec, student.arch))
+
+
+def _hf_greedy(model, prompts, stop, n_new):
+    import torch
+
+    from pktransfer.methods.gkd import completion_tokens
+
+    out = []
+    with torch.no_grad():
+        for p in prompts:  # one at a time: no padding in the comparison
+            ids = model.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=n_new, eos_token_id=stop,
+                                 pad_token_id=stop[0])  # fmt: skip
+            out.append(completion_tokens(ids[0, len(p) :].tolist(), set(stop)))
+    return out
+
+
+@pytest.mark.vllm
+@pytest.mark.integration
+@needs_vllm
+def test_gkd_vllm_samples_come_from_the_students_current_weights(tmp_path):
+    """The sampler is handed the student's current LoRA before every call: greedy samples agree with hf's on the same
+    weights (to rounding), change when the LoRA changes, and come back when it is restored."""
+    import torch
+
+    from pktransfer.data import get_task, recipe_formatter
+    from pktransfer.methods.gkd import completion_tokens
+
+    student, model = _lora_student()
+    task = get_task("arithmetic", {}, None)
+    fmt = recipe_formatter(student.tokenizer, task, recipe_from_dict({}).task, "gkd")
+    prompts = [fmt.encode_prompt(it.prompt) for it in task.split("test")[:12]]
+    stop = fmt.stop_token_ids()
+    sampler = vllm_backend.LoraSampler(model, student.tokenizer, tmp_path / "s", "bfloat16", 256, seed=0)
+
+    def vllm_greedy():
+        out = sampler.sample(prompts, temperature=0.0, max_new_tokens=12, stop_token_ids=stop)
+        return [completion_tokens(c, set(stop)) for c in out]
+
+    try:
+        start = vllm_greedy()
+        same = sum(a == b for a, b in zip(start, _hf_greedy(model, prompts, stop, 12), strict=True))
+        assert same >= 0.9 * len(prompts), (start, same)
+        lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+        saved = [p.detach().clone() for p in lora_b]
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in lora_b:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        moved = vllm_greedy()
+        assert sum(a != b for a, b in zip(moved, start, strict=True)) >= len(prompts) // 2  # the new weights sample
+        same = sum(a == b for a, b in zip(moved, _hf_greedy(model, prompts, stop, 12), strict=True))
+        assert same >= 0.75 * len(prompts), same
+        with torch.no_grad():
+            for p, s in zip(lora_b, saved, strict=True):
+                p.copy_(s)
+        assert vllm_greedy() == start  # restored: the first samples again
+        assert len(list((tmp_path / "s").glob("adapter-*"))) == 1  # one adapter folder kept at a time
+    finally:
+        sampler.close()
+
+
+@pytest.mark.vllm
+@pytest.mark.integration
+@needs_vllm
+def test_a_gkd_run_samples_on_policy_through_vllm(tmp_path):
+    """Two GKD steps on the offline pair with every batch on-policy through vLLM: the run says which sampler drew,
+    counts the sampled batches and tokens, and keeps the first samples for reading."""
+    recipe = {
+        "teacher": {"model": "builtin:qwen2.5-coder-1.5b-instruct", "dtype": "bfloat16"},
+        "student": {"model": "builtin:qwen2.5-coder-0.5b-instruct", "dtype": "bfloat16"},
+        "task": {"name": "arithmetic", "n_train": 8, "n_test": 4},
+        "method": {"name": "gkd", "lmbda": 1.0, "sampler": "vllm"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "training": {"max_steps": 2, "batch_size": 4, "lr": 1e-4, "max_length": 96},
+        "evaluation": {"teacher": False, "student": False},
+        "output_dir": str(tmp_path / "run"),
+    }
+    res = pktransfer.run(recipe_from_dict(recipe), quiet=True)
+    m = res.run["method"]
+    assert m["sampler"] == "vllm" and m["student_sampled_batches"] == 2
+    assert res.run["budget"]["student_generated_tokens"] > 0 and m["first_samples"]

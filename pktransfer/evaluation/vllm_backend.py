@@ -23,6 +23,7 @@ import gc
 import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pktransfer.errors import PktError
@@ -38,10 +39,11 @@ def available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def require() -> None:
-    """One clear error where vLLM cannot be imported."""
+def require(what: str = "evaluation.backend") -> None:
+    """One clear error where vLLM cannot be imported (``what``: the setting that asked for it)."""
     if not available():
-        raise PktError("evaluation.backend is vllm, but vLLM is not installed here", hint=INSTALL)
+        hint = INSTALL if what == "evaluation.backend" else INSTALL.replace("evaluation.backend: hf", f"{what}: hf")
+        raise PktError(f"{what} is vllm, but vLLM is not installed here", hint=hint)
 
 
 def resolve(backend: str, device_type: str) -> str:
@@ -182,3 +184,127 @@ def generate(
         n_tokens += len([t for t in ids if t not in stops])
         texts.append(completion.text)
     return texts, n_tokens
+
+
+# ---- on-policy sampling for a training student (gkd's ``sampler: vllm``) -------------------------------------------
+class LoraSampler:
+    """Samples from a student *while it trains*: the engine holds the student's base weights (written once, as the
+    training model holds them: a start's rebased base included) and is handed the student's current LoRA before every
+    sampled batch, as a new adapter (saved by peft, loaded by vLLM's LoRA support), so every sample comes from the
+    weights of that step. TRL syncs colocated engines by loading merged weights instead; that is not possible on
+    vLLM's CPU backend, which repacks each linear weight at load and drops the original (``load_weights`` then fails),
+    and an adapter is ~1% of the bytes to move. vLLM's LoRA kernels add B·A in their own order: samples agree with the
+    ``hf`` sampler's to rounding, not bit for bit (tests/test_vllm.py measures the share)."""
+
+    def __init__(self, model: Any, tokenizer: Any, folder: Path, dtype: str, max_model_len: int, seed: int) -> None:
+        cfg = model.peft_config[model.active_adapter]
+        leaves = {t.rsplit(".", 1)[-1] for t in (cfg.target_modules or [])}
+        if getattr(cfg, "use_dora", False) or leaves & {"embed_tokens", "lm_head", "wte"} or cfg.modules_to_save:
+            raise PktError(
+                "gkd sampler vllm: this LoRA (DoRA, or LoRA on the embeddings or LM head, or modules_to_save) is not "
+                "handed to vLLM here (untested with vLLM's LoRA layers)",
+                hint="set method.sampler: hf (or objective.sampler in a composed transfer)",
+            )
+        self.model, self.folder, self.seed, self.count = model, Path(folder), seed, 0
+        self.rank = max([cfg.r, *(cfg.rank_pattern or {}).values()])
+        base = self.folder / "base"  # in the run's work folder (pkt's own): rewritten, whatever a resumed run left
+        base.mkdir(parents=True, exist_ok=True)
+        save_base_weights(model, tokenizer, base)
+        self.engine = Engine(str(base), dtype, max_model_len, seed)
+        self.engine_lora = {"enable_lora": True, "max_lora_rank": _lora_rank_slot(self.rank), "max_loras": 1}
+        self.previous: Path | None = None
+
+    def _llm(self) -> Any:
+        if self.engine.llm is None:
+            from vllm import LLM
+
+            self.engine.settings = {
+                "model": self.engine.source,
+                "dtype": self.engine.dtype,
+                "max_model_len": model_len(self.engine.source, self.engine.max_model_len),
+                "seed": self.engine.seed,
+                "enforce_eager": True,
+                "generation_config": "vllm",  # the policy as sampled: nothing from the model's generation_config.json
+                **self.engine_lora,
+                **memory_share(0.5),  # the training student (and teacher) stay on the device beside it
+            }
+            self.engine.llm = LLM(**self.engine.settings)
+        return self.engine.llm
+
+    def sync(self) -> Any:
+        """The student's current LoRA as a new adapter of the engine (the previous one deleted)."""
+        from vllm.lora.request import LoRARequest
+
+        self.count += 1
+        path = self.folder / f"adapter-{self.count}"
+        self.model.save_pretrained(str(path), safe_serialization=True)
+        request = LoRARequest(f"step-{self.count}", self.count, str(path))
+        if self.previous is not None:
+            import shutil
+
+            shutil.rmtree(self.previous, ignore_errors=True)
+        self.previous = path
+        return request
+
+    def sample(
+        self, prompts: Sequence[Sequence[int]], *, temperature: float, max_new_tokens: int, stop_token_ids: Sequence[int]
+    ) -> list[list[int]]:
+        """One completion per prompt (token ids, ending with its stop token where it stopped on one) from the
+        student's weights as they are now; each call draws with its own seed (the run's seed and the call's count)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        llm = self._llm()
+        request = self.sync()
+        params = SamplingParams(
+            n=1,
+            temperature=temperature,
+            top_p=1.0,
+            top_k=0 if temperature > 0 else -1,
+            max_tokens=max_new_tokens,
+            stop_token_ids=list(stop_token_ids),
+            seed=self.seed * 1_000_003 + self.count,
+            detokenize=False,
+        )
+        outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, lora_request=request,
+                            use_tqdm=False)  # fmt: skip
+        stops = set(stop_token_ids)
+        completions = []
+        for out in outs:
+            c = out.outputs[0]
+            ids = list(c.token_ids)
+            if c.finish_reason == "stop" and isinstance(c.stop_reason, int) and (not ids or ids[-1] not in stops):
+                ids.append(c.stop_reason)  # stopped on a stop token vLLM left out: keep it, as hf's samples do
+            completions.append(ids)
+        return completions
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def _lora_rank_slot(rank: int) -> int:
+    """vLLM accepts a max_lora_rank from a fixed list; the smallest that holds ``rank``."""
+    for slot in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+        if rank <= slot:
+            return slot
+    return rank
+
+
+def save_base_weights(model: Any, tokenizer: Any, folder: Path) -> None:
+    """The PEFT model's base weights (without its LoRA) as a plain model folder vLLM loads: the base layers' names
+    without peft's ``base_layer``, a tied LM head once, the config and the tokenizer."""
+    from pktransfer.fileio import save_safetensors
+
+    base = model.get_base_model()
+    tied = bool(getattr(base.config, "tie_word_embeddings", False))
+    weights: dict[str, Any] = {}
+    for name, tensor in base.state_dict().items():
+        if "lora_" in name:
+            continue
+        key = name.replace(".base_layer.", ".")
+        if tied and key == "lm_head.weight":
+            continue
+        weights[key] = tensor.detach().to("cpu").contiguous()
+    save_safetensors(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    base.config.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))

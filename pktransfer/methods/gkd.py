@@ -42,6 +42,7 @@ from pydantic import Field
 from pktransfer.config import MethodConfig
 from pktransfer.data import IGNORE_INDEX
 from pktransfer.data.batching import pad
+from pktransfer.errors import RecipeError
 from pktransfer.evaluation.generation import contiguous_head_input
 from pktransfer.methods.base import MethodContext, ObjectiveMethod
 from pktransfer.methods.teacher_cache import live_teacher
@@ -134,6 +135,12 @@ class GkdConfig(MethodConfig):
     seq_kd: bool = Field(default=False, description="batches not sampled by the student are sampled by the teacher")
     loss_temperature: float = Field(default=1.0, gt=0, description="softmax temperature inside the divergence (TRL: 1)")
     disable_dropout: bool = Field(default=True, description="train with the LoRA's dropout off, as TRL's default does")
+    sampler: Literal["auto", "hf", "vllm"] = Field(
+        default="auto",
+        description="the student's on-policy samples: hf (the training model's generate), vllm (vLLM's engine, handed "
+        "the student's current LoRA before every sampled batch; docs/evaluation.md, 'vLLM'), or auto: as "
+        "evaluation.backend resolves (vllm on CUDA where installed, else hf)",
+    )
 
 
 class GkdMethod(ObjectiveMethod):
@@ -150,6 +157,8 @@ class GkdMethod(ObjectiveMethod):
         self.samples: list[dict[str, Any]] = []  # the first few on-policy samples, for reading by eye
         self._sampled = False  # the batch the loss sees was sampled by the student
         self._progress: Any = None
+        self.engine = "hf"  # the student's sampler, resolved when training starts
+        self._vllm: Any = None  # vllm_backend.LoraSampler when it is vllm
 
     @property
     def teacher_during_training(self) -> bool:
@@ -202,6 +211,19 @@ class GkdMethod(ObjectiveMethod):
             )
         return completions
 
+    def _sample_vllm(self, engine: Any, prompts: list[list[int]], ctx: MethodContext) -> list[list[int]]:
+        """The student's samples through vLLM, from its current LoRA (the sync's time counted with the sampling)."""
+        t0 = time.perf_counter()
+        out = engine.sample(
+            prompts, temperature=self.spec.temperature, max_new_tokens=self.max_new_tokens,
+            stop_token_ids=ctx.formatter.stop_token_ids(),
+        )  # fmt: skip
+        stop = set(ctx.formatter.stop_token_ids())
+        completions = [completion_tokens(c, stop) for c in out]
+        self.generated["student"][0] += sum(len(c) for c in completions)
+        self.generated["student"][1] += time.perf_counter() - t0
+        return completions
+
     def sampling(self) -> dict[str, Any]:
         """Every setting of the samplers' decoding, explicit (recorded in run.json under ``method.sampling``): the
         policy itself at ``temperature``, nothing else reshaping it."""
@@ -218,6 +240,28 @@ class GkdMethod(ObjectiveMethod):
             "min_new_tokens": 0,
         }
 
+    def _vllm_sampler(self, model: Any, ctx: MethodContext) -> Any:
+        """The vLLM sampler of ``model`` (started at the first sampled batch), or None where the sampler is hf."""
+        from pktransfer.evaluation import vllm_backend
+        from pktransfer.training import rank_and_world
+
+        setting = self.spec.sampler if self.spec.sampler != "auto" else ctx.recipe.evaluation.backend
+        self.engine = vllm_backend.resolve(setting, input_device(model).type)
+        if self.engine != "vllm":
+            return None
+        if rank_and_world()[1] > 1:
+            raise RecipeError(
+                "gkd sampler vllm runs one engine per process; it is not set up for several processes",
+                hint="run it as one process, or set method.sampler: hf for torchrun / accelerate launch",
+            )
+        if self._vllm is None:
+            recipe = ctx.recipe
+            self._vllm = vllm_backend.LoraSampler(
+                model, ctx.student.tokenizer, ctx.workdir / "vllm_sampler", str(ctx.student.dtype).removeprefix("torch."),
+                recipe.training.max_length + self.max_new_tokens, recipe.seed,
+            )  # fmt: skip
+        return self._vllm
+
     def training_batch(self, ctx: MethodContext) -> BatchFn:
         spec = self.spec
         self.max_new_tokens = spec.max_new_tokens or ctx.task.max_new_tokens or 16
@@ -233,7 +277,11 @@ class GkdMethod(ObjectiveMethod):
             who = "student" if on_policy else "teacher"
             sampler = unwrapped(model) if on_policy else self.teacher.model  # DDP's wrapper cannot generate
             prompts = prompts_of(batch["input_ids"], batch["labels"], batch["attention_mask"])
-            completions = self._sample(sampler, prompts, ctx, who)
+            engine = self._vllm_sampler(sampler, ctx) if on_policy else None
+            if engine is not None:
+                completions = self._sample_vllm(engine, prompts, ctx)
+            else:
+                completions = self._sample(sampler, prompts, ctx, who)
             self.stats[f"{who}_sampled_batches"] += 1
             self._sampled = on_policy
             new = sampled_batch(prompts, completions, tok.pad_token_id or 0, max_length, batch["index"])
@@ -303,6 +351,9 @@ class GkdMethod(ObjectiveMethod):
 
     def finish_training(self) -> None:
         self.teacher = None
+        if self._vllm is not None:  # the engine's memory goes back before the evaluation
+            self._vllm.close()
+            self._vllm = None
         if (
             self._progress is not None
             and self.spec.lmbda > 0
@@ -329,6 +380,7 @@ class GkdMethod(ObjectiveMethod):
             "teacher_generated_tokens": t_tokens,
             "teacher_generation_seconds": round(t_seconds, 2),
             "max_new_tokens": getattr(self, "max_new_tokens", None),
+            "sampler": self.engine,
             "sampling": {**self.sampling(), "model_generation_config": "ignored: sampled from a fresh GenerationConfig"}
             if hasattr(self, "max_new_tokens")
             else None,
