@@ -602,14 +602,16 @@ def _prepare_stages(
         passes = 2 if spec.layers == "sensitivity" and spec.maps == "selected_layers" else 1
         return [Stage("prepare", terms, passes * 6 * teacher.n_params * spec.n_seed * seed_tokens / rates.flops)]
     if name == "laten":
-        d_t, d_s = T.hidden_size, S.hidden_size
+        d_t, d_s, L = T.hidden_size, S.hidden_size, wl.train.length
         hyper = 4 * (d_t * d_t + d_t * d_s)  # one hypernetwork per role (up, down, v, o), float32
         terms = {
             "teacher weights": teacher.weight_bytes,
             "student weights (float32)": student.bytes_in(torch.float32),
             "hypernetworks, gradients, AdamW moments": 16 * hyper,
-            "student backward, 16 items (traced)": forward_peak(
-                student, Batch(16, wl.train.length, wl.train.length), logits="all", dtype=torch.float32, backward=True, device=dev
+            # each item of an update is its own micro-batch (methods/laten.py _train); validation forwards 8 at a time
+            "student backward of one item, or a validation forward of 8 (traced)": max(
+                forward_peak(student, Batch(1, L, L), logits="all", dtype=torch.float32, backward=True, device=dev),
+                forward_peak(student, Batch(8, L, L), logits="all", dtype=torch.float32, device=dev),
             ),
         }
         steps = getattr(spec, "total_steps", None) or spec.n_extract
