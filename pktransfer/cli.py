@@ -183,17 +183,21 @@ def plan_cmd(
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+    header: Annotated[bool, typer.Option("--header", help="print the plan as a recipe header's '# Needs' comment")] = False,
 ) -> None:
     """Each stage's peak memory and time, from the recipe and the models' configs alone (no weights are loaded)."""
 
     def go() -> None:
-        from pktransfer.plan import make_plan, render_plan
+        from pktransfer.plan import header_lines, make_plan, render_plan
 
         if device not in (None, "cpu", "cuda"):
             raise RecipeError(f"--device {device!r}", hint="use --device cpu or --device cuda")
         plan = make_plan(_recipe(recipe, set_, None, None), device, gpu, tokenizer)
         if as_json:
             console.print_json(json.dumps(plan.to_dict()))
+            return
+        if header:
+            print("\n".join(header_lines(plan)))
             return
         console.print(render_plan(plan))
         for note in plan.notes:

@@ -689,3 +689,29 @@ def check_recipe_fits(recipe: Recipe) -> None:
         return
     free, _total = torch.cuda.mem_get_info(dev)
     check_fits(make_plan(recipe, "cuda"), free)
+
+
+GPU_80GB = 80e9  # an "80 GB" GPU: 74.5 GiB
+
+
+def header_lines(plan: Plan, device_bytes: float = GPU_80GB) -> list[str]:
+    """The plan as a recipe header's ``# Needs`` comment (recipes/papers/ carry it; tests/test_paper_recipes.py
+    checks that each header agrees with the plan)."""
+    fixed = [s for s in plan.stages if not s.adaptive]
+    worst = max(fixed, key=lambda s: s.peak)
+    top = sorted(worst.terms.items(), key=lambda kv: -kv[1])[:3]
+    by = {s.name: s for s in plan.stages}
+    evals = "/".join(f"{by[n].peak / GIB:.1f}" for n in ("eval_teacher", "eval_student", "eval_trained") if n in by)
+    train = f"training {by['train'].peak / GIB:.1f} GiB; " if "train" in by else ""
+    gib = device_bytes / GIB
+    over = worst.peak / GIB - gib
+    fits = f"one 80 GB GPU ({gib:.1f} GiB)" if over <= 0 else f"over one 80 GB GPU ({gib:.1f} GiB) by {over:.1f} GiB"
+    text = (
+        f"Needs (`pkt plan --device cuda --gpu H100`; docs/results.md): peak {worst.peak / GIB:.1f} GiB in {worst.name} "
+        f"({', '.join(f'{k} {v / GIB:.1f}' for k, v in top)}); {train}evaluations {evals} GiB at 16 rows "
+        f"(batch_size auto lowers them): {fits}. About {_duration(sum(s.seconds for s in plan.stages))} on one "
+        f"{plan.rates.source.split(':')[0]} (an order of magnitude). Lengths: {plan.workload.source}."
+    )
+    import textwrap
+
+    return ["# " + line for line in textwrap.wrap(text, 116)]

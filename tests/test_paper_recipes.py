@@ -91,3 +91,20 @@ def test_paper_recipe_runs_on_a_tiny_pair(path, tiny_llama_pair, tmp_path):
     if recipe.evaluation.n_samples > 1:  # Open-Instruct's HumanEval sampling reaches generation
         summary = json.loads(next((Path(result.output_dir) / "eval").glob("*.test.summary.json")).read_text())
         assert summary["sampling"]["temperature"] == 0.1 and summary["sampling"]["top_p"] == recipe.evaluation.top_p == 0.95
+
+
+@pytest.mark.integration
+@needs_data
+@pytest.mark.parametrize("path", PAPERS, ids=lambda p: p.stem)
+def test_every_paper_recipe_header_is_its_plan(path, monkeypatch):
+    """The `# Needs` lines are `pkt plan --device cuda --gpu H100 --header` of the recipe (lengths measured with the
+    offline student's tokenizer: the Llama-2 one is gated), so a header cannot drift from the code that plans it."""
+    from pktransfer.plan import header_lines, make_plan
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = recipe_from_dict(yaml.safe_load(path.read_text()), str(path))
+    plan = make_plan(recipe, "cuda", "H100", tokenizer="builtin:qwen2.5-coder-0.5b-instruct")
+    lines = path.read_text().split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("# Needs"))
+    expected = header_lines(plan)
+    assert lines[start : start + len(expected)] == expected, "\n".join(expected)
