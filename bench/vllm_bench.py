@@ -114,7 +114,7 @@ def gkd_step(tmp: Path) -> dict:
         hf_times.append(time.perf_counter() - t0)
     sampler = vllm_backend.LoraSampler(model, student.tokenizer, tmp / "sampler", "bfloat16", 256, seed=0)
     t0 = time.perf_counter()
-    sampler._llm()
+    sampler.engine.start()
     start_s = time.perf_counter() - t0
     for _ in range(3):
         t0 = time.perf_counter()

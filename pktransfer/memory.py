@@ -8,30 +8,29 @@ import resource
 from typing import Any
 
 
-def rss_anon_bytes() -> int:
-    """Anonymous resident memory (excludes reclaimable file-backed pages such as mmapped safetensors)."""
+def _status_bytes(key: str) -> int | None:
+    """A ``/proc/self/status`` field given in kB (``RssAnon``, ``VmRSS``), in bytes; None where it cannot be read."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
+
+
+def rss_anon_bytes() -> int:
+    """Anonymous resident memory (excludes reclaimable file-backed pages such as mmapped safetensors)."""
+    anon = _status_bytes("RssAnon")
+    return anon if anon is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def rss_bytes() -> int:
     """Resident memory, file-backed pages included: a model loaded from safetensors in its file's dtype on a CPU is
     mapped from the file, so its weights are resident pages that :func:`rss_anon_bytes` leaves out (0 where
     /proc cannot be read)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _status_bytes("VmRSS") or 0
 
 
 def release_memory() -> int:

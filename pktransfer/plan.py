@@ -192,7 +192,7 @@ def _lora_model(shape: ModelShape, recipe: Recipe, meta: bool = True) -> Any:
 def _train_step(model: Any, recipe: Recipe, batch: Batch, device: torch.device, dtype: torch.dtype) -> Callable[[], None]:
     """One training step as the trainer takes it on ``device``: the fast path's LoRA modules, loss and attention
     kernel on CPU, the model's own loss elsewhere; AdamW over the LoRA."""
-    from pktransfer.training import cpu_bf16_training, fast_path
+    from pktransfer.training import cpu_bf16_training, fast_path, response_ce
 
     spec = recipe.training
     if device.type == "cpu" and spec.fast_path:
@@ -212,7 +212,9 @@ def _train_step(model: Any, recipe: Recipe, batch: Batch, device: torch.device, 
     def step() -> None:
         if cpu_fast:
             with cpu_bf16_training(model, spec.cpu_attention, batch.length):
-                total = _response_ce(model, inputs, batch)
+                keep = torch.arange(batch.length - batch.response - 1, batch.length - 1)  # the batch's response
+                ids = {k: v for k, v in inputs.items() if k != "labels"}
+                total = response_ce(model, ids, inputs["labels"], keep)[0]
         elif mixed:
             with torch.autocast("cpu", dtype=dtype):  # the fake tensors live on the CPU's kernels
                 total = model(**inputs).loss
@@ -277,15 +279,6 @@ def _expected_dropout() -> Iterator[None]:
         mock.patch("pktransfer.ops.fused_lora.dropped_positions", expected),
     ):
         yield
-
-
-def _response_ce(model: Any, inputs: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-    """:func:`pktransfer.training.response_ce`'s operations with the kept positions known from the batch's shape
-    (its ``nonzero`` has no fake shape): the LM head at the response positions, their logits upcast."""
-    keep = torch.arange(batch.length - batch.response - 1, batch.length - 1)
-    outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=keep)
-    targets = inputs["labels"][:, keep + 1]
-    return torch.nn.functional.cross_entropy(outputs.logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
 
 
 def forward_peak(

@@ -130,11 +130,15 @@ def cpu_bf16_training(model: Any, attention: str = "auto", length: int = 0) -> I
         yield
 
 
-def response_ce(model: Any, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, Any, Any]:
+def response_ce(
+    model: Any, inputs: dict[str, torch.Tensor], labels: torch.Tensor, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, Any, Any]:
     """The plain loss's sum of cross entropies over response tokens, the LM head applied only at the positions that
     predict one (a few of each row's: the head is a [V = 152k] matmul and softmax per position). Returns the sum,
-    the number of response tokens and the model outputs (logits at those positions only)."""
-    keep = kept_positions(labels)
+    the number of response tokens and the model outputs (logits at those positions only). ``keep``: those positions
+    where they are known already (``pkt plan``'s fake tensors cannot run :func:`kept_positions`' ``nonzero``)."""
+    if keep is None:
+        keep = kept_positions(labels)
     outputs = model(**inputs, logits_to_keep=keep)
     targets = labels[:, keep + 1].to(outputs.logits.device)
     total = torch.nn.functional.cross_entropy(

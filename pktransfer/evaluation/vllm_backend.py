@@ -63,6 +63,8 @@ class Engine:
     dtype: str
     max_model_len: int
     seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # further LLM settings (the LoRA sampler's)
+    memory_margin: float = 0.85  # of the GPU memory free at start (memory_share)
     llm: Any = None
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -76,7 +78,8 @@ class Engine:
                 "max_model_len": model_len(self.source, self.max_model_len),
                 "seed": self.seed,
                 "enforce_eager": True,  # no CUDA graphs or compilation: the same kernels for every batch size
-                **memory_share(),
+                **memory_share(self.memory_margin),
+                **self.options,
             }
             self.llm = LLM(**self.settings)
         return self.llm
@@ -133,11 +136,14 @@ def sampling_params(
     stop_strings: Sequence[str],
     temperature: float,
     top_p: float,
+    seed: int | None = None,
+    detokenize: bool = True,
 ) -> Any:
     """vLLM's sampling settings equal to the ``hf`` backend's: greedy at temperature 0, else sampling at
     ``temperature`` with nucleus ``top_p`` and no top-k; stop at the first stop token or stop string (cut from the
-    text), special tokens left out of the text. No per-request seed: repeated prompts (n samples of a code problem)
-    must draw different samples; the engine's seed makes a run reproducible."""
+    text), special tokens left out of the text. No per-request seed for an evaluation: repeated prompts (n samples of
+    a code problem) must draw different samples; the engine's seed makes a run reproducible. ``seed``: the LoRA
+    sampler's per-call seed; ``detokenize`` off where only token ids are read."""
     from vllm import SamplingParams
 
     return SamplingParams(
@@ -150,6 +156,8 @@ def sampling_params(
         stop=list(stop_strings) or None,
         include_stop_str_in_output=False,
         skip_special_tokens=True,
+        seed=seed,
+        detokenize=detokenize,
     )
 
 
@@ -210,26 +218,15 @@ class LoraSampler:
         base = self.folder / "base"  # in the run's work folder (pkt's own): rewritten, whatever a resumed run left
         base.mkdir(parents=True, exist_ok=True)
         save_base_weights(model, tokenizer, base)
-        self.engine = Engine(str(base), dtype, max_model_len, seed)
-        self.engine_lora = {"enable_lora": True, "max_lora_rank": _lora_rank_slot(self.rank), "max_loras": 1}
-        self.previous: Path | None = None
-
-    def _llm(self) -> Any:
-        if self.engine.llm is None:
-            from vllm import LLM
-
-            self.engine.settings = {
-                "model": self.engine.source,
-                "dtype": self.engine.dtype,
-                "max_model_len": model_len(self.engine.source, self.engine.max_model_len),
-                "seed": self.engine.seed,
-                "enforce_eager": True,
+        self.engine = Engine(
+            str(base), dtype, max_model_len, seed,
+            options={
                 "generation_config": "vllm",  # the policy as sampled: nothing from the model's generation_config.json
-                **self.engine_lora,
-                **memory_share(0.5),  # the training student (and teacher) stay on the device beside it
-            }
-            self.engine.llm = LLM(**self.engine.settings)
-        return self.engine.llm
+                "enable_lora": True, "max_lora_rank": _lora_rank_slot(self.rank), "max_loras": 1,
+            },
+            memory_margin=0.5,  # the training student (and teacher) stay on the device beside it
+        )  # fmt: skip
+        self.previous: Path | None = None
 
     def sync(self) -> Any:
         """The student's current LoRA as a new adapter of the engine (the previous one deleted)."""
@@ -251,21 +248,14 @@ class LoraSampler:
     ) -> list[list[int]]:
         """One completion per prompt (token ids, ending with its stop token where it stopped on one) from the
         student's weights as they are now; each call draws with its own seed (the run's seed and the call's count)."""
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        llm = self._llm()
+        llm = self.engine.start()
         request = self.sync()
-        params = SamplingParams(
-            n=1,
-            temperature=temperature,
-            top_p=1.0,
-            top_k=0 if temperature > 0 else -1,
-            max_tokens=max_new_tokens,
-            stop_token_ids=list(stop_token_ids),
-            seed=self.seed * 1_000_003 + self.count,
-            detokenize=False,
-        )
+        params = sampling_params(
+            max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids, stop_strings=(), temperature=temperature,
+            top_p=1.0, seed=self.seed * 1_000_003 + self.count, detokenize=False,
+        )  # fmt: skip
         outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, lora_request=request,
                             use_tqdm=False)  # fmt: skip
         stops = set(stop_token_ids)
