@@ -172,6 +172,11 @@ class CompareSpec(Strict):
         "bootstrap interval lies inside ±margin",
     )
     budget: BudgetSpec | None = Field(default=None, description="a cost rule applied after one pilot cell (see BudgetSpec)")
+    against_chance: bool = Field(
+        default=False,
+        description="also test every entry against the task's chance level (its protocol's `chance`, e.g. 1/K for a "
+        "K-candidate ranking): accuracy − chance by the bootstrap over items x seeds, Holm over the entries",
+    )
 
 
 class Recipe(Strict):

@@ -428,6 +428,32 @@ def interim_banner(result: dict[str, Any]) -> list[str]:
     ]
 
 
+def chance_table(result: dict[str, Any]) -> list[str]:
+    """Each entry against the task's chance level (``compare.against_chance``), per metric."""
+    c = result.get("against_chance")
+    if not c:
+        return []
+    adj = "Holm-adjusted over the entries" if c["adjustment"] == "holm" else "unadjusted"
+    lines = [
+        "## Against chance",
+        "",
+        f"Accuracy minus the task's chance level ({_pct(c['chance'])}%) by the bootstrap over items x seeds (each item's "
+        f"score paired with chance), its 95% interval, and the two-sided p-value, {adj} at α {c['alpha']} (bold: "
+        "survives).",
+        "",
+    ]
+    for metric, rows in c["by_metric"].items():
+        lines += [f"### {metric}", "", "| method | seeds | Δ vs chance [95%] | p | adjusted p |", "|---|---:|---|---:|---:|"]
+        for label, b in rows.items():
+            p_adj = f"{b['p_adjusted']:.3f}"
+            lines.append(
+                f"| {label} | {b['n_seeds']} | {100 * b['mean_diff']:+.1f} [{100 * b['ci_low']:+.1f}, "
+                f"{100 * b['ci_high']:+.1f}] | {b['p_two_sided']:.3f} | {f'**{p_adj}**' if b['survives'] else p_adj} |"
+            )
+        lines.append("")
+    return lines
+
+
 def render_compare_markdown(result: dict[str, Any]) -> str:
     s = result["summary"]
     base = s["baseline"]
@@ -513,6 +539,7 @@ def render_compare_markdown(result: dict[str, Any]) -> str:
                 "bootstrap over items and seeds, include both.",
             ]
         lines.append("")
+    lines += chance_table(result)
     lines += [
         "## Cost",
         "",

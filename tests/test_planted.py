@@ -338,3 +338,44 @@ def test_a_resumed_planting_reuses_its_evaluations_and_an_older_record_of_the_sa
     with pytest.raises(PktError, match=r"under plant\.min_recall"):  # resumed, not refused as another recipe
         pktransfer.plant(recipe, quiet=True)
     assert set(labels) == {"planted"}
+
+
+def test_each_entry_against_chance_by_hand():
+    from pktransfer.study.analysis import against_chance
+
+    ids = [f"q{i}" for i in range(10)]
+    one_right = {i: float(i == "q0") for i in ids}  # 1 of 10: exactly chance on every resample of seeds
+    records = [
+        {"label": "lora", "seed": s, "items": {"test": dict(one_right)}, "metrics": {"test": 0.1}} for s in (0, 1)
+    ] + [{"label": "all", "seed": s, "items": {"test": dict.fromkeys(ids, 1.0)}, "metrics": {"test": 1.0}} for s in (0, 1)]
+    out = against_chance(records, ["lora", "all"], ["test"], 0.1, resamples=1000, seed=0, alpha=0.05, adjustment="holm")
+    lora, best = out["by_metric"]["test"]["lora"], out["by_metric"]["test"]["all"]
+    assert best["mean_diff"] == pytest.approx(0.9) and best["ci_low"] == best["ci_high"] == pytest.approx(0.9)
+    assert best["p_two_sided"] == 0.0 and best["p_adjusted"] == 0.0 and best["survives"]
+    assert lora["mean_diff"] == pytest.approx(0.0) and lora["n_items"] == 10 and lora["n_seeds"] == 2
+    assert lora["ci_low"] < 0 < lora["ci_high"] and not lora["survives"]  # items resampled: q0 drawn 0..k times
+    assert lora["p_adjusted"] == max(lora["p_two_sided"], best["p_adjusted"])  # Holm: the larger p is multiplied by 1
+    assert out["chance"] == 0.1 and out["adjustment"] == "holm"
+
+
+def test_a_planted_grid_reports_every_entry_against_chance_and_other_tasks_are_refused(tiny_recipe, tmp_path):
+    import pktransfer
+    from pktransfer.recipe import recipe_from_dict
+
+    arithmetic = json.loads(json.dumps(tiny_recipe))
+    recipe = _planted_recipe(tiny_recipe)
+    recipe["evaluation"].update(teacher=False, student=False, splits=["test"])
+    recipe["compare"] = {"methods": ["lora", "pissa"], "seeds": [0], "against_chance": True}
+    res = pktransfer.compare(recipe_from_dict(recipe), quiet=True)
+    chance = res.result["against_chance"]
+    assert chance["chance"] == 0.1 and set(chance["by_metric"]["test"]) == {"lora", "pissa"}
+    for label, row in chance["by_metric"]["test"].items():
+        cell = next(c for c in res.result["cells"] if c["label"] == label)
+        assert row["mean_diff"] == pytest.approx(cell["metrics"]["test"] - 0.1)
+    md = (res.output_dir / "compare.md").read_text()
+    assert "## Against chance" in md and "| lora | 1 |" in md
+    arithmetic["output_dir"] = str(tmp_path / "arith")
+    arithmetic["compare"] = {"methods": ["lora"], "seeds": [0], "against_chance": True}
+    with pytest.raises(RecipeError, match="declares no chance level"):
+        pktransfer.compare(recipe_from_dict(arithmetic), quiet=True)
+    assert not (tmp_path / "arith").exists()

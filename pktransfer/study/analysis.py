@@ -125,6 +125,43 @@ def adjust_family(
     }
 
 
+def against_chance(
+    records: list[dict[str, Any]],
+    labels: list[str],
+    metrics: list[str],
+    chance: float,
+    *,
+    resamples: int,
+    seed: int,
+    alpha: float,
+    adjustment: str,
+) -> dict[str, Any]:
+    """Each entry (the baseline included) against the task's chance level, per metric: the accuracy minus chance by
+    the bootstrap over items x seeds (every item's score paired with ``chance``: the same resampling as the
+    comparisons with the baseline), its 95% interval, the two-sided p-value, adjusted over the family of entries
+    (Holm), and whether it survives at ``alpha``."""
+    out: dict[str, Any] = {"chance": chance, "alpha": alpha, "adjustment": adjustment, "by_metric": {}}
+    for metric in metrics:
+        rows: dict[str, dict[str, Any]] = {}
+        for label in labels:
+            items = {r["seed"]: r.get("items", {}).get(metric, {}) for r in records if r["label"] == label}
+            items = {s: v for s, v in items.items() if v}
+            if not items:
+                continue
+            at_chance = {s: dict.fromkeys(v, chance) for s, v in items.items()}
+            boot = paired_bootstrap(items, at_chance, resamples=resamples, seed=seed)
+            boot.pop("distribution", None)
+            rows[label] = boot
+        adjusted = (
+            holm([b["p_two_sided"] for b in rows.values()]) if adjustment == "holm" else [b["p_two_sided"] for b in rows.values()]
+        )
+        for b, p_adj in zip(rows.values(), adjusted, strict=True):
+            b["p_adjusted"] = p_adj
+            b["survives"] = bool(p_adj < alpha)
+        out["by_metric"][metric] = rows
+    return out
+
+
 def teacher_cost_per_entry(
     records: list[dict[str, Any]],
     tuning: list[dict[str, Any]],
@@ -308,6 +345,44 @@ class SharedLedger:
             self.teacher[folder] = info.get("budget", {}).get("teacher", {})
 
 
+def task_chance(recipe: Recipe) -> float:
+    """The chance level the recipe's task declares (its protocol's ``chance``); a clear error for a task without one."""
+    from pktransfer.data import get_task
+    from pktransfer.errors import RecipeError
+
+    chance = get_task(recipe.task.name, recipe.task.params, recipe.task.data_dir).protocol().get("chance")
+    if chance is None:
+        raise RecipeError(
+            f"compare.against_chance: task '{recipe.task.name}' declares no chance level (its answers are not drawn "
+            "from a fixed set of candidates)",
+            hint="remove compare.against_chance (tasks that declare one: planted)",
+        )
+    return float(chance)
+
+
+def chance_section(recipe: Recipe, records: list[dict[str, Any]], secondary: list[str]) -> dict[str, Any]:
+    """``against_chance`` for compare.json when the recipe declared it (absent otherwise, so grids without it read
+    and re-render as before); the chance level is the task's own (its protocol's ``chance``)."""
+    assert recipe.compare is not None
+    if not recipe.compare.against_chance:
+        return {}
+    chance = task_chance(recipe)
+    labels = [lbl for lbl in dict.fromkeys(r["label"] for r in records) if lbl not in set(secondary)]
+    metrics = sorted({m for r in records for m in r["metrics"]})
+    return {
+        "against_chance": against_chance(
+            records,
+            labels,
+            metrics,
+            chance,
+            resamples=recipe.compare.bootstrap,
+            seed=recipe.seed,
+            alpha=recipe.compare.alpha,
+            adjustment=recipe.compare.adjustment,
+        )
+    }
+
+
 def build_result(
     recipe: Recipe,
     records: list[dict[str, Any]],
@@ -335,6 +410,7 @@ def build_result(
             margin=recipe.compare.equivalence_margin,
             secondary=set(secondary),
         ),
+        **chance_section(recipe, records, secondary),
         "secondary": secondary,
         "tuning": tuning,
         "chosen": chosen,

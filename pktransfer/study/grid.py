@@ -22,7 +22,7 @@ from pktransfer.fileio import write_text
 from pktransfer.progress import Progress
 from pktransfer.recipe import Recipe, save_recipe
 from pktransfer.runs import check_output_location, check_replaceable, read_marker, result_fields, write_marker
-from pktransfer.study.analysis import SharedLedger, build_result
+from pktransfer.study.analysis import SharedLedger, build_result, task_chance
 from pktransfer.study.budget import apply_budget, remaining_seconds_of_cells
 from pktransfer.study.plan import Cell, TuneCell, choose, plan_grid, plan_matched, plan_tuning
 from pktransfer.study.records import (
@@ -150,6 +150,8 @@ def open_grid(recipe: Recipe, overwrite: bool, progress: Progress, records: str 
     check_replaceable(root, "comparison folder")  # refuse a folder pktransfer did not write, before any work
     for c in cells:  # everything checkable before any model is loaded
         pipeline.check_recipe(c.recipe)
+    if recipe.compare is not None and recipe.compare.against_chance:
+        task_chance(recipe)
     if overwrite and root.exists():
         shutil.rmtree(root)  # checked above: empty, or a comparison pktransfer wrote
     if not root.exists() or read_marker(root) is None:
