@@ -3,6 +3,7 @@ known: an identity pair gets the teacher's delta, a rotated student the rotated 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -321,3 +322,70 @@ def test_bad_delta_sources_are_refused_clearly(tiny_recipe, tmp_path):
     tiny_recipe["output_dir"] = str(tmp_path / "run2")
     with pytest.raises(PktError, match="does not fit the untouched teacher"):
         pktransfer.run(recipe_from_dict(tiny_recipe), quiet=True)
+
+
+def test_pkt_transport_once_gives_the_same_student_and_a_grid_shares_it_across_seeds(tiny_models, tiny_recipe, tmp_path):
+    import pktransfer
+    from pktransfer.pipeline import run_verb
+    from pktransfer.recipe import recipe_from_dict
+
+    teacher, student = Path(tiny_recipe["teacher"]["model"]), Path(tiny_recipe["student"]["model"])
+    adapter = _teacher_adapter(teacher, tmp_path / "adapter")
+    base = json.loads(json.dumps(tiny_recipe))
+    run, direct = _run_delta(dict(tiny_recipe), student, adapter, tmp_path / "direct")
+    # steps 1-4 alone, then a run that reads them: the same merged student, the same measurements
+    recipe = json.loads(json.dumps(base))
+    recipe.update(method={"name": "delta", "teacher_adapter": str(adapter)}, output_dir=str(tmp_path / "transport"))
+    recipe["training"].update(max_steps=0, max_length=128, save_merged=True)
+    recipe["lora"]["r"] = 4
+    recipe["evaluation"].update(teacher=False, student=False)
+    run_verb(recipe_from_dict(recipe), "transport", quiet=True)
+    assert (tmp_path / "transport" / "transport" / "updates.safetensors").is_file()
+    recipe["method"]["transport"] = str(tmp_path / "transport" / "transport")
+    recipe["output_dir"] = str(tmp_path / "reused")
+    reused = pktransfer.run(recipe_from_dict(recipe), quiet=True)
+    a, b = _merged_minus_student(direct, student), _merged_minus_student(reused.output_dir, student)
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+    keep = ("source", "fused_roles", "items", "energy_in_base", "teacher_layers_dropped")
+    assert {k: reused.run["method"][k] for k in keep} == {k: run["method"][k] for k in keep}
+    assert "delta: activations for the Procrustes maps" not in reused.run["budget"]["teacher"].get("what", [])
+    # a grid's delta cells on two seeds read one shared transport, made once
+    grid = json.loads(json.dumps(recipe))
+    del grid["method"]["transport"]
+    grid["output_dir"] = str(tmp_path / "grid")
+    grid["compare"] = {"methods": [{"name": "delta", "teacher_adapter": str(adapter)}], "seeds": [0, 1]}
+    grid["compare"]["baseline"] = "delta"
+    res = pktransfer.compare(recipe_from_dict(grid), quiet=True)
+    shared = [f for f in res.result["shared_work_seconds"] if f.startswith("shared/delta-")]
+    assert len(shared) == 1
+    for cell in res.result["cells"]:
+        cell_run = json.loads((res.output_dir / cell["folder"] / "run.json").read_text())
+        assert cell_run["recipe"]["method"]["transport"].endswith(f"{shared[0]}/transport")
+
+
+def test_a_transport_folder_of_another_student_or_a_corrupt_one_is_refused(tiny_models, tiny_recipe, tmp_path):
+    import pktransfer
+    from pktransfer.errors import IncompatiblePairError, RecipeError
+    from pktransfer.pipeline import run_verb
+    from pktransfer.recipe import recipe_from_dict
+
+    teacher = Path(tiny_recipe["teacher"]["model"])
+    adapter = _teacher_adapter(teacher, tmp_path / "adapter")
+    tiny_recipe.update(method={"name": "delta", "teacher_adapter": str(adapter)}, output_dir=str(tmp_path / "t"))
+    tiny_recipe["training"].update(max_steps=0, max_length=128)
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    run_verb(recipe_from_dict(tiny_recipe), "transport", quiet=True)
+    folder = tmp_path / "t" / "transport"
+    other = json.loads(json.dumps(tiny_recipe))
+    other["student"]["model"] = str(shutil.copytree(teacher, tmp_path / "another-student"))
+    other["method"]["transport"] = str(folder)
+    other["output_dir"] = str(tmp_path / "other")
+    with pytest.raises(IncompatiblePairError, match="was made for the student"):
+        pktransfer.run(recipe_from_dict(other), quiet=True)
+    assert not (tmp_path / "other").exists()
+    (folder / "updates.safetensors").write_bytes(b"not a safetensors file")
+    tiny_recipe["method"]["transport"] = str(folder)
+    tiny_recipe["output_dir"] = str(tmp_path / "corrupt")
+    with pytest.raises(RecipeError, match="cannot be read"):
+        pktransfer.run(recipe_from_dict(tiny_recipe), quiet=True)
+    assert not (tmp_path / "corrupt").exists()

@@ -345,9 +345,9 @@ def test_each_entry_against_chance_by_hand():
 
     ids = [f"q{i}" for i in range(10)]
     one_right = {i: float(i == "q0") for i in ids}  # 1 of 10: exactly chance on every resample of seeds
-    records = [
-        {"label": "lora", "seed": s, "items": {"test": dict(one_right)}, "metrics": {"test": 0.1}} for s in (0, 1)
-    ] + [{"label": "all", "seed": s, "items": {"test": dict.fromkeys(ids, 1.0)}, "metrics": {"test": 1.0}} for s in (0, 1)]
+    records = [{"label": "lora", "seed": s, "items": {"test": dict(one_right)}, "metrics": {"test": 0.1}} for s in (0, 1)] + [
+        {"label": "all", "seed": s, "items": {"test": dict.fromkeys(ids, 1.0)}, "metrics": {"test": 1.0}} for s in (0, 1)
+    ]
     out = against_chance(records, ["lora", "all"], ["test"], 0.1, resamples=1000, seed=0, alpha=0.05, adjustment="holm")
     lora, best = out["by_metric"]["test"]["lora"], out["by_metric"]["test"]["all"]
     assert best["mean_diff"] == pytest.approx(0.9) and best["ci_low"] == best["ci_high"] == pytest.approx(0.9)

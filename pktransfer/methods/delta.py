@@ -23,10 +23,16 @@ Seeking, LaTen and SemAlign move what the teacher's *base* weights or activation
 
 ``training.max_steps: 0`` evaluates the transported student as it is (training-free, as the paper); as a start in
 ``compose`` (``delta + kd``, ``delta + gkd``) it is trained toward the objective from there.
+
+Steps 1-4 do not depend on the run's seed when the update is given (``teacher_adapter`` / ``teacher_model``):
+``pkt transport RECIPE`` does them once and writes ``transport/`` (the transported updates and what was measured),
+which ``method.transport`` reuses; a comparison grid does this for its delta cells by itself.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -34,12 +40,12 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from pktransfer.config import MethodConfig, ModelSpec, Strict
+from pktransfer.config import MethodConfig, ModelSpec, Strict, hash_view
 from pktransfer.data import encode_items, recipe_formatter
 from pktransfer.data.batching import pad
 from pktransfer.errors import IncompatiblePairError, RecipeError
 from pktransfer.fileio import save_safetensors, write_json
-from pktransfer.methods.base import Method, MethodContext
+from pktransfer.methods.base import Method, MethodContext, SharedWork, Verb
 from pktransfer.methods.injection import check_ranks, stack_roles, targeted_roles
 from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES, ArchitectureDescription
 from pktransfer.models.pair import check_pair
@@ -50,6 +56,7 @@ from pktransfer.training import check_targets, resolved_lora
 
 ROLES = (*ATTENTION_ROLES, *FFN_ROLES)
 RESIDUAL_FILE = "delta_residual.safetensors"
+TRANSPORT_FILE, TRANSPORT_INFO = "updates.safetensors", "transport.json"  # what `pkt transport` writes
 LOSSLESS = 1e-6  # a truncation losing less than this share of an update's energy is float rounding, not rank
 
 
@@ -98,6 +105,11 @@ class DeltaConfig(MethodConfig):
         default=6, ge=1, description="student layers whose activations are held at once (memory against forward passes)"
     )
     teacher_training: TeacherTraining = Field(default_factory=TeacherTraining)
+    transport: str | None = Field(
+        default=None,
+        description="a `transport/` folder written by `pkt transport` (steps 1-4 done once: the transported updates, "
+        "before alpha); a comparison grid shares one across every delta cell that would compute the same",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DeltaConfig:
@@ -386,15 +398,9 @@ class DeltaMethod(Method):
         model.unload()
         return out
 
-    def prepare(self, ctx: MethodContext) -> Any:
-        from peft import get_peft_model
-
-        from pktransfer.models.tying import untie_if_targeted
-        from pktransfer.training import lora_config
-
+    def transported(self, ctx: MethodContext) -> tuple[dict[tuple[int, str], torch.Tensor], dict[str, Any]]:
+        """Steps 1-4: (student layer, role) -> the transported update (before ``alpha``), and what was measured."""
         spec, recipe, student = self.spec, ctx.recipe, ctx.student
-        check_targets(student.model, recipe.lora, student.arch, ctx.progress.warn)
-        check_ranks(student.arch, recipe)
         teacher, own = self._untouched_teacher(ctx)
         try:
             check_pair(teacher.arch, student.arch, teacher.tokenizer, student.tokenizer, self.name)
@@ -420,6 +426,22 @@ class DeltaMethod(Method):
         finally:
             if own:
                 teacher.unload()
+        return moved, {"source": source, "fused_roles": fused, **info, "items": len(inputs)}
+
+    def prepare(self, ctx: MethodContext) -> Any:
+        from peft import get_peft_model
+
+        from pktransfer.models.tying import untie_if_targeted
+        from pktransfer.training import lora_config
+
+        spec, recipe, student = self.spec, ctx.recipe, ctx.student
+        check_targets(student.model, recipe.lora, student.arch, ctx.progress.warn)
+        check_ranks(student.arch, recipe)
+        if spec.transport is not None:
+            moved, info = load_transport(Path(spec.transport), ctx)
+            ctx.progress.log(f"delta: the transported updates from {spec.transport} (steps 1-4 done once, shared)")
+        else:
+            moved, info = self.transported(ctx)
         updates = stack_roles(
             [(student.arch.module_name(i, role), spec.alpha * tau) for (i, role), tau in sorted(moved.items(), key=_order)]
         )
@@ -433,11 +455,8 @@ class DeltaMethod(Method):
         }
         total = sum(float(u.double().pow(2).sum()) for u in updates.values())
         self.info = {
-            "source": source,
             "alpha": spec.alpha,
-            "fused_roles": fused,
             **info,
-            "items": len(inputs),
             "modules": len(updates),
             "rank": resolved_lora(recipe.lora, student.arch).r,
             "energy_in_base": sum(kept[n]["energy_in_base"] * float(updates[n].double().pow(2).sum()) for n in kept) / total
@@ -449,7 +468,7 @@ class DeltaMethod(Method):
         }
         write_json(ctx.workdir / "delta.json", {**self.info, "per_module": kept})
         ctx.progress.log(
-            f"delta: {len(updates)} weights from {source}; rank-{self.info['rank']} truncation leaves "
+            f"delta: {len(updates)} weights from {info['source']}; rank-{self.info['rank']} truncation leaves "
             f"{100 * self.info['energy_in_base']:.2f}% of the update's energy in the base; "
             f"teacher layers dropped {info['teacher_layers_dropped']} ({100 * info['teacher_energy_dropped']:.1f}% of its energy)"
         )
@@ -458,8 +477,44 @@ class DeltaMethod(Method):
     def report(self) -> dict[str, Any]:
         return dict(self.info)
 
+    @classmethod
+    def shared_work(cls, recipe: Any, shared_root: Path) -> SharedWork:
+        """Steps 1-4 depend on the pair, the update's source, the seed items and the targeted roles, not on the seed
+        (unless the teacher's delta is trained here): one ``pkt transport`` serves every cell that needs the same."""
+        m = recipe.method
+        if m.transport is not None:
+            return SharedWork(recipe)
+        given = m.teacher_adapter is not None or m.teacher_model is not None
+        what = {
+            "teacher": recipe.teacher.identity(),
+            "student": recipe.student.identity(),
+            "task": hash_view("task", recipe.task.model_dump()),
+            "max_length": recipe.training.max_length,
+            "targets": recipe.lora.target_modules,
+            "method": m.model_dump(exclude={"transport", "alpha"}),
+            "adapter_sha256": _adapter_hash(m.teacher_adapter),
+            "seed": None if given else recipe.seed,
+            "training": None if given else hash_view("training", recipe.training.model_dump()),
+        }
+        key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        folder = shared_root / f"delta-{key}"
+        shared = SharedWork.cache(recipe, "transport", folder / "transport")
+        shared.jobs.append((str(folder), recipe.model_copy(update={"output_dir": str(folder)}), "transport"))
+        return shared
+
+    @classmethod
+    def verbs(cls) -> dict[str, Verb]:
+        return {
+            "transport": Verb(
+                "Teacher-delta steps 1-4 without training: the teacher's update transported into the student's "
+                "shapes. Writes transport/; reuse it with method.transport.",
+                _transport,
+                _needs_seed_split,
+            )
+        }
+
     def single_process_only(self) -> tuple[str, str] | None:
-        if self.spec.teacher_adapter is None and self.spec.teacher_model is None:
+        if self.spec.teacher_adapter is None and self.spec.teacher_model is None and self.spec.transport is None:
             return (
                 "it would train the teacher's delta inside every process's preparation",
                 "train the teacher's delta first in one process (e.g. `pkt plant`, or a LoRA run with the teacher as "
@@ -491,3 +546,71 @@ def _order(item: tuple[tuple[int, str], torch.Tensor]) -> tuple[int, int]:
 def _lora_update(model: Any, name: str, adapter: str = "default") -> torch.Tensor:
     layer = model.base_model.model.get_submodule(name)
     return (layer.scaling[adapter] * (layer.lora_B[adapter].weight @ layer.lora_A[adapter].weight)).float().cpu()
+
+
+def _adapter_hash(adapter: str | None) -> str | None:
+    """SHA-256 of a teacher adapter's weights file (a cache made from another adapter at the same path is not reused)."""
+    if adapter is None:
+        return None
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        path = Path(adapter).expanduser() / name
+        if path.is_file():
+            digest = hashlib.sha256()
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+            return digest.hexdigest()
+    return None
+
+
+def _needs_seed_split(recipe: Any, task: Any) -> None:
+    task.split("seed")
+
+
+def _transport(method: DeltaMethod, ctx: MethodContext, log: Any) -> dict[str, Any]:
+    """Steps 1-4 only: writes ``transport/`` (``updates.safetensors``: "LAYER.ROLE" -> the transported update,
+    float32, before alpha; ``transport.json``: what was measured and the student it was made for)."""
+    with log.stage("transport"):
+        moved, info = method.transported(ctx)
+    folder = ctx.workdir / "transport"
+    save_safetensors({f"{layer}.{role}": t.contiguous() for (layer, role), t in moved.items()}, folder / TRANSPORT_FILE)
+    write_json(folder / TRANSPORT_INFO, {"student": ctx.recipe.student.identity(), "info": info})
+    return {"modules": len(moved), "outputs": {"transport": "transport"}}
+
+
+def load_transport(folder: Path, ctx: MethodContext) -> tuple[dict[tuple[int, str], torch.Tensor], dict[str, Any]]:
+    """``pkt transport``'s output, checked against this run's student (its identity and every update's shape)."""
+    student = ctx.student
+    if not (folder / TRANSPORT_FILE).is_file() or not (folder / TRANSPORT_INFO).is_file():
+        raise RecipeError(
+            f"method.transport '{folder}' holds no transported updates ({TRANSPORT_FILE}, {TRANSPORT_INFO})",
+            hint="point it at the transport/ folder `pkt transport RECIPE` wrote, or remove it to compute the transport",
+        )
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((folder / TRANSPORT_INFO).read_text())
+        tensors = load_file(str(folder / TRANSPORT_FILE))
+    except (json.JSONDecodeError, SafetensorError, OSError) as err:
+        raise RecipeError(
+            f"method.transport '{folder}' cannot be read ({type(err).__name__}: {str(err)[:120]})",
+            hint="delete that folder and run `pkt transport` again (or remove method.transport)",
+        ) from None
+    if meta.get("student") != ctx.recipe.student.identity():
+        raise IncompatiblePairError(
+            f"method.transport '{folder}' was made for the student {meta.get('student', {}).get('model')}, not "
+            f"{ctx.recipe.student.model}",
+            hint="run `pkt transport` with this recipe, or remove method.transport",
+        )
+    moved = {}
+    for key, t in tensors.items():
+        layer, role = key.split(".", 1)
+        want = tuple(student.arch.role_weight(student.model, int(layer), role).shape)
+        if tuple(t.shape) != want:
+            raise IncompatiblePairError(
+                f"method.transport '{folder}': update {key} has shape {tuple(t.shape)}, the student's weight {want}",
+                hint="run `pkt transport` with this recipe, or remove method.transport",
+            )
+        moved[(int(layer), role)] = t.float()
+    return moved, meta["info"]
