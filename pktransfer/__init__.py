@@ -16,7 +16,7 @@ from typing import Any
 
 from pktransfer.errors import DataError, IncompatiblePairError, ModelError, PktError, RecipeError
 from pktransfer.models import load_model, prepare_builtin
-from pktransfer.pipeline import RunResult, evaluate, extract, inject, run, set_threads
+from pktransfer.pipeline import RunResult, evaluate, extract, inject, run, set_threads, transport
 from pktransfer.recipe import Recipe, load_recipe, recipe_from_dict
 
 __version__ = "0.1.0"
@@ -70,4 +70,5 @@ __all__ = [
     "run",
     "set_threads",
     "train",
+    "transport",
 ]

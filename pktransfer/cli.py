@@ -267,6 +267,24 @@ def inject_cmd(
     _recipe_verb("inject", recipe, set_, output_dir, seed, overwrite, quiet, threads, report)
 
 
+@app.command("transport")
+def transport_cmd(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    output_dir: OutOpt = None,
+    seed: SeedOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Teacher-delta steps 1-4 without training: the teacher's update transported into the student (reusable)."""
+
+    def report(res: Any) -> None:
+        console.print(f"{res.run['modules']} transported updates: {res.output_dir / 'transport'} (reuse with method.transport)")
+
+    _recipe_verb("transport", recipe, set_, output_dir, seed, overwrite, quiet, threads, report)
+
+
 @app.command("plant")
 def plant_cmd(
     recipe: RecipeArg,

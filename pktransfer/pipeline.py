@@ -703,6 +703,11 @@ def inject(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, prog
     return run_verb(recipe, "inject", quiet=quiet, overwrite=overwrite, progress=progress)
 
 
+def transport(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, progress: Progress | None = None) -> RunResult:
+    """``pkt transport``: the recipe's method's ``transport`` verb (delta: the teacher's update moved into the student)."""
+    return run_verb(recipe, "transport", quiet=quiet, overwrite=overwrite, progress=progress)
+
+
 def evaluate(
     model: str | ModelSpec,
     task: str = "arithmetic",

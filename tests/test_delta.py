@@ -326,7 +326,6 @@ def test_bad_delta_sources_are_refused_clearly(tiny_recipe, tmp_path):
 
 def test_pkt_transport_once_gives_the_same_student_and_a_grid_shares_it_across_seeds(tiny_models, tiny_recipe, tmp_path):
     import pktransfer
-    from pktransfer.pipeline import run_verb
     from pktransfer.recipe import recipe_from_dict
 
     teacher, student = Path(tiny_recipe["teacher"]["model"]), Path(tiny_recipe["student"]["model"])
@@ -339,7 +338,14 @@ def test_pkt_transport_once_gives_the_same_student_and_a_grid_shares_it_across_s
     recipe["training"].update(max_steps=0, max_length=128, save_merged=True)
     recipe["lora"]["r"] = 4
     recipe["evaluation"].update(teacher=False, student=False)
-    run_verb(recipe_from_dict(recipe), "transport", quiet=True)
+    from typer.testing import CliRunner
+
+    from pktransfer.cli import app
+
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))  # YAML is a superset of JSON
+    out = CliRunner().invoke(app, ["transport", str(tmp_path / "r.yaml"), "-q"])
+    assert out.exit_code == 0, out.output
+    assert "reuse with method.transport" in out.output
     assert (tmp_path / "transport" / "transport" / "updates.safetensors").is_file()
     recipe["method"]["transport"] = str(tmp_path / "transport" / "transport")
     recipe["output_dir"] = str(tmp_path / "reused")
@@ -366,7 +372,6 @@ def test_pkt_transport_once_gives_the_same_student_and_a_grid_shares_it_across_s
 def test_a_transport_folder_of_another_student_or_a_corrupt_one_is_refused(tiny_models, tiny_recipe, tmp_path):
     import pktransfer
     from pktransfer.errors import IncompatiblePairError, RecipeError
-    from pktransfer.pipeline import run_verb
     from pktransfer.recipe import recipe_from_dict
 
     teacher = Path(tiny_recipe["teacher"]["model"])
@@ -374,7 +379,7 @@ def test_a_transport_folder_of_another_student_or_a_corrupt_one_is_refused(tiny_
     tiny_recipe.update(method={"name": "delta", "teacher_adapter": str(adapter)}, output_dir=str(tmp_path / "t"))
     tiny_recipe["training"].update(max_steps=0, max_length=128)
     tiny_recipe["evaluation"].update(teacher=False, student=False)
-    run_verb(recipe_from_dict(tiny_recipe), "transport", quiet=True)
+    pktransfer.transport(recipe_from_dict(tiny_recipe), quiet=True)
     folder = tmp_path / "t" / "transport"
     other = json.loads(json.dumps(tiny_recipe))
     other["student"]["model"] = str(shutil.copytree(teacher, tmp_path / "another-student"))
