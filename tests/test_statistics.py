@@ -10,6 +10,7 @@ import pytest
 from pktransfer.ops.statistics import (
     bootstrap_p_two_sided,
     describe,
+    equivalence_margin,
     equivalent,
     holm,
     paired_bootstrap,
@@ -125,3 +126,13 @@ def test_the_report_adjusts_the_family_and_calls_equivalence_only_with_a_margin(
     import json
 
     json.dumps(with_margin)  # nothing unserialisable (the resampled distributions are dropped)
+
+
+def test_the_equivalence_margin_by_hand_and_by_simulation():
+    # z_0.95 = 1.6449, z_0.90 = 1.2816: 2.9264 standard errors
+    assert equivalence_margin(0.01) == pytest.approx(0.029264, abs=1e-5)
+    assert equivalence_margin(0.01, alpha=0.025, power=0.9) == pytest.approx((1.95996 + 1.64485) * 0.01, abs=1e-5)
+    # a normal estimate of a true 0 with SE 1: the 90% interval inside ±margin in 80% of draws
+    d = np.random.default_rng(0).normal(0.0, 1.0, 200_000)
+    margin = equivalence_margin(1.0)
+    assert ((d - 1.6449 > -margin) & (d + 1.6449 < margin)).mean() == pytest.approx(0.8, abs=0.005)

@@ -9,7 +9,8 @@ statsmodels where those compute the same quantity (tests/test_statistics.py).
 - ``equivalent``: two one-sided tests (TOST) against a margin from the bootstrap: shown equivalent when the
   (1 − 2α) interval lies inside (−margin, +margin); ``tost_paired_t`` is the seed-level t version (statsmodels'
   ``ttost_paired``).
-- ``minimum_detectable_effect``, ``design_mde``: what a design can see.
+- ``minimum_detectable_effect``, ``design_mde``: what a design can see; ``equivalence_margin``: the narrowest margin
+  a design shows equivalence within, at a given power (the planted study's power calculation).
 """
 
 from __future__ import annotations
@@ -115,6 +116,16 @@ def minimum_detectable_effect(se: float, *, alpha: float = 0.05, power: float = 
     from scipy import stats
 
     return float((stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) * se)
+
+
+def equivalence_margin(se: float, *, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest TOST margin a design shows equivalence within, with probability ``power``, when the true difference
+    is 0 and the estimate is normal with standard error ``se``: both one-sided tests at ``alpha`` reject when the
+    (1 − 2α) interval d ± z_{1−α}·SE lies inside ±margin, i.e. |d| < margin − z_{1−α}·SE, which has probability
+    ``power`` at margin = (z_{1−α} + z_{(1+power)/2})·SE (2.93·SE at the defaults)."""
+    from scipy import stats
+
+    return float((stats.norm.ppf(1 - alpha) + stats.norm.ppf((1 + power) / 2)) * se)
 
 
 def design_mde(accuracy: float, n_items: int, n_seeds: int, *, alpha: float = 0.05, power: float = 0.8) -> float:
