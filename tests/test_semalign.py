@@ -599,3 +599,50 @@ def test_v2_trains_only_the_frontier_layer_in_each_stage(tiny_recipe, monkeypatc
         return {int(n.split("layers.")[1].split(".")[0]) for n in a if not torch.equal(a[n], b[n])}
 
     assert [changed(snapshots[i], snapshots[i + 1]) for i in range(4)] == [{0}, {0}, {1}, {1}]
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"critical_layers": "all", "decomposition": "dual", "output_loss": "kl"},
+        {"version": "v2", "layer_objective": "relation", "top_k": None},
+    ],
+    ids=["v1", "v2"],
+)
+def test_activation_checkpointing_recomputes_the_hooked_layers_without_changing_training(
+    tiny_recipe, tmp_path, method, monkeypatch
+):
+    """SemAlign's forward hooks capture the student's layer outputs with their graph; under activation checkpointing
+    the layers run again during backward (the hooks fire again). Two steps with and without it train the same LoRA."""
+    import math
+
+    from safetensors.torch import load_file
+    from transformers import modeling_utils
+
+    import pktransfer
+
+    calls = {"n": 0}
+    checkpoint = modeling_utils.checkpoint
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "checkpoint", counted)  # what the layers call when checkpointing is on
+    tiny_recipe["training"].update(max_steps=2, fused_step=False)
+    tiny_recipe["evaluation"].update(teacher=False, student=False)
+    adapters, layer_runs = {}, {}
+    for ckpt in (False, True):
+        tiny_recipe["training"]["gradient_checkpointing"] = ckpt
+        tiny_recipe["output_dir"] = str(tmp_path / f"ckpt-{ckpt}")
+        recipe = _recipe(tiny_recipe, cache=False, **method)
+        calls["n"] = 0
+        res = pktransfer.run(recipe, quiet=True, evaluate=False)
+        layer_runs[ckpt] = calls["n"]
+        assert math.isfinite(res.run["training"]["final_loss"])
+        adapters[ckpt] = load_file(str(res.output_dir / "adapter" / "adapter_model.safetensors"))
+    assert layer_runs[False] == 0 and layer_runs[True] > 0  # checkpointing was on: the layers ran checkpointed
+    assert adapters[True].keys() == adapters[False].keys()
+    for name, w in adapters[False].items():
+        assert torch.allclose(adapters[True][name], w, atol=1e-6), name
+    assert any(w.abs().sum() > 0 for n, w in adapters[False].items() if "lora_B" in n)  # it trained
