@@ -34,13 +34,14 @@ class Progress:
         self.console.print(f"[bold yellow]pkt warning[/bold yellow] {escape(message)}", highlight=False, soft_wrap=True)
 
     @contextmanager
-    def task(self, description: str, total: int | None) -> Iterator[Callable[..., None]]:
-        """Yield ``advance(n=1, **fields)``; shows a bar unless quiet."""
+    def task(self, description: str, total: int | None, done: int = 0) -> Iterator[Callable[..., None]]:
+        """Yield ``advance(n=1, **fields)``; shows a bar unless quiet. ``done``: units finished before this process (a
+        resumed run): they count toward the total, not toward the rate or the time left."""
         if self.quiet:
             yield lambda n=1, **kw: None
             return
         if not self.console.is_terminal:
-            with self._plain_task(description, total) as advance:
+            with self._plain_task(description, total, done) as advance:
                 yield advance
             return
         columns = [
@@ -53,7 +54,7 @@ class Progress:
             TextColumn("{task.fields[info]}", markup=False),
         ]
         with RichProgress(*columns, console=self.console, transient=False) as bar:
-            tid = bar.add_task(description, total=total, info="")
+            tid = bar.add_task(description, total=total, completed=done, info="")
 
             def advance(n: int = 1, **fields: object) -> None:
                 info = " ".join(f"{k}={v}" for k, v in fields.items())
@@ -62,19 +63,20 @@ class Progress:
             yield advance
 
     @contextmanager
-    def _plain_task(self, description: str, total: int | None) -> Iterator[Callable[..., None]]:
+    def _plain_task(self, description: str, total: int | None, resumed: int = 0) -> Iterator[Callable[..., None]]:
         interval = float(os.environ.get("PKT_PROGRESS_INTERVAL", "30"))
         start = last = time.monotonic()
-        state: dict[str, object] = {"done": 0, "info": ""}
+        state: dict[str, object] = {"done": resumed, "info": ""}
 
         def line() -> str:
             done = int(state["done"])  # type: ignore[call-overload]
             elapsed = time.monotonic() - start
-            rate = done / elapsed if elapsed > 0 else 0.0
+            rate = (done - resumed) / elapsed if elapsed > 0 else 0.0
             eta = f", eta {(total - done) / rate:.0f} s" if total and rate > 0 and done < total else ""
             of = f"/{total}" if total else ""
+            since = f" (resumed at {resumed})" if resumed else ""
             info = f", {state['info']}" if state["info"] else ""
-            return f"{description}: {done}{of} in {elapsed:.0f} s ({rate:.2f}/s{eta}){info}"
+            return f"{description}: {done}{of}{since} in {elapsed:.0f} s ({rate:.2f}/s{eta}){info}"
 
         def advance(n: int = 1, **fields: object) -> None:
             nonlocal last

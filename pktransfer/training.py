@@ -334,10 +334,8 @@ def _progress_callback(progress: Progress) -> Any:
             self._loss: float | None = None
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self._ctx = progress.task("train", total=state.max_steps)
+            self._ctx = progress.task("train", total=state.max_steps, done=state.global_step)
             self._advance = self._ctx.__enter__()
-            if state.global_step:
-                self._advance(state.global_step)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             fields = {"loss": f"{self._loss:.4f}"} if self._loss is not None else {}

@@ -46,3 +46,20 @@ def test_a_bar_shows_its_label_and_fields_with_brackets_as_is():
     with p.task("cell seeking[lr=0.0001]", total=2) as advance:
         advance(2, note="[/x]")
     assert "cell seeking[lr=0.0001]" in out.getvalue() and "note=[/x]" in out.getvalue()
+
+
+def test_a_resumed_task_counts_its_earlier_units_in_the_total_not_in_the_rate(monkeypatch):
+    import time
+
+    monkeypatch.setenv("PKT_PROGRESS_INTERVAL", "0")
+    now = [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    out = io.StringIO()
+    with Progress(console=Console(file=out, force_terminal=False, width=200)).task("train", total=100, done=90) as advance:
+        now[0] = 10.0
+        advance()  # step 91 after 10 s: 0.1 steps/s, 9 left
+        now[0] = 20.0
+        advance()
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("pkt train: 91/100 (resumed at 90) in 10 s (0.10/s, eta 90 s)"), lines[0]
+    assert lines[-1].startswith("pkt train: 92/100 (resumed at 90) in 20 s (0.10/s, eta 80 s)"), lines[-1]
