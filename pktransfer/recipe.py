@@ -142,6 +142,11 @@ class BudgetSpec(Strict):
     teacher_eval_factor: float = Field(
         default=3.0, gt=0, description="the teacher's evaluation cost per item relative to the student's"
     )
+    refill: bool = Field(
+        default=False,
+        description="after the cut, take back each dropped entry that fits in what is left, the last dropped first "
+        "(the cut order's most valued): a cheap entry early in the order is not lost to an expensive one later",
+    )
 
 
 class CompareSpec(Strict):

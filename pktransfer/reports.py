@@ -394,7 +394,9 @@ def cost_rule_section(result: dict[str, Any]) -> list[str]:
         "## Cost rule",
         "",
         f"Declared in the recipe before any result: at most {rule['hours']} h; over it, drop "
-        f"{', '.join(f'`{x}`' for x in rule['cut_order']) or 'nothing'} (first to last). The pilot cell "
+        f"{', '.join(f'`{x}`' for x in rule['cut_order']) or 'nothing'} (first to last"
+        f"{'; then each dropped entry that fits is taken back, the last dropped first' if rule.get('refill') else ''}"
+        "). The pilot cell "
         f"(`{pilot['cell']}`) trained in {pilot['train_seconds']} s and evaluated {pilot['eval_seconds_per_item']} s per "
         f"item; estimate for {b['n_test']} test and {b['n_validation']} validation items:",
         "",

@@ -737,3 +737,36 @@ def test_an_interim_report_covers_the_finished_cells_and_names_the_rest(tiny_rec
         assert json.loads((folder / "compare.interim.json").read_text())["interim"] == info
         assert not (folder / "compare.md").exists()
     assert "student" in res.result["base"]  # the untouched student, evaluated before the cells
+
+
+def test_refill_takes_back_the_dropped_entries_that_fit_the_last_dropped_first():
+    from pktransfer.study.budget import cut_to_budget, refill
+
+    per_entry = {"lora": 1000.0, "kd": 1000.0, "v2": 2000.0, "laten": 4000.0}  # 8,000 s in all; lora is never cut
+    order = ["kd", "v2", "laten"]
+    # 4,500 s: the cut drops kd (7,000 left), v2 (5,000), laten (1,000); taking back, the last dropped first: laten
+    # (5,000: no), v2 (3,000: yes), kd (4,000: yes)
+    dropped = cut_to_budget(per_entry, 0.0, 4500 / 3600, order)
+    assert dropped == ["kd", "v2", "laten"]
+    assert refill(dropped, per_entry, 0.0, 4500 / 3600) == ["laten"]
+    # 2,500 s: laten (5,000) no, v2 (3,000) no, kd (2,000) yes
+    assert refill(cut_to_budget(per_entry, 0.0, 2500 / 3600, order), per_entry, 0.0, 2500 / 3600) == ["v2", "laten"]
+    # nothing dropped, nothing to take back; a cut that stopped in time takes nothing back either
+    assert refill([], per_entry, 0.0, 1.0) == []
+    assert refill(cut_to_budget(per_entry, 0.0, 5000 / 3600, order), per_entry, 0.0, 5000 / 3600) == ["kd", "v2"]
+
+
+def test_the_budget_decision_with_refill_keeps_a_cheap_entry_the_cut_passed(tiny_recipe):
+    from pktransfer.study.budget import decide
+
+    pilot = {"cell": "cells/lora/seed-0", "train_seconds": 100.0, "eval_seconds": 6.0, "n_eval": 6}
+    budget = {"hours": 1e-6, "cut_order": ["pissa", "kd"], "cost_factors": {"kd": 10.0}}
+    grid = _grid(tiny_recipe, ["lora", "pissa", "kd"], seeds=[0, 1], budget=budget)
+    est = decide(recipe_from_dict(grid), pilot)
+    s = est["estimate_seconds"]
+    room = est["base_hours"] * 3600 + s["lora"] + s["pissa"]  # lora and pissa fit, kd does not
+    grid["compare"]["budget"]["hours"] = room / 3600 + 1e-6
+    assert decide(recipe_from_dict(grid), pilot)["dropped"] == ["pissa", "kd"]  # the cut passed pissa to reach kd
+    grid["compare"]["budget"]["refill"] = True
+    refilled = decide(recipe_from_dict(grid), pilot)
+    assert refilled["dropped"] == ["kd"] and refilled["rule"]["refill"] is True

@@ -2,7 +2,8 @@
 
 One pilot cell is run first (the baseline's first tuning cell, else its first grid cell); from its measured training
 and evaluation time the whole grid is estimated, each entry's training weighted by its declared cost factor; while
-the estimate exceeds the budget, the entries of the cut order are dropped, first to last. The decision is written to
+the estimate exceeds the budget, the entries of the cut order are dropped, first to last (with ``refill``, a dropped
+entry that fits in what is left is then taken back, the last dropped first). The decision is written to
 ``budget.json`` and kept for every later sitting: it is never re-made once results exist. The estimating functions
 are pure; ``apply_budget`` runs the pilot and keeps the decision.
 """
@@ -95,6 +96,23 @@ def cut_to_budget(
             break
         dropped.append(label)
     return dropped
+
+
+def refill(
+    dropped: list[str],
+    per_entry: dict[str, float],
+    base_seconds: float,
+    hours: float,
+    matched: dict[tuple[str, str], float] | None = None,
+) -> list[str]:
+    """``compare.budget.refill``: after the cut, each dropped entry is taken back, the last dropped (the most valued)
+    first, if the estimate with it still fits ``hours``; returns the entries that stay dropped, in cut order."""
+    out = list(dropped)
+    for label in reversed(dropped):
+        trial = [x for x in out if x != label]
+        if remaining_seconds(per_entry, base_seconds, trial, matched) <= hours * 3600:
+            out = trial
+    return out
 
 
 def apply_budget(
@@ -190,6 +208,8 @@ def decide(recipe: Recipe, pilot: dict[str, Any]) -> dict[str, Any]:
         teacher_eval_factor=budget.teacher_eval_factor,
     )
     dropped = cut_to_budget(per_entry, base_s, budget.hours, budget.cut_order, matched_s)
+    if budget.refill:
+        dropped = refill(dropped, per_entry, base_s, budget.hours, matched_s)
     return {
         "rule": budget.model_dump(mode="json"),
         "pilot": {
