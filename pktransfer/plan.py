@@ -289,16 +289,25 @@ def forward_peak(
     dtype: torch.dtype | None = None,
     backward: bool = False,
     device: torch.device | None = None,
+    checkpointing: bool = False,
 ) -> int:
     """Peak bytes of one forward beyond the weights: ``logits`` ``last`` (a generation's prefill, with its KV cache),
     ``all`` (every position's logits, upcast to float32 as log-likelihood scoring and distillation read them) or
-    ``response``; ``backward``: then a backward to the inputs' activations (gradients through a frozen model)."""
+    ``response``; ``backward``: then a backward to the inputs' activations (gradients through a frozen model);
+    ``checkpointing``: that backward recomputes each layer's activations (as Seeking's sensitivity pass with
+    ``method.gradient_checkpointing``: train mode, dropout off)."""
     model = shape.meta_model(dtype)
     ids = batch.tensors()["input_ids"]
     model.requires_grad_(False)  # frozen: a backward reaches the activations (a method's hooks hold its own terms)
     with fake_mode(device):
         model.to_empty(device="cpu")
         model.eval()
+        if backward and checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()
+            for m in model.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.eval()
 
         def run() -> None:
             keep = {"last": 1, "all": 0, "response": batch.response}[logits]
@@ -590,7 +599,9 @@ def _prepare_stages(
         terms = {**held, "sensitivity maps": m * layers * teacher.layer_projection_params()}
         if {"embed", "all"} & set(spec.modules):
             terms["sensitivity maps, embeddings"] = m * T.vocab_size * T.hidden_size * (1 if T.tied_embeddings else 2)
-        terms["teacher backward (traced)"] = forward_peak(teacher, seed, logits="all", backward=True, device=dev)
+        terms["teacher backward (traced)"] = forward_peak(
+            teacher, seed, logits="all", backward=True, device=dev, checkpointing=spec.gradient_checkpointing
+        )
         terms["a weight's gradient product"] = 4 * T.vocab_size * T.hidden_size
         passes = 2 if spec.layers == "sensitivity" and spec.maps == "selected_layers" else 1
         return [Stage("prepare", terms, passes * 6 * teacher.n_params * spec.n_seed * seed_tokens / rates.flops)]

@@ -151,3 +151,22 @@ def test_parked_moves_a_gpu_model_to_the_cpu_and_back(monkeypatch):
     with offload.parked(Model()):
         pass
     assert moves == []  # a CPU model stays where it is
+
+
+def test_a_checkpointed_backward_is_planned_smaller_and_seekings_pass_uses_it(tiny_recipe):
+    from pktransfer.plan import Batch, forward_peak, make_plan, model_shape
+
+    recipe = recipe_from_dict(tiny_recipe)
+    shape = model_shape(recipe.teacher, "teacher", torch.device("cpu"))
+    batch = Batch(2, 64, 64)
+    full = forward_peak(shape, batch, logits="all", backward=True)
+    ckpt = forward_peak(shape, batch, logits="all", backward=True, checkpointing=True)
+    assert 0 < ckpt < full
+    assert forward_peak(shape, batch, logits="all", checkpointing=True) == forward_peak(shape, batch, logits="all")
+
+    def backward_term(checkpointing: bool) -> int:
+        rec = dict(tiny_recipe, method={"name": "seeking", "n_seed": 3, "gradient_checkpointing": checkpointing})
+        (prepare,) = [s for s in make_plan(recipe_from_dict(rec), "cpu").stages if s.name == "prepare"]
+        return prepare.terms["teacher backward (traced)"]
+
+    assert backward_term(True) < backward_term(False)
