@@ -117,7 +117,7 @@ def _self_maps(head: torch.Tensor, folder: Path, chunk: int, progress: Progress)
     fp = head_fingerprint(head)
 
     def compute() -> dict[str, torch.Tensor]:
-        g = head_pinv(head, folder, chunk, progress)  # the factor pair_map already cached
+        g = head_pinv(head, folder, chunk, progress, fp)  # the factor pair_map already cached
         return {"paper_v1": recompose_map(head, head, chunk, g, g), "dual": dual_map(head, head, chunk, g)}
 
     return load_file(str(cached_file(folder, "semantic-self", fp, compute, progress)))

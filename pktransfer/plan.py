@@ -622,10 +622,26 @@ def _prepare_stages(
         flops = 6 * teacher.n_params * spec.n_extract * seed_tokens + steps * 16 * 6 * student.n_params * seed_tokens
         return [Stage("prepare", terms, flops / (rates.flops / 4))]  # float32: about a quarter of the bf16 rate
     if name == "semalign":
-        bases = 4 * (2 * T.hidden_size**2 + T.vocab_size * (T.hidden_size + S.hidden_size))
-        terms = {**resident, "semantic bases (float32)": bases,
-                 "teacher forward (traced)": forward_peak(teacher, wl.train, logits="response", device=dev)}  # fmt: skip
-        return [Stage("prepare", terms, 2 * teacher.n_params * spec.n_seed * seed_tokens / rates.flops)]
+        d_t, d_s, chunk = T.hidden_size, S.hidden_size, spec.basis_chunk
+        # (WᵀW)⁺ of both heads and the map in float32; while one is made: a chunk of head rows, its Gram and the pinv's
+        # workspace in float64 (ops/semantic.py reads the heads chunk by chunk, never a whole basis)
+        maps = 4 * (d_t**2 + d_s**2 + d_s * d_t) + 8 * (chunk * max(d_t, d_s) + 4 * max(d_t, d_s) ** 2)
+        # 1. layer attribution: forward and backward over the seed items (batches of min(batch, n_seed)), every layer's
+        # output kept with its graph; the model's logits at every position in its dtype and their gradient, the
+        # cross entropy upcast at response positions only; 4. the targets: forward passes at the training batch (one
+        # after the other, so the larger one)
+        rows = min(spec.attribution_batch_size or wl.train.rows, spec.n_seed)
+        seed_batch = Batch(rows, wl.train.length, wl.train.response)
+        full_logits = 2 * seed_batch.rows * seed_batch.length * T.vocab_size * _size(teacher.dtype)
+        attribution = forward_peak(teacher, seed_batch, logits="response", backward=True, device=dev) + full_logits
+        targets = forward_peak(teacher, wl.train, logits="response", device=dev)
+        terms = {
+            **resident,
+            "semantic maps (float32) and one chunk of a head (float64)": maps,
+            "teacher backward for layer attribution, or forward for targets (traced)": max(attribution, targets),
+        }
+        flops = 6 * teacher.n_params * spec.n_seed * seed_tokens + 2 * teacher.n_params * wl.train_tokens
+        return [Stage("prepare", terms, flops / rates.flops)]
     if name in ("kd", "hidden_kd") and getattr(spec, "cache", False):
         terms = {
             **resident,

@@ -646,3 +646,45 @@ def test_activation_checkpointing_recomputes_the_hooked_layers_without_changing_
     for name, w in adapters[False].items():
         assert torch.allclose(adapters[True][name], w, atol=1e-6), name
     assert any(w.abs().sum() > 0 for n, w in adapters[False].items() if "lora_B" in n)  # it trained
+
+
+def test_the_head_fingerprint_reads_the_head_in_chunks_and_sees_one_changed_weight():
+    from pktransfer.methods.semalign import head_fingerprint
+    from pktransfer.plan import LiveBytes
+
+    head = torch.randn(20_000, 64).to(torch.bfloat16)
+    with LiveBytes() as live:
+        fp = head_fingerprint(head, chunk=1000)
+    # float64 sums over 1,000 rows at a time: never a float64 copy of the whole head (10.2 MB), let alone two
+    assert live.peak < head.numel() * 8 / 4, live.peak
+    assert fp == head_fingerprint(head.clone(), chunk=1000)
+    changed = head.clone()
+    changed[12_345, 7] += 1.0  # a row the strided sample does not read: only the sums see it
+    assert head_fingerprint(changed, chunk=1000) != fp
+
+
+def test_the_attribution_batch_is_its_own_setting_in_the_run_and_the_plan(tiny_recipe, tmp_path, monkeypatch):
+    from conftest import tiny_method_context
+
+    import pktransfer.methods.semalign as semalign_module
+    from pktransfer.plan import make_plan
+
+    seen = []
+    attribution = semalign_module.layer_attribution
+
+    def recording(*args, batch_size, **kwargs):
+        seen.append(batch_size)
+        return attribution(*args, batch_size=batch_size, **kwargs)
+
+    monkeypatch.setattr(semalign_module, "layer_attribution", recording)
+    recipe = _recipe(tiny_recipe, attribution_batch_size=1, cache=False)
+    method, ctx = tiny_method_context(recipe, tmp_path / "run")
+    method.prepare(ctx)
+    assert seen == [1]
+
+    def attribution_term(size: int | None) -> int:
+        stages = make_plan(_recipe(tiny_recipe, attribution_batch_size=size), "cpu").stages
+        (prepare,) = [s for s in stages if s.name == "prepare"]
+        return prepare.terms["teacher backward for layer attribution, or forward for targets (traced)"]
+
+    assert attribution_term(1) < attribution_term(None)  # the attribution (4 seed rows at once) is the larger term
