@@ -151,6 +151,24 @@ class SharedWork:
             return cls(recipe)
         return cls(recipe.model_copy(update={"method": recipe.method.model_copy(update={option: str(folder)})}))
 
+    @classmethod
+    def once(cls, recipe: Recipe, shared_root: Path, prefix: str, what: dict[str, Any], option: str, verb: str) -> SharedWork:
+        """One job for every cell whose ``what`` (what the work depends on) is the same: ``verb`` runs once into
+        ``shared_root/PREFIX-KEY`` and the method option ``option`` points at its ``option/`` output."""
+        import hashlib
+        import json
+
+        key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        folder = shared_root / f"{prefix}-{key}"
+        shared = cls.cache(recipe, option, folder / option)
+        shared.jobs.append((str(folder), recipe.model_copy(update={"output_dir": str(folder)}), verb))
+        return shared
+
+
+def needs_seed_split(recipe: Any, task: Task) -> None:
+    """A verb's check: the task has a ``seed`` split (the items a method's teacher-side step reads)."""
+    task.split("seed")
+
 
 @dataclass(frozen=True)
 class Verb:

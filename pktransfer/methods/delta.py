@@ -45,7 +45,7 @@ from pktransfer.data import encode_items, recipe_formatter
 from pktransfer.data.batching import pad
 from pktransfer.errors import IncompatiblePairError, RecipeError
 from pktransfer.fileio import save_safetensors, write_json
-from pktransfer.methods.base import Method, MethodContext, SharedWork, Verb
+from pktransfer.methods.base import Method, MethodContext, SharedWork, Verb, needs_seed_split
 from pktransfer.methods.injection import check_ranks, stack_roles, targeted_roles
 from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES, ArchitectureDescription
 from pktransfer.models.pair import check_pair
@@ -496,11 +496,7 @@ class DeltaMethod(Method):
             "seed": None if given else recipe.seed,
             "training": None if given else hash_view("training", recipe.training.model_dump()),
         }
-        key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        folder = shared_root / f"delta-{key}"
-        shared = SharedWork.cache(recipe, "transport", folder / "transport")
-        shared.jobs.append((str(folder), recipe.model_copy(update={"output_dir": str(folder)}), "transport"))
-        return shared
+        return SharedWork.once(recipe, shared_root, "delta", what, "transport", "transport")
 
     @classmethod
     def verbs(cls) -> dict[str, Verb]:
@@ -509,7 +505,7 @@ class DeltaMethod(Method):
                 "Teacher-delta steps 1-4 without training: the teacher's update transported into the student's "
                 "shapes. Writes transport/; reuse it with method.transport.",
                 _transport,
-                _needs_seed_split,
+                needs_seed_split,
             )
         }
 
@@ -561,10 +557,6 @@ def _adapter_hash(adapter: str | None) -> str | None:
                     digest.update(block)
             return digest.hexdigest()
     return None
-
-
-def _needs_seed_split(recipe: Any, task: Any) -> None:
-    task.split("seed")
 
 
 def _transport(method: DeltaMethod, ctx: MethodContext, log: Any) -> dict[str, Any]:

@@ -18,7 +18,6 @@ Reads like methods.md §1:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from pktransfer.config import MethodConfig, hash_view
 from pktransfer.data import encode_items, recipe_formatter
 from pktransfer.errors import DataError, IncompatiblePairError, RecipeError
 from pktransfer.fileio import save_safetensors, write_json
-from pktransfer.methods.base import Method, MethodContext, SharedWork, Verb, n_tokens
+from pktransfer.methods.base import Method, MethodContext, SharedWork, Verb, n_tokens, needs_seed_split
 from pktransfer.methods.injection import group_roles, lora_started_at, stack_roles, targeted_roles, teacher_for_injection
 from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES, ROLES_OF_LEAF, ArchitectureDescription
 from pktransfer.models.pair import check_pair
@@ -456,11 +455,7 @@ class SeekingMethod(Method):
             "method": m.model_dump(exclude={"sensitivity", "maps"}),
             "seed": recipe.seed if m.layers == "random" else None,
         }
-        key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
-        folder = shared_root / f"seeking-{key}"
-        shared = SharedWork.cache(recipe, "sensitivity", folder / "sensitivity")
-        shared.jobs.append((str(folder), recipe.model_copy(update={"output_dir": str(folder)}), "extract"))
-        return shared
+        return SharedWork.once(recipe, shared_root, "seeking", what, "sensitivity", "extract")
 
     @classmethod
     def verbs(cls) -> dict[str, Verb]:
@@ -469,19 +464,15 @@ class SeekingMethod(Method):
                 "Seeking steps 1-2: teacher sensitivity over the seed split and the layer selection. "
                 "Writes sensitivity/; reuse it with method.sensitivity.",
                 _extract,
-                _needs_seed_split,
+                needs_seed_split,
             ),
             "inject": Verb(
                 "Seeking steps 1-5 without training: adapter_init/ (the teacher-initialised LoRA) and "
                 "residual/ (W − (α/r)BA); together they equal the original student.",
                 _inject,
-                _needs_seed_split,
+                needs_seed_split,
             ),
         }
-
-
-def _needs_seed_split(recipe: Any, task: Any) -> None:
-    task.split("seed")
 
 
 def _extract(method: SeekingMethod, ctx: MethodContext, log: Any) -> dict[str, Any]:
