@@ -173,3 +173,13 @@ def test_pkt_data_list_and_fetch(hub_mirror, monkeypatch):
     assert (src.data_cache() / "mmlu" / "test.jsonl").is_file()  # the hub files before it were prepared
     res = runner.invoke(app, ["data", "fetch", "nope"])
     assert res.exit_code == 2 and "not a benchmark" in res.output + (res.stderr or "")
+
+
+def test_every_hub_source_is_pinned_to_a_commit():
+    import re
+
+    hub = {rel: s for rel, s in src.CATALOG.items() if isinstance(s, src.HubSource)}
+    assert {s.repo for s in hub.values()} == {"openai/gsm8k", "cais/mmlu", "google-research-datasets/mbpp"}
+    for rel, s in hub.items():
+        assert re.fullmatch(r"[0-9a-f]{40}", s.revision), (rel, s.revision)  # a commit, never a branch such as main
+        assert s.describe().endswith("@" + s.revision)

@@ -42,7 +42,7 @@ class HubSource:
     config: str | None
     splits: tuple[str, ...]
     convert: str  # name in CONVERTERS
-    revision: str = "main"
+    revision: str  # a commit of the dataset's hub repository, never a branch: `main` can change under a study
 
     def describe(self) -> str:
         return f"hub {self.repo} {self.config or 'default'}/{'+'.join(self.splits)}@{self.revision}"
@@ -97,13 +97,22 @@ def _paper(repo: str, commit: str, folder: str, name: str, sha256: str) -> UrlSo
     return UrlSource(repo, commit, f"data/{folder}/{name}", sha256)
 
 
+# The hub datasets' commits: the ones many public evaluation setups pin (lighteval's MMLU task pins this cais/mmlu
+# commit) and their Hugging Face cache snapshot folders name. No hub is reachable where this catalog was written, so
+# they were not downloaded here: the items' sha256 in every summary is what proves two runs scored the same items.
+GSM8K_REVISION = "740312add88f781978c0658806c59bc2815b9866"
+MMLU_REVISION = "c30699e8356da336a370243923dbaf21066bb9fe"
+MBPP_REVISION = "4bb6404fdc6cacfda99d4ac4205087b89d32030c"
+
 CATALOG: dict[str, Source] = {
-    "gsm8k/test.jsonl": HubSource("openai/gsm8k", "main", ("test",), "gsm8k"),
-    "gsm8k/train.jsonl": HubSource("openai/gsm8k", "main", ("train",), "gsm8k"),
-    "mmlu/test.jsonl": HubSource("cais/mmlu", "all", ("test",), "mmlu"),
-    "mmlu/validation.jsonl": HubSource("cais/mmlu", "all", ("validation",), "mmlu"),
-    "mmlu/dev.jsonl": HubSource("cais/mmlu", "all", ("dev",), "mmlu"),
-    "mbpp/mbpp.jsonl": HubSource("google-research-datasets/mbpp", "full", ("train", "test", "validation", "prompt"), "mbpp"),
+    "gsm8k/test.jsonl": HubSource("openai/gsm8k", "main", ("test",), "gsm8k", GSM8K_REVISION),
+    "gsm8k/train.jsonl": HubSource("openai/gsm8k", "main", ("train",), "gsm8k", GSM8K_REVISION),
+    "mmlu/test.jsonl": HubSource("cais/mmlu", "all", ("test",), "mmlu", MMLU_REVISION),
+    "mmlu/validation.jsonl": HubSource("cais/mmlu", "all", ("validation",), "mmlu", MMLU_REVISION),
+    "mmlu/dev.jsonl": HubSource("cais/mmlu", "all", ("dev",), "mmlu", MMLU_REVISION),
+    "mbpp/mbpp.jsonl": HubSource(
+        "google-research-datasets/mbpp", "full", ("train", "test", "validation", "prompt"), "mbpp", MBPP_REVISION
+    ),
     **{
         f"seeking/{folder}/{name}": _paper(SEEKING_REPO, SEEKING_COMMIT, folder, name, sha)
         for folder, name, sha in (
