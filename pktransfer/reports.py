@@ -69,7 +69,15 @@ def budget_in_words(result: dict[str, Any]) -> str:
     t, lo, ev, task = r["training"], r["lora"], r["evaluation"], r["task"]
     steps = sorted({c["steps"] for c in result["cells"]})
     length = f"{t['max_steps']} optimiser steps" if t["max_steps"] is not None else f"{t['epochs']:g} epoch(s)"
-    n_eval = sorted({n for c in result["cells"] for n in c["n_eval"].values()})
+
+    def items(split: str) -> str:
+        return ", ".join(map(str, sorted({c["n_eval"][split] for c in result["cells"] if split in c["n_eval"]})))
+
+    if len(ev["splits"]) == 1:
+        n_eval = sorted({n for c in result["cells"] for n in c["n_eval"].values()})
+        evaluated = f"{ev['splits'][0]}, {', '.join(map(str, n_eval))} items"
+    else:  # each split with its own count (a set of counts after a list of splits read as one count per split)
+        evaluated = ", ".join(f"{s} ({items(s)} items)" for s in ev["splits"])
     return (
         f"Every cell trains the student `{r['student']['model']}` on task `{task['name']}` "
         f"({task['n_train'] or 'all'} training items) for {length} ({', '.join(map(str, steps))} steps run), "
@@ -77,7 +85,7 @@ def budget_in_words(result: dict[str, Any]) -> str:
         f"schedule and {t['warmup_ratio']:g} warmup, max length {t['max_length']} tokens, weight decay "
         f"{t['weight_decay']:g}; LoRA r={lo['r']}, alpha={lo['alpha']:g}, dropout {lo['dropout']:g} on "
         f"{', '.join(lo['target_modules'])} (a method may train fewer of them: see the counted budget below). "
-        f"Evaluation: split(s) {', '.join(ev['splits'])}, {', '.join(map(str, n_eval))} items, greedy decoding, "
+        f"Evaluation: split(s) {evaluated}, greedy decoding, "
         f"the same prompts for every model; seeds {r['compare']['seeds']} (a seed sets the LoRA init, data order "
         f"and dropout). Teacher: `{r['teacher']['model']}`."
     )

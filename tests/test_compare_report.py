@@ -257,3 +257,19 @@ def test_cached_file_keeps_the_build_cost_beside_the_cache_and_out_of_the_runs_c
     old = TeacherWork()
     cached_file(tmp_path, "kd-logits", "k1", lambda: pytest.fail("recomputed"), Progress(quiet=True), old)
     assert old.caches == [{"file": path.name, "built": False, "cost": None}]
+
+
+def test_the_budget_sentence_gives_each_evaluated_split_its_own_item_count():
+    from pktransfer.reports import budget_in_words
+
+    recipe = recipe_from_dict({
+        "teacher": {"model": "t"}, "student": {"model": "s"}, "task": {"name": "arithmetic"},
+        "evaluation": {"splits": ["test", "a_test"]},
+    }).model_dump(mode="json")  # fmt: skip
+    recipe["compare"] = {"seeds": [0, 1]}
+    cells = [{"steps": 10, "n_eval": {"test": 300, "a_test": 200}}, {"steps": 10, "n_eval": {"test": 300, "a_test": 200}}]
+    text = budget_in_words({"recipe": recipe, "cells": cells})
+    assert "Evaluation: split(s) test (300 items), a_test (200 items), greedy" in text
+    recipe["evaluation"]["splits"] = ["test"]  # one split: the sentence the finished studies were rendered with
+    text = budget_in_words({"recipe": recipe, "cells": [{"steps": 10, "n_eval": {"test": 600}}]})
+    assert "Evaluation: split(s) test, 600 items, greedy" in text
