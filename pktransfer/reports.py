@@ -69,6 +69,12 @@ def budget_in_words(result: dict[str, Any]) -> str:
     t, lo, ev, task = r["training"], r["lora"], r["evaluation"], r["task"]
     steps = sorted({c["steps"] for c in result["cells"]})
     length = f"{t['max_steps']} optimiser steps" if t["max_steps"] is not None else f"{t['epochs']:g} epoch(s)"
+    varied = sorted(  # a length some entry sets for itself (a sweep or an override): the recipe's is not every cell's
+        {k for e in r["compare"].get("methods") or [] if isinstance(e, dict)
+         for k in (*(e.get("sweep") or {}), *(e.get("overrides") or {})) if k in ("training.epochs", "training.max_steps")}
+    )  # fmt: skip
+    if varied:
+        length = f"{length} unless the entry sets {' or '.join(k.split('.')[1] for k in varied)}"
 
     def items(split: str) -> str:
         return ", ".join(map(str, sorted({c["n_eval"][split] for c in result["cells"] if split in c["n_eval"]})))

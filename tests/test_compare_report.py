@@ -273,3 +273,18 @@ def test_the_budget_sentence_gives_each_evaluated_split_its_own_item_count():
     recipe["evaluation"]["splits"] = ["test"]  # one split: the sentence the finished studies were rendered with
     text = budget_in_words({"recipe": recipe, "cells": [{"steps": 10, "n_eval": {"test": 600}}]})
     assert "Evaluation: split(s) test, 600 items, greedy" in text
+
+
+def test_the_budget_sentence_says_when_an_entry_sets_its_own_length():
+    from pktransfer.reports import budget_in_words
+
+    recipe = recipe_from_dict({
+        "teacher": {"model": "t"}, "student": {"model": "s"}, "task": {"name": "arithmetic"},
+        "training": {"epochs": 1}, "evaluation": {"splits": ["test"]},
+        "compare": {"seeds": [0], "methods": [{"name": "lora", "sweep": {"training.epochs": [1, 2]}}]},
+    }).model_dump(mode="json")  # fmt: skip
+    cells = [{"steps": 75, "n_eval": {"test": 300}}, {"steps": 150, "n_eval": {"test": 300}}]
+    text = budget_in_words({"recipe": recipe, "cells": cells})
+    assert "for 1 epoch(s) unless the entry sets epochs (75, 150 steps run)" in text
+    recipe["compare"]["methods"] = [{"name": "lora", "overrides": {"training.lr": 1e-4}}]  # not a length
+    assert "for 1 epoch(s) (75, 150 steps run)" in budget_in_words({"recipe": recipe, "cells": cells})
