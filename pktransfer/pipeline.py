@@ -23,7 +23,6 @@ from pktransfer.evaluation import EvalOptions, EvalResult, evaluate_items
 from pktransfer.evaluation.recipe_eval import _eval_items, eval_options, generation_budget
 from pktransfer.fileio import write_json, write_text
 from pktransfer.leakguard import LeakGuard, guard_for
-from pktransfer.memory import release_memory
 from pktransfer.methods import MethodContext, get_method, registry
 from pktransfer.methods.base import TeacherWork
 from pktransfer.models import LoadedModel, load_config, load_model
@@ -33,7 +32,7 @@ from pktransfer.recipe import ModelSpec, Recipe, save_recipe
 from pktransfer.reports import render_markdown
 from pktransfer.runs import MemoryMonitor, RunDir, StageLog, versions
 from pktransfer.signals import stop_cleanly
-from pktransfer.training import rank_and_world, train
+from pktransfer.training import merge_lora, rank_and_world, train
 
 
 @dataclass
@@ -323,9 +322,6 @@ def _run(
             trained = _prepare_and_train(method, ctx, rd, log, teacher, guard)
         teacher.release()
         merged, outputs = _save(method, trained, student, recipe, rd)
-        # the trainer's objects (optimizer moments, gradients, accelerate's wrappers) sit in reference cycles until the
-        # collector runs, and glibc keeps the freed heap: 0.26 GiB of a 0.5B LoRA run's evaluation on CPU was that
-        release_memory()
         from pktransfer.ops.offload import input_device
 
         vllm = evaluate and uses_vllm(recipe, input_device(merged).type)
@@ -606,7 +602,7 @@ def _save(method: Any, trained: Trained, student: LoadedModel, recipe: Recipe, r
     if method.post_training:
         method.save_adapter(trained.model, rd.path("adapter"))
         student.tokenizer.save_pretrained(str(rd.path("adapter")))
-        merged = trained.model.merge_and_unload()
+        merged = merge_lora(trained.model)
     else:
         merged = trained.model
     save_merged = recipe.training.save_merged or not method.post_training or method.saves_merged()
@@ -772,7 +768,7 @@ def evaluate(
         from peft import PeftModel
 
         try:
-            net = PeftModel.from_pretrained(net, adapter).merge_and_unload()
+            net = merge_lora(PeftModel.from_pretrained(net, adapter))
         except (RuntimeError, ValueError, KeyError) as err:
             raise ModelError(
                 f"adapter '{adapter}' does not fit model '{spec.model}': {str(err).splitlines()[0][:200]}",

@@ -82,7 +82,7 @@ def plant(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, progr
     """Plant the task's facts in the recipe's teacher (see the module docstring); returns the folder and run.json."""
     from peft import get_peft_model
 
-    from pktransfer.training import check_targets, lora_config, train
+    from pktransfer.training import check_targets, lora_config, merge_lora, train
 
     progress = progress or Progress(quiet=quiet)
     task, spec = check_plantable(recipe)
@@ -160,7 +160,7 @@ def plant(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, progr
             )
         model.save_pretrained(str(rd.path("adapter")))
         teacher.tokenizer.save_pretrained(str(rd.path("adapter")))
-        merged = model.merge_and_unload()
+        merged = merge_lora(model)
         merged.eval()
         score("planted", merged, teacher, log)
         recall = metrics["planted"]["test"]["accuracy"] if "test" in metrics["planted"] else None

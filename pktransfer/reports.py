@@ -80,8 +80,7 @@ def budget_in_words(result: dict[str, Any]) -> str:
         return ", ".join(map(str, sorted({c["n_eval"][split] for c in result["cells"] if split in c["n_eval"]})))
 
     if len(ev["splits"]) == 1:
-        n_eval = sorted({n for c in result["cells"] for n in c["n_eval"].values()})
-        evaluated = f"{ev['splits'][0]}, {', '.join(map(str, n_eval))} items"
+        evaluated = f"{ev['splits'][0]}, {items(ev['splits'][0])} items"
     else:  # each split with its own count (a set of counts after a list of splits read as one count per split)
         evaluated = ", ".join(f"{s} ({items(s)} items)" for s in ev["splits"])
     return (

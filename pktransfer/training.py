@@ -23,6 +23,7 @@ from pktransfer.config import LoraSpec, TrainingSpec
 from pktransfer.data import IGNORE_INDEX, Example
 from pktransfer.data.batching import pad
 from pktransfer.fileio import write_json
+from pktransfer.memory import release_memory
 from pktransfer.ops.offload import input_device
 from pktransfer.progress import Progress
 
@@ -40,6 +41,15 @@ def resolved_lora(spec: LoraSpec, arch: Any) -> LoraSpec:
     except ValueError as err:
         raise RecipeError(f"lora.rank_pattern: {err}", hint="give every role of a fused module the same rank") from None
     return spec.model_copy(update={"target_modules": targets, "rank_pattern": ranks})
+
+
+def merge_lora(model: Any) -> Any:
+    """The PEFT model's LoRA merged into its base (``merge_and_unload``), then the memory that saving and merging
+    freed handed back (:func:`pktransfer.memory.release_memory`): on CPU glibc kept it beside the evaluation that
+    follows (0.26 GiB of a 0.5B student's)."""
+    merged = model.merge_and_unload()
+    release_memory()
+    return merged
 
 
 def lora_config(spec: LoraSpec, arch: Any, init: Any = None) -> Any:

@@ -155,10 +155,9 @@ class SharedWork:
     def once(cls, recipe: Recipe, shared_root: Path, prefix: str, what: dict[str, Any], option: str, verb: str) -> SharedWork:
         """One job for every cell whose ``what`` (what the work depends on) is the same: ``verb`` runs once into
         ``shared_root/PREFIX-KEY`` and the method option ``option`` points at its ``option/`` output."""
-        import hashlib
-        import json
+        from pktransfer.runs import recipe_sha256
 
-        key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        key = recipe_sha256(what)[:12]
         folder = shared_root / f"{prefix}-{key}"
         shared = cls.cache(recipe, option, folder / option)
         shared.jobs.append((str(folder), recipe.model_copy(update={"output_dir": str(folder)}), verb))

@@ -35,7 +35,6 @@ Reads like methods.md §2 and, where the paper is silent, like the official code
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
@@ -54,6 +53,7 @@ from pktransfer.models.pair import check_pair
 from pktransfer.ops.hypernet import HyperNet, Injection, choose_step, delta_penalty, mapped_deltas, one_cycle
 from pktransfer.ops.location import ROLES, AnswerInput, extract, locate_scores, mean_scores, plan_transfer
 from pktransfer.progress import Progress
+from pktransfer.runs import recipe_sha256
 from pktransfer.training import causal_lm_loss_sum, collate_examples
 
 # ---- 1. locate: the answer token, and the located items a grid shares ----------------------------------
@@ -111,7 +111,7 @@ class LocationCache:
     def key(model: dict[str, Any], dtype: torch.dtype, where: dict[str, Any], inp: AnswerInput) -> str:
         fields = {"version": LOCATION_CACHE_VERSION, "model": model, "dtype": str(dtype), **where}
         fields.update(ids=list(inp.ids), y=inp.y)
-        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+        return recipe_sha256(fields)
 
     def _read(self, path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor] | None:
         from safetensors.torch import load_file
