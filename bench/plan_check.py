@@ -40,12 +40,21 @@ CASES = {
     "semalign": {"name": "semalign", "n_seed": 4},
 }
 
+# The baseline is taken once the libraries the run will import are imported (the training and method modules,
+# peft, the Trainer, the models' modeling code): 0.24 GiB of code and module objects that a run would otherwise
+# import inside its first stages, where they were counted as that stage's memory (no plan counts a library's code).
 CHILD = """
 import json, sys
+import transformers
 from pktransfer.memory import rss_bytes
 from pktransfer.pipeline import run
 from pktransfer.recipe import recipe_from_dict
+import pktransfer.training, pktransfer.methods.seeking, pktransfer.methods.semalign, pktransfer.methods.kd
+from pktransfer.models.loading import resolve_source
 recipe = recipe_from_dict(json.loads(sys.argv[1]))
+for spec in (recipe.teacher, recipe.student):
+    config = transformers.AutoConfig.from_pretrained(resolve_source(spec.model))
+    transformers.AutoModelForCausalLM._model_mapping[type(config)]  # imports the modeling module
 base = rss_bytes()
 res = run(recipe, quiet=True)
 print(json.dumps({"baseline_gib": base / 2**30, "stages": res.run["stages"]}))

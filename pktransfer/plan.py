@@ -179,14 +179,38 @@ class Batch:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def _lora_model(shape: ModelShape, recipe: Recipe, meta: bool = True) -> Any:
+def _lora_model(shape: ModelShape, recipe: Recipe, meta: bool = True, layers: list[int] | None = None) -> Any:
+    """``layers``: the layers the LoRA is on (None: every layer)."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     from pktransfer.training import lora_config
 
     base = shape.meta_model() if meta else AutoModelForCausalLM.from_config(shape.config, dtype=shape.dtype)
-    return get_peft_model(base, lora_config(recipe.lora, shape.arch))
+    config = lora_config(recipe.lora, shape.arch)
+    if layers is not None:
+        config.layers_to_transform = layers
+    return get_peft_model(base, config)
+
+
+def trained_lora(recipe: Recipe, teacher: ModelShape | None, student: ModelShape) -> tuple[Recipe, list[int] | None, str]:
+    """The LoRA a method trains, where it is not ``recipe.lora`` on every layer: (the recipe with that LoRA, its layers,
+    a note). SemAlign trains its own targets on the paired layers only; which layers those are is chosen from the seed
+    items, so they are planned as the shallowest ones (the backward reaches furthest down: the largest step)."""
+    spec = recipe.method
+    if spec.name == "compose":
+        return trained_lora(recipe.model_copy(update={"method": spec.start}), teacher, student)
+    if spec.name != "semalign":
+        return recipe, None, ""
+    if spec.target_modules is not None:
+        recipe = recipe.model_copy(update={"lora": recipe.lora.model_copy(update={"target_modules": list(spec.target_modules)})})
+    if spec.lora_layers == "all" or spec.version == "v2" or not isinstance(spec.critical_layers, int):
+        return recipe, None, ""
+    n_t = teacher.arch.n_layers if teacher is not None else student.arch.n_layers
+    k = min(spec.critical_layers, n_t, student.arch.n_layers)
+    note = (f"semalign: LoRA on the {k} paired student layers, planned as the {k} shallowest (the layers are chosen "
+            "from the seed items; deeper ones need a shorter backward)")  # fmt: skip
+    return recipe, list(range(k)), note
 
 
 def _train_step(model: Any, recipe: Recipe, batch: Batch, device: torch.device, dtype: torch.dtype) -> Callable[[], None]:
@@ -227,10 +251,12 @@ def _train_step(model: Any, recipe: Recipe, batch: Batch, device: torch.device, 
     return step
 
 
-def train_step_peak(shape: ModelShape, recipe: Recipe, batch: Batch, device: torch.device) -> tuple[int, int]:
+def train_step_peak(
+    shape: ModelShape, recipe: Recipe, batch: Batch, device: torch.device, layers: list[int] | None = None
+) -> tuple[int, int]:
     """(peak bytes of one LoRA training step beyond the weights, traced: activations, gradients, AdamW's moments;
-    the LoRA weights' bytes)."""
-    model = _lora_model(shape, recipe)
+    the LoRA weights' bytes). ``layers``: the layers the LoRA is on (None: every layer)."""
+    model = _lora_model(shape, recipe, layers=layers)
     lora_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     if recipe.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -524,6 +550,7 @@ def make_plan(recipe: Recipe, device: str | None = None, gpu: str | None = None,
     trains = method.post_training and recipe.training.max_steps != 0
     if trains:
         stages.append(_train_stage(recipe, method, teacher, student, wl, rates, dev))
+        notes += [n for n in [trained_lora(recipe, teacher, student)[2]] if n]
     final = student
     if recipe.method.name == "laten" and ev.dtype == "as-is":  # scored in the float32 it worked in
         final = ModelShape("student", student.config, student.arch, torch.float32, student.n_params,
@@ -562,7 +589,8 @@ def _train_stage(
 ) -> Stage:  # fmt: skip
     from pktransfer.training import total_steps
 
-    step, lora = train_step_peak(student, recipe, wl.train, dev)
+    lora_recipe, layers, _note = trained_lora(recipe, teacher, student)
+    step, lora = train_step_peak(student, lora_recipe, wl.train, dev, layers)
     terms = {"student weights": student.weight_bytes, "LoRA weights": lora, "training step (traced)": step}
     if method.teacher_during_training and teacher is not None:
         terms["teacher weights"] = teacher.weight_bytes
@@ -574,6 +602,40 @@ def _train_stage(
     if method.teacher_during_training and teacher is not None:
         flops += 2 * teacher.n_params * tokens
     return Stage("train", terms, flops / rates.flops)
+
+
+def seeking_working_sets(
+    recipe: Recipe, teacher: ModelShape, student: ModelShape, seed: Batch, layers: int, dev: torch.device
+) -> tuple[int, int]:
+    """Seeking's two working sets beside its maps, in bytes: (the sensitivity pass, the extraction).
+
+    The pass: the teacher's backward over one seed sample, and one weight's gradient at a time (a hook folds it into
+    its map and frees it); untied vocabulary matrices are streamed from their input and output gradients (float32)
+    instead. The extraction (CPU memory, after the pass): a student-shaped float32 matrix for each LoRA-targeted
+    weight of the ``layers`` student layers (methods/seeking.py extract_matrices), the SVD of the largest (its copy
+    and factors), and the submatrix search's float64 window sums over the widest teacher map (ops/selection.py)."""
+    from pktransfer.methods.injection import group_roles, targeted_roles
+    from pktransfer.training import resolved_lora
+
+    spec, T, S = recipe.method, teacher.arch, student.arch
+    t_layer = T.layer_weights(0)
+    backward = forward_peak(teacher, seed, logits="all", backward=True, device=dev, checkpointing=spec.gradient_checkpointing)
+    largest = max(math.prod(w.shape) for w in t_layer if len(w.shape) == 2)
+    if T.tied_embeddings:
+        largest = max(largest, T.vocab_size * T.hidden_size)
+    streamed = 0 if T.tied_embeddings else 4 * seed.length * (T.vocab_size + T.hidden_size)
+    sensitivity_pass = backward + largest * _size(teacher.dtype) + streamed
+    targets = targeted_roles(resolved_lora(recipe.lora, S).target_modules) & group_roles(spec.modules)
+    s_shapes = {w.role: w.shape for w in S.layer_weights(0) if w.role in targets and len(w.shape) == 2}
+    s_shapes.update({w.role: w.shape for w in S.global_weights() if w.role in targets and w.role in ("embed", "lm_head")})
+    per_role = {r: math.prod(shape) for r, shape in s_shapes.items()}
+    matrices = 4 * sum(n * (1 if r in ("embed", "lm_head") else layers) for r, n in per_role.items())
+    t_shapes = {w.role: w.shape for w in t_layer}
+    window = max(
+        (16 * (t_shapes[r][1] - s_shapes[r][1] + 1) * (t_shapes[r][0] + 1) for r in s_shapes if r in t_shapes), default=0
+    )
+    extraction = matrices + 3 * 4 * max(per_role.values(), default=0) + (window if spec.structure == "submatrix" else 0)
+    return sensitivity_pass, extraction
 
 
 def _prepare_stages(
@@ -591,18 +653,25 @@ def _prepare_stages(
     seed_tokens = wl.train_tokens / max(wl.n_train, 1)
     T, S = teacher.arch, student.arch
     if name == "seeking":
+        from pktransfer.methods.injection import group_roles
+
         m = 4 if spec.map_dtype == "float32" else 2
+        roles = group_roles(spec.modules)
         layers = T.n_layers if spec.maps == "all_layers" else min(S.n_layers, T.n_layers)
         held = dict(resident)
         if dev.type == "cuda":  # the student waits in CPU memory during the pass (ops.offload.parked)
             held.pop("student weights", None)
-        terms = {**held, "sensitivity maps": m * layers * teacher.layer_projection_params()}
-        if {"embed", "all"} & set(spec.modules):
-            terms["sensitivity maps, embeddings"] = m * T.vocab_size * T.hidden_size * (1 if T.tied_embeddings else 2)
-        terms["teacher backward (traced)"] = forward_peak(
-            teacher, seed, logits="all", backward=True, device=dev, checkpointing=spec.gradient_checkpointing
-        )
-        terms["a weight's gradient product"] = 4 * T.vocab_size * T.hidden_size
+        # per-element maps of the layer weights whose roles can be chosen (a fused weight's whole map); the
+        # embeddings and every other weight keep sums only (methods/seeking.py accumulator_modes)
+        t_layer = T.layer_weights(0)
+        mapped = {w.module for w in t_layer if w.role in roles}
+        per_layer = sum(math.prod(w.shape) for w in t_layer if w.module in mapped) if spec.structure == "submatrix" else 0
+        terms = {**held, "sensitivity maps": m * layers * per_layer}
+        sensitivity_pass, extraction = seeking_working_sets(recipe, teacher, student, seed, min(S.n_layers, T.n_layers), dev)
+        if dev.type == "cuda" or sensitivity_pass >= extraction:  # on a GPU the extraction runs in CPU memory
+            terms["teacher backward (traced) and one weight's gradient"] = sensitivity_pass
+        else:
+            terms["extraction: student-shaped float32 matrices, an SVD, the window sums"] = extraction
         passes = 2 if spec.layers == "sensitivity" and spec.maps == "selected_layers" else 1
         return [Stage("prepare", terms, passes * 6 * teacher.n_params * spec.n_seed * seed_tokens / rates.flops)]
     if name == "laten":

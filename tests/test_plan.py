@@ -166,7 +166,62 @@ def test_a_checkpointed_backward_is_planned_smaller_and_seekings_pass_uses_it(ti
 
     def backward_term(checkpointing: bool) -> int:
         rec = dict(tiny_recipe, method={"name": "seeking", "n_seed": 3, "gradient_checkpointing": checkpointing})
-        (prepare,) = [s for s in make_plan(recipe_from_dict(rec), "cpu").stages if s.name == "prepare"]
-        return prepare.terms["teacher backward (traced)"]
+        (prepare,) = [s for s in make_plan(recipe_from_dict(rec), "cuda").stages if s.name == "prepare"]
+        return prepare.terms["teacher backward (traced) and one weight's gradient"]
 
     assert backward_term(True) < backward_term(False)
+
+
+def test_seekings_prepare_counts_the_maps_it_keeps_and_the_extraction_beside_them(tiny_recipe):
+    from pktransfer.plan import Batch, model_shape, seeking_working_sets
+
+    """Hand-checked on the tiny pair (teacher hidden 64, 4 layers, k/v 32 rows, FFN 128; student hidden 32, 2
+    layers, k/v 16, FFN 64): float32 maps for the 2 layers selection keeps, of every projection (36,864 weights a
+    teacher layer), none for the embeddings (they keep column sums); on CPU the extraction beside them: a float32
+    student-shaped matrix per LoRA target of both student layers (9,216 weights a layer), the SVD of the largest
+    (3 x its 2,048 weights), and the submatrix search's float64 window sums over gate's 128 x 64 map for 64 x 32
+    (2 x 8 x 33 x 129)."""
+    rec = dict(tiny_recipe, method={"name": "seeking", "n_seed": 2})
+    prep = {d: next(s for s in make_plan(recipe_from_dict(rec), d).stages if s.name == "prepare") for d in ("cpu", "cuda")}
+    assert prep["cpu"].terms["sensitivity maps"] == 4 * 2 * 36864
+    assert not any("embeddings" in k for k in prep["cpu"].terms)
+    recipe = recipe_from_dict(rec)
+    cpu = torch.device("cpu")
+    teacher, student = model_shape(recipe.teacher, "teacher", cpu), model_shape(recipe.student, "student", cpu)
+    _pass, extraction = seeking_working_sets(recipe, teacher, student, Batch(1, 64, 8), 2, cpu)
+    assert extraction == 4 * 2 * 9216 + 3 * 4 * 2048 + 2 * 8 * 33 * 129
+    # CPU: the larger of the pass and the extraction beside the maps (the tiny untied head's streamed gradients are
+    # the larger here); a GPU holds the maps and the pass (the extraction runs in CPU memory)
+    for d in ("cpu", "cuda"):
+        assert list(prep[d].terms)[-1] == "teacher backward (traced) and one weight's gradient"
+    assert prep["cpu"].peak - sum(v for k, v in prep["cpu"].terms.items() if "weights" in k or "maps" in k) >= extraction
+    # a reduced structure keeps no per-element maps
+    rec = dict(tiny_recipe, method={"name": "seeking", "n_seed": 2, "structure": "row_column"})
+    (reduced,) = [s for s in make_plan(recipe_from_dict(rec), "cpu").stages if s.name == "prepare"]
+    assert reduced.terms["sensitivity maps"] == 0
+
+
+def test_semaligns_training_is_planned_with_its_own_lora_on_the_paired_layers(tiny_recipe):
+    """SemAlign trains LoRA on its four targets (up, down, v, o) of the paired layers only: the critical layers are
+    chosen from data, so the plan puts them at the shallowest student layers (the longest backward)."""
+    from pktransfer.plan import trained_lora
+
+    lora = recipe_from_dict(tiny_recipe)
+    semalign = recipe_from_dict(dict(tiny_recipe, method={"name": "semalign", "n_seed": 2, "critical_layers": 1}))
+    plans = {r.method.name: make_plan(r, "cpu") for r in (lora, semalign)}
+    train = {k: next(s for s in p.stages if s.name == "train") for k, p in plans.items()}
+    # LoRA r 4 on the student's 2 layers: all seven projections (r x (in + out) each) against v/o/up/down of one layer
+    per_layer = {"q": 4 * 64, "k": 4 * 48, "v": 4 * 48, "o": 4 * 64, "gate": 4 * 96, "up": 4 * 96, "down": 4 * 96}
+    assert train["lora"].terms["LoRA weights"] == 2 * 4 * sum(per_layer.values())
+    assert train["semalign"].terms["LoRA weights"] == 4 * sum(per_layer[r] for r in ("v", "o", "up", "down"))
+    assert train["semalign"].terms["training step (traced)"] < train["lora"].terms["training step (traced)"]
+    recipe, layers, note = trained_lora(semalign, None, plans["semalign"].stages and _student(semalign))
+    assert layers == [0] and recipe.lora.target_modules == ["up_proj", "down_proj", "v_proj", "o_proj"]
+    assert "shallowest" in note and any("shallowest" in n for n in plans["semalign"].notes)
+    assert trained_lora(lora, None, _student(lora)) == (lora, None, "")
+
+
+def _student(recipe):
+    from pktransfer.plan import model_shape
+
+    return model_shape(recipe.student, "student", torch.device("cpu"))
