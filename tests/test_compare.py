@@ -484,6 +484,8 @@ def test_records_made_in_another_folder_restore_without_rerunning_anything(tiny_
     sa, sb = again.result["summary"]["by_label"], first.result["summary"]["by_label"]
     assert {k: v["metrics"] for k, v in sa.items()} == {k: v["metrics"] for k, v in sb.items()}
     assert list(again.result["shared_work_seconds"].values()) == list(first.result["shared_work_seconds"].values())
+    # nothing ran: the report keeps the wall time of the invocation that did the work (a re-render changes no figure)
+    assert again.result["wall_seconds_this_invocation"] == first.result["wall_seconds_this_invocation"] > 0
     moved = yaml.safe_load((tmp_path / "b" / "cells" / "kd" / "seed-0" / "recipe.yaml").read_text())
     assert moved["method"]["logits_cache"].startswith(str(tmp_path / "b" / "shared"))
     assert not (tmp_path / "b" / "shared").exists()  # the caches were not rebuilt

@@ -55,6 +55,7 @@ class Grid:
     records_dir: Path | None
     progress: Progress
     ledger: SharedLedger = field(default_factory=SharedLedger)
+    ran: int = 0  # jobs this invocation ran (cells, shared work, the untouched models)
 
     def record(self, folder: Path) -> None:
         """Mirror a finished folder's result into the records folder (when the study keeps one)."""
@@ -66,6 +67,7 @@ class Grid:
         from pktransfer import pipeline
         from pktransfer.memory import release_memory
 
+        self.ran += 1
         pipeline.run(recipe, progress=self.progress, cache_dir=self.root / "shared")
         release_memory()
         self.record(folder)
@@ -82,6 +84,7 @@ class Grid:
             if not finished(Path(folder)) and not all(finished(c.folder) for c in needed):
 
                 def job(r: Recipe = r, verb: str = verb) -> None:
+                    self.ran += 1
                     pipeline.run_verb(r, verb, progress=self.progress)
                     release_memory()
 
@@ -134,8 +137,22 @@ def compare(
         budget=budget,
     )
     result["wall_seconds_this_invocation"] = round(time.time() - started, 1)
+    if not grid.ran:  # re-rendering a finished grid: the invocation that did the work keeps its figure
+        result["wall_seconds_this_invocation"] = previous_wall_seconds(grid) or result["wall_seconds_this_invocation"]
     write_report(grid, result, cells)
     return CompareResult(grid.root, result)
+
+
+def previous_wall_seconds(grid: Grid) -> float | None:
+    """The wall time the grid's last report recorded (its folder's compare.json, else its records'), if any."""
+    for folder in (grid.root, grid.records_dir):
+        path = folder / "compare.json" if folder is not None else None
+        if path is not None and path.is_file():
+            try:
+                return json.loads(path.read_text()).get("wall_seconds_this_invocation")
+            except (OSError, ValueError):
+                continue
+    return None
 
 
 def open_grid(recipe: Recipe, overwrite: bool, progress: Progress, records: str | Path | None) -> Grid:
@@ -240,6 +257,7 @@ def base_job(grid: Grid) -> list[Job]:
         return []
 
     def base() -> None:
+        grid.ran += 1
         pipeline.evaluate_pair(base_recipe, progress=grid.progress)
         release_memory()
         grid.record(base_dir)  # at once, like a cell: a grid resumed elsewhere from its records does not redo it
