@@ -549,8 +549,7 @@ def make_plan(recipe: Recipe, device: str | None = None, gpu: str | None = None,
     stages += _prepare_stages(recipe, teacher, student, s_w, wl, rates, dev)
     trains = method.post_training and recipe.training.max_steps != 0
     if trains:
-        stages.append(_train_stage(recipe, method, teacher, student, wl, rates, dev))
-        notes += [n for n in [trained_lora(recipe, teacher, student)[2]] if n]
+        stages.append(_train_stage(recipe, method, teacher, student, wl, rates, dev, notes))
     final = student
     if recipe.method.name == "laten" and ev.dtype == "as-is":  # scored in the float32 it worked in
         final = ModelShape("student", student.config, student.arch, torch.float32, student.n_params,
@@ -585,11 +584,13 @@ def _eval_stage_at(name: str, m: ModelShape, resident: dict[str, int], wl: Workl
 
 def _train_stage(
     recipe: Recipe, method: Any, teacher: ModelShape | None, student: ModelShape, wl: Workload, rates: Rates,
-    dev: torch.device,
+    dev: torch.device, notes: list[str],
 ) -> Stage:  # fmt: skip
+    """``notes`` hears how the method's LoRA was placed, where it is not ``recipe.lora`` on every layer."""
     from pktransfer.training import total_steps
 
-    lora_recipe, layers, _note = trained_lora(recipe, teacher, student)
+    lora_recipe, layers, note = trained_lora(recipe, teacher, student)
+    notes += [note] if note else []
     step, lora = train_step_peak(student, lora_recipe, wl.train, dev, layers)
     terms = {"student weights": student.weight_bytes, "LoRA weights": lora, "training step (traced)": step}
     if method.teacher_during_training and teacher is not None:
@@ -605,14 +606,14 @@ def _train_stage(
 
 
 def seeking_working_sets(
-    recipe: Recipe, teacher: ModelShape, student: ModelShape, seed: Batch, layers: int, dev: torch.device
+    recipe: Recipe, teacher: ModelShape, student: ModelShape, seed: Batch, n_layers: int, dev: torch.device
 ) -> tuple[int, int]:
     """Seeking's two working sets beside its maps, in bytes: (the sensitivity pass, the extraction).
 
     The pass: the teacher's backward over one seed sample, and one weight's gradient at a time (a hook folds it into
     its map and frees it); untied vocabulary matrices are streamed from their input and output gradients (float32)
     instead. The extraction (CPU memory, after the pass): a student-shaped float32 matrix for each LoRA-targeted
-    weight of the ``layers`` student layers (methods/seeking.py extract_matrices), the SVD of the largest (its copy
+    weight of the ``n_layers`` student layers (methods/seeking.py extract_matrices), the SVD of the largest (its copy
     and factors), and the submatrix search's float64 window sums over the widest teacher map (ops/selection.py)."""
     from pktransfer.methods.injection import group_roles, targeted_roles
     from pktransfer.training import resolved_lora
@@ -629,7 +630,7 @@ def seeking_working_sets(
     s_shapes = {w.role: w.shape for w in S.layer_weights(0) if w.role in targets and len(w.shape) == 2}
     s_shapes.update({w.role: w.shape for w in S.global_weights() if w.role in targets and w.role in ("embed", "lm_head")})
     per_role = {r: math.prod(shape) for r, shape in s_shapes.items()}
-    matrices = 4 * sum(n * (1 if r in ("embed", "lm_head") else layers) for r, n in per_role.items())
+    matrices = 4 * sum(n * (1 if r in ("embed", "lm_head") else n_layers) for r, n in per_role.items())
     t_shapes = {w.role: w.shape for w in t_layer}
     window = max(
         (16 * (t_shapes[r][1] - s_shapes[r][1] + 1) * (t_shapes[r][0] + 1) for r in s_shapes if r in t_shapes), default=0

@@ -173,14 +173,14 @@ def test_a_checkpointed_backward_is_planned_smaller_and_seekings_pass_uses_it(ti
 
 
 def test_seekings_prepare_counts_the_maps_it_keeps_and_the_extraction_beside_them(tiny_recipe):
-    from pktransfer.plan import Batch, model_shape, seeking_working_sets
-
     """Hand-checked on the tiny pair (teacher hidden 64, 4 layers, k/v 32 rows, FFN 128; student hidden 32, 2
     layers, k/v 16, FFN 64): float32 maps for the 2 layers selection keeps, of every projection (36,864 weights a
     teacher layer), none for the embeddings (they keep column sums); on CPU the extraction beside them: a float32
     student-shaped matrix per LoRA target of both student layers (9,216 weights a layer), the SVD of the largest
     (3 x its 2,048 weights), and the submatrix search's float64 window sums over gate's 128 x 64 map for 64 x 32
     (2 x 8 x 33 x 129)."""
+    from pktransfer.plan import Batch, model_shape, seeking_working_sets
+
     rec = dict(tiny_recipe, method={"name": "seeking", "n_seed": 2})
     prep = {d: next(s for s in make_plan(recipe_from_dict(rec), d).stages if s.name == "prepare") for d in ("cpu", "cuda")}
     assert prep["cpu"].terms["sensitivity maps"] == 4 * 2 * 36864
@@ -215,7 +215,7 @@ def test_semaligns_training_is_planned_with_its_own_lora_on_the_paired_layers(ti
     assert train["lora"].terms["LoRA weights"] == 2 * 4 * sum(per_layer.values())
     assert train["semalign"].terms["LoRA weights"] == 4 * sum(per_layer[r] for r in ("v", "o", "up", "down"))
     assert train["semalign"].terms["training step (traced)"] < train["lora"].terms["training step (traced)"]
-    recipe, layers, note = trained_lora(semalign, None, plans["semalign"].stages and _student(semalign))
+    recipe, layers, note = trained_lora(semalign, None, _student(semalign))
     assert layers == [0] and recipe.lora.target_modules == ["up_proj", "down_proj", "v_proj", "o_proj"]
     assert "shallowest" in note and any("shallowest" in n for n in plans["semalign"].notes)
     assert trained_lora(lora, None, _student(lora)) == (lora, None, "")

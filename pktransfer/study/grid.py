@@ -146,12 +146,12 @@ def compare(
 def previous_wall_seconds(grid: Grid) -> float | None:
     """The wall time the grid's last report recorded (its folder's compare.json, else its records'), if any."""
     for folder in (grid.root, grid.records_dir):
-        path = folder / "compare.json" if folder is not None else None
-        if path is not None and path.is_file():
-            try:
-                return json.loads(path.read_text()).get("wall_seconds_this_invocation")
-            except (OSError, ValueError):
-                continue
+        if folder is None or not (folder / "compare.json").is_file():
+            continue
+        try:
+            return json.loads((folder / "compare.json").read_text()).get("wall_seconds_this_invocation")
+        except (OSError, ValueError):
+            continue
     return None
 
 
