@@ -299,6 +299,33 @@ def check_matches(folder: Path, fields: dict[str, Any], what: str) -> None:
         )
 
 
+def check_same_weights(folder: Path, models: dict[str, Any], what: str) -> None:
+    """A finished folder read its models by name; a local folder named there may since hold other weights (a teacher
+    planted again, a student saved again) while the recipe reads the same. ``models`` maps a role to its ModelSpec:
+    each role whose run.json recorded a local folder's ``weights_sha256`` is reusable only while that folder still
+    holds those weights (builtin models come from pinned files; a hub id's revision is in the recipe)."""
+    from pktransfer.models.loading import weights_sha256
+
+    run = json.loads((folder / "run.json").read_text())
+    for role, recorded in (run.get("models") or {}).items():
+        spec = models.get(role)
+        sha = recorded.get("weights_sha256") if isinstance(recorded, dict) else None
+        if spec is None or not sha or str(spec.model).startswith("builtin:"):
+            continue
+        path = Path(spec.model).expanduser()
+        if not path.is_dir():
+            continue  # not there (yet): loading it reports that
+        current = weights_sha256(path)
+        if current != sha:
+            raise OutputError(
+                f"{what} '{folder}' was made with other {role} weights than '{spec.model}' holds now (sha256 "
+                f"{sha[:12]} recorded, {current[:12]} now): the recipe names the same folder, but its results are not "
+                "those of these weights",
+                hint=f"put the weights it was made with back at '{spec.model}' to reuse it, or run the grid into a new "
+                "output and records folder (mixing the two would compare cells of different models)",
+            )
+
+
 def _mkdir(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -128,6 +128,27 @@ def test_compare_base_and_cells_are_reused_only_for_the_same_recipe(tiny_recipe,
         pktransfer.compare(recipe_from_dict(data), quiet=True)
 
 
+def test_a_grid_cell_is_not_reused_once_its_model_folder_holds_other_weights(tiny_recipe, tmp_path):
+    """The recipe names a local folder; saved again with other weights (a teacher planted again on another machine),
+    the same recipe must not pick up the cells made with the old ones."""
+    from safetensors.torch import load_file, save_file
+
+    student = tmp_path / "student"
+    shutil.copytree(tiny_recipe["student"]["model"], student)
+    data = _quick(tiny_recipe)
+    data["student"]["model"] = str(student)
+    data.update(output_dir=str(tmp_path / "grid"), compare={"methods": ["lora"], "seeds": [0]})
+    pktransfer.compare(recipe_from_dict(data), quiet=True)
+    pktransfer.compare(recipe_from_dict(data), quiet=True)  # the same weights: reused
+    weights = student / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(OutputError, match=r"(?s)other student weights than '.*student' holds now .*new output and records"):
+        pktransfer.compare(recipe_from_dict(data), quiet=True)
+
+
 def test_output_dir_is_not_a_result_field(tiny_recipe, tmp_path):
     recipe = recipe_from_dict(_quick(tiny_recipe))
     rd = RunDir(recipe.output_dir, recipe=recipe.dump())

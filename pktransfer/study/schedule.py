@@ -15,7 +15,7 @@ from pktransfer.errors import PktError, RecipeError
 from pktransfer.methods import registry
 from pktransfer.progress import Progress
 from pktransfer.recipe import Recipe
-from pktransfer.runs import check_matches, result_fields
+from pktransfer.runs import check_matches, check_same_weights, result_fields
 from pktransfer.study.plan import Cell
 
 
@@ -82,10 +82,12 @@ def run_claimed(
 
 
 def reusable(folder: Path, recipe: Recipe, what: str) -> bool:
-    """A finished folder of the grid: reusable only when made with the same recipe (else a clear error)."""
+    """A finished folder of the grid: reusable only when made with the same recipe and, where it read a local model
+    folder, the same weights (else a clear error)."""
     if not finished(folder):
         return False
     check_matches(folder, result_fields(recipe.dump()), what)
+    check_same_weights(folder, {"teacher": recipe.teacher, "student": recipe.student}, what)
     return True
 
 
