@@ -294,6 +294,14 @@ def plant_cmd(
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
     threads: ThreadsOpt = None,
+    from_adapter: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-adapter",
+            help="An earlier planting's adapter/ folder: merged instead of trained (the same teacher on another "
+            "machine; planting again in bf16 gives other weights on another CPU).",
+        ),
+    ] = None,
 ) -> None:
     """Plant a planted task's facts in the teacher: its adapter (the delta), the merged teacher, recall per split."""
     import pktransfer
@@ -301,7 +309,7 @@ def plant_cmd(
     def go() -> None:
         pktransfer.set_threads(threads)
         sets = [*(set_ or []), *([f"plant.output_dir={output_dir}"] if output_dir is not None else [])]
-        res = pktransfer.plant(_recipe(recipe, sets, None, seed), quiet=quiet, overwrite=overwrite)
+        res = pktransfer.plant(_recipe(recipe, sets, None, seed), quiet=quiet, overwrite=overwrite, from_adapter=from_adapter)
         table = Table(title="recall on held-out templates")
         splits = list(next(iter(res.run["metrics"].values())))
         for col in ("model", *splits):

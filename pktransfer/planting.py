@@ -14,11 +14,17 @@ For a task with a ``plant`` split (the planted-facts task: every fact, training 
 A study then names ``merged/`` as its teacher; a method that moves a teacher's fine-tuning delta can read
 ``adapter/``. A refused planting leaves its evaluations in ``OUTPUT.partial`` with ``FAILED.json``, never a
 finished folder.
+
+``from_adapter`` (``pkt plant --from-adapter DIR``) skips step 2: the adapter of an earlier planting (e.g. one a study
+committed) is copied byte for byte into ``adapter/`` and merged, and steps 1, 3 and 4 run as above. Planting in bf16
+is not reproducible across CPUs (their bf16 arithmetic differs), so this, not planting again, is how another machine
+gets the same teacher: ``run.json`` records the adapter's sha256 and the merged weights' sha256.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from pktransfer.data import encode_items, get_task
@@ -78,9 +84,36 @@ def check_plantable(recipe: Recipe) -> tuple[Any, PlantSpec]:
     return task, spec
 
 
-def plant(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, progress: Progress | None = None) -> RunResult:
-    """Plant the task's facts in the recipe's teacher (see the module docstring); returns the folder and run.json."""
-    from peft import get_peft_model
+def adapter_file_sha256(adapter: Path) -> str:
+    """SHA-256 of a PEFT adapter folder's weights file (what a planting's delta is)."""
+    import hashlib
+
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (adapter / name).is_file():
+            digest = hashlib.sha256()
+            with (adapter / name).open("rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+            return digest.hexdigest()
+    raise RecipeError(
+        f"--from-adapter '{adapter}' has no adapter_model.safetensors (or .bin)",
+        hint="pass the adapter/ folder of a finished planting (it holds adapter_config.json and the weights)",
+    )
+
+
+def plant(
+    recipe: Recipe,
+    *,
+    quiet: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    from_adapter: str | Path | None = None,
+) -> RunResult:
+    """Plant the task's facts in the recipe's teacher (see the module docstring); returns the folder and run.json.
+    ``from_adapter``: an earlier planting's adapter folder, merged instead of training one."""
+    import shutil
+
+    from peft import PeftModel, get_peft_model
 
     from pktransfer.training import check_targets, lora_config, merge_lora, train
 
@@ -90,7 +123,15 @@ def plant(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, progr
     base = spec.base or recipe.teacher
     out_recipe = recipe.model_copy(update={"output_dir": spec.output_dir, "teacher": base})
     started = time.time()
-    planting = {"planting": spec.result_fields()}
+    planting: dict[str, Any] = {"planting": spec.result_fields()}
+    given = Path(from_adapter).expanduser() if from_adapter is not None else None
+    if given is not None:
+        if not (given / "adapter_config.json").is_file():
+            raise RecipeError(
+                f"--from-adapter '{given}' has no adapter_config.json",
+                hint="pass the adapter/ folder of a finished planting",
+            )
+        planting["from_adapter_sha256"] = adapter_file_sha256(given)  # another adapter: another folder identity
     # what a planting's results depend on: the teacher, the student (its chance check), the facts and the planting
     only = ("teacher", "student", "task", "seed")
     with run_folder(out_recipe, overwrite, progress, planting, kind="plant", only=only) as (rd, log):
@@ -146,20 +187,40 @@ def plant(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, progr
                 hint="raise plant.training.max_length",
             )
         seed_everything(recipe.seed)
-        check_targets(teacher.model, spec.lora, teacher.arch, progress.warn)
-        model = get_peft_model(teacher.model, lora_config(spec.lora, teacher.arch))
-        with log.stage("plant"):
-            result = train(
-                model,
-                teacher.tokenizer,
-                examples,
-                spec.training,
-                output_dir=rd.path("checkpoints"),
-                seed=recipe.seed,
-                progress=progress,
-            )
-        model.save_pretrained(str(rd.path("adapter")))
-        teacher.tokenizer.save_pretrained(str(rd.path("adapter")))
+        if given is not None:
+            with log.stage("plant"):
+                try:
+                    model = PeftModel.from_pretrained(teacher.model, str(given))
+                except (OSError, ValueError, RuntimeError, KeyError) as err:
+                    raise RecipeError(
+                        f"--from-adapter '{given}' does not fit the teacher '{base.model}': {str(err).splitlines()[0][:200]}",
+                        hint="pass an adapter planted on this teacher (plant.base, else the recipe's teacher)",
+                    ) from None
+                shutil.copytree(given, rd.path("adapter"), dirs_exist_ok=True)  # byte for byte: its sha256 stays
+            planted = {"from_adapter": str(given), "adapter_sha256": planting["from_adapter_sha256"]}
+        else:
+            check_targets(teacher.model, spec.lora, teacher.arch, progress.warn)
+            model = get_peft_model(teacher.model, lora_config(spec.lora, teacher.arch))
+            with log.stage("plant"):
+                result = train(
+                    model,
+                    teacher.tokenizer,
+                    examples,
+                    spec.training,
+                    output_dir=rd.path("checkpoints"),
+                    seed=recipe.seed,
+                    progress=progress,
+                )
+            model.save_pretrained(str(rd.path("adapter")))
+            teacher.tokenizer.save_pretrained(str(rd.path("adapter")))
+            planted = {
+                "steps": result.steps,
+                "training_tokens": result.tokens_seen,
+                "seconds": round(result.seconds, 1),
+                "final_loss": result.final_loss,
+                "trainable_parameters": result.trainable_parameters,
+                "adapter_sha256": adapter_file_sha256(rd.path("adapter")),
+            }
         merged = merge_lora(model)
         merged.eval()
         score("planted", merged, teacher, log)
@@ -174,18 +235,15 @@ def plant(recipe: Recipe, *, quiet: bool = False, overwrite: bool = False, progr
             plant={
                 "items": len(items),
                 "facts": task.describe().get("facts"),
-                "steps": result.steps,
-                "training_tokens": result.tokens_seen,
-                "seconds": round(result.seconds, 1),
-                "final_loss": result.final_loss,
-                "trainable_parameters": result.trainable_parameters,
+                **planted,
                 "min_recall": spec.min_recall,
                 "recall_test": recall,
             },
             untouched_at_chance=untouched,
             metrics=metrics,
             models={"student": model_identity(student), "teacher": model_identity(teacher)},
-            outputs={"adapter": "adapter", "merged": "merged", "eval": "eval", "checkpoints": "checkpoints"},
+            outputs={"adapter": "adapter", "merged": "merged", "eval": "eval"}
+            | ({} if given is not None else {"checkpoints": "checkpoints"}),
         )
         rd.write_json("run.json", info)
         if recall is not None and recall < spec.min_recall:
@@ -217,7 +275,9 @@ def plant_report(info: dict[str, Any]) -> str:
         "",
         f"Task `{info['task']['name']}` (data_seed {info['task'].get('data_seed')}): facts {p['facts']}; "
         f"{p['items']} planting items (training templates).",
-        f"Planting: {p['steps']} steps, {p['training_tokens']} tokens, {p['seconds']} s, final loss {p['final_loss']:.4f}.",
+        f"Planting: {p['steps']} steps, {p['training_tokens']} tokens, {p['seconds']} s, final loss {p['final_loss']:.4f}."
+        if "steps" in p
+        else f"Planting: the adapter of an earlier planting ({p['from_adapter']}, sha256 {p['adapter_sha256'][:12]}), merged.",
         "",
         "Recall on held-out templates (accuracy by log-likelihood ranking of the attribute's candidates):",
         "",

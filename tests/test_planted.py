@@ -242,6 +242,36 @@ def test_plant_keeps_the_adapter_and_the_merged_teacher_and_records_recall(tiny_
     assert "Recall on held-out templates" in (out / "report.md").read_text()
 
 
+def test_plant_from_an_earlier_adapter_gives_the_same_teacher_without_training(tiny_recipe, tmp_path):
+    """Another machine rebuilds a study's teacher from its committed adapter: the same adapter bytes, the same merged
+    weights, the same recall, no training; a folder that is not an adapter, or one of another teacher, is refused."""
+    import shutil
+
+    import pktransfer
+    from pktransfer.errors import RecipeError
+    from pktransfer.recipe import recipe_from_dict
+
+    first = pktransfer.plant(recipe_from_dict(_plant_recipe(tiny_recipe, tmp_path, min_recall=0.0)), quiet=True)
+    kept = tmp_path / "committed-adapter"
+    shutil.copytree(first.output_dir / "adapter", kept)
+    again_recipe = _plant_recipe(tiny_recipe, tmp_path, min_recall=0.0)
+    again_recipe["plant"]["output_dir"] = str(tmp_path / "again")
+    again = pktransfer.plant(recipe_from_dict(again_recipe), quiet=True, from_adapter=kept)
+    assert "steps" not in again.run["plant"] and not (again.output_dir / "checkpoints").exists()
+    assert again.run["plant"]["adapter_sha256"] == first.run["plant"]["adapter_sha256"]
+    assert again.run["models"]["planted"] == first.run["models"]["planted"]  # the merged weights' sha256
+    assert again.run["metrics"]["planted"] == first.run["metrics"]["planted"]
+    assert "the adapter of an earlier planting" in (again.output_dir / "report.md").read_text()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RecipeError, match=r"has no adapter_config\.json"):
+        pktransfer.plant(recipe_from_dict(again_recipe), quiet=True, from_adapter=tmp_path / "empty", overwrite=True)
+    other = _plant_recipe(tiny_recipe, tmp_path, min_recall=0.0, base={"model": tiny_recipe["student"]["model"]})
+    other["plant"]["output_dir"] = str(tmp_path / "other")
+    with pytest.raises(RecipeError, match="does not fit the teacher"):
+        pktransfer.plant(recipe_from_dict(other), quiet=True, from_adapter=kept)
+    assert not (tmp_path / "other").exists()
+
+
 def test_plant_refuses_a_teacher_that_did_not_learn_the_test_facts_and_names_its_recall(tiny_recipe, tmp_path):
     import pktransfer
     from pktransfer.errors import PktError
