@@ -9,7 +9,8 @@ For a task with a ``plant`` split (the planted-facts task: every fact, training 
 3. scores the planted teacher on the same splits, and refuses, naming the recall it reached, when its recall on the
    ``test`` split is under ``plant.min_recall`` (raise the planting budget then);
 4. keeps both the adapter (``adapter/``, the teacher's delta: a PEFT folder on the untouched teacher) and the merged
-   planted teacher (``merged/``, loadable with ``from_pretrained``), with ``run.json`` and ``report.md``.
+   planted teacher (``merged/``, loadable with ``from_pretrained``; merged in float64, ``training.merge_lora_exact``,
+   so the same adapter gives the same merged weights on any CPU), with ``run.json`` and ``report.md``.
 
 A study then names ``merged/`` as its teacher; a method that moves a teacher's fine-tuning delta can read
 ``adapter/``. A refused planting leaves its evaluations in ``OUTPUT.partial`` with ``FAILED.json``, never a
@@ -115,7 +116,7 @@ def plant(
 
     from peft import PeftModel, get_peft_model
 
-    from pktransfer.training import check_targets, lora_config, merge_lora, train
+    from pktransfer.training import check_targets, lora_config, merge_lora_exact, train
 
     progress = progress or Progress(quiet=quiet)
     task, spec = check_plantable(recipe)
@@ -221,7 +222,7 @@ def plant(
                 "trainable_parameters": result.trainable_parameters,
                 "adapter_sha256": adapter_file_sha256(rd.path("adapter")),
             }
-        merged = merge_lora(model)
+        merged = merge_lora_exact(model)  # the same merged weights on every CPU
         merged.eval()
         score("planted", merged, teacher, log)
         recall = metrics["planted"]["test"]["accuracy"] if "test" in metrics["planted"] else None

@@ -22,6 +22,7 @@ from pktransfer import signals
 from pktransfer.config import LoraSpec, TrainingSpec
 from pktransfer.data import IGNORE_INDEX, Example
 from pktransfer.data.batching import pad
+from pktransfer.errors import PktError
 from pktransfer.fileio import write_json
 from pktransfer.memory import release_memory
 from pktransfer.ops.offload import input_device
@@ -48,6 +49,36 @@ def merge_lora(model: Any) -> Any:
     freed handed back (:func:`pktransfer.memory.release_memory`): on CPU glibc kept it beside the evaluation that
     follows (0.26 GiB of a 0.5B student's)."""
     merged = model.merge_and_unload()
+    release_memory()
+    return merged
+
+
+def merge_lora_exact(model: Any) -> Any:
+    """The PEFT model's LoRA merged into its base the same way on every CPU: each weight becomes
+    ``W + scaling * B @ A`` computed in float64 and rounded once to the weight's dtype. PEFT's merge multiplies
+    ``B @ A`` in float32, whose summation order (so its last bits, so some bf16 roundings) depends on the CPU's
+    kernels; in float64 the products of float32 factors are exact and the order changes nothing a bf16 weight can
+    show. Used where the merged weights are an artefact others must reproduce (a planted teacher)."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLayer) and not isinstance(module, LoraLinear):
+                raise PktError(
+                    f"merge_lora_exact merges LoRA on linear layers only, not {type(module).__name__}",
+                    hint="target linear modules (lora.target_modules), or merge with PEFT's merge_and_unload",
+                )
+            if not isinstance(module, LoraLinear):
+                continue
+            base = module.get_base_layer()
+            for name in module.active_adapters:
+                if name not in module.lora_A:
+                    continue
+                delta = module.lora_B[name].weight.double() @ module.lora_A[name].weight.double()
+                delta = (delta.T if module.fan_in_fan_out else delta) * module.scaling[name]
+                base.weight.copy_((base.weight.double() + delta).to(base.weight.dtype))
+    merged = model.unload()  # the LoRA modules dropped, their update already in the base weights
     release_memory()
     return merged
 

@@ -242,6 +242,39 @@ def test_plant_keeps_the_adapter_and_the_merged_teacher_and_records_recall(tiny_
     assert "Recall on held-out templates" in (out / "report.md").read_text()
 
 
+def test_the_exact_merge_is_the_float64_sum_rounded_once_and_within_one_bf16_step_of_peft(tiny_recipe):
+    """merge_lora_exact: every merged weight is bf16(W + s * B @ A) computed in float64 (hand-computed here), at most
+    one bf16 rounding step from PEFT's float32 merge, and the LoRA modules are gone."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from pktransfer.config import LoraSpec
+    from pktransfer.models.arch import describe
+    from pktransfer.training import lora_config, merge_lora_exact
+
+    def lora_teacher():
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_recipe["teacher"]["model"], dtype=torch.bfloat16)
+        model = get_peft_model(base, lora_config(LoraSpec(r=4, alpha=8), describe(base)))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+        return model
+
+    model = lora_teacher()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    w, a, b, s = layer.base_layer.weight.clone(), layer.lora_A["default"].weight, layer.lora_B["default"].weight, 2.0
+    expected = (w.double() + (b.double() @ a.double()) * s).to(torch.bfloat16)
+    exact = merge_lora_exact(model)
+    assert not any("lora" in n for n, _ in exact.named_parameters())
+    got = exact.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(got, expected)
+    peft_merged = lora_teacher().merge_and_unload().model.layers[0].self_attn.q_proj.weight
+    step = torch.finfo(torch.bfloat16).eps * got.float().abs().clamp_min(1e-30)
+    assert ((got.float() - peft_merged.float()).abs() <= step + 1e-12).all()
+
+
 def test_plant_from_an_earlier_adapter_gives_the_same_teacher_without_training(tiny_recipe, tmp_path):
     """Another machine rebuilds a study's teacher from its committed adapter: the same adapter bytes, the same merged
     weights, the same recall, no training; a folder that is not an adapter, or one of another teacher, is refused."""
