@@ -32,7 +32,7 @@ from pktransfer.data import encode_items, get_task
 from pktransfer.errors import PktError, RecipeError
 from pktransfer.evaluation import EvalResult, evaluate_items
 from pktransfer.models import load_config, load_model
-from pktransfer.models.loading import weights_sha256
+from pktransfer.models.loading import adapter_sha256, weights_sha256
 from pktransfer.pipeline import (
     RunResult,
     _eval_items,
@@ -85,23 +85,6 @@ def check_plantable(recipe: Recipe) -> tuple[Any, PlantSpec]:
     return task, spec
 
 
-def adapter_file_sha256(adapter: Path) -> str:
-    """SHA-256 of a PEFT adapter folder's weights file (what a planting's delta is)."""
-    import hashlib
-
-    for name in ("adapter_model.safetensors", "adapter_model.bin"):
-        if (adapter / name).is_file():
-            digest = hashlib.sha256()
-            with (adapter / name).open("rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(block)
-            return digest.hexdigest()
-    raise RecipeError(
-        f"--from-adapter '{adapter}' has no adapter_model.safetensors (or .bin)",
-        hint="pass the adapter/ folder of a finished planting (it holds adapter_config.json and the weights)",
-    )
-
-
 def plant(
     recipe: Recipe,
     *,
@@ -132,7 +115,13 @@ def plant(
                 f"--from-adapter '{given}' has no adapter_config.json",
                 hint="pass the adapter/ folder of a finished planting",
             )
-        planting["from_adapter_sha256"] = adapter_file_sha256(given)  # another adapter: another folder identity
+        sha = adapter_sha256(given)
+        if sha is None:
+            raise RecipeError(
+                f"--from-adapter '{given}' has no adapter_model.safetensors (or .bin)",
+                hint="pass the adapter/ folder of a finished planting (it holds adapter_config.json and the weights)",
+            )
+        planting["from_adapter_sha256"] = sha  # another adapter: another folder identity
     # what a planting's results depend on: the teacher, the student (its chance check), the facts and the planting
     only = ("teacher", "student", "task", "seed")
     with run_folder(out_recipe, overwrite, progress, planting, kind="plant", only=only) as (rd, log):
@@ -220,7 +209,7 @@ def plant(
                 "seconds": round(result.seconds, 1),
                 "final_loss": result.final_loss,
                 "trainable_parameters": result.trainable_parameters,
-                "adapter_sha256": adapter_file_sha256(rd.path("adapter")),
+                "adapter_sha256": adapter_sha256(rd.path("adapter")),
             }
         merged = merge_lora_exact(model)  # the same merged weights on every CPU
         merged.eval()

@@ -31,7 +31,6 @@ which ``method.transport`` reuses; a comparison grid does this for its delta cel
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -48,6 +47,7 @@ from pktransfer.fileio import save_safetensors, write_json
 from pktransfer.methods.base import Method, MethodContext, SharedWork, Verb, needs_seed_split
 from pktransfer.methods.injection import check_ranks, stack_roles, targeted_roles
 from pktransfer.models.arch import ATTENTION_ROLES, FFN_ROLES, ArchitectureDescription
+from pktransfer.models.loading import adapter_sha256
 from pktransfer.models.pair import check_pair
 from pktransfer.ops.distill import uniform_layer_pairs
 from pktransfer.ops.offload import input_device
@@ -492,7 +492,7 @@ class DeltaMethod(Method):
             "max_length": recipe.training.max_length,
             "targets": recipe.lora.target_modules,
             "method": m.model_dump(exclude={"transport", "alpha"}),
-            "adapter_sha256": _adapter_hash(m.teacher_adapter),
+            "adapter_sha256": adapter_sha256(m.teacher_adapter),
             "seed": None if given else recipe.seed,
             "training": None if given else hash_view("training", recipe.training.model_dump()),
         }
@@ -542,21 +542,6 @@ def _order(item: tuple[tuple[int, str], torch.Tensor]) -> tuple[int, int]:
 def _lora_update(model: Any, name: str, adapter: str = "default") -> torch.Tensor:
     layer = model.base_model.model.get_submodule(name)
     return (layer.scaling[adapter] * (layer.lora_B[adapter].weight @ layer.lora_A[adapter].weight)).float().cpu()
-
-
-def _adapter_hash(adapter: str | None) -> str | None:
-    """SHA-256 of a teacher adapter's weights file (a cache made from another adapter at the same path is not reused)."""
-    if adapter is None:
-        return None
-    for name in ("adapter_model.safetensors", "adapter_model.bin"):
-        path = Path(adapter).expanduser() / name
-        if path.is_file():
-            digest = hashlib.sha256()
-            with path.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(block)
-            return digest.hexdigest()
-    return None
 
 
 def _transport(method: DeltaMethod, ctx: MethodContext, log: Any) -> dict[str, Any]:

@@ -222,6 +222,24 @@ def load_model(spec: ModelSpec, log: Callable[[str], None] | None = None) -> Loa
     return LoadedModel(spec.model, source, model, tokenizer, arch, device, dtype, time.perf_counter() - t0, digest)
 
 
+def adapter_sha256(adapter: str | Path | None) -> str | None:
+    """SHA-256 of a PEFT adapter folder's weights file (``adapter_model.safetensors``, else ``.bin``); None when there
+    is none: what a teacher's delta is (a cache made from another adapter at the same path is not reused)."""
+    import hashlib
+
+    if adapter is None:
+        return None
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        path = Path(adapter).expanduser() / name
+        if path.is_file():
+            digest = hashlib.sha256()
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+            return digest.hexdigest()
+    return None
+
+
 WEIGHTS_DIGEST = ".pktransfer-weights.json"  # beside a model's weight files: their sha256, keyed by size and mtime
 
 
